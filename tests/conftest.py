@@ -10,4 +10,3 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never reach the network: hub look-ups fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), ".tfds-unused"))
