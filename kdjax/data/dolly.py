@@ -34,9 +34,9 @@ def parse(obj: dict[str, Any]) -> dict[str, str]:
   }
 
 
-def split_records(records: list[dict[str, str]], *, seed: int = SPLIT_SEED,
-                  num_validation: int = NUM_VALIDATION,
-                  num_test: int = NUM_TEST) -> dict[str, list[dict[str, str]]]:
+def split_records(records: list[dict[str, str]], *, seed: int,
+                  num_validation: int,
+                  num_test: int) -> dict[str, list[dict[str, str]]]:
   """Seeded split: the first ``num_validation`` of a stable permutation are
   validation, the next ``num_test`` test, the rest train."""
   if len(records) <= num_validation + num_test:
@@ -86,7 +86,8 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
     counts = jsonl.Counts()
     records = jsonl.read_jsonl(path, parse, skip_bad=self._skip_bad,
                                counts=counts)
-    splits = split_records(records)
+    splits = split_records(records, seed=SPLIT_SEED,
+                           num_validation=NUM_VALIDATION, num_test=NUM_TEST)
     self.info.metadata.update(
         counts=dict(counts), split_seed=SPLIT_SEED,
         split_sizes={k: len(v) for k, v in splits.items()})
