@@ -99,7 +99,7 @@ RHYMES = (
     "cake lake make bake take wake rake", "ring king sing wing thing bring",
     "light night bright sight fight tight right", "bell tell well sell shell",
     "star car far jar bar tar", "rain train brain chain plain main",
-    "book look cook hook took", "moon spoon soon noon tune",
+    "book look cook hook took", "moon spoon soon noon loon",
     "bed red fed led sled shed", "fun sun run bun gun ton",
 )
 SYNONYMS = (
@@ -215,7 +215,7 @@ def _synonym(rng):
 
 def _number_between(rng):
   lo = rng.between(0, 90)
-  hi = lo + rng.between(2, 9)
+  hi = lo + rng.between(3, 9)  # at least two numbers strictly between
   return _multi(rng, "number_between",
                 f"Give a number between {lo} and {hi}.", "",
                 [str(n) for n in range(lo + 1, hi)])
