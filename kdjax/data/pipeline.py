@@ -103,8 +103,18 @@ class Tokenized:
 
 
 def _encode_all(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]):
-  return [e.ids for e in tokenizer.encode_batch(list(texts),
-                                               add_special_tokens=False)]
+  # encode_batch_fast skips offset tracking (2x faster); same ids.
+  encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+  return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+
+def _read_all(source, chunk: int = 1024) -> list[Mapping[str, Any]]:
+  """Every example of a data source, in order (batched reads when supported)."""
+  if not hasattr(source, "__getitems__"):
+    return [source[i] for i in range(len(source))]
+  return [ex for start in range(0, len(source), chunk)
+          for ex in source.__getitems__(
+              list(range(start, min(start + chunk, len(source)))))]
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
@@ -125,8 +135,7 @@ def tokenize_split(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
                      f"{prompt_policy!r}.")
   stats = TokenStats(total=len(source))
   prompts, responses = [], []
-  for i in range(len(source)):
-    example = source[i]
+  for example in _read_all(source):
     response = to_text(example["response"])
     if not response.strip():
       stats.dropped_empty_response += 1
@@ -345,8 +354,7 @@ def eval_prompts(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   """
   process_index, process_count = _process(process_index, process_count)
   examples = []
-  for i in range(len(source)):
-    ex = source[i]
+  for ex in _read_all(source):
     examples.append({"prompt": prompt_of(ex), "references": references_of(ex),
                      "task": to_text(ex.get("task", ""))})
   if not examples:

@@ -139,19 +139,19 @@ def _multi(rng, task, instruction, input_, answers):
 
 def _add(rng):
   a, b = rng.between(0, 99), rng.between(0, 99)
-  return _single("add", "Add the two numbers.", f"{a} + {b}", str(a + b))
+  return _single("add", "Add the numbers.", f"{a} + {b}", str(a + b))
 
 
 def _subtract(rng):
   a, b = rng.between(0, 99), rng.between(0, 99)
   a, b = max(a, b), min(a, b)
-  return _single("subtract", "Subtract the second number from the first.",
+  return _single("subtract", "Subtract the second number.",
                  f"{a} - {b}", str(a - b))
 
 
 def _multiply(rng):
   a, b = rng.between(2, 12), rng.between(2, 12)
-  return _single("multiply", "Multiply the two numbers.", f"{a} * {b}",
+  return _single("multiply", "Multiply the numbers.", f"{a} * {b}",
                  str(a * b))
 
 
@@ -162,7 +162,7 @@ def _reverse(rng):
 
 def _sort(rng):
   nums = [rng.between(0, 50) for _ in range(rng.between(3, 6))]
-  return _single("sort", "Sort the numbers from smallest to largest.",
+  return _single("sort", "Sort the numbers, smallest first.",
                  " ".join(map(str, nums)), " ".join(map(str, sorted(nums))))
 
 
@@ -170,7 +170,7 @@ def _count_letter(rng):
   word = rng.choice(WORDS)
   letter = rng.choice(word)
   return _single("count_letter",
-                 f"How many times does the letter {letter} appear?", word,
+                 f"Count the letter {letter}.", word,
                  str(word.count(letter)))
 
 
