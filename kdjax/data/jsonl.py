@@ -71,7 +71,7 @@ def read_jsonl(path: os.PathLike | str, parse: Parser, *,
     if not skip_bad:
       raise BadLinesError(
           f"{len(problems)} malformed line(s) in {path}: {shown}. Fix the file "
-          "or build with skip_bad=True to skip them (they are counted).")
+          "or build with skip_bad=True (prepare: --skip_bad) to skip and count them.")
     logging.warning("Skipped %d malformed line(s) in %s: %s", len(problems),
                     path, shown)
   logging.info("Read %s: %s", path, dict(counts))

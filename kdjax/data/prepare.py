@@ -50,7 +50,7 @@ def main(argv):
     return 1
   info = builder.info
   sizes = {name: split.num_examples for name, split in info.splits.items()}
-  logging.info("%s written to %s; split sizes %s", _DATASET.value,
+  logging.info("%s ready in %s; split sizes %s", _DATASET.value,
                builder.data_dir, sizes)
   if info.metadata:
     logging.info("build metadata: %s", json.dumps(dict(info.metadata)))
