@@ -4,6 +4,7 @@ Nothing touches the network: Dolly's online branch is exercised with the
 download manager's ``download`` replaced by a local file.
 """
 
+import hashlib
 import json
 import sys
 
@@ -82,6 +83,15 @@ def test_split_sizes_and_seeded_determinism():
   with pytest.raises(ValueError, match="1500 usable records"):
     dolly.split_records(records[:1500], seed=10, num_validation=1000,
                         num_test=500)
+
+
+def test_dolly_permutation_is_pinned():
+  # 15,011 = lines of databricks-dolly-15k. A change here changes the split.
+  order = jsonl.stable_order(15011, dolly.SPLIT_SEED)
+  assert order[:6] == [13535, 14647, 13092, 10157, 6285, 11422]
+  assert sorted(order) == list(range(15011))
+  assert hashlib.sha256(str(order).encode()).hexdigest() == (
+      "2ac681151877d4b2f561ce365dd593711d4a707357d153fc9be153a7eac35cf0")
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """kdjax.data.pipeline: template, tokens, response-only masks, grain batching."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -272,5 +273,8 @@ def test_eval_batches_keep_every_example_and_pad_with_zero_mask(tok):
 
 def test_importing_kdjax_data_does_not_import_tensorflow():
   code = ("import sys, kdjax.data, kdjax.data.pipeline, kdjax.data.prepare; "
+          "assert kdjax.data.__file__.startswith(sys.argv[1]), kdjax.data.__file__; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
-  subprocess.run([sys.executable, "-c", code], check=True)
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  # cwd = repo root puts this checkout's kdjax first on sys.path.
+  subprocess.run([sys.executable, "-c", code, root], check=True, cwd=root)
