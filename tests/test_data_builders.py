@@ -87,7 +87,7 @@ def test_split_sizes_and_seeded_determinism():
 
 def test_dolly_permutation_is_pinned():
   # 15,011 = lines of databricks-dolly-15k. A change here changes the split.
-  order = jsonl.stable_order(15011, dolly.SPLIT_SEED)
+  order = dolly.stable_order(15011, dolly.SPLIT_SEED)
   assert order[:6] == [13535, 14647, 13092, 10157, 6285, 11422]
   assert sorted(order) == list(range(15011))
   assert hashlib.sha256(str(order).encode()).hexdigest() == (

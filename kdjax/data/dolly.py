@@ -9,6 +9,7 @@ from the published runs, so the seed is recorded in the dataset metadata.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from absl import logging
@@ -34,6 +35,15 @@ def parse(obj: dict[str, Any]) -> dict[str, str]:
   }
 
 
+def stable_order(n: int, seed: int) -> list[int]:
+  """A permutation of range(n) fixed by ``seed`` on every machine and version.
+
+  Sorting by SHA-256 of ``"seed:i"`` depends on no PRNG implementation.
+  """
+  return sorted(range(n), key=lambda i: hashlib.sha256(
+      f"{seed}:{i}".encode()).digest())
+
+
 def split_records(records: list[dict[str, str]], *, seed: int,
                   num_validation: int,
                   num_test: int) -> dict[str, list[dict[str, str]]]:
@@ -43,7 +53,7 @@ def split_records(records: list[dict[str, str]], *, seed: int,
     raise ValueError(
         f"Dolly has {len(records)} usable records, not more than validation + "
         f"test = {num_validation + num_test}; check the input file.")
-  order = jsonl.stable_order(len(records), seed)
+  order = stable_order(len(records), seed)
   cut = num_validation + num_test
   return {
       "validation": [records[i] for i in order[:num_validation]],

@@ -1,14 +1,14 @@
 """Strict JSONL reading shared by the file-based builders.
 
-Every malformed line is reported with file and line number. By default the first
-problems abort the build; with ``skip_bad=True`` bad lines are skipped and
-counted instead. Nothing is dropped without a count.
+Every malformed line is reported with file and line number. By default the
+whole file is checked and then the build fails, naming the first bad lines; with
+``skip_bad=True`` bad lines are skipped and counted instead. Nothing is dropped
+without a count.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -97,13 +97,4 @@ def string_list(value: Any, key: str) -> list[str]:
   if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
     raise ValueError(f"field {key!r} must be a string or a list of strings")
   return values
-
-
-def stable_order(n: int, seed: int) -> list[int]:
-  """A permutation of range(n) fixed by ``seed`` on every machine and version.
-
-  Sorting by SHA-256 of ``"seed:i"`` depends on no PRNG implementation.
-  """
-  return sorted(range(n), key=lambda i: hashlib.sha256(
-      f"{seed}:{i}".encode()).digest())
 
