@@ -1,0 +1,71 @@
+"""Building and opening the kdjax TFDS datasets by name, without TensorFlow.
+
+Names: ``dolly``, ``synthetic_instruct``, ``instruct_jsonl/<config>`` (a named
+eval set read from manual_dir) or ``instruct_jsonl`` with ``path=`` (any file;
+the config is named after the file's stem).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import tensorflow_datasets as tfds
+
+from kdjax.data import dolly
+from kdjax.data import instruct_jsonl
+from kdjax.data import synthetic
+
+_BUILDERS = {
+    "dolly": dolly.Dolly,
+    "instruct_jsonl": instruct_jsonl.InstructJsonl,
+    "synthetic_instruct": synthetic.SyntheticInstruct,
+}
+
+
+def builder(name: str, data_dir: os.PathLike | str, *,
+            path: os.PathLike | str | None = None,
+            skip_bad: bool = False) -> tfds.core.DatasetBuilder:
+  """The array_record builder for ``name`` (see the module docstring)."""
+  base, _, config = name.partition("/")
+  if base not in _BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; use one of "
+                     "dolly, synthetic_instruct, instruct_jsonl/<name>.")
+  kwargs = dict(data_dir=os.fspath(data_dir), file_format="array_record")
+  if base == "instruct_jsonl":
+    if path is not None:
+      config = instruct_jsonl.InstructJsonlConfig(
+          name=config or pathlib.Path(path).stem, path=os.fspath(path))
+    elif config not in instruct_jsonl.NAMED_SETS:
+      raise ValueError(
+          f"instruct_jsonl needs a config from {instruct_jsonl.NAMED_SETS} "
+          f"(got {config!r}) or a path= to a JSONL file.")
+    kwargs["config"] = config
+  elif config or path is not None:
+    raise ValueError(f"{base} takes no config or path (got {name!r}, {path!r}).")
+  if base != "synthetic_instruct":
+    kwargs["skip_bad"] = skip_bad
+  return _BUILDERS[base](**kwargs)
+
+
+def prepare(name: str, data_dir: os.PathLike | str, *,
+            manual_dir: os.PathLike | str | None = None,
+            path: os.PathLike | str | None = None,
+            skip_bad: bool = False) -> tfds.core.DatasetBuilder:
+  """Builds ``name`` under ``data_dir`` unless already built; returns the builder."""
+  b = builder(name, data_dir, path=path, skip_bad=skip_bad)
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=None if manual_dir is None else os.fspath(manual_dir)))
+  return b
+
+
+def load_source(name: str, split: str, data_dir: os.PathLike | str, *,
+                manual_dir: os.PathLike | str | None = None,
+                path: os.PathLike | str | None = None):
+  """A random-access data source (``len``, ``[i]``) over one split.
+
+  Prepares the dataset first if needed (cheap no-op once built). Text features
+  come back as bytes; :func:`kdjax.data.pipeline.to_text` decodes them.
+  """
+  b = prepare(name, data_dir, manual_dir=manual_dir, path=path)
+  return b.as_data_source(split=split)
