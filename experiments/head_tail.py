@@ -98,10 +98,11 @@ def main(argv=None) -> dict:
   args = toy.parser(__doc__.splitlines()[0], EPOCHS).parse_args(argv)
   epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
   curves = run(epochs=epochs, seed=args.seed)
+  report = tuple(e for e in REPORT_EPOCHS if e <= epochs)
   print(f"head/tail errors, long-tailed teacher, SGD lr={LEARNING_RATE}, same initial q")
-  print(table(curves))
+  print(table(curves, report))
   print()
-  print(claims_table(curves, SETTINGS))
+  print(claims_table(curves, SETTINGS, report))
   print("figure:", figure(curves, SETTINGS, args.out))
   return curves
 
