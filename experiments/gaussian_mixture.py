@@ -111,7 +111,7 @@ def figure(results: dict, out_dir: str | None) -> str:
 
 
 def main(argv=None) -> dict:
-  args = toy.parser(__doc__.splitlines()[0], EPOCHS).parse_args(argv)
+  args = toy.parser(__doc__.splitlines()[0], EPOCHS, seeded=False).parse_args(argv)
   epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
   grid = QUICK_GRID if args.quick else GRID
   results = run(grid_size=grid, epochs=epochs)

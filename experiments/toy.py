@@ -209,8 +209,11 @@ def head_tail_errors(p, q, mu: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
 # Reporting.
 
 
-def parser(description: str, epochs: int) -> argparse.ArgumentParser:
-  """The command line every experiment shares: --quick, --epochs, --out, --seed."""
+def parser(description: str, epochs: int, seeded: bool = True) -> argparse.ArgumentParser:
+  """The command line every experiment shares: --quick, --epochs, --out (--seed).
+
+  ``seeded=False`` for experiments without randomness (grid quadrature).
+  """
   ap = argparse.ArgumentParser(description=description)
   ap.add_argument("--quick", action="store_true",
                   help="small settings for tests and CI (seconds on a CPU)")
@@ -218,7 +221,8 @@ def parser(description: str, epochs: int) -> argparse.ArgumentParser:
                   help=f"training epochs (default {epochs}; smaller with --quick)")
   ap.add_argument("--out", default=None,
                   help="folder for the figure (default experiments/figures)")
-  ap.add_argument("--seed", type=int, default=0, help="seed of targets and init")
+  if seeded:
+    ap.add_argument("--seed", type=int, default=0, help="seed of targets and init")
   return ap
 
 
