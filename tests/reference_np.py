@@ -1,0 +1,202 @@
+"""float64 NumPy/SciPy references for the KD divergences, from kd_losses.md 1-3.
+
+Written from the math in ../shared/reference/kd_losses.md, not from the JAX code,
+so that the tests compare two independent implementations. Conventions: inputs
+are logits ``[..., V]`` (student first, teacher second), outputs one value per
+position ``[...]`` in float64. Slots whose logit is ``-inf`` have probability 0
+and every term weighted by a zero probability is dropped (kd_losses.md 1.7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special
+
+
+def log_softmax(logits, temperature: float = 1.0) -> np.ndarray:
+  """float64 ``log softmax(logits / T)`` over the last axis (-inf stays -inf)."""
+  return special.log_softmax(np.asarray(logits, np.float64) / temperature, axis=-1)
+
+
+def _dists(student, teacher, temperature):
+  log_q = log_softmax(student, temperature)
+  log_p = log_softmax(teacher, temperature)
+  return log_q, log_p, np.exp(log_q), np.exp(log_p)
+
+
+def _kl(w, log_w, log_v):
+  """``Σ_v w_v (log w_v − log v_v)`` with the terms where ``w_v = 0`` dropped."""
+  with np.errstate(invalid="ignore"):
+    terms = np.where(w > 0, w * (log_w - log_v), 0.0)
+  return terms.sum(-1)
+
+
+def _log_mix(a, p, q):
+  """``log(a·p + (1 − a)·q)`` (mixture of probabilities, kd_losses.md 1.8)."""
+  with np.errstate(divide="ignore"):
+    return np.log(a * p + (1.0 - a) * q)
+
+
+def fkl(student, teacher, temperature=1.0):
+  """KL(p‖q)."""
+  log_q, log_p, _, p = _dists(student, teacher, temperature)
+  return _kl(p, log_p, log_q)
+
+
+def rkl(student, teacher, temperature=1.0):
+  """KL(q‖p)."""
+  log_q, log_p, q, _ = _dists(student, teacher, temperature)
+  return _kl(q, log_q, log_p)
+
+
+def fkl_rkl(student, teacher, weight=0.5, temperature=1.0):
+  return (weight * fkl(student, teacher, temperature)
+          + (1 - weight) * rkl(student, teacher, temperature))
+
+
+def skl(student, teacher, alpha=0.1, temperature=1.0):
+  """KL(p ‖ α p + (1 − α) q)."""
+  _, log_p, q, p = _dists(student, teacher, temperature)
+  return _kl(p, log_p, _log_mix(alpha, p, q))
+
+
+def srkl(student, teacher, alpha=0.1, temperature=1.0):
+  """KL(q ‖ (1 − α) p + α q)."""
+  log_q, _, q, p = _dists(student, teacher, temperature)
+  return _kl(q, log_q, _log_mix(1 - alpha, p, q))
+
+
+def jsd(student, teacher, beta=0.5, temperature=1.0):
+  """β KL(p‖m) + (1 − β) KL(q‖m), m = β p + (1 − β) q; β=0 → FKL, β=1 → RKL."""
+  if beta == 0:
+    return fkl(student, teacher, temperature)
+  if beta == 1:
+    return rkl(student, teacher, temperature)
+  log_q, log_p, q, p = _dists(student, teacher, temperature)
+  log_m = _log_mix(beta, p, q)
+  return beta * _kl(p, log_p, log_m) + (1 - beta) * _kl(q, log_q, log_m)
+
+
+def tvd(student, teacher, temperature=1.0):
+  """½ Σ_v |p_v − q_v|."""
+  _, _, q, p = _dists(student, teacher, temperature)
+  return 0.5 * np.abs(p - q).sum(-1)
+
+
+def akl_weights(p, q, mu=0.5, rule="akl"):
+  """(w_head, w_tail) of kd_losses.md 2.4, one position at a time (plain loops).
+
+  ``σ`` sorts ``p`` descending with ties broken by the lower vocabulary index
+  (a stable sort of ``−p``).
+  """
+  p = np.asarray(p, np.float64)
+  q = np.asarray(q, np.float64)
+  lead = p.shape[:-1]
+  p2 = p.reshape(-1, p.shape[-1])
+  q2 = q.reshape(-1, q.shape[-1])
+  w_head = np.empty(p2.shape[0])
+  for row in range(p2.shape[0]):
+    order = np.argsort(-p2[row], kind="stable")
+    pi = p2[row][order]
+    err = np.abs(pi - q2[row][order])
+    cum = 0.0
+    g_head = g_tail = 0.0
+    for k in range(len(pi)):
+      prev, cum = cum, cum + pi[k]
+      if rule == "akl":
+        in_head = k == 0 or cum <= mu
+      elif rule == "dskd":
+        in_head = prev < mu
+      else:
+        raise ValueError(rule)
+      if in_head:
+        g_head += err[k]
+      else:
+        g_tail += err[k]
+    total = g_head + g_tail
+    w_head[row] = 0.5 if total == 0 else g_head / total
+  w_head = w_head.reshape(lead)
+  return w_head, 1.0 - w_head
+
+
+def akl(student, teacher, mu=0.5, rule="akl", temperature=1.0, weights=None):
+  """w_head·KL(p‖q) + w_tail·KL(q‖p); ``weights`` pins (w_head, w_tail)."""
+  if weights is None:
+    _, _, q, p = _dists(student, teacher, temperature)
+    weights = akl_weights(p, q, mu, rule)
+  w_head, w_tail = weights
+  return (w_head * fkl(student, teacher, temperature)
+          + w_tail * rkl(student, teacher, temperature))
+
+
+def uld(student, teacher, temperature=1.0):
+  """Σ_k |q↓_k − p↓_k|, the smaller vocabulary zero-padded at the end."""
+  q = np.exp(log_softmax(student, temperature))
+  p = np.exp(log_softmax(teacher, temperature))
+  width = max(q.shape[-1], p.shape[-1])
+
+  def sorted_padded(x):
+    x_desc = -np.sort(-x, axis=-1)
+    pad = np.zeros(x.shape[:-1] + (width - x.shape[-1],))
+    return np.concatenate([x_desc, pad], axis=-1)
+
+  return np.abs(sorted_padded(q) - sorted_padded(p)).sum(-1)
+
+
+# name -> reference function; kwargs are passed through unchanged.
+DIVERGENCES = {
+    "fkl": fkl, "rkl": rkl, "fkl_rkl": fkl_rkl, "skl": skl, "srkl": srkl,
+    "jsd": jsd, "tvd": tvd, "akl": akl, "uld": uld,
+}
+
+
+# ----------------------------------------------------------------------------
+# SinKD (kd_losses.md 2.5), transcribed as plain loops.
+
+
+def sinkd_cost(ps, pt):
+  """C_ij = Σ_v |ps[i, v] − pt[j, v]|, float64."""
+  return np.abs(ps[:, None, :] - pt[None, :, :]).sum(-1)
+
+
+def sinkd_plan(cost, epsilon=0.1, num_iters=20):
+  """Π = exp(−C/ε); num_iters × (rows normalised, then columns normalised)."""
+  plan = np.exp(-cost / epsilon)
+  for _ in range(num_iters):
+    plan = plan / plan.sum(axis=1, keepdims=True)
+    plan = plan / plan.sum(axis=0, keepdims=True)
+  return plan
+
+
+def sinkd_rows(student, teacher, temperature=2.0, epsilon=0.1, num_iters=20):
+  """Per-row costs Σ_j Π_ij C_ij of one group of rows ``[g, V]`` (their sum is
+  SinKD's loss with λ = 1)."""
+  ps = np.exp(log_softmax(student, temperature))
+  pt = np.exp(log_softmax(teacher, temperature))
+  cost = sinkd_cost(ps, pt)
+  return (sinkd_plan(cost, epsilon, num_iters) * cost).sum(1)
+
+
+def sinkd_loss(student, teacher, **kwargs):
+  """SinKD's scalar loss ``Σ_ij Π_ij C_ij`` for one group ``[g, V]``."""
+  return sinkd_rows(student, teacher, **kwargs).sum()
+
+
+# ----------------------------------------------------------------------------
+# Finite differences.
+
+
+def central_grad(f, x, h=1e-6):
+  """∂ f(x) / ∂x by central differences, ``f`` scalar, ``x`` float64."""
+  x = np.asarray(x, np.float64)
+  grad = np.zeros_like(x)
+  flat, gflat = x.reshape(-1), grad.reshape(-1)
+  for i in range(flat.size):
+    orig = flat[i]
+    flat[i] = orig + h
+    up = f(x)
+    flat[i] = orig - h
+    down = f(x)
+    flat[i] = orig
+    gflat[i] = (up - down) / (2 * h)
+  return grad
