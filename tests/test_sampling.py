@@ -19,13 +19,14 @@ def test_incremental_decode_equals_full_forward(name):
   full_ids = jnp.asarray(np.concatenate([ids, cont], 1))
   full_mask = jnp.asarray(np.concatenate([mask, np.ones_like(cont, bool)], 1))
   want = np.asarray(model(full_ids, attention_mask=full_mask))
+  decode = nnx.jit(lambda m, x, c, mask=None: m.decode(x, c,
+                                                     attention_mask=mask))
   cache = model.init_cache(2, 9)
-  logits, cache = model.decode(jnp.asarray(ids), cache,
-                               attention_mask=jnp.asarray(mask))
+  logits, cache = decode(model, jnp.asarray(ids), cache, jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(logits)[mask], want[:, :4][mask],
                              atol=1e-5)
   for t in range(5):
-    logits, cache = model.decode(jnp.asarray(cont[:, t:t + 1]), cache)
+    logits, cache = decode(model, jnp.asarray(cont[:, t:t + 1]), cache)
     np.testing.assert_allclose(np.asarray(logits[:, 0]), want[:, 4 + t],
                                atol=1e-5, err_msg=f"step {t}")
   assert int(cache.index) == 9
