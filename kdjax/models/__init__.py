@@ -76,7 +76,7 @@ def _resolve(path_or_hub_id: str) -> str:
 
 
 def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
-         **overrides):
+         seed: int = 0, **overrides):
   """Loads a HF GPT-2 or LLaMA checkpoint (safetensors only).
 
   Args:
@@ -86,6 +86,7 @@ def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
       teacher takes half the memory).
     mesh: a ``kdjax.sharding.make_mesh`` mesh; every tensor is placed on its
       sharding as it is read. None: the default device.
+    seed: seed of the model's "dropout" RNG stream.
     **overrides: config fields to replace (``remat="full"``, dropout rates).
   """
   directory = _resolve(path_or_hub_id)
@@ -96,7 +97,7 @@ def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
   with open(cfg_path) as f:
     cfg = hf.config_from_hf(json.load(f), dtype=dtype,
                             param_dtype=param_dtype or dtype, **overrides)
-  return hf.load_params(directory, cfg, mesh)
+  return hf.load_params(directory, cfg, mesh, seed)
 
 
 def save_hf(model, directory: str, *, dtype=None,

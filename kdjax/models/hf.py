@@ -172,7 +172,8 @@ def _normalise_gpt2(key: str) -> str:
   return key[len("transformer."):] if key.startswith("transformer.") else key
 
 
-def load_params(directory: str, config, mesh=None) -> nnx.Module:
+def load_params(directory: str, config, mesh=None,
+                seed: int = 0) -> nnx.Module:
   """Builds the model for ``config`` with the weights in ``directory``.
 
   Every tensor is read lazily and ``device_put`` on its own sharding (over
@@ -224,7 +225,8 @@ def load_params(directory: str, config, mesh=None) -> nnx.Module:
   nnx.replace_by_pure_dict(params, traverse_util.unflatten_dict(loaded))
   replicated = (None if mesh is None
                 else jax.sharding.NamedSharding(mesh, jax.P()))
-  rest_real = jax.jit(lambda: nnx.state(cls(config, rngs=nnx.Rngs(0)),
+  rngs = lambda: nnx.Rngs(params=0, dropout=seed)
+  rest_real = jax.jit(lambda: nnx.state(cls(config, rngs=rngs()),
                                         nnx.Not(nnx.Param)),
                       out_shardings=replicated)()
   return nnx.merge(graphdef, params, rest_real)
