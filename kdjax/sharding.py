@@ -134,3 +134,17 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding for a batch-major array: first dim over ``("data", "fsdp")``."""
   return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` by logical axes under ``jax.set_mesh``.
+
+  A no-op without an active mesh, so models call it unconditionally; e.g. the
+  residual stream is pinned to ``("batch", None, None)`` so activations stay
+  split over ``("data", "fsdp")`` while FSDP gathers the weights.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, logical_to_spec(logical, x.shape, mesh))

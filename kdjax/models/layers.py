@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax import sharding
+
 Array = jax.Array
 
 REMAT_POLICIES = {
@@ -175,7 +177,9 @@ class CausalLM(nnx.Module):
   def _forward(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache):
     ctx, new_valid = context(attention_mask_BxT, positions_BxT, cache,
                              input_ids_BxT.shape)
-    x = self.embed(input_ids_BxT, ctx.positions_BxT)
+    residual = ("batch", None, None)  # logical axes of the residual stream
+    x = sharding.constrain(self.embed(input_ids_BxT, ctx.positions_BxT),
+                           residual)
     policy = self.config.remat
     if policy not in REMAT_POLICIES:
       raise ValueError(f"remat={policy!r} is not one of "
@@ -192,6 +196,7 @@ class CausalLM(nnx.Module):
         x, (k, v) = block(x, ctx, (cache.k[i], cache.v[i]))
         new_k.append(k)
         new_v.append(v)
+      x = sharding.constrain(x, residual)
     h = self.final_norm(x)
     if cache is None:
       return h, None
