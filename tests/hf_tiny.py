@@ -10,8 +10,6 @@ LLAMA_KW = dict(vocab_size=100, hidden_size=32, intermediate_size=64,
 
 
 def _save(model, path):
-  import torch
-  torch.manual_seed(0)
   model.eval()
   model.save_pretrained(path)
   return model

@@ -24,10 +24,9 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax import traverse_util
