@@ -1,0 +1,128 @@
+"""GPT-2 and LLaMA language models in Flax NNX, with HF checkpoints in and out.
+
+```python
+from kdjax import models
+model = models.load("gpt2", dtype=jnp.bfloat16)     # HF dir or hub id
+logits_BxTxV = model(input_ids_BxT)                  # float32 logits
+models.save_hf(model, "out_dir")
+student = models.create("tiny-gpt2", vocab_size=257, rngs=nnx.Rngs(0))
+tok = models.load_tokenizer("path/to/hf_dir")
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax.models import gpt2, hf, llama
+from kdjax.models.gpt2 import GPT2, GPT2Config
+from kdjax.models.layers import KVCache
+from kdjax.models.llama import Llama, LlamaConfig
+
+PRESETS = {**{k: (gpt2.GPT2Config, gpt2.GPT2, v) for k, v in gpt2.PRESETS.items()},
+           **{k: (llama.LlamaConfig, llama.Llama, v)
+              for k, v in llama.PRESETS.items()}}
+
+__all__ = ["load", "create", "save_hf", "load_tokenizer", "PRESETS", "GPT2",
+           "GPT2Config", "Llama", "LlamaConfig", "KVCache"]
+
+
+def preset_config(name: str, **overrides):
+  """The config dataclass of preset ``name`` with ``overrides`` applied."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of "
+                     f"{sorted(PRESETS)}.")
+  cfg_cls, _, fields = PRESETS[name]
+  known = {f.name for f in dataclasses.fields(cfg_cls)}
+  bad = sorted(set(overrides) - known)
+  if bad:
+    raise ValueError(f"{cfg_cls.__name__} has no field(s) {bad}; valid fields "
+                     f"are {sorted(known)}.")
+  return cfg_cls(**{**fields, **overrides})
+
+
+def create(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
+           param_dtype=jnp.float32, **overrides):
+  """A randomly initialised model from a preset, e.g. ``create("gpt2", rngs=...)``.
+
+  ``overrides`` replace config fields (``vocab_size=257``, ``n_layer=4``, ...).
+  """
+  cfg = preset_config(name, dtype=dtype, param_dtype=param_dtype, **overrides)
+  return (gpt2.GPT2 if isinstance(cfg, gpt2.GPT2Config) else llama.Llama)(
+      cfg, rngs=rngs)
+
+
+def _resolve(path_or_hub_id: str) -> str:
+  """A local directory, downloading a hub id if the path does not exist."""
+  if os.path.isdir(path_or_hub_id):
+    return path_or_hub_id
+  import huggingface_hub
+  try:
+    return huggingface_hub.snapshot_download(
+        path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                        "*.model"])
+  except Exception as e:  # offline, unknown repo, no credentials, ...
+    raise FileNotFoundError(
+        f"{path_or_hub_id!r} is not a local directory and could not be fetched "
+        f"from the Hugging Face hub ({type(e).__name__}); on a machine with "
+        f"network run `huggingface-cli download {path_or_hub_id} --include "
+        f"'*.json' '*.safetensors' '*.txt' --local-dir DIR` and pass DIR."
+    ) from None
+
+
+def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
+         seed: int = 0, **overrides):
+  """Loads a HF GPT-2 or LLaMA checkpoint (safetensors only).
+
+  Args:
+    path_or_hub_id: a directory with ``config.json`` + safetensors, or a hub id.
+    dtype: compute dtype.
+    param_dtype: parameter storage dtype (default: ``dtype``, so a bf16
+      teacher takes half the memory).
+    mesh: a ``kdjax.sharding.make_mesh`` mesh; every tensor is placed on its
+      sharding as it is read. None: the default device.
+    seed: seed of the model's "dropout" RNG stream.
+    **overrides: config fields to replace (``remat="full"``, dropout rates).
+  """
+  directory = _resolve(path_or_hub_id)
+  cfg_path = os.path.join(directory, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"no config.json in {directory}; point load() at a "
+                            "Hugging Face model directory.")
+  with open(cfg_path) as f:
+    cfg = hf.config_from_hf(json.load(f), dtype=dtype,
+                            param_dtype=param_dtype or dtype, **overrides)
+  return hf.load_params(directory, cfg, mesh, seed)
+
+
+def save_hf(model, directory: str, *, dtype=None,
+            max_shard_size: int = 5 * 2**30) -> None:
+  """Writes ``model`` as a HF checkpoint (safetensors + config.json)."""
+  hf.save(model, directory, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def load_tokenizer(path: str):
+  """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` or GPT-2's
+  ``vocab.json`` + ``merges.txt`` (byte-level BPE)."""
+  import tokenizers
+
+  path = _resolve(path) if not os.path.exists(path) else path
+  if os.path.isfile(path):
+    return tokenizers.Tokenizer.from_file(path)
+  tj = os.path.join(path, "tokenizer.json")
+  if os.path.exists(tj):
+    return tokenizers.Tokenizer.from_file(tj)
+  vocab, merges = (os.path.join(path, n) for n in ("vocab.json", "merges.txt"))
+  if os.path.exists(vocab) and os.path.exists(merges):
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab, merges))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+        add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    return tok
+  raise FileNotFoundError(f"no tokenizer.json or vocab.json + merges.txt in "
+                          f"{path}.")

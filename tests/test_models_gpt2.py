@@ -1,0 +1,127 @@
+"""GPT-2: parity with PyTorch transformers, both key layouts, presets."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from kdjax import models
+import hf_tiny
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("gpt2"))
+  return path, hf_tiny.gpt2(path)
+
+
+def test_parity_prefixed_layout_with_left_padding(ckpt):
+  path, ref = ckpt
+  keys = load_file(os.path.join(path, "model.safetensors")).keys()
+  assert all(k.startswith("transformer.") for k in keys)  # v5 layout
+  model = models.load(path)
+  model.eval()
+  ids, mask, pos = hf_tiny.left_padded(np.random.RandomState(0), 100,
+                                       [9, 5, 1], 9)
+  got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  want = hf_tiny.torch_logits(ref, ids, mask, pos)
+  np.testing.assert_allclose(got[mask], want[mask], atol=1e-4, rtol=0)
+  # The explicit-positions path agrees with the derived one.
+  got_pos = model(jnp.asarray(ids), positions=jnp.asarray(pos),
+                  attention_mask=jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got_pos)[mask], got[mask], atol=1e-6)
+
+
+def test_parity_unprefixed_layout_with_mask_buffers(ckpt, tmp_path):
+  """Hub gpt2/gpt2-xl files: no prefix, causal-mask buffers, tied lm_head."""
+  path, ref = ckpt
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  flat = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+  for i in range(2):
+    flat[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    flat[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+  flat["lm_head.weight"] = flat["wte.weight"]
+  save_file(flat, str(tmp_path / "model.safetensors"), {"format": "pt"})
+  (tmp_path / "config.json").write_text(open(f"{path}/config.json").read())
+  model = models.load(str(tmp_path))
+  model.eval()
+  ids = np.random.RandomState(1).randint(0, 100, (2, 11))
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))),
+                             hf_tiny.torch_logits(ref, ids), atol=1e-4, rtol=0)
+
+
+def test_dropout_only_in_train_mode(ckpt):
+  path, ref = ckpt
+  model = models.load(path)
+  ids = jnp.asarray(np.random.RandomState(2).randint(0, 100, (1, 8)))
+  train_a, train_b = np.asarray(model(ids)), np.asarray(model(ids))
+  assert model.config.attn_pdrop == 0.1
+  assert np.abs(train_a - train_b).max() > 1e-3  # fresh masks each call
+  model.eval()
+  np.testing.assert_allclose(np.asarray(model(ids)),
+                             hf_tiny.torch_logits(ref, np.asarray(ids)),
+                             atol=1e-4, rtol=0)
+
+
+def test_hidden_states_and_head_weight_give_logits(ckpt):
+  model = models.load(ckpt[0])
+  model.eval()
+  ids = jnp.arange(6)[None]
+  h = np.asarray(model.hidden_states(ids), np.float64)
+  w = np.asarray(model.head_weight(), np.float64)
+  assert w.shape == (100, 32)
+  np.testing.assert_allclose(h @ w.T, np.asarray(model(ids)), atol=1e-5)
+
+
+def test_bf16_logits_are_float32_and_close(ckpt):
+  path, ref = ckpt
+  model = models.load(path, dtype=jnp.bfloat16)
+  model.eval()
+  ids = np.random.RandomState(3).randint(0, 100, (1, 8))
+  got = model(jnp.asarray(ids))
+  assert got.dtype == jnp.float32
+  assert model.wte.embedding[...].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got), hf_tiny.torch_logits(ref, ids),
+                             atol=0.1)
+
+
+def _n_params(name, **kw):
+  abstract = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), **kw))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def _torch_count(cfg):
+  import transformers
+  with torch.device("meta"):
+    m = transformers.GPT2LMHeadModel(cfg)
+  return sum(p.numel() for p in m.parameters())  # tied head counted once
+
+
+def test_preset_parameter_counts():
+  import transformers
+  assert _n_params("gpt2") == 124_439_808
+  assert _torch_count(transformers.GPT2Config()) == 124_439_808
+  assert _n_params("tiny-gpt2", vocab_size=257) == _torch_count(
+      transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=257,
+                              n_positions=512))
+
+
+@pytest.mark.slow
+def test_gpt2_xl_parameter_count():
+  import transformers
+  assert _n_params("gpt2-xl") == 1_557_611_200
+  assert _torch_count(transformers.GPT2Config(
+      n_layer=48, n_embd=1600, n_head=25)) == 1_557_611_200
+
+
+def test_create_rejects_unknown_preset_and_field():
+  with pytest.raises(ValueError, match="gpt3"):
+    models.create("gpt3", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="n_layers"):
+    models.create("tiny-gpt2", n_layers=3, rngs=nnx.Rngs(0))
