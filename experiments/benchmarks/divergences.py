@@ -214,6 +214,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--quick", action="store_true",
                       help="tiny shapes (N=64, V=512, 2 repeats)")
   parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES),
+                      choices=DIVERGENCES)
   parser.add_argument("--out", default=None, help="JSON path")
   args = parser.parse_args(argv)
   if args.quick:
@@ -221,7 +223,7 @@ def main(argv=None) -> dict:
   print(f"device: {jax.devices()[0]} ({jax.default_backend()}); "
         f"N={args.n} V={args.vocab}")
   result = run(args.n, args.vocab, args.repeats, args.chunk_size,
-               with_torch=not args.no_torch)
+               tuple(args.divergences), with_torch=not args.no_torch)
   print(f"floor (jit student - teacher): {result['floor_s'] * 1e3:.1f} ms; "
         f"AKL rows on the exact fallback: "
         f"{result['akl_unresolved_fraction']:.3f}")
