@@ -13,7 +13,7 @@ from kdjax.divergences import core, fast, fused
 
 CASES = [("fkl", {}), ("rkl", {}), ("fkl_rkl", {"weight": 0.3}),
          ("skl", {"alpha": 0.1}), ("srkl", {"alpha": 0.1}),
-         ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.0}),
+         ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.0}),
          ("tvd", {}), ("akl", {}), ("akl", {"rule": "dskd"}),
          ("skl", {"alpha": 1.0}), ("srkl", {"alpha": 1.0})]
 IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in hp.items())}" for n, hp in CASES]
@@ -36,9 +36,11 @@ def _logits(kind: str):
 
 
 def _value_and_grad(per_token, s, t, weight_N):
-  loss = lambda x: jnp.sum(per_token(x, t) * weight_N)
-  value, grad = jax.jit(jax.value_and_grad(loss))(s)
-  per_row = jax.jit(per_token)(s, t)
+  def loss(x):
+    per_row = per_token(x, t)
+    return jnp.sum(per_row * weight_N), per_row
+
+  (_, per_row), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(s)
   return np.asarray(per_row, np.float64), np.asarray(grad, np.float64)
 
 
@@ -55,6 +57,8 @@ def test_fast_and_chunked_match_autodiff(name, hp, kind):
       "chunked": lambda x, y: fused.chunked(name, x, y, chunk_size=3,
                                             temperature=temperature, **hp),
   }
+  if kind in ("extreme", "bf16"):
+    del impls["chunked"]  # the same per-chunk op as fast; keeps the suite short
   ref_value, ref_grad = _value_and_grad(ref, s, t, weight_N)
   scale = max(np.max(np.abs(ref_grad)), 1e-3)  # some extreme rows have 0 grad
   if kind == "extreme":
