@@ -8,9 +8,18 @@ Student logits first, teacher second; per-position values in float32 shaped like
 the leading axes; the teacher is constant. ``get(name)`` and ``names()`` give the
 registry the trainer and the experiments use. Importing this package imports
 jax and ott-jax only (no models, data or trainer).
+
+Implementations: the public names are the autodiff definitions (also reachable
+as ``kd.autodiff.<name>``). ``get(name, impl="fast")`` returns the analytic-VJP
+version of :mod:`kdjax.divergences.fast` (same values and gradients, no
+``[N, V]`` residuals); :mod:`kdjax.divergences.fused` adds the token-chunked
+(``fused.chunked``) and fused LM-head (``fused.fused_linear``) paths.
 """
 
 from typing import Callable
+
+from kdjax.divergences import core as autodiff
+from kdjax.divergences import fast, fused
 
 from kdjax.divergences.core import (AKL_RULES, akl, akl_weights, fkl, fkl_rkl,
                                     jsd, log_probs, masked_mean, rkl, skl, srkl,
@@ -36,15 +45,32 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-def get(name: str) -> Callable:
-  """The divergence called ``name`` (see :func:`names`)."""
+IMPLS = ("autodiff", "fast")
+
+
+def get(name: str, impl: str = "autodiff") -> Callable:
+  """The divergence called ``name`` (see :func:`names`).
+
+  ``impl="fast"`` gives the analytic-VJP version; sinkhorn and uld have none
+  and stay autodiff.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r} is not an implementation; use one of "
+                     f"{IMPLS}.")
   try:
-    return _REGISTRY[name]
+    divergence = _REGISTRY[name]
   except KeyError:
     raise ValueError(f"unknown divergence {name!r}; choose one of "
                      f"{', '.join(names())}.") from None
+  if impl == "fast":
+    if name not in fast.NAMES:
+      raise ValueError(f"{name!r} has no fast implementation; use "
+                       f"impl='autodiff' or one of {', '.join(fast.NAMES)}.")
+    return getattr(fast, name)
+  return divergence
 
 
-__all__ = ["AKL_RULES", "akl", "akl_weights", "fkl", "fkl_rkl", "get", "jsd",
+__all__ = ["AKL_RULES", "IMPLS", "akl", "akl_weights", "autodiff", "fast",
+           "fkl", "fkl_rkl", "fused", "get", "jsd",
            "log_probs", "masked_mean", "names", "rkl", "sinkhorn", "skl", "srkl",
            "tvd", "uld"]

@@ -1,0 +1,1 @@
+"""Benchmarks of kdjax components (run as modules)."""

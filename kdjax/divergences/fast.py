@@ -1,0 +1,355 @@
+"""The token-level divergences with analytic gradients (``jax.custom_vjp``).
+
+Same values and gradients as :mod:`kdjax.divergences.core` (the autodiff
+reference), but with the gradient w.r.t. the student logits written in closed
+form (kd_losses.md 3): with ``G_v = ∂D/∂q_v``,
+
+    ∂D/∂s_v = q_v (G_v − c) / T,   c = Σ_u q_u G_u   (a per-row constant)
+
+so nothing of size ``[..., V]`` is kept for the backward pass. The forward pass
+reads both logit arrays and keeps only per-row statistics (the two
+log-partition functions and ``c``); the backward pass re-reads the logits and
+writes the gradient in one elementwise sweep. Autodiff instead keeps float32
+softmax/log-softmax/mixture residuals of the full vocabulary (performance.md 0).
+
+Gradients flow to the student logits only (the teacher is constant). All
+arithmetic is float32; the gradient is returned in the student's dtype. Slots
+with logit ``-inf`` in both arrays contribute exactly 0 to value and gradient.
+
+:func:`value_and_grad` gives the per-row value and the (unscaled) float32
+gradient in one forward computation, for callers that want the gradient in the
+forward pass (the fused-linear path in :mod:`kdjax.divergences.fused`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.divergences import core
+
+Array = jax.Array
+_F32 = jnp.float32
+
+
+class _Ctx(NamedTuple):
+  """Everything a divergence formula may use, all elementwise or per row."""
+  s: Array          # student logits, input dtype
+  t: Array          # teacher logits, input dtype
+  lse_s: Array      # [...] log-partition of s / T
+  lse_t: Array      # [...] log-partition of t / T
+  temperature: float
+  log_q: Array      # finite student log-probs (0 in -inf slots)
+  log_p: Array      # finite teacher log-probs (0 in -inf slots)
+  q: Array          # student probabilities
+  p: Array          # teacher probabilities
+
+
+def _context(s: Array, t: Array, lse_s: Array, lse_t: Array,
+             temperature: float) -> _Ctx:
+  ls = s.astype(_F32) / temperature - lse_s[..., None]
+  lt = t.astype(_F32) / temperature - lse_t[..., None]
+  return _Ctx(s, t, lse_s, lse_t, temperature, core._finite(ls),
+              core._finite(lt), jnp.exp(ls), jnp.exp(lt))
+
+
+def _lse(x: Array, temperature: float) -> Array:
+  return jax.nn.logsumexp(x.astype(_F32) / temperature, axis=-1)
+
+
+def _sum(x: Array) -> Array:
+  return jnp.sum(x, axis=-1)
+
+
+def _log_mix(c: _Ctx, weight_p: float) -> Array:
+  return core._log_mixture(core._Dists(c.log_q, c.log_p, c.q, c.p), weight_p)
+
+
+# ----------------------------------------------------------------------------
+# Closed forms. Each divergence is a pair
+#   forward(ctx) -> (value [...], const)   per-row results of the forward pass
+#   grad(ctx, const) -> [..., V]           ∂D/∂(s/T), float32
+# Constants are per-row arrays (or tuples of them), never [..., V].
+
+
+def _fkl_value(c: _Ctx) -> Array:
+  return _sum(jnp.where(c.p > 0, c.p * (c.log_p - c.log_q), 0.0))
+
+
+def _rkl_value(c: _Ctx) -> Array:
+  return _sum(jnp.where(c.q > 0, c.q * (c.log_q - c.log_p), 0.0))
+
+
+def _fkl():
+  return (lambda c: (_fkl_value(c), ())), (lambda c, _: c.q - c.p)
+
+
+def _rkl():
+  def forward(c):
+    value = _rkl_value(c)
+    return value, value  # c = Σ q (log q − log p) is the value itself
+
+  def grad(c, rkl):
+    return c.q * (c.log_q - c.log_p - rkl[..., None])
+
+  return forward, grad
+
+
+def _fkl_rkl(weight: float):
+  def forward(c):
+    rkl = _rkl_value(c)
+    return weight * _fkl_value(c) + (1.0 - weight) * rkl, rkl
+
+  def grad(c, rkl):
+    return (weight * (c.q - c.p)
+            + (1.0 - weight) * c.q * (c.log_q - c.log_p - rkl[..., None]))
+
+  return forward, grad
+
+
+def _centered(g_fn: Callable[[_Ctx], Array]):
+  """Forward/grad pair for ``∂D/∂s = q (G − Σ q G)`` given ``G``."""
+  def forward_const(c):
+    return _sum(c.q * g_fn(c))
+
+  def grad(c, const):
+    return c.q * (g_fn(c) - const[..., None])
+
+  return forward_const, grad
+
+
+def _zero():
+  """``α = 1`` skew divergences: the mixture is the first argument, D ≡ 0."""
+  return (lambda c: (jnp.zeros(c.lse_s.shape, _F32), ())), (
+      lambda c, _: jnp.zeros_like(c.q))
+
+
+def _skl(alpha: float):
+  if alpha == 0.0:
+    return _fkl()
+  if alpha == 1.0:
+    return _zero()
+  # G = −(1−α) p/m with p/m ≤ 1/α, so q·G never overflows.
+  g_fn = lambda c: -(1.0 - alpha) * jnp.exp(c.log_p - _log_mix(c, alpha))
+  const, grad = _centered(g_fn)
+
+  def forward(c):
+    value = _sum(jnp.where(c.p > 0, c.p * (c.log_p - _log_mix(c, alpha)), 0.0))
+    return value, const(c)
+
+  return forward, grad
+
+
+def _srkl(alpha: float):
+  if alpha == 0.0:
+    return _rkl()
+  if alpha == 1.0:
+    return _zero()
+
+  def g_fn(c):  # G = log(q/m') − α q/m', with q/m' ≤ 1/α
+    log_ratio = c.log_q - _log_mix(c, 1.0 - alpha)
+    return log_ratio - alpha * jnp.exp(log_ratio)
+
+  const, grad = _centered(g_fn)
+
+  def forward(c):
+    log_m = _log_mix(c, 1.0 - alpha)
+    value = _sum(jnp.where(c.q > 0, c.q * (c.log_q - log_m), 0.0))
+    return value, const(c)
+
+  return forward, grad
+
+
+def _jsd(beta: float):
+  if beta == 0.0:
+    return _fkl()
+  if beta == 1.0:
+    return _rkl()
+  g_fn = lambda c: (1.0 - beta) * (c.log_q - _log_mix(c, beta))
+  const, grad = _centered(g_fn)
+
+  def forward(c):
+    log_m = _log_mix(c, beta)
+    value = (beta * _sum(jnp.where(c.p > 0, c.p * (c.log_p - log_m), 0.0))
+             + (1.0 - beta) * _sum(jnp.where(c.q > 0, c.q * (c.log_q - log_m),
+                                             0.0)))
+    return value, const(c)
+
+  return forward, grad
+
+
+def _tvd():
+  g_fn = lambda c: 0.5 * jnp.sign(c.q - c.p)
+  const, grad = _centered(g_fn)
+  return (lambda c: (0.5 * _sum(core._abs(c.p - c.q)), const(c))), grad
+
+
+def akl_head_weight(c: _Ctx, mu: float, rule: str) -> tuple[Array, Array]:
+  """AKL ``w_head`` from the logits, and which rows the top-k resolved.
+
+  Same weights as :func:`kdjax.divergences.core.akl_weights`, with the top-k
+  taken over the teacher *logits* (no float32 copy of ``p``): their order is the
+  order of ``p`` except where distinct logits round to the same float32
+  probability, which then only swaps two tokens of equal ``π``.
+  """
+  k = min(core.AKL_TOP_K, c.t.shape[-1])
+  top_t, idx = jax.lax.top_k(c.t, k)
+  to_prob = lambda x, lse: jnp.exp(x.astype(_F32) / c.temperature
+                                   - lse[..., None])
+  top_p = to_prob(top_t, c.lse_t)
+  top_q = to_prob(jnp.take_along_axis(c.s, idx, axis=-1), c.lse_s)
+  err_total = _sum(core._abs(c.p - c.q))
+  w_head, resolved = core._akl_head_weight_topk(top_p, top_q, err_total, mu,
+                                                rule)
+  lead, vocab = c.t.shape[:-1], c.t.shape[-1]
+
+  def rows(i):
+    return (to_prob(c.t.reshape(-1, vocab)[i], c.lse_t.reshape(-1)[i]),
+            to_prob(c.s.reshape(-1, vocab)[i], c.lse_s.reshape(-1)[i]))
+
+  w_head = core._akl_fallback(w_head.reshape(-1), resolved.reshape(-1), rows,
+                              mu, rule)
+  return jax.lax.stop_gradient(w_head.reshape(lead)), resolved
+
+
+def _akl(mu: float, rule: str):
+  def forward(c):
+    w_head, _ = akl_head_weight(c, mu, rule)
+    rkl = _rkl_value(c)
+    return w_head * _fkl_value(c) + (1.0 - w_head) * rkl, (w_head, rkl)
+
+  def grad(c, const):
+    w_head, rkl = (x[..., None] for x in const)
+    return (w_head * (c.q - c.p)
+            + (1.0 - w_head) * c.q * (c.log_q - c.log_p - rkl))
+
+  return forward, grad
+
+
+def _check_hp(name: str, hp: dict[str, Any]) -> tuple:
+  """Validated static hyper-parameters, in the order the spec takes them."""
+  if name == "fkl_rkl":
+    return (core._unit("weight", hp.pop("weight", 0.5)),)
+  if name in ("skl", "srkl"):
+    return (core._unit("alpha", hp.pop("alpha", 0.1)),)
+  if name == "jsd":
+    return (core._unit("beta", hp.pop("beta", 0.5)),)
+  if name == "akl":
+    rule = hp.pop("rule", "akl")
+    return (core._check_akl(hp.pop("mu", 0.5), rule), rule)
+  return ()
+
+
+_SPECS = {"fkl": _fkl, "rkl": _rkl, "fkl_rkl": _fkl_rkl, "skl": _skl,
+          "srkl": _srkl, "jsd": _jsd, "tvd": _tvd, "akl": _akl}
+NAMES = tuple(_SPECS)
+
+
+# ----------------------------------------------------------------------------
+# The custom_vjp operator per (divergence, hyper-parameters, temperature).
+
+
+def _row_stats(s: Array, t: Array, temperature: float):
+  if s.shape != t.shape:
+    raise ValueError(
+        f"student logits {s.shape} and teacher logits {t.shape} differ in "
+        "shape; token-level divergences need the same positions and "
+        "vocabulary (use uld for different vocabularies).")
+  return _lse(s, temperature), _lse(t, temperature)
+
+
+@functools.lru_cache(maxsize=None)
+def _operator(name: str, hp: tuple, temperature: float):
+  forward, grad = _SPECS[name](*hp)
+
+  def run_forward(s, t):
+    lse_s, lse_t = _row_stats(s, t, temperature)
+    value, const = forward(_context(s, t, lse_s, lse_t, temperature))
+    return value, (lse_s, lse_t, const)
+
+  @jax.custom_vjp
+  def op(s, t):
+    return run_forward(s, t)[0]
+
+  def op_fwd(s, t):
+    value, stats = run_forward(s, t)
+    return value, (s, t, stats)
+
+  def op_bwd(res, g):
+    s, t, (lse_s, lse_t, const) = res
+    c = _context(s, t, lse_s, lse_t, temperature)
+    scale = (g.astype(_F32) / temperature)[..., None]
+    return (grad(c, const) * scale).astype(s.dtype), None
+
+  op.defvjp(op_fwd, op_bwd)
+
+  def value_and_grad(s, t):
+    lse_s, lse_t = _row_stats(s, t, temperature)
+    c = _context(s, t, lse_s, lse_t, temperature)
+    value, const = forward(c)
+    return value, grad(c, const) / temperature
+
+  return op, value_and_grad
+
+
+def _resolve(name: str, temperature, hp: dict[str, Any]):
+  if name not in _SPECS:
+    raise ValueError(f"no fast implementation of {name!r}; choose one of "
+                     f"{', '.join(NAMES)}.")
+  if isinstance(temperature, jax.core.Tracer):
+    raise TypeError("temperature must be a static Python float for the fast "
+                    "divergences; bind it with functools.partial outside jit.")
+  core._check_temperature(temperature)
+  hp = dict(hp)
+  args = _check_hp(name, hp)
+  if hp:
+    raise TypeError(f"{name} takes no hyper-parameter(s) {sorted(hp)}.")
+  return _operator(name, args, float(temperature))
+
+
+def value_and_grad(name: str, *, temperature: float = 1.0,
+                   **hp) -> Callable[[Array, Array], tuple[Array, Array]]:
+  """``(s, t) -> (D [...], ∂D/∂s [..., V] float32)`` in one forward pass."""
+  return _resolve(name, temperature, hp)[1]
+
+
+def _public(name: str):
+  def divergence(student_logits: Array, teacher_logits: Array, *,
+                 temperature: float = 1.0, **hp) -> Array:
+    op = _resolve(name, temperature, hp)[0]
+    return op(student_logits, jax.lax.stop_gradient(teacher_logits))
+
+  reference = getattr(core, name)
+  divergence.__name__ = divergence.__qualname__ = name
+  divergence.__doc__ = (
+      f"{reference.__doc__}\n  Fast implementation: analytic VJP "
+      "(kdjax.divergences.fast); hyper-parameters are keyword-only and static.")
+  return divergence
+
+
+fkl = _public("fkl")
+rkl = _public("rkl")
+fkl_rkl = _public("fkl_rkl")
+skl = _public("skl")
+srkl = _public("srkl")
+jsd = _public("jsd")
+tvd = _public("tvd")
+akl = _public("akl")
+
+
+def akl_unresolved_fraction(teacher_logits: Array, *, mu: float = 0.5,
+                            rule: str = "akl",
+                            temperature: float = 1.0) -> Array:
+  """Fraction of rows whose top-``AKL_TOP_K`` teacher mass does not settle the
+  AKL head, i.e. rows that take the exact sorting fallback. Log it to check
+  that the fallback stays rare on real teacher distributions."""
+  mu = core._check_akl(mu, rule)
+  lse_t = _lse(teacher_logits, temperature)
+  top_t, _ = jax.lax.top_k(teacher_logits,
+                           min(core.AKL_TOP_K, teacher_logits.shape[-1]))
+  mass = _sum(jnp.exp(top_t.astype(_F32) / temperature - lse_t[..., None]))
+  resolved = (mass > mu) if rule == "akl" else (mass >= mu)
+  return jnp.mean(1.0 - resolved.astype(_F32))
