@@ -1,6 +1,7 @@
 """The fast paths (analytic VJP, chunked, fused-linear, top-k AKL weights)
 against the autodiff definitions and float64 NumPy references."""
 
+import importlib.util
 import json
 
 import jax
@@ -237,7 +238,9 @@ def test_benchmark_quick_writes_json(tmp_path):
   result = json.loads(out.read_text())
   impls = {(r["divergence"], r["impl"]) for r in result["rows"]}
   assert {("fkl", "autodiff"), ("fkl", "fast"), ("akl", "chunked")} <= impls
-  assert ("fkl", "torch") in impls
+  # The PyTorch-style rows exist whenever torch is installed (always in CI).
+  if importlib.util.find_spec("torch") is not None:
+    assert ("fkl", "torch") in impls
   for row in result["rows"]:
     assert row["time_s"] > 0
     if row["impl"] != "torch":
