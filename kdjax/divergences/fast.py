@@ -76,11 +76,11 @@ def _log_mix(c: _Ctx, weight_p: float) -> Array:
 
 
 def _fkl_value(c: _Ctx) -> Array:
-  return _sum(jnp.where(c.p > 0, c.p * (c.log_p - c.log_q), 0.0))
+  return core._kl(c.p, c.log_p, c.log_q)
 
 
 def _rkl_value(c: _Ctx) -> Array:
-  return _sum(jnp.where(c.q > 0, c.q * (c.log_q - c.log_p), 0.0))
+  return core._kl(c.q, c.log_q, c.log_p)
 
 
 def _fkl():
@@ -137,7 +137,7 @@ def _skl(alpha: float):
   const, grad = _centered(g_fn)
 
   def forward(c):
-    value = _sum(jnp.where(c.p > 0, c.p * (c.log_p - _log_mix(c, alpha)), 0.0))
+    value = core._kl(c.p, c.log_p, _log_mix(c, alpha))
     return value, const(c)
 
   return forward, grad
@@ -157,7 +157,7 @@ def _srkl(alpha: float):
 
   def forward(c):
     log_m = _log_mix(c, 1.0 - alpha)
-    value = _sum(jnp.where(c.q > 0, c.q * (c.log_q - log_m), 0.0))
+    value = core._kl(c.q, c.log_q, log_m)
     return value, const(c)
 
   return forward, grad
@@ -173,9 +173,8 @@ def _jsd(beta: float):
 
   def forward(c):
     log_m = _log_mix(c, beta)
-    value = (beta * _sum(jnp.where(c.p > 0, c.p * (c.log_p - log_m), 0.0))
-             + (1.0 - beta) * _sum(jnp.where(c.q > 0, c.q * (c.log_q - log_m),
-                                             0.0)))
+    value = (beta * core._kl(c.p, c.log_p, log_m)
+             + (1.0 - beta) * core._kl(c.q, c.log_q, log_m))
     return value, const(c)
 
   return forward, grad
