@@ -45,3 +45,23 @@ def byte_level() -> tokenizers.Tokenizer:
   tok.add_special_tokens([EOS_TOKEN])
   assert tok.token_to_id(EOS_TOKEN) == EOS_ID
   return tok
+
+
+def load(spec: str) -> tuple[tokenizers.Tokenizer, int]:
+  """``(tokenizer, eos_id)`` for a config's ``data.tokenizer`` string.
+
+  ``"byte"`` is :func:`byte_level`; anything else is a HF model directory or
+  hub id read by :func:`kdjax.models.load_tokenizer`, whose EOS is
+  ``<|endoftext|>`` (GPT-2) or ``</s>`` (LLaMA).
+  """
+  if spec == "byte":
+    return byte_level(), EOS_ID
+  from kdjax import models  # pylint: disable=g-import-not-at-top
+  tok = models.load_tokenizer(spec)
+  for eos in (EOS_TOKEN, "</s>", "<|end_of_text|>"):
+    eos_id = tok.token_to_id(eos)
+    if eos_id is not None:
+      return tok, eos_id
+  raise ValueError(f"tokenizer {spec!r} has none of the EOS tokens "
+                   f"{EOS_TOKEN!r}, '</s>', '<|end_of_text|>'; use a GPT-2 or "
+                   "LLaMA tokenizer.")
