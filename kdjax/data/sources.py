@@ -69,3 +69,27 @@ def load_source(name: str, split: str, data_dir: os.PathLike | str, *,
   """
   b = prepare(name, data_dir, manual_dir=manual_dir, path=path)
   return b.as_data_source(split=split)
+
+
+class _Head:
+  """The first ``n`` examples of a random-access source."""
+
+  def __init__(self, source, n: int):
+    self._source, self._n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int):
+    if not 0 <= i < self._n:
+      raise IndexError(i)
+    return self._source[i]
+
+
+def head(source, n: int):
+  """``source`` cut to its first ``n`` examples (``n <= 0``: all of them).
+
+  Sources are shuffled when written, so the head is a random subset that is
+  the same on every machine.
+  """
+  return source if n <= 0 or n >= len(source) else _Head(source, n)

@@ -156,3 +156,36 @@ def _fused_bwd(value_and_grad, size, grads, g):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def cross_entropy(hidden_NxH: Array, head_VxH: Array, labels_N: Array,
+                  mask_N: Array | None = None, *,
+                  chunk_size: int = 1024) -> Array:
+  """Masked-mean next-token NLL ``-log softmax(X Wᵀ)[label]``, chunk by chunk.
+
+  The CE half of the ``(1 - kd_ratio)·CE + kd_ratio·KD`` objective for the
+  fused path: each chunk's ``[chunk, V]`` logits live only inside a
+  ``jax.checkpoint``-ed body, so the backward pass recomputes them instead of
+  keeping ``[N, V]`` residuals. Differentiable w.r.t. hidden states and head.
+  """
+  chunk_size = _check_chunk(chunk_size)
+  n_tokens = hidden_NxH.shape[0]
+  if mask_N is None:
+    mask_N = jnp.ones((n_tokens,), jnp.float32)
+  size = min(chunk_size, n_tokens)
+  n_chunks = -(-n_tokens // size)
+  padded = n_chunks * size  # padding rows have mask 0
+  x = _pad_rows(hidden_NxH, padded)
+  labels = _pad_rows(labels_N.astype(jnp.int32), padded)
+  mask = _pad_rows(mask_N.astype(jnp.float32), padded)
+
+  @jax.checkpoint
+  def one_chunk(i):
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * size, size)
+    z_CxV = jnp.matmul(take(x), head_VxH.T, preferred_element_type=jnp.float32)
+    nll_C = (jax.nn.logsumexp(z_CxV, axis=-1)
+             - jnp.take_along_axis(z_CxV, take(labels)[:, None], axis=-1)[:, 0])
+    return jnp.sum(nll_C * take(mask))
+
+  total = jnp.sum(jax.lax.map(one_chunk, jnp.arange(n_chunks)))
+  return total / jnp.maximum(jnp.sum(mask_N), 1.0)

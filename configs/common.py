@@ -1,0 +1,131 @@
+"""The shared recipe: every experiment config is this plus a divergence.
+
+The default arg is the paper's setup (kd_losses.md 4): teacher = GPT-2 XL
+fine-tuned on Dolly, student = pretrained GPT-2 124M, lr 5e-4, global batch 32,
+20 epochs, cosine decay to 1e-7, AdamW with weight decay 0.01 on matrices only,
+global-norm clipping at 1.0, max length 512 / prompt 256, loss
+``(1 - kd_ratio) * CE + kd_ratio * KD`` with kd_ratio 0.5, teacher in bf16.
+
+The arg ``tiny`` swaps in the embedded ``synthetic_instruct`` data, a byte-level
+tokenizer and tiny GPT-2-shaped models so a run finishes on a laptop CPU in a
+few minutes; ``tiny_teacher`` is the stage that trains that teacher. Extra
+``key=value`` items in the arg set config fields (``tiny,steps=30``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Where `make demo` and the tiny configs keep their runs; the tiny teacher is
+# read from here by every tiny KD config.
+TINY_ROOT = "workdirs/tiny"
+TINY_TEACHER = f"{TINY_ROOT}/teacher/hf"
+TINY_DATA_DIR = f"{TINY_ROOT}/data"
+
+# Paper-size teacher: an SFT'd GPT-2 XL. Produce it with configs/sft_gpt2.py:teacher
+# or point teacher.path at any GPT-2-vocabulary HF directory.
+PAPER_TEACHER = "workdirs/gpt2_xl_sft/hf"
+
+# Tiny model shapes (fields of kdjax.models.GPT2Config): the teacher is ~6x the
+# student's parameter count.
+TINY_TEACHER_MODEL = dict(n_embd=128, n_layer=4, n_head=4)
+TINY_STUDENT_MODEL = dict(n_embd=64, n_layer=2, n_head=4)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """``"tiny,steps=30"`` -> ConfigDict(tiny=True, steps=30) over ``defaults``.
+
+  A bare word sets a bool flag; ``key=value`` is cast to the default's type.
+  Unknown keys fail, so a typo in the arg is caught like a typo in a flag.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} is unknown; valid: "
+                       f"{', '.join(sorted(defaults))}.")
+    kind = type(defaults[key])
+    if not eq:
+      out[key] = True
+    elif kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def _paper() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 10
+  c.force_new_run = False
+
+  c.data = dict(name="dolly", data_dir="~/tensorflow_datasets",
+                manual_dir="", train_split="train", val_split="validation",
+                tokenizer="gpt2", max_length=512, max_prompt_length=256,
+                prompt_policy="drop", train_limit=0, seqkd_teacher="")
+  c.teacher = dict(path=PAPER_TEACHER, hub_id="gpt2-xl", dtype="bfloat16")
+  # student.init: a HF dir / hub id to fine-tune, or "preset:<name>" for a
+  # randomly initialised kdjax.models preset (model_overrides apply to both).
+  c.student = dict(init="gpt2", dtype="float32", remat="none",
+                   model_overrides=ml_collections.ConfigDict(
+                       type_safe=False))
+  c.loss = dict(name="akl", kd_ratio=0.5, impl="fast", chunk_size=1024,
+                hp=ml_collections.ConfigDict(type_safe=False))
+  c.optim = dict(lr=5e-4, lr_min=1e-7, warmup_steps=0, weight_decay=0.01,
+                 clip=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  c.batch_size = 32   # global, in sequences
+  c.grad_accum = 1    # micro-batches per step
+  c.num_epochs = 20
+  c.num_steps = 0     # > 0 overrides num_epochs
+  c.mesh = dict(data=-1, fsdp=1)
+  c.log_every = 50
+  c.ckpt = dict(every_steps=1000, max_to_keep=2)
+  c.eval = dict(every_steps=0, val_batches=0, num_examples=64, batch_size=32,
+                max_new_tokens=256, greedy=False, datasets="dolly,sinst,vicuna,sni,unni",
+                seeds="10,20,30,40,50")
+  c.export_hf = True
+  return c
+
+
+def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
+  """Embedded data, byte tokenizer, tiny models: the laptop-CPU scale."""
+  c.data.update(name="synthetic_instruct", data_dir=TINY_DATA_DIR,
+                tokenizer="byte", max_length=288, max_prompt_length=256,
+                train_limit=4000)
+  c.teacher.update(path=TINY_TEACHER, hub_id="", dtype="float32")
+  c.student.init = "preset:tiny-gpt2"
+  c.student.model_overrides = ml_collections.ConfigDict(dict(
+      vocab_size=257, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
+      **TINY_STUDENT_MODEL), type_safe=False)
+  c.loss.chunk_size = 512
+  c.optim.update(lr=3e-3, lr_min=1e-5, warmup_steps=20)
+  c.num_steps = steps
+  c.log_every = 10
+  c.ckpt.update(every_steps=100, max_to_keep=2)
+  c.eval.update(every_steps=steps, val_batches=4, num_examples=64,
+                batch_size=64, max_new_tokens=32, greedy=False,
+                datasets="synthetic_instruct", seeds="10")
+
+
+# Divergences without an analytic-VJP ("fast") implementation.
+AUTODIFF_ONLY = ("sinkhorn", "uld")
+
+
+def get_config(loss: str = "akl", arg: str | None = None, *,
+               kd_ratio: float = 0.5, **hp) -> ml_collections.ConfigDict:
+  """The recipe with divergence ``loss`` and its hyper-parameters ``hp``.
+
+  ``arg``: None (paper setup) or ``tiny[,steps=N]``.
+  """
+  a = parse_arg(arg, tiny=False, steps=300)
+  c = _paper()
+  c.loss.name = loss
+  c.loss.kd_ratio = kd_ratio
+  c.loss.impl = "autodiff" if loss in AUTODIFF_ONLY else "fast"
+  c.loss.hp.update(hp)
+  if a.tiny:
+    _tiny(c, a.steps)
+  if kd_ratio == 0:  # SFT: no teacher is loaded at all
+    c.teacher.update(path="", hub_id="")
+  c.lock()  # a typo in a later override is an error, not a new field
+  return c

@@ -1,0 +1,46 @@
+r"""SFT: plain next-token cross-entropy (kd_ratio 0; no teacher is loaded).
+
+Three uses, chosen by the arg:
+
+* default -- the student SFT baseline, GPT-2 124M on Dolly:
+
+    python -m kdjax.train --config=configs/sft_gpt2.py --workdir=workdirs/sft_gpt2
+
+* ``teacher`` -- the teacher stage, GPT-2 XL on Dolly (lr 5e-5, 10 epochs); its
+  ``hf/`` export is what the KD configs read as ``teacher.path``:
+
+    python -m kdjax.train --config=configs/sft_gpt2.py:teacher --workdir=workdirs/gpt2_xl_sft
+
+* ``tiny`` / ``tiny_teacher`` -- the same two at laptop-CPU scale on the
+  embedded benchmark (``make demo`` runs the teacher stage first):
+
+    python -m kdjax.train --config=configs/sft_gpt2.py:tiny_teacher --workdir=workdirs/tiny/teacher
+    python -m kdjax.train --config=configs/sft_gpt2.py:tiny --workdir=workdirs/tiny/sft
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, tiny=False, teacher=False, tiny_teacher=False,
+                       steps=300)
+  tiny = a.tiny or a.tiny_teacher
+  rest = "" if a.steps == 300 else f",steps={a.steps}"
+  c = common.get_config("fkl", "tiny" + rest if tiny else None, kd_ratio=0.0)
+  if a.teacher:
+    c.student.init = "gpt2-xl"
+    c.student.remat = "full"
+    c.optim.lr = 5e-5
+    c.num_epochs = 10
+  if a.tiny_teacher:
+    # The teacher sees all 24k examples for longer; the students get a
+    # 4k-example slice (common.TINY), which is where its soft labels help.
+    c.student.model_overrides = ml_collections.ConfigDict(dict(
+        c.student.model_overrides, **common.TINY_TEACHER_MODEL),
+        type_safe=False)
+    c.data.train_limit = 0
+    c.num_steps = a.steps if "steps=" in (arg or "") else 1500
+    c.optim.lr = 2e-3
+  return c

@@ -1,0 +1,18 @@
+r"""SINKHORN: Sinkhorn/Wasserstein distance between token distributions (SinKD).
+
+Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
+
+  python -m kdjax.train --config=configs/sinkhorn_gpt2.py --workdir=workdirs/sinkhorn_gpt2 \
+      --config.teacher.path=workdirs/gpt2_xl_sft/hf
+
+Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
+
+  python -m kdjax.train --config=configs/sinkhorn_gpt2.py:tiny --workdir=workdirs/tiny/sinkhorn
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.get_config("sinkhorn", arg, temperature=2.0, epsilon=0.1,
+                           solver="sinkd")

@@ -1,0 +1,525 @@
+"""Knowledge-distillation training: state, the sharded jitted step, the loop.
+
+```python
+from kdjax import trainer
+from configs import akl_gpt2
+summary = trainer.train_and_evaluate(akl_gpt2.get_config("tiny"), "/tmp/akl")
+```
+
+One ``jax.jit`` step per optimizer update, on a ``("data", "fsdp", "tensor")``
+mesh set with ``jax.set_mesh``: the teacher (frozen, its own dtype) and the
+student run on the same batch, :mod:`kdjax.objective` turns their outputs into
+global masked token sums, the gradient of
+``((1 - kd_ratio)·CE_sum + kd_ratio·KD_sum) / tokens`` is accumulated over
+``grad_accum`` micro-batches, and optax applies clipped AdamW with a cosine
+schedule. The train state is donated; its shardings never change (FSDP shards
+params and optimizer state alike; the batch is split over ``data``/``fsdp``).
+
+Around it: resume from the latest orbax checkpoint in ``workdir`` (same batches
+and RNG thereafter), periodic validation (loss, plus sampled ROUGE-L through
+:mod:`kdjax.evaluate`), ``metrics.jsonl`` + TensorBoard + a progress bar, a
+stop on the first non-finite loss or gradient, and the final and best students
+exported as Hugging Face checkpoints (``workdir/hf``, ``workdir/best_hf``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+import tqdm
+
+from kdjax import checkpoint
+from kdjax import metrics as metrics_lib
+from kdjax import models
+from kdjax import objective
+from kdjax import sharding
+from kdjax.data import pipeline, sources, tokenizer as tokenizer_lib
+
+P = jax.sharding.PartitionSpec
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+# Config keys that may differ between a run and its resumption.
+_RESUMABLE_KEYS = ("force_new_run", "num_steps", "num_epochs")
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: Any     # nnx.State of the student's nnx.Param variables (float32)
+  rest: Any       # the student's other state: dropout RNG keys and counters
+  opt_state: Any
+
+
+class TrainingError(RuntimeError):
+  """A run stopped for a reason the user must act on (message says which)."""
+
+
+# ----------------------------------------------------------------------------
+# Set-up.
+
+
+def _dtype(name: str):
+  if name not in _DTYPES:
+    raise ValueError(f"dtype {name!r} is unknown; use one of {sorted(_DTYPES)}.")
+  return _DTYPES[name]
+
+
+def maybe_initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` when launched as one of several processes.
+
+  Recognised launchers: explicit ``JAX_COORDINATOR_ADDRESS`` (+
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), SLURM with more than one task,
+  and multi-host TPU slices (``TPU_WORKER_HOSTNAMES`` lists several hosts).
+  """
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                               int(env["JAX_NUM_PROCESSES"]),
+                               int(env["JAX_PROCESS_ID"]))
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get(
+      "TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``workdir/config.json``, refusing a workdir started differently.
+
+  A restart with the same config resumes. A different config would silently
+  mix two experiments, so it stops unless ``force_new_run`` is set, which
+  deletes the old checkpoints and metrics first.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    changed = sorted(k for k in _flat(old).keys() | _flat(new).keys()
+                     if k.split(".")[0] not in _RESUMABLE_KEYS
+                     and _flat(old).get(k) != _flat(new).get(k))
+    if changed and not config.force_new_run:
+      raise TrainingError(
+          f"workdir {workdir} holds a run with a different config (changed: "
+          f"{', '.join(changed)}); use another --workdir or pass "
+          "--config.force_new_run=True to delete that run and start over.")
+    if changed:
+      for name in ("ckpt", "best", "tb", "hf", "best_hf", "metrics.jsonl"):
+        target = os.path.join(workdir, name)
+        if os.path.isdir(target):
+          shutil.rmtree(target)
+        elif os.path.exists(target):
+          os.remove(target)
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _teacher_path(config) -> str:
+  """The teacher directory, or one sentence on how to get it."""
+  path = os.path.expanduser(config.teacher.path)
+  if os.path.isdir(path):
+    return path
+  if config.teacher.hub_id:
+    fix = (f"download or fine-tune it (base model: `huggingface-cli download "
+           f"{config.teacher.hub_id} --local-dir DIR`, then SFT it with "
+           "configs/sft_gpt2.py:teacher) and pass --config.teacher.path=DIR")
+  else:
+    fix = ("train it first: python -m kdjax.train "
+           "--config=configs/sft_gpt2.py:tiny_teacher --workdir="
+           f"{os.path.dirname(config.teacher.path.rstrip('/'))}")
+  raise TrainingError(f"teacher checkpoint {config.teacher.path} not found; "
+                      f"{fix}.")
+
+
+def load_teacher(config, mesh) -> nnx.Module | None:
+  """The frozen teacher in eval mode, or None for SFT (kd_ratio 0)."""
+  if config.loss.kd_ratio == 0:
+    return None
+  teacher = models.load(_teacher_path(config),
+                        dtype=_dtype(config.teacher.dtype), mesh=mesh)
+  teacher.eval()
+  return teacher
+
+
+def make_student(config, mesh) -> nnx.Module:
+  """A preset initialised from the seed, or a HF checkpoint to fine-tune."""
+  overrides = dict(config.student.model_overrides)
+  overrides["remat"] = config.student.remat
+  dtype = _dtype(config.student.dtype)
+  init = config.student.init
+  if init.startswith("preset:"):
+    student = models.create(
+        init.removeprefix("preset:"), dtype=dtype, param_dtype=jnp.float32,
+        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1), **overrides)
+    return sharding.shard_model(student, mesh)
+  return models.load(init, dtype=dtype, param_dtype=jnp.float32, mesh=mesh,
+                     seed=config.seed + 1, **overrides)
+
+
+def _vocab(model) -> int:
+  return model.head_weight().shape[0]
+
+
+def make_schedule(optim, total_steps: int) -> optax.Schedule:
+  """Linear warmup (if any), then cosine decay from lr to lr_min at the last step."""
+  if optim.warmup_steps:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, optim.lr, optim.warmup_steps,
+        max(total_steps, optim.warmup_steps + 1), end_value=optim.lr_min)
+  return optax.cosine_decay_schedule(optim.lr, max(total_steps, 1),
+                                     alpha=optim.lr_min / optim.lr)
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW on :func:`make_schedule`.
+
+  Weight decay applies to matrices only: biases and norm scales (1-D) are not
+  decayed, the rule of the reference trainers (no decay on bias/LayerNorm).
+  """
+  schedule = make_schedule(optim, total_steps)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(optim.clip),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay, mask=decay_mask))
+
+
+# ----------------------------------------------------------------------------
+# The step.
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+  """``[B, ...]`` -> ``[n, B/n, ...]`` taking rows ``i, i+n, ...`` for micro ``i``.
+
+  Strided, not blocked: each device holds a contiguous block of rows, so every
+  micro-batch keeps rows on every device and the split moves no data.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """The jitted train and eval steps of one run (static parts held here)."""
+  loss_cfg: Any
+  graphdef: Any
+  teacher_graphdef: Any
+  tx: optax.GradientTransformation
+  grad_accum: int
+
+  def _student(self, params, rest):
+    return nnx.merge(self.graphdef, params, rest)
+
+  def _teacher(self, teacher_state):
+    if self.teacher_graphdef is None:
+      return None
+    return nnx.merge(self.teacher_graphdef, teacher_state)
+
+  def train(self, state: TrainState, batch: dict, teacher_state,
+            first_bad: jax.Array):
+    """One optimizer update; returns ``(state, metrics, first_bad)``."""
+    teacher = self._teacher(teacher_state)
+    r = self.loss_cfg["kd_ratio"]
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+    def loss_fn(params, rest, micro):
+      student = self._student(params, rest)
+      s = objective.sums(self.loss_cfg, student, teacher, micro)
+      weighted = ((1.0 - r) * s.ce + r * s.kd) / total_tokens
+      return weighted, (s, nnx.state(student, nnx.Not(nnx.Param)))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, micro):
+      grads, rest, totals = carry
+      (_, (s, rest)), g = grad_fn(state.params, rest, micro)
+      grads = jax.tree.map(jnp.add, grads, g)
+      return (grads, rest, jax.tree.map(jnp.add, totals, s)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 3)
+    (grads, rest, totals), _ = jax.lax.scan(
+        accumulate, (zeros, state.rest, none),
+        _microbatches(batch, self.grad_accum))
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    _, m = objective.combine(self.loss_cfg, totals)
+    m["grad_norm"] = optax.global_norm(grads)
+    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
+    first_bad = jnp.where((first_bad < 0) & ~finite, state.step, first_bad)
+    new = TrainState(state.step + 1, params, rest, opt_state)
+    return new, m, first_bad
+
+  def eval(self, state: TrainState, batch: dict, teacher_state):
+    """Masked token sums of the student (dropout off) on one batch."""
+    student = self._student(state.params, state.rest)
+    student.eval()
+    return objective.sums(self.loss_cfg, student, self._teacher(teacher_state),
+                          batch)
+
+
+def _put(batch: dict, mesh) -> dict:
+  """Host batch (this process's rows) -> global arrays sharded on the batch axes."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items() if k in _BATCH_KEYS}
+
+
+_BATCH_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "positions")
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds before its first step (handy in notebooks)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  eos_id: int
+  train_data: pipeline.TrainData
+  val_source: Any
+  student: nnx.Module
+  teacher: nnx.Module | None
+  step: Step
+  state: TrainState
+  num_steps: int
+
+
+def _data(config, workdir):
+  tok, eos_id = tokenizer_lib.load(config.data.tokenizer)
+  data_dir = os.path.expanduser(config.data.data_dir)
+  manual = os.path.expanduser(config.data.manual_dir) or None
+  if config.data.seqkd_teacher:
+    train_src = _seqkd_source(config, workdir, tok, eos_id, data_dir, manual)
+  else:
+    train_src = sources.head(sources.load_source(
+        config.data.name, config.data.train_split, data_dir, manual_dir=manual),
+        config.data.train_limit)
+  common = dict(eos_id=eos_id, max_length=config.data.max_length,
+                max_prompt_length=config.data.max_prompt_length,
+                prompt_policy=config.data.prompt_policy)
+  train = pipeline.train_batches(
+      train_src, tok, batch_size=config.batch_size, seed=config.seed,
+      num_epochs=None if config.num_steps else config.num_epochs, **common)
+  val_src = sources.load_source(config.data.name, config.data.val_split,
+                                data_dir, manual_dir=manual)
+  return tok, eos_id, train, val_src
+
+
+def _seqkd_source(config, workdir, tok, eos_id, data_dir, manual):
+  """SeqKD: the training prompts with the teacher's responses (cached)."""
+  from kdjax import evaluate  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, "seqkd", "train.jsonl")
+  if not os.path.exists(out):
+    src = sources.head(sources.load_source(
+        config.data.name, config.data.train_split, data_dir,
+        manual_dir=manual), config.data.train_limit)
+    teacher = models.load(os.path.expanduser(config.data.seqkd_teacher),
+                          dtype=_dtype(config.teacher.dtype))
+    protocol = evaluate.Protocol(
+        max_new_tokens=config.data.max_length - config.data.max_prompt_length,
+        max_prompt_length=config.data.max_prompt_length)
+    rows = evaluate.generate_responses(
+        teacher, tok, eos_id, src, protocol=protocol, seed=config.seed,
+        batch_size=config.eval.batch_size)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+      for r in rows:
+        f.write(json.dumps({"prompt": r["prompt"], "output": r["response"]})
+                + "\n")
+    os.replace(out + ".tmp", out)
+  return sources.load_source("instruct_jsonl/seqkd_train", "test",
+                             os.path.join(workdir, "seqkd", "tfds"), path=out)
+
+
+def build(config: ml_collections.ConfigDict, workdir: str,
+          mesh: jax.sharding.Mesh) -> Run:
+  """Data, models, optimizer and initial state (call under ``jax.set_mesh``)."""
+  objective.check(config.loss)
+  n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
+  if config.batch_size % (config.grad_accum * n_batch):
+    raise ValueError(
+        f"batch_size {config.batch_size} must be a multiple of grad_accum "
+        f"({config.grad_accum}) x the {n_batch} data-parallel devices.")
+  tok, eos_id, train, val_src = _data(config, workdir)
+  num_steps = config.num_steps or train.num_steps
+  teacher = load_teacher(config, mesh)
+  student = make_student(config, mesh)
+  if teacher is not None and _vocab(teacher) != _vocab(student) and (
+      config.loss.name != "uld"):
+    raise ValueError(
+        f"teacher vocabulary {_vocab(teacher)} != student vocabulary "
+        f"{_vocab(student)}; distil between models sharing a tokenizer or use "
+        "--config.loss.name=uld.")
+  tx = make_optimizer(config.optim, num_steps)
+  graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+  opt_state = jax.jit(tx.init)(params)
+  state = TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
+  teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
+  step = Step(config.loss.to_dict(), graphdef, teacher_graphdef, tx,
+              config.grad_accum)
+  return Run(config, workdir, mesh, tok, eos_id, train, val_src, student,
+             teacher, step, state, num_steps)
+
+
+def _validate(run: Run, state: TrainState, teacher_state, eval_fn) -> dict:
+  """Validation loss over ``eval.val_batches`` batches, + ROUGE-L if enabled."""
+  c = run.config
+  batches = pipeline.eval_batches(
+      run.val_source, run.tokenizer, eos_id=run.eos_id,
+      batch_size=c.eval.batch_size // jax.process_count(),
+      max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
+      prompt_policy=c.data.prompt_policy)
+  n = len(batches) if c.eval.val_batches <= 0 else min(c.eval.val_batches,
+                                                       len(batches))
+  totals = objective.Sums(0.0, 0.0, 0.0)
+  for i in range(n):
+    s = eval_fn(state, _put(batches[i], run.mesh), teacher_state)
+    totals = jax.tree.map(lambda a, b: a + float(b), totals, s)
+  _, m = objective.combine(c.loss, objective.Sums(*map(jnp.asarray, totals)))
+  out = {f"val_{k}": float(v) for k, v in m.items() if k != "tokens"}
+  if c.eval.num_examples > 0:
+    out.update(_sampled_scores(run, state))
+  return out
+
+
+def _sampled_scores(run: Run, state: TrainState) -> dict:
+  from kdjax import evaluate  # pylint: disable=g-import-not-at-top
+  c = run.config
+  student = nnx.merge(run.step.graphdef, state.params, state.rest)
+  protocol = evaluate.Protocol(max_new_tokens=c.eval.max_new_tokens,
+                               max_prompt_length=c.data.max_prompt_length,
+                               greedy=c.eval.greedy)
+  result = evaluate.evaluate(student, run.tokenizer, run.eos_id, run.val_source,
+                             protocol=protocol, seeds=(c.seed,),
+                             limit=c.eval.num_examples,
+                             batch_size=c.eval.batch_size, mesh=run.mesh,
+                             progress=False)
+  return {f"val_{k}": float(v) for k, v in result.metrics.items()
+          if isinstance(v, (int, float)) and not k.startswith("seed")}
+
+
+def _export(run: Run, state: TrainState, ckpts: checkpoint.Checkpoints) -> None:
+  if not run.config.export_hf or jax.process_index() != 0:
+    return
+  student = nnx.merge(run.step.graphdef, state.params, state.rest)
+  models.save_hf(student, os.path.join(run.workdir, "hf"))
+  best = ckpts.restore_best(state.params)
+  if best is not None:
+    student = nnx.merge(run.step.graphdef, best[1], state.rest)
+    models.save_hf(student, os.path.join(run.workdir, "best_hf"))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run ``config`` in ``workdir``; returns its last metrics."""
+  maybe_initialize_distributed()
+  workdir = os.path.expanduser(workdir)
+  check_workdir(config, workdir)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  with jax.set_mesh(mesh):
+    run = build(config, workdir, mesh)
+    return _loop(run)
+
+
+def _loop(run: Run) -> dict[str, float]:
+  c = run.config
+  writer = metrics_lib.Writer(run.workdir, enabled=jax.process_index() == 0)
+  ckpts = checkpoint.Checkpoints(run.workdir, every_steps=c.ckpt.every_steps,
+                                 max_to_keep=c.ckpt.max_to_keep)
+  data_iter = run.train_data.iterator()
+  state = run.state
+  start = ckpts.latest_step()
+  if start is not None:
+    state, _ = ckpts.restore(start, state, data_iter)
+    writer.truncate(after_step=start)
+    logging.info("resumed from step %d", start)
+  start = start or 0
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  teacher_state = None if run.teacher is None else nnx.state(run.teacher)
+  train_fn = jax.jit(run.step.train, donate_argnums=(0, 3),
+                     out_shardings=(shardings, None, None))
+  eval_fn = jax.jit(run.step.eval)
+  first_bad = jnp.asarray(-1, jnp.int32)
+  schedule = make_schedule(c.optim, run.num_steps)
+  last: dict[str, float] = {}
+  tokens_per_step = c.batch_size * c.data.max_length
+  bar = tqdm.tqdm(total=run.num_steps, initial=start, desc="train",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  t0, since = time.perf_counter(), start
+  try:
+    for step in range(start, run.num_steps):
+      batch = _put(next(data_iter), run.mesh)
+      state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
+      done = step + 1
+      bar.update(1)
+      boundary = (done % c.log_every == 0 or done == run.num_steps
+                  or (c.ckpt.every_steps and done % c.ckpt.every_steps == 0)
+                  or (c.eval.every_steps and done % c.eval.every_steps == 0))
+      if not boundary:
+        continue
+      _check_finite(int(first_bad), run.workdir, ckpts)
+      dt = time.perf_counter() - t0
+      last = {k: float(v) for k, v in m.items()}
+      last.update(lr=float(schedule(done - 1)), step_time=dt / max(done - since, 1),
+                  tokens_per_s=tokens_per_step * (done - since) / max(dt, 1e-9))
+      t0, since = time.perf_counter(), done
+      if c.eval.every_steps and (done % c.eval.every_steps == 0
+                                 or done == run.num_steps):
+        val = _validate(run, state, teacher_state, eval_fn)
+        last.update(val)
+        score = val.get("val_rougeL", -val["val_loss"])
+        ckpts.save_best(done, state.params, score)
+      writer.write(done, last)
+      bar.set_postfix(loss=f"{last['loss']:.4f}")
+      ckpts.save(done, state, data_iter, {"step": done},
+                 force=done == run.num_steps)
+    _export(run, state, ckpts)
+  finally:
+    bar.close()
+    ckpts.close()
+    writer.close()
+  return last
+
+
+def _check_finite(first_bad: int, workdir: str,
+                  ckpts: checkpoint.Checkpoints) -> None:
+  if first_bad < 0:
+    return
+  good = ckpts.latest_step()
+  kept = (f"the last good checkpoint (step {good}) is kept in {workdir}/ckpt"
+          if good is not None else "no checkpoint had been written yet")
+  raise TrainingError(
+      f"loss or gradient became non-finite at step {first_bad + 1}; {kept}. "
+      "Lower optim.lr, check the data, or use a float32 teacher.")
