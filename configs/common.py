@@ -28,8 +28,8 @@ PAPER_TEACHER = "workdirs/gpt2_xl_sft/hf"
 
 # Tiny model shapes (fields of kdjax.models.GPT2Config): the teacher is ~6x the
 # student's parameter count.
-TINY_TEACHER_MODEL = dict(n_embd=128, n_layer=4, n_head=4)
-TINY_STUDENT_MODEL = dict(n_embd=64, n_layer=2, n_head=4)
+TINY_TEACHER_MODEL = dict(n_embd=96, n_layer=4, n_head=4)
+TINY_STUDENT_MODEL = dict(n_embd=48, n_layer=2, n_head=4)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -61,7 +61,8 @@ def _paper() -> ml_collections.ConfigDict:
 
   c.data = dict(name="dolly", data_dir="~/tensorflow_datasets",
                 manual_dir="", train_split="train", val_split="validation",
-                tokenizer="gpt2", max_length=512, max_prompt_length=256,
+                tokenizer="gpt2", template="minillm", max_length=512,
+                max_prompt_length=256,
                 prompt_policy="drop", train_limit=0, seqkd_teacher="")
   c.teacher = dict(path=PAPER_TEACHER, hub_id="gpt2-xl", dtype="bfloat16")
   # student.init: a HF dir / hub id to fine-tune, or "preset:<name>" for a
@@ -90,8 +91,8 @@ def _paper() -> ml_collections.ConfigDict:
 def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
   """Embedded data, byte tokenizer, tiny models: the laptop-CPU scale."""
   c.data.update(name="synthetic_instruct", data_dir=TINY_DATA_DIR,
-                tokenizer="byte", max_length=288, max_prompt_length=256,
-                train_limit=4000)
+                tokenizer="byte", template="compact", max_length=96,
+                max_prompt_length=80, train_limit=4000)
   c.teacher.update(path=TINY_TEACHER, hub_id="", dtype="float32")
   c.student.init = "preset:tiny-gpt2"
   c.student.model_overrides = ml_collections.ConfigDict(dict(

@@ -30,6 +30,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are "
                          "--config.key=value.")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes
+    logging.set_verbosity(logging.WARNING)
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (trainer.TrainingError, ValueError, FileNotFoundError) as e:

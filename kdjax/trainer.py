@@ -219,6 +219,9 @@ def _microbatches(batch: dict, n: int) -> dict:
   Strided, not blocked: each device holds a contiguous block of rows, so every
   micro-batch keeps rows on every device and the split moves no data.
   """
+  if n == 1:
+    return jax.tree.map(lambda x: x[None], batch)
+
   def split(x):
     x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
     return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
@@ -242,9 +245,12 @@ class Step:
       return None
     return nnx.merge(self.teacher_graphdef, teacher_state)
 
-  def train(self, state: TrainState, batch: dict, teacher_state,
-            first_bad: jax.Array):
-    """One optimizer update; returns ``(state, metrics, first_bad)``."""
+  def grads(self, state: TrainState, batch: dict, teacher_state):
+    """Gradient of the objective on ``batch``, its metrics and the new RNG state.
+
+    The objective is the global token mean, so each micro-batch's sums are
+    divided by the whole batch's token count and the gradients simply add up.
+    """
     teacher = self._teacher(teacher_state)
     r = self.loss_cfg["kd_ratio"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -268,14 +274,23 @@ class Step:
     (grads, rest, totals), _ = jax.lax.scan(
         accumulate, (zeros, state.rest, none),
         _microbatches(batch, self.grad_accum))
+    _, m = objective.combine(self.loss_cfg, totals)
+    m["grad_norm"] = optax.tree.norm(grads)
+    return grads, m, rest
+
+  def train(self, state: TrainState, batch: dict, teacher_state,
+            first_bad: jax.Array):
+    """One optimizer update; returns ``(state, metrics, first_bad)``.
+
+    ``first_bad`` records the first step whose loss or gradient was not
+    finite (-1: none yet), so the host can check it only now and then.
+    """
+    grads, m, rest = self.grads(state, batch, teacher_state)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    _, m = objective.combine(self.loss_cfg, totals)
-    m["grad_norm"] = optax.global_norm(grads)
     finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
     first_bad = jnp.where((first_bad < 0) & ~finite, state.step, first_bad)
-    new = TrainState(state.step + 1, params, rest, opt_state)
-    return new, m, first_bad
+    return TrainState(state.step + 1, params, rest, opt_state), m, first_bad
 
   def eval(self, state: TrainState, batch: dict, teacher_state):
     """Masked token sums of the student (dropout off) on one batch."""
@@ -316,35 +331,42 @@ class Run:
   num_steps: int
 
 
-def _data(config, workdir):
-  tok, eos_id = tokenizer_lib.load(config.data.tokenizer)
+def _source(config, split: str):
+  """``data.name`` as a source: a registered dataset or a JSONL file path."""
   data_dir = os.path.expanduser(config.data.data_dir)
   manual = os.path.expanduser(config.data.manual_dir) or None
+  name = config.data.name
+  if name.endswith(".jsonl"):  # one file: instruct_jsonl puts it all in "test"
+    stem = os.path.splitext(os.path.basename(name))[0]
+    return sources.load_source(f"instruct_jsonl/{stem}", "test", data_dir,
+                               path=os.path.expanduser(name))
+  return sources.load_source(name, split, data_dir, manual_dir=manual)
+
+
+def _data(config, workdir):
+  tok, eos_id = tokenizer_lib.load(config.data.tokenizer)
   if config.data.seqkd_teacher:
-    train_src = _seqkd_source(config, workdir, tok, eos_id, data_dir, manual)
+    train_src = _seqkd_source(config, workdir, tok, eos_id)
   else:
-    train_src = sources.head(sources.load_source(
-        config.data.name, config.data.train_split, data_dir, manual_dir=manual),
-        config.data.train_limit)
+    train_src = sources.head(_source(config, config.data.train_split),
+                             config.data.train_limit)
   common = dict(eos_id=eos_id, max_length=config.data.max_length,
                 max_prompt_length=config.data.max_prompt_length,
-                prompt_policy=config.data.prompt_policy)
+                prompt_policy=config.data.prompt_policy,
+                template_style=config.data.template)
   train = pipeline.train_batches(
       train_src, tok, batch_size=config.batch_size, seed=config.seed,
       num_epochs=None if config.num_steps else config.num_epochs, **common)
-  val_src = sources.load_source(config.data.name, config.data.val_split,
-                                data_dir, manual_dir=manual)
-  return tok, eos_id, train, val_src
+  return tok, eos_id, train, _source(config, config.data.val_split)
 
 
-def _seqkd_source(config, workdir, tok, eos_id, data_dir, manual):
+def _seqkd_source(config, workdir, tok, eos_id):
   """SeqKD: the training prompts with the teacher's responses (cached)."""
   from kdjax import evaluate  # pylint: disable=g-import-not-at-top
   out = os.path.join(workdir, "seqkd", "train.jsonl")
   if not os.path.exists(out):
-    src = sources.head(sources.load_source(
-        config.data.name, config.data.train_split, data_dir,
-        manual_dir=manual), config.data.train_limit)
+    src = sources.head(_source(config, config.data.train_split),
+                       config.data.train_limit)
     teacher = models.load(os.path.expanduser(config.data.seqkd_teacher),
                           dtype=_dtype(config.teacher.dtype))
     protocol = evaluate.Protocol(
@@ -367,6 +389,8 @@ def build(config: ml_collections.ConfigDict, workdir: str,
           mesh: jax.sharding.Mesh) -> Run:
   """Data, models, optimizer and initial state (call under ``jax.set_mesh``)."""
   objective.check(config.loss)
+  if config.loss.kd_ratio > 0:
+    _teacher_path(config)  # before any data download: fail in seconds
   n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
   if config.batch_size % (config.grad_accum * n_batch):
     raise ValueError(
@@ -400,7 +424,7 @@ def _validate(run: Run, state: TrainState, teacher_state, eval_fn) -> dict:
       run.val_source, run.tokenizer, eos_id=run.eos_id,
       batch_size=c.eval.batch_size // jax.process_count(),
       max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
-      prompt_policy=c.data.prompt_policy)
+      prompt_policy=c.data.prompt_policy, template_style=c.data.template)
   n = len(batches) if c.eval.val_batches <= 0 else min(c.eval.val_batches,
                                                        len(batches))
   totals = objective.Sums(0.0, 0.0, 0.0)
@@ -441,19 +465,29 @@ def _export(run: Run, state: TrainState, ckpts: checkpoint.Checkpoints) -> None:
     models.save_hf(student, os.path.join(run.workdir, "best_hf"))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the run ``config`` in ``workdir``; returns its last metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at: int | None = None,
+                       devices=None) -> dict[str, float]:
+  """Trains (or resumes) the run ``config`` in ``workdir``; returns its last metrics.
+
+  Args:
+    config: an experiment config (``configs/*.py:get_config(arg)``).
+    workdir: run directory; a checkpoint there is resumed.
+    stop_at: stop after this step with a checkpoint, as a preemption would;
+      calling again continues the same run (notebooks training in pieces).
+    devices: devices for the mesh (default: all).
+  """
   maybe_initialize_distributed()
   workdir = os.path.expanduser(workdir)
   check_workdir(config, workdir)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
+                            devices=devices)
   with jax.set_mesh(mesh):
     run = build(config, workdir, mesh)
-    return _loop(run)
+    return _loop(run, stop_at)
 
 
-def _loop(run: Run) -> dict[str, float]:
+def _loop(run: Run, stop_at: int | None = None) -> dict[str, float]:
   c = run.config
   writer = metrics_lib.Writer(run.workdir, enabled=jax.process_index() == 0)
   ckpts = checkpoint.Checkpoints(run.workdir, every_steps=c.ckpt.every_steps,
@@ -464,7 +498,8 @@ def _loop(run: Run) -> dict[str, float]:
   if start is not None:
     state, _ = ckpts.restore(start, state, data_iter)
     writer.truncate(after_step=start)
-    logging.info("resumed from step %d", start)
+    if jax.process_index() == 0:
+      tqdm.tqdm.write(f"resumed {run.workdir} from step {start}")
   start = start or 0
   shardings = jax.tree.map(lambda x: x.sharding, state)
   teacher_state = None if run.teacher is None else nnx.state(run.teacher)
@@ -479,12 +514,13 @@ def _loop(run: Run) -> dict[str, float]:
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   t0, since = time.perf_counter(), start
   try:
-    for step in range(start, run.num_steps):
+    end = run.num_steps if stop_at is None else min(stop_at, run.num_steps)
+    for step in range(start, end):
       batch = _put(next(data_iter), run.mesh)
       state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
       done = step + 1
       bar.update(1)
-      boundary = (done % c.log_every == 0 or done == run.num_steps
+      boundary = (done % c.log_every == 0 or done == end
                   or (c.ckpt.every_steps and done % c.ckpt.every_steps == 0)
                   or (c.eval.every_steps and done % c.eval.every_steps == 0))
       if not boundary:
@@ -503,9 +539,9 @@ def _loop(run: Run) -> dict[str, float]:
         ckpts.save_best(done, state.params, score)
       writer.write(done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}")
-      ckpts.save(done, state, data_iter, {"step": done},
-                 force=done == run.num_steps)
-    _export(run, state, ckpts)
+      ckpts.save(done, state, data_iter, {"step": done}, force=done == end)
+    if end == run.num_steps:
+      _export(run, state, ckpts)
   finally:
     bar.close()
     ckpts.close()

@@ -54,18 +54,19 @@ def to_texts(values: Any) -> list[str]:
   return [to_text(v) for v in values]
 
 
-def prompt_of(example: Mapping[str, Any]) -> str:
+def prompt_of(example: Mapping[str, Any], style: str = "minillm") -> str:
   """The templated prompt of a dataset example (any of the kdjax builders).
 
   A non-empty ``prompt`` field (instruct_jsonl, already templated) wins;
-  otherwise the template is applied to ``instruction`` and ``input`` (Dolly
-  calls it ``context``).
+  otherwise the template ``style`` (:data:`template.STYLES`) is applied to
+  ``instruction`` and ``input`` (Dolly calls it ``context``).
   """
   given = to_text(example.get("prompt", ""))
   if given:
     return given
   input_ = example.get("input", example.get("context", ""))
-  return template.prompt(to_text(example["instruction"]), to_text(input_))
+  return template.prompt(to_text(example["instruction"]), to_text(input_),
+                         style)
 
 
 def references_of(example: Mapping[str, Any]) -> list[str]:
@@ -127,7 +128,8 @@ def _check_lengths(max_length: int, max_prompt_length: int) -> None:
 def tokenize_split(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
                    max_length: int = 512, max_prompt_length: int = 256,
                    prompt_policy: PromptPolicy = "drop",
-                   name: str = "split") -> tuple[list[Tokenized], TokenStats]:
+                   name: str = "split", template_style: str = "minillm"
+                   ) -> tuple[list[Tokenized], TokenStats]:
   """Tokenises every example of ``source`` for teacher-forced training."""
   _check_lengths(max_length, max_prompt_length)
   if prompt_policy not in _POLICIES:
@@ -140,7 +142,7 @@ def tokenize_split(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
     if not response.strip():
       stats.dropped_empty_response += 1
       continue
-    prompts.append(prompt_of(example))
+    prompts.append(prompt_of(example, template_style))
     responses.append(response)
   prompt_ids_all = _encode_all(tokenizer, prompts)
   full_ids_all = _encode_all(tokenizer, [p + r for p, r in
@@ -225,7 +227,8 @@ def train_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
                   prompt_policy: PromptPolicy = "drop",
                   num_epochs: int | None = None,
                   process_index: int | None = None,
-                  process_count: int | None = None) -> TrainData:
+                  process_count: int | None = None,
+                  template_style: str = "minillm") -> TrainData:
   """Shuffled, repeated, sharded training batches.
 
   Epoch structure (as the reference loaders, ``drop_last=True``): every epoch
@@ -242,7 +245,7 @@ def train_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   examples, stats = tokenize_split(
       source, tokenizer, eos_id=eos_id, max_length=max_length,
       max_prompt_length=max_prompt_length, prompt_policy=prompt_policy,
-      name="train")
+      name="train", template_style=template_style)
   steps_per_epoch = len(examples) // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"only {len(examples)} usable examples for batch_size "
@@ -275,7 +278,8 @@ def eval_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
                  max_prompt_length: int = 256,
                  prompt_policy: PromptPolicy = "drop",
                  process_index: int | None = None,
-                 process_count: int | None = None) -> grain.MapDataset:
+                 process_count: int | None = None,
+                 template_style: str = "minillm") -> grain.MapDataset:
   """One unshuffled pass of teacher-forced rows (validation loss).
 
   Nothing is dropped for batching: the last batch is filled up with copies of
@@ -286,7 +290,7 @@ def eval_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   examples, _ = tokenize_split(
       source, tokenizer, eos_id=eos_id, max_length=max_length,
       max_prompt_length=max_prompt_length, prompt_policy=prompt_policy,
-      name="eval")
+      name="eval", template_style=template_style)
   if not examples:
     raise ValueError("no usable evaluation examples; check the split.")
   mine = examples[process_index::process_count]
@@ -345,7 +349,8 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], *, length: int,
 def eval_prompts(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
                  batch_size: int, max_prompt_length: int = 256,
                  process_index: int | None = None,
-                 process_count: int | None = None) -> EvalPrompts:
+                 process_count: int | None = None,
+                 template_style: str = "minillm") -> EvalPrompts:
   """Prompt-only generation batches over one split (no shuffle, nothing dropped).
 
   Prompts are cut to their first ``max_prompt_length`` tokens (the evaluation
@@ -355,7 +360,7 @@ def eval_prompts(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   process_index, process_count = _process(process_index, process_count)
   examples = []
   for ex in _read_all(source):
-    examples.append({"prompt": prompt_of(ex), "references": references_of(ex),
+    examples.append({"prompt": prompt_of(ex, template_style), "references": references_of(ex),
                      "task": to_text(ex.get("task", ""))})
   if not examples:
     raise ValueError("no evaluation examples; check the split.")

@@ -1,4 +1,10 @@
-"""The MiniLLM / Alpaca prompt template (kd_losses.md 4.1), exact text."""
+"""Prompt templates: the MiniLLM / Alpaca one (kd_losses.md 4.1, exact text)
+and a compact one for the tiny byte-level models.
+
+The MiniLLM preamble alone is ~150 bytes, most of a synthetic_instruct
+sequence; a byte-level tiny model would spend two thirds of its compute on it.
+``compact`` keeps instruction, input and an answer cue, nothing else.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,20 @@ WITH_INPUT = (
     "\n\n### Response:\n")
 
 
-def prompt(instruction: str, input: str = "") -> str:  # pylint: disable=redefined-builtin
+COMPACT_NO_INPUT = "{instruction}\nAnswer: "
+COMPACT_WITH_INPUT = "{instruction}\nInput: {input}\nAnswer: "
+STYLES = ("minillm", "compact")
+
+
+def prompt(instruction: str, input: str = "",  # pylint: disable=redefined-builtin
+           style: str = "minillm") -> str:
   """The templated prompt; the input section appears only if input is non-empty."""
+  if style not in STYLES:
+    raise ValueError(f"prompt template {style!r} is unknown; use one of "
+                     f"{STYLES}.")
+  if style == "compact":
+    return (COMPACT_WITH_INPUT if input else COMPACT_NO_INPUT).format(
+        instruction=instruction, input=input)
   if input:
     return WITH_INPUT.format(instruction=instruction, input=input)
   return NO_INPUT.format(instruction=instruction)

@@ -1,0 +1,59 @@
+"""Small trainer set-ups shared by the trainer, resume and reliability tests.
+
+Every config's ``tiny`` arg, shrunk further (1-layer models, 64 training
+examples, batch 8) so a step compiles in seconds on CPU. The teacher is a
+random tiny GPT-2 written with ``models.save_hf``: the tests check the trainer's
+mechanics, not what the teacher knows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import ml_collections
+from flax import nnx
+
+from kdjax import models
+
+TEACHER = dict(n_embd=32, n_layer=1, n_head=2)
+STUDENT = dict(n_embd=16, n_layer=1, n_head=2)
+
+
+def make_teacher(directory: str) -> str:
+  """A random tiny teacher in HF format under ``directory`` (created once)."""
+  if not os.path.exists(os.path.join(directory, "config.json")):
+    teacher = models.create("tiny-gpt2", rngs=nnx.Rngs(1), vocab_size=257,
+                            **TEACHER)
+    models.save_hf(teacher, directory)
+  return directory
+
+
+def config(name: str, root: str, *, steps: int = 4,
+           **overrides) -> ml_collections.ConfigDict:
+  """``configs/<name>.py:tiny`` shrunk for tests, data and teacher under ``root``.
+
+  ``overrides`` are dotted keys: ``config("akl_gpt2", tmp, **{"loss.impl": "fused"})``.
+  """
+  module = importlib.import_module(f"configs.{name}")
+  c = module.get_config(f"tiny,steps={steps}")
+  c.data.data_dir = os.path.join(root, "data")
+  c.data.train_limit = 64
+  if c.teacher.path:
+    c.teacher.path = make_teacher(os.path.join(root, "teacher"))
+  if c.data.seqkd_teacher:
+    c.data.seqkd_teacher = make_teacher(os.path.join(root, "teacher"))
+  c.student.model_overrides.update(STUDENT)
+  c.batch_size = 8
+  c.optim.warmup_steps = 1
+  c.log_every = 1
+  c.ckpt.every_steps = 2
+  c.eval.update(every_steps=0, num_examples=0, val_batches=1, batch_size=8)
+  c.export_hf = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
