@@ -176,6 +176,8 @@ def _head(source, limit: int | None) -> list[Mapping[str, Any]]:
   if limit is not None and limit <= 0:
     raise ValueError(f"limit={limit} must be positive (or None for all).")
   n = len(source) if limit is None else min(limit, len(source))
+  if hasattr(source, "__getitems__"):  # TFDS: one batched read
+    return list(source.__getitems__(list(range(n))))
   return [source[i] for i in range(n)]
 
 
@@ -489,7 +491,10 @@ def run(config, checkpoint: str, *, datasets: str | None = None,
   loaded = [load_dataset(n, data_dir, manual_dir) for n in names]  # fail early
 
   tok, eos_id = tokenizer_lib.load(config.data.tokenizer)
-  mesh = sharding.make_mesh()
+  # config.mesh (data, fsdp, tensor sizes) when the config has one, else
+  # data-parallel over every device.
+  mesh = sharding.make_mesh(**(config.mesh.to_dict() if "mesh" in config
+                               else {}))
   model = models.load(hf_dir, dtype=jnp.dtype(config.student.dtype),
                       mesh=mesh, seed=config.seed)
   summaries = {}

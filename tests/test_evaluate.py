@@ -272,6 +272,7 @@ def _config(data_dir):
   c.eval = dict(batch_size=8, max_new_tokens=12, datasets="unused",
                 seeds="10,20,30,40,50")
   c.student = dict(dtype="float32")
+  c.mesh = dict(data=4, fsdp=2)  # batch over both axes, params over fsdp
   return c
 
 
@@ -318,8 +319,8 @@ def test_end_to_end_files_summary_and_table(workdir, tok, capsys):
   assert "validity" not in m
   assert f"| fixture | 10 | 2 | {m['rougeL']:.2f} ± {m['rougeL_std']:.2f} |" \
       in table
-  # run() split each batch of 8 over the 8-device mesh; one device gives the
-  # same samples.
+  # run() split each batch of 8 over the 4x2 mesh; one device gives the same
+  # samples.
   source, _ = evaluate.load_dataset(fixture, str(workdir / "tfds"))
   single = evaluate.evaluate(
       models.load(str(workdir / "run" / "hf")), tok[0], tok[1], source,
