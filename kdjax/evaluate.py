@@ -190,11 +190,20 @@ def _valid_answers(examples: Sequence[Mapping[str, Any]]):
 
 def _prompts(examples, tokenizer, eos_id: int, protocol: Protocol,
              batch_size: int) -> pipeline.EvalPrompts:
+  if batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size} must be positive.")
   # One process sees every example: outputs are gathered on the host.
   return pipeline.eval_prompts(
       examples, tokenizer, eos_id=eos_id, batch_size=batch_size,
       max_prompt_length=protocol.max_prompt_length, process_index=0,
       process_count=1)
+
+
+def _check_mesh_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  n = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
+  if batch_size % n:
+    raise ValueError(f"batch_size={batch_size} is not a multiple of the "
+                     f"mesh's {n} batch shards; use a multiple of {n}.")
 
 
 def generate_token_ids(model: nnx.Module, prompts: pipeline.EvalPrompts, *,
@@ -204,8 +213,9 @@ def generate_token_ids(model: nnx.Module, prompts: pipeline.EvalPrompts, *,
                        desc: str = "generate") -> list[np.ndarray]:
   """Generated token ids of every example of ``prompts``, in order.
 
-  Batch ``b`` is sampled with ``fold_in(key(seed), b)``, so a response depends
-  only on the seed, the batch size and the prompts of its batch. Every batch
+  Batch ``b`` is sampled with ``fold_in(key(seed), b)`` and a row's logits see
+  only its own prompt, so a response depends on its prompt, the seed and its
+  place in the example list given the batch size, nothing else. Every batch
   has the same shape, so generation compiles once per (model, protocol,
   batch size). With ``mesh``, batches are split over its batch axes (the
   batch size must be a multiple of their size) and the model should already
@@ -214,6 +224,9 @@ def generate_token_ids(model: nnx.Module, prompts: pipeline.EvalPrompts, *,
   Returns:
     one ``[max_new_tokens]`` int array per example; after EOS comes EOS.
   """
+  _check_positions(model, protocol)
+  if mesh is not None:
+    _check_mesh_batch(prompts.dataset[0]["input_ids"].shape[0], mesh)
   settings = protocol.sampling_settings(eos_id)
   model = _eval_view(model)
   place = (lambda x: x) if mesh is None else functools.partial(
@@ -238,16 +251,6 @@ def generate_token_ids(model: nnx.Module, prompts: pipeline.EvalPrompts, *,
   return out
 
 
-def _check_batch(batch_size: int, mesh: jax.sharding.Mesh | None) -> None:
-  if batch_size <= 0:
-    raise ValueError(f"batch_size={batch_size} must be positive.")
-  if mesh is not None:
-    n = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
-    if batch_size % n:
-      raise ValueError(f"batch_size={batch_size} is not a multiple of the "
-                       f"mesh's {n} batch shards; use a multiple of {n}.")
-
-
 def _responses(model, tokenizer, eos_id, prompts, protocol, seed, mesh,
                progress, desc) -> list[str]:
   ids = generate_token_ids(model, prompts, protocol=protocol, seed=seed,
@@ -266,8 +269,6 @@ def generate_responses(model: nnx.Module, tokenizer, eos_id: int, source, *,
   Returns:
     ``[{"prompt", "references", "task", "response"}]`` in source order.
   """
-  _check_positions(model, protocol)
-  _check_batch(batch_size, mesh)
   prompts = _prompts(_head(source, limit), tokenizer, eos_id, protocol,
                      batch_size)
   texts = _responses(model, tokenizer, eos_id, prompts, protocol, seed, mesh,
@@ -347,8 +348,6 @@ def evaluate(model: nnx.Module, tokenizer, eos_id: int, source, *,
   seeds = tuple(protocol.seeds if seeds is None else seeds)
   if not seeds:
     raise ValueError("seeds is empty; pass at least one seed, e.g. (10,).")
-  _check_positions(model, protocol)
-  _check_batch(batch_size, mesh)
   examples = _head(source, limit)
   valid = _valid_answers(examples)
   prompts = _prompts(examples, tokenizer, eos_id, protocol, batch_size)

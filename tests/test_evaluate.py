@@ -121,6 +121,16 @@ def test_aggregate_means_and_std_over_seeds():
 # Generation.
 
 
+def test_protocol_defaults_are_the_papers():
+  # kd_losses.md 5: sampling at temperature 1, no top-k/top-p, 6-gram ban,
+  # 256-token prompts and responses, seeds 10..50.
+  assert evaluate.Protocol() == (1.0, 0, 1.0, 6, 256, 256, False,
+                                 (10, 20, 30, 40, 50))
+  assert evaluate.Protocol().sampling_settings(7) == dict(
+      max_new_tokens=256, greedy=False, temperature=1.0, top_k=0, top_p=1.0,
+      no_repeat_ngram_size=6, eos_id=7, pad_id=7)
+
+
 @pytest.fixture(scope="module")
 def tok():
   return tokenizer_lib.load("byte")
@@ -154,7 +164,7 @@ GREEDY = SMALL._replace(greedy=True)
 
 
 def _responses(model, tok, examples, **kw):
-  kw = {"protocol": SMALL, "seed": 10, "batch_size": 5, "progress": False,
+  kw = {"protocol": SMALL, "seed": 10, "batch_size": 8, "progress": False,
         **kw}
   rows = evaluate.generate_responses(model, tok[0], tok[1], examples, **kw)
   assert [r["prompt"] for r in rows] == [pipeline.prompt_of(e)
@@ -170,15 +180,14 @@ def test_sampling_seed_reproduces_and_other_seed_differs(flat_model, tok,
   b = _responses(model, tok, examples, seed=20)
   assert sum(x != y for x, y in zip(a, b)) >= 8
   # Batch b uses fold_in(key(seed), b) and a row's logits see only its own
-  # prompt: the second batch's first row does not change when the rest of that
-  # batch becomes filler.
+  # prompt: rows do not change when the rest of their batch becomes filler.
   assert _responses(model, tok, examples, seed=10, limit=6) == a[:6]
 
 
 def test_greedy_does_not_depend_on_batch_size(model, tok, examples):
   two = _responses(model, tok, examples, protocol=GREEDY, batch_size=2)
-  five = _responses(model, tok, examples, protocol=GREEDY, seed=99)
-  assert two == five
+  eight = _responses(model, tok, examples, protocol=GREEDY, seed=99)
+  assert two == eight
   assert len(set(two)) > 1 and all(two)  # not a degenerate constant output
 
 
@@ -191,7 +200,7 @@ def _repeats(seq, start, n):
 
 def test_no_repeat_ngram_over_prompt_and_response(model, tok, examples):
   n = 3
-  prompts = evaluate._prompts(examples, tok[0], tok[1], GREEDY, 5)
+  prompts = evaluate._prompts(examples, tok[0], tok[1], GREEDY, 8)
   prompt_ids = [tok[0].encode(e["prompt"]).ids for e in prompts.examples]
   assert all(len(ids) <= GREEDY.max_prompt_length for ids in prompt_ids)
 
@@ -226,7 +235,7 @@ def test_dropout_is_off_and_callers_model_is_untouched(model, tok, examples):
 
 
 def test_generation_compiles_once_across_calls(model, tok, examples):
-  kw = dict(protocol=SMALL, seeds=(10, 20), batch_size=5, progress=False)
+  kw = dict(protocol=SMALL, seeds=(10, 20), batch_size=8, progress=False)
   before = sampling._generate._cache_size()
   evaluate.evaluate(model, tok[0], tok[1], examples, **kw)
   first = sampling._generate._cache_size()
@@ -242,6 +251,8 @@ def test_bad_inputs_name_the_value(model, tok, examples):
                protocol=SMALL._replace(max_new_tokens=300))
   with pytest.raises(ValueError, match="limit=0"):
     _responses(model, tok, examples, limit=0)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    _responses(model, tok, examples, batch_size=0)
   with pytest.raises(ValueError, match="unknown dataset 'dolyl'.*sinst"):
     evaluate.load_dataset("dolyl", "/nonexistent")
   with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -286,7 +297,7 @@ def workdir(tmp_path_factory, flat_model):
   return root
 
 
-def test_end_to_end_files_summary_and_table(workdir, tok, capsys):
+def test_end_to_end_files_summary_and_table(workdir, flat_model, tok, capsys):
   fixture = str(workdir / "fixture.jsonl")
   config = _config(workdir / "tfds")
   summaries = evaluate.run(config, str(workdir / "run"), datasets=fixture,
@@ -319,13 +330,14 @@ def test_end_to_end_files_summary_and_table(workdir, tok, capsys):
   assert "validity" not in m
   assert f"| fixture | 10 | 2 | {m['rougeL']:.2f} ± {m['rougeL_std']:.2f} |" \
       in table
-  # run() split each batch of 8 over the 4x2 mesh; one device gives the same
-  # samples.
+  # run() split each batch of 8 over the 4x2 mesh and read the model back from
+  # safetensors; the original model on one device gives the same samples.
+  protocol = evaluate.protocol_from_config(config)
+  assert protocol == SMALL._replace(seeds=(10, 20, 30, 40, 50))
   source, _ = evaluate.load_dataset(fixture, str(workdir / "tfds"))
-  single = evaluate.evaluate(
-      models.load(str(workdir / "run" / "hf")), tok[0], tok[1], source,
-      protocol=evaluate.protocol_from_config(config), seeds=(10,),
-      batch_size=8, progress=False)
+  single = evaluate.evaluate(flat_model, tok[0], tok[1], source,
+                             protocol=protocol, seeds=(10,), batch_size=8,
+                             progress=False)
   assert [r["responses"]["10"] for r in single.rows] == \
       [r["responses"]["10"] for r in rows]
 
