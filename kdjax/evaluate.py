@@ -43,14 +43,21 @@ import string
 import sys
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+from absl import app
+from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from ml_collections import config_flags
 import tqdm
 
+from kdjax import models
 from kdjax import sampling
 from kdjax import sharding
 from kdjax.data import pipeline
+from kdjax.data import sources
+from kdjax.data import tokenizer as tokenizer_lib
 
 EOS_TEXT = "<|endoftext|>"
 METRICS = ("rougeL", "exact_match", "validity")
@@ -65,6 +72,7 @@ DATASETS = ("dolly", "synthetic_instruct") + JSONL_SETS
 
 @functools.cache
 def _rouge_scorer():
+  # Imported on first use: it pulls in nltk, which trainers need not load.
   from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
   return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -89,7 +97,7 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize(text: str) -> str:
-  """SQuAD normalisation: lowercase, drop punctuation and a/an/the, one space."""
+  """SQuAD normalisation: lowercase, no punctuation, no a/an/the, one space."""
   text = text.lower().translate(_PUNCTUATION)
   return " ".join(_ARTICLES.sub(" ", text).split())
 
@@ -429,7 +437,6 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 
 def load_dataset(name: str, data_dir: str, manual_dir: str | None = None):
   """``(source, output name)`` for a dataset name of the ``--datasets`` flag."""
-  from kdjax.data import sources  # pylint: disable=g-import-not-at-top
   if name.endswith(".jsonl"):
     path = os.path.expanduser(name)
     return (sources.load_source("instruct_jsonl", "test", data_dir, path=path),
@@ -474,10 +481,6 @@ def run(config, checkpoint: str, *, datasets: str | None = None,
         progress: bool = True) -> dict[str, dict[str, Any]]:
   """What ``python -m kdjax.evaluate`` does; returns ``{dataset: metrics}``
   and prints the markdown table."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from kdjax import models  # pylint: disable=g-import-not-at-top
-  from kdjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-
   hf_dir, default_outdir = resolve_checkpoint(checkpoint)
   outdir = os.path.expanduser(outdir or default_outdir)
   protocol = protocol_from_config(config)
@@ -509,8 +512,8 @@ def run(config, checkpoint: str, *, datasets: str | None = None,
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  """Defined only when run as a script: the trainer imports this module and
+  defines its own ``--config``."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                   lock_config=True)
   flags.DEFINE_string("checkpoint", None, "HF model dir or training workdir.",
@@ -527,7 +530,6 @@ def _define_flags():
 
 def main(argv) -> int:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if f.config is None:
     print("error: --config is required, e.g. --config=configs/akl_gpt2.py.",
@@ -543,6 +545,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)
