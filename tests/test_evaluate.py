@@ -117,6 +117,25 @@ def test_aggregate_means_and_std_over_seeds():
   assert table.rstrip().endswith("| – |")
 
 
+def test_write_merges_summaries_and_writes_one_line_per_example(tmp_path):
+  def result(value):
+    rows = [{"prompt": "p", "references": ["r"], "task": "",
+             "responses": {"1": "r"}, "scores": {"1": {"rougeL": value,
+                                                       "exact_match": 0.0}}}]
+    return evaluate.Result(evaluate.aggregate(rows, [1]), rows)
+
+  evaluate.write(result(0.25), str(tmp_path), "a")
+  path = evaluate.write(result(0.5), str(tmp_path), "b")
+  evaluate.write(result(0.75), str(tmp_path), "a")  # replaces a, keeps b
+  with open(tmp_path / "summary.json") as f:
+    summary = json.load(f)
+  assert {k: v["rougeL"] for k, v in summary.items()} == {"a": 75.0, "b": 50.0}
+  with open(path) as f:
+    assert [json.loads(line)["scores"] for line in f] == [
+        {"1": {"rougeL": 0.5, "exact_match": 0.0}}]
+  assert evaluate.markdown_table(summary).count("\n") == 3
+
+
 # ----------------------------------------------------------------------------
 # Generation.
 
@@ -237,8 +256,13 @@ def test_dropout_is_off_and_callers_model_is_untouched(model, tok, examples):
 def test_generation_compiles_once_across_calls(model, tok, examples):
   kw = dict(protocol=SMALL, seeds=(10, 20), batch_size=8, progress=False)
   before = sampling._generate._cache_size()
-  evaluate.evaluate(model, tok[0], tok[1], examples, **kw)
+  result = evaluate.evaluate(model, tok[0], tok[1], examples, **kw)
   first = sampling._generate._cache_size()
+  # synthetic_instruct examples carry valid_answers: validity is reported.
+  assert [r["valid_answers"] for r in result.rows] == \
+      [e["valid_answers"] for e in examples]
+  assert set(result.metrics["per_seed"]["20"]) == {"rougeL", "exact_match",
+                                                   "validity"}
   assert first <= before + 1
   evaluate.evaluate(model, tok[0], tok[1], examples[:7], **kw)
   evaluate.evaluate(model, tok[0], tok[1], examples, **kw)
