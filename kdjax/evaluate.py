@@ -147,6 +147,7 @@ class Protocol(NamedTuple):
   max_prompt_length: int = 256
   greedy: bool = False
   seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
+  template: str = "minillm"  # prompt template (kdjax.data.template.STYLES)
 
   def sampling_settings(self, eos_id: int) -> dict[str, Any]:
     """Keyword arguments of :func:`kdjax.sampling.generate`."""
@@ -204,7 +205,7 @@ def _prompts(examples, tokenizer, eos_id: int, protocol: Protocol,
   return pipeline.eval_prompts(
       examples, tokenizer, eos_id=eos_id, batch_size=batch_size,
       max_prompt_length=protocol.max_prompt_length, process_index=0,
-      process_count=1)
+      process_count=1, template_style=protocol.template)
 
 
 def _check_mesh_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
@@ -468,6 +469,8 @@ def protocol_from_config(config) -> Protocol:
   fields = dict(max_new_tokens=config.eval.max_new_tokens,
                 max_prompt_length=config.data.max_prompt_length,
                 seeds=_ints(config.eval.seeds, "eval.seeds"))
+  if "template" in config.data:
+    fields["template"] = config.data.template
   for key in ("greedy", "temperature", "top_k", "top_p",
               "no_repeat_ngram_size"):
     if key in config.eval:

@@ -109,7 +109,13 @@ def _psum(local: Callable, n_batch_args: int, n_replicated: int = 0):
   batch = P(axes)
 
   def body(*args):
-    return jax.tree.map(lambda x: jax.lax.psum(x, axes), local(*args))
+    # Replicated inputs (LM heads) become device-varying, so a custom VJP
+    # may return per-device partial gradients for them; the transpose of
+    # this cast is the psum that adds those partials up.
+    rep = jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"),
+                       args[:n_replicated])
+    out = local(*rep, *args[n_replicated:])
+    return jax.tree.map(lambda x: jax.lax.psum(x, axes), out)
 
   specs = (P(),) * n_replicated + (batch,) * n_batch_args
   return jax.shard_map(body, in_specs=specs, out_specs=P())

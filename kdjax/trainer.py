@@ -369,9 +369,8 @@ def _seqkd_source(config, workdir, tok, eos_id):
                        config.data.train_limit)
     teacher = models.load(os.path.expanduser(config.data.seqkd_teacher),
                           dtype=_dtype(config.teacher.dtype))
-    protocol = evaluate.Protocol(
-        max_new_tokens=config.data.max_length - config.data.max_prompt_length,
-        max_prompt_length=config.data.max_prompt_length)
+    protocol = evaluate.protocol_from_config(config)._replace(
+        max_new_tokens=config.data.max_length - config.data.max_prompt_length)
     rows = evaluate.generate_responses(
         teacher, tok, eos_id, src, protocol=protocol, seed=config.seed,
         batch_size=config.eval.batch_size)
@@ -442,9 +441,7 @@ def _sampled_scores(run: Run, state: TrainState) -> dict:
   from kdjax import evaluate  # pylint: disable=g-import-not-at-top
   c = run.config
   student = nnx.merge(run.step.graphdef, state.params, state.rest)
-  protocol = evaluate.Protocol(max_new_tokens=c.eval.max_new_tokens,
-                               max_prompt_length=c.data.max_prompt_length,
-                               greedy=c.eval.greedy)
+  protocol = evaluate.protocol_from_config(c)
   result = evaluate.evaluate(student, run.tokenizer, run.eos_id, run.val_source,
                              protocol=protocol, seeds=(c.seed,),
                              limit=c.eval.num_examples,

@@ -133,7 +133,10 @@ def _fused_forward(value_and_grad, size, x_s, w_s, x_t, w_t, mask):
     grad_w_VxH = grad_w_VxH + matmul_f32(grad_z_CxV.T.astype(x_s.dtype), x_CxH)
     return (total, grad_w_VxH), grad_x_CxH.astype(x_s.dtype)
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros(w_s.shape, jnp.float32))
+  # A zero that varies like x_s: under shard_map the carry must have the same
+  # device-variance as what the body adds to it.
+  zero = jnp.sum(x_s[:0]).astype(jnp.float32)
+  init = (zero, jnp.zeros(w_s.shape, jnp.float32) + zero)
   (total, grad_w), grad_x = jax.lax.scan(body, init, jnp.arange(n_chunks))
   grad_x = grad_x.reshape(padded, -1)[:n_tokens]
   return total, (grad_x, grad_w.astype(w_s.dtype))
