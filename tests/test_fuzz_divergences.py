@@ -421,3 +421,185 @@ def _assert_between(values, out, low_name, high_name, atol, rows, msg):
   assert np.all(values <= np.maximum(a, b) + atol), msg
 
 
+# ----------------------------------------------------------------------------
+# ULD (autodiff only): teacher and student vocabularies may differ.
+
+
+ULD_BUCKETS = (0, 2, 3)
+ULD_VOCAB_DELTAS = (-1, 0, 7)  # teacher vocabulary minus the student's
+
+
+@functools.partial(_jit, static_argnames="temperature")
+def _uld_run(s, t, mask, *, temperature: float):
+  return _value_grad_mean(functools.partial(kd.uld, temperature=temperature),
+                          s, t, mask)
+
+
+@fuzz(max_examples=100)
+@hypothesis.given(data=st.data())
+def test_uld(data):
+  """Finite, >= 0, <= 2, equal to the float64 reference, for any -inf slots
+  (ULD sorts each distribution on its own, so one-sided -inf is well defined);
+  no gradient into student -inf slots or masked rows."""
+  bucket = data.draw(st.sampled_from(ULD_BUCKETS))
+  b = BUCKETS[bucket]
+  delta = data.draw(st.sampled_from(ULD_VOCAB_DELTAS))
+  modes = INF_SHARED + INF_ONE_SIDED
+  case = data.draw(cases(b.lead, b.vocab, b.dtype, modes))
+  teacher = data.draw(cases(b.lead, max(b.vocab + delta, 2), b.dtype, modes))
+  _EXAMPLES["uld"] += 1
+  per_token, mean, grad = jax.device_get(_uld_run(
+      case.s, teacher.t, jnp.asarray(case.mask), temperature=b.temperature))
+  mag = max(_magnitude(case, b.temperature), _magnitude(teacher, b.temperature))
+  value_atol = _value_atol(mag)
+  case = case._replace(inf_t=case.inf_s)  # the zero-gradient slots: student's
+  values, _ = _check_contract(f"uld bucket {bucket}", case, per_token, mean,
+                              grad, value_atol)
+  assert np.all(values >= -value_atol) and np.all(values <= 2 + value_atol)
+  want = ref.uld(_f64(case.s), _f64(teacher.t), temperature=b.temperature)
+  np.testing.assert_allclose(values, want, rtol=1e-4, atol=value_atol)
+
+
+# ----------------------------------------------------------------------------
+# fused_linear: hidden states and LM heads in, masked-mean loss out.
+
+_FUSED = dict(n=7, h=8, k=6, vocab=33, chunk=3)  # 7 = 2·3 + 1: a padded chunk
+_FUSED_BUCKET = 1  # hyper-parameters of BUCKETS[1]
+_FUSED_SETTINGS = {jnp.float32: 1.5, jnp.bfloat16: 0.5}  # dtype -> temperature
+
+
+@functools.partial(_jit, static_argnames="temperature")
+def _fused_run(x_s, w_s, x_t, w_t, mask, *, temperature: float):
+  """Per divergence: (fused loss, its grads) and (autodiff loss, its grads)."""
+  matmul = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+  out = {}
+  for name in NAMES:
+    hp = _hp_of(_FUSED_BUCKET, name)
+
+    def fused_loss(x, w, name=name, hp=hp):
+      return fused.fused_linear(name, x, w, x_t, w_t, mask,
+                                chunk_size=_FUSED["chunk"],
+                                temperature=temperature, **hp)
+
+    def reference_loss(x, w, name=name, hp=hp):
+      per_token = kd.get(name)(matmul(x, w.T), matmul(x_t, w_t.T),
+                               temperature=temperature, **hp)
+      return kd.masked_mean(per_token, mask)
+
+    out[name] = tuple(jax.value_and_grad(loss, (0, 1))(x_s, w_s)
+                      for loss in (fused_loss, reference_loss))
+  return out
+
+
+@fuzz(max_examples=60)
+@hypothesis.given(dtype=st.sampled_from(tuple(_FUSED_SETTINGS)),
+                  seed=st.integers(0, 2**32 - 1),
+                  scale=st.sampled_from([0.1, 1.0, 3.0, 30.0]),
+                  mask_kind=st.sampled_from(["ones", "random", "zeros"]))
+def test_fused_linear_equals_autodiff(dtype, seed, scale, mask_kind):
+  _EXAMPLES["fused_linear"] += 1
+  rng = np.random.default_rng(seed)
+  n, h, k, vocab = (_FUSED[key] for key in ("n", "h", "k", "vocab"))
+  x_s, x_t = rng.standard_normal((n, h)), rng.standard_normal((n, k))
+  w_s, w_t = (scale * rng.standard_normal((vocab, d)) for d in (h, k))
+  mask = {"ones": np.ones(n), "zeros": np.zeros(n),
+          "random": rng.random(n) < 0.5}[mask_kind].astype(np.float32)
+  temperature = _FUSED_SETTINGS[dtype]
+  args = [jnp.asarray(a, dtype) for a in (x_s, w_s, x_t, w_t)]
+  out = jax.device_get(_fused_run(*args, jnp.asarray(mask),
+                                  temperature=temperature))
+  # Logit magnitude, for the float32 error bound of the log-ratios.
+  mag = max(1.0, np.abs(_f64(args[0]) @ _f64(args[1]).T).max() / temperature,
+            np.abs(_f64(args[2]) @ _f64(args[3]).T).max() / temperature)
+  # Logit-gradient error bound, as in _assert_grad_close, then contracted
+  # over V (d/dhidden, with head rows) or over N (d/dhead, with hidden rows).
+  logit_atol = 64 * _EPS32 * mag / max(mask.sum(), 1.0) / temperature
+  contract = {"hidden": vocab * np.abs(_f64(args[1])).max(),
+              "head": n * np.abs(_f64(args[0])).max()}
+  for name, ((value, grads), (want_value, want_grads)) in out.items():
+    msg = f"fused_linear {name} {jnp.dtype(dtype).name} scale {scale}"
+    assert np.isfinite(value), msg
+    np.testing.assert_allclose(value, want_value, rtol=1e-5,
+                               atol=_value_atol(mag), err_msg=msg)
+    if not mask.any():
+      assert float(value) == 0.0, msg
+    for got, want, what in zip(grads, want_grads, ("hidden", "head")):
+      got, want = _f64(got), _f64(want)
+      assert got.dtype == np.float64 and np.all(np.isfinite(got)), msg
+      # bf16: both round the logit gradient or its contraction to bf16.
+      atol = (logit_atol * contract[what]
+              + 4 * _EPS[dtype] * np.max(np.abs(want)))
+      np.testing.assert_allclose(got, want, rtol=0, atol=atol,
+                                 err_msg=f"{msg} d/d{what}")
+    assert np.all(_f64(grads[0])[mask == 0] == 0.0), msg  # masked tokens
+
+
+# ----------------------------------------------------------------------------
+# Sinkhorn (SinKD): groups of 3 rows, fixed iteration counts.
+
+_SINKHORN_LEAD, _SINKHORN_VOCAB = (2, 3), 16
+_SINKHORN_SOLVERS = {"ott": dict(num_iters=10), "debiased": dict(num_iters=10),
+                     "sinkd": {}}  # sinkd: SinKD's 20 iterations
+
+
+@_jit
+def _sinkhorn_run(s, t, mask):
+  return {solver: _value_grad_mean(
+      lambda x, y, solver=solver, kw=kw: kd.sinkhorn(x, y, mask, solver=solver,
+                                                     **kw), s, t, mask)
+          for solver, kw in _SINKHORN_SOLVERS.items()}
+
+
+@fuzz(max_examples=60)
+@hypothesis.given(case=cases(_SINKHORN_LEAD, _SINKHORN_VOCAB, jnp.float32))
+def test_sinkhorn(case):
+  """Finite values and gradients; masked rows get value 0 and no gradient;
+  ott and sinkd rows are >= 0 (Π >= 0, C >= 0); debiased is 0 for equal
+  inputs; sinkd equals SinKD's loop on the unmasked rows of each group."""
+  _EXAMPLES["sinkhorn"] += 1
+  out = jax.device_get(_sinkhorn_run(case.s, case.t, jnp.asarray(case.mask)))
+  valid = case.mask > 0
+  s64, t64 = _f64(case.s), _f64(case.t)
+  for solver, (per_row, mean, grad) in out.items():
+    msg = f"sinkhorn {solver}"
+    per_row, grad = _check_contract(msg, case, per_row, mean, grad, 1e-5)
+    assert np.all(per_row[~valid] == 0.0), msg
+    if solver != "debiased":
+      assert np.all(per_row >= -1e-6), msg
+    elif np.array_equal(s64, t64):
+      np.testing.assert_allclose(per_row, 0.0, atol=1e-4, err_msg=msg)
+  for g in range(_SINKHORN_LEAD[0]):  # one OT problem per sequence
+    rows = valid[g]
+    if rows.any():
+      want = ref.sinkd_rows(s64[g][rows], t64[g][rows])
+      np.testing.assert_allclose(_f64(out["sinkd"][0])[g][rows], want,
+                                 rtol=1e-4, atol=1e-6, err_msg="sinkd loop")
+
+
+# ----------------------------------------------------------------------------
+# Regression tests for what the fuzz found (deterministic, cheap).
+
+
+def test_fast_log_partition_keeps_precision_at_large_logits():
+  """A single float32 logsumexp at |logits / T| = 2e4 rounds to 2e-3 and used
+  to scale every teacher probability, making fast FKL wrong by ~10 at 2e4."""
+  s = np.full((1, 8), 0.01, np.float32)
+  t = np.zeros((1, 8), np.float32)
+  t[0, 3:7] = 9984.0  # four tied teacher tokens: lse = 19968 + log 4
+  s[0, 0] = 9984.0
+  want = ref.fkl(s, t, temperature=0.5)
+  for impl in IMPLS:
+    got = kd.get("fkl", impl=impl)(s, t, temperature=0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=impl)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_accepts_numpy_logits(name):
+  """fast.akl raised TracerArrayConversionError on NumPy logits outside jit
+  (its fallback indexes the teacher with a traced index)."""
+  rng = np.random.default_rng(0)
+  s, t = (rng.standard_normal((3, 70)).astype(np.float32) for _ in range(2))
+  want = kd.get(name)(s, t)
+  np.testing.assert_allclose(kd.get(name, impl="fast")(s, t), want, rtol=1e-5)
+  np.testing.assert_allclose(fused.chunked(name, s, t, chunk_size=2), want,
+                             rtol=1e-5)
