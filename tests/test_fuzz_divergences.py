@@ -313,7 +313,7 @@ def _check_contract(msg, case, values, mean, grad, value_atol):
   return values, grad
 
 
-@fuzz(max_examples=700)
+@fuzz(max_examples=600)
 @hypothesis.given(example=bucket_cases(inf_modes=INF_SHARED + INF_ONE_SIDED))
 def test_token_divergences(example):
   """autodiff, fast and chunked: contract, equality, float64 reference, bounds.
@@ -435,7 +435,7 @@ def _uld_run(s, t, mask, *, temperature: float):
                           s, t, mask)
 
 
-@fuzz(max_examples=100)
+@fuzz(max_examples=250)
 @hypothesis.given(data=st.data())
 def test_uld(data):
   """Finite, >= 0, <= 2, equal to the float64 reference, for any -inf slots
@@ -550,7 +550,7 @@ def _sinkhorn_run(s, t, mask):
           for solver, kw in _SINKHORN_SOLVERS.items()}
 
 
-@fuzz(max_examples=60)
+@fuzz(max_examples=90)
 @hypothesis.given(case=cases(_SINKHORN_LEAD, _SINKHORN_VOCAB, jnp.float32))
 def test_sinkhorn(case):
   """Finite values and gradients; masked rows get value 0 and no gradient;
@@ -593,13 +593,9 @@ def test_fast_log_partition_keeps_precision_at_large_logits():
     np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=impl)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_fast_accepts_numpy_logits(name):
+def test_fast_akl_accepts_numpy_logits():
   """fast.akl raised TracerArrayConversionError on NumPy logits outside jit
-  (its fallback indexes the teacher with a traced index)."""
+  (its top-k fallback indexes the teacher rows with a traced index)."""
   rng = np.random.default_rng(0)
   s, t = (rng.standard_normal((3, 70)).astype(np.float32) for _ in range(2))
-  want = kd.get(name)(s, t)
-  np.testing.assert_allclose(kd.get(name, impl="fast")(s, t), want, rtol=1e-5)
-  np.testing.assert_allclose(fused.chunked(name, s, t, chunk_size=2), want,
-                             rtol=1e-5)
+  np.testing.assert_allclose(fast.akl(s, t), core.akl(s, t), rtol=1e-5)
