@@ -35,12 +35,29 @@ Array = jax.Array
 _F32 = jnp.float32
 
 
+class _Lse(NamedTuple):
+  """``logsumexp(x / T)`` per row, kept as ``max + log Σ exp(x / T − max)``.
+
+  Log-probabilities are ``(x / T − max) − log_sum``, the order of
+  ``jax.nn.log_softmax``: ``x / T − max`` is exact for the largest logits. A
+  single float32 partition rounds to ``eps·|max|`` (2e-3 at ``|x / T| = 2e4``),
+  which scaled every probability by up to ``exp(±4e-3)`` and made FKL values
+  of 2e4 wrong by about 10.
+  """
+  max: Array      # [...]
+  log_sum: Array  # [...]
+
+  def log_prob(self, x: Array, temperature: float) -> Array:
+    return ((x.astype(_F32) / temperature - self.max[..., None])
+            - self.log_sum[..., None])
+
+
 class _Ctx(NamedTuple):
   """Everything a divergence formula may use, all elementwise or per row."""
   s: Array          # student logits, input dtype
   t: Array          # teacher logits, input dtype
-  lse_s: Array      # [...] log-partition of s / T
-  lse_t: Array      # [...] log-partition of t / T
+  lse_s: _Lse      # log-partition of s / T, per row
+  lse_t: _Lse      # log-partition of t / T, per row
   temperature: float
   log_q: Array      # finite student log-probs (0 in -inf slots)
   log_p: Array      # finite teacher log-probs (0 in -inf slots)
@@ -48,16 +65,19 @@ class _Ctx(NamedTuple):
   p: Array          # teacher probabilities
 
 
-def _context(s: Array, t: Array, lse_s: Array, lse_t: Array,
+def _context(s: Array, t: Array, lse_s: _Lse, lse_t: _Lse,
              temperature: float) -> _Ctx:
-  ls = s.astype(_F32) / temperature - lse_s[..., None]
-  lt = t.astype(_F32) / temperature - lse_t[..., None]
+  # NumPy logits must become jax arrays: AKL's fallback indexes them by tracers.
+  s, t = jnp.asarray(s), jnp.asarray(t)
+  ls, lt = lse_s.log_prob(s, temperature), lse_t.log_prob(t, temperature)
   return _Ctx(s, t, lse_s, lse_t, temperature, core._finite(ls),
               core._finite(lt), jnp.exp(ls), jnp.exp(lt))
 
 
-def _lse(x: Array, temperature: float) -> Array:
-  return jax.nn.logsumexp(x.astype(_F32) / temperature, axis=-1)
+def _lse(x: Array, temperature: float) -> _Lse:
+  x = x.astype(_F32) / temperature
+  row_max = jnp.max(x, axis=-1)
+  return _Lse(row_max, jnp.log(_sum(jnp.exp(x - row_max[..., None]))))
 
 
 def _sum(x: Array) -> Array:
@@ -123,7 +143,7 @@ def _centered(g_fn: Callable[[_Ctx], Array]):
 
 def _zero():
   """``α = 1`` skew divergences: the mixture is the first argument, D ≡ 0."""
-  return (lambda c: (jnp.zeros(c.lse_s.shape, _F32), ())), (
+  return (lambda c: (jnp.zeros(c.lse_s.max.shape, _F32), ())), (
       lambda c, _: jnp.zeros_like(c.q))
 
 
@@ -196,8 +216,7 @@ def akl_head_weight(c: _Ctx, mu: float, rule: str) -> tuple[Array, Array]:
   """
   k = min(core.AKL_TOP_K, c.t.shape[-1])
   top_t, idx = jax.lax.top_k(c.t, k)
-  to_prob = lambda x, lse: jnp.exp(x.astype(_F32) / c.temperature
-                                   - lse[..., None])
+  to_prob = lambda x, lse: jnp.exp(lse.log_prob(x, c.temperature))
   top_p = to_prob(top_t, c.lse_t)
   top_q = to_prob(jnp.take_along_axis(c.s, idx, axis=-1), c.lse_s)
   err_total = _sum(core._abs(c.p - c.q))
@@ -206,8 +225,9 @@ def akl_head_weight(c: _Ctx, mu: float, rule: str) -> tuple[Array, Array]:
   lead, vocab = c.t.shape[:-1], c.t.shape[-1]
 
   def rows(i):
-    return (to_prob(c.t.reshape(-1, vocab)[i], c.lse_t.reshape(-1)[i]),
-            to_prob(c.s.reshape(-1, vocab)[i], c.lse_s.reshape(-1)[i]))
+    row = lambda lse: _Lse(*(x.reshape(-1)[i] for x in lse))
+    return (to_prob(c.t.reshape(-1, vocab)[i], row(c.lse_t)),
+            to_prob(c.s.reshape(-1, vocab)[i], row(c.lse_s)))
 
   w_head = core._akl_fallback(w_head.reshape(-1), resolved.reshape(-1), rows,
                               mu, rule)
@@ -349,6 +369,6 @@ def akl_unresolved_fraction(teacher_logits: Array, *, mu: float = 0.5,
   lse_t = _lse(teacher_logits, temperature)
   top_t, _ = jax.lax.top_k(teacher_logits,
                            min(core.AKL_TOP_K, teacher_logits.shape[-1]))
-  mass = _sum(jnp.exp(top_t.astype(_F32) / temperature - lse_t[..., None]))
+  mass = _sum(jnp.exp(lse_t.log_prob(top_t, temperature)))
   resolved = (mass > mu) if rule == "akl" else (mass >= mu)
   return jnp.mean(1.0 - resolved.astype(_F32))
