@@ -51,8 +51,8 @@ IMPLS = ("autodiff", "fast")
 def get(name: str, impl: str = "autodiff") -> Callable:
   """The divergence called ``name`` (see :func:`names`).
 
-  ``impl="fast"`` gives the analytic-VJP version; sinkhorn and uld have none
-  and stay autodiff.
+  ``impl="fast"`` gives the analytic-VJP version; sinkhorn and uld have none,
+  so asking for it raises.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not an implementation; use one of "
