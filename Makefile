@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n auto
 
-.PHONY: demo test install clean
+.PHONY: demo showcase test install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The embedded distillation demo: tiny teacher SFT, four students, one table.
 demo: $(VENV)/.installed
+	$(BIN)/python -m experiments.demo
+
+# Every divergence on one teacher/student pair (seconds).
+showcase: $(VENV)/.installed
 	$(BIN)/python experiments/divergence_showcase.py
 
 test: $(VENV)/.installed-test

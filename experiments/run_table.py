@@ -100,33 +100,37 @@ def table(results: dict[str, list[dict]], datasets: Sequence[str], *,
   return "\n".join(lines)
 
 
-_METHODS = flags.DEFINE_string(
-    "methods", "sft,seqkd,fkl,rkl,skl,srkl,fkl_rkl,akl,jsd,tvd,sinkhorn",
-    "Comma-separated methods (keys of METHODS).")
-_SCALE = flags.DEFINE_enum("scale", "tiny", ["tiny", "paper"], "Config arg.")
-_SEEDS = flags.DEFINE_string("seeds", "10", "Training seeds.")
-_ROOT = flags.DEFINE_string("root", "workdirs/tiny/table", "Run directories.")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate on the first N examples "
-                              "of each dataset (0: all).")
-_OVERRIDES = flags.DEFINE_multi_string("override", [], "key=value config "
-                                       "overrides applied to every run.")
+def _define_flags():
+  """Flags exist only when this file is the program (demo.py imports it)."""
+  flags.DEFINE_string(
+      "methods", "sft,seqkd,fkl,rkl,skl,srkl,fkl_rkl,akl,jsd,tvd,sinkhorn",
+      "Comma-separated methods (keys of METHODS).")
+  flags.DEFINE_enum("scale", "tiny", ["tiny", "paper"], "Config arg.")
+  flags.DEFINE_string("seeds", "10", "Training seeds.")
+  flags.DEFINE_string("root", "workdirs/tiny/table", "Run directories.")
+  flags.DEFINE_integer("limit", 0, "Evaluate on the first N examples of each "
+                       "dataset (0: all).")
+  flags.DEFINE_multi_string("override", [], "key=value config overrides "
+                            "applied to every run.")
 
 
 def main(argv):
   del argv
-  methods = _METHODS.value.split(",")
-  seeds = [int(s) for s in _SEEDS.value.split(",")]
+  f = flags.FLAGS
+  methods = f.methods.split(",")
+  seeds = [int(s) for s in f.seeds.split(",")]
   results: dict[str, list[dict]] = {}
   datasets: list[str] = []
   for method in methods:
     for seed in seeds:
-      c = config_for(method, _SCALE.value, seed, _OVERRIDES.value)
-      workdir = train(c, os.path.join(_ROOT.value, f"{method}_s{seed}"))
+      c = config_for(method, f.scale, seed, f.override)
+      workdir = train(c, os.path.join(f.root, f"{method}_s{seed}"))
       results.setdefault(method, []).append(
-          score(c, workdir, limit=_LIMIT.value or None))
+          score(c, workdir, limit=f.limit or None))
       datasets = c.eval.datasets.split(",")
-  print(table(results, datasets, paper=_SCALE.value == "paper"))
+  print(table(results, datasets, paper=f.scale == "paper"))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
