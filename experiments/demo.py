@@ -49,8 +49,8 @@ def student_stage(root: str) -> dict:
   for method in STUDENTS:
     print(f"stage 2: student with {method.upper()}")
     config = run_table.config_for(method, "tiny", seed=10)
-    runs[method] = (config, run_table.train(config,
-                                            os.path.join(root, method)))
+    runs[method] = (config, run_table.train(
+        config, os.path.join(root, run_table.run_name(method, 10))))
   return runs
 
 

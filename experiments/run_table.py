@@ -6,7 +6,7 @@ r"""The method table: train each method × seed, evaluate, aggregate (issue 6).
         --override=teacher.path=workdirs/gpt2_xl_sft/hf
 
 Each (method, seed) trains with ``configs/<method>_gpt2.py`` in
-``<root>/<method>_s<seed>`` (finished runs are skipped: the trainer resumes
+``<root>/<method>_s<seed>`` (finished runs, e.g. ``make demo``'s, are reused: the trainer resumes
 at their last step) and is scored with :func:`kdjax.evaluate.run`. The table has
 one row per method, one column per dataset, mean ± std over training seeds; at
 the paper scale the AKL paper's published GPT-2 row (kd_losses.md 6) is printed
@@ -60,6 +60,10 @@ def config_for(method: str, scale: str, seed: int, overrides: Sequence[str] = ()
   return c
 
 
+def run_name(method: str, seed: int) -> str:
+  return f"{method}_s{seed}"
+
+
 def train(config, workdir: str) -> str:
   """Trains (or finishes) the run; returns its workdir."""
   trainer.train_and_evaluate(config, workdir)
@@ -107,7 +111,8 @@ def _define_flags():
       "Comma-separated methods (keys of METHODS).")
   flags.DEFINE_enum("scale", "tiny", ["tiny", "paper"], "Config arg.")
   flags.DEFINE_string("seeds", "10", "Training seeds.")
-  flags.DEFINE_string("root", "workdirs/tiny/table", "Run directories.")
+  flags.DEFINE_string("root", "workdirs/tiny", "Run directories (the tiny "
+                      "default shares make demo's runs).")
   flags.DEFINE_integer("limit", 0, "Evaluate on the first N examples of each "
                        "dataset (0: all).")
   flags.DEFINE_multi_string("override", [], "key=value config overrides "
@@ -124,7 +129,7 @@ def main(argv):
   for method in methods:
     for seed in seeds:
       c = config_for(method, f.scale, seed, f.override)
-      workdir = train(c, os.path.join(f.root, f"{method}_s{seed}"))
+      workdir = train(c, os.path.join(f.root, run_name(method, seed)))
       results.setdefault(method, []).append(
           score(c, workdir, limit=f.limit or None))
       datasets = c.eval.datasets.split(",")

@@ -510,6 +510,8 @@ def _loop(run: Run, stop_at: int | None = None) -> dict[str, float]:
   bar = tqdm.tqdm(total=run.num_steps, initial=start, desc="train",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   t0, since = time.perf_counter(), start
+  every_eval = (run.train_data.steps_per_epoch if c.eval.every_steps < 0
+                else c.eval.every_steps)
   try:
     end = run.num_steps if stop_at is None else min(stop_at, run.num_steps)
     for step in range(start, end):
@@ -519,7 +521,7 @@ def _loop(run: Run, stop_at: int | None = None) -> dict[str, float]:
       bar.update(1)
       boundary = (done % c.log_every == 0 or done == end
                   or (c.ckpt.every_steps and done % c.ckpt.every_steps == 0)
-                  or (c.eval.every_steps and done % c.eval.every_steps == 0))
+                  or (every_eval and done % every_eval == 0))
       if not boundary:
         continue
       _check_finite(int(first_bad), run.workdir, ckpts)
@@ -528,8 +530,7 @@ def _loop(run: Run, stop_at: int | None = None) -> dict[str, float]:
       last.update(lr=float(schedule(done - 1)), step_time=dt / max(done - since, 1),
                   tokens_per_s=tokens_per_step * (done - since) / max(dt, 1e-9))
       t0, since = time.perf_counter(), done
-      if c.eval.every_steps and (done % c.eval.every_steps == 0
-                                 or done == run.num_steps):
+      if every_eval and (done % every_eval == 0 or done == run.num_steps):
         val = _validate(run, state, teacher_state, eval_fn)
         last.update(val)
         score = val.get("val_rougeL", -val["val_loss"])
