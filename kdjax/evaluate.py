@@ -427,13 +427,15 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist; pass a HF "
                             "model directory or a training workdir.")
-  for hf_dir in (path, os.path.join(path, "best_hf"),
-                 os.path.join(path, "hf")):
-    if os.path.exists(os.path.join(hf_dir, "config.json")):
+  # A workdir also holds a config.json (the trainer's), so its exports win.
+  for hf_dir in (os.path.join(path, "best_hf"), os.path.join(path, "hf"),
+                 path):
+    if os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json")) or (
+        os.path.exists(os.path.join(hf_dir, "model.safetensors"))):
       return hf_dir, os.path.join(path, "eval")
   raise FileNotFoundError(
-      f"checkpoint {path} has no config.json, best_hf/ or hf/; pass a HF model "
-      "directory or a workdir the trainer exported to.")
+      f"checkpoint {path} has no safetensors model, best_hf/ or hf/; pass a HF "
+      "model directory or a workdir the trainer exported to.")
 
 
 def load_dataset(name: str, data_dir: str, manual_dir: str | None = None):

@@ -384,3 +384,16 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert errors == [f"error: checkpoint {tmp_path / 'missing'} does not "
                     "exist; pass a HF model directory or a training workdir."]
+
+
+def test_resolve_checkpoint_prefers_a_workdirs_exports(tmp_path):
+  """A training workdir has the trainer's config.json at its top: not a model."""
+  (tmp_path / "config.json").write_text('{"seed": 10}')
+  for sub in ("hf", "best_hf"):
+    (tmp_path / sub).mkdir()
+    (tmp_path / sub / "config.json").write_text("{}")
+    (tmp_path / sub / "model.safetensors").write_bytes(b"")
+  assert evaluate.resolve_checkpoint(str(tmp_path)) == (
+      str(tmp_path / "best_hf"), str(tmp_path / "eval"))
+  (tmp_path / "best_hf" / "model.safetensors").unlink()
+  assert evaluate.resolve_checkpoint(str(tmp_path))[0] == str(tmp_path / "hf")
