@@ -110,7 +110,7 @@ def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
   c.num_steps = steps
   c.log_every = 10
   c.ckpt.update(every_steps=100, max_to_keep=2)
-  c.eval.update(every_steps=steps, val_batches=4, num_examples=64,
+  c.eval.update(every_steps=max(steps // 6, 1), val_batches=8, num_examples=64,
                 batch_size=64, max_new_tokens=32, greedy=True,
                 datasets="synthetic_instruct", seeds="10")
 
