@@ -343,10 +343,10 @@ def _source(config, split: str):
   return sources.load_source(name, split, data_dir, manual_dir=manual)
 
 
-def _data(config, workdir):
+def _data(config, workdir, mesh):
   tok, eos_id = tokenizer_lib.load(config.data.tokenizer)
   if config.data.seqkd_teacher:
-    train_src = _seqkd_source(config, workdir, tok, eos_id)
+    train_src = _seqkd_source(config, workdir, tok, eos_id, mesh)
   else:
     train_src = sources.head(_source(config, config.data.train_split),
                              config.data.train_limit)
@@ -360,7 +360,7 @@ def _data(config, workdir):
   return tok, eos_id, train, _source(config, config.data.val_split)
 
 
-def _seqkd_source(config, workdir, tok, eos_id):
+def _seqkd_source(config, workdir, tok, eos_id, mesh):
   """SeqKD: the training prompts with the teacher's responses (cached)."""
   from kdjax import evaluate  # pylint: disable=g-import-not-at-top
   out = os.path.join(workdir, "seqkd", "train.jsonl")
@@ -368,12 +368,12 @@ def _seqkd_source(config, workdir, tok, eos_id):
     src = sources.head(_source(config, config.data.train_split),
                        config.data.train_limit)
     teacher = models.load(os.path.expanduser(config.data.seqkd_teacher),
-                          dtype=_dtype(config.teacher.dtype))
+                          dtype=_dtype(config.teacher.dtype), mesh=mesh)
     protocol = evaluate.protocol_from_config(config)._replace(
         max_new_tokens=config.data.max_length - config.data.max_prompt_length)
     rows = evaluate.generate_responses(
         teacher, tok, eos_id, src, protocol=protocol, seed=config.seed,
-        batch_size=config.eval.batch_size)
+        batch_size=config.eval.batch_size, mesh=mesh)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as f:
       for r in rows:
@@ -395,7 +395,7 @@ def build(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(
         f"batch_size {config.batch_size} must be a multiple of grad_accum "
         f"({config.grad_accum}) x the {n_batch} data-parallel devices.")
-  tok, eos_id, train, val_src = _data(config, workdir)
+  tok, eos_id, train, val_src = _data(config, workdir, mesh)
   num_steps = config.num_steps or train.num_steps
   teacher = load_teacher(config, mesh)
   student = make_student(config, mesh)

@@ -325,3 +325,24 @@ def test_vocabulary_mismatch_is_refused(root, tmp_path):
   with pytest.raises(ValueError, match="teacher vocabulary 300 != student "
                      "vocabulary 257"):
     _built(c, root)
+
+
+def test_seqkd_trains_on_the_teachers_responses(root, tmp_path):
+  c = tiny_run.config("seqkd_gpt2", root, steps=2, **{
+      "data.train_limit": 16, "eval.batch_size": 8, "eval.max_new_tokens": 8})
+  assert c.loss.kd_ratio == 0 and c.data.seqkd_teacher
+  trainer.train_and_evaluate(c, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "seqkd" / "train.jsonl")]
+  assert len(rows) == 16
+  # Responses are the teacher's greedy continuations, not the references.
+  from kdjax import evaluate
+  from kdjax.data import sources, tokenizer
+  tok, eos = tokenizer.load("byte")
+  src = sources.head(sources.load_source("synthetic_instruct", "train",
+                                         c.data.data_dir), 16)
+  want = evaluate.generate_responses(
+      models.load(c.data.seqkd_teacher), tok, eos, src,
+      protocol=evaluate.protocol_from_config(c)._replace(max_new_tokens=16),
+      seed=c.seed, batch_size=8, progress=False)
+  assert [r["output"] for r in rows] == [w["response"] for w in want]
+  assert [r["step"] for r in metrics.read(str(tmp_path))] == [1, 2]
