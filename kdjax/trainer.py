@@ -494,10 +494,12 @@ def _loop(run: Run, stop_at: int | None = None) -> dict[str, float]:
   start = ckpts.latest_step()
   if start is not None:
     state, _ = ckpts.restore(start, state, data_iter)
-    writer.truncate(after_step=start)
     if jax.process_index() == 0:
       tqdm.tqdm.write(f"resumed {run.workdir} from step {start}")
   start = start or 0
+  # Rows past the checkpoint (or any row, if none was committed before a kill)
+  # are rewritten by this run.
+  writer.truncate(after_step=start)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   teacher_state = None if run.teacher is None else nnx.state(run.teacher)
   train_fn = jax.jit(run.step.train, donate_argnums=(0, 3),
