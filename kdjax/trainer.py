@@ -452,14 +452,23 @@ def _sampled_scores(run: Run, state: TrainState) -> dict:
 
 
 def _export(run: Run, state: TrainState, ckpts: checkpoint.Checkpoints) -> None:
-  if not run.config.export_hf or jax.process_index() != 0:
+  """Process 0 writes the HF students; every process joins the collectives.
+
+  Params sharded over devices of several processes reach the host only
+  through ``process_allgather``, and orbax restores are collective too.
+  """
+  if not run.config.export_hf:
     return
-  student = nnx.merge(run.step.graphdef, state.params, state.rest)
-  models.save_hf(student, os.path.join(run.workdir, "hf"))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   best = ckpts.restore_best(state.params)
-  if best is not None:
-    student = nnx.merge(run.step.graphdef, best[1], state.rest)
-    models.save_hf(student, os.path.join(run.workdir, "best_hf"))
+  for name, params in (("hf", state.params),
+                       ("best_hf", None if best is None else best[1])):
+    if params is None:
+      continue
+    params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+      student = nnx.merge(run.step.graphdef, params, state.rest)
+      models.save_hf(student, os.path.join(run.workdir, name))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
