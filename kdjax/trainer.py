@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from flax import traverse_util
 import tqdm
 
 from kdjax import checkpoint
@@ -407,7 +408,9 @@ def build(config: ml_collections.ConfigDict, workdir: str,
         "--config.loss.name=uld.")
   tx = make_optimizer(config.optim, num_steps)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
-  opt_state = jax.jit(tx.init)(params)
+  opt_shardings = jax.tree.map(lambda x: x.sharding,
+                               _abstract_opt_state(tx, params, mesh))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
   step = Step(config.loss.to_dict(), graphdef, teacher_graphdef, tx,
@@ -567,3 +570,86 @@ def _check_finite(first_bad: int, workdir: str,
   raise TrainingError(
       f"loss or gradient became non-finite at step {first_bad + 1}; {kept}. "
       "Lower optim.lr, check the data, or use a float32 teacher.")
+
+
+# ----------------------------------------------------------------------------
+# Ahead-of-time: the step on abstract arguments (memory and FLOP estimates).
+
+
+def _abstract_state(model: nnx.Module, mesh, *filters):
+  """``nnx.split(model, *filters)`` with ``ShapeDtypeStruct`` leaves on ``mesh``."""
+  shardings = sharding.state_shardings(model, mesh)
+  graphdef, *states = nnx.split(model, *filters)
+  for state in states:
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({
+        p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p])
+        for p, v in flat.items()}))
+  return graphdef, *states
+
+
+def _abstract_opt_state(tx, params, mesh):
+  """``tx.init(params)`` as ``ShapeDtypeStruct`` leaves with their shardings.
+
+  A per-parameter buffer (Adam's ``mu``, ``nu``) is sharded like its parameter,
+  found by path suffix and shape; the rest (step counts) is replicated. Left
+  to sharding propagation, ``jax.jit(tx.init)`` replicates every buffer (zeros
+  do not depend on the sharded input), so FSDP would not shard the optimizer.
+  """
+  keystr = jax.tree_util.keystr
+  by_path = {keystr(p): x for p, x in
+             jax.tree_util.tree_flatten_with_path(params)[0]}
+  replicated = jax.sharding.NamedSharding(mesh, P())
+
+  def place(path, leaf):
+    for i in range(len(path)):
+      param = by_path.get(keystr(path[i:]))
+      if param is not None and param.shape == leaf.shape:
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                    sharding=param.sharding)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
+  return jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init,
+                                                                params))
+
+
+def abstract_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 *, student_preset: str, teacher_preset: str | None,
+                 teacher_overrides: dict | None = None,
+                 num_steps: int = 1000) -> tuple[Step, tuple]:
+  """``(step, args)`` such that ``jax.jit(step.train).lower(*args)`` is the run's step.
+
+  Nothing is loaded or allocated: the student and teacher are the
+  ``kdjax.models`` presets standing in for ``config``'s checkpoints (built
+  with ``nnx.eval_shape``), ``args = (state, batch, teacher_state, first_bad)``
+  are ``ShapeDtypeStruct`` trees carrying the shardings :func:`build` gives
+  the live arrays, and the batch is ``config.batch_size`` x
+  ``config.data.max_length``. ``teacher_overrides`` replace teacher config
+  fields (the student's come from ``config``). Call under ``jax.set_mesh(mesh)``.
+  """
+  overrides = dict(config.student.model_overrides, remat=config.student.remat)
+  student = nnx.eval_shape(lambda: models.create(
+      student_preset, dtype=_dtype(config.student.dtype),
+      param_dtype=jnp.float32, rngs=nnx.Rngs(params=0, dropout=1),
+      **overrides))
+  graphdef, params, rest = _abstract_state(student, mesh, nnx.Param, ...)
+  tx = make_optimizer(config.optim, num_steps)
+  opt_state = _abstract_opt_state(tx, params, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                     params, rest, opt_state)
+  teacher_graphdef = teacher_state = None
+  if teacher_preset is not None and config.loss.kd_ratio > 0:
+    dtype = _dtype(config.teacher.dtype)
+    teacher = nnx.eval_shape(lambda: models.create(
+        teacher_preset, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+        **(teacher_overrides or {})))
+    teacher.eval()  # as load_teacher: frozen, dropout off
+    teacher_graphdef, teacher_state = _abstract_state(teacher, mesh, ...)
+  shape = (config.batch_size, config.data.max_length)
+  batch = {k: jax.ShapeDtypeStruct(
+      shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+      sharding=sharding.batch_sharding(mesh)) for k in _BATCH_KEYS}
+  step = Step(config.loss.to_dict(), graphdef, teacher_graphdef, tx,
+              config.grad_accum)
+  first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  return step, (state, batch, teacher_state, first_bad)
