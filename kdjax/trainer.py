@@ -256,24 +256,29 @@ class Step:
     r = self.loss_cfg["kd_ratio"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
-    def loss_fn(params, rest, micro):
-      student = self._student(params, rest)
+    def loss_fn(student, micro):
       s = objective.sums(self.loss_cfg, student, teacher, micro)
-      weighted = ((1.0 - r) * s.ce + r * s.kd) / total_tokens
-      return weighted, (s, nnx.state(student, nnx.Not(nnx.Param)))
+      return ((1.0 - r) * s.ce + r * s.kd) / total_tokens, s
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
+    # advances the student's RNG counters, which a module merged inside
+    # jax.grad may not do (TraceContextError on any dropout > 0).
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, micro):
-      grads, rest, totals = carry
-      (_, (s, rest)), g = grad_fn(state.params, rest, micro)
+      # params ride in the carry: nnx refuses a module built from values of
+      # an outer trace (the jit's) inside the scan body.
+      grads, params, rest, totals = carry
+      student = self._student(params, rest)
+      (_, s), g = grad_fn(student, micro)
+      rest = nnx.state(student, nnx.Not(nnx.Param))
       grads = jax.tree.map(jnp.add, grads, g)
-      return (grads, rest, jax.tree.map(jnp.add, totals, s)), None
+      return (grads, params, rest, jax.tree.map(jnp.add, totals, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 3)
-    (grads, rest, totals), _ = jax.lax.scan(
-        accumulate, (zeros, state.rest, none),
+    (grads, _, rest, totals), _ = jax.lax.scan(
+        accumulate, (zeros, state.params, state.rest, none),
         _microbatches(batch, self.grad_accum))
     _, m = objective.combine(self.loss_cfg, totals)
     m["grad_norm"] = optax.tree.norm(grads)
