@@ -141,7 +141,8 @@ def main(argv):
     student = _STUDENT.value
   if _TEACHER.value:
     teacher = _TEACHER.value
-  name = f"{flags.FLAGS['config'].value} ({teacher} -> {student})"
+  path = config_flags.get_config_filename(flags.FLAGS["config"])
+  name = f"{path} ({teacher} -> {student})"
   print(report(name, fit(config, mesh, student, teacher)))
 
 
