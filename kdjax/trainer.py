@@ -493,11 +493,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   maybe_initialize_distributed()
   workdir = os.path.expanduser(workdir)
+  fresh = not os.path.exists(os.path.join(workdir, "config.json"))
   check_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
                             devices=devices)
   with jax.set_mesh(mesh):
-    run = build(config, workdir, mesh)
+    try:
+      run = build(config, workdir, mesh)
+    except Exception:
+      # Nothing ran: a corrected config must not be refused as "different".
+      if fresh and jax.process_index() == 0:
+        os.remove(os.path.join(workdir, "config.json"))
+      raise
     return _loop(run, stop_at)
 
 

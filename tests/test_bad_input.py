@@ -2,7 +2,7 @@
 
 Each case runs ``trainer.train_and_evaluate`` on a tiny config and checks the
 message names the offending file / value and its fix, and that the workdir
-holds no checkpoint, metrics or export afterwards.
+holds no config, checkpoint, metrics or export afterwards.
 """
 
 import json
@@ -24,7 +24,10 @@ def root(tmp_path_factory):
 def _refused(config, workdir: str, error=ValueError) -> str:
   with pytest.raises(error) as e:
     trainer.train_and_evaluate(config, workdir)
-  for name in ("ckpt", "best", "metrics.jsonl", "hf", "best_hf"):
+  # Not even config.json: the corrected command must start, not be refused as
+  # a different run in the same workdir.
+  for name in ("config.json", "ckpt", "best", "metrics.jsonl", "hf",
+               "best_hf"):
     assert not os.path.exists(os.path.join(workdir, name)), name
   msg = str(e.value)
   assert "\n" not in msg, msg
