@@ -6,7 +6,8 @@ command each time must end with the same student, bit for bit, as a run that
 was never interrupted, and with one ``metrics.jsonl`` row per step. Kills land
 at seeded random moments of three kinds: while a checkpoint is being written
 (an orbax ``*.orbax-checkpoint-tmp*`` directory exists), a random delay after a
-checkpoint commits, and a random delay after start (set-up, compilation).
+checkpoint commits, and a random delay after start (set-up, compilation; cut
+short at the first new checkpoint so the run cannot finish before the kill).
 
 Every process shares a persistent compilation cache, so a restart costs the
 interpreter start and a cache read rather than a compile.
@@ -160,9 +161,10 @@ def test_sigkilled_run_resumes_to_the_same_student(tmp_path):
     elif kind == "after_commit":
       alive = _wait(proc, lambda: run.committed() > before)
       time.sleep(rng.uniform(0.0, 0.5))
-    else:
-      time.sleep(rng.uniform(2.0, 12.0))
-      alive = True
+    else:  # start-up (imports, data, compilation) or the first new step
+      deadline = time.monotonic() + rng.uniform(2.0, 12.0)
+      alive = _wait(proc, lambda: time.monotonic() > deadline
+                    or run.committed() > before)
     if not alive or proc.poll() is not None:
       pytest.fail(f"the run finished before kill {len(kills) + 1}; raise "
                   f"STEPS ({STEPS}):\n{run.tail()}")
