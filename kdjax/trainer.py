@@ -473,7 +473,8 @@ def _export(run: Run, state: TrainState, ckpts: checkpoint.Checkpoints) -> None:
                        ("best_hf", None if best is None else best[1])):
     if params is None:
       continue
-    params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_count() > 1:  # one process: save_hf fetches tensor by tensor
+      params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
       student = nnx.merge(run.step.graphdef, params, state.rest)
       models.save_hf(student, os.path.join(run.workdir, name))
