@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from flax import traverse_util
 import tqdm
 
 from kdjax import checkpoint
@@ -255,24 +256,29 @@ class Step:
     r = self.loss_cfg["kd_ratio"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
-    def loss_fn(params, rest, micro):
-      student = self._student(params, rest)
+    def loss_fn(student, micro):
       s = objective.sums(self.loss_cfg, student, teacher, micro)
-      weighted = ((1.0 - r) * s.ce + r * s.kd) / total_tokens
-      return weighted, (s, nnx.state(student, nnx.Not(nnx.Param)))
+      return ((1.0 - r) * s.ce + r * s.kd) / total_tokens, s
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
+    # advances the student's RNG counters, which a module merged inside
+    # jax.grad may not do (TraceContextError on any dropout > 0).
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, micro):
-      grads, rest, totals = carry
-      (_, (s, rest)), g = grad_fn(state.params, rest, micro)
+      # params ride in the carry: nnx refuses a module built from values of
+      # an outer trace (the jit's) inside the scan body.
+      grads, params, rest, totals = carry
+      student = self._student(params, rest)
+      (_, s), g = grad_fn(student, micro)
+      rest = nnx.state(student, nnx.Not(nnx.Param))
       grads = jax.tree.map(jnp.add, grads, g)
-      return (grads, rest, jax.tree.map(jnp.add, totals, s)), None
+      return (grads, params, rest, jax.tree.map(jnp.add, totals, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 3)
-    (grads, rest, totals), _ = jax.lax.scan(
-        accumulate, (zeros, state.rest, none),
+    (grads, _, rest, totals), _ = jax.lax.scan(
+        accumulate, (zeros, state.params, state.rest, none),
         _microbatches(batch, self.grad_accum))
     _, m = objective.combine(self.loss_cfg, totals)
     m["grad_norm"] = optax.tree.norm(grads)
@@ -407,7 +413,9 @@ def build(config: ml_collections.ConfigDict, workdir: str,
         "--config.loss.name=uld.")
   tx = make_optimizer(config.optim, num_steps)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
-  opt_state = jax.jit(tx.init)(params)
+  opt_shardings = jax.tree.map(lambda x: x.sharding,
+                               _abstract_opt_state(tx, params, mesh))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
   step = Step(config.loss.to_dict(), graphdef, teacher_graphdef, tx,
@@ -452,14 +460,24 @@ def _sampled_scores(run: Run, state: TrainState) -> dict:
 
 
 def _export(run: Run, state: TrainState, ckpts: checkpoint.Checkpoints) -> None:
-  if not run.config.export_hf or jax.process_index() != 0:
+  """Process 0 writes the HF students; every process joins the collectives.
+
+  Params sharded over devices of several processes reach the host only
+  through ``process_allgather``, and orbax restores are collective too.
+  """
+  if not run.config.export_hf:
     return
-  student = nnx.merge(run.step.graphdef, state.params, state.rest)
-  models.save_hf(student, os.path.join(run.workdir, "hf"))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   best = ckpts.restore_best(state.params)
-  if best is not None:
-    student = nnx.merge(run.step.graphdef, best[1], state.rest)
-    models.save_hf(student, os.path.join(run.workdir, "best_hf"))
+  for name, params in (("hf", state.params),
+                       ("best_hf", None if best is None else best[1])):
+    if params is None:
+      continue
+    if jax.process_count() > 1:  # one process: save_hf fetches tensor by tensor
+      params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+      student = nnx.merge(run.step.graphdef, params, state.rest)
+      models.save_hf(student, os.path.join(run.workdir, name))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -476,11 +494,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   maybe_initialize_distributed()
   workdir = os.path.expanduser(workdir)
+  fresh = not os.path.exists(os.path.join(workdir, "config.json"))
   check_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
                             devices=devices)
   with jax.set_mesh(mesh):
-    run = build(config, workdir, mesh)
+    try:
+      run = build(config, workdir, mesh)
+    except Exception:
+      # Nothing ran: a corrected config must not be refused as "different".
+      if fresh and jax.process_index() == 0:
+        os.remove(os.path.join(workdir, "config.json"))
+      raise
     return _loop(run, stop_at)
 
 
@@ -494,10 +519,12 @@ def _loop(run: Run, stop_at: int | None = None) -> dict[str, float]:
   start = ckpts.latest_step()
   if start is not None:
     state, _ = ckpts.restore(start, state, data_iter)
-    writer.truncate(after_step=start)
     if jax.process_index() == 0:
       tqdm.tqdm.write(f"resumed {run.workdir} from step {start}")
   start = start or 0
+  # Rows past the checkpoint (or any row, if none was committed before a kill)
+  # are rewritten by this run.
+  writer.truncate(after_step=start)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   teacher_state = None if run.teacher is None else nnx.state(run.teacher)
   train_fn = jax.jit(run.step.train, donate_argnums=(0, 3),
@@ -557,3 +584,86 @@ def _check_finite(first_bad: int, workdir: str,
   raise TrainingError(
       f"loss or gradient became non-finite at step {first_bad + 1}; {kept}. "
       "Lower optim.lr, check the data, or use a float32 teacher.")
+
+
+# ----------------------------------------------------------------------------
+# Ahead-of-time: the step on abstract arguments (memory and FLOP estimates).
+
+
+def _abstract_state(model: nnx.Module, mesh, *filters):
+  """``nnx.split(model, *filters)`` with ``ShapeDtypeStruct`` leaves on ``mesh``."""
+  shardings = sharding.state_shardings(model, mesh)
+  graphdef, *states = nnx.split(model, *filters)
+  for state in states:
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({
+        p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p])
+        for p, v in flat.items()}))
+  return graphdef, *states
+
+
+def _abstract_opt_state(tx, params, mesh):
+  """``tx.init(params)`` as ``ShapeDtypeStruct`` leaves with their shardings.
+
+  A per-parameter buffer (Adam's ``mu``, ``nu``) is sharded like its parameter,
+  found by path suffix and shape; the rest (step counts) is replicated. Left
+  to sharding propagation, ``jax.jit(tx.init)`` replicates every buffer (zeros
+  do not depend on the sharded input), so FSDP would not shard the optimizer.
+  """
+  keystr = jax.tree_util.keystr
+  by_path = {keystr(p): x for p, x in
+             jax.tree_util.tree_flatten_with_path(params)[0]}
+  replicated = jax.sharding.NamedSharding(mesh, P())
+
+  def place(path, leaf):
+    for i in range(len(path)):
+      param = by_path.get(keystr(path[i:]))
+      if param is not None and param.shape == leaf.shape:
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                    sharding=param.sharding)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
+  return jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init,
+                                                                params))
+
+
+def abstract_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 *, student_preset: str, teacher_preset: str | None,
+                 teacher_overrides: dict | None = None,
+                 num_steps: int = 1000) -> tuple[Step, tuple]:
+  """``(step, args)`` such that ``jax.jit(step.train).lower(*args)`` is the run's step.
+
+  Nothing is loaded or allocated: the student and teacher are the
+  ``kdjax.models`` presets standing in for ``config``'s checkpoints (built
+  with ``nnx.eval_shape``), ``args = (state, batch, teacher_state, first_bad)``
+  are ``ShapeDtypeStruct`` trees carrying the shardings :func:`build` gives
+  the live arrays, and the batch is ``config.batch_size`` x
+  ``config.data.max_length``. ``teacher_overrides`` replace teacher config
+  fields (the student's come from ``config``). Call under ``jax.set_mesh(mesh)``.
+  """
+  overrides = dict(config.student.model_overrides, remat=config.student.remat)
+  student = nnx.eval_shape(lambda: models.create(
+      student_preset, dtype=_dtype(config.student.dtype),
+      param_dtype=jnp.float32, rngs=nnx.Rngs(params=0, dropout=1),
+      **overrides))
+  graphdef, params, rest = _abstract_state(student, mesh, nnx.Param, ...)
+  tx = make_optimizer(config.optim, num_steps)
+  opt_state = _abstract_opt_state(tx, params, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                     params, rest, opt_state)
+  teacher_graphdef = teacher_state = None
+  if teacher_preset is not None and config.loss.kd_ratio > 0:
+    dtype = _dtype(config.teacher.dtype)
+    teacher = nnx.eval_shape(lambda: models.create(
+        teacher_preset, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+        **(teacher_overrides or {})))
+    teacher.eval()  # as load_teacher: frozen, dropout off
+    teacher_graphdef, teacher_state = _abstract_state(teacher, mesh, ...)
+  shape = (config.batch_size, config.data.max_length)
+  batch = {k: jax.ShapeDtypeStruct(
+      shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+      sharding=sharding.batch_sharding(mesh)) for k in _BATCH_KEYS}
+  step = Step(config.loss.to_dict(), graphdef, teacher_graphdef, tx,
+              config.grad_accum)
+  first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  return step, (state, batch, teacher_state, first_bad)

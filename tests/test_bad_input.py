@@ -1,0 +1,109 @@
+"""Bad input to a training run: one sentence naming the problem, nothing trained.
+
+Each case runs ``trainer.train_and_evaluate`` on a tiny config and checks the
+message names the offending file / value and its fix, and that the workdir
+holds no config, checkpoint, metrics or export afterwards.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from kdjax import trainer
+import tiny_run
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("bad_input"))
+
+
+def _refused(config, workdir: str, error=ValueError) -> str:
+  with pytest.raises(error) as e:
+    trainer.train_and_evaluate(config, workdir)
+  # Not even config.json: the corrected command must start, not be refused as
+  # a different run in the same workdir.
+  for name in ("config.json", "ckpt", "best", "metrics.jsonl", "hf",
+               "best_hf"):
+    assert not os.path.exists(os.path.join(workdir, name)), name
+  msg = str(e.value)
+  assert "\n" not in msg, msg
+  return msg
+
+
+def _jsonl(path, rows) -> str:
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(r if isinstance(r, str) else json.dumps(r))
+      f.write("\n")
+  return str(path)
+
+
+def _good(n, prompt="add 1 and 2"):
+  return [{"prompt": f"{prompt} #{i}", "output": "3"} for i in range(n)]
+
+
+def test_malformed_jsonl_line_names_file_and_line(root, tmp_path):
+  rows = _good(20)
+  rows.insert(2, '{"prompt": "no closing brace", "output": "x"')
+  path = _jsonl(tmp_path / "train.jsonl", rows)
+  c = tiny_run.config("sft_gpt2", root, steps=1, **{"data.name": path})
+  msg = _refused(c, str(tmp_path / "w"))
+  assert f"{path}:3" in msg and "malformed" in msg and "Fix the file" in msg
+
+
+def test_prompts_over_the_prompt_limit_leave_no_examples(root, tmp_path):
+  # Every prompt is longer than max_prompt_length (80 bytes at the tiny scale)
+  # and prompt_policy="drop" drops them all.
+  path = _jsonl(tmp_path / "long.jsonl", _good(20, prompt="x" * 200))
+  c = tiny_run.config("sft_gpt2", root, steps=1, **{
+      "data.name": path, "data.prompt_policy": "drop"})
+  msg = _refused(c, str(tmp_path / "w"))
+  assert "only 0 usable examples for batch_size 8" in msg
+
+
+def test_unknown_prompt_policy_is_named(root, tmp_path):
+  path = _jsonl(tmp_path / "t.jsonl", _good(20))
+  c = tiny_run.config("sft_gpt2", root, steps=1, **{
+      "data.name": path, "data.prompt_policy": "cut"})
+  msg = _refused(c, str(tmp_path / "w"))
+  assert "prompt_policy must be one of" in msg and "'cut'" in msg
+
+
+def test_pickle_only_teacher_is_refused(root, tmp_path):
+  teacher = str(tmp_path / "pickled")
+  os.makedirs(teacher)
+  good = tiny_run.make_teacher(os.path.join(root, "teacher"))
+  with open(os.path.join(good, "config.json")) as f:
+    cfg = f.read()
+  with open(os.path.join(teacher, "config.json"), "w") as f:
+    f.write(cfg)
+  with open(os.path.join(teacher, "pytorch_model.bin"), "wb") as f:
+    f.write(b"\x80\x02}q\x00.")  # a pickle: never unpickled
+  c = tiny_run.config("akl_gpt2", root, steps=1, **{"teacher.path": teacher})
+  msg = _refused(c, str(tmp_path / "w"))
+  assert "holds only pickle checkpoints (pytorch_model.bin)" in msg
+  assert "safe_serialization=True" in msg
+
+
+def test_teacher_tensor_of_the_wrong_shape_is_named(root, tmp_path):
+  good = tiny_run.make_teacher(os.path.join(root, "teacher"))
+  teacher = str(tmp_path / "bad_shape")
+  os.makedirs(teacher)
+  with open(os.path.join(good, "config.json")) as f:
+    cfg = f.read()
+  with open(os.path.join(teacher, "config.json"), "w") as f:
+    f.write(cfg)
+  tensors = load_file(os.path.join(good, "model.safetensors"))
+  key = next(k for k in tensors if k.endswith("h.0.mlp.c_fc.weight"))
+  want = tensors[key].shape
+  tensors[key] = np.zeros((want[0], want[1] - 1), tensors[key].dtype)
+  save_file(tensors, os.path.join(teacher, "model.safetensors"),
+            {"format": "pt"})
+  c = tiny_run.config("akl_gpt2", root, steps=1, **{"teacher.path": teacher})
+  msg = _refused(c, str(tmp_path / "w"))
+  assert f"{key!r} has shape {(want[0], want[1] - 1)}" in msg
+  assert f"checkpoint {teacher} does not match the GPT2Config" in msg
