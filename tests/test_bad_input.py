@@ -63,6 +63,7 @@ def test_prompts_over_the_prompt_limit_leave_no_examples(root, tmp_path):
       "data.name": path, "data.prompt_policy": "drop"})
   msg = _refused(c, str(tmp_path / "w"))
   assert "only 0 usable examples for batch_size 8" in msg
+  assert "raise it or use prompt_policy='truncate'" in msg
 
 
 def test_unknown_prompt_policy_is_named(root, tmp_path):

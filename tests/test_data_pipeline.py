@@ -167,7 +167,7 @@ def test_epoch_structure_is_pinned(tok):
   forever = _train(tok)
   assert forever.num_steps is None
   assert _ids_of(forever.dataset[5]) == _ids_of(data.dataset[5])
-  with pytest.raises(ValueError, match="lower batch_size"):
+  with pytest.raises(ValueError, match="lower batch_size or add data"):
     _train(tok, n=3)
 
 

@@ -346,3 +346,16 @@ def test_seqkd_trains_on_the_teachers_responses(root, tmp_path):
       seed=c.seed, batch_size=8, progress=False)
   assert [r["output"] for r in rows] == [w["response"] for w in want]
   assert [r["step"] for r in metrics.read(str(tmp_path))] == [1, 2]
+
+
+def test_metrics_survive_a_line_cut_short_by_a_kill(tmp_path):
+  w = metrics.Writer(str(tmp_path))
+  w.write(1, {"loss": 2.0})
+  w.write(2, {"loss": float("nan")})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "lo')  # killed mid-append
+  rows = metrics.read(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] == "nan"
+  metrics.Writer(str(tmp_path)).truncate(after_step=1)
+  assert [r["step"] for r in metrics.read(str(tmp_path))] == [1]

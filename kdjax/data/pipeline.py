@@ -248,8 +248,12 @@ def train_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
       name="train", template_style=template_style)
   steps_per_epoch = len(examples) // batch_size
   if steps_per_epoch == 0:
+    dropped = stats.dropped_long_prompt
+    fix = (f"{dropped} had prompts over max_prompt_length={max_prompt_length}: "
+           "raise it or use prompt_policy='truncate'" if dropped else
+           "lower batch_size or add data")
     raise ValueError(f"only {len(examples)} usable examples for batch_size "
-                     f"{batch_size}; lower batch_size.")
+                     f"{batch_size} ({fix}).")
   local = batch_size // process_count
   per_epoch = steps_per_epoch * batch_size
   # Per-epoch permutations: shuffle-then-repeat reshuffles each epoch.
