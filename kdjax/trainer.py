@@ -564,7 +564,7 @@ def _loop(run: Run, stop_at: int | None = None) -> dict[str, float]:
         ckpts.save_best(done, state.params, score)
       writer.write(done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}")
-      ckpts.save(done, state, data_iter, {"step": done}, force=done == end)
+      _save(ckpts, done, state, data_iter, force=done == end)
     if end == run.num_steps:
       _export(run, state, ckpts)
   finally:
@@ -572,6 +572,24 @@ def _loop(run: Run, stop_at: int | None = None) -> dict[str, float]:
     ckpts.close()
     writer.close()
   return last
+
+
+def _save(ckpts: checkpoint.Checkpoints, step: int, state, data_iter, *,
+          force: bool) -> None:
+  """A checkpoint, or one sentence when the disk (or bucket) refuses it.
+
+  Orbax writes into a temporary directory and renames it on commit, so a
+  failed save leaves the previous checkpoint as the latest.
+  """
+  try:
+    ckpts.save(step, state, data_iter, {"step": step}, force=force)
+  except OSError as e:
+    good = ckpts.latest_step()
+    raise TrainingError(
+        f"saving the step-{step} checkpoint failed ({e.strerror or e}); the "
+        f"last good checkpoint (step {good}) is kept. Free space in the "
+        "workdir (or lower ckpt.max_to_keep) and re-run the same command to "
+        "resume.") from e
 
 
 def _check_finite(first_bad: int, workdir: str,
