@@ -144,7 +144,7 @@ def test_protocol_defaults_are_the_papers():
   # kd_losses.md 5: sampling at temperature 1, no top-k/top-p, 6-gram ban,
   # 256-token prompts and responses, seeds 10..50.
   assert evaluate.Protocol() == (1.0, 0, 1.0, 6, 256, 256, False,
-                                 (10, 20, 30, 40, 50))
+                                 (10, 20, 30, 40, 50), "minillm")
   assert evaluate.Protocol().sampling_settings(7) == dict(
       max_new_tokens=256, greedy=False, temperature=1.0, top_k=0, top_p=1.0,
       no_repeat_ngram_size=6, eos_id=7, pad_id=7)
