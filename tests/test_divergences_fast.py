@@ -183,7 +183,10 @@ def _temp_bytes(fn, n):
 def test_chunked_temporaries_independent_of_n(name):
   chunked = lambda x, y: fused.chunked(name, x, y, chunk_size=16)
   small, large = _temp_bytes(chunked, 64), _temp_bytes(chunked, 512)
-  assert large <= small * 1.05 + 4096, (small, large)
+  # Between the passes only per-row statistics survive: a few floats per
+  # token (here at most 16 of V = 512), never a [N, V] buffer.
+  per_row = 16 * 4
+  assert large <= small * 1.05 + (512 - 64) * per_row, (small, large)
   autodiff = getattr(core, name)
   assert _temp_bytes(autodiff, 512) > 4 * _temp_bytes(autodiff, 64)
 

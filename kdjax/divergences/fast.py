@@ -63,25 +63,52 @@ class _Ctx(NamedTuple):
   log_p: Array      # finite teacher log-probs (0 in -inf slots)
   q: Array          # student probabilities
   p: Array          # teacher probabilities
+  sum: Callable[[Array], Array]  # Σ over the vocabulary: _reduce_sum or _chunk_sum
 
 
 def _context(s: Array, t: Array, lse_s: _Lse, lse_t: _Lse,
-             temperature: float) -> _Ctx:
+             temperature: float, row_sum: Callable) -> _Ctx:
   # NumPy logits must become jax arrays: AKL's fallback indexes them by tracers.
   s, t = jnp.asarray(s), jnp.asarray(t)
   ls, lt = lse_s.log_prob(s, temperature), lse_t.log_prob(t, temperature)
   return _Ctx(s, t, lse_s, lse_t, temperature, core._finite(ls),
-              core._finite(lt), jnp.exp(ls), jnp.exp(lt))
+              core._finite(lt), jnp.exp(ls), jnp.exp(lt), row_sum)
 
 
-def _lse(x: Array, temperature: float) -> _Lse:
-  x = x.astype(_F32) / temperature
-  row_max = jnp.max(x, axis=-1)
-  return _Lse(row_max, jnp.log(_sum(jnp.exp(x - row_max[..., None]))))
+def _lse(x: Array, temperature: float, row_sum: Callable) -> _Lse:
+  # max(x) / T equals max(x / T) bit for bit (rounding is monotone), and a max
+  # straight over the input is a plain reduction (see _chunk_sum).
+  row_max = jnp.max(x, axis=-1).astype(_F32) / temperature
+  shifted = x.astype(_F32) / temperature - row_max[..., None]
+  return _Lse(row_max, jnp.log(row_sum(jnp.exp(shifted))))
 
 
-def _sum(x: Array) -> Array:
+def _reduce_sum(x: Array) -> Array:
   return jnp.sum(x, axis=-1)
+
+
+def _chunk_sum(x: Array) -> Array:
+  """``Σ_v x_v`` over the last axis of a token chunk.
+
+  On CPU this is a matrix-vector product with ones: XLA:CPU emits a reduction
+  fused with its elementwise producer (``Σ exp(..)``, ``Σ q·G``) as a scalar
+  loop, about 10x slower per element than Eigen's vectorised matvec on the
+  same values (experiments/benchmarks/divergences.py). Other backends fuse
+  the reduction well and keep ``jnp.sum``. The matvec needs its input
+  materialised, which is cheap for a chunk but would add ``[N, V]``
+  temporaries to the unchunked operator, so only the chunked path uses it.
+  """
+  return jax.lax.platform_dependent(x, cpu=_matvec_sum, default=_reduce_sum)
+
+
+def _matvec_sum(x: Array) -> Array:
+  ones = jnp.ones(x.shape[-1], x.dtype)
+  return jnp.matmul(x, ones, precision=jax.lax.Precision.HIGHEST)
+
+
+def _kl(c: _Ctx, w: Array, log_w: Array, log_v: Array) -> Array:
+  """:func:`core._kl` (each term 0 where ``w_v = 0``) summed with ``c.sum``."""
+  return c.sum(jnp.where(w > 0, w * (log_w - log_v), 0.0))
 
 
 def _log_mix(c: _Ctx, weight_p: float) -> Array:
@@ -96,11 +123,11 @@ def _log_mix(c: _Ctx, weight_p: float) -> Array:
 
 
 def _fkl_value(c: _Ctx) -> Array:
-  return core._kl(c.p, c.log_p, c.log_q)
+  return _kl(c, c.p, c.log_p, c.log_q)
 
 
 def _rkl_value(c: _Ctx) -> Array:
-  return core._kl(c.q, c.log_q, c.log_p)
+  return _kl(c, c.q, c.log_q, c.log_p)
 
 
 def _fkl():
@@ -133,7 +160,7 @@ def _fkl_rkl(weight: float):
 def _centered(g_fn: Callable[[_Ctx], Array]):
   """Forward/grad pair for ``∂D/∂s = q (G − Σ q G)`` given ``G``."""
   def forward_const(c):
-    return _sum(c.q * g_fn(c))
+    return c.sum(c.q * g_fn(c))
 
   def grad(c, const):
     return c.q * (g_fn(c) - const[..., None])
@@ -157,7 +184,7 @@ def _skl(alpha: float):
   const, grad = _centered(g_fn)
 
   def forward(c):
-    value = core._kl(c.p, c.log_p, _log_mix(c, alpha))
+    value = _kl(c, c.p, c.log_p, _log_mix(c, alpha))
     return value, const(c)
 
   return forward, grad
@@ -177,7 +204,7 @@ def _srkl(alpha: float):
 
   def forward(c):
     log_m = _log_mix(c, 1.0 - alpha)
-    value = core._kl(c.q, c.log_q, log_m)
+    value = _kl(c, c.q, c.log_q, log_m)
     return value, const(c)
 
   return forward, grad
@@ -193,8 +220,8 @@ def _jsd(beta: float):
 
   def forward(c):
     log_m = _log_mix(c, beta)
-    value = (beta * core._kl(c.p, c.log_p, log_m)
-             + (1.0 - beta) * core._kl(c.q, c.log_q, log_m))
+    value = (beta * _kl(c, c.p, c.log_p, log_m)
+             + (1.0 - beta) * _kl(c, c.q, c.log_q, log_m))
     return value, const(c)
 
   return forward, grad
@@ -203,7 +230,7 @@ def _jsd(beta: float):
 def _tvd():
   g_fn = lambda c: 0.5 * jnp.sign(c.q - c.p)
   const, grad = _centered(g_fn)
-  return (lambda c: (0.5 * _sum(core._abs(c.p - c.q)), const(c))), grad
+  return (lambda c: (0.5 * c.sum(core._abs(c.p - c.q)), const(c))), grad
 
 
 def akl_head_weight(c: _Ctx, mu: float, rule: str) -> tuple[Array, Array]:
@@ -219,7 +246,7 @@ def akl_head_weight(c: _Ctx, mu: float, rule: str) -> tuple[Array, Array]:
   to_prob = lambda x, lse: jnp.exp(lse.log_prob(x, c.temperature))
   top_p = to_prob(top_t, c.lse_t)
   top_q = to_prob(jnp.take_along_axis(c.s, idx, axis=-1), c.lse_s)
-  err_total = _sum(core._abs(c.p - c.q))
+  err_total = c.sum(core._abs(c.p - c.q))
   w_head, resolved = core._akl_head_weight_topk(top_p, top_q, err_total, mu,
                                                 rule)
   lead, vocab = c.t.shape[:-1], c.t.shape[-1]
@@ -271,23 +298,45 @@ NAMES = tuple(_SPECS)
 # The custom_vjp operator per (divergence, hyper-parameters, temperature).
 
 
-def _row_stats(s: Array, t: Array, temperature: float):
+def _row_stats(s: Array, t: Array, temperature: float, row_sum: Callable):
   if s.shape != t.shape:
     raise ValueError(
         f"student logits {s.shape} and teacher logits {t.shape} differ in "
         "shape; token-level divergences need the same positions and "
         "vocabulary (use uld for different vocabularies).")
-  return _lse(s, temperature), _lse(t, temperature)
+  return _lse(s, temperature, row_sum), _lse(t, temperature, row_sum)
+
+
+class _Op(NamedTuple):
+  """One divergence with fixed hyper-parameters and temperature.
+
+  ``forward(s, t) -> (value, stats)`` keeps only per-row ``stats``;
+  ``backward(s, t, stats, g) -> ∂`` is the VJP for per-row cotangents ``g``.
+  :func:`kdjax.divergences.fused.chunked` runs both over token chunks.
+  """
+  op: Callable[[Array, Array], Array]
+  value_and_grad: Callable[[Array, Array], tuple[Array, Array]]
+  forward: Callable
+  backward: Callable
 
 
 @functools.lru_cache(maxsize=None)
-def _operator(name: str, hp: tuple, temperature: float):
+def _operator(name: str, hp: tuple, temperature: float, chunk: bool) -> _Op:
   forward, grad = _SPECS[name](*hp)
+  row_sum = _chunk_sum if chunk else _reduce_sum
+  context = lambda s, t, lse_s, lse_t: _context(s, t, lse_s, lse_t,
+                                                temperature, row_sum)
 
   def run_forward(s, t):
-    lse_s, lse_t = _row_stats(s, t, temperature)
-    value, const = forward(_context(s, t, lse_s, lse_t, temperature))
+    lse_s, lse_t = _row_stats(s, t, temperature, row_sum)
+    value, const = forward(context(s, t, lse_s, lse_t))
     return value, (lse_s, lse_t, const)
+
+  def run_backward(s, t, stats, g):
+    lse_s, lse_t, const = stats
+    c = context(s, t, lse_s, lse_t)
+    scale = (g.astype(_F32) / temperature)[..., None]
+    return (grad(c, const) * scale).astype(s.dtype)
 
   @jax.custom_vjp
   def op(s, t):
@@ -298,23 +347,23 @@ def _operator(name: str, hp: tuple, temperature: float):
     return value, (s, t, stats)
 
   def op_bwd(res, g):
-    s, t, (lse_s, lse_t, const) = res
-    c = _context(s, t, lse_s, lse_t, temperature)
-    scale = (g.astype(_F32) / temperature)[..., None]
-    return (grad(c, const) * scale).astype(s.dtype), None
+    return run_backward(*res, g), None
 
   op.defvjp(op_fwd, op_bwd)
 
   def value_and_grad(s, t):
-    lse_s, lse_t = _row_stats(s, t, temperature)
-    c = _context(s, t, lse_s, lse_t, temperature)
+    lse_s, lse_t = _row_stats(s, t, temperature, row_sum)
+    c = context(s, t, lse_s, lse_t)
     value, const = forward(c)
     return value, grad(c, const) / temperature
 
-  return op, value_and_grad
+  return _Op(op, value_and_grad, run_forward, run_backward)
 
 
-def _resolve(name: str, temperature, hp: dict[str, Any]):
+def _resolve(name: str, temperature, hp: dict[str, Any],
+             chunk: bool = False) -> _Op:
+  """The operator for ``name``; ``chunk`` marks callers that pass token chunks
+  (see :func:`_chunk_sum`)."""
   if name not in _SPECS:
     raise ValueError(f"no fast implementation of {name!r}; choose one of "
                      f"{', '.join(NAMES)}.")
@@ -326,19 +375,19 @@ def _resolve(name: str, temperature, hp: dict[str, Any]):
   args = _check_hp(name, hp)
   if hp:
     raise TypeError(f"{name} takes no hyper-parameter(s) {sorted(hp)}.")
-  return _operator(name, args, float(temperature))
+  return _operator(name, args, float(temperature), chunk)
 
 
 def value_and_grad(name: str, *, temperature: float = 1.0,
                    **hp) -> Callable[[Array, Array], tuple[Array, Array]]:
   """``(s, t) -> (D [...], ∂D/∂s [..., V] float32)`` in one forward pass."""
-  return _resolve(name, temperature, hp)[1]
+  return _resolve(name, temperature, hp).value_and_grad
 
 
 def _public(name: str):
   def divergence(student_logits: Array, teacher_logits: Array, *,
                  temperature: float = 1.0, **hp) -> Array:
-    op = _resolve(name, temperature, hp)[0]
+    op = _resolve(name, temperature, hp).op
     return op(student_logits, jax.lax.stop_gradient(teacher_logits))
 
   reference = getattr(core, name)
@@ -366,9 +415,9 @@ def akl_unresolved_fraction(teacher_logits: Array, *, mu: float = 0.5,
   AKL head, i.e. rows that take the exact sorting fallback. Log it to check
   that the fallback stays rare on real teacher distributions."""
   mu = core._check_akl(mu, rule)
-  lse_t = _lse(teacher_logits, temperature)
+  lse_t = _lse(teacher_logits, temperature, _reduce_sum)
   top_t, _ = jax.lax.top_k(teacher_logits,
                            min(core.AKL_TOP_K, teacher_logits.shape[-1]))
-  mass = _sum(jnp.exp(lse_t.log_prob(top_t, temperature)))
+  mass = _reduce_sum(jnp.exp(lse_t.log_prob(top_t, temperature)))
   resolved = (mass > mu) if rule == "akl" else (mass >= mu)
   return jnp.mean(1.0 - resolved.astype(_F32))

@@ -3,10 +3,9 @@
 Two paths (performance.md 4):
 
 * :func:`chunked` takes the logits ``[..., V]`` and runs a fast divergence
-  (:mod:`kdjax.divergences.fast`) over token chunks with ``lax.map``; the body
-  is under ``jax.checkpoint`` so the backward pass re-slices the inputs instead
-  of storing per-chunk copies. Returns per-token values like the other
-  divergences.
+  (:mod:`kdjax.divergences.fast`) over token chunks with ``lax.map``, forward
+  and backward, keeping only per-row statistics in between. Returns per-token
+  values like the other divergences.
 * :func:`fused_linear` takes the final hidden states and LM-head weights of
   both models and never forms the ``[N, V]`` logits: per chunk it computes the
   logits (float32 GEMM output), the divergence and its gradient, and contracts
@@ -41,9 +40,13 @@ def chunked(name: str, student_logits: Array, teacher_logits: Array, *,
   """Per-token divergence ``name`` computed ``chunk_size`` tokens at a time.
 
   Same values and gradients as ``fast.<name>``; the leading axes are flattened
-  into tokens. A remainder of ``N mod chunk_size`` tokens is one extra call.
+  into tokens. The forward pass keeps only per-row statistics (log-partitions
+  and the row constant of the gradient, a few floats per token); the backward
+  pass re-reads each chunk once and writes its gradient, so nothing of the
+  forward pass is recomputed. A remainder of ``N mod chunk_size`` tokens is one
+  extra call (and its gradient one concatenation).
   """
-  op = fast._resolve(name, temperature, hp)[0]
+  op = fast._resolve(name, temperature, hp, chunk=True)
   chunk_size = _check_chunk(chunk_size)
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(
@@ -52,20 +55,43 @@ def chunked(name: str, student_logits: Array, teacher_logits: Array, *,
   lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
   s_NxV = student_logits.reshape(-1, vocab)
   t_NxV = jax.lax.stop_gradient(teacher_logits).reshape(-1, vocab)
-  n_tokens = s_NxV.shape[0]
-  size = min(chunk_size, n_tokens)
+  size = min(chunk_size, s_NxV.shape[0])
+  return _chunked(op, size, s_NxV, t_NxV).reshape(lead)
+
+
+def _over_chunks(fn, size: int, n_tokens: int, *arrays):
+  """``fn`` on consecutive ``size``-row slices of ``arrays`` (pytrees of
+  ``[N, ...]``), outputs concatenated along rows; the remainder is one call."""
   n_chunks = n_tokens // size
+  take = lambda i: jax.tree.map(
+      lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size), arrays)
+  out = jax.lax.map(lambda i: fn(*take(i)), jnp.arange(n_chunks))
+  out = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+  rest = n_chunks * size
+  if rest == n_tokens:
+    return out
+  tail = fn(*jax.tree.map(lambda x: x[rest:], arrays))
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
 
-  @jax.checkpoint
-  def one_chunk(i):
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size)
-    return op(take(s_NxV), take(t_NxV))
 
-  values_N = jax.lax.map(one_chunk, jnp.arange(n_chunks)).reshape(-1)
-  if n_chunks * size < n_tokens:
-    rest = n_chunks * size
-    values_N = jnp.concatenate([values_N, op(s_NxV[rest:], t_NxV[rest:])])
-  return values_N.reshape(lead)
+def _chunked_forward(op, size, s_NxV, t_NxV):
+  value_N, stats = _over_chunks(op.forward, size, s_NxV.shape[0], s_NxV, t_NxV)
+  return value_N, (s_NxV, t_NxV, stats)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked(op, size, s_NxV, t_NxV):
+  return _chunked_forward(op, size, s_NxV, t_NxV)[0]
+
+
+def _chunked_bwd(op, size, residuals, g_N):
+  s_NxV, t_NxV, stats = residuals
+  grad_NxV = _over_chunks(op.backward, size, s_NxV.shape[0], s_NxV, t_NxV,
+                          stats, g_N)
+  return grad_NxV, None
+
+
+_chunked.defvjp(_chunked_forward, _chunked_bwd)
 
 
 def fused_linear(name: str, hidden_s_NxH: Array, head_s_VxH: Array,
@@ -86,7 +112,8 @@ def fused_linear(name: str, hidden_s_NxH: Array, head_s_VxH: Array,
   Returns:
     ``Σ mask·D / max(Σ mask, 1)``, a float32 scalar.
   """
-  value_and_grad = fast.value_and_grad(name, temperature=temperature, **hp)
+  value_and_grad = fast._resolve(name, temperature, hp,
+                                 chunk=True).value_and_grad
   chunk_size = _check_chunk(chunk_size)
   n_tokens = hidden_s_NxH.shape[0]
   if (hidden_s_NxH.ndim != 2 or hidden_t_NxK.shape[0] != n_tokens
