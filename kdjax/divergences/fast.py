@@ -111,10 +111,6 @@ def _kl(c: _Ctx, w: Array, log_w: Array, log_v: Array) -> Array:
   return c.sum(jnp.where(w > 0, w * (log_w - log_v), 0.0))
 
 
-def _log_mix(c: _Ctx, weight_p: float) -> Array:
-  return core._log_mixture(core._Dists(c.log_q, c.log_p, c.q, c.p), weight_p)
-
-
 # ----------------------------------------------------------------------------
 # Closed forms. Each divergence is a pair
 #   forward(ctx) -> (value [...], const)   per-row results of the forward pass
@@ -174,18 +170,43 @@ def _zero():
       lambda c, _: jnp.zeros_like(c.q))
 
 
+class _Mix(NamedTuple):
+  """The mixture ``m = a·p + (1−a)·q`` of one position, elementwise."""
+  log_m: Array
+  p_m: Array  # p / m ≤ 1 / a
+  q_m: Array  # q / m ≤ 1 / (1 − a)
+
+
+def _mix(c: _Ctx, a: float) -> _Mix:
+  """``log m``, ``p/m`` and ``q/m`` with one ``exp`` and one ``log`` per entry.
+
+  With ``d = log p − log q`` and ``u = exp(−|d|) ∈ (0, 1]`` the smaller of
+  ``p, q`` is ``u`` times the larger, so ``m = max(p, q)·A`` with
+  ``A = a + (1−a)·u`` (if ``p ≥ q``) or ``a·u + (1−a)`` (otherwise), and
+  ``A ≥ min(a, 1−a) > 0``. A logaddexp and two ratio exps would cost four
+  transcendentals per entry, which is what bounds these divergences on CPU.
+  """
+  d = c.log_p - c.log_q
+  u = jnp.exp(-jnp.abs(d))
+  p_larger = d >= 0
+  big = jnp.where(p_larger, a + (1.0 - a) * u, a * u + (1.0 - a))
+  inv = 1.0 / big
+  return _Mix(jnp.maximum(c.log_p, c.log_q) + jnp.log(big),
+              jnp.where(p_larger, inv, u * inv),
+              jnp.where(p_larger, u * inv, inv))
+
+
 def _skl(alpha: float):
   if alpha == 0.0:
     return _fkl()
   if alpha == 1.0:
     return _zero()
-  # G = −(1−α) p/m with p/m ≤ 1/α, so q·G never overflows.
-  g_fn = lambda c: -(1.0 - alpha) * jnp.exp(c.log_p - _log_mix(c, alpha))
+  # m = α p + (1−α) q;  G = −(1−α) p/m.
+  g_fn = lambda c: -(1.0 - alpha) * _mix(c, alpha).p_m
   const, grad = _centered(g_fn)
 
   def forward(c):
-    value = _kl(c, c.p, c.log_p, _log_mix(c, alpha))
-    return value, const(c)
+    return _kl(c, c.p, c.log_p, _mix(c, alpha).log_m), const(c)
 
   return forward, grad
 
@@ -196,16 +217,16 @@ def _srkl(alpha: float):
   if alpha == 1.0:
     return _zero()
 
-  def g_fn(c):  # G = log(q/m') − α q/m', with q/m' ≤ 1/α
-    log_ratio = c.log_q - _log_mix(c, 1.0 - alpha)
-    return log_ratio - alpha * jnp.exp(log_ratio)
+  def g_fn(c):  # m' = (1−α) p + α q;  G = log(q/m') − α q/m'
+    mix = _mix(c, 1.0 - alpha)
+    return (c.log_q - mix.log_m) - alpha * mix.q_m
 
-  const, grad = _centered(g_fn)
+  _, grad = _centered(g_fn)
 
   def forward(c):
-    log_m = _log_mix(c, 1.0 - alpha)
-    value = _kl(c, c.q, c.log_q, log_m)
-    return value, const(c)
+    value = _kl(c, c.q, c.log_q, _mix(c, 1.0 - alpha).log_m)
+    # Σ q G = value − α Σ q·q/m': one log fewer per entry than summing q G.
+    return value, value - alpha * c.sum(c.q * _mix(c, 1.0 - alpha).q_m)
 
   return forward, grad
 
@@ -215,20 +236,26 @@ def _jsd(beta: float):
     return _fkl()
   if beta == 1.0:
     return _rkl()
-  g_fn = lambda c: (1.0 - beta) * (c.log_q - _log_mix(c, beta))
+  # m = β p + (1−β) q;  G = (1−β) log(q/m).
+  g_fn = lambda c: (1.0 - beta) * (c.log_q - _mix(c, beta).log_m)
   const, grad = _centered(g_fn)
 
   def forward(c):
-    log_m = _log_mix(c, beta)
-    value = (beta * _kl(c, c.p, c.log_p, log_m)
-             + (1.0 - beta) * _kl(c, c.q, c.log_q, log_m))
-    return value, const(c)
+    # The q-half of the value, (1−β) KL(q‖m), is the row constant Σ q G.
+    const_q = const(c)
+    return beta * _kl(c, c.p, c.log_p, _mix(c, beta).log_m) + const_q, const_q
 
   return forward, grad
 
 
 def _tvd():
-  g_fn = lambda c: 0.5 * jnp.sign(c.q - c.p)
+  def g_fn(c):
+    # sign(q − p) from the log-probabilities: no exp for p, and exact where
+    # both slots are -inf (neither comparison holds).
+    log_q = c.lse_s.log_prob(c.s, c.temperature)
+    log_p = c.lse_t.log_prob(c.t, c.temperature)
+    return 0.5 * ((log_q > log_p).astype(_F32) - (log_q < log_p).astype(_F32))
+
   const, grad = _centered(g_fn)
   return (lambda c: (0.5 * c.sum(core._abs(c.p - c.q)), const(c))), grad
 
