@@ -168,6 +168,45 @@ def test_akl_fallback_branches(monkeypatch, n_flat):
   np.testing.assert_allclose(w_head, expected, atol=2e-6)
 
 
+@pytest.mark.parametrize("vocab,fill", [(50257, "normal"), (50257, "ties"),
+                                        (32000, "integers"), (128256, "ties")])
+def test_two_level_top_k_equals_lax_top_k(vocab, fill):
+  """Same values, indices and tie order (lower index first) as lax.top_k,
+  including rows where a third of the vocabulary ties at the maximum and
+  integer rows with ties at every level."""
+  assert core._top_k_block(vocab, 64) is not None  # the two-level path runs
+  rng = np.random.default_rng(vocab)
+  if fill == "integers":
+    x = rng.integers(-4, 4, size=(5, vocab)).astype(np.float32)
+  else:
+    x = rng.normal(size=(5, vocab)).astype(np.float32)
+  if fill == "ties":
+    x[:, 7::3] = x.max()
+    x[1] = 0.0  # one fully tied row
+  expected = jax.lax.top_k(x, 64)
+  got = jax.jit(lambda x: core.top_k(x, 64))(x)
+  np.testing.assert_array_equal(got[0], expected[0])
+  np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_akl_fallback_bounded_by_budget():
+  """More unresolved rows than the budget: settled budget rows at a time,
+  each row exactly (float64 sort reference)."""
+  p_peak, q = _rows("peaked", 40, 3000, key=3)
+  p_flat, _ = _rows("flat", 40, 3000, key=4)
+  p = p_peak.at[5:35].set(p_flat[5:35])  # 30 unresolved rows, budget 8
+  top_p, idx = core.top_k(p, core.AKL_TOP_K)
+  w, resolved = core._akl_head_weight_topk(
+      top_p, jnp.take_along_axis(q, idx, axis=-1),
+      jnp.sum(jnp.abs(p - q), axis=-1), 0.5, "akl")
+  assert int(jnp.sum(~resolved)) == 30
+  rows = lambda i: (p[i], q[i])
+  w = core._akl_fallback(w, resolved, rows, 0.5, "akl", budget=8)
+  expected = _np_akl_weights(np.asarray(p, np.float64),
+                             np.asarray(q, np.float64), 0.5, "akl")
+  np.testing.assert_allclose(w, expected, atol=2e-6)
+
+
 # ----------------------------------------------------------------------------
 # Memory: chunked temporaries do not grow with N.
 

@@ -236,6 +236,46 @@ AKL_TOP_K = 64
 AKL_WIDE_K = 4096  # second level, for the few rows the first one leaves open
 
 
+def top_k(x: Array, k: int) -> tuple[Array, Array]:
+  """``lax.top_k`` over the last axis: same values, indices and tie order.
+
+  On CPU it runs in two levels when the vocabulary splits into blocks of
+  ``b ≈ sqrt(V / k)`` tokens: the k blocks with the largest maxima hold every
+  top-k entry (a block left out has a maximum below, or tied after, k chosen
+  ones), so one ``top_k`` over the ``V / b`` block maxima and one over the
+  ``k·b`` gathered entries replace a ``top_k`` over ``V``. XLA:CPU's TopK
+  scans every element at ~3 ns independent of k, the block maxima are a plain
+  vectorised reduction; for GPT-2's V = 50257 = 29·1733 and k = 64 this halves
+  AKL's top-k (experiments/benchmarks/divergences.py). Blocks are gathered
+  in vocabulary order, so ties still resolve to the lower index.
+  """
+  block = _top_k_block(x.shape[-1], k)
+  exact = lambda x: tuple(jax.lax.top_k(x, k))
+  if block is None:
+    return exact(x)
+
+  def blocked(x):
+    lead, n_blocks = x.shape[:-1], x.shape[-1] // block
+    x_blocks = x.reshape(lead + (n_blocks, block))
+    _, which = jax.lax.top_k(jnp.max(x_blocks, axis=-1), k)
+    which = jnp.sort(which, axis=-1)
+    picked = jnp.take_along_axis(x_blocks, which[..., None], axis=-2)
+    values, j = jax.lax.top_k(picked.reshape(lead + (k * block,)), k)
+    index = jnp.take_along_axis(which, j // block, axis=-1) * block + j % block
+    return values, index
+
+  return jax.lax.platform_dependent(x, cpu=blocked, default=exact)
+
+
+def _top_k_block(vocab: int, k: int) -> int | None:
+  """The divisor of ``vocab`` nearest ``sqrt(vocab / k)`` leaving at least
+  ``4k`` blocks, or None (use one ``top_k``)."""
+  target = math.sqrt(vocab / k)
+  sizes = [b for b in range(4, int(2 * target) + 1)
+           if vocab % b == 0 and vocab // b >= 4 * k and b >= target / 2]
+  return min(sizes, key=lambda b: abs(b - target)) if sizes else None
+
+
 def akl_weights(p: Array, q: Array, *, mu: float = 0.5,
                 rule: str = "akl") -> tuple[Array, Array]:
   """AKL's head/tail weights ``(w_head, w_tail)`` per position, both constants.
@@ -259,7 +299,7 @@ def akl_weights(p: Array, q: Array, *, mu: float = 0.5,
   """
   mu = _check_akl(mu, rule)
   p, q = jax.lax.stop_gradient(p), jax.lax.stop_gradient(q)
-  top_p, top_idx = jax.lax.top_k(p, min(AKL_TOP_K, p.shape[-1]))
+  top_p, top_idx = top_k(p, min(AKL_TOP_K, p.shape[-1]))
   top_q = jnp.take_along_axis(q, top_idx, axis=-1)
   err_total = jnp.sum(_abs(p - q), axis=-1)
   w_head, resolved = _akl_head_weight_topk(top_p, top_q, err_total, mu, rule)
@@ -328,30 +368,29 @@ def _akl_weights_wide(p: Array, q: Array, mu: float, rule: str) -> Array:
 
 
 def _akl_fallback(w_head_M: Array, resolved_M: Array, rows, mu: float,
-                  rule: str) -> Array:
-  """Replaces the weights of unresolved rows by the exact sorted ones.
+                  rule: str, budget: int | None = None) -> Array:
+  """Replaces the weights of unresolved rows by the exact ones.
 
   ``rows(index_R)`` returns the ``(p, q)`` rows ``[R, V]`` at those indices.
-  Up to ``max(8, M/16)`` unresolved rows are gathered and settled alone by
-  :func:`_akl_weights_wide`; more than that sorts every row. Both branches sit behind ``lax.cond``.
+  Unresolved rows are gathered ``budget`` at a time (default ``max(8, M/16)``)
+  and settled by :func:`_akl_weights_wide` in a ``lax.while_loop`` that runs
+  zero times when the top-k settled every row; memory stays
+  ``O(budget · V)`` however many rows need it.
   """
   m = w_head_M.shape[0]
-  budget = min(m, max(8, m // 16))
-  n_bad = jnp.sum(~resolved_M)
+  budget = min(m, budget or max(8, m // 16))
 
-  def some(w_M):
-    (idx_R,) = jnp.nonzero(~resolved_M, size=budget, fill_value=0)
-    w_R = _akl_weights_wide(*rows(idx_R), mu, rule)
-    idx_R = jnp.where(jnp.arange(budget) < n_bad, idx_R, m)  # m: dropped
-    return w_M.at[idx_R].set(w_R, mode="drop")
+  def settle(state):
+    w_M, todo_M = state
+    (idx_R,) = jnp.nonzero(todo_M, size=budget, fill_value=0)
+    idx_R = jnp.where(jnp.arange(budget) < jnp.sum(todo_M), idx_R, m)
+    w_R = _akl_weights_wide(*rows(jnp.minimum(idx_R, m - 1)), mu, rule)
+    return (w_M.at[idx_R].set(w_R, mode="drop"),
+            todo_M.at[idx_R].set(False, mode="drop"))
 
-  def every(w_M):
-    return _akl_weights_sorted(*rows(jnp.arange(m)), mu, rule)
-
-  def fix(w_M):
-    return jax.lax.cond(n_bad <= budget, some, every, w_M)
-
-  return jax.lax.cond(n_bad > 0, fix, lambda w_M: w_M, w_head_M)
+  w_head_M, _ = jax.lax.while_loop(lambda state: jnp.any(state[1]), settle,
+                                   (w_head_M, ~resolved_M))
+  return w_head_M
 
 
 def akl(student_logits: Array, teacher_logits: Array, *, mu: float = 0.5,

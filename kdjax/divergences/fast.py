@@ -260,46 +260,41 @@ def _tvd():
   return (lambda c: (0.5 * c.sum(core._abs(c.p - c.q)), const(c))), grad
 
 
-def akl_head_weight(c: _Ctx, mu: float, rule: str) -> tuple[Array, Array]:
-  """AKL ``w_head`` from the logits, and which rows the top-k resolved.
+def _akl_topk(c: _Ctx, mu: float, rule: str) -> tuple[Array, Array]:
+  """AKL ``w_head`` from the teacher's top-k, and which rows it settles.
 
   Same weights as :func:`kdjax.divergences.core.akl_weights`, with the top-k
   taken over the teacher *logits* (no float32 copy of ``p``): their order is the
   order of ``p`` except where distinct logits round to the same float32
-  probability, which then only swaps two tokens of equal ``π``.
+  probability, which then only swaps two tokens of equal ``π``. Unsettled
+  rows are finished by :func:`_akl_finish`.
   """
   k = min(core.AKL_TOP_K, c.t.shape[-1])
-  top_t, idx = jax.lax.top_k(c.t, k)
+  top_t, idx = core.top_k(c.t, k)
   to_prob = lambda x, lse: jnp.exp(lse.log_prob(x, c.temperature))
   top_p = to_prob(top_t, c.lse_t)
   top_q = to_prob(jnp.take_along_axis(c.s, idx, axis=-1), c.lse_s)
   err_total = c.sum(core._abs(c.p - c.q))
-  w_head, resolved = core._akl_head_weight_topk(top_p, top_q, err_total, mu,
-                                                rule)
-  lead, vocab = c.t.shape[:-1], c.t.shape[-1]
-
-  def rows(i):
-    row = lambda lse: _Lse(*(x.reshape(-1)[i] for x in lse))
-    return (to_prob(c.t.reshape(-1, vocab)[i], row(c.lse_t)),
-            to_prob(c.s.reshape(-1, vocab)[i], row(c.lse_s)))
-
-  w_head = core._akl_fallback(w_head.reshape(-1), resolved.reshape(-1), rows,
-                              mu, rule)
-  return jax.lax.stop_gradient(w_head.reshape(lead)), resolved
+  return core._akl_head_weight_topk(top_p, top_q, err_total, mu, rule)
 
 
 def _akl(mu: float, rule: str):
-  def forward(c):
-    w_head, _ = akl_head_weight(c, mu, rule)
-    rkl = _rkl_value(c)
-    return w_head * _fkl_value(c) + (1.0 - w_head) * rkl, (w_head, rkl)
+  def forward(c):  # per row; the weights are settled by finish
+    return (_fkl_value(c), _rkl_value(c)), _akl_topk(c, mu, rule)
+
+  def finish(parts, const, rows, budget):
+    (fkl, rkl), (w_head, resolved) = parts, const
+    w_head = core._akl_fallback(w_head.reshape(-1), resolved.reshape(-1),
+                                rows, mu, rule, budget).reshape(w_head.shape)
+    w_head = jax.lax.stop_gradient(w_head)
+    return w_head * fkl + (1.0 - w_head) * rkl, (w_head, rkl)
 
   def grad(c, const):
     w_head, rkl = (x[..., None] for x in const)
     return (w_head * (c.q - c.p)
             + (1.0 - w_head) * c.q * (c.log_q - c.log_p - rkl))
 
-  return forward, grad
+  return forward, grad, finish
 
 
 def _check_hp(name: str, hp: dict[str, Any]) -> tuple:
@@ -337,27 +332,59 @@ def _row_stats(s: Array, t: Array, temperature: float, row_sum: Callable):
 class _Op(NamedTuple):
   """One divergence with fixed hyper-parameters and temperature.
 
-  ``forward(s, t) -> (value, stats)`` keeps only per-row ``stats``;
+  ``forward(s, t) -> (value, stats)`` works row by row and keeps only per-row
+  ``stats``; ``finish(value, stats, s, t)`` then settles what needs all rows
+  at once (AKL's exact fallback, with one budget for the whole batch);
   ``backward(s, t, stats, g) -> ∂`` is the VJP for per-row cotangents ``g``.
-  :func:`kdjax.divergences.fused.chunked` runs both over token chunks.
+  :func:`kdjax.divergences.fused.chunked` runs forward and backward over token
+  chunks and finish once in between.
   """
   op: Callable[[Array, Array], Array]
   value_and_grad: Callable[[Array, Array], tuple[Array, Array]]
   forward: Callable
+  finish: Callable
   backward: Callable
+
+
+def _prob_rows(s: Array, t: Array, lse_s: _Lse, lse_t: _Lse,
+               temperature: float):
+  """``index_R -> (p_R, q_R)``: full probability rows of the flattened tokens."""
+  # NumPy logits must become jax arrays: they are indexed by tracers.
+  s, t, vocab = jnp.asarray(s), jnp.asarray(t), s.shape[-1]
+
+  def rows(index_R):
+    prob = lambda x, lse: jnp.exp(_Lse(*(a.reshape(-1)[index_R] for a in lse))
+                                  .log_prob(x.reshape(-1, vocab)[index_R],
+                                            temperature))
+    return prob(t, lse_t), prob(s, lse_s)
+
+  return rows
 
 
 @functools.lru_cache(maxsize=None)
 def _operator(name: str, hp: tuple, temperature: float, chunk: bool) -> _Op:
-  forward, grad = _SPECS[name](*hp)
+  forward, grad, *finish = _SPECS[name](*hp)
   row_sum = _chunk_sum if chunk else _reduce_sum
   context = lambda s, t, lse_s, lse_t: _context(s, t, lse_s, lse_t,
                                                 temperature, row_sum)
 
-  def run_forward(s, t):
+  def forward_rows(s, t):
     lse_s, lse_t = _row_stats(s, t, temperature, row_sum)
     value, const = forward(context(s, t, lse_s, lse_t))
     return value, (lse_s, lse_t, const)
+
+  def finish_rows(value, stats, s, t, budget=None):
+    """Settles what needs every row at once (AKL's exact fallback), touching
+    at most ``budget`` rows at a time (default ``max(8, N/16)``)."""
+    if not finish:
+      return value, stats
+    lse_s, lse_t, const = stats
+    rows = _prob_rows(s, t, lse_s, lse_t, temperature)
+    value, const = finish[0](value, const, rows, budget)
+    return value, (lse_s, lse_t, const)
+
+  def run_forward(s, t):
+    return finish_rows(*forward_rows(s, t), s, t)
 
   def run_backward(s, t, stats, g):
     lse_s, lse_t, const = stats
@@ -379,12 +406,10 @@ def _operator(name: str, hp: tuple, temperature: float, chunk: bool) -> _Op:
   op.defvjp(op_fwd, op_bwd)
 
   def value_and_grad(s, t):
-    lse_s, lse_t = _row_stats(s, t, temperature, row_sum)
-    c = context(s, t, lse_s, lse_t)
-    value, const = forward(c)
-    return value, grad(c, const) / temperature
+    value, (lse_s, lse_t, const) = run_forward(s, t)
+    return value, grad(context(s, t, lse_s, lse_t), const) / temperature
 
-  return _Op(op, value_and_grad, run_forward, run_backward)
+  return _Op(op, value_and_grad, forward_rows, finish_rows, run_backward)
 
 
 def _resolve(name: str, temperature, hp: dict[str, Any],

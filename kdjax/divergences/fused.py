@@ -76,6 +76,7 @@ def _over_chunks(fn, size: int, n_tokens: int, *arrays):
 
 def _chunked_forward(op, size, s_NxV, t_NxV):
   value_N, stats = _over_chunks(op.forward, size, s_NxV.shape[0], s_NxV, t_NxV)
+  value_N, stats = op.finish(value_N, stats, s_NxV, t_NxV, size)
   return value_N, (s_NxV, t_NxV, stats)
 
 
