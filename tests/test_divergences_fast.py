@@ -169,7 +169,8 @@ def test_akl_fallback_branches(monkeypatch, n_flat):
 
 
 @pytest.mark.parametrize("vocab,fill", [(50257, "normal"), (50257, "ties"),
-                                        (32000, "integers"), (128256, "ties")])
+                                        (32000, "integers"), (128256, "ties"),
+                                        (50257, "cross")])
 def test_two_level_top_k_equals_lax_top_k(vocab, fill):
   """Same values, indices and tie order (lower index first) as lax.top_k,
   including rows where a third of the vocabulary ties at the maximum and
@@ -183,6 +184,10 @@ def test_two_level_top_k_equals_lax_top_k(vocab, fill):
   if fill == "ties":
     x[:, 7::3] = x.max()
     x[1] = 0.0  # one fully tied row
+  if fill == "cross":  # the block holding the maximum also holds a late tie
+    x[:] = -1.0
+    x[:, ::50] = 1.0
+    x[:, -2:] = (1.0, 2.0)
   expected = jax.lax.top_k(x, 64)
   got = jax.jit(lambda x: core.top_k(x, 64))(x)
   np.testing.assert_array_equal(got[0], expected[0])
