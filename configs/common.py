@@ -14,6 +14,8 @@ few minutes; ``tiny_teacher`` is the stage that trains that teacher. Extra
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import ml_collections
 
 # Where `make demo` and the tiny configs keep their runs; the tiny teacher is
@@ -117,6 +119,26 @@ def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
 
 # Divergences without an analytic-VJP ("fast") implementation.
 AUTODIFF_ONLY = ("sinkhorn", "uld")
+
+
+def override(c: ml_collections.ConfigDict, items: Mapping[str, Any]) -> None:
+  """Sets dotted keys, ``override(c, {"loss.impl": "fused"})``.
+
+  A string value for a non-string field is read as that field's type, as
+  ``--config.key=value`` would be (booleans from ``true``/``1``).
+  """
+  flat = {}
+  for key, value in items.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    old = node[leaf]
+    if isinstance(value, str) and old is not None and not isinstance(old, str):
+      value = (value.lower() in ("1", "true") if isinstance(old, bool)
+               else type(old)(value))
+    flat[key] = value
+  c.update_from_flattened_dict(flat)
 
 
 def get_config(loss: str = "akl", arg: str | None = None, *,

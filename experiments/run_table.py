@@ -23,6 +23,7 @@ from typing import Sequence
 from absl import app, flags
 import numpy as np
 
+from configs import common
 from kdjax import evaluate, trainer
 
 # method -> config module (configs/<name>.py)
@@ -49,14 +50,7 @@ def config_for(method: str, scale: str, seed: int, overrides: Sequence[str] = ()
   module = importlib.import_module(f"configs.{METHODS[method]}")
   c = module.get_config("tiny" if scale == "tiny" else None)
   c.seed = seed
-  for item in overrides:
-    key, _, value = item.partition("=")
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(
-        node[leaf], bool) else value.lower() in ("1", "true")
+  common.override(c, dict(item.partition("=")[::2] for item in overrides))
   return c
 
 

@@ -409,7 +409,7 @@ _V = 9
 def _akl_weights_f32(s, t):
   p = jax.nn.softmax(t.astype(jnp.float32))
   q = jax.nn.softmax(s.astype(jnp.float32))
-  return {cid: kd.akl_weights(p, q, **kw) for cid, name, kw in CASES
+  return {cid: kd.akl_weights(p, q, order=t, **kw) for cid, name, kw in CASES
           if name == "akl"}
 
 
@@ -428,12 +428,25 @@ def _extreme_case(draw):
   return jnp.asarray(s, dtype), jnp.asarray(t, dtype), inf
 
 
-# derandomize: CI sees the same 50 cases every run. A random draw once hit an AKL
-# row whose near-uniform teacher (three logits within 6e-8) ties at the mu
-# boundary, where kdjax and the reference split head/tail differently (open).
+def _tie_row_case():
+  """A random draw that once split AKL's head differently in kdjax and the
+  reference: teacher logits within 6e-8 round to equal float32 probabilities,
+  so sorting ``p`` put index 0 first while the exact order puts index 1 first.
+  kdjax now ranks by the teacher logits (akl_weights(order=...))."""
+  t = np.zeros((3, _V), np.float32)
+  t[:, [0, 2]] = -5.96e-8
+  t[:, 3:] = -np.inf
+  s = np.zeros((3, _V), np.float32)
+  s[:, 0] = 2.0
+  s[:, 3:] = -np.inf
+  return jnp.asarray(s), jnp.asarray(t), np.isinf(t)
+
+
+# derandomize: CI sees the same 50 cases every run (plus the pinned tie row).
 @hypothesis.settings(max_examples=50, deadline=None, derandomize=True,
                      suppress_health_check=[hypothesis.HealthCheck.too_slow])
 @hypothesis.given(case=_extreme_case())
+@hypothesis.example(case=_tie_row_case())
 def test_extreme_logits_and_inf_slots_are_finite(case):
   s, t, inf = case
   s64 = np.asarray(s.astype(jnp.float32), np.float64)

@@ -101,6 +101,12 @@ def test_registry_impls():
   assert kd.get("jsd") is core.jsd is kd.autodiff.jsd
   with pytest.raises(ValueError, match="no fast implementation"):
     kd.get("sinkhorn", impl="fast")
+  with pytest.raises(ValueError, match="no chunked implementation"):
+    kd.get("uld", impl="chunked")
+  s, t = _logits("random")
+  np.testing.assert_allclose(kd.get("jsd", impl="chunked")(s, t, chunk_size=3,
+                                                          beta=0.1),
+                             core.jsd(s, t, beta=0.1), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="impl='cuda'"):
     kd.get("fkl", impl="cuda")
   with pytest.raises(TypeError, match="gamma"):
@@ -205,7 +211,7 @@ def test_akl_fallback_bounded_by_budget():
       top_p, jnp.take_along_axis(q, idx, axis=-1),
       jnp.sum(jnp.abs(p - q), axis=-1), 0.5, "akl")
   assert int(jnp.sum(~resolved)) == 30
-  rows = lambda i: (p[i], q[i])
+  rows = lambda i: (p[i], q[i], p[i])
   w = core._akl_fallback(w, resolved, rows, 0.5, "akl", budget=8)
   expected = _np_akl_weights(np.asarray(p, np.float64),
                              np.asarray(q, np.float64), 0.5, "akl")

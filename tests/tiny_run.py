@@ -14,6 +14,7 @@ import os
 import ml_collections
 from flax import nnx
 
+from configs import common
 from kdjax import models
 
 TEACHER = dict(n_embd=32, n_layer=1, n_head=2)
@@ -50,10 +51,5 @@ def config(name: str, root: str, *, steps: int = 4,
   c.ckpt.every_steps = 2
   c.eval.update(every_steps=0, num_examples=0, val_batches=1, batch_size=8)
   c.export_hf = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  common.override(c, overrides)
   return c

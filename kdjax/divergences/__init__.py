@@ -12,10 +12,12 @@ jax and ott-jax only (no models, data or trainer).
 Implementations: the public names are the autodiff definitions (also reachable
 as ``kd.autodiff.<name>``). ``get(name, impl="fast")`` returns the analytic-VJP
 version of :mod:`kdjax.divergences.fast` (same values and gradients, no
-``[N, V]`` residuals); :mod:`kdjax.divergences.fused` adds the token-chunked
-(``fused.chunked``) and fused LM-head (``fused.fused_linear``) paths.
+``[N, V]`` residuals), ``get(name, impl="chunked")`` the same over token chunks
+(``fused.chunked``, memory O(chunk · V)); :mod:`kdjax.divergences.fused` also
+has the fused LM-head path (``fused.fused_linear``).
 """
 
+import functools
 from typing import Callable
 
 from kdjax.divergences import core as autodiff
@@ -45,14 +47,15 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-IMPLS = ("autodiff", "fast")
+IMPLS = ("autodiff", "fast", "chunked")
 
 
 def get(name: str, impl: str = "autodiff") -> Callable:
   """The divergence called ``name`` (see :func:`names`).
 
-  ``impl="fast"`` gives the analytic-VJP version; sinkhorn and uld have none,
-  so asking for it raises.
+  ``impl="fast"`` gives the analytic-VJP version and ``impl="chunked"`` the
+  same over token chunks (``fused.chunked``; takes ``chunk_size=``, the
+  fastest path on CPU); sinkhorn and uld have neither, so asking raises.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not an implementation; use one of "
@@ -62,10 +65,12 @@ def get(name: str, impl: str = "autodiff") -> Callable:
   except KeyError:
     raise ValueError(f"unknown divergence {name!r}; choose one of "
                      f"{', '.join(names())}.") from None
-  if impl == "fast":
+  if impl != "autodiff":
     if name not in fast.NAMES:
-      raise ValueError(f"{name!r} has no fast implementation; use "
+      raise ValueError(f"{name!r} has no {impl} implementation; use "
                        f"impl='autodiff' or one of {', '.join(fast.NAMES)}.")
+    if impl == "chunked":
+      return functools.partial(fused.chunked, name)
     return getattr(fast, name)
   return divergence
 

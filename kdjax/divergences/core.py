@@ -276,8 +276,8 @@ def _top_k_block(vocab: int, k: int) -> int | None:
   return min(sizes, key=lambda b: abs(b - target)) if sizes else None
 
 
-def akl_weights(p: Array, q: Array, *, mu: float = 0.5,
-                rule: str = "akl") -> tuple[Array, Array]:
+def akl_weights(p: Array, q: Array, *, mu: float = 0.5, rule: str = "akl",
+                order: Array | None = None) -> tuple[Array, Array]:
   """AKL's head/tail weights ``(w_head, w_tail)`` per position, both constants.
 
   With ``π`` the teacher probabilities sorted descending (ties: lower vocabulary
@@ -292,6 +292,12 @@ def akl_weights(p: Array, q: Array, *, mu: float = 0.5,
   tail; under "dskd" to the head. ``g_head + g_tail = 0`` only when ``p = q``;
   the weights are then ``(½, ½)`` (the reference divides 0/0).
 
+  ``order`` (same shape as ``p``, default ``p``) ranks the tokens instead of
+  ``p``. The divergences pass the teacher logits: their order is the exact
+  order of ``p``, while float32 rounds nearly equal probabilities to ties
+  (logits within 6e-8 of each other become equal ``π``), which would put the
+  lower index first where the exact order puts it second.
+
   No full vocabulary sort: the head is found among the ``AKL_TOP_K`` largest
   teacher probabilities (``lax.top_k``, same tie order). A row whose top-k mass
   does not cross μ is recomputed exactly by a sort, under ``lax.cond`` so that
@@ -299,12 +305,14 @@ def akl_weights(p: Array, q: Array, *, mu: float = 0.5,
   """
   mu = _check_akl(mu, rule)
   p, q = jax.lax.stop_gradient(p), jax.lax.stop_gradient(q)
-  top_p, top_idx = top_k(p, min(AKL_TOP_K, p.shape[-1]))
-  top_q = jnp.take_along_axis(q, top_idx, axis=-1)
+  # NumPy input must become a jax array: the fallback indexes it by tracers.
+  order = p if order is None else jax.lax.stop_gradient(jnp.asarray(order))
+  _, top_idx = top_k(order, min(AKL_TOP_K, p.shape[-1]))
+  top_p, top_q = (jnp.take_along_axis(x, top_idx, axis=-1) for x in (p, q))
   err_total = jnp.sum(_abs(p - q), axis=-1)
   w_head, resolved = _akl_head_weight_topk(top_p, top_q, err_total, mu, rule)
   lead, vocab = p.shape[:-1], p.shape[-1]
-  rows = lambda i: (p.reshape(-1, vocab)[i], q.reshape(-1, vocab)[i])
+  rows = lambda i: tuple(x.reshape(-1, vocab)[i] for x in (p, q, order))
   w_head = _akl_fallback(w_head.reshape(-1), resolved.reshape(-1), rows, mu,
                          rule).reshape(lead)
   return w_head, 1.0 - w_head
@@ -343,9 +351,11 @@ def _akl_head_weight_topk(top_p: Array, top_q: Array, err_total: Array,
   return _head_weight(g_head, err_total), resolved
 
 
-def _akl_weights_sorted(p: Array, q: Array, mu: float, rule: str) -> Array:
-  """``w_head`` by a full stable descending sort: the exact reference."""
-  order = jnp.argsort(-p, axis=-1, stable=True)
+def _akl_weights_sorted(p: Array, q: Array, key: Array, mu: float,
+                        rule: str) -> Array:
+  """``w_head`` by a full stable descending sort of ``key``: the exact
+  reference."""
+  order = jnp.argsort(-key, axis=-1, stable=True)
   p_sorted = jnp.take_along_axis(p, order, axis=-1)
   err = _abs(p_sorted - jnp.take_along_axis(q, order, axis=-1))
   head = _akl_head_mask(p_sorted, mu, rule)
@@ -353,25 +363,27 @@ def _akl_weights_sorted(p: Array, q: Array, mu: float, rule: str) -> Array:
   return _head_weight(g_head, jnp.sum(err, axis=-1))
 
 
-def _akl_weights_wide(p: Array, q: Array, mu: float, rule: str) -> Array:
+def _akl_weights_wide(p: Array, q: Array, key: Array, mu: float,
+                      rule: str) -> Array:
   """Exact ``w_head`` for a few rows: a wide top-k, a sort if even that fails.
 
   A top-4096 costs about a tenth of a full sort on CPU and settles all but
   near-uniform teacher rows.
   """
-  top_p, idx = jax.lax.top_k(p, min(AKL_WIDE_K, p.shape[-1]))
+  _, idx = jax.lax.top_k(key, min(AKL_WIDE_K, p.shape[-1]))
   w_head, resolved = _akl_head_weight_topk(
-      top_p, jnp.take_along_axis(q, idx, axis=-1),
+      jnp.take_along_axis(p, idx, axis=-1), jnp.take_along_axis(q, idx, axis=-1),
       jnp.sum(_abs(p - q), axis=-1), mu, rule)
   return jax.lax.cond(jnp.all(resolved), lambda: w_head,
-                      lambda: _akl_weights_sorted(p, q, mu, rule))
+                      lambda: _akl_weights_sorted(p, q, key, mu, rule))
 
 
 def _akl_fallback(w_head_M: Array, resolved_M: Array, rows, mu: float,
                   rule: str, budget: int | None = None) -> Array:
   """Replaces the weights of unresolved rows by the exact ones.
 
-  ``rows(index_R)`` returns the ``(p, q)`` rows ``[R, V]`` at those indices.
+  ``rows(index_R)`` returns the ``(p, q, order)`` rows ``[R, V]`` at those
+  indices (``order`` ranks the tokens, see :func:`akl_weights`).
   Unresolved rows are gathered ``budget`` at a time (default ``max(8, M/16)``)
   and settled by :func:`_akl_weights_wide` in a ``lax.while_loop`` that runs
   zero times when the top-k settled every row; memory stays
@@ -404,7 +416,8 @@ def akl(student_logits: Array, teacher_logits: Array, *, mu: float = 0.5,
   the tail, so each error region is weighted toward the divergence that fixes it.
   """
   d = _dists(student_logits, teacher_logits, temperature)
-  w_head, w_tail = akl_weights(d.p, d.q, mu=mu, rule=rule)
+  w_head, w_tail = akl_weights(d.p, d.q, mu=mu, rule=rule,
+                               order=teacher_logits)
   return w_head * _fkl(d) + w_tail * _rkl(d)
 
 

@@ -221,12 +221,10 @@ def _srkl(alpha: float):
     mix = _mix(c, 1.0 - alpha)
     return (c.log_q - mix.log_m) - alpha * mix.q_m
 
-  _, grad = _centered(g_fn)
+  const, grad = _centered(g_fn)
 
   def forward(c):
-    value = _kl(c, c.q, c.log_q, _mix(c, 1.0 - alpha).log_m)
-    # Σ q G = value − α Σ q·q/m': one log fewer per entry than summing q G.
-    return value, value - alpha * c.sum(c.q * _mix(c, 1.0 - alpha).q_m)
+    return _kl(c, c.q, c.log_q, _mix(c, 1.0 - alpha).log_m), const(c)
 
   return forward, grad
 
@@ -348,7 +346,8 @@ class _Op(NamedTuple):
 
 def _prob_rows(s: Array, t: Array, lse_s: _Lse, lse_t: _Lse,
                temperature: float):
-  """``index_R -> (p_R, q_R)``: full probability rows of the flattened tokens."""
+  """``index_R -> (p_R, q_R, t_R)``: full probability rows of the flattened
+  tokens and the teacher logits that order them (AKL's tie rule)."""
   # NumPy logits must become jax arrays: they are indexed by tracers.
   s, t, vocab = jnp.asarray(s), jnp.asarray(t), s.shape[-1]
 
@@ -356,7 +355,7 @@ def _prob_rows(s: Array, t: Array, lse_s: _Lse, lse_t: _Lse,
     prob = lambda x, lse: jnp.exp(_Lse(*(a.reshape(-1)[index_R] for a in lse))
                                   .log_prob(x.reshape(-1, vocab)[index_R],
                                             temperature))
-    return prob(t, lse_t), prob(s, lse_s)
+    return prob(t, lse_t), prob(s, lse_s), t.reshape(-1, vocab)[index_R]
 
   return rows
 
