@@ -162,15 +162,17 @@ def test_akl_weights_match_sorted_reference(kind, rule):
     assert float(unresolved) == (1.0 if kind == "flat" else 0.0)
 
 
-@pytest.mark.parametrize("n_flat", [2, 20])  # gathered rows / every row
-def test_akl_fallback_branches(monkeypatch, n_flat):
+@pytest.mark.parametrize("rule", ["akl", "dskd"])
+@pytest.mark.parametrize("n_flat", [2, 20])  # one batch of rows / several
+def test_akl_fallback_branches(n_flat, rule):
   p_peak, q = _rows("peaked", 32, 3000, key=1)
   p_flat, _ = _rows("flat", 32, 3000, key=2)
   p = p_peak.at[:n_flat].set(p_flat[:n_flat])
-  monkeypatch.setattr(core, "AKL_WIDE_K", 8)  # force the sort behind top-k
-  w_head, _ = core.akl_weights(p, q, mu=0.5)
+  p = p.at[n_flat - 1, :1500].set(p[n_flat - 1, 0])  # half the row tied
+  p = p / jnp.sum(p, axis=-1, keepdims=True)
+  w_head, _ = core.akl_weights(p, q, mu=0.5, rule=rule)
   expected = _np_akl_weights(np.asarray(p, np.float64),
-                             np.asarray(q, np.float64), 0.5, "akl")
+                             np.asarray(q, np.float64), 0.5, rule)
   np.testing.assert_allclose(w_head, expected, atol=2e-6)
 
 

@@ -69,6 +69,29 @@ def _abs(x: Array) -> Array:
   return x * jnp.sign(x)
 
 
+def _row_sum(x: Array) -> Array:
+  """``Σ_v x_v`` over the last axis.
+
+  On CPU this is a matrix-vector product with ones: XLA:CPU emits a reduction
+  fused with its elementwise producer (``Σ exp(..)``, ``Σ q·G``) as a scalar
+  loop, about 10x slower per element than Eigen's vectorised matvec on the
+  same values (experiments/benchmarks/divergences.py). Other backends fuse
+  the reduction well and keep ``jnp.sum``. The matvec needs its input
+  materialised: cheap for a token chunk or a few rows, an extra ``[N, V]``
+  buffer for a whole batch.
+  """
+  return jax.lax.platform_dependent(x, cpu=_matvec_sum, default=_reduce_sum)
+
+
+def _matvec_sum(x: Array) -> Array:
+  ones = jnp.ones(x.shape[-1], x.dtype)
+  return jnp.matmul(x, ones, precision=jax.lax.Precision.HIGHEST)
+
+
+def _reduce_sum(x: Array) -> Array:
+  return jnp.sum(x, axis=-1)
+
+
 def _finite(x: Array) -> Array:
   """First half of the double where: -inf log-probabilities become 0."""
   return jnp.where(jnp.isfinite(x), x, 0.0)
@@ -231,9 +254,8 @@ def tvd(student_logits: Array, teacher_logits: Array, *,
 AKL_RULES = ("akl", "dskd")
 
 # Teacher tokens inspected by the top-k head search; rows whose top-k mass does
-# not cross mu fall back to an exact sort (see _akl_weights_topk).
+# not cross mu fall back to an exact threshold search (_akl_weights_threshold).
 AKL_TOP_K = 64
-AKL_WIDE_K = 4096  # second level, for the few rows the first one leaves open
 
 
 def top_k(x: Array, k: int) -> tuple[Array, Array]:
@@ -298,10 +320,10 @@ def akl_weights(p: Array, q: Array, *, mu: float = 0.5, rule: str = "akl",
   (logits within 6e-8 of each other become equal ``π``), which would put the
   lower index first where the exact order puts it second.
 
-  No full vocabulary sort: the head is found among the ``AKL_TOP_K`` largest
-  teacher probabilities (``lax.top_k``, same tie order). A row whose top-k mass
-  does not cross μ is recomputed exactly by a sort, under ``lax.cond`` so that
-  batches without such rows never sort (performance.md 5).
+  No vocabulary sort: the head is found among the ``AKL_TOP_K`` largest
+  teacher probabilities (:func:`top_k`, same tie order). A row whose top-k mass
+  does not cross μ is settled exactly by a threshold search on ``order``, in a
+  loop that runs zero times when no row needs it (performance.md 5).
   """
   mu = _check_akl(mu, rule)
   p, q = jax.lax.stop_gradient(p), jax.lax.stop_gradient(q)
@@ -351,31 +373,46 @@ def _akl_head_weight_topk(top_p: Array, top_q: Array, err_total: Array,
   return _head_weight(g_head, err_total), resolved
 
 
-def _akl_weights_sorted(p: Array, q: Array, key: Array, mu: float,
-                        rule: str) -> Array:
-  """``w_head`` by a full stable descending sort of ``key``: the exact
-  reference."""
-  order = jnp.argsort(-key, axis=-1, stable=True)
-  p_sorted = jnp.take_along_axis(p, order, axis=-1)
-  err = _abs(p_sorted - jnp.take_along_axis(q, order, axis=-1))
-  head = _akl_head_mask(p_sorted, mu, rule)
-  g_head = jnp.sum(jnp.where(head, err, 0.0), axis=-1)
-  return _head_weight(g_head, jnp.sum(err, axis=-1))
+def _akl_weights_threshold(p: Array, q: Array, key: Array, mu: float,
+                           rule: str) -> Array:
+  """Exact ``w_head`` without sorting: the head is a threshold on ``key``.
 
-
-def _akl_weights_wide(p: Array, q: Array, key: Array, mu: float,
-                      rule: str) -> Array:
-  """Exact ``w_head`` for a few rows: a wide top-k, a sort if even that fails.
-
-  A top-4096 costs about a tenth of a full sort on CPU and settles all but
-  near-uniform teacher rows.
+  With ``order`` = ``key`` descending, ties by index, the crossing token's key
+  is ``v = max{τ : Σ_{key ≥ τ} p > μ}`` (``≥ μ`` for dskd), found by bisection
+  over the 2³² ordered float32 bit patterns (32 masked row sums). Every token
+  with ``key > v`` is in the head; a token tied at ``v`` is when its ``S_k``
+  (mass above ``v`` plus the tied mass up to it in index order, a cumsum)
+  is ``≤ μ`` (akl; ``S_{k−1} < μ`` for dskd); the first token always is
+  under akl. XLA:CPU sorts 8 rows of 50257 in ~0.1 s (~250 ns per entry);
+  this costs ~9 ms for the same rows (and less than a top-4096, 16 ms).
   """
-  _, idx = jax.lax.top_k(key, min(AKL_WIDE_K, p.shape[-1]))
-  w_head, resolved = _akl_head_weight_topk(
-      jnp.take_along_axis(p, idx, axis=-1), jnp.take_along_axis(q, idx, axis=-1),
-      jnp.sum(_abs(p - q), axis=-1), mu, rule)
-  return jax.lax.cond(jnp.all(resolved), lambda: w_head,
-                      lambda: _akl_weights_sorted(p, q, key, mu, rule))
+  key = key.astype(jnp.float32) + 0.0  # -0.0 ties +0.0, as in a sort
+  bits = jax.lax.bitcast_convert_type(key, jnp.uint32)
+  # Monotone map float32 -> uint32: flip negatives entirely, set the sign bit
+  # of positives, so unsigned order is float order.
+  ordered = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+  crossed = (lambda m: m > mu) if rule == "akl" else (lambda m: m >= mu)
+
+  def bisect(_, bounds):
+    lo, hi = bounds  # crossed(mass(ordered >= lo)) holds; the answer is <= hi
+    gap = hi - lo
+    mid = lo + (gap >> 1) + (gap & 1)
+    ok = crossed(_row_sum(jnp.where(ordered >= mid[..., None], p, 0.0)))
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo = jnp.min(ordered, axis=-1)
+  hi = jnp.max(ordered, axis=-1)
+  v, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
+  above, tied = ordered > v[..., None], ordered == v[..., None]
+  base = _row_sum(jnp.where(above, p, 0.0))[..., None]
+  tied_cum = jnp.cumsum(jnp.where(tied, p, 0.0), axis=-1)
+  if rule == "akl":
+    first = jnp.arange(key.shape[-1]) == jnp.argmax(key, axis=-1)[..., None]
+    head = above | (tied & (base + tied_cum <= mu)) | first
+  else:
+    head = above | (tied & (base + tied_cum - p < mu))
+  err = _abs(p - q)
+  return _head_weight(_row_sum(jnp.where(head, err, 0.0)), _row_sum(err))
 
 
 def _akl_fallback(w_head_M: Array, resolved_M: Array, rows, mu: float,
@@ -385,7 +422,7 @@ def _akl_fallback(w_head_M: Array, resolved_M: Array, rows, mu: float,
   ``rows(index_R)`` returns the ``(p, q, order)`` rows ``[R, V]`` at those
   indices (``order`` ranks the tokens, see :func:`akl_weights`).
   Unresolved rows are gathered ``budget`` at a time (default ``max(8, M/16)``)
-  and settled by :func:`_akl_weights_wide` in a ``lax.while_loop`` that runs
+  and settled by :func:`_akl_weights_threshold` in a ``lax.while_loop`` that runs
   zero times when the top-k settled every row; memory stays
   ``O(budget · V)`` however many rows need it.
   """
@@ -396,7 +433,7 @@ def _akl_fallback(w_head_M: Array, resolved_M: Array, rows, mu: float,
     w_M, todo_M = state
     (idx_R,) = jnp.nonzero(todo_M, size=budget, fill_value=0)
     idx_R = jnp.where(jnp.arange(budget) < jnp.sum(todo_M), idx_R, m)
-    w_R = _akl_weights_wide(*rows(jnp.minimum(idx_R, m - 1)), mu, rule)
+    w_R = _akl_weights_threshold(*rows(jnp.minimum(idx_R, m - 1)), mu, rule)
     return (w_M.at[idx_R].set(w_R, mode="drop"),
             todo_M.at[idx_R].set(False, mode="drop"))
 

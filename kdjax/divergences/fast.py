@@ -77,33 +77,15 @@ def _context(s: Array, t: Array, lse_s: _Lse, lse_t: _Lse,
 
 def _lse(x: Array, temperature: float, row_sum: Callable) -> _Lse:
   # max(x) / T equals max(x / T) bit for bit (rounding is monotone), and a max
-  # straight over the input is a plain reduction (see _chunk_sum).
+  # straight over the input is a plain reduction (see core._row_sum).
   row_max = jnp.max(x, axis=-1).astype(_F32) / temperature
   shifted = x.astype(_F32) / temperature - row_max[..., None]
   return _Lse(row_max, jnp.log(row_sum(jnp.exp(shifted))))
 
 
-def _reduce_sum(x: Array) -> Array:
-  return jnp.sum(x, axis=-1)
-
-
-def _chunk_sum(x: Array) -> Array:
-  """``Σ_v x_v`` over the last axis of a token chunk.
-
-  On CPU this is a matrix-vector product with ones: XLA:CPU emits a reduction
-  fused with its elementwise producer (``Σ exp(..)``, ``Σ q·G``) as a scalar
-  loop, about 10x slower per element than Eigen's vectorised matvec on the
-  same values (experiments/benchmarks/divergences.py). Other backends fuse
-  the reduction well and keep ``jnp.sum``. The matvec needs its input
-  materialised, which is cheap for a chunk but would add ``[N, V]``
-  temporaries to the unchunked operator, so only the chunked path uses it.
-  """
-  return jax.lax.platform_dependent(x, cpu=_matvec_sum, default=_reduce_sum)
-
-
-def _matvec_sum(x: Array) -> Array:
-  ones = jnp.ones(x.shape[-1], x.dtype)
-  return jnp.matmul(x, ones, precision=jax.lax.Precision.HIGHEST)
+# On CPU a matvec with ones (see core._row_sum); the unchunked operator keeps
+# jnp.sum, whose fused reduction needs no [N, V] input buffer.
+_chunk_sum, _reduce_sum = core._row_sum, core._reduce_sum
 
 
 def _kl(c: _Ctx, w: Array, log_w: Array, log_v: Array) -> Array:
@@ -463,7 +445,7 @@ def akl_unresolved_fraction(teacher_logits: Array, *, mu: float = 0.5,
                             rule: str = "akl",
                             temperature: float = 1.0) -> Array:
   """Fraction of rows whose top-``AKL_TOP_K`` teacher mass does not settle the
-  AKL head, i.e. rows that take the exact sorting fallback. Log it to check
+  AKL head, i.e. rows that take the exact threshold-search fallback. Log it to check
   that the fallback stays rare on real teacher distributions."""
   mu = core._check_akl(mu, rule)
   lse_t = _lse(teacher_logits, temperature, _reduce_sum)
