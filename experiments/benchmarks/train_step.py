@@ -9,7 +9,12 @@ implementation of the KD loss it builds the trainer's real step
 (:class:`kdjax.trainer.Step`: teacher forward, student forward/backward,
 ``0.5 CE + 0.5 KD``, clipped AdamW), compiles it once, then reports the median
 wall time of ``--repeats`` steps, tokens/s and the step's XLA temporary bytes
-(``memory_analysis()``). Results go to stdout and ``results/train_step_<device>.json``.
+(``memory_analysis()``). Results go to stdout and
+``results/train_step_<device>_<loss>_<pairs>.json``.
+
+Random-weight teachers are near-uniform, so with ``--loss=akl`` every row takes
+AKL's exact fallback (a trained teacher's top-64 mass settles most rows);
+``--loss=fkl`` times the step without it.
 """
 
 from __future__ import annotations
@@ -122,7 +127,8 @@ def main(argv):
               f"{r['tokens_per_s']:9.0f} tok/s  temp {temp} MiB  "
               f"loss {r['loss_value']:.4f}", flush=True)
   kind = device.platform + "_" + getattr(device, "device_kind", "").replace(" ", "_")
-  out = os.path.join(os.path.dirname(__file__), "results", f"train_step_{kind}.json")
+  out = os.path.join(os.path.dirname(__file__), "results",
+                     f"train_step_{kind}_{_LOSS.value}_{_PAIRS.value.replace(',', '+')}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(dict(device=str(device), host=platform.node(), rows=rows), f,
