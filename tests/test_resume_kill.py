@@ -46,14 +46,9 @@ def _overrides(root: str) -> dict:
 
 
 def _config(root: str):
-  from configs import akl_gpt2
+  from configs import akl_gpt2, common
   c = akl_gpt2.get_config(f"tiny,steps={STEPS}")
-  for key, value in _overrides(root).items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  common.override(c, _overrides(root))
   return c
 
 
