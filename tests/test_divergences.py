@@ -442,6 +442,22 @@ def _tie_row_case():
   return jnp.asarray(s), jnp.asarray(t), np.isinf(t)
 
 
+def test_akl_tie_row_follows_the_exact_order():
+  """On the tie row every implementation splits the head as float64 does
+  (head = index 1 alone, w_head = 0.25), not as a float32 sort of p would."""
+  s, t, inf = _tie_row_case()
+  keep = ~inf[0]
+  s64 = np.asarray(s[0], np.float64)[keep]
+  t64 = np.asarray(t[0], np.float64)[keep]
+  p64, q64 = np.exp(ref.log_softmax(t64)), np.exp(ref.log_softmax(s64))
+  w64 = ref.akl_weights(p64[None], q64[None])[0][0]
+  np.testing.assert_allclose(w64, 0.25, rtol=1e-6)
+  want = ref.akl(s64, t64)
+  for impl in ("autodiff", "fast", "chunked"):
+    got = kd.get("akl", impl=impl)(s, t)
+    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=impl)
+
+
 # derandomize: CI sees the same 50 cases every run (plus the pinned tie row).
 @hypothesis.settings(max_examples=50, deadline=None, derandomize=True,
                      suppress_health_check=[hypothesis.HealthCheck.too_slow])

@@ -63,13 +63,12 @@ class _Ctx(NamedTuple):
   log_p: Array      # finite teacher log-probs (0 in -inf slots)
   q: Array          # student probabilities
   p: Array          # teacher probabilities
-  sum: Callable[[Array], Array]  # Σ over the vocabulary: _reduce_sum or _chunk_sum
+  sum: Callable[[Array], Array]  # Σ over the vocabulary (see _operator)
 
 
 def _context(s: Array, t: Array, lse_s: _Lse, lse_t: _Lse,
              temperature: float, row_sum: Callable) -> _Ctx:
-  # NumPy logits must become jax arrays: AKL's fallback indexes them by tracers.
-  s, t = jnp.asarray(s), jnp.asarray(t)
+  s, t = jnp.asarray(s), jnp.asarray(t)  # NumPy logits in, jax arrays out
   ls, lt = lse_s.log_prob(s, temperature), lse_t.log_prob(t, temperature)
   return _Ctx(s, t, lse_s, lse_t, temperature, core._finite(ls),
               core._finite(lt), jnp.exp(ls), jnp.exp(lt), row_sum)
@@ -81,11 +80,6 @@ def _lse(x: Array, temperature: float, row_sum: Callable) -> _Lse:
   row_max = jnp.max(x, axis=-1).astype(_F32) / temperature
   shifted = x.astype(_F32) / temperature - row_max[..., None]
   return _Lse(row_max, jnp.log(row_sum(jnp.exp(shifted))))
-
-
-# On CPU a matvec with ones (see core._row_sum); the unchunked operator keeps
-# jnp.sum, whose fused reduction needs no [N, V] input buffer.
-_chunk_sum, _reduce_sum = core._row_sum, core._reduce_sum
 
 
 def _kl(c: _Ctx, w: Array, log_w: Array, log_v: Array) -> Array:
@@ -243,11 +237,10 @@ def _tvd():
 def _akl_topk(c: _Ctx, mu: float, rule: str) -> tuple[Array, Array]:
   """AKL ``w_head`` from the teacher's top-k, and which rows it settles.
 
-  Same weights as :func:`kdjax.divergences.core.akl_weights`, with the top-k
-  taken over the teacher *logits* (no float32 copy of ``p``): their order is the
-  order of ``p`` except where distinct logits round to the same float32
-  probability, which then only swaps two tokens of equal ``π``. Unsettled
-  rows are finished by :func:`_akl_finish`.
+  Same weights as :func:`kdjax.divergences.core.akl_weights` with
+  ``order=teacher_logits``: the top-k is taken over the logits, the exact order
+  of ``p``. Unsettled rows are finished by ``finish`` in :func:`_akl`, over
+  the whole batch.
   """
   k = min(core.AKL_TOP_K, c.t.shape[-1])
   top_t, idx = core.top_k(c.t, k)
@@ -345,7 +338,9 @@ def _prob_rows(s: Array, t: Array, lse_s: _Lse, lse_t: _Lse,
 @functools.lru_cache(maxsize=None)
 def _operator(name: str, hp: tuple, temperature: float, chunk: bool) -> _Op:
   forward, grad, *finish = _SPECS[name](*hp)
-  row_sum = _chunk_sum if chunk else _reduce_sum
+  # On CPU a chunk's sums are a matvec with ones (core._row_sum); the unchunked
+  # operator keeps jnp.sum, whose fused reduction needs no [N, V] input buffer.
+  row_sum = core._row_sum if chunk else core._reduce_sum
   context = lambda s, t, lse_s, lse_t: _context(s, t, lse_s, lse_t,
                                                 temperature, row_sum)
 
@@ -396,7 +391,7 @@ def _operator(name: str, hp: tuple, temperature: float, chunk: bool) -> _Op:
 def _resolve(name: str, temperature, hp: dict[str, Any],
              chunk: bool = False) -> _Op:
   """The operator for ``name``; ``chunk`` marks callers that pass token chunks
-  (see :func:`_chunk_sum`)."""
+  (their vocabulary sums may materialise their input, see core._row_sum)."""
   if name not in _SPECS:
     raise ValueError(f"no fast implementation of {name!r}; choose one of "
                      f"{', '.join(NAMES)}.")
@@ -448,9 +443,9 @@ def akl_unresolved_fraction(teacher_logits: Array, *, mu: float = 0.5,
   AKL head, i.e. rows that take the exact threshold-search fallback. Log it to check
   that the fallback stays rare on real teacher distributions."""
   mu = core._check_akl(mu, rule)
-  lse_t = _lse(teacher_logits, temperature, _reduce_sum)
-  top_t, _ = jax.lax.top_k(teacher_logits,
-                           min(core.AKL_TOP_K, teacher_logits.shape[-1]))
-  mass = _reduce_sum(jnp.exp(lse_t.log_prob(top_t, temperature)))
+  lse_t = _lse(teacher_logits, temperature, core._reduce_sum)
+  top_t, _ = core.top_k(teacher_logits,
+                        min(core.AKL_TOP_K, teacher_logits.shape[-1]))
+  mass = core._reduce_sum(jnp.exp(lse_t.log_prob(top_t, temperature)))
   resolved = (mass > mu) if rule == "akl" else (mass >= mu)
   return jnp.mean(1.0 - resolved.astype(_F32))
