@@ -3,10 +3,10 @@ r"""``make demo``: distillation end to end on the embedded benchmark, on a CPU.
     python -m experiments.demo            # ~10 minutes on a 2-core CPU
 
 Stage 1 fine-tunes the tiny teacher on all of ``synthetic_instruct``
-(``configs/sft_gpt2.py:tiny_teacher``; cached in ``workdirs/tiny/teacher`` and
+(``kdjax/configs/sft_gpt2.py:tiny_teacher``; cached in ``workdirs/tiny/teacher`` and
 skipped when present). Stage 2 trains the ~6x smaller student four ways on a
 slice of the training set -- plain SFT, FKL, RKL and AKL
-(``configs/<method>_gpt2.py:tiny``). Stage 3 scores the teacher and the
+(``kdjax/configs/<method>_gpt2.py:tiny``). Stage 3 scores the teacher and the
 students on the test split (greedy decoding) and prints one table, and draws
 the training curves into ``experiments/figures/tiny_demo.png``.
 """
@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from configs import common, sft_gpt2
+from kdjax.configs import common, sft_gpt2
 from experiments import run_table
 from kdjax import metrics, trainer
 

@@ -5,7 +5,7 @@ r"""The method table: train each method × seed, evaluate, aggregate (issue 6).
     python -m experiments.run_table --scale=paper --root=workdirs/paper \
         --override=teacher.path=workdirs/gpt2_xl_sft/hf
 
-Each (method, seed) trains with ``configs/<method>_gpt2.py`` in
+Each (method, seed) trains with ``kdjax/configs/<method>_gpt2.py`` in
 ``<root>/<method>_s<seed>`` (finished runs, e.g. ``make demo``'s, are reused: the trainer resumes
 at their last step) and is scored with :func:`kdjax.evaluate.run`. The table has
 one row per method, one column per dataset, mean ± std over training seeds; at
@@ -23,10 +23,10 @@ from typing import Sequence
 from absl import app, flags
 import numpy as np
 
-from configs import common
+from kdjax.configs import common
 from kdjax import evaluate, trainer
 
-# method -> config module (configs/<name>.py)
+# method -> config module (kdjax/configs/<name>.py)
 METHODS = {"sft": "sft_gpt2", "seqkd": "seqkd_gpt2", "fkl": "fkl_gpt2",
            "rkl": "rkl_gpt2", "skl": "skl_gpt2", "srkl": "srkl_gpt2",
            "fkl_rkl": "fkl_rkl_gpt2", "akl": "akl_gpt2", "jsd": "jsd_gpt2",
@@ -43,11 +43,11 @@ PAPER_DATASETS = ("dolly", "sni", "unni")
 
 
 def config_for(method: str, scale: str, seed: int, overrides: Sequence[str] = ()):
-  """``configs/<method>_gpt2.py`` at ``scale`` with the seed and overrides."""
+  """``kdjax/configs/<method>_gpt2.py`` at ``scale`` with the seed and overrides."""
   if method not in METHODS:
     raise ValueError(f"method {method!r} is unknown; use some of "
                      f"{', '.join(METHODS)}.")
-  module = importlib.import_module(f"configs.{METHODS[method]}")
+  module = importlib.import_module(f"kdjax.configs.{METHODS[method]}")
   c = module.get_config("tiny" if scale == "tiny" else None)
   c.seed = seed
   common.override(c, dict(item.partition("=")[::2] for item in overrides))

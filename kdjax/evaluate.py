@@ -23,7 +23,7 @@ result.metrics["rougeL"], result.rows[0]["responses"]["10"]
 
 Command line (a HF model directory or a training workdir)::
 
-  python -m kdjax.evaluate --config=configs/akl_gpt2.py --checkpoint=WORKDIR \
+  python -m kdjax.evaluate --config=kdjax/configs/akl_gpt2.py --checkpoint=WORKDIR \
       [--datasets=dolly,sinst] [--seeds=10,20] [--limit=N] [--outdir=DIR] \
       [--manual_dir=DIR]
 
@@ -537,7 +537,7 @@ def main(argv) -> int:
   del argv
   f = flags.FLAGS
   if f.config is None:
-    print("error: --config is required, e.g. --config=configs/akl_gpt2.py.",
+    print("error: --config is required, e.g. --config=kdjax/configs/akl_gpt2.py.",
           file=sys.stderr)
     return 1
   try:

@@ -1,7 +1,7 @@
-r"""Trains a student: ``python -m kdjax.train --config=configs/X.py[:arg] --workdir=DIR``.
+r"""Trains a student: ``python -m kdjax.train --config=kdjax/configs/X.py[:arg] --workdir=DIR``.
 
-    python -m kdjax.train --config=configs/akl_gpt2.py:tiny --workdir=/tmp/akl
-    python -m kdjax.train --config=configs/akl_gpt2.py --workdir=gs://b/akl \
+    python -m kdjax.train --config=kdjax/configs/akl_gpt2.py:tiny --workdir=/tmp/akl
+    python -m kdjax.train --config=kdjax/configs/akl_gpt2.py --workdir=gs://b/akl \
         --config.teacher.path=/ckpt/gpt2_xl_sft --config.mesh.fsdp=4
 
 Re-running the same command in the same workdir resumes from its latest
@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from kdjax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/akl_gpt2.py:tiny.",
+    "config", None, "Experiment config file, e.g. kdjax/configs/akl_gpt2.py:tiny.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it "
                                "holds a checkpoint).")

@@ -2,7 +2,7 @@
 
 ```python
 from kdjax import trainer
-from configs import akl_gpt2
+from kdjax.configs import akl_gpt2
 summary = trainer.train_and_evaluate(akl_gpt2.get_config("tiny"), "/tmp/akl")
 ```
 
@@ -148,10 +148,10 @@ def _teacher_path(config) -> str:
   if config.teacher.hub_id:
     fix = (f"download or fine-tune it (base model: `huggingface-cli download "
            f"{config.teacher.hub_id} --local-dir DIR`, then SFT it with "
-           "configs/sft_gpt2.py:teacher) and pass --config.teacher.path=DIR")
+           "kdjax/configs/sft_gpt2.py:teacher) and pass --config.teacher.path=DIR")
   else:
     fix = ("train it first: python -m kdjax.train "
-           "--config=configs/sft_gpt2.py:tiny_teacher --workdir="
+           "--config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir="
            f"{os.path.dirname(config.teacher.path.rstrip('/'))}")
   raise TrainingError(f"teacher checkpoint {config.teacher.path} not found; "
                       f"{fix}.")
@@ -486,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (or resumes) the run ``config`` in ``workdir``; returns its last metrics.
 
   Args:
-    config: an experiment config (``configs/*.py:get_config(arg)``).
+    config: an experiment config (``kdjax/configs/*.py:get_config(arg)``).
     workdir: run directory; a checkpoint there is resumed.
     stop_at: stop after this step with a checkpoint, as a preemption would;
       calling again continues the same run (notebooks training in pieces).

@@ -4,7 +4,7 @@ import jax
 import pytest
 from flax import nnx
 
-from configs import akl_gpt2, akl_llama, common
+from kdjax.configs import akl_gpt2, akl_llama, common
 from experiments.benchmarks import fit
 from kdjax import models, sharding
 

@@ -34,7 +34,7 @@ TMP = ".orbax-checkpoint-tmp"
 
 
 def _overrides(root: str) -> dict:
-  """``--config.`` overrides shrinking configs/akl_gpt2.py:tiny (tiny_run's sizes)."""
+  """``--config.`` overrides shrinking kdjax/configs/akl_gpt2.py:tiny (tiny_run's sizes)."""
   out = {"data.data_dir": os.path.join(root, "data"), "data.train_limit": 64,
          "teacher.path": tiny_run.make_teacher(os.path.join(root, "teacher")),
          "batch_size": 8, "optim.warmup_steps": 1, "log_every": 1,
@@ -46,7 +46,7 @@ def _overrides(root: str) -> dict:
 
 
 def _config(root: str):
-  from configs import akl_gpt2, common
+  from kdjax.configs import akl_gpt2, common
   c = akl_gpt2.get_config(f"tiny,steps={STEPS}")
   common.override(c, _overrides(root))
   return c
@@ -54,7 +54,7 @@ def _config(root: str):
 
 def _command(root: str, workdir: str) -> list[str]:
   return [sys.executable, "-m", "kdjax.train",
-          f"--config=configs/akl_gpt2.py:tiny,steps={STEPS}",
+          f"--config=kdjax/configs/akl_gpt2.py:tiny,steps={STEPS}",
           f"--workdir={workdir}"] + [
               f"--config.{k}={v}" for k, v in _overrides(root).items()]
 

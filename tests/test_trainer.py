@@ -14,7 +14,7 @@ from flax import nnx
 from kdjax import metrics, models, objective, sharding, trainer
 import tiny_run
 
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob("configs/*.py")
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob("kdjax/configs/*.py")
                  if not p.endswith(("common.py", "__init__.py")))
 
 
@@ -86,8 +86,8 @@ def test_the_issue_lists_every_config():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_defaults_and_docstring_command(name):
-  module = __import__(f"configs.{name}", fromlist=["get_config"])
-  assert f"python -m kdjax.train --config=configs/{name}.py" in module.__doc__
+  module = __import__(f"kdjax.configs.{name}", fromlist=["get_config"])
+  assert f"python -m kdjax.train --config=kdjax/configs/{name}.py" in module.__doc__
   paper, tiny = module.get_config(), module.get_config("tiny")
   assert paper.data.name == "dolly" and tiny.data.name == "synthetic_instruct"
   assert paper.batch_size == 32 and paper.optim.clip == 1.0
@@ -103,13 +103,13 @@ def test_config_defaults_and_docstring_command(name):
 
 
 def test_unknown_config_arg_and_override_fail_clearly():
-  from configs import akl_gpt2
+  from kdjax.configs import akl_gpt2
   with pytest.raises(ValueError, match="config arg 'tiyn' is unknown"):
     akl_gpt2.get_config("tiyn")
   # The CLI: an unknown --config.key is refused by ml_collections.
   import subprocess, sys
   out = subprocess.run(
-      [sys.executable, "-m", "kdjax.train", "--config=configs/akl_gpt2.py:tiny",
+      [sys.executable, "-m", "kdjax.train", "--config=kdjax/configs/akl_gpt2.py:tiny",
        "--workdir=/tmp/never_written", "--config.optim.lrr=1"],
       capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "lrr" in out.stderr
@@ -117,7 +117,7 @@ def test_unknown_config_arg_and_override_fail_clearly():
 
 
 def test_paper_default_without_teacher_fails_fast_naming_the_fix(tmp_path):
-  from configs import akl_gpt2
+  from kdjax.configs import akl_gpt2
   c = akl_gpt2.get_config()
   c.teacher.path = str(tmp_path / "missing")
   with pytest.raises(trainer.TrainingError) as e:
@@ -239,7 +239,7 @@ def test_objective_matches_a_numpy_reference(root):
 
 
 def test_schedule_and_weight_decay_mask():
-  from configs import akl_gpt2
+  from kdjax.configs import akl_gpt2
   c = akl_gpt2.get_config()
   sched = trainer.make_schedule(c.optim, 1000)
   assert float(sched(0)) == pytest.approx(5e-4)

@@ -14,7 +14,7 @@ import os
 import ml_collections
 from flax import nnx
 
-from configs import common
+from kdjax.configs import common
 from kdjax import models
 
 TEACHER = dict(n_embd=32, n_layer=1, n_head=2)
@@ -32,11 +32,11 @@ def make_teacher(directory: str) -> str:
 
 def config(name: str, root: str, *, steps: int = 4,
            **overrides) -> ml_collections.ConfigDict:
-  """``configs/<name>.py:tiny`` shrunk for tests, data and teacher under ``root``.
+  """``kdjax/configs/<name>.py:tiny`` shrunk for tests, data and teacher under ``root``.
 
   ``overrides`` are dotted keys: ``config("akl_gpt2", tmp, **{"loss.impl": "fused"})``.
   """
-  module = importlib.import_module(f"configs.{name}")
+  module = importlib.import_module(f"kdjax.configs.{name}")
   c = module.get_config(f"tiny,steps={steps}")
   c.data.data_dir = os.path.join(root, "data")
   c.data.train_limit = 64

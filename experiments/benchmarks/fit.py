@@ -1,8 +1,8 @@
 r"""Does a run fit? Per-device memory and FLOPs of the train step, compiled ahead of time.
 
-    python -m experiments.benchmarks.fit --config=configs/akl_gpt2.py
-    python -m experiments.benchmarks.fit --config=configs/akl_llama.py --devices=8
-    python -m experiments.benchmarks.fit --config=configs/akl_gpt2.py --fsdp=8 \
+    python -m experiments.benchmarks.fit --config=kdjax/configs/akl_gpt2.py
+    python -m experiments.benchmarks.fit --config=kdjax/configs/akl_llama.py --devices=8
+    python -m experiments.benchmarks.fit --config=kdjax/configs/akl_gpt2.py --fsdp=8 \
         --config.student.remat=full
 
 The step of :mod:`kdjax.trainer` (teacher forward, student forward + backward,
@@ -26,7 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/akl_gpt2.py", "Experiment config file[:arg].",
+    "config", "kdjax/configs/akl_gpt2.py", "Experiment config file[:arg].",
     lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices in the mesh.")
 _DATA = flags.DEFINE_integer("data", None, "Mesh data axis (default: the "

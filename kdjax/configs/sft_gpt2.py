@@ -4,23 +4,23 @@ Three uses, chosen by the arg:
 
 * default -- the student SFT baseline, GPT-2 124M on Dolly:
 
-    python -m kdjax.train --config=configs/sft_gpt2.py --workdir=workdirs/sft_gpt2
+    python -m kdjax.train --config=kdjax/configs/sft_gpt2.py --workdir=workdirs/sft_gpt2
 
 * ``teacher`` -- the teacher stage, GPT-2 XL on Dolly (lr 5e-5, 10 epochs); its
   ``hf/`` export is what the KD configs read as ``teacher.path``:
 
-    python -m kdjax.train --config=configs/sft_gpt2.py:teacher --workdir=workdirs/gpt2_xl_sft
+    python -m kdjax.train --config=kdjax/configs/sft_gpt2.py:teacher --workdir=workdirs/gpt2_xl_sft
 
 * ``tiny`` / ``tiny_teacher`` -- the same two at laptop-CPU scale on the
   embedded benchmark (``make demo`` runs the teacher stage first):
 
-    python -m kdjax.train --config=configs/sft_gpt2.py:tiny_teacher --workdir=workdirs/tiny/teacher
-    python -m kdjax.train --config=configs/sft_gpt2.py:tiny --workdir=workdirs/tiny/sft
+    python -m kdjax.train --config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir=workdirs/tiny/teacher
+    python -m kdjax.train --config=kdjax/configs/sft_gpt2.py:tiny --workdir=workdirs/tiny/sft
 """
 
 import ml_collections
 
-from configs import common
+from kdjax.configs import common
 
 
 def get_config(arg=None):

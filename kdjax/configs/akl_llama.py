@@ -4,12 +4,12 @@ The common recipe with MiniLLM's LLaMA changes (kd_losses.md 4): 10 epochs,
 gradient checkpointing, the bf16 teacher and the student sharded with FSDP.
 TinyLLaMA (1.1B) sits in MiniLLM's small-model grid, so lr stays 5e-4.
 
-  python -m kdjax.train --config=configs/akl_llama.py --workdir=workdirs/akl_llama \
+  python -m kdjax.train --config=kdjax/configs/akl_llama.py --workdir=workdirs/akl_llama \
       --config.teacher.path=workdirs/llama_7b_sft/hf --config.mesh.fsdp=8
-  python -m kdjax.train --config=configs/akl_llama.py:tiny --workdir=workdirs/tiny/akl_llama
+  python -m kdjax.train --config=kdjax/configs/akl_llama.py:tiny --workdir=workdirs/tiny/akl_llama
 """
 
-from configs import common
+from kdjax.configs import common
 
 
 def get_config(arg=None):

@@ -2,15 +2,15 @@ r"""TVD: total variation distance (DistiLLM's TVD baseline).
 
 Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
 
-  python -m kdjax.train --config=configs/tvd_gpt2.py --workdir=workdirs/tvd_gpt2 \
+  python -m kdjax.train --config=kdjax/configs/tvd_gpt2.py --workdir=workdirs/tvd_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
 
-  python -m kdjax.train --config=configs/tvd_gpt2.py:tiny --workdir=workdirs/tiny/tvd
+  python -m kdjax.train --config=kdjax/configs/tvd_gpt2.py:tiny --workdir=workdirs/tiny/tvd
 """
 
-from configs import common
+from kdjax.configs import common
 
 
 def get_config(arg=None):

@@ -4,12 +4,12 @@ The trainer first samples one response per training prompt from the teacher
 (evaluation protocol: temperature 1, no_repeat_ngram 6), caches them in
 ``workdir/seqkd/train.jsonl``, then trains with plain CE (kd_ratio 0).
 
-  python -m kdjax.train --config=configs/seqkd_gpt2.py --workdir=workdirs/seqkd_gpt2 \
+  python -m kdjax.train --config=kdjax/configs/seqkd_gpt2.py --workdir=workdirs/seqkd_gpt2 \
       --config.data.seqkd_teacher=workdirs/gpt2_xl_sft/hf
-  python -m kdjax.train --config=configs/seqkd_gpt2.py:tiny --workdir=workdirs/tiny/seqkd
+  python -m kdjax.train --config=kdjax/configs/seqkd_gpt2.py:tiny --workdir=workdirs/tiny/seqkd
 """
 
-from configs import common
+from kdjax.configs import common
 
 
 def get_config(arg=None):

@@ -2,15 +2,15 @@ r"""FKL+RKL: FKL + RKL summed with equal weights (the seed paper's ablation).
 
 Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
 
-  python -m kdjax.train --config=configs/fkl_rkl_gpt2.py --workdir=workdirs/fkl_rkl_gpt2 \
+  python -m kdjax.train --config=kdjax/configs/fkl_rkl_gpt2.py --workdir=workdirs/fkl_rkl_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
 
-  python -m kdjax.train --config=configs/fkl_rkl_gpt2.py:tiny --workdir=workdirs/tiny/fkl_rkl
+  python -m kdjax.train --config=kdjax/configs/fkl_rkl_gpt2.py:tiny --workdir=workdirs/tiny/fkl_rkl
 """
 
-from configs import common
+from kdjax.configs import common
 
 
 def get_config(arg=None):
