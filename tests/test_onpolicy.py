@@ -1,0 +1,220 @@
+"""On-policy sequence sources: layouts, the student's samples, GKD's choice."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kdjax import models, sampling, sharding
+from kdjax.data import pipeline
+from kdjax.onpolicy import batches, source
+
+V, EOS, L, P = 40, 3, 24, 10
+
+
+def _examples(rng, n):
+  """Tokenized examples: prompts of 1..P tokens, responses ending in EOS."""
+  out = []
+  for _ in range(n):
+    p = int(rng.randint(1, P + 1))
+    prompt = rng.randint(4, V, p).tolist()
+    response = rng.randint(4, V, int(rng.randint(0, 12))).tolist() + [EOS]
+    ids = (prompt + response)[:L]
+    out.append(pipeline.Tokenized(np.asarray(ids, np.int32), p))
+  return out
+
+
+def _dataset_batch(examples):
+  return pipeline._stack([pipeline.train_row(e, max_length=L, eos_id=EOS)
+                          for e in examples])
+
+
+def _student(seed=0):
+  model = models.create("tiny-gpt2", vocab_size=V, n_embd=16, n_layer=2,
+                        n_head=2, rngs=nnx.Rngs(seed))
+  return model
+
+
+def _source(model, kind="gkd", lmbda=1.0, n_new=12, **kw):
+  settings = sampling.Settings(max_new_tokens=n_new, greedy=False,
+                               temperature=1.3, eos_id=EOS, pad_id=EOS)
+  return source.Source(kind=kind, settings=settings, prompt_length=P,
+                       max_length=L, eos_id=EOS, total_steps=100,
+                       student_graphdef=nnx.split(model, nnx.Param, ...)[0],
+                       lmbda=lmbda, **kw)
+
+
+def _call(src, model, batch, state, step, teacher_state=None):
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  return jax.jit(src.__call__)(params, rest, teacher_state, jb, state,
+                               jnp.asarray(step, jnp.int32))
+
+
+def _np(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def _reference_rows(prompts, tokens):
+  """pipeline.train_row of ``prompt ‖ tokens through the first EOS``."""
+  rows = []
+  for prompt, gen in zip(prompts, tokens):
+    gen = list(gen)
+    g = gen.index(EOS) + 1 if EOS in gen else len(gen)
+    ids = (list(prompt) + gen[:g])[:L]
+    rows.append(pipeline.train_row(
+        pipeline.Tokenized(np.asarray(ids, np.int32), len(prompt)),
+        max_length=L, eos_id=EOS))
+  return pipeline._stack(rows)
+
+
+# ----------------------------------------------------------------------------
+# Layouts.
+
+
+def test_prompts_from_batch_equal_left_padded_dataset_prompts():
+  examples = _examples(np.random.RandomState(0), 16)
+  got, mask = jax.jit(batches.prompts_from_batch, static_argnums=(1, 2))(
+      {k: jnp.asarray(v) for k, v in _dataset_batch(examples).items()}, P, EOS)
+  want = pipeline.left_pad([e.ids[:e.prompt_len].tolist() for e in examples],
+                           length=P, eos_id=EOS)
+  np.testing.assert_array_equal(np.asarray(got), want["input_ids"])
+  np.testing.assert_array_equal(np.asarray(mask), want["attention_mask"] > 0)
+
+
+def test_response_rows_equal_pipeline_train_rows():
+  rng = np.random.RandomState(1)
+  examples = _examples(rng, 32)
+  prompts = [e.ids[:e.prompt_len].tolist() for e in examples]
+  left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
+  # Generated tokens: some rows end in EOS early (then padding), some never.
+  tokens = rng.randint(4, V, (32, 18))
+  for r in range(0, 32, 2):
+    end = int(rng.randint(0, 18))
+    tokens[r, end] = EOS
+    tokens[r, end + 1:] = EOS
+  rows = batches.response_rows(jnp.asarray(left["input_ids"]),
+                               jnp.asarray(left["attention_mask"] > 0),
+                               jnp.asarray(tokens), max_length=L, eos_id=EOS)
+  got = _np(batches.to_batch(rows, EOS))
+  want = _reference_rows(prompts, tokens)
+  assert set(got) == set(want)
+  for k in want:
+    assert got[k].dtype == want[k].dtype, k
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # Some rows were cut at L, some ended before it.
+  n = np.asarray(rows.length_B)
+  assert (n == L).any() and (n < L).any()
+
+
+# ----------------------------------------------------------------------------
+# The student's samples.
+
+
+def test_onpolicy_batch_is_the_students_samples_and_masks_them_exactly():
+  model = _student()
+  examples = _examples(np.random.RandomState(2), 8)
+  batch = _dataset_batch(examples)
+  src = _source(model)
+  state = src.init(seed=7)
+  out, _, info = _np(_call(src, model, batch, state, step=5))
+  # Independently: kdjax.sampling.generate on the same prompts and key.
+  prompts = [e.ids[:e.prompt_len].tolist() for e in examples]
+  left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
+  key = source.step_keys(state.key, jnp.asarray(5, jnp.int32))[1]
+  model.eval()
+  tokens = np.asarray(sampling.generate(
+      model, left["input_ids"], left["attention_mask"] > 0, key,
+      **src.settings._asdict()))
+  want = _reference_rows(prompts, tokens)
+  for k in want:
+    np.testing.assert_array_equal(out[k], want[k], err_msg=k)
+  # The mask covers exactly the generated tokens, through EOS, nothing after.
+  lengths = []
+  for r, prompt in enumerate(prompts):
+    gen = tokens[r].tolist()
+    g = gen.index(EOS) + 1 if EOS in gen else len(gen)
+    g = min(g, L - len(prompt))
+    lengths.append(g)
+    cols = np.flatnonzero(out["loss_mask"][r])
+    np.testing.assert_array_equal(cols, np.arange(len(prompt) - 1,
+                                                  len(prompt) - 1 + g))
+    np.testing.assert_array_equal(out["labels"][r, cols], gen[:g])
+    np.testing.assert_array_equal(out["input_ids"][r, :len(prompt)], prompt)
+  assert any(EOS in t.tolist() for t in tokens)  # both endings are covered
+  assert not all(EOS in t.tolist() for t in tokens)
+  assert info["onpolicy"] == 1 and info["generated"] == 1
+  assert info["gen_len"] == pytest.approx(np.mean(lengths))
+  # Another step, another sample.
+  again, _, _ = _np(_call(src, model, batch, state, step=6))
+  assert (again["labels"] != out["labels"]).any()
+
+
+def test_eight_devices_equal_one():
+  model = _student(3)
+  examples = _examples(np.random.RandomState(3), 16)
+  batch = _dataset_batch(examples)
+  outs = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = sharding.make_mesh(devices=devices)
+    with jax.set_mesh(mesh):
+      m = sharding.shard_model(_student(3), mesh)
+      src = _source(m)
+      b = {k: jax.device_put(v, sharding.batch_sharding(mesh))
+           for k, v in batch.items()}
+      out, _, info = _call(src, m, b, src.init(seed=1), step=2)
+      if len(devices) == 8:
+        assert len(out["labels"].sharding.device_set) == 8
+      outs.append(_np((out, info)))
+  for k in outs[0][0]:
+    np.testing.assert_array_equal(outs[0][0][k], outs[1][0][k], err_msg=k)
+  assert outs[0][1] == outs[1][1]
+
+
+# ----------------------------------------------------------------------------
+# GKD's choice.
+
+
+def test_lmbda_zero_returns_the_dataset_batch_bit_for_bit():
+  model = _student()
+  batch = _dataset_batch(_examples(np.random.RandomState(4), 8))
+  for kind in ("dataset", "gkd", "skd"):
+    src = _source(model, kind=kind, lmbda=0.0)
+    for step in range(3):
+      out, state, info = _np(_call(src, model, batch, src.init(0), step))
+      for k in batch:
+        assert out[k].dtype == batch[k].dtype
+        np.testing.assert_array_equal(out[k], batch[k])
+      assert info["onpolicy"] == 0
+
+
+def test_gkd_choice_frequency_and_determinism():
+  key = _source(_student()).init(seed=11).key
+  steps = jnp.arange(4000)
+  for lmbda in (0.0, 0.25, 0.7, 1.0):
+    use = np.asarray(jax.vmap(lambda s: source.uses_generated(key, s, lmbda))(
+        steps))
+    # Binomial(4000, lmbda): within 4 standard deviations.
+    sd = np.sqrt(4000 * lmbda * (1 - lmbda))
+    assert abs(use.sum() - 4000 * lmbda) <= 4 * sd + 1e-9, lmbda
+    if 0 < lmbda < 1:  # not a fixed pattern: runs of both lengths occur
+      assert (np.diff(use.astype(int)) != 0).sum() > 100
+  # The choice of a step depends only on the key and the step (exact resume).
+  a = [bool(source.uses_generated(key, jnp.asarray(s), 0.5)) for s in range(20)]
+  b = [bool(source.uses_generated(key, jnp.asarray(s), 0.5)) for s in
+       reversed(range(20))][::-1]
+  assert a == b
+
+
+def test_gkd_mixture_switches_between_dataset_and_student_batches():
+  model = _student()
+  batch = _dataset_batch(_examples(np.random.RandomState(5), 8))
+  src = _source(model, lmbda=0.5)
+  state = src.init(seed=2)
+  for step in range(8):
+    out, _, info = _np(_call(src, model, batch, state, step))
+    chosen = bool(source.uses_generated(state.key, jnp.asarray(step), 0.5))
+    assert info["onpolicy"] == float(chosen)
+    same = all(np.array_equal(out[k], batch[k]) for k in batch)
+    assert same == (not chosen), step
