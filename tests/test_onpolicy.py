@@ -8,7 +8,7 @@ from flax import nnx
 
 from kdjax import models, sampling, sharding
 from kdjax.data import pipeline
-from kdjax.onpolicy import batches, source
+from kdjax.onpolicy import batches, distillm, source
 
 V, EOS, L, P = 40, 3, 24, 10
 
@@ -36,11 +36,11 @@ def _student(seed=0):
   return model
 
 
-def _source(model, kind="gkd", lmbda=1.0, n_new=12, **kw):
+def _source(model, kind="gkd", lmbda=1.0, n_new=12, total_steps=100, **kw):
   settings = sampling.Settings(max_new_tokens=n_new, greedy=False,
                                temperature=1.3, eos_id=EOS, pad_id=EOS)
   return source.Source(kind=kind, settings=settings, prompt_length=P,
-                       max_length=L, eos_id=EOS, total_steps=100,
+                       max_length=L, eos_id=EOS, total_steps=total_steps,
                        student_graphdef=nnx.split(model, nnx.Param, ...)[0],
                        lmbda=lmbda, **kw)
 
@@ -218,3 +218,37 @@ def test_gkd_mixture_switches_between_dataset_and_student_batches():
     assert info["onpolicy"] == float(chosen)
     same = all(np.array_equal(out[k], batch[k]) for k in batch)
     assert same == (not chosen), step
+
+
+def test_distillm_source_generates_fills_then_replays():
+  model = _student(4)
+  examples = _examples(np.random.RandomState(6), 4)
+  batch = _dataset_batch(examples)
+  src = _source(model, kind="distillm", capacity=8, total_steps=10)
+  state = src.init(seed=3, threshold=0.9)
+  call = jax.jit(src.__call__)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  seen = []  # label rows of every generated batch
+  acts = []
+  for step in range(10):
+    u = float(jax.random.uniform(source.step_keys(state.key, step)[0]))
+    gen_tau = 0.9 * (1 - (step + 1) / 10)
+    count = int(state.buffer.count)
+    want = (distillm.GENERATE if u < gen_tau or (u < 0.9 and count < 8) else
+            distillm.REPLAY if u < 0.9 else distillm.DATASET)
+    acts.append(want)
+    out, state, info = call(params, rest, None, jb, state,
+                            jnp.asarray(step, jnp.int32))
+    out = _np(out)
+    assert info["generated"] == (want == distillm.GENERATE), step
+    assert info["onpolicy"] == (want != distillm.DATASET), step
+    if want == distillm.GENERATE:
+      seen.extend(map(tuple, out["labels"]))
+      assert int(state.buffer.count) == min(count + 4, 8)
+    elif want == distillm.REPLAY:
+      assert set(map(tuple, out["labels"])) <= set(seen[-8:])
+    else:
+      for k in batch:
+        np.testing.assert_array_equal(out[k], batch[k])
+  assert {distillm.GENERATE, distillm.REPLAY} <= set(acts)
