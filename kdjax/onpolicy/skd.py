@@ -43,7 +43,8 @@ def in_top_k(logits_BxV: Array, token_B: Array, k: int) -> Array:
   return mine_B >= kth_B
 
 
-def choose(student_BxV: Array, teacher_BxV: Array, key: Array, *, top_k: int,
+def choose(student_BxV: Array, teacher_BxV: Array, key: Array, *,
+           teacher_top_k: int,
            settings: sampling.Settings, resample: str = "top_k",
            tokens_BxS=None, valid_BxS=None, end=None) -> tuple[Array, Array]:
   """One SKD step: ``(token_B, replaced_B)`` from both models' next-token logits.
@@ -60,7 +61,7 @@ def choose(student_BxV: Array, teacher_BxV: Array, key: Array, *, top_k: int,
   teacher_BxV = sampling.process_logits(teacher_raw, s, tokens_BxS, valid_BxS,
                                         end)
   if resample == "top_k":
-    teacher_BxV = sampling.top_k_mask(teacher_BxV, top_k)
+    teacher_BxV = sampling.top_k_mask(teacher_BxV, teacher_top_k)
   if s.greedy:
     proposal_B = jnp.argmax(student_BxV, axis=-1)
     replacement_B = jnp.argmax(teacher_BxV, axis=-1)
@@ -68,13 +69,13 @@ def choose(student_BxV: Array, teacher_BxV: Array, key: Array, *, top_k: int,
     proposal_B = jax.random.categorical(key, student_BxV, axis=-1)
     replacement_B = jax.random.categorical(jax.random.fold_in(key, 1),
                                            teacher_BxV, axis=-1)
-  accept_B = in_top_k(teacher_raw, proposal_B, top_k)
+  accept_B = in_top_k(teacher_raw, proposal_B, teacher_top_k)
   token_B = jnp.where(accept_B, proposal_B, replacement_B)
   return token_B.astype(jnp.int32), ~accept_B
 
 
 def generate(student: nnx.Module, teacher: nnx.Module, prompt_ids_BxP: Array,
-             prompt_mask_BxP: Array, key: Array, *, top_k: int,
+             prompt_mask_BxP: Array, key: Array, *, teacher_top_k: int,
              resample: str = "top_k", **settings) -> tuple[Array, Array]:
   """SKD decoding of ``max_new_tokens`` per row (both models in eval mode).
 
@@ -83,9 +84,9 @@ def generate(student: nnx.Module, teacher: nnx.Module, prompt_ids_BxP: Array,
   proposal (False after the end).
   """
   s = sampling.Settings(**settings)
-  if top_k < 1:
-    raise ValueError(f"SKD top_k={top_k} must be >= 1 (the teacher's top-K "
-                     "that accepts a student token).")
+  if teacher_top_k < 1:
+    raise ValueError(f"SKD teacher_top_k={teacher_top_k} must be >= 1 (the "
+                     "teacher's top-K that accepts a student token).")
   if resample not in RESAMPLE:
     raise ValueError(f"SKD resample={resample!r} must be one of {RESAMPLE}.")
   if s.temperature <= 0:
@@ -95,12 +96,13 @@ def generate(student: nnx.Module, teacher: nnx.Module, prompt_ids_BxP: Array,
   t_def, t_state = nnx.split(teacher)
   return _generate(s_def, t_def, s_state, t_state,
                    jnp.asarray(prompt_ids_BxP, jnp.int32),
-                   jnp.asarray(prompt_mask_BxP, bool), key, s, top_k, resample)
+                   jnp.asarray(prompt_mask_BxP, bool), key, s, teacher_top_k,
+                   resample)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9))
 def _generate(s_def, t_def, s_state, t_state, prompt_BxP, mask_BxP, key,
-              s: sampling.Settings, top_k: int, resample: str):
+              s: sampling.Settings, teacher_top_k: int, resample: str):
   student = nnx.merge(s_def, s_state)
   teacher = nnx.merge(t_def, t_state)
   B, P = prompt_BxP.shape
@@ -124,7 +126,8 @@ def _generate(s_def, t_def, s_state, t_state, prompt_BxP, mask_BxP, key,
      key) = carry
     key, sub = jax.random.split(key)
     next_B, replaced_B = choose(
-        logits[0], logits[1], sub, top_k=top_k, settings=s, resample=resample,
+        logits[0], logits[1], sub, teacher_top_k=teacher_top_k, settings=s,
+        resample=resample,
         tokens_BxS=tokens_BxS, valid_BxS=valid_BxS, end=P + i)
     next_B = jnp.where(done_B, s.pad_id, next_B).astype(jnp.int32)
     tokens_BxS = tokens_BxS.at[:, P + i].set(next_B)

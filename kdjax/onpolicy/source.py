@@ -232,7 +232,7 @@ class Source:
     if by == "skd":
       tokens_BxN, replaced_BxN = skd.generate(
           self._student(params, rest), self._teacher(teacher_state),
-          prompt_BxP, mask_BxP, key, top_k=self.skd_top_k,
+          prompt_BxP, mask_BxP, key, teacher_top_k=self.skd_top_k,
           resample=self.skd_resample, **kw)
     else:
       model = (self._student(params, rest) if by == "student"
