@@ -252,3 +252,56 @@ def test_distillm_source_generates_fills_then_replays():
       for k in batch:
         np.testing.assert_array_equal(out[k], batch[k])
   assert {distillm.GENERATE, distillm.REPLAY} <= set(acts)
+
+
+# ----------------------------------------------------------------------------
+# Configs.
+
+
+@pytest.mark.parametrize("name,kind", [("gkd_gpt2", "gkd"),
+                                       ("distillm_gpt2", "distillm"),
+                                       ("skd_gpt2", "skd")])
+def test_configs_build_their_source(name, kind):
+  module = __import__(f"kdjax.configs.{name}", fromlist=["get_config"])
+  model = _student()
+  graphdef = nnx.split(model, nnx.Param, ...)[0]
+  for arg, n_new in ((None, 256), ("tiny", 32)):
+    c = module.get_config(arg)
+    assert c.onpolicy.source == kind
+    src = source.Source.from_config(c, eos_id=EOS, total_steps=10,
+                                    student_graphdef=graphdef,
+                                    teacher_graphdef=graphdef)
+    assert src.kind == kind and src.settings.max_new_tokens == n_new
+    assert src.settings.eos_id == EOS and not src.settings.greedy
+    with pytest.raises(AttributeError):  # locked: a typo is not a new field
+      c.onpolicy.lmbdaa = 1.0
+  assert module.get_config().onpolicy.lmbda == {"gkd": 0.5, "distillm": 0.0,
+                                               "skd": 1.0}[kind]
+
+
+def test_bad_onpolicy_settings_fail_with_one_sentence():
+  from kdjax.configs import gkd_gpt2, skd_gpt2
+  model = _student()
+  graphdef = nnx.split(model, nnx.Param, ...)[0]
+  cases = [("onpolicy.lmbda", 1.5, "lmbda=1.5 must be in"),
+           ("onpolicy.source", "ppo", "source='ppo' is unknown"),
+           ("onpolicy.temperature", 0.0, "temperature=0.0 must be > 0"),
+           ("onpolicy.buffer_size", 4, None)]
+  for key, value, msg in cases:
+    c = gkd_gpt2.get_config("tiny")
+    with c.unlocked():
+      c.update_from_flattened_dict({key: value})
+    build = lambda: source.Source.from_config(
+        c, eos_id=EOS, total_steps=10, student_graphdef=graphdef)
+    if msg is None:  # only DistiLLM reads the buffer size
+      build()
+      continue
+    with pytest.raises(ValueError, match=msg) as e:
+      build()
+    assert "\n" not in str(e.value)
+  c = skd_gpt2.get_config("tiny")
+  with pytest.raises(ValueError, match="needs the teacher"):
+    source.Source.from_config(c, eos_id=EOS, total_steps=10,
+                              student_graphdef=graphdef)
+  with pytest.raises(ValueError, match="unknown"):
+    source.add_config(c, lambda_=0.5)

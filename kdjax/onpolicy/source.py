@@ -65,6 +65,7 @@ def add_config(c: ml_collections.ConfigDict, **fields) -> None:
                      f"{', '.join(sorted(DEFAULTS))}.")
   with c.unlocked():
     c.onpolicy = ml_collections.ConfigDict({**DEFAULTS, **fields})
+  c.lock()  # the new block too: a typo in an override is an error
 
 
 def check(cfg, *, batch_size: int, max_length: int,
