@@ -54,7 +54,7 @@ def _reference_run(rs, val_losses, *, total, every, capacity, batch,
 
 
 def _rows_of_step(s, batch, length=6):
-  """Rows whose first two ids say (step, row): the buffer's contents are visible."""
+  """Rows whose first two ids are (step, row), to read the buffer back."""
   ids = np.zeros((batch, length + 1), np.int32)
   ids[:, 0] = s
   ids[:, 1] = np.arange(batch)

@@ -14,7 +14,7 @@ V, EOS, TAU = 40, 3, 1.3
 
 
 def _gumbels(key, shape):
-  """The noise jax.random.categorical adds: student's at key, teacher's at fold_in(key, 1)."""
+  """jax.random.categorical's noise: at key, and at fold_in(key, 1)."""
   g = lambda k: np.asarray(jax.random.gumbel(k, shape, jnp.float32), np.float64)
   return g(key), g(jax.random.fold_in(key, 1))
 

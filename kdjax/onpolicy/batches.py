@@ -82,7 +82,7 @@ def generated_length(tokens_BxN: Array, eos_id: int) -> Array:
 def response_rows(prompt_BxP: Array, prompt_mask_BxP: Array,
                   tokens_BxN: Array, *, max_length: int,
                   eos_id: int) -> Rows:
-  """Rows ``prompt ‖ generated`` (through the first EOS), at most ``max_length``.
+  """Rows ``prompt ‖ generated`` (through the first EOS), <= max_length.
 
   ``prompt_BxP`` is left-padded (``prompt_mask`` True on real tokens);
   ``tokens_BxN`` is the sampler's output (after a row's EOS comes padding,

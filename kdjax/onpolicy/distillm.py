@@ -64,7 +64,7 @@ def after_validation(schedule: Schedule, val_loss: float,
 
 def generate_threshold(threshold: Array, step: Array, total_steps: int,
                        replay_ratio: str = "decreasing") -> Array:
-  """``tau_s``: below it a fresh batch is generated even when the buffer is full.
+  """``tau_s``: below it a batch is generated even when the buffer is full.
 
   ``step`` is 1-based (the update about to be made).
   """
@@ -81,7 +81,7 @@ def generate_threshold(threshold: Array, step: Array, total_steps: int,
 
 def action(r: Array, threshold: Array, gen_threshold: Array, count: Array,
            capacity: int) -> Array:
-  """DATASET / GENERATE / REPLAY for the uniform draw ``r`` (module docstring)."""
+  """DATASET / GENERATE / REPLAY for the draw ``r`` (module docstring)."""
   generate = (r < gen_threshold) | ((r < threshold) & (count < capacity))
   replay = ~generate & (r < threshold)
   return jnp.where(generate, GENERATE,

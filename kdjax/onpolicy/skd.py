@@ -1,4 +1,4 @@
-"""Speculative KD (Xu et al., ICLR 2025): the student proposes, the teacher vets.
+"""Speculative KD (Xu et al., ICLR 2025): student proposes, teacher vets.
 
 At every decoding step ``i`` of a response (docs/on_policy.md, "SKD"):
 
@@ -47,7 +47,7 @@ def choose(student_BxV: Array, teacher_BxV: Array, key: Array, *,
            teacher_top_k: int,
            settings: sampling.Settings, resample: str = "top_k",
            tokens_BxS=None, valid_BxS=None, end=None) -> tuple[Array, Array]:
-  """One SKD step: ``(token_B, replaced_B)`` from both models' next-token logits.
+  """One SKD step: ``(token_B, replaced_B)`` from both next-token logits.
 
   ``settings`` (temperature, top-k/top-p, no-repeat n-grams, greedy) shape
   both the student's proposal and the teacher's replacement draw, as in

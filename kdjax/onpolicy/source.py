@@ -133,13 +133,13 @@ def step_keys(key_data: Array, step: Array) -> tuple[Array, ...]:
 
 
 def uses_generated(key_data: Array, step: Array, lmbda: float) -> Array:
-  """GKD/SKD's choice for ``step``: ``u < lmbda``, ``u ~ U[0, 1)`` from its key."""
+  """GKD/SKD's choice at ``step``: ``u < lmbda``, ``u ~ U[0, 1)``."""
   return jax.random.uniform(step_keys(key_data, step)[0]) < lmbda
 
 
 def after_validation(state: State, val_loss: float,
                      loss_eps: float) -> State:
-  """DistiLLM's threshold update (:func:`distillm.after_validation`) on ``state``.
+  """DistiLLM's update (:func:`distillm.after_validation`) on ``state``.
 
   The schedule lives in the state as float32, read and written back the same
   way whether or not the run was resumed in between.
@@ -167,6 +167,7 @@ class Source:
   seq_kd: bool = False
   capacity: int = 0
   replay_ratio: str = "decreasing"
+  loss_eps: float = 0.1
   skd_top_k: int = 25
   skd_resample: str = "top_k"
 
@@ -190,7 +191,8 @@ class Source:
         student_graphdef=student_graphdef, teacher_graphdef=teacher_graphdef,
         lmbda=float(cfg.lmbda), seq_kd=bool(cfg.seq_kd),
         capacity=int(cfg.buffer_size) if cfg.source == "distillm" else 0,
-        replay_ratio=cfg.replay_ratio, skd_top_k=int(cfg.skd_top_k),
+        replay_ratio=cfg.replay_ratio, loss_eps=float(cfg.loss_eps),
+        skd_top_k=int(cfg.skd_top_k),
         skd_resample=cfg.skd_resample)
 
   def init(self, seed: int, threshold: float = 0.0,
