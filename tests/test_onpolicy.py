@@ -305,3 +305,28 @@ def test_bad_onpolicy_settings_fail_with_one_sentence():
                               student_graphdef=graphdef)
   with pytest.raises(ValueError, match="unknown"):
     source.add_config(c, lambda_=0.5)
+
+
+def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
+  student, teacher = _student(0), _student(9)
+  teacher.eval()
+  examples = _examples(np.random.RandomState(7), 8)
+  batch = _dataset_batch(examples)
+  prompts = [e.ids[:e.prompt_len].tolist() for e in examples]
+  left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
+  for lmbda, by in ((0.0, "teacher"), (1.0, "student")):
+    src = _source(student, lmbda=lmbda, seq_kd=True,
+                  teacher_graphdef=nnx.graphdef(teacher))
+    state = src.init(seed=8)
+    out, _, info = _np(_call(src, student, batch, state, 4,
+                             teacher_state=nnx.state(teacher)))
+    keys = source.step_keys(state.key, jnp.asarray(4, jnp.int32))
+    model, key = (teacher, keys[2]) if by == "teacher" else (student, keys[1])
+    model.eval()
+    tokens = np.asarray(sampling.generate(
+        model, left["input_ids"], left["attention_mask"] > 0, key,
+        **src.settings._asdict()))
+    want = _reference_rows(prompts, tokens)
+    for k in want:
+      np.testing.assert_array_equal(out[k], want[k], err_msg=f"{by} {k}")
+    assert info["onpolicy"] == lmbda
