@@ -151,25 +151,35 @@ def test_onpolicy_batch_is_the_students_samples_and_masks_them_exactly():
   assert (again["labels"] != out["labels"]).any()
 
 
-def test_eight_devices_equal_one():
-  model = _student(3)
+@pytest.mark.parametrize("kind", ["gkd", "distillm"])
+def test_eight_devices_equal_one(kind):
   examples = _examples(np.random.RandomState(3), 16)
   batch = _dataset_batch(examples)
+  kw = dict(capacity=16, total_steps=4) if kind == "distillm" else {}
   outs = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = sharding.make_mesh(devices=devices)
     with jax.set_mesh(mesh):
       m = sharding.shard_model(_student(3), mesh)
-      src = _source(m)
+      src = _source(m, kind=kind, **kw)
       b = {k: jax.device_put(v, sharding.batch_sharding(mesh))
            for k, v in batch.items()}
-      out, _, info = _call(src, m, b, src.init(seed=1), step=2)
-      if len(devices) == 8:
-        assert len(out["labels"].sharding.device_set) == 8
-      outs.append(_np((out, info)))
-  for k in outs[0][0]:
-    np.testing.assert_array_equal(outs[0][0][k], outs[1][0][k], err_msg=k)
-  assert outs[0][1] == outs[1][1]
+      state = src.init(seed=1, threshold=1.0)
+      steps = []
+      # DistiLLM: step 0 fills the buffer, later steps replay from it or
+      # generate again.
+      for step in range(2 if kind == "gkd" else 4):
+        out, state, info = _call(src, m, b, state, step=step)
+        if len(devices) == 8:
+          assert len(out["labels"].sharding.device_set) == 8
+        steps.append(_np((out, info)))
+      outs.append(steps)
+  for (a, ia), (b, ib) in zip(*outs):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert ia == ib
+  if kind == "distillm":
+    assert {i["generated"] for _, i in outs[0]} == {0.0, 1.0}
 
 
 # ----------------------------------------------------------------------------
@@ -330,3 +340,11 @@ def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
     for k in want:
       np.testing.assert_array_equal(out[k], want[k], err_msg=f"{by} {k}")
     assert info["onpolicy"] == lmbda
+
+
+def test_configs_without_the_block_are_off_policy():
+  from kdjax.configs import akl_gpt2, gkd_gpt2
+  assert source.spec_from_config(akl_gpt2.get_config("tiny")) == (
+      source.OnPolicySpec())
+  spec = source.spec_from_config(gkd_gpt2.get_config())
+  assert spec.source == "gkd" and spec.lmbda == 0.5

@@ -22,7 +22,7 @@ saved state and ``s``; resuming at ``s`` replays it exactly. The choice is
 always generates; ``gkd``/``skd`` with ``lmbda = 0`` return the dataset
 batch bit for bit.
 
-Configured by ``config.onpolicy`` (:data:`DEFAULTS`, :func:`add_config`).
+Configured by ``config.onpolicy`` (:class:`OnPolicySpec`, :func:`add_config`).
 """
 
 from __future__ import annotations
@@ -44,17 +44,32 @@ from kdjax.onpolicy import skd
 Array = jax.Array
 KINDS = ("dataset", "gkd", "distillm", "skd")
 
-# config.onpolicy fields and their defaults (every kind reads the sampling
-# settings; max_new_tokens 0 means max_length - max_prompt_length).
-DEFAULTS = dict(
-    source="dataset", lmbda=0.0, seq_kd=False, temperature=1.0, top_k=0,
-    top_p=1.0, max_new_tokens=0,
-    # distillm
-    buffer_size=1000, init_threshold=0.0, loss_eps=0.1,
-    replay_ratio="decreasing",
-    # skd
-    skd_top_k=25, skd_resample="top_k",
-)
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicySpec:
+  """The ``config.onpolicy`` block, resolved (defaults: off-policy KD).
+
+  Every generating kind reads the sampling fields; ``max_new_tokens`` 0 means
+  ``max_length - max_prompt_length``.
+  """
+  source: str = "dataset"
+  lmbda: float = 0.0
+  seq_kd: bool = False
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 0
+  # distillm
+  buffer_size: int = 1000
+  init_threshold: float = 0.0
+  loss_eps: float = 0.1
+  replay_ratio: str = "decreasing"
+  # skd
+  skd_top_k: int = 25
+  skd_resample: str = "top_k"
+
+
+DEFAULTS = dataclasses.asdict(OnPolicySpec())
 
 
 def add_config(c: ml_collections.ConfigDict, **fields) -> None:
@@ -68,7 +83,14 @@ def add_config(c: ml_collections.ConfigDict, **fields) -> None:
   c.lock()  # the new block too: a typo in an override is an error
 
 
-def check(cfg, *, batch_size: int, max_length: int,
+def spec_from_config(config: ml_collections.ConfigDict) -> OnPolicySpec:
+  """``config.onpolicy`` resolved; configs without the block are off-policy."""
+  if "onpolicy" not in config:
+    return OnPolicySpec()
+  return OnPolicySpec(**config.onpolicy.to_dict())
+
+
+def check(cfg: OnPolicySpec, *, batch_size: int, max_length: int,
           max_prompt_length: int) -> None:
   """One sentence on the first field of ``config.onpolicy`` that cannot run."""
   if cfg.source not in KINDS:
@@ -172,28 +194,39 @@ class Source:
   skd_resample: str = "top_k"
 
   @classmethod
-  def from_config(cls, config, *, eos_id: int, total_steps: int,
-                  student_graphdef, teacher_graphdef=None) -> "Source":
-    cfg = config.onpolicy
-    d = config.data
-    check(cfg, batch_size=config.batch_size, max_length=d.max_length,
-          max_prompt_length=d.max_prompt_length)
+  def from_spec(cls, cfg: OnPolicySpec, *, batch_size: int, max_length: int,
+                max_prompt_length: int, eos_id: int, total_steps: int,
+                student_graphdef, teacher_graphdef=None) -> "Source":
+    """The source of a run; fails in one sentence on settings that cannot run."""
+    check(cfg, batch_size=batch_size, max_length=max_length,
+          max_prompt_length=max_prompt_length)
     needs_teacher = cfg.source == "skd" or (cfg.source == "gkd" and cfg.seq_kd)
     if needs_teacher and teacher_graphdef is None:
       raise ValueError(f"onpolicy.source={cfg.source!r} needs the teacher; set "
                        "loss.kd_ratio > 0 and teacher.path.")
     return cls(
         kind=cfg.source,
-        settings=settings(cfg, eos_id=eos_id, max_length=d.max_length,
-                          max_prompt_length=d.max_prompt_length),
-        prompt_length=d.max_prompt_length, max_length=d.max_length,
+        settings=settings(cfg, eos_id=eos_id, max_length=max_length,
+                          max_prompt_length=max_prompt_length),
+        prompt_length=max_prompt_length, max_length=max_length,
         eos_id=eos_id, total_steps=total_steps,
         student_graphdef=student_graphdef, teacher_graphdef=teacher_graphdef,
         lmbda=float(cfg.lmbda), seq_kd=bool(cfg.seq_kd),
         capacity=int(cfg.buffer_size) if cfg.source == "distillm" else 0,
         replay_ratio=cfg.replay_ratio, loss_eps=float(cfg.loss_eps),
-        skd_top_k=int(cfg.skd_top_k),
-        skd_resample=cfg.skd_resample)
+        skd_top_k=int(cfg.skd_top_k), skd_resample=cfg.skd_resample)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, *, eos_id: int,
+                  total_steps: int, student_graphdef,
+                  teacher_graphdef=None) -> "Source":
+    """:meth:`from_spec` of ``config.onpolicy`` with the config's lengths."""
+    return cls.from_spec(
+        spec_from_config(config), batch_size=config.batch_size,
+        max_length=config.data.max_length,
+        max_prompt_length=config.data.max_prompt_length, eos_id=eos_id,
+        total_steps=total_steps, student_graphdef=student_graphdef,
+        teacher_graphdef=teacher_graphdef)
 
   def init(self, seed: int, threshold: float = 0.0,
            initial_val_loss: float = 0.0) -> State:
