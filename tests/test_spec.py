@@ -67,7 +67,8 @@ def test_bad_seeds_name_the_field():
 
 
 def test_config_args_are_parsed_not_sniffed():
-  assert common.parse_scale("tiny,steps=30") == dict(tiny=True, steps=30)
+  assert common.parse_scale("tiny,steps=30").to_dict() == dict(tiny=True,
+                                                           steps=30)
   teacher = sft_gpt2.get_config("tiny_teacher")
   assert teacher.num_steps == sft_gpt2.TINY_TEACHER_STEPS == 600
   assert sft_gpt2.get_config("tiny_teacher,steps=30").num_steps == 30
@@ -80,9 +81,13 @@ def test_config_args_are_parsed_not_sniffed():
       module.get_config("tinyy")
 
 
-def test_data_modules_do_not_import_models_or_training():
+def test_data_modules_do_not_import_models_or_training(tmp_path):
+  tokenizer.byte_level().save(str(tmp_path / "tokenizer.json"))
   code = ("import sys\n"
-          "import kdjax.data.tokenizer, kdjax.data.inputs, kdjax.data.seqkd\n"
+          "import kdjax.data.inputs, kdjax.data.seqkd\n"
+          "from kdjax.data import tokenizer\n"
+          f"tok, eos = tokenizer.load({str(tmp_path)!r})\n"
+          "assert eos == tokenizer.EOS_ID, eos\n"
           "print(sorted(m for m in sys.modules if m.startswith(("
           "'kdjax.models', 'kdjax.training', 'kdjax.evaluation'))))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
