@@ -14,12 +14,12 @@ distillm and DSKD):
 Datasets whose examples list every valid answer (``synthetic_instruct``) also
 get ``validity``: the share of responses that normalise to one of them.
 
-```python
-from kdjax import evaluate
-result = evaluate.evaluate(model, tokenizer, eos_id, source, seeds=(10,),
-                           limit=64)
-result.metrics["rougeL"], result.rows[0]["responses"]["10"]
-```
+From Python::
+
+  from kdjax import evaluate
+  result = evaluate.evaluate(model, tokenizer, eos_id, source, seeds=(10,),
+                             limit=64)
+  result.metrics["rougeL"], result.rows[0]["responses"]["10"]
 
 Command line (a HF model directory or a training workdir)::
 
