@@ -19,21 +19,47 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-SUFFIXES = {".py", ".md", ".ipynb", ".toml", ".cfg", ".txt", ".yaml", ".yml",
-            ".rst"}
+SUFFIXES = {
+    ".py",
+    ".md",
+    ".ipynb",
+    ".toml",
+    ".cfg",
+    ".txt",
+    ".yaml",
+    ".yml",
+    ".rst",
+}
 NAMES = {"Makefile", "run"}
-SKIP_DIRS = {".git", "_build", "__pycache__", ".pytest_cache", ".hypothesis",
-             ".ruff_cache", "workdirs", "workdir", "runs", "node_modules",
-             "build", "dist"}
+SKIP_DIRS = {
+    ".git",
+    "_build",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    ".ruff_cache",
+    "workdirs",
+    "workdir",
+    "runs",
+    "node_modules",
+    "build",
+    "dist",
+}
 # Documents that exist only outside the repository. Written split so that this
 # file does not match itself.
-OUTSIDE = ("kd_" + "losses.md", "kd_" + "methods_2026.md", "jax_" + "stack.md",
-           "../" + "shared", "/work/" + "shared")
+OUTSIDE = (
+    "kd_" + "losses.md",
+    "kd_" + "methods_2026.md",
+    "jax_" + "stack.md",
+    "../" + "shared",
+    "/work/" + "shared",
+)
 # A citation: docs/<page>.md, then an optional anchor or quoted title (the
 # title may wrap onto the next comment or docstring line).
 CITATION = re.compile(
-    r'docs/(?P<page>[\w-]+)\.md'
-    r'(?:#(?P<anchor>[\w-]+)|(?P<sep>[ \t]*\n?[ \t]*#?[ \t]*)"(?P<title>[^"]{1,80})")?')
+    r"docs/(?P<page>[\w-]+)\.md"
+    r'(?:#(?P<anchor>[\w-]+)|(?P<sep>[ \t]*\n?[ \t]*#?[ \t]*)"(?P<title>[^"]{1,80})")?'
+)
 MD_LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*$", re.M)
 
@@ -43,10 +69,13 @@ def _project_files() -> list[pathlib.Path]:
   for dirpath, dirnames, filenames in os.walk(ROOT):
     here = pathlib.Path(dirpath)
     dirnames[:] = [
-        d for d in dirnames
-        if d not in SKIP_DIRS and not d.endswith(".egg-info")
-        and not (here / d / "pyvenv.cfg").exists()   # any virtualenv
-        and not (here / d).is_symlink()]             # docs/notebooks
+        d
+        for d in dirnames
+        if d not in SKIP_DIRS
+        and not d.endswith(".egg-info")
+        and not (here / d / "pyvenv.cfg").exists()  # any virtualenv
+        and not (here / d).is_symlink()
+    ]  # docs/notebooks
     for name in filenames:
       path = here / name
       if path.suffix in SUFFIXES or name in NAMES:
@@ -65,8 +94,9 @@ def _slug(title: str) -> str:
 def _headings(page: pathlib.Path) -> tuple[set[str], set[str]]:
   """(titles, anchors) of the headings of a Markdown page, code blocks excluded."""
   text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
-  titles = {re.sub(r"\s+", " ", t.replace("`", "")) for t in
-            HEADING.findall(text)}
+  titles = {
+      re.sub(r"\s+", " ", t.replace("`", "")) for t in HEADING.findall(text)
+  }
   return titles, {_slug(t) for t in titles}
 
 
@@ -92,11 +122,14 @@ def test_no_file_cites_a_document_outside_the_repository():
     # is a link from inside docs/, checked by the link test below).
     if path.parent != DOCS:
       for m in re.finditer(r"(?<![\w/])performance\.md", text):
-        bad.append(f"{_rel(path)}:{_line(text, m.start())}: performance.md "
-                   "(cite docs/performance.md and a section)")
-  assert not bad, ("files cite documents that are not in the repository; "
-                   "cite a page and section of docs/ instead:\n"
-                   + "\n".join(bad))
+        bad.append(
+            f"{_rel(path)}:{_line(text, m.start())}: performance.md "
+            "(cite docs/performance.md and a section)"
+        )
+  assert not bad, (
+      "files cite documents that are not in the repository; "
+      "cite a page and section of docs/ instead:\n" + "\n".join(bad)
+  )
 
 
 def test_every_cited_docs_page_and_section_exists():
@@ -111,28 +144,31 @@ def test_every_cited_docs_page_and_section_exists():
         continue
       titles, anchors = _headings(page)
       if m["anchor"] and m["anchor"] not in anchors:
-        bad.append(f"{where}: docs/{m['page']}.md has no anchor "
-                   f"#{m['anchor']}")
+        bad.append(
+            f"{where}: docs/{m['page']}.md has no anchor " f"#{m['anchor']}"
+        )
       if m["title"]:
         # Join a title wrapped over comment or docstring lines.
         title = re.sub(r"\s*\n\s*#?\s*", " ", m["title"]).strip()
         if title not in titles:
-          bad.append(f"{where}: docs/{m['page']}.md has no section "
-                     f"{title!r}")
+          bad.append(
+              f"{where}: docs/{m['page']}.md has no section " f"{title!r}"
+          )
   assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize(
-    "page", sorted(DOCS.glob("*.md")) + [ROOT / "README.md",
-                                         ROOT / "CONTRIBUTING.md"],
-    ids=lambda p: _rel(p))
+    "page",
+    sorted(DOCS.glob("*.md")) + [ROOT / "README.md", ROOT / "CONTRIBUTING.md"],
+    ids=lambda p: _rel(p),
+)
 def test_markdown_links_resolve(page):
   text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
   bad = []
   for m in MD_LINK.finditer(text):
     target = m["target"]
     if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("<"):
-      continue   # a URL, or a MyST role target
+      continue  # a URL, or a MyST role target
     file_part, _, anchor = target.partition("#")
     dest = (page.parent / file_part).resolve() if file_part else page
     if not dest.exists():
@@ -142,12 +178,27 @@ def test_markdown_links_resolve(page):
   assert not bad, f"{_rel(page)}: broken links:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("title", [
-    "Conventions", "Forward KL", "Reverse KL", "FKL+RKL",
-    "Skew KL and skew reverse KL", "Generalized JSD", "Total variation", "AKL",
-    "ULD", "SinKD", "Alpha-beta divergence (ABKD)", "TAID",
-    "Entropy-based token selection", "Gradients in closed form",
-    "Chunked and fused execution", "Sparse teachers"])
+@pytest.mark.parametrize(
+    "title",
+    [
+        "Conventions",
+        "Forward KL",
+        "Reverse KL",
+        "FKL+RKL",
+        "Skew KL and skew reverse KL",
+        "Generalized JSD",
+        "Total variation",
+        "AKL",
+        "ULD",
+        "SinKD",
+        "Alpha-beta divergence (ABKD)",
+        "TAID",
+        "Entropy-based token selection",
+        "Gradients in closed form",
+        "Chunked and fused execution",
+        "Sparse teachers",
+    ],
+)
 def test_divergences_page_has_the_sections_the_code_cites(title):
   assert title in _headings(DOCS / "divergences.md")[0]
 
@@ -161,9 +212,10 @@ def test_the_api_page_lists_every_module():
       parts = parts[:-1]
     module = ".".join(parts)
     if module.startswith("kdjax.configs.") and module != "kdjax.configs.common":
-      continue   # experiment configs: documented in docs/training.md
+      continue  # experiment configs: documented in docs/training.md
     if not re.search(rf"^\s*{re.escape(module)}\s*$", api, re.M):
       missing.append(module)
-  assert not missing, ("docs/api.md does not list these modules (add them to "
-                       "its autosummary and an automodule): "
-                       + ", ".join(missing))
+  assert not missing, (
+      "docs/api.md does not list these modules (add them to "
+      "its autosummary and an automodule): " + ", ".join(missing)
+  )
