@@ -54,11 +54,11 @@ OUTSIDE = (
     "../" + "shared",
     "/work/" + "shared",
 )
-# A citation: docs/<page>.md, then an optional anchor or quoted title (the
-# title may wrap onto the next comment or docstring line).
+# A citation: docs/<page>.md, then an optional anchor or a quoted title, maybe
+# after a comma; the title may wrap onto the next comment or docstring line.
 CITATION = re.compile(
     r"docs/(?P<page>[\w-]+)\.md"
-    r'(?:#(?P<anchor>[\w-]+)|(?P<sep>[ \t]*\n?[ \t]*#?[ \t]*)"(?P<title>[^"]{1,80})")?'
+    r'(?:#(?P<anchor>[\w-]+)|(?P<sep>,?[ \t]*\n?[ \t]*#?[ \t]*)"(?P<title>[^"]{1,80})")?'
 )
 MD_LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*$", re.M)
