@@ -5,7 +5,8 @@ optionally followed by a quoted section title (``docs/divergences.md "AKL"``)
 or an anchor (``docs/divergences.md#akl``). These tests fail when a cited page
 or section does not exist, when a Markdown link inside ``docs/`` or README.md
 points at a missing file or anchor, or when a file cites a document that lives
-outside the repository.
+outside the repository; and they keep docs/api.md and the module table of
+docs/design.md in step with the package.
 """
 
 from __future__ import annotations
@@ -219,3 +220,40 @@ def test_the_api_page_lists_every_module():
       "docs/api.md does not list these modules (add them to "
       "its autosummary and an automodule): " + ", ".join(missing)
   )
+
+
+def _design_table() -> str:
+  text = (DOCS / "design.md").read_text()
+  return text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_design_table_names_only_paths_that_exist():
+  table = _design_table()
+  paths = re.findall(
+      r"`((?:kdjax|experiments|notebooks|tests|docs)/[^`\s]*)`", table
+  )
+  missing = [p for p in paths if not (ROOT / p).exists()]
+  assert paths and not missing, f"docs/design.md names missing paths: {missing}"
+
+
+def test_the_design_table_covers_every_module():
+  table = _design_table()
+  missing = []
+  for path in sorted((ROOT / "kdjax").rglob("*.py")):
+    rel = path.relative_to(ROOT)
+    if rel.parts[1] == "configs" and rel.name not in (
+        "common.py",
+        "__init__.py",
+    ):
+      continue  # one file per experiment: the table describes them together
+    if rel.name == "__init__.py":
+      named = f"`{rel.parent}/`" in table or f"`{rel}`" in table
+    elif len(rel.parts) == 2:
+      named = f"`{rel}`" in table
+    else:  # inside a package: its own row, or named in the package's row
+      named = f"`{rel}`" in table or f"`{rel.name}`" in table
+    if not named:
+      missing.append(str(rel))
+  assert (
+      not missing
+  ), "docs/design.md's module table does not mention: " + ", ".join(missing)
