@@ -1,4 +1,4 @@
-r"""The method table: train each method × seed, evaluate, aggregate.
+r"""The method table: train each method × seed, evaluate, aggregate (issue 6).
 
     python -m experiments.run_table                          # tiny, embedded data
     python -m experiments.run_table --methods=sft,fkl,akl --seeds=10,20
@@ -9,8 +9,8 @@ Each (method, seed) trains with ``kdjax/configs/<method>_gpt2.py`` in
 ``<root>/<method>_s<seed>`` (finished runs, e.g. ``make demo``'s, are reused: the trainer resumes
 at their last step) and is scored with :func:`kdjax.evaluate.run`. The table has
 one row per method, one column per dataset, mean ± std over training seeds; at
-the paper scale the AKL paper's published GPT-2 row (docs/evaluation.md
-"Published numbers") is printed beside it. The tiny scale needs the tiny teacher (``make demo`` stage 1).
+the paper scale the AKL paper's published GPT-2 row (kd_losses.md 6) is printed
+beside it. The tiny scale needs the tiny teacher (``make demo`` stage 1).
 """
 
 from __future__ import annotations
