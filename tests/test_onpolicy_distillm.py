@@ -13,8 +13,18 @@ from kdjax.onpolicy import batches, distillm, source
 GEN, REPLAY, DATA = distillm.GENERATE, distillm.REPLAY, distillm.DATASET
 
 
-def _reference_run(rs, val_losses, *, total, every, capacity, batch,
-                   init_threshold, loss_eps, replay_ratio):
+def _reference_run(
+    rs,
+    val_losses,
+    *,
+    total,
+    every,
+    capacity,
+    batch,
+    init_threshold,
+    loss_eps,
+    replay_ratio,
+):
   """DistiLLM's training-loop logic in plain Python (float64, a deque).
 
   Per global step s = 1..total: the generation threshold from tau and s; the
@@ -58,12 +68,15 @@ def _rows_of_step(s, batch, length=6):
   ids = np.zeros((batch, length + 1), np.int32)
   ids[:, 0] = s
   ids[:, 1] = np.arange(batch)
-  return batches.Rows(jnp.asarray(ids), jnp.ones(batch, jnp.int32),
-                      jnp.full(batch, length, jnp.int32))
+  return batches.Rows(
+      jnp.asarray(ids),
+      jnp.ones(batch, jnp.int32),
+      jnp.full(batch, length, jnp.int32),
+  )
 
 
 def _content(buffer):
-  ids = np.asarray(buffer.rows.ids_BxL1)[:int(buffer.count)]
+  ids = np.asarray(buffer.rows.ids_BxL1)[: int(buffer.count)]
   return sorted((int(a), int(b)) for a, b in ids[:, :2])
 
 
@@ -72,23 +85,56 @@ def test_schedule_and_buffer_equal_the_transcription(replay_ratio):
   total, every, capacity, batch = 60, 5, 10, 4
   # A validation-loss curve that falls, then rises in steps (tau goes up),
   # with rises smaller than loss_eps that must not count.
-  val = [3.0, 2.8, 2.7, 2.85, 2.95, 3.0, 3.02, 3.2, 3.25, 3.4, 3.45, 3.6,
-         3.8, 3.85]
+  val = [
+      3.0,
+      2.8,
+      2.7,
+      2.85,
+      2.95,
+      3.0,
+      3.02,
+      3.2,
+      3.25,
+      3.4,
+      3.45,
+      3.6,
+      3.8,
+      3.85,
+  ]
   rs = np.asarray(jax.random.uniform(jax.random.key(0), (total,)), np.float64)
-  kw = dict(total=total, every=every, capacity=capacity, batch=batch,
-            init_threshold=0.2, loss_eps=0.1, replay_ratio=replay_ratio)
+  kw = dict(
+      total=total,
+      every=every,
+      capacity=capacity,
+      batch=batch,
+      init_threshold=0.2,
+      loss_eps=0.1,
+      replay_ratio=replay_ratio,
+  )
   want_acts, want_taus, want_contents = _reference_run(rs, val, **kw)
   assert {GEN, REPLAY, DATA} <= set(want_acts)  # every branch is exercised
 
   schedule = distillm.start(0.2, val[0])
   buffer = distillm.empty(capacity, 6, eos_id=0)
-  act_fn = jax.jit(lambda r, tau, s, count: distillm.action(
-      r, tau, distillm.generate_threshold(tau, s, total, replay_ratio),
-      count, capacity))
+  act_fn = jax.jit(
+      lambda r, tau, s, count: distillm.action(
+          r,
+          tau,
+          distillm.generate_threshold(tau, s, total, replay_ratio),
+          count,
+          capacity,
+      )
+  )
   losses = iter(val[1:])
   for s in range(1, total + 1):
-    a = int(act_fn(jnp.float32(rs[s - 1]), jnp.float32(schedule.threshold),
-                   s, buffer.count))
+    a = int(
+        act_fn(
+            jnp.float32(rs[s - 1]),
+            jnp.float32(schedule.threshold),
+            s,
+            buffer.count,
+        )
+    )
     assert a == want_acts[s - 1], s
     if a == GEN:
       buffer = distillm.push(buffer, _rows_of_step(s, batch))
@@ -144,8 +190,12 @@ def test_source_state_with_a_full_buffer_round_trips_through_orbax(tmp_path):
   buffer = distillm.empty(8, 6, eos_id=0)
   for s in range(3):
     buffer = distillm.push(buffer, _rows_of_step(s + 1, 4))
-  state = source.State(jax.random.key_data(jax.random.key(5)),
-                       jnp.float32(0.3), jnp.float32(2.5), buffer)
+  state = source.State(
+      jax.random.key_data(jax.random.key(5)),
+      jnp.float32(0.3),
+      jnp.float32(2.5),
+      buffer,
+  )
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(tmp_path / "s", state)
   ckpt.wait_until_finished()
@@ -156,10 +206,16 @@ def test_source_state_with_a_full_buffer_round_trips_through_orbax(tmp_path):
 
 
 def test_after_validation_on_the_source_state_is_the_schedule():
-  state = source.State(jnp.zeros(2, jnp.uint32), jnp.float32(0.0),
-                       jnp.float32(3.0), None)
-  for loss, want in ((2.9, 0.0), (3.05, 0.0), (3.1, 0.1), (3.15, 0.1),
-                     (3.3, 0.2)):
+  state = source.State(
+      jnp.zeros(2, jnp.uint32), jnp.float32(0.0), jnp.float32(3.0), None
+  )
+  for loss, want in (
+      (2.9, 0.0),
+      (3.05, 0.0),
+      (3.1, 0.1),
+      (3.15, 0.1),
+      (3.3, 0.2),
+  ):
     state = source.after_validation(state, loss, 0.1)
     assert float(state.threshold) == pytest.approx(want, abs=1e-6), loss
 
@@ -167,11 +223,19 @@ def test_after_validation_on_the_source_state_is_the_schedule():
 @pytest.mark.parametrize("replay_ratio", distillm.REPLAY_RATIOS)
 def test_generate_threshold_at_every_step(replay_ratio):
   total, tau = 40, 0.7
-  want = {"decreasing": lambda s: tau * (1 - s / total),
-          "constant": lambda s: tau * 0.5,
-          "increasing": lambda s: tau * s / total}[replay_ratio]
-  got = jax.vmap(lambda s: distillm.generate_threshold(
-      jnp.float32(tau), s, total, replay_ratio))(jnp.arange(1, total + 1))
-  np.testing.assert_allclose(np.asarray(got),
-                             [want(s) for s in range(1, total + 1)],
-                             rtol=1e-6, atol=1e-7)
+  want = {
+      "decreasing": lambda s: tau * (1 - s / total),
+      "constant": lambda s: tau * 0.5,
+      "increasing": lambda s: tau * s / total,
+  }[replay_ratio]
+  got = jax.vmap(
+      lambda s: distillm.generate_threshold(
+          jnp.float32(tau), s, total, replay_ratio
+      )
+  )(jnp.arange(1, total + 1))
+  np.testing.assert_allclose(
+      np.asarray(got),
+      [want(s) for s in range(1, total + 1)],
+      rtol=1e-6,
+      atol=1e-7,
+  )

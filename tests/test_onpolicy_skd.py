@@ -1,10 +1,10 @@
 """Speculative KD: the replacement rule and the two-cache decode loop vs NumPy."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from kdjax import models, sampling
 from kdjax.data import pipeline
@@ -47,8 +47,11 @@ def test_choose_equals_numpy_reference(k, resample):
   t = rng.randn(64, V).astype(np.float32) * 2
   key = jax.random.key(k)
   settings = sampling.Settings(greedy=False, temperature=TAU)
-  got, replaced = jax.jit(lambda a, b, key: skd.choose(
-      a, b, key, teacher_top_k=k, settings=settings, resample=resample))(s, t, key)
+  got, replaced = jax.jit(
+      lambda a, b, key: skd.choose(
+          a, b, key, teacher_top_k=k, settings=settings, resample=resample
+      )
+  )(s, t, key)
   want, want_replaced = _reference_choose(s, t, key, k, TAU, resample)
   np.testing.assert_array_equal(np.asarray(got), want)
   np.testing.assert_array_equal(np.asarray(replaced), want_replaced)
@@ -57,10 +60,12 @@ def test_choose_equals_numpy_reference(k, resample):
   else:
     assert 0 < want_replaced.sum() < 64
   if k == 1 and resample == "top_k":  # mismatch -> the teacher's argmax
-    np.testing.assert_array_equal(np.asarray(got)[want_replaced],
-                                  np.argmax(t, -1)[want_replaced])
-    np.testing.assert_array_equal(np.asarray(got)[~want_replaced],
-                                  np.argmax(t, -1)[~want_replaced])
+    np.testing.assert_array_equal(
+        np.asarray(got)[want_replaced], np.argmax(t, -1)[want_replaced]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(got)[~want_replaced], np.argmax(t, -1)[~want_replaced]
+    )
 
 
 def test_ties_with_the_kth_teacher_logit_are_accepted():
@@ -72,10 +77,12 @@ def test_ties_with_the_kth_teacher_logit_are_accepted():
 
 def _pair():
   kw = dict(vocab_size=V, n_head=2)
-  student = models.create("tiny-gpt2", n_embd=16, n_layer=1, rngs=nnx.Rngs(0),
-                          **kw)
-  teacher = models.create("tiny-gpt2", n_embd=32, n_layer=2, rngs=nnx.Rngs(1),
-                          **kw)
+  student = models.create(
+      "tiny-gpt2", n_embd=16, n_layer=1, rngs=nnx.Rngs(0), **kw
+  )
+  teacher = models.create(
+      "tiny-gpt2", n_embd=32, n_layer=2, rngs=nnx.Rngs(1), **kw
+  )
   student.eval()
   teacher.eval()
   return student, teacher
@@ -84,8 +91,11 @@ def _pair():
 def _prompts():
   prompts = [[5, 9, 11, 20], [7], [30, 31, 8], [12, 13]]
   left = pipeline.left_pad(prompts, length=5, eos_id=EOS)
-  return prompts, jnp.asarray(left["input_ids"]), jnp.asarray(
-      left["attention_mask"] > 0)
+  return (
+      prompts,
+      jnp.asarray(left["input_ids"]),
+      jnp.asarray(left["attention_mask"] > 0),
+  )
 
 
 def _reference_generate(student, teacher, prompts, key, n, k, tau):
@@ -99,7 +109,8 @@ def _reference_generate(student, teacher, prompts, key, n, k, tau):
   for i in range(n):
     left = pipeline.left_pad(seqs, length=width, eos_id=EOS)
     ids, mask = jnp.asarray(left["input_ids"]), jnp.asarray(
-        left["attention_mask"])
+        left["attention_mask"]
+    )
     s_last = np.asarray(forward(student, ids, mask))
     t_last = np.asarray(forward(teacher, ids, mask))
     key, sub = jax.random.split(key)
@@ -120,18 +131,22 @@ def test_decode_loop_equals_full_forward_reference(k):
   student, teacher = _pair()
   prompts, ids, mask = _prompts()
   key = jax.random.key(10 + k)
-  kw = dict(max_new_tokens=10, greedy=False, temperature=TAU, eos_id=EOS,
-            pad_id=EOS)
-  got, replaced = skd.generate(student, teacher, ids, mask, key, teacher_top_k=k,
-                                **kw)
-  want, want_replaced = _reference_generate(student, teacher, prompts, key, 10,
-                                            k, TAU)
+  kw = dict(
+      max_new_tokens=10, greedy=False, temperature=TAU, eos_id=EOS, pad_id=EOS
+  )
+  got, replaced = skd.generate(
+      student, teacher, ids, mask, key, teacher_top_k=k, **kw
+  )
+  want, want_replaced = _reference_generate(
+      student, teacher, prompts, key, 10, k, TAU
+  )
   np.testing.assert_array_equal(np.asarray(got), want)
   np.testing.assert_array_equal(np.asarray(replaced), want_replaced)
   if k >= V:  # nothing is replaced: exactly the student's own samples
     np.testing.assert_array_equal(
-        np.asarray(got), np.asarray(sampling.generate(student, ids, mask, key,
-                                                      **kw)))
+        np.asarray(got),
+        np.asarray(sampling.generate(student, ids, mask, key, **kw)),
+    )
   else:
     assert want_replaced.any()
 
@@ -140,40 +155,64 @@ def test_bad_settings_fail_with_one_sentence():
   student, teacher = _pair()
   _, ids, mask = _prompts()
   with pytest.raises(ValueError, match="teacher_top_k=0 must be >= 1"):
-    skd.generate(student, teacher, ids, mask, jax.random.key(0),
-                 teacher_top_k=0)
+    skd.generate(
+        student, teacher, ids, mask, jax.random.key(0), teacher_top_k=0
+    )
   with pytest.raises(ValueError, match="resample='all'"):
-    skd.generate(student, teacher, ids, mask, jax.random.key(0),
-                 teacher_top_k=2, resample="all")
+    skd.generate(
+        student,
+        teacher,
+        ids,
+        mask,
+        jax.random.key(0),
+        teacher_top_k=2,
+        resample="all",
+    )
 
 
 def test_skd_source_trains_on_the_skd_samples():
   student, teacher = _pair()
   prompts = [[5, 9, 11, 20], [7], [30, 31, 8], [12, 13]]
-  rows = [pipeline.train_row(pipeline.Tokenized(
-      np.asarray(p + [21, 22, EOS], np.int32), len(p)), max_length=16,
-      eos_id=EOS) for p in prompts]
+  rows = [
+      pipeline.train_row(
+          pipeline.Tokenized(np.asarray(p + [21, 22, EOS], np.int32), len(p)),
+          max_length=16,
+          eos_id=EOS,
+      )
+      for p in prompts
+  ]
   batch = {k: jnp.asarray(v) for k, v in pipeline._stack(rows).items()}
-  settings = sampling.Settings(max_new_tokens=8, greedy=False,
-                               temperature=TAU, eos_id=EOS, pad_id=EOS)
+  settings = sampling.Settings(
+      max_new_tokens=8, greedy=False, temperature=TAU, eos_id=EOS, pad_id=EOS
+  )
   s_def, params, rest = nnx.split(student, nnx.Param, ...)
-  src = source.Source(kind="skd", settings=settings, prompt_length=5,
-                      max_length=16, eos_id=EOS, total_steps=10,
-                      student_graphdef=s_def,
-                      teacher_graphdef=nnx.graphdef(teacher), lmbda=1.0,
-                      skd_top_k=2)
+  src = source.Source(
+      kind="skd",
+      settings=settings,
+      prompt_length=5,
+      max_length=16,
+      eos_id=EOS,
+      total_steps=10,
+      student_graphdef=s_def,
+      teacher_graphdef=nnx.graphdef(teacher),
+      lmbda=1.0,
+      skd_top_k=2,
+  )
   state = src.init(seed=4)
-  out, _, info = jax.jit(src.__call__)(params, rest, nnx.state(teacher), batch,
-                                       state, jnp.asarray(3, jnp.int32))
+  out, _, info = jax.jit(src.__call__)(
+      params, rest, nnx.state(teacher), batch, state, jnp.asarray(3, jnp.int32)
+  )
   _, ids, mask = _prompts()
   key = source.step_keys(state.key, jnp.asarray(3, jnp.int32))[1]
-  tokens, replaced = skd.generate(student, teacher, ids, mask, key, teacher_top_k=2,
-                                  **settings._asdict())
-  want = batches.to_batch(batches.response_rows(ids, mask, tokens,
-                                                max_length=16, eos_id=EOS),
-                          EOS)
+  tokens, replaced = skd.generate(
+      student, teacher, ids, mask, key, teacher_top_k=2, **settings._asdict()
+  )
+  want = batches.to_batch(
+      batches.response_rows(ids, mask, tokens, max_length=16, eos_id=EOS), EOS
+  )
   for k in want:
     np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[k]))
   gen = np.asarray(replaced).sum()
   assert float(info["skd_replaced"]) == pytest.approx(
-      gen / np.asarray(want["loss_mask"]).sum(), rel=1e-6)
+      gen / np.asarray(want["loss_mask"]).sum(), rel=1e-6
+  )

@@ -9,8 +9,7 @@ U[0, 1)``: fresh student samples (also pushed into the replay buffer) when
 ``r < tau * (1 - step / steps)`` (``replay_ratio="decreasing"``) or when ``r <
 tau`` and the buffer is not full; a batch drawn from the buffer when ``r <
 tau``; otherwise the dataset batch. The buffer keeps the last
-``onpolicy.buffer_size`` generated sequences. Math: docs/on_policy.md,
-"DistiLLM adaptive SGO".
+``onpolicy.buffer_size`` generated sequences. Math: docs/on_policy.md.
 
 Defaults (DistiLLM's GPT-2 scripts): ``init_threshold=0.0``,
 ``loss_eps=0.1``, ``buffer_size=1000`` sequences, ``replay_ratio=
@@ -31,8 +30,14 @@ from kdjax.onpolicy import source
 def get_config(arg=None):
   c = common.get_config("skl", arg, alpha=0.1)
   tiny = "tiny" in (arg or "")
-  source.add_config(c, source="distillm", init_threshold=0.0, loss_eps=0.1,
-                    buffer_size=160 if tiny else 1000,
-                    replay_ratio="decreasing", temperature=1.0,
-                    max_new_tokens=32 if tiny else 0)
+  source.add_config(
+      c,
+      source="distillm",
+      init_threshold=0.0,
+      loss_eps=0.1,
+      buffer_size=160 if tiny else 1000,
+      replay_ratio="decreasing",
+      temperature=1.0,
+      max_new_tokens=32 if tiny else 0,
+  )
   return c

@@ -7,7 +7,7 @@ replaced by the student's own samples to its prompts (temperature
 unchanged. The loss covers the generated tokens through EOS. Divergence:
 generalized JSD, beta 0.5. ``onpolicy.seq_kd=True`` first swaps the dataset
 responses for the teacher's samples every step (TRL's ``seq_kd``). Math and
-settings: docs/on_policy.md, "GKD".
+settings: docs/on_policy.md.
 
 Defaults (paper setup, the GKD baseline of DistiLLM on Dolly with GPT-2):
 ``lmbda=0.5``, ``temperature=1.0``, ``top_k=0``, ``top_p=1.0``,
@@ -29,6 +29,11 @@ from kdjax.onpolicy import source
 def get_config(arg=None):
   c = common.get_config("jsd", arg, beta=0.5)
   tiny = "tiny" in (arg or "")
-  source.add_config(c, source="gkd", lmbda=0.5, temperature=1.0,
-                    max_new_tokens=32 if tiny else 0)
+  source.add_config(
+      c,
+      source="gkd",
+      lmbda=0.5,
+      temperature=1.0,
+      max_new_tokens=32 if tiny else 0,
+  )
   return c

@@ -7,7 +7,7 @@ teacher's ``onpolicy.skd_top_k`` most likely tokens it is replaced by a
 draw from the teacher restricted to that top-K (``skd_resample="top_k"``) or
 from the teacher's whole distribution (``"full"``). The loss covers the
 decoded tokens through EOS. Divergence: forward KL. Math:
-docs/on_policy.md, "SKD".
+docs/on_policy.md.
 
 Defaults: ``skd_top_k=25``, ``lmbda=1.0``, ``temperature=1.0``,
 ``top_k=0``, ``top_p=1.0``, ``max_new_tokens=256`` (= max_length -
@@ -26,7 +26,13 @@ from kdjax.onpolicy import source
 def get_config(arg=None):
   c = common.get_config("fkl", arg)
   tiny = "tiny" in (arg or "")
-  source.add_config(c, source="skd", lmbda=1.0, skd_top_k=25,
-                    skd_resample="top_k", temperature=1.0,
-                    max_new_tokens=32 if tiny else 0)
+  source.add_config(
+      c,
+      source="skd",
+      lmbda=1.0,
+      skd_top_k=25,
+      skd_resample="top_k",
+      temperature=1.0,
+      max_new_tokens=32 if tiny else 0,
+  )
   return c

@@ -13,9 +13,27 @@ The math and the papers' settings: docs/on_policy.md.
 
 from kdjax.onpolicy import batches, distillm, skd, source
 from kdjax.onpolicy.runner import Runner
-from kdjax.onpolicy.source import (DEFAULTS, KINDS, OnPolicySpec, Source,
-                                   State, add_config, spec_from_config)
+from kdjax.onpolicy.source import (
+    DEFAULTS,
+    KINDS,
+    OnPolicySpec,
+    Source,
+    State,
+    add_config,
+    spec_from_config,
+)
 
-__all__ = ["batches", "distillm", "skd", "source", "DEFAULTS", "KINDS",
-           "OnPolicySpec", "Runner", "Source", "State", "add_config",
-           "spec_from_config"]
+__all__ = [
+    "batches",
+    "distillm",
+    "skd",
+    "source",
+    "DEFAULTS",
+    "KINDS",
+    "OnPolicySpec",
+    "Runner",
+    "Source",
+    "State",
+    "add_config",
+    "spec_from_config",
+]

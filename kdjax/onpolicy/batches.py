@@ -29,9 +29,13 @@ import jax.numpy as jnp
 
 Array = jax.Array
 # The keys and dtypes of a training batch (kdjax.data.pipeline.train_row).
-DTYPES = {"input_ids": jnp.int32, "labels": jnp.int32,
-          "loss_mask": jnp.float32, "attention_mask": jnp.int32,
-          "positions": jnp.int32}
+DTYPES = {
+    "input_ids": jnp.int32,
+    "labels": jnp.int32,
+    "loss_mask": jnp.float32,
+    "attention_mask": jnp.int32,
+    "positions": jnp.int32,
+}
 
 
 class Rows(NamedTuple):
@@ -43,13 +47,15 @@ class Rows(NamedTuple):
     prompt_len_B: ``p``, the number of prompt tokens.
     length_B: ``n``, the number of real tokens (``p <= n <= L``).
   """
+
   ids_BxL1: Array
   prompt_len_B: Array
   length_B: Array
 
 
-def prompts_from_batch(batch: dict, prompt_length: int,
-                       eos_id: int) -> tuple[Array, Array]:
+def prompts_from_batch(
+    batch: dict, prompt_length: int, eos_id: int
+) -> tuple[Array, Array]:
   """Left-padded prompts ``[B, prompt_length]`` and their masks.
 
   Row ``r`` keeps its first ``p_r`` input tokens, ``p_r = 1 + min{t :
@@ -59,15 +65,17 @@ def prompts_from_batch(batch: dict, prompt_length: int,
   """
   ids_BxL = batch["input_ids"]
   mask_BxL = batch["loss_mask"] > 0
-  p_B = jnp.where(jnp.any(mask_BxL, axis=1),
-                  jnp.argmax(mask_BxL, axis=1) + 1, 0)
+  p_B = jnp.where(
+      jnp.any(mask_BxL, axis=1), jnp.argmax(mask_BxL, axis=1) + 1, 0
+  )
   p_B = jnp.minimum(p_B, prompt_length).astype(jnp.int32)
   pad_B = prompt_length - p_B
   j_P = jnp.arange(prompt_length)
   src_BxP = jnp.clip(j_P[None, :] - pad_B[:, None], 0, ids_BxL.shape[1] - 1)
   real_BxP = j_P[None, :] >= pad_B[:, None]
-  prompt_BxP = jnp.where(real_BxP,
-                         jnp.take_along_axis(ids_BxL, src_BxP, axis=1), eos_id)
+  prompt_BxP = jnp.where(
+      real_BxP, jnp.take_along_axis(ids_BxL, src_BxP, axis=1), eos_id
+  )
   return prompt_BxP.astype(jnp.int32), real_BxP
 
 
@@ -75,13 +83,19 @@ def generated_length(tokens_BxN: Array, eos_id: int) -> Array:
   """Tokens up to and including the first EOS (all ``N`` without one)."""
   N = tokens_BxN.shape[1]
   is_eos = tokens_BxN == eos_id
-  return jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1,
-                   N).astype(jnp.int32)
+  return jnp.where(
+      jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, N
+  ).astype(jnp.int32)
 
 
-def response_rows(prompt_BxP: Array, prompt_mask_BxP: Array,
-                  tokens_BxN: Array, *, max_length: int,
-                  eos_id: int) -> Rows:
+def response_rows(
+    prompt_BxP: Array,
+    prompt_mask_BxP: Array,
+    tokens_BxN: Array,
+    *,
+    max_length: int,
+    eos_id: int,
+) -> Rows:
   """Rows ``prompt ‖ generated`` (through the first EOS), <= max_length.
 
   ``prompt_BxP`` is left-padded (``prompt_mask`` True on real tokens);
@@ -96,8 +110,11 @@ def response_rows(prompt_BxP: Array, prompt_mask_BxP: Array,
   seq_BxS = jnp.concatenate([prompt_BxP, tokens_BxN.astype(jnp.int32)], axis=1)
   t = jnp.arange(L + 1)
   src_BxL1 = jnp.clip((P - p_B)[:, None] + t[None, :], 0, seq_BxS.shape[1] - 1)
-  ids_BxL1 = jnp.where(t[None, :] < n_B[:, None],
-                       jnp.take_along_axis(seq_BxS, src_BxL1, axis=1), eos_id)
+  ids_BxL1 = jnp.where(
+      t[None, :] < n_B[:, None],
+      jnp.take_along_axis(seq_BxS, src_BxL1, axis=1),
+      eos_id,
+  )
   return Rows(ids_BxL1.astype(jnp.int32), p_B, n_B)
 
 
@@ -111,8 +128,7 @@ def to_batch(rows: Rows, eos_id: int) -> dict[str, Array]:
   return {
       "input_ids": jnp.where(real_BxL, ids_BxL1[:, :-1], eos_id),
       "labels": jnp.where(real_BxL, ids_BxL1[:, 1:], eos_id),
-      "loss_mask": (real_BxL & (t_L >= (p_B - 1)[:, None])).astype(
-          jnp.float32),
+      "loss_mask": (real_BxL & (t_L >= (p_B - 1)[:, None])).astype(jnp.float32),
       "attention_mask": real_BxL.astype(jnp.int32),
       "positions": jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)),
   }

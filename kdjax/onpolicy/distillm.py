@@ -1,6 +1,6 @@
 """DistiLLM's adaptive student-generated outputs (Ko et al., ICML 2024).
 
-The schedule (docs/on_policy.md, "DistiLLM adaptive SGO"): a threshold
+The schedule (docs/on_policy.md): a threshold
 ``tau`` starts at ``init_threshold`` and the validation loss ``prev`` is
 measured before training. After each validation with loss ``v``:
 
@@ -44,6 +44,7 @@ THRESHOLD_STEP = 0.1  # the raise of tau after a validation-loss rise
 
 class Schedule(NamedTuple):
   """``tau`` and the validation loss it was last raised at (host floats)."""
+
   threshold: float
   prev_loss: float
 
@@ -53,17 +54,23 @@ def start(init_threshold: float, initial_val_loss: float) -> Schedule:
   return Schedule(float(init_threshold), float(initial_val_loss))
 
 
-def after_validation(schedule: Schedule, val_loss: float,
-                     loss_eps: float) -> Schedule:
+def after_validation(
+    schedule: Schedule, val_loss: float, loss_eps: float
+) -> Schedule:
   """Raises ``tau`` by 0.1 (capped at 1) when the loss rose by ``loss_eps``."""
   if val_loss >= schedule.prev_loss + loss_eps:
-    return Schedule(min(schedule.threshold + THRESHOLD_STEP, 1.0),
-                    float(val_loss))
+    return Schedule(
+        min(schedule.threshold + THRESHOLD_STEP, 1.0), float(val_loss)
+    )
   return schedule
 
 
-def generate_threshold(threshold: Array, step: Array, total_steps: int,
-                       replay_ratio: str = "decreasing") -> Array:
+def generate_threshold(
+    threshold: Array,
+    step: Array,
+    total_steps: int,
+    replay_ratio: str = "decreasing",
+) -> Array:
   """``tau_s``: below it a batch is generated even when the buffer is full.
 
   ``step`` is 1-based (the update about to be made).
@@ -75,17 +82,24 @@ def generate_threshold(threshold: Array, step: Array, total_steps: int,
     return threshold * 0.5
   if replay_ratio == "increasing":
     return threshold * frac
-  raise ValueError(f"replay_ratio={replay_ratio!r} must be one of "
-                   f"{REPLAY_RATIOS}.")
+  raise ValueError(
+      f"replay_ratio={replay_ratio!r} must be one of " f"{REPLAY_RATIOS}."
+  )
 
 
-def action(r: Array, threshold: Array, gen_threshold: Array, count: Array,
-           capacity: int) -> Array:
+def action(
+    r: Array,
+    threshold: Array,
+    gen_threshold: Array,
+    count: Array,
+    capacity: int,
+) -> Array:
   """DATASET / GENERATE / REPLAY for the draw ``r`` (module docstring)."""
   generate = (r < gen_threshold) | ((r < threshold) & (count < capacity))
   replay = ~generate & (r < threshold)
-  return jnp.where(generate, GENERATE,
-                   jnp.where(replay, REPLAY, DATASET)).astype(jnp.int32)
+  return jnp.where(
+      generate, GENERATE, jnp.where(replay, REPLAY, DATASET)
+  ).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------
@@ -101,6 +115,7 @@ class Buffer(NamedTuple):
     next: the slot the next row goes to (int32 scalar); once full, the
       oldest row.
   """
+
   rows: batches.Rows
   count: Array
   next: Array
@@ -110,7 +125,9 @@ def empty(capacity: int, max_length: int, eos_id: int) -> Buffer:
   """A buffer of ``capacity`` rows of ``max_length`` training columns."""
   rows = batches.Rows(
       jnp.full((capacity, max_length + 1), eos_id, jnp.int32),
-      jnp.zeros((capacity,), jnp.int32), jnp.zeros((capacity,), jnp.int32))
+      jnp.zeros((capacity,), jnp.int32),
+      jnp.zeros((capacity,), jnp.int32),
+  )
   return Buffer(rows, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
 

@@ -57,9 +57,14 @@ class Runner:
       return batch
     jax.block_until_ready(train_state.step)  # the previous update is done
     t0 = time.perf_counter()
-    batch, self.state, info = self._fn(train_state.params, train_state.rest,
-                                       teacher_state, batch, self.state,
-                                       train_state.step)
+    batch, self.state, info = self._fn(
+        train_state.params,
+        train_state.rest,
+        teacher_state,
+        batch,
+        self.state,
+        train_state.step,
+    )
     jax.block_until_ready(batch)
     self._gen_s += time.perf_counter() - t0
     self._infos.append(info)
@@ -68,8 +73,9 @@ class Runner:
   def after_validation(self, val_loss: float) -> None:
     """DistiLLM: raises ``tau`` when the validation loss rose (else nothing)."""
     if self.source.kind == "distillm":
-      self.state = source_lib.after_validation(self.state, val_loss,
-                                               self.source.loss_eps)
+      self.state = source_lib.after_validation(
+          self.state, val_loss, self.source.loss_eps
+      )
 
   def log(self) -> dict[str, float]:
     """Means over the steps since the last call; empty for ``dataset``."""
@@ -83,8 +89,10 @@ class Runner:
         "onpolicy_fraction": float(got["onpolicy"].mean()),
         "gen_fraction": float(sampled.mean()),
         "gen_time_s": gen_s / len(infos),
-        "gen_len": float(got["gen_len"][sampled].mean()) if sampled.any()
-                   else 0.0,
+        "gen_len": float(got["gen_len"][sampled].mean())
+        if sampled.any()
+        else 0.0,
         "skd_replaced": float(got["skd_replaced"][sampled].mean())
-                        if sampled.any() else 0.0,
+        if sampled.any()
+        else 0.0,
     }
