@@ -39,8 +39,18 @@ from kdjax.onpolicy import source as source_lib
 class Runner:
   """One run's source, its state and the metrics of the current window."""
 
-  def __init__(self, source: source_lib.Source, state: source_lib.State):
+  def __init__(
+      self,
+      source: source_lib.Source,
+      state: source_lib.State,
+      mesh: jax.sharding.Mesh | None = None,
+  ):
+    """``mesh``: where the step runs; the state is replicated over it."""
     self.source = source
+    if mesh is not None:
+      state = jax.device_put(
+          state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      )
     self.state = state
     self._fn = jax.jit(source.__call__, donate_argnums=(4,))
     self._infos: list[dict] = []
