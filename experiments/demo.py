@@ -25,15 +25,15 @@ import os
 import shutil
 import time
 
-from absl import app, flags, logging
 import matplotlib
+from absl import app, flags, logging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from kdjax.configs import common, sft_gpt2
 from experiments import run_table
 from kdjax import metrics, trainer
+from kdjax.configs import common, sft_gpt2
 
 STUDENTS = ("sft", "fkl", "rkl", "akl")
 SEED = 10
@@ -78,22 +78,22 @@ def describe_teacher(asset_dir: str) -> None:
   model = config["student"]["model_overrides"]
   lines = [
       "# The tiny teacher of the embedded benchmark", "",
-      "A byte-level GPT-2 "
-      f"(n_embd={model['n_embd']}, n_layer={model['n_layer']}, "
-      f"n_head={model['n_head']}) fine-tuned on all "
-      "24,000 `synthetic_instruct` training examples "
-      f"({config['num_steps']} steps of {config['batch_size']}, lr "
-      f"{config['optim']['lr']}, seed {config['seed']}). Made by", "",
+      ("A byte-level GPT-2 "
+       f"(n_embd={model['n_embd']}, n_layer={model['n_layer']}, "
+       f"n_head={model['n_head']}) fine-tuned on all "
+       "24,000 `synthetic_instruct` training examples "
+       f"({config['num_steps']} steps of {config['batch_size']}, lr "
+       f"{config['optim']['lr']}, seed {config['seed']}). Made by"), "",
       f"    {TEACHER_COMMAND}", "",
-      "(what `python -m experiments.demo --retrain-teacher` runs before "
-      "copying the final `hf/` export here).", "",
+      ("(what `python -m experiments.demo --retrain-teacher` runs before "
+       "copying the final `hf/` export here)."), "",
       "- `model.safetensors`, `config.json`: the model (`kdjax.models.load`)",
       "- `train_config.json`: the full training config",
       "- `metrics.jsonl`: the training log",
-      "", f"Last validation: CE {last.get('val_ce', float('nan')):.3f}, "
-      f"greedy validity {last.get('val_validity', float('nan')):.1f} % "
-      f"({int(last.get('val_num_examples', 0))} examples, step "
-      f"{last.get('step', '?')})."]
+      "", (f"Last validation: CE {last.get('val_ce', float('nan')):.3f}, "
+           f"greedy validity {last.get('val_validity', float('nan')):.1f} % "
+           f"({int(last.get('val_num_examples', 0))} examples, step "
+           f"{last.get('step', '?')}).")]
   with open(os.path.join(asset_dir, "README.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -145,7 +145,7 @@ def main(argv):
   root, limit = _ROOT.value, _LIMIT.value or None
   teacher_dir = teacher_stage(root, _RETRAIN.value)
   t1 = time.perf_counter()
-  config_fn = lambda m, s: run_table.config_for(m, "tiny", s)  # noqa: E731
+  config_fn = lambda m, s: run_table.config_for(m, "tiny", s)
   for method in STUDENTS:
     workdir = os.path.join(root, run_table.run_name(method, SEED))
     print(f"stage 2: student with {method.upper()}")

@@ -38,13 +38,14 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
-from kdjax.configs import common
 from kdjax import evaluate, metrics, trainer
+from kdjax.configs import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,8 +399,9 @@ def claims(results: Mapping[str, Mapping[int, RunResult]], dataset: str, *,
      difference is not significant.
   """
   out = []
-  seeds = lambda m: ",".join(map(str, results[m]))  # noqa: E731
-  mean = lambda m: float(np.mean(list(_seed_means(results[m], dataset).values())))  # noqa: E731
+  seeds = lambda m: ",".join(map(str, results[m]))
+  mean = lambda m: float(np.mean(list(
+      _seed_means(results[m], dataset).values())))
   kd = [m for m in results if METHODS.get(m, Method("")).kd]
   if "sft" in results and kd:
     vs = comparisons(results, "sft", num_samples=num_samples)
@@ -514,9 +516,9 @@ def report(results, dataset: str, *, teacher: RunResult | None = None,
   """The Markdown block: table, significance note, claims, figure, time."""
   parts = [table(results, dataset, teacher=teacher, spread=spread,
                  num_samples=num_samples), "",
-           "Δ: paired bootstrap over the test examples (10,000 resamples) of "
-           "per-example ROUGE-L averaged over training and sampling seeds; "
-           "[95 % interval], * = interval excludes 0.", ""]
+           ("Δ: paired bootstrap over the test examples (10,000 resamples) "
+            "of per-example ROUGE-L averaged over training and sampling "
+            "seeds; [95 % interval], * = interval excludes 0."), ""]
   if teacher is not None and "sft" in results:
     t = teacher.sampled[dataset][METRIC]
     s = mean_std(_metric(results["sft"], "sampled", dataset, METRIC))[0]
@@ -580,7 +582,7 @@ def main(argv):
   if skipped := [m for m in wanted if m not in methods]:
     print(f"no config yet, skipped: {', '.join(skipped)}")
   seeds = [int(s) for s in f.seeds.split(",")]
-  config_fn = lambda m, s: config_for(m, f.scale, s, f.override)  # noqa: E731
+  config_fn = lambda m, s: config_for(m, f.scale, s, f.override)
   results = run_all(methods, seeds, f.root, config_fn=config_fn,
                     limit=f.limit or None)
   datasets = config_fn(methods[0], seeds[0]).eval.datasets.split(",")

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import pytest
+import tiny_run
 
 from experiments import demo, run_table
 from kdjax.configs import common
-import tiny_run
 
 RunResult = run_table.RunResult
 DATA = "synthetic_instruct"
@@ -159,8 +159,8 @@ def test_table_mean_std_over_training_seeds_and_deltas():
 
 
 def test_claims_verdicts():
-  ex = lambda v: np.array([v - 1.0, v, v + 1.0, v])  # noqa: E731
-  curve = lambda g: [(50, 2.0 + g), (300, 1.5 + g / 10)]  # noqa: E731
+  ex = lambda v: np.array([v - 1.0, v, v + 1.0, v])
+  curve = lambda g: [(50, 2.0 + g), (300, 1.5 + g / 10)]
   results = {
       "sft": {10: _result(20.0, examples=ex(20.0))},
       "fkl": {10: _result(23.0, examples=ex(23.0), curve=curve(0.2))},

@@ -14,7 +14,8 @@ few minutes; ``tiny_teacher`` is the stage that trains that teacher. Extra
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
