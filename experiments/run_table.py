@@ -113,6 +113,16 @@ def _exported(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, "hf", "model.safetensors"))
 
 
+def final_export(workdir: str) -> str:
+  """The model the table scores: the run's last step (``hf/``).
+
+  Every student is scored after the same budget. The trainer's ``best_hf``
+  is chosen on a few dozen greedy validation answers, too few to rank
+  checkpoints (early checkpoints that repeat one frequent answer win).
+  """
+  return os.path.join(workdir, "hf")
+
+
 def train(config, workdir: str) -> str:
   """Trains (or finishes) the run; a run with an ``hf/`` export is kept."""
   if not _exported(workdir):
@@ -204,9 +214,13 @@ ConfigFn = Callable[[str, int], Any]
 
 def run_all(methods: Sequence[str], seeds: Sequence[int], root: str, *,
             config_fn: ConfigFn, limit: int | None = None,
+            finished_only: bool = False,
             log: Callable[[str], None] = print
             ) -> dict[str, dict[int, RunResult]]:
   """Trains and scores every (method, seed), methods outermost.
+
+  With ``finished_only`` runs without an export are left out instead of
+  trained (a table of what has finished so far).
 
   Returns ``{method: {seed: RunResult}}``.
   """
@@ -214,12 +228,15 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], root: str, *,
   for method in methods:
     for seed in seeds:
       workdir = os.path.join(root, run_name(method, seed))
+      if finished_only and not _exported(workdir):
+        continue
       log(f"{run_name(method, seed)}: "
           f"{'cached' if _exported(workdir) else 'training'}")
       config = config_fn(method, seed)
       train(config, workdir)
       results.setdefault(method, {})[seed] = evaluate_run(
-          config, workdir, limit=limit)
+          config, final_export(workdir), outdir=workdir, workdir=workdir,
+          limit=limit)
   return results
 
 
@@ -565,6 +582,8 @@ def _define_flags():
                        "dataset (0: all).")
   flags.DEFINE_multi_string("override", [], "key=value config overrides "
                             "applied to every run.")
+  flags.DEFINE_bool("finished_only", False, "Table the runs that have "
+                    "finished; train nothing.")
   flags.DEFINE_bool("write", False, f"Write {RESULTS}, {FIGURE} and the "
                     "README.md / docs/benchmark.md block.")
 
@@ -584,7 +603,10 @@ def main(argv):
   seeds = [int(s) for s in f.seeds.split(",")]
   config_fn = lambda m, s: config_for(m, f.scale, s, f.override)
   results = run_all(methods, seeds, f.root, config_fn=config_fn,
-                    limit=f.limit or None)
+                    limit=f.limit or None, finished_only=f.finished_only)
+  if not results:
+    raise app.UsageError(f"no finished run in {f.root}; drop --finished_only "
+                         "to train them.")
   datasets = config_fn(methods[0], seeds[0]).eval.datasets.split(",")
   if f.scale == "paper":
     print(paper_table(results, datasets))
@@ -606,8 +628,9 @@ def main(argv):
     for doc in ("README.md", os.path.join("docs", "benchmark.md")):
       if replace_block(doc, text):
         print(f"updated {doc}")
-  print(f"\nwall time {seconds:.0f} s ({len(methods)} methods x "
-        f"{len(seeds)} seeds)")
+  runs = sum(len(r) for r in results.values())
+  print(f"\nwall time {seconds:.0f} s ({runs} runs of {len(results)} "
+        "methods)")
 
 
 if __name__ == "__main__":
