@@ -544,7 +544,8 @@ def report(results, dataset: str, *, teacher: RunResult | None = None,
   if figure_path:
     parts += ["", f"![method table]({figure_path})"]
   if seconds is not None:
-    parts += ["", f"Wall time: {seconds / 60:.1f} min."]
+    parts += ["", (f"Wall time of this command: {seconds / 60:.1f} min "
+                   "(finished runs and evaluations are reused).")]
   return "\n".join(parts)
 
 
