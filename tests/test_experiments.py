@@ -238,7 +238,7 @@ def test_scripts_run_from_the_command_line(tmp_path, as_module):
 
 
 @pytest.mark.parametrize("name", ["toy_convergence", "head_tail", "gaussian_mixture",
-                                  "tvd_outliers"])
+                                  "tvd_outliers", "tiny_demo", "tiny_table"])
 def test_committed_figures_exist_and_are_small(name):
   path = os.path.join(ROOT, "experiments", "figures", f"{name}.png")
   assert 5_000 < os.path.getsize(path) < 200_000

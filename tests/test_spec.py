@@ -70,7 +70,7 @@ def test_config_args_are_parsed_not_sniffed():
   assert common.parse_scale("tiny,steps=30").to_dict() == dict(tiny=True,
                                                            steps=30)
   teacher = sft_gpt2.get_config("tiny_teacher")
-  assert teacher.num_steps == sft_gpt2.TINY_TEACHER_STEPS == 600
+  assert teacher.num_steps == common.TINY_TEACHER_STEPS == 1500
   assert sft_gpt2.get_config("tiny_teacher,steps=30").num_steps == 30
   assert sft_gpt2.get_config("tiny").num_steps == 300
   assert seqkd_gpt2.get_config("tiny").data.seqkd_teacher == common.TINY_TEACHER
