@@ -253,12 +253,13 @@ class Step:
     divided by the whole batch's token count and the gradients simply add up.
     """
     teacher = self._teacher(teacher_state)
-    r = self.loss_cfg["kd_ratio"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    kd_tokens = jnp.maximum(
+        objective.kd_tokens(self.loss_cfg, batch["loss_mask"]), 1.0)
 
     def loss_fn(student, micro):
       s = objective.sums(self.loss_cfg, student, teacher, micro)
-      return ((1.0 - r) * s.ce + r * s.kd) / total_tokens, s
+      return objective.micro_loss(self.loss_cfg, s, total_tokens, kd_tokens), s
 
     # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
     # advances the student's RNG counters, which a module merged inside
@@ -276,7 +277,7 @@ class Step:
       return (grads, params, rest, jax.tree.map(jnp.add, totals, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 3)
+    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 4)
     (grads, _, rest, totals), _ = jax.lax.scan(
         accumulate, (zeros, state.params, state.rest, none),
         _microbatches(batch, self.grad_accum))
@@ -434,7 +435,7 @@ def _validate(run: Run, state: TrainState, teacher_state, eval_fn) -> dict:
       prompt_policy=c.data.prompt_policy, template_style=c.data.template)
   n = len(batches) if c.eval.val_batches <= 0 else min(c.eval.val_batches,
                                                        len(batches))
-  totals = objective.Sums(0.0, 0.0, 0.0)
+  totals = objective.Sums(0.0, 0.0, 0.0, 0.0)
   for i in range(n):
     s = eval_fn(state, _put(batches[i], run.mesh), teacher_state)
     totals = jax.tree.map(lambda a, b: a + float(b), totals, s)
