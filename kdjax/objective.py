@@ -109,6 +109,11 @@ def _temperature(loss_cfg):
                       dict(loss_cfg.get("hp") or {}).get("temperature", 1.0))
 
 
+def _ceil(fraction: float, n: int) -> int:
+  """``ceil(fraction · n)`` exactly, for the fraction as written (decimal)."""
+  return math.ceil(fractions.Fraction(repr(float(fraction))) * n)
+
+
 def _kept_per_row(fraction: float, mask_BxT: Array) -> Array:
   """``ceil(fraction · n_b)`` for each row's ``n_b`` masked positions, int32.
 
@@ -117,10 +122,24 @@ def _kept_per_row(fraction: float, mask_BxT: Array) -> Array:
   (7.000000000000001) would round up to 8.
   """
   t = mask_BxT.shape[-1]
-  exact = fractions.Fraction(repr(float(fraction)))
-  table = jnp.asarray([math.ceil(exact * n) for n in range(t + 1)], jnp.int32)
+  table = jnp.asarray([_ceil(fraction, n) for n in range(t + 1)], jnp.int32)
   n_B = jnp.sum(mask_BxT > 0, axis=-1)
   return table[n_B]
+
+
+def _ranked(loss_cfg, student_logits_BxTxV: Array, mask_BxT: Array):
+  """Each row's positions by decreasing student entropy, and how many to keep.
+
+  ``(order_BxT, k_B)``: masked positions come first (highest entropy first,
+  ties in position order, by a stable sort), then the unmasked ones.
+  """
+  fraction, _ = _select(loss_cfg)
+  log_q = kd.log_probs(jax.lax.stop_gradient(student_logits_BxTxV),
+                       _temperature(loss_cfg))
+  h_BxT = -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
+  score_BxT = jnp.where(mask_BxT > 0, h_BxT, -jnp.inf)
+  order_BxT = jnp.argsort(-score_BxT, axis=-1, stable=True)
+  return order_BxT, _kept_per_row(fraction, mask_BxT)
 
 
 def kd_mask(loss_cfg, student_logits_BxTxV: Array, mask_BxT: Array) -> Array:
@@ -137,18 +156,27 @@ def kd_mask(loss_cfg, student_logits_BxTxV: Array, mask_BxT: Array) -> Array:
   the forward pass. Returns float32 0/1 ``[B, T]``; with ``fraction = 1`` it is
   ``mask_BxT`` itself.
   """
-  fraction, _ = _select(loss_cfg)
-  if fraction >= 1.0:
+  if _select(loss_cfg)[0] >= 1.0:
     return mask_BxT
-  log_q = kd.log_probs(jax.lax.stop_gradient(student_logits_BxTxV),
-                       _temperature(loss_cfg))
-  h_BxT = -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
-  score_BxT = jnp.where(mask_BxT > 0, h_BxT, -jnp.inf)
-  # rank 0 = highest entropy; a stable sort keeps tied positions in order.
-  order_BxT = jnp.argsort(-score_BxT, axis=-1, stable=True)
-  rank_BxT = jnp.argsort(order_BxT, axis=-1)
-  keep_BxT = rank_BxT < _kept_per_row(fraction, mask_BxT)[:, None]
-  return (keep_BxT & (mask_BxT > 0)).astype(jnp.float32)
+  order_BxT, k_B = _ranked(loss_cfg, student_logits_BxTxV, mask_BxT)
+  rank_BxT = jnp.argsort(order_BxT, axis=-1)  # the inverse permutation
+  keep_BxT = (rank_BxT < k_B[:, None]) & (mask_BxT > 0)
+  return keep_BxT.astype(jnp.float32)
+
+
+def kd_rows(loss_cfg, student_logits_BxTxV: Array,
+            mask_BxT: Array) -> tuple[Array, Array]:
+  """:func:`kd_mask`'s positions as indices, so the KD runs on those rows only.
+
+  ``(index_BxK, keep_BxK)`` with ``K = ceil(fraction · T)``, the most any row
+  keeps: row ``b``'s first ``k_b`` slots hold its kept positions (``keep``
+  1), the rest are padding (``keep`` 0).
+  """
+  fraction, _ = _select(loss_cfg)
+  order_BxT, k_B = _ranked(loss_cfg, student_logits_BxTxV, mask_BxT)
+  width = _ceil(fraction, mask_BxT.shape[-1])
+  keep_BxK = jnp.arange(width)[None, :] < k_B[:, None]
+  return order_BxT[:, :width], keep_BxK.astype(jnp.float32)
 
 
 def kd_tokens(loss_cfg, mask_BxT: Array) -> Array:
@@ -180,9 +208,18 @@ def _per_token_kd(loss_cfg, s_BxTxV: Array, t_BxTxV: Array,
 def _local_sums(loss_cfg, use_kd, s, t, labels, mask) -> Sums:
   """This device's sums from logits (``t`` is None when ``use_kd`` is False)."""
   ce = jnp.sum(_token_ce(s, labels) * mask)
-  keep = kd_mask(loss_cfg, s, mask) if use_kd else mask
-  kd_sum = (jnp.sum(jnp.where(keep > 0, _per_token_kd(loss_cfg, s, t, mask), 0.))
-            if use_kd else jnp.zeros((), jnp.float32))
+  if not use_kd:
+    return Sums(ce, jnp.zeros((), jnp.float32), jnp.sum(mask), jnp.sum(mask))
+  if _select(loss_cfg)[0] < 1.0 and loss_cfg["name"] != "sinkhorn":
+    # The divergence runs on the kept rows alone (SinKD's transport problems
+    # need whole sequences, so it takes the masked path below).
+    index_BxK, keep = kd_rows(loss_cfg, s, mask)
+    rows = lambda x: jnp.take_along_axis(x, index_BxK[..., None], axis=1)
+    per_token = _per_token_kd(loss_cfg, rows(s), rows(t), keep)
+  else:
+    keep = kd_mask(loss_cfg, s, mask)
+    per_token = _per_token_kd(loss_cfg, s, t, mask)
+  kd_sum = jnp.sum(jnp.where(keep > 0, per_token, 0.))
   return Sums(ce, kd_sum, jnp.sum(mask), jnp.sum(keep))
 
 

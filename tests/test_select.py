@@ -13,8 +13,8 @@ from kdjax import objective
 import reference_np as ref
 
 
-def _cfg(fraction, name="fkl", temperature=None, **extra):
-  c = dict(name=name, impl="fast", kd_ratio=0.5, chunk_size=64, hp={},
+def _cfg(fraction, name="fkl", temperature=None, impl="fast", **extra):
+  c = dict(name=name, impl=impl, kd_ratio=0.5, chunk_size=64, hp={},
            select=dict(fraction=fraction, by="student_entropy"), **extra)
   if temperature is not None:
     c["hp"] = dict(temperature=temperature)
@@ -196,3 +196,19 @@ def test_bad_select_config_fails_with_the_fix():
   with pytest.raises(ValueError, match="loss.impl=chunked"):
     objective.check(dict(_cfg(0.5), impl="fused"))
   objective.check(_cfg(0.5))
+
+
+def test_sinkhorn_keeps_whole_sequences_and_sums_the_kept_rows():
+  logits, mask = _rows(21, b=3, t=8, v=12)
+  teacher = np.random.default_rng(22).normal(size=logits.shape).astype(np.float32)
+  labels = np.zeros(mask.shape, np.int32)
+  cfg = _cfg(0.5, name="sinkhorn", impl="autodiff")
+  got = objective._local_sums(cfg, True, jnp.asarray(logits),
+                              jnp.asarray(teacher), jnp.asarray(labels),
+                              jnp.asarray(mask))
+  per_token = kd.sinkhorn(jnp.asarray(logits), jnp.asarray(teacher),
+                          jnp.asarray(mask))  # transport over the whole mask
+  keep = _np_select(logits, mask, 0.5)
+  assert float(got.kd) == pytest.approx(float(np.asarray(per_token)[keep].sum()),
+                                        rel=1e-6)
+  assert float(got.kd_tokens) == keep.sum()
