@@ -46,6 +46,7 @@ from kdjax import metrics as metrics_lib
 from kdjax import models
 from kdjax import objective
 from kdjax import sharding
+from kdjax import taid as taid_lib
 from kdjax.data import pipeline, sources, tokenizer as tokenizer_lib
 
 P = jax.sharding.PartitionSpec
@@ -60,6 +61,7 @@ class TrainState(NamedTuple):
   params: Any     # nnx.State of the student's nnx.Param variables (float32)
   rest: Any       # the student's other state: dropout RNG keys and counters
   opt_state: Any
+  taid: Any = None  # taid.State of a TAID run (its schedule resumes exactly)
 
 
 class TrainingError(RuntimeError):
@@ -237,6 +239,7 @@ class Step:
   teacher_graphdef: Any
   tx: optax.GradientTransformation
   grad_accum: int
+  num_steps: int = 0  # the run's length (TAID's schedule ramps over it)
 
   def _student(self, params, rest):
     return nnx.merge(self.graphdef, params, rest)
@@ -258,7 +261,8 @@ class Step:
         objective.kd_tokens(self.loss_cfg, batch["loss_mask"]), 1.0)
 
     def loss_fn(student, micro):
-      s = objective.sums(self.loss_cfg, student, teacher, micro)
+      s = objective.sums(self.loss_cfg, student, teacher, micro,
+                         taid_t=_taid_t(state))
       return objective.micro_loss(self.loss_cfg, s, total_tokens, kd_tokens), s
 
     # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
@@ -297,14 +301,31 @@ class Step:
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
     first_bad = jnp.where((first_bad < 0) & ~finite, state.step, first_bad)
-    return TrainState(state.step + 1, params, rest, opt_state), m, first_bad
+    schedule = state.taid
+    if schedule is not None:  # TAID: the t this step used, then the next one
+      m["taid_t"] = schedule.t
+      schedule = taid_lib.update(schedule, m["kd"], state.step, self.num_steps,
+                                 self.loss_cfg["taid"])
+    state = TrainState(state.step + 1, params, rest, opt_state, schedule)
+    return state, m, first_bad
 
   def eval(self, state: TrainState, batch: dict, teacher_state):
     """Masked token sums of the student (dropout off) on one batch."""
     student = self._student(state.params, state.rest)
     student.eval()
     return objective.sums(self.loss_cfg, student, self._teacher(teacher_state),
-                          batch)
+                          batch, taid_t=_taid_t(state))
+
+
+def _taid_t(state: TrainState):
+  return None if state.taid is None else state.taid.t
+
+
+def _init_taid(loss_cfg):
+  """TAID's schedule state for a TAID run, else None."""
+  if loss_cfg["name"] != "taid" or loss_cfg["kd_ratio"] == 0:
+    return None
+  return taid_lib.init(loss_cfg["taid"])
 
 
 def _put(batch: dict, mesh) -> dict:
@@ -417,10 +438,11 @@ def build(config: ml_collections.ConfigDict, workdir: str,
   opt_shardings = jax.tree.map(lambda x: x.sharding,
                                _abstract_opt_state(tx, params, mesh))
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  state = TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
+  state = TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state,
+                     _init_taid(config.loss))
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
   step = Step(config.loss.to_dict(), graphdef, teacher_graphdef, tx,
-              config.grad_accum)
+              config.grad_accum, num_steps)
   return Run(config, workdir, mesh, tok, eos_id, train, val_src, student,
              teacher, step, state, num_steps)
 
@@ -668,8 +690,11 @@ def abstract_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   tx = make_optimizer(config.optim, num_steps)
   opt_state = _abstract_opt_state(tx, params, mesh)
   replicated = jax.sharding.NamedSharding(mesh, P())
+  schedule = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      _init_taid(config.loss))
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                     params, rest, opt_state)
+                     params, rest, opt_state, schedule)
   teacher_graphdef = teacher_state = None
   if teacher_preset is not None and config.loss.kd_ratio > 0:
     dtype = _dtype(config.teacher.dtype)
@@ -683,6 +708,6 @@ def abstract_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       shape, jnp.float32 if k == "loss_mask" else jnp.int32,
       sharding=sharding.batch_sharding(mesh)) for k in _BATCH_KEYS}
   step = Step(config.loss.to_dict(), graphdef, teacher_graphdef, tx,
-              config.grad_accum)
+              config.grad_accum, num_steps)
   first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   return step, (state, batch, teacher_state, first_bad)

@@ -185,3 +185,36 @@ def test_bad_taid_config_fails_with_the_fix():
     objective.check(dict(base, taid=dict(tstart=0.1)))
   with pytest.raises(ValueError, match="loss.impl=chunked"):
     objective.check(dict(base, impl="fused", taid={}))
+
+
+# ----------------------------------------------------------------------------
+# In the trainer: t lives in the train state, moves by the rule, resumes.
+
+
+def test_training_moves_t_by_the_rule_and_resumes_exactly(tmp_path_factory):
+  from kdjax import metrics, trainer
+  import tiny_run
+  root = str(tmp_path_factory.mktemp("taid"))
+  steps = 6
+  # alpha large enough that the adaptive step, not the ramp, sets t.
+  c = tiny_run.config("taid_gpt2", root, steps=steps,
+                      **{"loss.taid.alpha": 0.9, "loss.taid.beta": 0.5})
+  cfg = c.loss.taid.to_dict()
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  trainer.train_and_evaluate(c, workdir)
+  straight = metrics.read(workdir)
+  assert [r["step"] for r in straight] == list(range(1, steps + 1))
+  r = ReferenceSchedule(**cfg)
+  above_ramp = 0
+  for n, row in enumerate(straight):
+    assert row["taid_t"] == pytest.approx(r.t, rel=1e-6), n
+    r.update(row["kd"], n, steps)
+    above_ramp += r.t > cfg["t_start"] + (1 - cfg["t_start"]) * n / steps + 1e-6
+  assert above_ramp >= 2 and straight[-1]["taid_t"] > straight[0]["taid_t"]
+  # Stopped after 3 steps and resumed: the same t, losses and parameters.
+  resumed = str(tmp_path_factory.mktemp("resumed"))
+  trainer.train_and_evaluate(c, resumed, stop_at=3)
+  trainer.train_and_evaluate(c, resumed)
+  rows = metrics.read(resumed)
+  for a, b in zip(straight, rows, strict=True):
+    assert a["taid_t"] == b["taid_t"] and a["loss"] == b["loss"], a["step"]
