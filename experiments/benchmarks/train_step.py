@@ -1,4 +1,4 @@
-r"""One full KD train step, timed for every ``loss.impl`` (issue 7's second benchmark).
+r"""One full KD train step, timed for every ``loss.impl``.
 
     python -m experiments.benchmarks.train_step                       # tiny + gpt2-sized, CPU-friendly shapes
     python -m experiments.benchmarks.train_step --pairs=gpt2 --batch=8 --seq=512 --loss=akl
@@ -90,7 +90,7 @@ def bench(pair: str, impl: str, mesh) -> dict:
   state = trainer.TrainState(jnp.zeros((), jnp.int32), params, rest,
                              tx.init(params))
   step = trainer.Step(loss_cfg, graphdef, nnx.graphdef(teacher), tx, 1)
-  batch = trainer._put(_batch(_BATCH.value, _SEQ.value, vocab), mesh)  # pylint: disable=protected-access
+  batch = trainer.put_batch(_batch(_BATCH.value, _SEQ.value, vocab), mesh)
   t_state = nnx.state(teacher)
   bad = jnp.asarray(-1)
   fn = jax.jit(step.train)

@@ -1,6 +1,7 @@
 r"""AKL: AKL, adaptive FKL/RKL weighting by head/tail gaps (Wu et al. 2024, the seed paper).
 
-Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
+Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
+"The paper recipe"):
 
   python -m kdjax.train --config=kdjax/configs/akl_gpt2.py --workdir=workdirs/akl_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
@@ -17,8 +18,12 @@ still covers every token; the ``select_fraction`` metric logs the share kept):
       --config.loss.select.fraction=0.2
 """
 
+from __future__ import annotations
+
+import ml_collections
+
 from kdjax.configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.get_config("akl", arg, mu=0.5)
