@@ -49,6 +49,7 @@ _EPS = 1e-15  # guards the relative change against a zero previous loss
 
 class State(NamedTuple):
   """Interpolation time, momentum of the relative change, previous loss."""
+
   t: Array
   momentum: Array
   prev_loss: Array  # +inf until the first step has run
@@ -58,15 +59,21 @@ def check(cfg: Mapping[str, Any]) -> None:
   """Fails early, with the fix, on schedule constants that cannot work."""
   unknown = sorted(set(cfg) - set(DEFAULTS))
   if unknown:
-    raise ValueError(f"loss.taid has unknown keys {unknown}; valid: "
-                     f"{', '.join(sorted(DEFAULTS))}.")
+    raise ValueError(
+        f"loss.taid has unknown keys {unknown}; valid: "
+        f"{', '.join(sorted(DEFAULTS))}."
+    )
   c = dict(DEFAULTS, **cfg)
   if not 0.0 <= c["t_start"] < c["t_end"] <= 1.0:
-    raise ValueError(f"loss.taid needs 0 <= t_start < t_end <= 1 (got "
-                     f"t_start={c['t_start']}, t_end={c['t_end']}).")
+    raise ValueError(
+        f"loss.taid needs 0 <= t_start < t_end <= 1 (got "
+        f"t_start={c['t_start']}, t_end={c['t_end']})."
+    )
   if not 0.0 <= c["alpha"] <= 1.0 or not 0.0 <= c["beta"] < 1.0:
-    raise ValueError(f"loss.taid needs alpha in [0, 1] and beta in [0, 1) "
-                     f"(got alpha={c['alpha']}, beta={c['beta']}).")
+    raise ValueError(
+        f"loss.taid needs alpha in [0, 1] and beta in [0, 1) "
+        f"(got alpha={c['alpha']}, beta={c['beta']})."
+    )
 
 
 def init(cfg: Mapping[str, Any]) -> State:
@@ -76,8 +83,13 @@ def init(cfg: Mapping[str, Any]) -> State:
   return State(f32(c["t_start"]), f32(0.0), f32(jnp.inf))
 
 
-def update(state: State, loss: Array, step: Array, num_steps: int,
-           cfg: Mapping[str, Any]) -> State:
+def update(
+    state: State,
+    loss: Array,
+    step: Array,
+    num_steps: int,
+    cfg: Mapping[str, Any],
+) -> State:
   """The state after optimizer step ``step`` (0-based) whose KD loss was ``loss``.
 
   Pure and jit-safe (``loss`` and ``step`` may be traced); see the module
@@ -95,13 +107,16 @@ def update(state: State, loss: Array, step: Array, num_steps: int,
     t = jnp.minimum(c["t_end"], jnp.maximum(ramp, step_up))
   else:
     t = ramp
-  return State(jnp.where(first, state.t, t).astype(jnp.float32),
-               jnp.where(first, state.momentum, momentum).astype(jnp.float32),
-               loss)
+  return State(
+      jnp.where(first, state.t, t).astype(jnp.float32),
+      jnp.where(first, state.momentum, momentum).astype(jnp.float32),
+      loss,
+  )
 
 
-def target_logits(student_logits: Array, teacher_logits: Array,
-                  t: Array | float) -> Array:
+def target_logits(
+    student_logits: Array, teacher_logits: Array, t: Array | float
+) -> Array:
   """``(1 − t)·stop_gradient(s) + t·z`` in float32: the logits of ``p_t``.
 
   Feed them to :func:`kdjax.divergences.fkl` as the teacher (any temperature
@@ -113,5 +128,4 @@ def target_logits(student_logits: Array, teacher_logits: Array,
   t = jnp.asarray(t, jnp.float32)
   # A weight of exactly 0 drops its term, so a -inf logit (a slot that
   # model rules out) cannot turn into 0 * -inf = nan at t = 0 or t = 1.
-  return (jnp.where(t < 1.0, (1.0 - t) * s, 0.0)
-          + jnp.where(t > 0.0, t * z, 0.0))
+  return jnp.where(t < 1.0, (1.0 - t) * s, 0.0) + jnp.where(t > 0.0, t * z, 0.0)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from kdjax import divergences as kd
-from kdjax import objective
-from kdjax import taid
+from kdjax import objective, taid
 import reference_np as ref
 
 
@@ -20,8 +19,9 @@ class ReferenceSchedule:
   ``momentum`` at 0; ``update(loss, step, num_steps)`` runs after each step.
   """
 
-  def __init__(self, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99,
-               adaptive=True):
+  def __init__(
+      self, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99, adaptive=True
+  ):
     self.t_start, self.t_end = t_start, t_end
     self.alpha, self.beta, self.adaptive = alpha, beta, adaptive
     self.t, self.prev_loss, self.momentum = t_start, math.inf, 0.0
@@ -35,27 +35,37 @@ class ReferenceSchedule:
     sig = 1.0 / (1.0 + math.exp(-self.momentum))
     target = self.t_start + (self.t_end - self.t_start) * step / num_steps
     delta = self.alpha * sig * (1 - self.t)
-    self.t = (min(self.t_end, max(target, self.t + delta)) if self.adaptive
-              else target)
+    self.t = (
+        min(self.t_end, max(target, self.t + delta))
+        if self.adaptive
+        else target
+    )
     self.prev_loss = loss
 
 
 def _losses(n, seed=0):
   """A noisy decreasing loss curve with a plateau and a rise."""
   rng = np.random.default_rng(seed)
-  base = np.concatenate([np.linspace(3.0, 1.0, n // 2),
-                         np.full(n // 4, 1.0), np.linspace(1.0, 1.5, n - n // 2
-                                                           - n // 4)])
+  base = np.concatenate(
+      [
+          np.linspace(3.0, 1.0, n // 2),
+          np.full(n // 4, 1.0),
+          np.linspace(1.0, 1.5, n - n // 2 - n // 4),
+      ]
+  )
   return (base * np.exp(rng.normal(0, 0.05, n))).astype(np.float32)
 
 
-@pytest.mark.parametrize("cfg", [
-    {},                                            # the reference defaults
-    dict(t_start=0.2),
-    dict(alpha=0.05, beta=0.9),                    # adaptive step beats the ramp
-    dict(alpha=0.5, t_end=0.9),                    # reaches and stays at t_end
-    dict(adaptive=False),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},  # the reference defaults
+        dict(t_start=0.2),
+        dict(alpha=0.05, beta=0.9),  # adaptive step beats the ramp
+        dict(alpha=0.5, t_end=0.9),  # reaches and stays at t_end
+        dict(adaptive=False),
+    ],
+)
 def test_schedule_matches_the_transcribed_reference(cfg):
   n = 300
   losses = _losses(n)
@@ -67,8 +77,9 @@ def test_schedule_matches_the_transcribed_reference(cfg):
     assert float(state.t) == pytest.approx(r.t, rel=1e-6, abs=1e-7), i
     state = update(state, jnp.asarray(loss), jnp.asarray(i, jnp.int32))
     r.update(float(loss), i, n)
-    assert float(state.momentum) == pytest.approx(r.momentum, rel=1e-5,
-                                                  abs=1e-8), i
+    assert float(state.momentum) == pytest.approx(
+        r.momentum, rel=1e-5, abs=1e-8
+    ), i
     ramp = r.t_start + (r.t_end - r.t_start) * i / n
     above_ramp += r.t > ramp + 1e-6
   assert float(state.t) == pytest.approx(r.t, rel=1e-6)
@@ -89,7 +100,8 @@ def test_first_step_only_records_the_loss():
 def _np_target(s, z, t, temperature):
   """p_t ∝ exp((1 − t)·log q + t·log p) in float64 (log-space mixture)."""
   log = (1 - t) * ref.log_softmax(s, temperature) + t * ref.log_softmax(
-      z, temperature)
+      z, temperature
+  )
   return np.exp(log - np.log(np.exp(log).sum(-1, keepdims=True)))
 
 
@@ -106,15 +118,24 @@ def test_loss_is_kl_from_the_log_space_mixture(t, temperature):
   want_grad = (np.exp(log_q) - p_t) / temperature
 
   def loss(x):
-    return jnp.sum(kd.fkl(x, taid.target_logits(x, jnp.asarray(z), t),
-                          temperature=temperature))
+    return jnp.sum(
+        kd.fkl(
+            x, taid.target_logits(x, jnp.asarray(z), t), temperature=temperature
+        )
+    )
 
-  val = kd.fkl(jnp.asarray(s), taid.target_logits(jnp.asarray(s),
-                                                  jnp.asarray(z), t),
-               temperature=temperature)
+  val = kd.fkl(
+      jnp.asarray(s),
+      taid.target_logits(jnp.asarray(s), jnp.asarray(z), t),
+      temperature=temperature,
+  )
   np.testing.assert_allclose(np.asarray(val), want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(jax.grad(loss)(jnp.asarray(s))),
-                             want_grad, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(jax.grad(loss)(jnp.asarray(s))),
+      want_grad,
+      rtol=1e-5,
+      atol=1e-6,
+  )
 
 
 def test_endpoints_and_forbidden_slots():
@@ -122,11 +143,13 @@ def test_endpoints_and_forbidden_slots():
   s = jnp.asarray(rng.normal(size=(4, 20)), jnp.float32)
   z = jnp.asarray(rng.normal(size=(4, 20)) * 2, jnp.float32)
   # t = 1 is plain forward KL to the teacher, exactly.
-  np.testing.assert_array_equal(kd.fkl(s, taid.target_logits(s, z, 1.0)),
-                                kd.fkl(s, z))
+  np.testing.assert_array_equal(
+      kd.fkl(s, taid.target_logits(s, z, 1.0)), kd.fkl(s, z)
+  )
   # t = 0: the target is the student itself.
-  np.testing.assert_allclose(kd.fkl(s, taid.target_logits(s, z, 0.0)), 0.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      kd.fkl(s, taid.target_logits(s, z, 0.0)), 0.0, atol=1e-6
+  )
   # A slot the teacher rules out stays ruled out, and no nan appears at t = 0.
   z_inf = z.at[:, 3].set(-jnp.inf)
   for t in (0.0, 0.5, 1.0):
@@ -154,19 +177,31 @@ def test_objective_taid_is_fkl_to_the_interpolated_target():
   mask = np.ones((b, t_len), np.float32)
   mask[0, :2] = 0
   labels = np.zeros((b, t_len), np.int32)
-  cfg = dict(name="taid", impl="fast", kd_ratio=0.5, chunk_size=64, hp={},
-             taid=dict(taid.DEFAULTS))
+  cfg = dict(
+      name="taid",
+      impl="fast",
+      kd_ratio=0.5,
+      chunk_size=64,
+      hp={},
+      taid=dict(taid.DEFAULTS),
+  )
   objective.check(cfg)
 
   class Model:
+
     def __init__(self, out):
       self.out = jnp.asarray(out)
 
     def __call__(self, *args):
       return self.out
 
-  batch = dict(input_ids=labels, positions=labels, attention_mask=labels,
-               labels=jnp.asarray(labels), loss_mask=jnp.asarray(mask))
+  batch = dict(
+      input_ids=labels,
+      positions=labels,
+      attention_mask=labels,
+      labels=jnp.asarray(labels),
+      loss_mask=jnp.asarray(mask),
+  )
   for t in (None, 0.7):
     got = objective.sums(cfg, Model(s), Model(z), batch, taid_t=t)
     tt = 0.4 if t is None else t
@@ -194,11 +229,16 @@ def test_bad_taid_config_fails_with_the_fix():
 def test_training_moves_t_by_the_rule_and_resumes_exactly(tmp_path_factory):
   from kdjax import metrics, trainer
   import tiny_run
+
   root = str(tmp_path_factory.mktemp("taid"))
   steps = 6
   # alpha large enough that the adaptive step, not the ramp, sets t.
-  c = tiny_run.config("taid_gpt2", root, steps=steps,
-                      **{"loss.taid.alpha": 0.9, "loss.taid.beta": 0.5})
+  c = tiny_run.config(
+      "taid_gpt2",
+      root,
+      steps=steps,
+      **{"loss.taid.alpha": 0.9, "loss.taid.beta": 0.5},
+  )
   cfg = c.loss.taid.to_dict()
   workdir = str(tmp_path_factory.mktemp("straight"))
   trainer.train_and_evaluate(c, workdir)

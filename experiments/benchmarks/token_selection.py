@@ -46,9 +46,11 @@ def _case(fn, args, repeats: int) -> dict:
 
 def objective_grad(cfg: dict, labels, mask):
   """Gradient of CE + KD sums the way the trainer's objective computes them."""
+
   def loss(s, t):
     sums = objective._local_sums(cfg, True, s, t, labels, mask)  # pylint: disable=protected-access
     return sums.ce + sums.kd
+
   return jax.grad(loss)
 
 
@@ -60,6 +62,7 @@ def masked_grad(cfg: dict, labels, mask):
     keep = objective.kd_mask(cfg, s, mask)
     kd_sum = jnp.sum(jnp.where(keep > 0, per_token(s, t), 0.0))
     return jnp.sum(objective._token_ce(s, labels) * mask) + kd_sum  # pylint: disable=protected-access
+
   return jax.grad(loss)
 
 
@@ -77,42 +80,68 @@ def main(argv=None) -> dict:
   b, t, v = a.batch, a.length, a.vocab
   k_s, k_t = jax.random.split(jax.random.key(0))
   student = 2.0 * jax.random.normal(k_s, (b, t, v), jnp.float32)
-  teacher = (2.0 * jax.random.normal(k_t, (b, t, v), jnp.float32)
-             ).at[..., :4].add(12.0)
+  teacher = (
+      (2.0 * jax.random.normal(k_t, (b, t, v), jnp.float32))
+      .at[..., :4]
+      .add(12.0)
+  )
   labels = jnp.zeros((b, t), jnp.int32)
   mask = jnp.ones((b, t), jnp.float32).at[:, : t // 4].set(0.0)
   unit = b * t * v * 4
   rows = []
   for fraction in (1.0, 0.5, 0.2):
-    cfg = dict(name=a.divergence, impl="fast", kd_ratio=0.5, chunk_size=512,
-               hp={}, select=dict(fraction=fraction, by="student_entropy"))
-    row = {"fraction": fraction,
-           "objective": _case(objective_grad(cfg, labels, mask),
-                              (student, teacher), a.repeats)}
+    cfg = dict(
+        name=a.divergence,
+        impl="fast",
+        kd_ratio=0.5,
+        chunk_size=512,
+        hp={},
+        select=dict(fraction=fraction, by="student_entropy"),
+    )
+    row = {
+        "fraction": fraction,
+        "objective": _case(
+            objective_grad(cfg, labels, mask), (student, teacher), a.repeats
+        ),
+    }
     if fraction < 1.0:
-      row["masked"] = _case(masked_grad(cfg, labels, mask),
-                            (student, teacher), a.repeats)
+      row["masked"] = _case(
+          masked_grad(cfg, labels, mask), (student, teacher), a.repeats
+      )
     rows.append(row)
   base = rows[0]["objective"]["time_s"]
-  print(f"{a.divergence}, B={b} T={t} V={v}, {jax.default_backend()}: "
-        "fwd+bwd of CE + KD (x all tokens / temporaries in [B,T,V] f32)")
+  print(
+      f"{a.divergence}, B={b} T={t} V={v}, {jax.default_backend()}: "
+      "fwd+bwd of CE + KD (x all tokens / temporaries in [B,T,V] f32)"
+  )
   for row in rows:
     o = row["objective"]
-    line = (f"  fraction {row['fraction']:<4} kept rows "
-            f"{o['time_s'] * 1e3:7.0f} ms  {o['time_s'] / base:5.2f}x  "
-            f"{o['temp_bytes'] / unit:4.2f}")
+    line = (
+        f"  fraction {row['fraction']:<4} kept rows "
+        f"{o['time_s'] * 1e3:7.0f} ms  {o['time_s'] / base:5.2f}x  "
+        f"{o['temp_bytes'] / unit:4.2f}"
+    )
     if "masked" in row:
       m = row["masked"]
-      line += (f"   | as a mask {m['time_s'] * 1e3:7.0f} ms  "
-               f"{m['time_s'] / base:5.2f}x  {m['temp_bytes'] / unit:4.2f}")
+      line += (
+          f"   | as a mask {m['time_s'] * 1e3:7.0f} ms  "
+          f"{m['time_s'] / base:5.2f}x  {m['temp_bytes'] / unit:4.2f}"
+      )
     print(line)
-  out = {"divergence": a.divergence, "shape": [b, t, v],
-         "backend": jax.default_backend(), "machine": platform.processor(),
-         "rows": rows}
+  out = {
+      "divergence": a.divergence,
+      "shape": [b, t, v],
+      "backend": jax.default_backend(),
+      "machine": platform.processor(),
+      "rows": rows,
+  }
   if not a.quick:
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"token_selection_{jax.default_backend()}_"
-                        f"{a.divergence}_{b}x{t}x{v}.json")
+    path = os.path.join(
+        RESULTS,
+        f"token_selection_{jax.default_backend()}_"
+        f"{a.divergence}_{b}x{t}x{v}.json",
+    )
     with open(path, "w") as f:
       json.dump(out, f, indent=2)
   return out

@@ -3,8 +3,10 @@
 One ``jax.jit`` step per optimizer update: the teacher (frozen, its own dtype)
 and the student run on the same batch, :mod:`kdjax.objective` turns their
 outputs into global masked token sums, the gradient of
-``((1 - kd_ratio)·CE_sum + kd_ratio·KD_sum) / tokens`` is accumulated over
-``grad_accum`` micro-batches, and the optimizer applies it. The state is
+``(1 - kd_ratio)·CE_sum / tokens + kd_ratio·KD_sum / kd_tokens`` (``kd_tokens``
+= ``tokens`` unless ``loss.select`` keeps fewer) is accumulated over
+``grad_accum`` micro-batches, and the optimizer applies it. A TAID run also
+carries its schedule in the state and moves ``t`` after each step. The state is
 donated; its shardings never change (FSDP shards params and optimizer state
 alike; the batch is split over ``data``/``fsdp``).
 """
