@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from kdjax.evaluation.protocol import Protocol
+from kdjax.onpolicy import source as onpolicy_source
 
 
 def _path(p: str) -> str:
@@ -164,6 +165,8 @@ class TrainSpec:
   eval: EvalSpec
   mesh: MeshSpec
   identity: Mapping[str, Any]
+  # The sequence source (kdjax.onpolicy); off-policy when absent.
+  onpolicy: onpolicy_source.OnPolicySpec = onpolicy_source.OnPolicySpec()
 
 
 def _fields(cls, node: ml_collections.ConfigDict, **extra) -> Any:
@@ -209,7 +212,8 @@ def from_config(config: ml_collections.ConfigDict) -> TrainSpec:
       student=student, loss=c.loss.to_dict(), optim=_fields(OptimSpec, c.optim),
       ckpt=_fields(CkptSpec, c.ckpt), eval=evaluation,
       mesh=_fields(MeshSpec, c.mesh),
-      identity=json.loads(c.to_json_best_effort()))
+      identity=json.loads(c.to_json_best_effort()),
+      onpolicy=onpolicy_source.spec_from_config(c))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from kdjax.data import pipeline
 from kdjax.data import seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
+from kdjax.onpolicy import source as onpolicy_source
 from kdjax.training import optimizer
 from kdjax.training.errors import TrainingError
 from kdjax.training.step import Step, TrainState, init_taid
@@ -56,6 +57,8 @@ class Run:
   step: Step
   state: TrainState
   num_steps: int
+  # Per-step sequence source (kdjax.onpolicy); None: the dataset's batches.
+  source: onpolicy_source.Source | None = None
 
 
 def teacher_path(teacher: spec_lib.TeacherSpec) -> str:
@@ -124,6 +127,9 @@ def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   objective.check(s.loss)
   if s.loss["kd_ratio"] > 0:
     teacher_path(s.teacher)
+  onpolicy_source.check(s.onpolicy, batch_size=s.batch_size,
+                        max_length=s.data.max_length,
+                        max_prompt_length=s.data.max_prompt_length)
   n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
   if s.batch_size % (s.grad_accum * n_batch):
     raise ValueError(
@@ -173,5 +179,12 @@ def build(config: ml_collections.ConfigDict | spec_lib.TrainSpec,
                      init_taid(s.loss))
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
   step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum, num_steps)
+  source = None
+  if s.onpolicy.source != "dataset":
+    source = onpolicy_source.Source.from_spec(
+        s.onpolicy, batch_size=s.batch_size, max_length=s.data.max_length,
+        max_prompt_length=s.data.max_prompt_length, eos_id=eos_id,
+        total_steps=num_steps, student_graphdef=graphdef,
+        teacher_graphdef=teacher_graphdef)
   return Run(s, workdir, mesh, tok, eos_id, train, val_src, student, teacher,
-             step, state, num_steps)
+             step, state, num_steps, source)

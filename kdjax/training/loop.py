@@ -1,7 +1,8 @@
 """The training loop: resume, step, log, validate, checkpoint, export.
 
 Resume from the latest orbax checkpoint in ``workdir`` (same batches and RNG
-thereafter), periodic validation (:mod:`kdjax.training.validation`),
+thereafter, the on-policy sequence source's state included:
+:mod:`kdjax.onpolicy`), periodic validation (:mod:`kdjax.training.validation`),
 ``metrics.jsonl`` + TensorBoard + a progress bar, a stop on the first
 non-finite loss or gradient, and the final and best students exported as
 Hugging Face checkpoints (``workdir/hf``, ``workdir/best_hf``).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -25,6 +26,7 @@ from kdjax import metrics as metrics_lib
 from kdjax import models
 from kdjax import sharding
 from kdjax import spec as spec_lib
+from kdjax.onpolicy import runner as runner_lib
 from kdjax.training import builder
 from kdjax.training import step as step_lib
 from kdjax.training import validation
@@ -78,9 +80,17 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
                                  max_to_keep=s.ckpt.max_to_keep)
   data_iter = run.train_data.iterator()
   state = run.state
+  runner = None
+  if run.source is not None:  # on-policy: its state is checkpointed too
+    runner = runner_lib.Runner(run.source, run.source.init(
+        s.seed + 2, threshold=s.onpolicy.init_threshold), mesh=run.mesh)
   start = ckpts.latest_step()
   if start is not None:
-    state, _ = ckpts.restore(start, state, data_iter)
+    if runner is None:
+      state, _ = ckpts.restore(start, state, data_iter)
+    else:
+      (state, runner.state), _ = ckpts.restore(start, (state, runner.state),
+                                               data_iter)
     if jax.process_index() == 0:
       tqdm.tqdm.write(f"resumed {run.workdir} from step {start}")
   start = start or 0
@@ -100,10 +110,16 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   t0, since = time.perf_counter(), start
   every_eval = _every_eval(run)
+  if runner is not None and runner.source.kind == "distillm" and start == 0:
+    # DistiLLM compares later validation losses with the one before training.
+    v0 = validation.validate(run, state, teacher_state, eval_fn)["val_loss"]
+    runner.state = runner.state._replace(prev_loss=jnp.float32(v0))
   try:
     end = run.num_steps if stop_at is None else min(stop_at, run.num_steps)
     for step in range(start, end):
       batch = step_lib.put_batch(next(data_iter), run.mesh)
+      if runner is not None:
+        batch = runner(state, teacher_state, batch)
       state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
       done = step + 1
       bar.update(1)
@@ -119,14 +135,22 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
                   step_time=dt / max(done - since, 1),
                   tokens_per_s=tokens_per_step * (done - since) / max(dt, 1e-9))
       t0, since = time.perf_counter(), done
+      if runner is not None:
+        last.update(runner.log())
+        if "gen_time_s" in last:
+          last["gen_share"] = last["gen_time_s"] / max(last["step_time"],
+                                                       1e-9)
       if every_eval and (done % every_eval == 0 or done == run.num_steps):
         val = validation.validate(run, state, teacher_state, eval_fn)
         last.update(val)
+        if runner is not None:
+          runner.after_validation(val["val_loss"])
         score = val.get("val_rougeL", -val["val_loss"])
         ckpts.save_best(done, state.params, score)
       writer.write(done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}")
-      _save(ckpts, done, state, data_iter, force=done == end)
+      _save(ckpts, done, state if runner is None else (state, runner.state),
+            data_iter, force=done == end)
     if end == run.num_steps:
       export(run, state, ckpts)
   finally:
@@ -159,9 +183,12 @@ def export(run: builder.Run, state: TrainState,
       models.save_hf(student, os.path.join(run.workdir, name))
 
 
-def _save(ckpts: checkpoint.Checkpoints, step: int, state: TrainState,
+def _save(ckpts: checkpoint.Checkpoints, step: int, state: Any,
           data_iter: grain.DatasetIterator, *, force: bool) -> None:
   """A checkpoint, or one sentence when the disk (or bucket) refuses it.
+
+  ``state`` is the train state, paired with the sequence source's state
+  (generation key, DistiLLM's schedule and replay buffer) on on-policy runs.
 
   Orbax writes into a temporary directory and renames it on commit, so a
   failed save leaves the previous checkpoint as the latest.

@@ -1,0 +1,39 @@
+"""On-policy distillation: students trained on their own generations.
+
+* :mod:`kdjax.onpolicy.batches`: prompts out of training batches, generated
+  responses back into training rows (loss on the generated tokens only);
+* :mod:`kdjax.onpolicy.source`: the per-step sequence source (dataset, GKD,
+  DistiLLM adaptive SGO, SKD), a pure jittable function of the run's state;
+* :mod:`kdjax.onpolicy.distillm`: DistiLLM's schedule and replay buffer;
+* :mod:`kdjax.onpolicy.skd`: speculative-KD decoding (student proposes,
+  teacher's top-K vets) with both models' KV caches in one loop.
+
+The math and the papers' settings: docs/on_policy.md.
+"""
+
+from kdjax.onpolicy import batches, distillm, skd, source
+from kdjax.onpolicy.runner import Runner
+from kdjax.onpolicy.source import (
+    DEFAULTS,
+    KINDS,
+    OnPolicySpec,
+    Source,
+    State,
+    add_config,
+    spec_from_config,
+)
+
+__all__ = [
+    "batches",
+    "distillm",
+    "skd",
+    "source",
+    "DEFAULTS",
+    "KINDS",
+    "OnPolicySpec",
+    "Runner",
+    "Source",
+    "State",
+    "add_config",
+    "spec_from_config",
+]

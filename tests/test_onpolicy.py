@@ -1,0 +1,423 @@
+"""On-policy sequence sources: layouts, the student's samples, GKD's choice."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import models, sampling, sharding
+from kdjax.data import pipeline
+from kdjax.onpolicy import batches, distillm, source
+
+V, EOS, L, P = 40, 3, 24, 10
+
+
+def _examples(rng, n):
+  """Tokenized examples: prompts of 1..P tokens, responses ending in EOS."""
+  out = []
+  for _ in range(n):
+    p = int(rng.randint(1, P + 1))
+    prompt = rng.randint(4, V, p).tolist()
+    response = rng.randint(4, V, int(rng.randint(0, 12))).tolist() + [EOS]
+    ids = (prompt + response)[:L]
+    out.append(pipeline.Tokenized(np.asarray(ids, np.int32), p))
+  return out
+
+
+def _dataset_batch(examples):
+  return pipeline._stack(
+      [pipeline.train_row(e, max_length=L, eos_id=EOS) for e in examples]
+  )
+
+
+def _student(seed=0):
+  model = models.create(
+      "tiny-gpt2",
+      vocab_size=V,
+      n_embd=16,
+      n_layer=2,
+      n_head=2,
+      rngs=nnx.Rngs(seed),
+  )
+  return model
+
+
+def _source(model, kind="gkd", lmbda=1.0, n_new=12, total_steps=100, **kw):
+  settings = sampling.Settings(
+      max_new_tokens=n_new,
+      greedy=False,
+      temperature=1.3,
+      eos_id=EOS,
+      pad_id=EOS,
+  )
+  return source.Source(
+      kind=kind,
+      settings=settings,
+      prompt_length=P,
+      max_length=L,
+      eos_id=EOS,
+      total_steps=total_steps,
+      student_graphdef=nnx.split(model, nnx.Param, ...)[0],
+      lmbda=lmbda,
+      **kw,
+  )
+
+
+def _call(src, model, batch, state, step, teacher_state=None):
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  return jax.jit(src.__call__)(
+      params, rest, teacher_state, jb, state, jnp.asarray(step, jnp.int32)
+  )
+
+
+def _np(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def _reference_rows(prompts, tokens):
+  """pipeline.train_row of ``prompt ‖ tokens through the first EOS``."""
+  rows = []
+  for prompt, gen in zip(prompts, tokens):
+    gen = list(gen)
+    g = gen.index(EOS) + 1 if EOS in gen else len(gen)
+    ids = (list(prompt) + gen[:g])[:L]
+    rows.append(
+        pipeline.train_row(
+            pipeline.Tokenized(np.asarray(ids, np.int32), len(prompt)),
+            max_length=L,
+            eos_id=EOS,
+        )
+    )
+  return pipeline._stack(rows)
+
+
+# ----------------------------------------------------------------------------
+# Layouts.
+
+
+def test_prompts_from_batch_equal_left_padded_dataset_prompts():
+  examples = _examples(np.random.RandomState(0), 16)
+  got, mask = jax.jit(batches.prompts_from_batch, static_argnums=(1, 2))(
+      {k: jnp.asarray(v) for k, v in _dataset_batch(examples).items()}, P, EOS
+  )
+  want = pipeline.left_pad(
+      [e.ids[: e.prompt_len].tolist() for e in examples], length=P, eos_id=EOS
+  )
+  np.testing.assert_array_equal(np.asarray(got), want["input_ids"])
+  np.testing.assert_array_equal(np.asarray(mask), want["attention_mask"] > 0)
+
+
+def test_response_rows_equal_pipeline_train_rows():
+  rng = np.random.RandomState(1)
+  examples = _examples(rng, 32)
+  prompts = [e.ids[: e.prompt_len].tolist() for e in examples]
+  left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
+  # Generated tokens: some rows end in EOS early (then padding), some never.
+  tokens = rng.randint(4, V, (32, 18))
+  for r in range(0, 32, 2):
+    end = int(rng.randint(0, 18))
+    tokens[r, end] = EOS
+    tokens[r, end + 1 :] = EOS
+  rows = batches.response_rows(
+      jnp.asarray(left["input_ids"]),
+      jnp.asarray(left["attention_mask"] > 0),
+      jnp.asarray(tokens),
+      max_length=L,
+      eos_id=EOS,
+  )
+  got = _np(batches.to_batch(rows, EOS))
+  want = _reference_rows(prompts, tokens)
+  assert set(got) == set(want)
+  for k in want:
+    assert got[k].dtype == want[k].dtype, k
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # Some rows were cut at L, some ended before it.
+  n = np.asarray(rows.length_B)
+  assert (n == L).any() and (n < L).any()
+
+
+# ----------------------------------------------------------------------------
+# The student's samples.
+
+
+def test_onpolicy_batch_is_the_students_samples_and_masks_them_exactly():
+  model = _student()
+  examples = _examples(np.random.RandomState(2), 8)
+  batch = _dataset_batch(examples)
+  src = _source(model)
+  state = src.init(seed=7)
+  out, _, info = _np(_call(src, model, batch, state, step=5))
+  # Independently: kdjax.sampling.generate on the same prompts and key.
+  prompts = [e.ids[: e.prompt_len].tolist() for e in examples]
+  left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
+  key = source.step_keys(state.key, jnp.asarray(5, jnp.int32))[1]
+  model.eval()
+  tokens = np.asarray(
+      sampling.generate(
+          model,
+          left["input_ids"],
+          left["attention_mask"] > 0,
+          key,
+          **src.settings._asdict(),
+      )
+  )
+  want = _reference_rows(prompts, tokens)
+  for k in want:
+    np.testing.assert_array_equal(out[k], want[k], err_msg=k)
+  # The mask covers exactly the generated tokens, through EOS, nothing after.
+  lengths = []
+  for r, prompt in enumerate(prompts):
+    gen = tokens[r].tolist()
+    g = gen.index(EOS) + 1 if EOS in gen else len(gen)
+    g = min(g, L - len(prompt))
+    lengths.append(g)
+    cols = np.flatnonzero(out["loss_mask"][r])
+    np.testing.assert_array_equal(
+        cols, np.arange(len(prompt) - 1, len(prompt) - 1 + g)
+    )
+    np.testing.assert_array_equal(out["labels"][r, cols], gen[:g])
+    np.testing.assert_array_equal(out["input_ids"][r, : len(prompt)], prompt)
+  assert any(EOS in t.tolist() for t in tokens)  # both endings are covered
+  assert not all(EOS in t.tolist() for t in tokens)
+  assert info["onpolicy"] == 1 and info["generated"] == 1
+  assert info["gen_len"] == pytest.approx(np.mean(lengths))
+  # Another step, another sample.
+  again, _, _ = _np(_call(src, model, batch, state, step=6))
+  assert (again["labels"] != out["labels"]).any()
+
+
+@pytest.mark.parametrize("kind", ["gkd", "distillm"])
+def test_eight_devices_equal_one(kind):
+  examples = _examples(np.random.RandomState(3), 16)
+  batch = _dataset_batch(examples)
+  kw = dict(capacity=16, total_steps=4) if kind == "distillm" else {}
+  outs = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = sharding.make_mesh(devices=devices)
+    with jax.set_mesh(mesh):
+      m = sharding.shard_model(_student(3), mesh)
+      src = _source(m, kind=kind, **kw)
+      b = {
+          k: jax.device_put(v, sharding.batch_sharding(mesh))
+          for k, v in batch.items()
+      }
+      state = src.init(seed=1, threshold=1.0)
+      steps = []
+      # DistiLLM: step 0 fills the buffer, later steps replay from it or
+      # generate again.
+      for step in range(2 if kind == "gkd" else 4):
+        out, state, info = _call(src, m, b, state, step=step)
+        if len(devices) == 8:
+          assert len(out["labels"].sharding.device_set) == 8
+        steps.append(_np((out, info)))
+      outs.append(steps)
+  for (a, ia), (b, ib) in zip(*outs):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert ia == ib
+  if kind == "distillm":
+    assert {float(i["generated"]) for _, i in outs[0]} == {0.0, 1.0}
+
+
+# ----------------------------------------------------------------------------
+# GKD's choice.
+
+
+def test_lmbda_zero_returns_the_dataset_batch_bit_for_bit():
+  model = _student()
+  batch = _dataset_batch(_examples(np.random.RandomState(4), 8))
+  for kind in ("dataset", "gkd", "skd"):
+    src = _source(model, kind=kind, lmbda=0.0)
+    for step in range(3):
+      out, state, info = _np(_call(src, model, batch, src.init(0), step))
+      for k in batch:
+        assert out[k].dtype == batch[k].dtype
+        np.testing.assert_array_equal(out[k], batch[k])
+      assert info["onpolicy"] == 0
+
+
+def test_gkd_choice_frequency_and_determinism():
+  key = _source(_student()).init(seed=11).key
+  steps = jnp.arange(4000)
+  for lmbda in (0.0, 0.25, 0.7, 1.0):
+    use = np.asarray(
+        jax.vmap(lambda s: source.uses_generated(key, s, lmbda))(steps)
+    )
+    # Binomial(4000, lmbda): within 4 standard deviations.
+    sd = np.sqrt(4000 * lmbda * (1 - lmbda))
+    assert abs(use.sum() - 4000 * lmbda) <= 4 * sd + 1e-9, lmbda
+    if 0 < lmbda < 1:  # not a fixed pattern: runs of both lengths occur
+      assert (np.diff(use.astype(int)) != 0).sum() > 100
+  # The choice of a step depends only on the key and the step (exact resume).
+  a = [bool(source.uses_generated(key, jnp.asarray(s), 0.5)) for s in range(20)]
+  b = [
+      bool(source.uses_generated(key, jnp.asarray(s), 0.5))
+      for s in reversed(range(20))
+  ][::-1]
+  assert a == b
+
+
+def test_gkd_mixture_switches_between_dataset_and_student_batches():
+  model = _student()
+  batch = _dataset_batch(_examples(np.random.RandomState(5), 8))
+  src = _source(model, lmbda=0.5)
+  state = src.init(seed=2)
+  for step in range(8):
+    out, _, info = _np(_call(src, model, batch, state, step))
+    chosen = bool(source.uses_generated(state.key, jnp.asarray(step), 0.5))
+    assert info["onpolicy"] == float(chosen)
+    same = all(np.array_equal(out[k], batch[k]) for k in batch)
+    assert same == (not chosen), step
+
+
+def test_distillm_source_generates_fills_then_replays():
+  model = _student(4)
+  examples = _examples(np.random.RandomState(6), 4)
+  batch = _dataset_batch(examples)
+  src = _source(model, kind="distillm", capacity=8, total_steps=10)
+  state = src.init(seed=3, threshold=0.9)
+  call = jax.jit(src.__call__)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  seen = []  # label rows of every generated batch
+  acts = []
+  for step in range(10):
+    u = float(jax.random.uniform(source.step_keys(state.key, step)[0]))
+    gen_tau = 0.9 * (1 - (step + 1) / 10)
+    count = int(state.buffer.count)
+    want = (
+        distillm.GENERATE
+        if u < gen_tau or (u < 0.9 and count < 8)
+        else distillm.REPLAY
+        if u < 0.9
+        else distillm.DATASET
+    )
+    acts.append(want)
+    out, state, info = call(
+        params, rest, None, jb, state, jnp.asarray(step, jnp.int32)
+    )
+    out = _np(out)
+    assert info["generated"] == (want == distillm.GENERATE), step
+    assert info["onpolicy"] == (want != distillm.DATASET), step
+    if want == distillm.GENERATE:
+      seen.extend(map(tuple, out["labels"]))
+      assert int(state.buffer.count) == min(count + 4, 8)
+    elif want == distillm.REPLAY:
+      assert set(map(tuple, out["labels"])) <= set(seen[-8:])
+    else:
+      for k in batch:
+        np.testing.assert_array_equal(out[k], batch[k])
+  assert {distillm.GENERATE, distillm.REPLAY} <= set(acts)
+
+
+# ----------------------------------------------------------------------------
+# Configs.
+
+
+@pytest.mark.parametrize(
+    "name,kind",
+    [("gkd_gpt2", "gkd"), ("distillm_gpt2", "distillm"), ("skd_gpt2", "skd")],
+)
+def test_configs_build_their_source(name, kind):
+  module = __import__(f"kdjax.configs.{name}", fromlist=["get_config"])
+  model = _student()
+  graphdef = nnx.split(model, nnx.Param, ...)[0]
+  for arg, n_new in ((None, 256), ("tiny", 32)):
+    c = module.get_config(arg)
+    assert c.onpolicy.source == kind
+    src = source.Source.from_config(
+        c,
+        eos_id=EOS,
+        total_steps=10,
+        student_graphdef=graphdef,
+        teacher_graphdef=graphdef,
+    )
+    assert src.kind == kind and src.settings.max_new_tokens == n_new
+    assert src.settings.eos_id == EOS and not src.settings.greedy
+    with pytest.raises(AttributeError):  # locked: a typo is not a new field
+      c.onpolicy.lmbdaa = 1.0
+  assert (
+      module.get_config().onpolicy.lmbda
+      == {"gkd": 0.5, "distillm": 0.0, "skd": 1.0}[kind]
+  )
+
+
+def test_bad_onpolicy_settings_fail_with_one_sentence():
+  from kdjax.configs import gkd_gpt2, skd_gpt2
+
+  model = _student()
+  graphdef = nnx.split(model, nnx.Param, ...)[0]
+  cases = [
+      ("onpolicy.lmbda", 1.5, "lmbda=1.5 must be in"),
+      ("onpolicy.source", "ppo", "source='ppo' is unknown"),
+      ("onpolicy.temperature", 0.0, "temperature=0.0 must be > 0"),
+      ("onpolicy.buffer_size", 4, None),
+  ]
+  for key, value, msg in cases:
+    c = gkd_gpt2.get_config("tiny")
+    with c.unlocked():
+      c.update_from_flattened_dict({key: value})
+    build = lambda: source.Source.from_config(
+        c, eos_id=EOS, total_steps=10, student_graphdef=graphdef
+    )
+    if msg is None:  # only DistiLLM reads the buffer size
+      build()
+      continue
+    with pytest.raises(ValueError, match=msg) as e:
+      build()
+    assert "\n" not in str(e.value)
+  c = skd_gpt2.get_config("tiny")
+  with pytest.raises(ValueError, match="needs the teacher"):
+    source.Source.from_config(
+        c, eos_id=EOS, total_steps=10, student_graphdef=graphdef
+    )
+  with pytest.raises(ValueError, match="unknown"):
+    source.add_config(c, lambda_=0.5)
+
+
+def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
+  student, teacher = _student(0), _student(9)
+  teacher.eval()
+  examples = _examples(np.random.RandomState(7), 8)
+  batch = _dataset_batch(examples)
+  prompts = [e.ids[: e.prompt_len].tolist() for e in examples]
+  left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
+  for lmbda, by in ((0.0, "teacher"), (1.0, "student")):
+    src = _source(
+        student,
+        lmbda=lmbda,
+        seq_kd=True,
+        teacher_graphdef=nnx.graphdef(teacher),
+    )
+    state = src.init(seed=8)
+    out, _, info = _np(
+        _call(src, student, batch, state, 4, teacher_state=nnx.state(teacher))
+    )
+    keys = source.step_keys(state.key, jnp.asarray(4, jnp.int32))
+    model, key = (teacher, keys[2]) if by == "teacher" else (student, keys[1])
+    model.eval()
+    tokens = np.asarray(
+        sampling.generate(
+            model,
+            left["input_ids"],
+            left["attention_mask"] > 0,
+            key,
+            **src.settings._asdict(),
+        )
+    )
+    want = _reference_rows(prompts, tokens)
+    for k in want:
+      np.testing.assert_array_equal(out[k], want[k], err_msg=f"{by} {k}")
+    assert info["onpolicy"] == lmbda
+
+
+def test_configs_without_the_block_are_off_policy():
+  from kdjax.configs import akl_gpt2, gkd_gpt2
+
+  assert source.spec_from_config(akl_gpt2.get_config("tiny")) == (
+      source.OnPolicySpec()
+  )
+  spec = source.spec_from_config(gkd_gpt2.get_config())
+  assert spec.source == "gkd" and spec.lmbda == 0.5

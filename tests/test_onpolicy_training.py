@@ -1,0 +1,96 @@
+"""On-policy sources inside the training loop: lmbda = 0, resume, metrics."""
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import checkpoint, metrics, sharding, trainer
+import tiny_run
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("onpolicy_training"))
+
+
+def _final_params(c, workdir):
+  """The last checkpoint's student params (train state paired with the source's)."""
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+  with jax.set_mesh(mesh):
+    run = trainer.build(c, str(workdir), mesh)
+    target = run.state
+    if run.source is not None:
+      target = (run.state, run.source.init(0))
+    ck = checkpoint.Checkpoints(str(workdir), every_steps=1, max_to_keep=1)
+    state, _ = ck.restore(ck.latest_step(), target, run.train_data.iterator())
+    ck.close()
+  if run.source is not None:
+    state = state[0]
+  return {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
+  }
+
+
+def test_gkd_with_lmbda_zero_is_the_off_policy_run_bit_for_bit(root, tmp_path):
+  off = tiny_run.config("jsd_gpt2", root, steps=3)
+  gkd = tiny_run.config("gkd_gpt2", root, steps=3, **{"onpolicy.lmbda": 0.0})
+  trainer.train_and_evaluate(off, str(tmp_path / "off"))
+  trainer.train_and_evaluate(gkd, str(tmp_path / "gkd"))
+  a, b = metrics.read(str(tmp_path / "off")), metrics.read(
+      str(tmp_path / "gkd")
+  )
+  for x, y in zip(a, b):
+    assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]
+    assert y["onpolicy_fraction"] == 0
+  pa = _final_params(off, tmp_path / "off")
+  pb = _final_params(gkd, tmp_path / "gkd")
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("gkd_gpt2", {"onpolicy.lmbda": 0.5}),
+        # tau = 1 from the start and a one-batch buffer: the run generates, fills
+        # the buffer and replays from it, and is cut with the buffer full.
+        (
+            "distillm_gpt2",
+            {"onpolicy.init_threshold": 1.0, "onpolicy.buffer_size": 8},
+        ),
+    ],
+)
+def test_on_policy_run_resumes_bit_identically(root, tmp_path, name, overrides):
+  c = tiny_run.config(name, root, steps=6, **overrides)
+  c.onpolicy.max_new_tokens = 8
+  trainer.train_and_evaluate(c, str(tmp_path / "straight"))
+  trainer.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=3)
+  trainer.train_and_evaluate(c, str(tmp_path / "resumed"))
+  a = metrics.read(str(tmp_path / "straight"))
+  b = metrics.read(str(tmp_path / "resumed"))
+  assert [r["step"] for r in b] == list(range(1, 7))
+  for x, y in zip(a, b):
+    for k in (
+        "loss",
+        "grad_norm",
+        "onpolicy_fraction",
+        "gen_fraction",
+        "gen_len",
+    ):
+      assert x[k] == y[k], (x["step"], k)
+  fractions = [r["onpolicy_fraction"] for r in a]
+  assert 0 < np.mean(fractions)
+  if name == "distillm_gpt2":
+    assert (
+        np.mean(fractions) == 1 and np.mean([r["gen_fraction"] for r in a]) < 1
+    )
+  assert all(
+      r["gen_time_s"] > 0 and 0 < r["gen_share"]
+      for r in a
+      if r["gen_fraction"] > 0
+  )
+  pa = _final_params(c, tmp_path / "straight")
+  pb = _final_params(c, tmp_path / "resumed")
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
