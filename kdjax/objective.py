@@ -16,11 +16,18 @@ Three ways to get the KD term, chosen by ``loss.impl``:
 * ``fused``: from final hidden states and LM-head weights, never forming the
   logits (:func:`kdjax.divergences.fused.fused_linear`); CE is then computed
   chunk by chunk as well.
+
+Two options change what the KD term sees: ``loss.select`` distils only each
+sequence's highest-student-entropy positions (:func:`kd_mask`), and
+``loss.name="taid"`` distils toward TAID's interpolated target
+(:mod:`kdjax.taid`).
 """
 
 from __future__ import annotations
 
+import fractions
 import functools
+import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -28,19 +35,26 @@ import jax.numpy as jnp
 
 from kdjax import divergences as kd
 from kdjax import sharding
+from kdjax import taid
 from kdjax.divergences import fused
 
 Array = jax.Array
 P = jax.sharding.PartitionSpec
 
 IMPLS = ("autodiff", "fast", "chunked", "fused")
+SELECT_BY = ("student_entropy",)
 
 
 class Sums(NamedTuple):
-  """Masked token sums of one (micro-)batch, already summed over devices."""
+  """Masked token sums of one (micro-)batch, already summed over devices.
+
+  ``kd`` sums over the ``kd_tokens`` positions the KD term covers: all
+  ``tokens`` unless ``loss.select`` keeps a fraction of them.
+  """
   ce: Array
   kd: Array
   tokens: Array
+  kd_tokens: Array
 
 
 def check(loss_cfg: Mapping[str, Any]) -> None:
@@ -48,14 +62,129 @@ def check(loss_cfg: Mapping[str, Any]) -> None:
   name, impl = loss_cfg["name"], loss_cfg["impl"]
   if impl not in IMPLS:
     raise ValueError(f"loss.impl={impl!r} is unknown; use one of {IMPLS}.")
-  if name not in kd.names():
+  if name not in kd.names() + ("taid",):
     raise ValueError(f"loss.name={name!r} is unknown; use one of "
-                     f"{', '.join(kd.names())}.")
+                     f"{', '.join(kd.names() + ('taid',))}.")
+  _check_select(loss_cfg)
+  if name == "taid":
+    if "taid" not in loss_cfg:
+      raise ValueError("loss.name='taid' needs the loss.taid schedule; start "
+                       "from kdjax/configs/taid_gpt2.py.")
+    taid.check(loss_cfg["taid"])
+    if impl == "fused":
+      raise ValueError("loss.name='taid' interpolates logits, which "
+                       "loss.impl='fused' never forms; use "
+                       "--config.loss.impl=chunked.")
+    name = "fkl"
   if not 0.0 <= loss_cfg["kd_ratio"] <= 1.0:
     raise ValueError(f"loss.kd_ratio={loss_cfg['kd_ratio']} must be in [0, 1].")
   if impl != "autodiff" and loss_cfg["kd_ratio"] > 0 and name not in kd.fast.NAMES:
     raise ValueError(f"loss.impl={impl!r} has no {name!r} version; set "
                      "--config.loss.impl=autodiff.")
+
+
+def _check_select(loss_cfg) -> None:
+  fraction, by = _select(loss_cfg)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"loss.select.fraction={fraction} must be in (0, 1] "
+                     "(1 distils every token).")
+  if by not in SELECT_BY:
+    raise ValueError(f"loss.select.by={by!r} is unknown; use one of "
+                     f"{SELECT_BY}.")
+  if fraction < 1.0 and loss_cfg["impl"] == "fused":
+    raise ValueError("loss.select ranks positions by the student's logits, "
+                     "which loss.impl='fused' never forms; use "
+                     "--config.loss.impl=chunked.")
+
+
+def _select(loss_cfg) -> tuple[float, str]:
+  """``(fraction, by)`` of ``loss.select`` (1.0: every token is distilled)."""
+  sel = dict(loss_cfg.get("select") or {})
+  return float(sel.get("fraction", 1.0)), sel.get("by", "student_entropy")
+
+
+def _temperature(loss_cfg):
+  """The KD temperature: ``loss.temperature``, else ``loss.hp.temperature``."""
+  return loss_cfg.get("temperature",
+                      dict(loss_cfg.get("hp") or {}).get("temperature", 1.0))
+
+
+def _ceil(fraction: float, n: int) -> int:
+  """``ceil(fraction · n)`` exactly, for the fraction as written (decimal)."""
+  return math.ceil(fractions.Fraction(repr(float(fraction))) * n)
+
+
+def _kept_per_row(fraction: float, mask_BxT: Array) -> Array:
+  """``ceil(fraction · n_b)`` for each row's ``n_b`` masked positions, int32.
+
+  Looked up in a table computed exactly on the host from the fraction as
+  written: ``0.07`` of 100 is 7, where the float product ``0.07 * 100``
+  (7.000000000000001) would round up to 8.
+  """
+  t = mask_BxT.shape[-1]
+  table = jnp.asarray([_ceil(fraction, n) for n in range(t + 1)], jnp.int32)
+  n_B = jnp.sum(mask_BxT > 0, axis=-1)
+  return table[n_B]
+
+
+def _ranked(loss_cfg, student_logits_BxTxV: Array, mask_BxT: Array):
+  """Each row's positions by decreasing student entropy, and how many to keep.
+
+  ``(order_BxT, k_B)``: masked positions come first (highest entropy first,
+  ties in position order, by a stable sort), then the unmasked ones.
+  """
+  fraction, _ = _select(loss_cfg)
+  log_q = kd.log_probs(jax.lax.stop_gradient(student_logits_BxTxV),
+                       _temperature(loss_cfg))
+  h_BxT = -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
+  score_BxT = jnp.where(mask_BxT > 0, h_BxT, -jnp.inf)
+  order_BxT = jnp.argsort(-score_BxT, axis=-1, stable=True)
+  return order_BxT, _kept_per_row(fraction, mask_BxT)
+
+
+def kd_mask(loss_cfg, student_logits_BxTxV: Array, mask_BxT: Array) -> Array:
+  """The positions the KD term covers, ``mask_BxT`` or its top-entropy part.
+
+  Entropy-based token selection (SE-KD; docs/divergences.md, "Entropy-based
+  token selection"): in each sequence ``b`` with ``n_b`` masked positions,
+  keep the ``k_b = ceil(fraction · n_b)`` positions of highest student
+  entropy ``H(q) = −Σ_v q_v log q_v``, ``q = softmax(s / T)`` at the KD
+  temperature, under ``stop_gradient`` (a ranking, never a loss term). Ties
+  keep the earlier position. Per sequence, not per batch: it is the paper's
+  rule, needs no collective across devices, and makes ``Σ_b k_b`` a function
+  of the mask alone (:func:`kd_tokens`), so the KD normaliser is known before
+  the forward pass. Returns float32 0/1 ``[B, T]``; with ``fraction = 1`` it is
+  ``mask_BxT`` itself.
+  """
+  if _select(loss_cfg)[0] >= 1.0:
+    return mask_BxT
+  order_BxT, k_B = _ranked(loss_cfg, student_logits_BxTxV, mask_BxT)
+  rank_BxT = jnp.argsort(order_BxT, axis=-1)  # the inverse permutation
+  keep_BxT = (rank_BxT < k_B[:, None]) & (mask_BxT > 0)
+  return keep_BxT.astype(jnp.float32)
+
+
+def kd_rows(loss_cfg, student_logits_BxTxV: Array,
+            mask_BxT: Array) -> tuple[Array, Array]:
+  """:func:`kd_mask`'s positions as indices, so the KD runs on those rows only.
+
+  ``(index_BxK, keep_BxK)`` with ``K = ceil(fraction · T)``, the most any row
+  keeps: row ``b``'s first ``k_b`` slots hold its kept positions (``keep``
+  1), the rest are padding (``keep`` 0).
+  """
+  fraction, _ = _select(loss_cfg)
+  order_BxT, k_B = _ranked(loss_cfg, student_logits_BxTxV, mask_BxT)
+  width = _ceil(fraction, mask_BxT.shape[-1])
+  keep_BxK = jnp.arange(width)[None, :] < k_B[:, None]
+  return order_BxT[:, :width], keep_BxK.astype(jnp.float32)
+
+
+def kd_tokens(loss_cfg, mask_BxT: Array) -> Array:
+  """How many positions :func:`kd_mask` keeps in ``mask_BxT`` (float32)."""
+  fraction, _ = _select(loss_cfg)
+  if fraction >= 1.0:
+    return jnp.sum(mask_BxT)
+  return jnp.sum(_kept_per_row(fraction, mask_BxT)).astype(jnp.float32)
 
 
 def _token_ce(logits_BxTxV: Array, labels_BxT: Array) -> Array:
@@ -79,9 +208,19 @@ def _per_token_kd(loss_cfg, s_BxTxV: Array, t_BxTxV: Array,
 def _local_sums(loss_cfg, use_kd, s, t, labels, mask) -> Sums:
   """This device's sums from logits (``t`` is None when ``use_kd`` is False)."""
   ce = jnp.sum(_token_ce(s, labels) * mask)
-  kd_sum = (jnp.sum(jnp.where(mask > 0, _per_token_kd(loss_cfg, s, t, mask), 0.))
-            if use_kd else jnp.zeros((), jnp.float32))
-  return Sums(ce, kd_sum, jnp.sum(mask))
+  if not use_kd:
+    return Sums(ce, jnp.zeros((), jnp.float32), jnp.sum(mask), jnp.sum(mask))
+  if _select(loss_cfg)[0] < 1.0 and loss_cfg["name"] != "sinkhorn":
+    # The divergence runs on the kept rows alone (SinKD's transport problems
+    # need whole sequences, so it takes the masked path below).
+    index_BxK, keep = kd_rows(loss_cfg, s, mask)
+    rows = lambda x: jnp.take_along_axis(x, index_BxK[..., None], axis=1)
+    per_token = _per_token_kd(loss_cfg, rows(s), rows(t), keep)
+  else:
+    keep = kd_mask(loss_cfg, s, mask)
+    per_token = _per_token_kd(loss_cfg, s, t, mask)
+  kd_sum = jnp.sum(jnp.where(keep > 0, per_token, 0.))
+  return Sums(ce, kd_sum, jnp.sum(mask), jnp.sum(keep))
 
 
 def _local_sums_fused(loss_cfg, use_kd, x_s, w_s, x_t, w_t, labels, mask):
@@ -97,7 +236,7 @@ def _local_sums_fused(loss_cfg, use_kd, x_s, w_s, x_t, w_t, labels, mask):
         loss_cfg["name"], x_s_NxD, w_s, x_t.reshape(-1, x_t.shape[-1]), w_t,
         mask_N, chunk_size=loss_cfg["chunk_size"],
         **dict(loss_cfg["hp"])) * tokens
-  return Sums(ce, kd_sum, tokens)
+  return Sums(ce, kd_sum, tokens, tokens)
 
 
 def _psum(local: Callable, n_batch_args: int, n_replicated: int = 0):
@@ -121,11 +260,14 @@ def _psum(local: Callable, n_batch_args: int, n_replicated: int = 0):
   return jax.shard_map(body, in_specs=specs, out_specs=P())
 
 
-def sums(loss_cfg, student, teacher, batch: Mapping[str, Array]) -> Sums:
+def sums(loss_cfg, student, teacher, batch: Mapping[str, Array], *,
+         taid_t: Array | float | None = None) -> Sums:
   """CE and KD masked token sums of ``student`` (and ``teacher``) on ``batch``.
 
   ``teacher`` may be None when ``kd_ratio`` is 0. The teacher's outputs are
-  under ``stop_gradient``; the student's keep their gradient.
+  under ``stop_gradient``; the student's keep their gradient. ``taid_t`` is
+  TAID's interpolation time (a traced scalar: a schedule never recompiles;
+  default ``loss.taid.t_start``), used when ``loss.name`` is ``"taid"``.
   """
   use_kd = teacher is not None and loss_cfg["kd_ratio"] > 0
   inputs = (batch["input_ids"], batch["positions"], batch["attention_mask"])
@@ -143,6 +285,11 @@ def sums(loss_cfg, student, teacher, batch: Mapping[str, Array]) -> Sums:
     return fn(w_s, w_t, x_s, x_t, labels, mask)
   s = student(*inputs)
   t = jax.lax.stop_gradient(teacher(*inputs)) if use_kd else None
+  if use_kd and loss_cfg["name"] == "taid":
+    if taid_t is None:
+      taid_t = taid.init(loss_cfg["taid"]).t
+    t = taid.target_logits(s, t, taid_t)  # KL(p_t ‖ q_θ) is FKL to p_t
+    loss_cfg = dict(loss_cfg, name="fkl")
   local = functools.partial(_local_sums, loss_cfg, use_kd)
   return _psum(local, 4)(s, t, labels, mask)
 
@@ -150,7 +297,24 @@ def sums(loss_cfg, student, teacher, batch: Mapping[str, Array]) -> Sums:
 def combine(loss_cfg, totals: Sums) -> tuple[Array, dict[str, Array]]:
   """The scalar objective from global sums, plus its parts for logging."""
   n = jnp.maximum(totals.tokens, 1.0)
-  ce, kd_value = totals.ce / n, totals.kd / n
+  ce = totals.ce / n
+  kd_value = totals.kd / jnp.maximum(totals.kd_tokens, 1.0)
   r = loss_cfg["kd_ratio"]
   loss = (1.0 - r) * ce + r * kd_value if r > 0 else ce
-  return loss, {"loss": loss, "ce": ce, "kd": kd_value, "tokens": totals.tokens}
+  out = {"loss": loss, "ce": ce, "kd": kd_value, "tokens": totals.tokens}
+  if _select(loss_cfg)[0] < 1.0:
+    out["select_fraction"] = totals.kd_tokens / n
+  return loss, out
+
+
+def micro_loss(loss_cfg, s: Sums, tokens: Array, kd_tokens: Array) -> Array:
+  """One micro-batch's share of the objective, given the whole batch's counts.
+
+  ``(1 − r)·ce / tokens + r·kd / kd_tokens``: the shares of a batch's
+  micro-batches add up to :func:`combine`'s loss, so their gradients do too.
+  ``tokens`` and ``kd_tokens`` (:func:`kd_tokens`) count the whole batch.
+  """
+  r = loss_cfg["kd_ratio"]
+  if _select(loss_cfg)[0] >= 1.0:  # kd_tokens == tokens
+    return ((1.0 - r) * s.ce + r * s.kd) / tokens
+  return (1.0 - r) * s.ce / tokens + r * s.kd / kd_tokens

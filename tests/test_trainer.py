@@ -81,7 +81,8 @@ def test_every_paper_config_is_present():
   assert set(CONFIGS) == {
       "akl_gpt2", "fkl_gpt2", "rkl_gpt2", "fkl_rkl_gpt2", "skl_gpt2",
       "srkl_gpt2", "jsd_gpt2", "tvd_gpt2", "sinkhorn_gpt2", "sft_gpt2",
-      "seqkd_gpt2", "akl_llama", "gkd_gpt2", "distillm_gpt2", "skd_gpt2"}
+      "seqkd_gpt2", "akl_llama", "gkd_gpt2", "distillm_gpt2", "skd_gpt2",
+      "taid_gpt2"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -20,7 +20,7 @@ from kdjax import sharding
 from kdjax import spec as spec_lib
 from kdjax.training import builder
 from kdjax.training import optimizer
-from kdjax.training.step import BATCH_KEYS, Step, TrainState
+from kdjax.training.step import BATCH_KEYS, Step, TrainState, init_taid
 
 P = jax.sharding.PartitionSpec
 
@@ -61,8 +61,11 @@ def abstract_run(config: Any, mesh: jax.sharding.Mesh, *, student_preset: str,
   tx = optimizer.make_optimizer(s.optim, num_steps)
   opt_state = optimizer.abstract_opt_state(tx, params, mesh)
   replicated = jax.sharding.NamedSharding(mesh, P())
+  schedule = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      init_taid(s.loss))
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                     params, rest, opt_state)
+                     params, rest, opt_state, schedule)
   teacher_graphdef = teacher_state = None
   if teacher_preset is not None and s.loss["kd_ratio"] > 0:
     dtype = builder.dtype_of(s.teacher.dtype)
@@ -75,6 +78,7 @@ def abstract_run(config: Any, mesh: jax.sharding.Mesh, *, student_preset: str,
   batch = {k: jax.ShapeDtypeStruct(
       shape, jnp.float32 if k == "loss_mask" else jnp.int32,
       sharding=sharding.batch_sharding(mesh)) for k in BATCH_KEYS}
-  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum)
+  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum,
+              num_steps)
   first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   return step, (state, batch, teacher_state, first_bad)

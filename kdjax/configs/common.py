@@ -91,6 +91,9 @@ def _paper() -> ml_collections.ConfigDict:
                        type_safe=False))
   c.loss = dict(name="akl", kd_ratio=0.5, impl="fast", chunk_size=1024,
                 hp=ml_collections.ConfigDict(type_safe=False))
+  # Entropy-based token selection: distil only each sequence's top `fraction`
+  # of positions by student entropy (1.0: every token; CE keeps them all).
+  c.loss.select = dict(fraction=1.0, by="student_entropy")
   c.optim = dict(lr=5e-4, lr_min=1e-7, warmup_steps=0, weight_decay=0.01,
                  clip=1.0, b1=0.9, b2=0.999, eps=1e-8)
   c.batch_size = 32   # global, in sequences

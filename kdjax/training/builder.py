@@ -29,7 +29,7 @@ from kdjax.evaluation import generation
 from kdjax.onpolicy import source as onpolicy_source
 from kdjax.training import optimizer
 from kdjax.training.errors import TrainingError
-from kdjax.training.step import Step, TrainState
+from kdjax.training.step import Step, TrainState, init_taid
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}
@@ -175,9 +175,10 @@ def build(config: ml_collections.ConfigDict | spec_lib.TrainSpec,
   tx = optimizer.make_optimizer(s.optim, num_steps)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
   state = TrainState(jnp.zeros((), jnp.int32), params, rest,
-                     optimizer.init_opt_state(tx, params, mesh))
+                     optimizer.init_opt_state(tx, params, mesh),
+                     init_taid(s.loss))
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
-  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum)
+  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum, num_steps)
   source = None
   if s.onpolicy.source != "dataset":
     source = onpolicy_source.Source.from_spec(

@@ -3,8 +3,10 @@
 One ``jax.jit`` step per optimizer update: the teacher (frozen, its own dtype)
 and the student run on the same batch, :mod:`kdjax.objective` turns their
 outputs into global masked token sums, the gradient of
-``((1 - kd_ratio)·CE_sum + kd_ratio·KD_sum) / tokens`` is accumulated over
-``grad_accum`` micro-batches, and the optimizer applies it. The state is
+``(1 - kd_ratio)·CE_sum / tokens + kd_ratio·KD_sum / kd_tokens`` (``kd_tokens``
+= ``tokens`` unless ``loss.select`` keeps fewer) is accumulated over
+``grad_accum`` micro-batches, and the optimizer applies it. A TAID run also
+carries its schedule in the state and moves ``t`` after each step. The state is
 donated; its shardings never change (FSDP shards params and optimizer state
 alike; the batch is split over ``data``/``fsdp``).
 """
@@ -22,6 +24,7 @@ from flax import nnx
 
 from kdjax import objective
 from kdjax import sharding
+from kdjax import taid as taid_lib
 
 # The arrays of a batch the step reads.
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask",
@@ -37,11 +40,26 @@ class TrainState(NamedTuple):
     params: the student's ``nnx.Param`` variables (float32).
     rest: the student's other state: dropout RNG keys and counters.
     opt_state: the optimizer's state, sharded like ``params``.
+    taid: TAID's schedule (:class:`kdjax.taid.State`) in a TAID run, else
+      None; kept here, and so in every checkpoint, a resumed run continues
+      the same ``t``.
   """
   step: jax.Array
   params: nnx.State
   rest: nnx.State
   opt_state: optax.OptState
+  taid: taid_lib.State | None = None
+
+
+def init_taid(loss_cfg: Mapping[str, Any]) -> taid_lib.State | None:
+  """The initial :attr:`TrainState.taid` of a run with this loss config."""
+  if loss_cfg["name"] != "taid" or loss_cfg["kd_ratio"] == 0:
+    return None
+  return taid_lib.init(loss_cfg["taid"])
+
+
+def _taid_t(state: TrainState) -> jax.Array | None:
+  return None if state.taid is None else state.taid.t
 
 
 def put_batch(batch: Mapping[str, np.ndarray],
@@ -77,12 +95,14 @@ class Step:
     teacher_graphdef: the teacher's, or None without a teacher.
     tx: the optimizer.
     grad_accum: micro-batches per step.
+    num_steps: the run's length (TAID's schedule ramps over it).
   """
   loss_cfg: Mapping[str, Any]
   graphdef: nnx.GraphDef
   teacher_graphdef: nnx.GraphDef | None
   tx: optax.GradientTransformation
   grad_accum: int
+  num_steps: int = 0
 
   def _student(self, params: nnx.State, rest: nnx.State) -> nnx.Module:
     return nnx.merge(self.graphdef, params, rest)
@@ -98,15 +118,18 @@ class Step:
     """Gradient of the objective on ``batch``, its metrics and the new RNG state.
 
     The objective is the global token mean, so each micro-batch's sums are
-    divided by the whole batch's token count and the gradients simply add up.
+    divided by the whole batch's token counts (the KD term's: those
+    ``loss.select`` keeps) and the gradients simply add up.
     """
     teacher = self._teacher(teacher_state)
-    r = self.loss_cfg["kd_ratio"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    kd_tokens = jnp.maximum(
+        objective.kd_tokens(self.loss_cfg, batch["loss_mask"]), 1.0)
 
     def loss_fn(student, micro):
-      s = objective.sums(self.loss_cfg, student, teacher, micro)
-      return ((1.0 - r) * s.ce + r * s.kd) / total_tokens, s
+      s = objective.sums(self.loss_cfg, student, teacher, micro,
+                         taid_t=_taid_t(state))
+      return objective.micro_loss(self.loss_cfg, s, total_tokens, kd_tokens), s
 
     # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
     # advances the student's RNG counters, which a module merged inside
@@ -124,7 +147,7 @@ class Step:
       return (grads, params, rest, jax.tree.map(jnp.add, totals, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 3)
+    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 4)
     (grads, _, rest, totals), _ = jax.lax.scan(
         accumulate, (zeros, state.params, state.rest, none),
         _microbatches(batch, self.grad_accum))
@@ -145,7 +168,13 @@ class Step:
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
     first_bad = jnp.where((first_bad < 0) & ~finite, state.step, first_bad)
-    return TrainState(state.step + 1, params, rest, opt_state), m, first_bad
+    schedule = state.taid
+    if schedule is not None:  # TAID: log the t this step used, then move it
+      m["taid_t"] = schedule.t
+      schedule = taid_lib.update(schedule, m["kd"], state.step, self.num_steps,
+                                 self.loss_cfg["taid"])
+    state = TrainState(state.step + 1, params, rest, opt_state, schedule)
+    return state, m, first_bad
 
   def eval(self, state: TrainState, batch: Batch,
            teacher_state: nnx.State | None) -> objective.Sums:
@@ -153,4 +182,4 @@ class Step:
     student = self._student(state.params, state.rest)
     student.eval()
     return objective.sums(self.loss_cfg, student, self._teacher(teacher_state),
-                          batch)
+                          batch, taid_t=_taid_t(state))

@@ -35,7 +35,7 @@ def validate(run: Run, state: TrainState, teacher_state: nnx.State | None,
       **s.data.row_settings(run.eos_id))
   n = len(batches) if s.eval.val_batches <= 0 else min(s.eval.val_batches,
                                                        len(batches))
-  totals = objective.Sums(0.0, 0.0, 0.0)
+  totals = objective.Sums(0.0, 0.0, 0.0, 0.0)
   for i in range(n):
     sums = eval_fn(state, step_lib.put_batch(batches[i], run.mesh),
                    teacher_state)
