@@ -9,16 +9,20 @@ array lands directly on its devices.
 
 The best-by-validation student is kept by a second manager (``best/``, params
 only, one step) so ``max_to_keep`` never deletes it.
+
+``workdir`` may be local or a URI (``gs://bucket/run``): orbax takes it as an
+``etils.epath`` path, never through ``os.path``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from kdjax import fs
 
 
 def abstract(tree: Any) -> Any:
@@ -31,14 +35,18 @@ def abstract(tree: Any) -> Any:
 class Checkpoints:
   """``workdir/ckpt`` (latest N steps) and ``workdir/best`` (best validation)."""
 
-  def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int):
+  def __init__(self, workdir: fs.PathLike, *, every_steps: int,
+               max_to_keep: int):
     self.every_steps = every_steps
+    root = fs.path(workdir)
+    if not fs.is_remote(workdir):
+      root = root.absolute()  # orbax wants absolute local paths
     self.latest = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "ckpt"),
+        root / "ckpt",
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              create=True))
     self.best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "best"),
+        root / "best",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["score"],
             best_mode="max"))

@@ -6,7 +6,8 @@ a list of reference strings (ROUGE-L takes the max over them). A ``prompt`` that
 already starts with the template preamble is kept verbatim; any other ``prompt``
 is treated as the instruction. One builder config per named set reads
 ``<manual_dir>/<name>.jsonl`` (or ``<manual_dir>/<name>/valid.jsonl``, the
-layout of MiniLLM's processed data); a config with ``path`` reads that file.
+layout of MiniLLM's processed data); a config with ``path`` reads that file
+(:func:`kdjax.data.sources.builder` names it by the file's content hash).
 Everything lands in one split, ``test`` by default.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 from absl import logging
 import tensorflow_datasets as tfds
 
+from kdjax import fs
 from kdjax.data import jsonl
 from kdjax.data import template
 
@@ -100,7 +102,7 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
   def _find_file(self, dl_manager):
     config = self.builder_config
     if config.path:
-      if not os.path.exists(config.path):
+      if not fs.path(config.path).exists():
         raise FileNotFoundError(f"instruct_jsonl path {config.path} does not "
                                 "exist; pass an existing JSONL file.")
       return config.path
