@@ -53,6 +53,20 @@ def parse(obj: dict[str, Any]) -> dict[str, Any]:
   }
 
 
+def check_file(path, *, skip_bad: bool = False,
+               counts: jsonl.Counts | None = None) -> list[dict[str, Any]]:
+  """The records of ``path``; one sentence if it is malformed or has none."""
+  counts = jsonl.Counts() if counts is None else counts
+  records = jsonl.read_jsonl(path, parse, skip_bad=skip_bad, counts=counts)
+  if not records:
+    seen = dict(counts) or "no lines"
+    raise ValueError(
+        f"{os.fspath(path)} has no usable example ({seen}); put one JSON "
+        "object with a non-empty output per line (prompt/output or "
+        "instruction/input/output).")
+  return records
+
+
 @dataclasses.dataclass(kw_only=True)
 class InstructJsonlConfig(tfds.core.BuilderConfig):
   """``path``: an explicit file; otherwise ``<manual_dir>/<name>.jsonl``."""
@@ -92,8 +106,7 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     path = self._find_file(dl_manager)
     counts = jsonl.Counts()
-    records = jsonl.read_jsonl(path, parse, skip_bad=self._skip_bad,
-                               counts=counts)
+    records = check_file(path, skip_bad=self._skip_bad, counts=counts)
     self.info.metadata.update(counts=dict(counts), source=os.fspath(path))
     logging.info("instruct_jsonl/%s: %s", self.builder_config.name,
                  dict(counts))

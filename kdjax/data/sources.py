@@ -30,17 +30,26 @@ _BUILDERS = {
     "instruct_jsonl": instruct_jsonl.InstructJsonl,
     "synthetic_instruct": synthetic.SyntheticInstruct,
 }
+NAMES = tuple(_BUILDERS)
 
 
 DIGEST_CHARS = 16
 
 
 def content_digest(path: fs.PathLike) -> str:
-  """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
-  h = hashlib.sha256()
+  """SHA-256 of a file's bytes (hex), read in 1 MiB blocks.
+
+  Raises:
+    ValueError: the file holds nothing but whitespace.
+  """
+  h, blank = hashlib.sha256(), True
   with fs.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
+      blank = blank and not block.strip()
+  if blank:
+    raise ValueError(f"data file {os.fspath(path)} is empty; put one JSON "
+                     "object per line in it.")
   return h.hexdigest()
 
 
@@ -85,6 +94,9 @@ def prepare(name: str, data_dir: os.PathLike | str, *,
             skip_bad: bool = False) -> tfds.core.DatasetBuilder:
   """Builds ``name`` under ``data_dir`` unless already built; returns the builder."""
   b = builder(name, data_dir, path=path, skip_bad=skip_bad)
+  if path is not None and not fs.path(b.data_dir).exists():
+    # Malformed or empty files fail here, before TFDS creates any directory.
+    instruct_jsonl.check_file(path, skip_bad=skip_bad)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir)))
   return b
