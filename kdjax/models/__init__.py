@@ -69,9 +69,8 @@ def create(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
 HUB_TIMEOUT_S = 3.0
 
 
-@functools.cache
 def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
-  """Whether the Hugging Face hub can be reached (checked once per process).
+  """Whether the Hugging Face hub can be reached (checked once per endpoint).
 
   False at once under ``HF_HUB_OFFLINE=1``; otherwise one TCP connection to
   the endpoint (``HF_ENDPOINT``) with a short timeout, so an offline machine
@@ -79,8 +78,13 @@ def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
   """
   if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
     return False
-  url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT",
-                                             "https://huggingface.co"))
+  return _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                    timeout_s)
+
+
+@functools.cache
+def _reachable(endpoint: str, timeout_s: float) -> bool:
+  url = urllib.parse.urlparse(endpoint)
   port = url.port or (443 if url.scheme == "https" else 80)
   try:
     socket.create_connection((url.hostname, port), timeout=timeout_s).close()

@@ -34,6 +34,7 @@ import os
 import re
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import numpy as np
 from flax import nnx
@@ -66,7 +67,7 @@ def config_from_hf(cfg: dict, **overrides):
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
       raise ValueError(f"GPT-2 activation_function={act!r} is not supported; "
                        "kdjax implements gelu_new (tanh GELU).")
-    kw = {k: v for k, v in cfg.items() if k in fields}
+    kw = {k: v for k, v in cfg.items() if k in fields and v is not None}
     return gpt2.GPT2Config(**{**kw, **overrides})
   if kind == "llama":
     fields = {f.name for f in dataclasses.fields(llama.LlamaConfig)}
@@ -324,7 +325,8 @@ def save(model: nnx.Module, directory: fs.PathLike, *, tokenizer: Any = None,
     tokenizer: the ``tokenizers.Tokenizer`` the model was trained with; its
       EOS/BOS/pad ids go into the configs. Default: the byte-level tokenizer
       for a 257-token vocabulary; other models without one keep the config's
-      own ids (checked to lie in the vocabulary) and get no tokenizer files.
+      own ids where they lie in the vocabulary (null, with a warning, where
+      they do not) and get no tokenizer files.
     dtype: storage dtype of the tensors (default: as held).
     max_shard_size: bytes per safetensors file.
   """
@@ -334,13 +336,18 @@ def save(model: nnx.Module, directory: fs.PathLike, *, tokenizer: Any = None,
   if tokenizer is not None:
     special = special_tokens(tokenizer, _vocab_size(config))
   else:
-    special = {"eos": ("", config.eos_token_id), "bos": ("", config.bos_token_id)}
+    special = {}
+    for role, token_id in (("eos", config.eos_token_id),
+                           ("bos", config.bos_token_id)):
+      if token_id is not None and 0 <= token_id < _vocab_size(config):
+        special[role] = ("", token_id)
+      else:  # a random model with a made-up vocabulary: no such token
+        logging.warning(
+            "%s_token_id %s lies outside the vocabulary of %d and no tokenizer "
+            "was given: the export declares no %s token (pass tokenizer= to "
+            "save_hf).", role, token_id, _vocab_size(config), role)
+        special[role] = ("", None)
     special["pad"] = special["eos"]
-    for role, (_, token_id) in special.items():
-      if not 0 <= token_id < _vocab_size(config):
-        raise ValueError(
-            f"{role}_token_id {token_id} lies outside the vocabulary of "
-            f"{_vocab_size(config)}; pass the model's tokenizer to save_hf.")
   _, entries, _ = family(config)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model,
                                                                nnx.Param)))
