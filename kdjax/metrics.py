@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 from kdjax import fs
 
@@ -74,3 +74,46 @@ def read(workdir: fs.PathLike) -> list[dict]:
       except json.JSONDecodeError:  # a line cut short by a kill mid-append
         continue
   return rows
+
+
+# ----------------------------------------------------------------------------
+# What a run prints: one line per validation, a summary at the end.
+
+_SHOWN = ("val_loss", "val_ce", "val_kd", "val_rougeL", "val_validity",
+          "val_exact_match")
+
+
+def validation_line(step: int, num_steps: int, val: Mapping[str, float],
+                    best_step: int | None) -> str:
+  """``"validation step 10/30: val_loss 3.9012 val_ce 4.1234 (best: step 10)"``."""
+  parts = [f"{k} {val[k]:.4f}" for k in _SHOWN if k in val]
+  best = f" (best: step {best_step})" if best_step is not None else ""
+  return f"validation step {step}/{num_steps}: {' '.join(parts)}{best}"
+
+
+def summary(workdir: fs.PathLike, *, steps: int, seconds: float,
+            best: Mapping[str, Any] | None, last: Mapping[str, float],
+            exports: Mapping[str, str]) -> str:
+  """The end-of-run summary (several lines) and ``workdir/summary.json``."""
+  record = {"steps": steps, "seconds": round(seconds, 1), "best": best,
+            "final": {k: last[k] for k in _SHOWN if k in last},
+            "exports": dict(exports)}
+  fs.write_text_atomic(fs.path(workdir) / "summary.json",
+                       json.dumps(record, indent=2))
+  lines = [f"done: {steps} steps in {seconds:.0f} s ({fs.path(workdir)})"]
+  final = " ".join(f"{k} {v:.4f}" for k, v in record["final"].items())
+  if final:
+    lines.append(f"  final: {final}")
+  if best:
+    lines.append(f"  best: step {best['step']} by {best['metric']} = "
+                 f"{best['value']:.4f}")
+  for name, where in exports.items():
+    lines.append(f"  {name} student (Hugging Face): {where}")
+  return "\n".join(lines)
+
+
+def read_summary(workdir: fs.PathLike) -> dict | None:
+  """``workdir/summary.json`` of a finished run, or None."""
+  path = fs.path(workdir) / "summary.json"
+  return json.loads(path.read_text()) if path.exists() else None
+

@@ -68,16 +68,25 @@ def _fail(key: str, value: Any, problem: str, fix: str) -> ConfigError:
   return ConfigError(f"{key}={value!r} {problem}; {fix}.")
 
 
-def validate(config: ml_collections.ConfigDict) -> list[str]:
+def validate(config: ml_collections.ConfigDict, *,
+             training: bool = True) -> list[str]:
   """Raises :class:`ConfigError` on the first problem; returns the notes.
 
   The only change made to ``config``: hyper-parameters the chosen divergence
   does not take are removed from ``loss.hp`` (each removal is a note, also
   logged), so the resolved config records what actually runs.
+
+  Args:
+    config: an experiment config (``kdjax/configs/*.py:get_config(arg)``).
+    training: False for ``kdjax.evaluate``, which scores a given checkpoint:
+      only the numbers and names are checked, not the teacher, the student's
+      initialisation or the training data.
   """
   notes: list[str] = []
   _check_numbers(config)
   _check_names(config)
+  if not training:
+    return notes
   notes += _check_divergence(config)
   _check_models(config)
   _check_data(config)
@@ -181,8 +190,9 @@ _RULES: tuple[_Rule, ...] = (
      "must be a positive integer", "pass --config.eval.batch_size=32"),
     ("eval.max_new_tokens", lambda v: _is_int(v) and v > 0,
      "must be a positive integer", "pass --config.eval.max_new_tokens=256"),
-    ("eval.warmup_steps", lambda v: _is_int(v) and v >= 0,
-     "must be an integer >= 0", "pass --config.eval.warmup_steps=0"),
+    ("eval.best_after_steps", lambda v: _is_int(v) and v >= -1,
+     "must be -1 (automatic) or an integer >= 0",
+     "pass --config.eval.best_after_steps=-1"),
 )
 
 
@@ -253,10 +263,16 @@ def _check_names(config) -> None:
   metric = _get(config, "eval.best_metric")
   if metric is not None:
     _one_of("eval.best_metric", metric, BEST_METRICS)
+    if metric in SAMPLED_METRICS and not _get(config, "eval.num_examples", 0):
+      raise _fail("eval.best_metric", metric, "is a sampled score but "
+                  "eval.num_examples=0 samples nothing",
+                  "set eval.num_examples > 0 or use eval.best_metric=val_ce")
 
 
 # Metrics the best checkpoint may be chosen by (``val_`` + a logged name).
-BEST_METRICS = ("val_ce", "val_loss", "val_rougeL", "val_validity")
+BEST_METRICS = ("val_ce", "val_loss", "val_kd", "val_rougeL", "val_validity",
+                "val_exact_match")
+SAMPLED_METRICS = ("val_rougeL", "val_validity", "val_exact_match")
 
 
 # ----------------------------------------------------------------------------
