@@ -159,3 +159,36 @@ def test_evaluate_missing_checkpoint(tmp_path):
   assert rc == 1, err
   assert_one_error(err, f"checkpoint {tmp_path}/nothing does not exist")
   assert listing(tmp_path) == []
+
+
+def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(root,
+                                                                 tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  workdir = tmp_path / "w"
+  args = [sys.executable, "-m", "kdjax.train",
+          "--config=kdjax/configs/sft_gpt2.py:tiny,steps=500",
+          f"--workdir={workdir}", f"--config.data.data_dir={root / 'data'}",
+          "--config.ckpt.every_steps=1", "--config.eval.every_steps=1",
+          "--config.eval.num_examples=0", "--config.eval.val_batches=1",
+          "--config.data.train_limit=64", "--config.batch_size=8"]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not (workdir / "ckpt" / "2").exists() and p.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.5)
+  p.send_signal(signal.SIGINT)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 130, err
+  msg = assert_one_error(err, "interrupted at step", "is kept",
+                         f"{workdir}/ckpt", "resume",
+                         "python -m kdjax.train --config=kdjax/configs/"
+                         "sft_gpt2.py:tiny,steps=500")
+  kept = int(msg.split("checkpoint of step ")[1].split()[0])
+  assert kept >= 2 and (workdir / "ckpt" / str(kept)).exists()
+  assert "validation step 1/500: val_loss" in out  # one line per validation
