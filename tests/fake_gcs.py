@@ -18,8 +18,8 @@ class FakeGCS(MemoryFileSystem):
   root_marker = "/"
 
 
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
+@pytest.fixture(name="fake_gcs")
+def fake_gcs_fixture(tmp_path, monkeypatch):
   """Yields the store (``{"gs://b/path": file}``); cwd is an empty tmp dir."""
   for name in ("gs", "gcs"):
     fsspec.register_implementation(name, FakeGCS, clobber=True)

@@ -7,7 +7,6 @@ export declares, and its tokens equal kdjax's own greedy generation.
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ from kdjax import metrics
 from kdjax import models
 from kdjax.data import jsonl
 from kdjax.data import sources
-from fake_gcs import fake_gcs  # pylint: disable=unused-import
+from fake_gcs import fake_gcs_fixture  # noqa: F401 (the fake_gcs fixture)
 
 RUN = "gs://bucket/run"
 
