@@ -8,8 +8,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "data", "divergences", "evaluate", "models",
-               "sampling", "sharding", "trainer")
+_SUBMODULES = ("checkpoint", "data", "divergences", "evaluate", "evaluation",
+               "metrics", "models", "objective", "sampling", "sharding",
+               "spec", "trainer", "training")
 
 
 def __getattr__(name):

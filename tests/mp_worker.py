@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # pylint: disable=g-import-not-at-top
 
 from kdjax import trainer  # pylint: disable=g-import-not-at-top
+from kdjax.training import step as train_step  # pylint: disable=g-import-not-at-top
 import tiny_run  # pylint: disable=g-import-not-at-top
 
 CONFIG = {"mesh.data": 1, "mesh.fsdp": 4, "ckpt.every_steps": 2,
@@ -32,12 +33,12 @@ def config(root: str, steps: int):
 
 def main(root: str, workdir: str, steps: int, out: str) -> None:
   fed, written = [], set()
-  put = trainer._put  # pylint: disable=protected-access
+  put = train_step.put_batch
 
   def recording_put(batch, mesh):
     fed.append(np.asarray(batch["input_ids"]))
     return put(batch, mesh)
-  trainer._put = recording_put  # pylint: disable=protected-access
+  train_step.put_batch = recording_put
 
   real_open = builtins.open
   workdir = os.path.abspath(workdir)

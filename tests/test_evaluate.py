@@ -16,6 +16,7 @@ from rouge_score import rouge_scorer
 from kdjax import evaluate, models, sampling, sharding
 from kdjax.data import pipeline, synthetic_tasks, template
 from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.evaluation import generation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -219,7 +220,7 @@ def _repeats(seq, start, n):
 
 def test_no_repeat_ngram_over_prompt_and_response(model, tok, examples):
   n = 3
-  prompts = evaluate._prompts(examples, tok[0], tok[1], GREEDY, 8)
+  prompts = generation.prompts(examples, tok[0], tok[1], GREEDY, 8)
   prompt_ids = [tok[0].encode(e["prompt"]).ids for e in prompts.examples]
   assert all(len(ids) <= GREEDY.max_prompt_length for ids in prompt_ids)
 
@@ -245,7 +246,7 @@ def test_dropout_is_off_and_callers_model_is_untouched(model, tok, examples):
             if isinstance(d, nnx.Dropout)]
 
   assert flags(model) and not any(flags(model))
-  assert all(flags(evaluate._eval_view(model)))
+  assert all(flags(generation._eval_view(model)))
   view = nnx.merge(*nnx.split(model))
   view.eval()
   got = _responses(model, tok, examples, protocol=GREEDY)

@@ -19,6 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from kdjax import checkpoint, metrics, sharding, trainer
+from kdjax.training import step as train_step
 import mp_worker
 import tiny_run
 
@@ -82,8 +83,8 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
 
   # The single-process reference on four devices (also prepares the data the
   # workers then only read). Record the batches it feeds.
-  fed, put = [], trainer._put
-  monkeypatch.setattr(trainer, "_put", lambda b, m: (
+  fed, put = [], train_step.put_batch
+  monkeypatch.setattr(train_step, "put_batch", lambda b, m: (
       fed.append(np.asarray(b["input_ids"])), put(b, m))[1])
   single = os.path.join(root, "single")
   trainer.train_and_evaluate(c, single, devices=jax.devices()[:4])

@@ -42,7 +42,7 @@ def _grads(run, mesh):
   with jax.set_mesh(mesh):
     teacher = None if run.teacher is None else nnx.state(run.teacher)
     g, m, _ = jax.jit(run.step.grads)(
-        run.state, trainer._put(run.train_data.dataset[0], mesh), teacher)
+        run.state, trainer.put_batch(run.train_data.dataset[0], mesh), teacher)
   flat = {"/".join(map(str, k)): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(g)[0]}
   return flat, {k: float(v) for k, v in m.items()}
@@ -67,7 +67,7 @@ def _steps(run, mesh, n, batch=None):
     teacher = None if run.teacher is None else nnx.state(run.teacher)
     bad = jnp.asarray(-1)
     for _ in range(n):
-      b = trainer._put(batch if batch is not None else next(it), mesh)
+      b = trainer.put_batch(batch if batch is not None else next(it), mesh)
       state, m, bad = f(state, b, teacher, bad)
       out.append({k: float(v) for k, v in m.items()})
   return state, out
@@ -225,7 +225,7 @@ def test_objective_matches_a_numpy_reference(root):
                            batch["attention_mask"]), np.float64)
     t = np.asarray(teacher(batch["input_ids"], batch["positions"],
                            batch["attention_mask"]), np.float64)
-    got = objective.sums(c.loss, student, teacher, trainer._put(batch, mesh))
+    got = objective.sums(c.loss, student, teacher, trainer.put_batch(batch, mesh))
   mask = batch["loss_mask"].astype(np.float64)
   log_q = s - np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1,
                      keepdims=True)) - s.max(-1, keepdims=True)

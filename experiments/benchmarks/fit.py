@@ -5,8 +5,8 @@ r"""Does a run fit? Per-device memory and FLOPs of the train step, compiled ahea
     python -m experiments.benchmarks.fit --config=kdjax/configs/akl_gpt2.py --fsdp=8 \
         --config.student.remat=full
 
-The step of :mod:`kdjax.trainer` (teacher forward, student forward + backward,
-AdamW) is lowered on abstract inputs only (``trainer.abstract_run``: no weights,
+The step of :mod:`kdjax.training` (teacher forward, student forward + backward,
+AdamW) is lowered on abstract inputs only (:func:`aot.abstract_run`: no weights,
 no data) over a mesh of ``--devices`` fake CPU devices and compiled; XLA's
 ``memory_analysis`` gives the per-device temporaries of the partitioned program
 and ``cost_analysis`` its FLOPs. Parameter, optimizer and teacher bytes are
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any, Mapping
 
 from absl import app
 from absl import flags
@@ -48,7 +49,7 @@ PRESET_OF = {"gpt2": "gpt2", "gpt2-xl": "gpt2-xl",
                  "tinyllama-1.1b"}
 
 
-def presets(config) -> tuple[str, str | None]:
+def presets(config: Any) -> tuple[str, str | None]:
   """``(student, teacher)`` presets standing in for ``config``'s checkpoints."""
   init = config.student.init
   student = init.removeprefix("preset:") if init.startswith("preset:") else (
@@ -65,7 +66,7 @@ def presets(config) -> tuple[str, str | None]:
   return student, teacher
 
 
-def shard_bytes(tree) -> int:
+def shard_bytes(tree: Any) -> int:
   """Bytes one device holds of the ``ShapeDtypeStruct`` leaves of ``tree``
   (the most loaded device: shards of uneven splits are rounded up)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -74,15 +75,15 @@ def shard_bytes(tree) -> int:
              for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))
 
 
-def fit(config, mesh, student: str, teacher: str | None,
-        teacher_overrides: dict | None = None) -> dict:
+def fit(config: Any, mesh: Any, student: str, teacher: str | None,
+        teacher_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Compiles the step of ``config`` on ``mesh``; its per-device sizes in bytes."""
   import jax  # pylint: disable=g-import-not-at-top
-  from kdjax import trainer  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import aot  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh):
-    step, args = trainer.abstract_run(config, mesh, student_preset=student,
-                                      teacher_preset=teacher,
-                                      teacher_overrides=teacher_overrides)
+    step, args = aot.abstract_run(config, mesh, student_preset=student,
+                                  teacher_preset=teacher,
+                                  teacher_overrides=teacher_overrides)
     state, batch, teacher_state, _ = args
     t0 = time.perf_counter()
     compiled = jax.jit(step.train, donate_argnums=(0, 3)).lower(
@@ -105,7 +106,7 @@ def fit(config, mesh, student: str, teacher: str | None,
   return out
 
 
-def report(name: str, r: dict) -> str:
+def report(name: str, r: Mapping[str, Any]) -> str:
   mb = lambda b: f"{b / 2**20:,.0f} MiB"
   fits = f"{r['fits_on_gb']} GB" if r["fits_on_gb"] else "none of 16-80 GB"
   return "\n".join([
@@ -120,7 +121,7 @@ def report(name: str, r: dict) -> str:
       f"compiled in {r['compile_s']:.0f} s"])
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count="

@@ -90,7 +90,7 @@ def bench(pair: str, impl: str, mesh) -> dict:
   state = trainer.TrainState(jnp.zeros((), jnp.int32), params, rest,
                              tx.init(params))
   step = trainer.Step(loss_cfg, graphdef, nnx.graphdef(teacher), tx, 1)
-  batch = trainer._put(_batch(_BATCH.value, _SEQ.value, vocab), mesh)  # pylint: disable=protected-access
+  batch = trainer.put_batch(_batch(_BATCH.value, _SEQ.value, vocab), mesh)
   t_state = nnx.state(teacher)
   bad = jnp.asarray(-1)
   fn = jax.jit(step.train)

@@ -38,7 +38,7 @@ TINY_STUDENT_MODEL = dict(n_embd=48, n_layer=2, n_head=4)
 TINY_STUDENT_EXAMPLES = 250
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """``"tiny,steps=30"`` -> ConfigDict(tiny=True, steps=30) over ``defaults``.
 
   A bare word sets a bool flag; ``key=value`` is cast to the default's type.
@@ -58,6 +58,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = kind(value)
   return out
+
+
+# The arg every KD config takes: the tiny scale and its number of steps.
+SCALE_ARGS = dict(tiny=False, steps=300)
+
+
+def parse_scale(arg: str | None) -> ml_collections.ConfigDict:
+  """``"tiny,steps=30"`` -> ``ConfigDict(tiny=True, steps=30)`` (:data:`SCALE_ARGS`)."""
+  return parse_arg(arg, **SCALE_ARGS)
 
 
 def _paper() -> ml_collections.ConfigDict:
@@ -142,12 +151,12 @@ def override(c: ml_collections.ConfigDict, items: Mapping[str, Any]) -> None:
 
 
 def get_config(loss: str = "akl", arg: str | None = None, *,
-               kd_ratio: float = 0.5, **hp) -> ml_collections.ConfigDict:
+               kd_ratio: float = 0.5, **hp: Any) -> ml_collections.ConfigDict:
   """The recipe with divergence ``loss`` and its hyper-parameters ``hp``.
 
-  ``arg``: None (paper setup) or ``tiny[,steps=N]``.
+  ``arg``: None (paper setup) or ``tiny[,steps=N]`` (:func:`parse_scale`).
   """
-  a = parse_arg(arg, tiny=False, steps=300)
+  a = parse_scale(arg)
   c = _paper()
   c.loss.name = loss
   c.loss.kd_ratio = kd_ratio

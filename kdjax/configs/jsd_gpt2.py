@@ -10,8 +10,12 @@ Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2
   python -m kdjax.train --config=kdjax/configs/jsd_gpt2.py:tiny --workdir=workdirs/tiny/jsd
 """
 
+from __future__ import annotations
+
+import ml_collections
+
 from kdjax.configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.get_config("jsd", arg, beta=0.5)

@@ -9,11 +9,16 @@ The trainer first samples one response per training prompt from the teacher
   python -m kdjax.train --config=kdjax/configs/seqkd_gpt2.py:tiny --workdir=workdirs/tiny/seqkd
 """
 
+from __future__ import annotations
+
+import ml_collections
+
 from kdjax.configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None (paper setup) or ``tiny[,steps=N]``."""
+  tiny = common.parse_scale(arg).tiny
   c = common.get_config("fkl", arg, kd_ratio=0.0)
-  tiny = "tiny" in (arg or "")
   c.data.seqkd_teacher = common.TINY_TEACHER if tiny else common.PAPER_TEACHER
   return c

@@ -18,17 +18,24 @@ Three uses, chosen by the arg:
     python -m kdjax.train --config=kdjax/configs/sft_gpt2.py:tiny --workdir=workdirs/tiny/sft
 """
 
+from __future__ import annotations
+
 import ml_collections
 
 from kdjax.configs import common
 
+# Steps of the tiny teacher stage unless the arg sets steps=N.
+TINY_TEACHER_STEPS = 600
 
-def get_config(arg=None):
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None, ``teacher``, ``tiny`` or ``tiny_teacher`` (+ ``,steps=N``)."""
+  # steps=0: not given (each stage has its own default).
   a = common.parse_arg(arg, tiny=False, teacher=False, tiny_teacher=False,
-                       steps=300)
+                       steps=0)
   tiny = a.tiny or a.tiny_teacher
-  rest = "" if a.steps == 300 else f",steps={a.steps}"
-  c = common.get_config("fkl", "tiny" + rest if tiny else None, kd_ratio=0.0)
+  scale = f"tiny,steps={a.steps}" if a.steps else "tiny"
+  c = common.get_config("fkl", scale if tiny else None, kd_ratio=0.0)
   if a.teacher:
     c.student.init = "gpt2-xl"
     c.student.remat = "full"
@@ -42,6 +49,6 @@ def get_config(arg=None):
         type_safe=False)
     c.data.train_limit = 0
     c.batch_size = 32
-    c.num_steps = a.steps if "steps=" in (arg or "") else 600
+    c.num_steps = a.steps or TINY_TEACHER_STEPS
     c.optim.lr = 2e-3
   return c

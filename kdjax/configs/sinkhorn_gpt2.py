@@ -10,9 +10,13 @@ Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2
   python -m kdjax.train --config=kdjax/configs/sinkhorn_gpt2.py:tiny --workdir=workdirs/tiny/sinkhorn
 """
 
+from __future__ import annotations
+
+import ml_collections
+
 from kdjax.configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.get_config("sinkhorn", arg, temperature=2.0, epsilon=0.1,
                            solver="sinkd")

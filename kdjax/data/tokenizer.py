@@ -1,4 +1,10 @@
-"""A byte-level HF ``tokenizers`` Tokenizer for the embedded tiny models.
+"""Tokenizers: a config's ``data.tokenizer`` string -> ``(Tokenizer, eos_id)``.
+
+``"byte"`` is the byte-level tokenizer of the embedded tiny models; anything
+else is a Hugging Face model directory, a ``tokenizer.json`` file or a hub id
+(:func:`from_pretrained`).
+
+The byte-level tokenizer:
 
 Ids 0..255 are the raw UTF-8 bytes (token id == byte value), id 256 is
 ``<|endoftext|>``, the EOS and padding token (vocabulary 257). The byte->symbol
@@ -11,6 +17,7 @@ lengths in bytes and tokens the same.
 from __future__ import annotations
 
 import functools
+import os
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
@@ -47,17 +54,57 @@ def byte_level() -> tokenizers.Tokenizer:
   return tok
 
 
+# Files a hub snapshot needs for a tokenizer (no weights).
+_TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
+
+
+def _local(path_or_hub_id: str) -> str:
+  """A local file or directory, downloading a hub id's tokenizer files."""
+  if os.path.exists(path_or_hub_id):
+    return path_or_hub_id
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  try:
+    return huggingface_hub.snapshot_download(path_or_hub_id,
+                                             allow_patterns=_TOKENIZER_FILES)
+  except Exception as e:  # offline, unknown repo, no credentials, ...
+    raise FileNotFoundError(
+        f"tokenizer {path_or_hub_id!r} is not a local path and could not be "
+        f"fetched from the Hugging Face hub ({type(e).__name__}); on a machine "
+        f"with network run `huggingface-cli download {path_or_hub_id} "
+        "--include 'tokenizer.json' 'vocab.json' 'merges.txt' --local-dir "
+        "DIR` and pass DIR.") from None
+
+
+def from_pretrained(path_or_hub_id: str) -> tokenizers.Tokenizer:
+  """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` or GPT-2's
+  ``vocab.json`` + ``merges.txt`` (byte-level BPE), in a directory, as a
+  file, or from the hub."""
+  path = _local(path_or_hub_id)
+  if os.path.isfile(path):
+    return tokenizers.Tokenizer.from_file(path)
+  tj = os.path.join(path, "tokenizer.json")
+  if os.path.exists(tj):
+    return tokenizers.Tokenizer.from_file(tj)
+  vocab, merges = (os.path.join(path, n) for n in ("vocab.json", "merges.txt"))
+  if os.path.exists(vocab) and os.path.exists(merges):
+    tok = tokenizers.Tokenizer(models.BPE.from_file(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+  raise FileNotFoundError(f"no tokenizer.json or vocab.json + merges.txt in "
+                          f"{path}.")
+
+
 def load(spec: str) -> tuple[tokenizers.Tokenizer, int]:
   """``(tokenizer, eos_id)`` for a config's ``data.tokenizer`` string.
 
-  ``"byte"`` is :func:`byte_level`; anything else is a HF model directory or
-  hub id read by :func:`kdjax.models.load_tokenizer`, whose EOS is
-  ``<|endoftext|>`` (GPT-2) or ``</s>`` (LLaMA).
+  ``"byte"`` is :func:`byte_level`; anything else is read by
+  :func:`from_pretrained`, whose EOS is ``<|endoftext|>`` (GPT-2), ``</s>``
+  (LLaMA) or ``<|end_of_text|>`` (LLaMA 3).
   """
   if spec == "byte":
     return byte_level(), EOS_ID
-  from kdjax import models  # pylint: disable=g-import-not-at-top
-  tok = models.load_tokenizer(spec)
+  tok = from_pretrained(spec)
   for eos in (EOS_TOKEN, "</s>", "<|end_of_text|>"):
     eos_id = tok.token_to_id(eos)
     if eos_id is not None:

@@ -1,0 +1,36 @@
+"""Knowledge-distillation training, one concern per module.
+
+================  ==========================================================
+module            concern
+================  ==========================================================
+``step``          :class:`TrainState`, the jitted :class:`Step`, batches
+``optimizer``     clipped AdamW on a warmup + cosine schedule
+``builder``       :func:`build`: data, models and initial state of a run
+``loop``          :func:`train_and_evaluate`: resume, step, log, checkpoint
+``validation``    validation loss and sampled scores during training
+``workdir``       a workdir's identity (``config.json``, ``force_new_run``)
+``distributed``   joining a multi-process run
+``errors``        :class:`TrainingError`
+================  ==========================================================
+
+```python
+from kdjax import training
+from kdjax.configs import akl_gpt2
+summary = training.train_and_evaluate(akl_gpt2.get_config("tiny"), "/tmp/akl")
+```
+"""
+
+from kdjax.training.builder import (Run, build, dtype_of, load_teacher,
+                                  make_student, teacher_path)
+from kdjax.training.distributed import maybe_initialize_distributed
+from kdjax.training.errors import TrainingError
+from kdjax.training.loop import export, train_and_evaluate
+from kdjax.training.optimizer import (abstract_opt_state, make_optimizer,
+                                      make_schedule)
+from kdjax.training.step import BATCH_KEYS, Step, TrainState, put_batch
+
+__all__ = ["Run", "build", "dtype_of", "load_teacher", "make_student",
+           "teacher_path", "maybe_initialize_distributed", "TrainingError",
+           "export", "train_and_evaluate", "abstract_opt_state",
+           "make_optimizer", "make_schedule", "BATCH_KEYS", "Step",
+           "TrainState", "put_batch"]

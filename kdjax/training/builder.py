@@ -1,0 +1,176 @@
+"""Everything a run builds before its first step: data, models, initial state.
+
+:func:`build` checks what can be checked in seconds first (the loss, the
+teacher's presence, the batch split) and only then reads data and weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tokenizers
+from flax import nnx
+
+from kdjax import models
+from kdjax import objective
+from kdjax import sharding
+from kdjax import spec as spec_lib
+from kdjax.data import inputs
+from kdjax.data import pipeline
+from kdjax.data import seqkd
+from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.evaluation import generation
+from kdjax.training import optimizer
+from kdjax.training.errors import TrainingError
+from kdjax.training.step import Step, TrainState
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  """The jax dtype of a config's dtype string, or one sentence on the choices."""
+  if name not in _DTYPES:
+    raise ValueError(f"dtype {name!r} is unknown; use one of {sorted(_DTYPES)}.")
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds before its first step (handy in notebooks)."""
+  spec: spec_lib.TrainSpec
+  workdir: str
+  mesh: jax.sharding.Mesh
+  tokenizer: tokenizers.Tokenizer
+  eos_id: int
+  train_data: pipeline.TrainData
+  val_source: Any
+  student: nnx.Module
+  teacher: nnx.Module | None
+  step: Step
+  state: TrainState
+  num_steps: int
+
+
+def teacher_path(teacher: spec_lib.TeacherSpec) -> str:
+  """The teacher directory, or one sentence on how to get it."""
+  path = os.path.expanduser(teacher.path)
+  if os.path.isdir(path):
+    return path
+  if teacher.hub_id:
+    fix = (f"download or fine-tune it (base model: `huggingface-cli download "
+           f"{teacher.hub_id} --local-dir DIR`, then SFT it with "
+           "kdjax/configs/sft_gpt2.py:teacher) and pass "
+           "--config.teacher.path=DIR")
+  else:
+    fix = ("train it first: python -m kdjax.train "
+           "--config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir="
+           f"{os.path.dirname(teacher.path.rstrip('/'))}")
+  raise TrainingError(f"teacher checkpoint {teacher.path} not found; {fix}.")
+
+
+def load_teacher(teacher: spec_lib.TeacherSpec,
+                 mesh: jax.sharding.Mesh) -> nnx.Module:
+  """The frozen teacher in eval mode (dropout off), placed on ``mesh``."""
+  model = models.load(teacher_path(teacher), dtype=dtype_of(teacher.dtype),
+                      mesh=mesh)
+  model.eval()
+  return model
+
+
+def make_student(student: spec_lib.StudentSpec,
+                 mesh: jax.sharding.Mesh) -> nnx.Module:
+  """A preset initialised from the seed, or a HF checkpoint to fine-tune."""
+  dtype = dtype_of(student.dtype)
+  overrides = dict(student.model_overrides)
+  if student.init.startswith("preset:"):
+    model = models.create(
+        student.init.removeprefix("preset:"), dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=nnx.Rngs(params=student.seed, dropout=student.seed + 1),
+        **overrides)
+    return sharding.shard_model(model, mesh)
+  return models.load(student.init, dtype=dtype, param_dtype=jnp.float32,
+                     mesh=mesh, seed=student.seed + 1, **overrides)
+
+
+def _vocab(model: nnx.Module) -> int:
+  return model.head_weight().shape[0]
+
+
+def _seqkd_train_source(s: spec_lib.TrainSpec, workdir: str,
+                        tok: tokenizers.Tokenizer, eos_id: int,
+                        mesh: jax.sharding.Mesh) -> Any:
+  """SeqKD: the training prompts with the teacher's responses (cached)."""
+  def respond():
+    teacher = models.load(os.path.expanduser(s.data.seqkd_teacher),
+                          dtype=dtype_of(s.teacher.dtype), mesh=mesh)
+    protocol = s.eval.protocol._replace(
+        max_new_tokens=s.data.max_length - s.data.max_prompt_length)
+    return generation.generate_responses(
+        teacher, tok, eos_id, inputs.train_source(s.data), protocol=protocol,
+        seed=s.seed, batch_size=s.eval.batch_size, mesh=mesh)
+  return seqkd.train_source(os.path.join(workdir, "seqkd"), respond)
+
+
+def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
+  """What can be refused before any download or compilation."""
+  objective.check(s.loss)
+  if s.loss["kd_ratio"] > 0:
+    teacher_path(s.teacher)
+  n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
+  if s.batch_size % (s.grad_accum * n_batch):
+    raise ValueError(
+        f"batch_size {s.batch_size} must be a multiple of grad_accum "
+        f"({s.grad_accum}) x the {n_batch} data-parallel devices.")
+
+
+def _models(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh
+            ) -> tuple[nnx.Module, nnx.Module | None]:
+  teacher = load_teacher(s.teacher, mesh) if s.loss["kd_ratio"] > 0 else None
+  student = make_student(s.student, mesh)
+  if teacher is not None and _vocab(teacher) != _vocab(student) and (
+      s.loss["name"] != "uld"):
+    raise ValueError(
+        f"teacher vocabulary {_vocab(teacher)} != student vocabulary "
+        f"{_vocab(student)}; distil between models sharing a tokenizer or use "
+        "--config.loss.name=uld.")
+  return student, teacher
+
+
+def build(config: ml_collections.ConfigDict | spec_lib.TrainSpec,
+          workdir: str, mesh: jax.sharding.Mesh) -> Run:
+  """Data, models, optimizer and initial state (call under ``jax.set_mesh``).
+
+  Args:
+    config: an experiment config, or the spec resolved from one.
+    workdir: the run directory (SeqKD caches its responses there).
+    mesh: the run's mesh.
+  """
+  s = (config if isinstance(config, spec_lib.TrainSpec)
+       else spec_lib.from_config(config))
+  _check(s, mesh)
+  tok, eos_id = tokenizer_lib.load(s.data.tokenizer)
+  train_src = (_seqkd_train_source(s, workdir, tok, eos_id, mesh)
+               if s.data.seqkd_teacher else inputs.train_source(s.data))
+  train = pipeline.train_batches(
+      train_src, tok, batch_size=s.batch_size, seed=s.seed,
+      num_epochs=None if s.num_steps else s.num_epochs,
+      **s.data.row_settings(eos_id))
+  val_src = inputs.source(s.data, s.data.val_split)
+  num_steps = s.num_steps or train.num_steps
+  student, teacher = _models(s, mesh)
+  tx = optimizer.make_optimizer(s.optim, num_steps)
+  graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+  state = TrainState(jnp.zeros((), jnp.int32), params, rest,
+                     optimizer.init_opt_state(tx, params, mesh))
+  teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
+  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum)
+  return Run(s, workdir, mesh, tok, eos_id, train, val_src, student, teacher,
+             step, state, num_steps)

@@ -1,0 +1,189 @@
+"""The training loop: resume, step, log, validate, checkpoint, export.
+
+Resume from the latest orbax checkpoint in ``workdir`` (same batches and RNG
+thereafter), periodic validation (:mod:`kdjax.training.validation`),
+``metrics.jsonl`` + TensorBoard + a progress bar, a stop on the first
+non-finite loss or gradient, and the final and best students exported as
+Hugging Face checkpoints (``workdir/hf``, ``workdir/best_hf``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+import tqdm
+
+from kdjax import checkpoint
+from kdjax import metrics as metrics_lib
+from kdjax import models
+from kdjax import sharding
+from kdjax import spec as spec_lib
+from kdjax.training import builder
+from kdjax.training import step as step_lib
+from kdjax.training import validation
+from kdjax.training import workdir as workdir_lib
+from kdjax.training.distributed import maybe_initialize_distributed
+from kdjax.training.errors import TrainingError
+from kdjax.training.optimizer import make_schedule
+from kdjax.training.step import TrainState
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at: int | None = None,
+                       devices: Sequence[jax.Device] | None = None
+                       ) -> dict[str, float]:
+  """Trains (or resumes) the run ``config`` in ``workdir``; returns its last metrics.
+
+  Args:
+    config: an experiment config (``kdjax/configs/*.py:get_config(arg)``).
+    workdir: run directory; a checkpoint there is resumed.
+    stop_at: stop after this step with a checkpoint, as a preemption would;
+      calling again continues the same run (notebooks training in pieces).
+    devices: devices for the mesh (default: all).
+  """
+  spec = spec_lib.from_config(config)
+  maybe_initialize_distributed()
+  workdir = os.path.expanduser(workdir)
+  fresh = workdir_lib.claim(workdir, spec.identity,
+                            force_new_run=spec.force_new_run)
+  mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
+  with jax.set_mesh(mesh):
+    try:
+      run = builder.build(spec, workdir, mesh)
+    except Exception:
+      if fresh:
+        workdir_lib.release(workdir)
+      raise
+    return loop(run, stop_at)
+
+
+def _every_eval(run: builder.Run) -> int:
+  """Steps between validations (0: never; the config's -1: each epoch)."""
+  every = run.spec.eval.every_steps
+  return run.train_data.steps_per_epoch if every < 0 else every
+
+
+def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
+  """Runs ``run`` from its latest checkpoint to ``num_steps`` (or ``stop_at``)."""
+  s = run.spec
+  writer = metrics_lib.Writer(run.workdir, enabled=jax.process_index() == 0)
+  ckpts = checkpoint.Checkpoints(run.workdir, every_steps=s.ckpt.every_steps,
+                                 max_to_keep=s.ckpt.max_to_keep)
+  data_iter = run.train_data.iterator()
+  state = run.state
+  start = ckpts.latest_step()
+  if start is not None:
+    state, _ = ckpts.restore(start, state, data_iter)
+    if jax.process_index() == 0:
+      tqdm.tqdm.write(f"resumed {run.workdir} from step {start}")
+  start = start or 0
+  # Rows past the checkpoint (or any row, if none was committed before a kill)
+  # are rewritten by this run.
+  writer.truncate(after_step=start)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  teacher_state = None if run.teacher is None else nnx.state(run.teacher)
+  train_fn = jax.jit(run.step.train, donate_argnums=(0, 3),
+                     out_shardings=(shardings, None, None))
+  eval_fn = jax.jit(run.step.eval)
+  first_bad = jnp.asarray(-1, jnp.int32)
+  schedule = make_schedule(s.optim, run.num_steps)
+  last: dict[str, float] = {}
+  tokens_per_step = s.batch_size * s.data.max_length
+  bar = tqdm.tqdm(total=run.num_steps, initial=start, desc="train",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  t0, since = time.perf_counter(), start
+  every_eval = _every_eval(run)
+  try:
+    end = run.num_steps if stop_at is None else min(stop_at, run.num_steps)
+    for step in range(start, end):
+      batch = step_lib.put_batch(next(data_iter), run.mesh)
+      state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
+      done = step + 1
+      bar.update(1)
+      boundary = (done % s.log_every == 0 or done == end
+                  or (s.ckpt.every_steps and done % s.ckpt.every_steps == 0)
+                  or (every_eval and done % every_eval == 0))
+      if not boundary:
+        continue
+      _check_finite(int(first_bad), run.workdir, ckpts)
+      dt = time.perf_counter() - t0
+      last = {k: float(v) for k, v in m.items()}
+      last.update(lr=float(schedule(done - 1)),
+                  step_time=dt / max(done - since, 1),
+                  tokens_per_s=tokens_per_step * (done - since) / max(dt, 1e-9))
+      t0, since = time.perf_counter(), done
+      if every_eval and (done % every_eval == 0 or done == run.num_steps):
+        val = validation.validate(run, state, teacher_state, eval_fn)
+        last.update(val)
+        score = val.get("val_rougeL", -val["val_loss"])
+        ckpts.save_best(done, state.params, score)
+      writer.write(done, last)
+      bar.set_postfix(loss=f"{last['loss']:.4f}")
+      _save(ckpts, done, state, data_iter, force=done == end)
+    if end == run.num_steps:
+      export(run, state, ckpts)
+  finally:
+    bar.close()
+    ckpts.close()
+    writer.close()
+  return last
+
+
+def export(run: builder.Run, state: TrainState,
+           ckpts: checkpoint.Checkpoints) -> None:
+  """Writes the final (``hf/``) and best (``best_hf/``) students as HF checkpoints.
+
+  Process 0 writes; every process joins the collectives: params sharded over
+  devices of several processes reach the host only through
+  ``process_allgather``, and orbax restores are collective too.
+  """
+  if not run.spec.export_hf:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  best = ckpts.restore_best(state.params)
+  for name, params in (("hf", state.params),
+                       ("best_hf", None if best is None else best[1])):
+    if params is None:
+      continue
+    if jax.process_count() > 1:  # one process: save_hf fetches tensor by tensor
+      params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+      student = nnx.merge(run.step.graphdef, params, state.rest)
+      models.save_hf(student, os.path.join(run.workdir, name))
+
+
+def _save(ckpts: checkpoint.Checkpoints, step: int, state: TrainState,
+          data_iter: grain.DatasetIterator, *, force: bool) -> None:
+  """A checkpoint, or one sentence when the disk (or bucket) refuses it.
+
+  Orbax writes into a temporary directory and renames it on commit, so a
+  failed save leaves the previous checkpoint as the latest.
+  """
+  try:
+    ckpts.save(step, state, data_iter, {"step": step}, force=force)
+  except OSError as e:
+    good = ckpts.latest_step()
+    raise TrainingError(
+        f"saving the step-{step} checkpoint failed ({e.strerror or e}); the "
+        f"last good checkpoint (step {good}) is kept. Free space in the "
+        "workdir (or lower ckpt.max_to_keep) and re-run the same command to "
+        "resume.") from e
+
+
+def _check_finite(first_bad: int, workdir: str,
+                  ckpts: checkpoint.Checkpoints) -> None:
+  if first_bad < 0:
+    return
+  good = ckpts.latest_step()
+  kept = (f"the last good checkpoint (step {good}) is kept in {workdir}/ckpt"
+          if good is not None else "no checkpoint had been written yet")
+  raise TrainingError(
+      f"loss or gradient became non-finite at step {first_bad + 1}; {kept}. "
+      "Lower optim.lr, check the data, or use a float32 teacher.")

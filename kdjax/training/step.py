@@ -1,0 +1,156 @@
+"""The train state and the jitted train / eval steps.
+
+One ``jax.jit`` step per optimizer update: the teacher (frozen, its own dtype)
+and the student run on the same batch, :mod:`kdjax.objective` turns their
+outputs into global masked token sums, the gradient of
+``((1 - kd_ratio)·CE_sum + kd_ratio·KD_sum) / tokens`` is accumulated over
+``grad_accum`` micro-batches, and the optimizer applies it. The state is
+donated; its shardings never change (FSDP shards params and optimizer state
+alike; the batch is split over ``data``/``fsdp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from kdjax import objective
+from kdjax import sharding
+
+# The arrays of a batch the step reads.
+BATCH_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask",
+              "positions")
+Batch = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+  """What the step updates (and a checkpoint holds), besides the data position.
+
+  Attributes:
+    step: the number of optimizer updates done (int32 scalar).
+    params: the student's ``nnx.Param`` variables (float32).
+    rest: the student's other state: dropout RNG keys and counters.
+    opt_state: the optimizer's state, sharded like ``params``.
+  """
+  step: jax.Array
+  params: nnx.State
+  rest: nnx.State
+  opt_state: optax.OptState
+
+
+def put_batch(batch: Mapping[str, np.ndarray],
+              mesh: jax.sharding.Mesh) -> Batch:
+  """Host batch (this process's rows) -> global arrays sharded on the batch axes."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items() if k in BATCH_KEYS}
+
+
+def _microbatches(batch: Batch, n: int) -> Batch:
+  """``[B, ...]`` -> ``[n, B/n, ...]`` taking rows ``i, i+n, ...`` for micro ``i``.
+
+  Strided, not blocked: each device holds a contiguous block of rows, so every
+  micro-batch keeps rows on every device and the split moves no data.
+  """
+  if n == 1:
+    return jax.tree.map(lambda x: x[None], batch)
+
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """The jitted train and eval steps of one run (static parts held here).
+
+  Attributes:
+    loss_cfg: the loss part of the spec, as :mod:`kdjax.objective` reads it.
+    graphdef: the student's graph definition.
+    teacher_graphdef: the teacher's, or None without a teacher.
+    tx: the optimizer.
+    grad_accum: micro-batches per step.
+  """
+  loss_cfg: Mapping[str, Any]
+  graphdef: nnx.GraphDef
+  teacher_graphdef: nnx.GraphDef | None
+  tx: optax.GradientTransformation
+  grad_accum: int
+
+  def _student(self, params: nnx.State, rest: nnx.State) -> nnx.Module:
+    return nnx.merge(self.graphdef, params, rest)
+
+  def _teacher(self, teacher_state: nnx.State | None) -> nnx.Module | None:
+    if self.teacher_graphdef is None:
+      return None
+    return nnx.merge(self.teacher_graphdef, teacher_state)
+
+  def grads(self, state: TrainState, batch: Batch,
+            teacher_state: nnx.State | None
+            ) -> tuple[nnx.State, dict[str, jax.Array], nnx.State]:
+    """Gradient of the objective on ``batch``, its metrics and the new RNG state.
+
+    The objective is the global token mean, so each micro-batch's sums are
+    divided by the whole batch's token count and the gradients simply add up.
+    """
+    teacher = self._teacher(teacher_state)
+    r = self.loss_cfg["kd_ratio"]
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+    def loss_fn(student, micro):
+      s = objective.sums(self.loss_cfg, student, teacher, micro)
+      return ((1.0 - r) * s.ce + r * s.kd) / total_tokens, s
+
+    # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
+    # advances the student's RNG counters, which a module merged inside
+    # jax.grad may not do (TraceContextError on any dropout > 0).
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, micro):
+      # params ride in the carry: nnx refuses a module built from values of
+      # an outer trace (the jit's) inside the scan body.
+      grads, params, rest, totals = carry
+      student = self._student(params, rest)
+      (_, s), g = grad_fn(student, micro)
+      rest = nnx.state(student, nnx.Not(nnx.Param))
+      grads = jax.tree.map(jnp.add, grads, g)
+      return (grads, params, rest, jax.tree.map(jnp.add, totals, s)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 3)
+    (grads, _, rest, totals), _ = jax.lax.scan(
+        accumulate, (zeros, state.params, state.rest, none),
+        _microbatches(batch, self.grad_accum))
+    _, m = objective.combine(self.loss_cfg, totals)
+    m["grad_norm"] = optax.tree.norm(grads)
+    return grads, m, rest
+
+  def train(self, state: TrainState, batch: Batch,
+            teacher_state: nnx.State | None, first_bad: jax.Array
+            ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+    """One optimizer update; returns ``(state, metrics, first_bad)``.
+
+    ``first_bad`` records the first step whose loss or gradient was not
+    finite (-1: none yet), so the host can check it only now and then.
+    """
+    grads, m, rest = self.grads(state, batch, teacher_state)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
+    first_bad = jnp.where((first_bad < 0) & ~finite, state.step, first_bad)
+    return TrainState(state.step + 1, params, rest, opt_state), m, first_bad
+
+  def eval(self, state: TrainState, batch: Batch,
+           teacher_state: nnx.State | None) -> objective.Sums:
+    """Masked token sums of the student (dropout off) on one batch."""
+    student = self._student(state.params, state.rest)
+    student.eval()
+    return objective.sums(self.loss_cfg, student, self._teacher(teacher_state),
+                          batch)
