@@ -84,15 +84,26 @@ def validate(config: ml_collections.ConfigDict, *,
   """
   notes: list[str] = []
   _check_numbers(config)
+  steps, warmup = config.num_steps, _get(config, "optim.warmup_steps", 0)
+  if steps and warmup >= steps:  # a smoke test; the schedule copes
+    notes.append(f"optim.warmup_steps={warmup} is not below num_steps="
+                 f"{steps}: the learning rate stays below optim.lr.")
   _check_names(config)
   if not training:
+    _log(notes)
     return notes
-  notes += _check_divergence(config)
+  dropped = _check_divergence(config)
+  _log(dropped)  # before a later check may refuse the config
+  notes += dropped
   _check_models(config)
   _check_data(config)
+  _log([n for n in notes if n not in dropped])
+  return notes
+
+
+def _log(notes: list[str]) -> None:
   for note in notes:
     logging.warning("%s", note)
-  return notes
 
 
 # ----------------------------------------------------------------------------
@@ -209,11 +220,6 @@ def _check_numbers(config) -> None:
   if lr_min > lr:
     raise _fail("optim.lr_min", lr_min, f"is above optim.lr={lr}",
                 "pass an optim.lr_min below the peak learning rate")
-  steps, warmup = config.num_steps, _get(config, "optim.warmup_steps", 0)
-  if steps and warmup >= steps:
-    raise _fail("optim.warmup_steps", warmup,
-                f"is not below num_steps={steps}, so the run never reaches "
-                "optim.lr", "lower optim.warmup_steps or raise num_steps")
   length, prompt = config.data.max_length, config.data.max_prompt_length
   if length <= prompt:
     raise _fail("data.max_length", length,

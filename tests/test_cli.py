@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_cli(module, *args, cwd, env=None):
   """``python -m module args`` in ``cwd``; returns (rc, stdout, stderr)."""
   full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                  HF_HUB_OFFLINE="1", **(env or {}))
+                  HF_HUB_OFFLINE="1")
+  full_env.update(env or {})
   full_env.pop("XLA_FLAGS", None)
   p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
                      env=full_env, capture_output=True, text=True, timeout=300)

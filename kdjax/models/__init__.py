@@ -19,15 +19,13 @@ offline (or ``HF_HUB_OFFLINE=1``) only the local cache is used.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
-import socket
-import urllib.parse
 
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.hub import download_hint, hub_reachable
 from kdjax.models import gpt2, hf, llama
 from kdjax.models.gpt2 import GPT2, GPT2Config
 from kdjax.models.layers import KVCache
@@ -38,7 +36,8 @@ PRESETS = {**{k: (gpt2.GPT2Config, gpt2.GPT2, v) for k, v in gpt2.PRESETS.items(
               for k, v in llama.PRESETS.items()}}
 
 __all__ = ["load", "create", "save_hf", "load_tokenizer", "PRESETS", "GPT2",
-           "GPT2Config", "Llama", "LlamaConfig", "KVCache"]
+           "GPT2Config", "Llama", "LlamaConfig", "KVCache", "download_hint",
+           "hub_reachable"]
 
 
 def preset_config(name: str, **overrides):
@@ -64,39 +63,6 @@ def create(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
   cfg = preset_config(name, dtype=dtype, param_dtype=param_dtype, **overrides)
   return (gpt2.GPT2 if isinstance(cfg, gpt2.GPT2Config) else llama.Llama)(
       cfg, rngs=rngs)
-
-
-HUB_TIMEOUT_S = 3.0
-
-
-def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
-  """Whether the Hugging Face hub can be reached (checked once per endpoint).
-
-  False at once under ``HF_HUB_OFFLINE=1``; otherwise one TCP connection to
-  the endpoint (``HF_ENDPOINT``) with a short timeout, so an offline machine
-  learns it in seconds instead of minutes of HTTP retries.
-  """
-  if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-    return False
-  return _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                    timeout_s)
-
-
-@functools.cache
-def _reachable(endpoint: str, timeout_s: float) -> bool:
-  url = urllib.parse.urlparse(endpoint)
-  port = url.port or (443 if url.scheme == "https" else 80)
-  try:
-    socket.create_connection((url.hostname, port), timeout=timeout_s).close()
-    return True
-  except OSError:
-    return False
-
-
-def download_hint(hub_id: str) -> str:
-  """The command that fetches ``hub_id`` on a machine with network."""
-  return (f"hf download {hub_id} --include '*.json' '*.safetensors' '*.txt' "
-          "--local-dir DIR")
 
 
 def _resolve(path_or_hub_id: str) -> str:
