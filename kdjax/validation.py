@@ -84,7 +84,8 @@ def validate(config: ml_collections.ConfigDict, *,
   """
   notes: list[str] = []
   _check_numbers(config)
-  steps, warmup = config.num_steps, _get(config, "optim.warmup_steps", 0)
+  steps = _get(config, "num_steps", 0)
+  warmup = _get(config, "optim.warmup_steps", 0)
   if steps and warmup >= steps:  # a smoke test; the schedule copes
     notes.append(f"optim.warmup_steps={warmup} is not below num_steps="
                  f"{steps}: the learning rate stays below optim.lr.")
@@ -212,16 +213,17 @@ def _check_numbers(config) -> None:
     value = _get(config, key)
     if value is not None and not ok(value):
       raise _fail(key, value, requirement, fix)
-  bs, accum = config.batch_size, _get(config, "grad_accum", 1)
-  if bs % accum:
+  bs, accum = _get(config, "batch_size"), _get(config, "grad_accum", 1)
+  if bs is not None and bs % accum:
     raise _fail("grad_accum", accum, f"does not divide batch_size={bs}",
                 "pick a grad_accum that divides the batch size")
-  lr, lr_min = config.optim.lr, _get(config, "optim.lr_min", 0.0)
-  if lr_min > lr:
+  lr, lr_min = _get(config, "optim.lr"), _get(config, "optim.lr_min", 0.0)
+  if lr is not None and lr_min > lr:
     raise _fail("optim.lr_min", lr_min, f"is above optim.lr={lr}",
                 "pass an optim.lr_min below the peak learning rate")
-  length, prompt = config.data.max_length, config.data.max_prompt_length
-  if length <= prompt:
+  length = _get(config, "data.max_length")
+  prompt = _get(config, "data.max_prompt_length")
+  if length is not None and prompt is not None and length <= prompt:
     raise _fail("data.max_length", length,
                 f"leaves no room for a response after "
                 f"data.max_prompt_length={prompt}",
@@ -242,6 +244,8 @@ def _check_numbers(config) -> None:
 
 
 def _one_of(key: str, value: Any, allowed) -> None:
+  if value is None:  # absent from this config
+    return
   if value not in allowed:
     allowed = tuple(allowed)
     raise _fail(key, value, f"is unknown: {key.split('.')[-1]} must be one of "
@@ -252,17 +256,18 @@ def _check_names(config) -> None:
   from kdjax import divergences as kd  # pylint: disable=g-import-not-at-top
   from kdjax import objective  # pylint: disable=g-import-not-at-top
   from kdjax.data import template  # pylint: disable=g-import-not-at-top
-  _one_of("loss.name", config.loss.name, kd.names())
+  _one_of("loss.name", _get(config, "loss.name"), kd.names())
   impls = getattr(objective, "IMPLS", None)
   if impls:
-    _one_of("loss.impl", config.loss.impl, impls)
-  _one_of("data.template", config.data.template, template.STYLES)
-  _one_of("data.prompt_policy", config.data.prompt_policy, ("drop", "truncate"))
-  _one_of("student.dtype", config.student.dtype, DTYPES)
-  _one_of("student.remat", config.student.remat, REMATS)
-  if config.loss.kd_ratio > 0 and "teacher" in config:
-    _one_of("teacher.dtype", config.teacher.dtype, DTYPES)
-  init = config.student.init
+    _one_of("loss.impl", _get(config, "loss.impl"), impls)
+  _one_of("data.template", _get(config, "data.template"), template.STYLES)
+  _one_of("data.prompt_policy", _get(config, "data.prompt_policy"),
+          ("drop", "truncate"))
+  _one_of("student.dtype", _get(config, "student.dtype"), DTYPES)
+  _one_of("student.remat", _get(config, "student.remat"), REMATS)
+  if _get(config, "loss.kd_ratio", 0) > 0:
+    _one_of("teacher.dtype", _get(config, "teacher.dtype"), DTYPES)
+  init = _get(config, "student.init", "")
   if init.startswith("preset:"):
     from kdjax import models  # pylint: disable=g-import-not-at-top
     _one_of("student.init", init, [f"preset:{n}" for n in models.PRESETS])
