@@ -3,20 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n auto
+LINT_PATHS := kdjax tests experiments
+SPHINX_ARGS ?= -W --keep-going -q
 
-.PHONY: demo showcase test install clean
+.PHONY: demo showcase test pytest lint format docs install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # Stamps re-run the install whenever the package metadata changes.
-$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,torch]'
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,torch,docs,dev]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -29,8 +31,25 @@ demo: $(VENV)/.installed
 showcase: $(VENV)/.installed
 	$(BIN)/python experiments/divergence_showcase.py
 
-test: $(VENV)/.installed-test
+# What CI runs (.ci/run): style, the documentation (warnings are errors), tests.
+test: lint docs pytest
+
+pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/pyink --check $(LINT_PATHS)
+
+# Rewrites the files: import order and unused imports, then the layout.
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/pyink $(LINT_PATHS)
+
+# The Sphinx site in docs/_build/html; notebooks render without executing
+# (tests/test_notebooks.py executes them).
+docs: $(VENV)/.installed-test
+	PYTHONPATH=$(CURDIR) $(BIN)/sphinx-build $(SPHINX_ARGS) -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis docs/_build

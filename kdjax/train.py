@@ -1,5 +1,7 @@
 r"""Trains a student: ``python -m kdjax.train --config=kdjax/configs/X.py[:arg] --workdir=DIR``.
 
+For example::
+
     python -m kdjax.train --config=kdjax/configs/akl_gpt2.py:tiny --workdir=/tmp/akl
     python -m kdjax.train --config=kdjax/configs/akl_gpt2.py --workdir=gs://b/akl \
         --config.teacher.path=/ckpt/gpt2_xl_sft --config.mesh.fsdp=4

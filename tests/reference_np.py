@@ -1,10 +1,11 @@
-"""float64 NumPy/SciPy references for the KD divergences, from kd_losses.md 1-3.
+"""float64 NumPy/SciPy references for the KD divergences of docs/divergences.md.
 
-Written from the math in ../shared/reference/kd_losses.md, not from the JAX code,
+Written from the math in docs/divergences.md, not from the JAX code,
 so that the tests compare two independent implementations. Conventions: inputs
 are logits ``[..., V]`` (student first, teacher second), outputs one value per
 position ``[...]`` in float64. Slots whose logit is ``-inf`` have probability 0
-and every term weighted by a zero probability is dropped (kd_losses.md 1.7).
+and every term weighted by a zero probability is dropped (docs/divergences.md
+"Conventions").
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _kl(w, log_w, log_v):
 
 
 def _log_mix(a, p, q):
-  """``log(a·p + (1 − a)·q)`` (mixture of probabilities, kd_losses.md 1.8)."""
+  """``log(a·p + (1 − a)·q)``, a mixture of probabilities (docs/divergences.md
+  "Conventions")."""
   with np.errstate(divide="ignore"):
     return np.log(a * p + (1.0 - a) * q)
 
@@ -84,7 +86,7 @@ def tvd(student, teacher, temperature=1.0):
 
 
 def akl_weights(p, q, mu=0.5, rule="akl"):
-  """(w_head, w_tail) of kd_losses.md 2.4, one position at a time (plain loops).
+  """(w_head, w_tail) of docs/divergences.md "AKL", one position at a time.
 
   ``σ`` sorts ``p`` descending with ties broken by the lower vocabulary index
   (a stable sort of ``−p``).
@@ -151,7 +153,7 @@ DIVERGENCES = {
 
 
 # ----------------------------------------------------------------------------
-# SinKD (kd_losses.md 2.5), transcribed as plain loops.
+# SinKD (docs/divergences.md "SinKD"), transcribed as plain loops.
 
 
 def sinkd_cost(ps, pt):

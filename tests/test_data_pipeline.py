@@ -30,7 +30,7 @@ def _source(n, response=lambda i: f"answer {i}", input_=lambda i: ""):
 
 
 def test_template_text_is_exact():
-  # Literal text of kd_losses.md 4.1 (MiniLLM / Alpaca).
+  # Literal text of docs/data.md "The prompt template" (MiniLLM / Alpaca).
   assert template.prompt("Say hi.") == (
       "Below is an instruction that describes a task. Write a response that "
       "appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n"

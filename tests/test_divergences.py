@@ -1,7 +1,7 @@
 """kdjax.divergences (token-level) against the float64 references of reference_np.
 
 Values and gradients are compared with independent NumPy code written from
-kd_losses.md; properties and edge cases use hand-computed expectations.
+docs/divergences.md; properties and edge cases use hand-computed expectations.
 """
 
 from __future__ import annotations

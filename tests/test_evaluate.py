@@ -142,7 +142,7 @@ def test_write_merges_summaries_and_writes_one_line_per_example(tmp_path):
 
 
 def test_protocol_defaults_are_the_papers():
-  # kd_losses.md 5: sampling at temperature 1, no top-k/top-p, 6-gram ban,
+  # docs/evaluation.md "The protocol": sampling at temperature 1, no top-k/top-p, 6-gram ban,
   # 256-token prompts and responses, seeds 10..50.
   assert evaluate.Protocol() == (1.0, 0, 1.0, 6, 256, 256, False,
                                  (10, 20, 30, 40, 50), "minillm")

@@ -65,7 +65,8 @@ def test_head_tail_errors_reference():
 
 
 def test_fit_sgd_step_matches_the_analytic_fkl_gradient():
-  # kd_losses.md 3: ∂FKL/∂s = q − p, so one SGD step is s − lr (q − p).
+  # docs/divergences.md "Forward KL": ∂FKL/∂s = q − p, so one SGD step is
+  # s − lr (q − p).
   teacher = toy.teacher_logits("long_tailed", 16, seed=3)
   init = toy.student_logits(16, seed=4)
   history = toy.fit("fkl", init, teacher, 2, toy.optimizer("sgd", 0.5))

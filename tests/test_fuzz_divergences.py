@@ -1,4 +1,4 @@
-"""Hypothesis fuzz of every divergence in kdjax.divergences (issue 9).
+"""Hypothesis fuzz of every divergence in kdjax.divergences.
 
 What is drawn, per example: a *bucket* (leading axes, vocabulary size, dtype,
 temperature and one setting of every hyper-parameter; see BUCKETS) and the

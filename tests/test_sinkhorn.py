@@ -1,6 +1,7 @@
 """kd.sinkhorn (SinKD) against a float64 NumPy transcription of SinKD's loop.
 
-The reference (reference_np.sinkd_*) is kd_losses.md 2.5 line by line:
+The reference (reference_np.sinkd_*) is docs/divergences.md "SinKD" line by
+line:
 Π = exp(−C/ε), 20 × (rows normalised, columns normalised), loss = Σ Π ⊙ C.
 """
 

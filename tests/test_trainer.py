@@ -77,7 +77,7 @@ def _steps(run, mesh, n, batch=None):
 # Configs.
 
 
-def test_the_issue_lists_every_config():
+def test_every_paper_config_is_present():
   assert set(CONFIGS) == {
       "akl_gpt2", "fkl_gpt2", "rkl_gpt2", "fkl_rkl_gpt2", "skl_gpt2",
       "srkl_gpt2", "jsd_gpt2", "tvd_gpt2", "sinkhorn_gpt2", "sft_gpt2",

@@ -158,7 +158,7 @@ def _torch_case(loss, student, teacher, repeats: int) -> dict:
 
 def _torch_available() -> bool:
   try:
-    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    import torch  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     return False
   return True

@@ -1,4 +1,4 @@
-r"""One full KD train step, timed for every ``loss.impl`` (issue 7's second benchmark).
+r"""One full KD train step, timed for every ``loss.impl``.
 
     python -m experiments.benchmarks.train_step                       # tiny + gpt2-sized, CPU-friendly shapes
     python -m experiments.benchmarks.train_step --pairs=gpt2 --batch=8 --seq=512 --loss=akl

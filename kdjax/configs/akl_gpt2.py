@@ -1,6 +1,7 @@
 r"""AKL: AKL, adaptive FKL/RKL weighting by head/tail gaps (Wu et al. 2024, the seed paper).
 
-Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
+Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
+"The paper recipe"):
 
   python -m kdjax.train --config=kdjax/configs/akl_gpt2.py --workdir=workdirs/akl_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf

@@ -1,6 +1,7 @@
 r"""AKL, LLaMA 6.7B SFT teacher -> TinyLLaMA 1.1B on Dolly (the seed paper's 2nd setup).
 
-The common recipe with MiniLLM's LLaMA changes (kd_losses.md 4): 10 epochs,
+The common recipe with MiniLLM's LLaMA changes (docs/training.md "The paper
+recipe"): 10 epochs,
 gradient checkpointing, the bf16 teacher and the student sharded with FSDP.
 TinyLLaMA (1.1B) sits in MiniLLM's small-model grid, so lr stays 5e-4.
 

@@ -1,6 +1,7 @@
 """The shared recipe: every experiment config is this plus a divergence.
 
-The default arg is the paper's setup (kd_losses.md 4): teacher = GPT-2 XL
+The default arg is the paper's setup (docs/training.md "The paper recipe"):
+teacher = GPT-2 XL
 fine-tuned on Dolly, student = pretrained GPT-2 124M, lr 5e-4, global batch 32,
 20 epochs, cosine decay to 1e-7, AdamW with weight decay 0.01 on matrices only,
 global-norm clipping at 1.0, max length 512 / prompt 256, loss

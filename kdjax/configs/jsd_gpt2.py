@@ -1,6 +1,7 @@
 r"""JSD: generalized JSD with beta 0.5 (GKD).
 
-Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
+Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
+"The paper recipe"):
 
   python -m kdjax.train --config=kdjax/configs/jsd_gpt2.py --workdir=workdirs/jsd_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf

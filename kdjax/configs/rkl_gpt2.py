@@ -1,6 +1,7 @@
 r"""RKL: reverse KL(q||p) (MiniLLM's token-level baseline).
 
-Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
+Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
+"The paper recipe"):
 
   python -m kdjax.train --config=kdjax/configs/rkl_gpt2.py --workdir=workdirs/rkl_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf

@@ -1,6 +1,7 @@
 r"""SINKHORN: Sinkhorn/Wasserstein distance between token distributions (SinKD).
 
-Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
+Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
+"The paper recipe"):
 
   python -m kdjax.train --config=kdjax/configs/sinkhorn_gpt2.py --workdir=workdirs/sinkhorn_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf

@@ -1,6 +1,7 @@
 r"""SRKL: skew reverse KL, KL(q || a q + (1-a) p) (DistiLLM).
 
-Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (kd_losses.md 4):
+Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
+"The paper recipe"):
 
   python -m kdjax.train --config=kdjax/configs/srkl_gpt2.py --workdir=workdirs/srkl_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf

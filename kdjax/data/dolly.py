@@ -2,7 +2,8 @@
 
 Online, the official JSONL is fetched through the TFDS download manager; offline,
 put ``databricks-dolly-15k.jsonl`` in ``manual_dir``. The split is a seeded,
-deterministic permutation (kd_losses.md 4.1): 1,000 validation, 500 test, the
+deterministic permutation (docs/data.md "The Dolly split"): 1,000 validation,
+500 test, the
 rest train. MiniLLM ships its own processed split; a regenerated one differs
 from the published runs, so the seed is recorded in the dataset metadata.
 """
@@ -20,7 +21,7 @@ from kdjax.data import jsonl
 URL = ("https://huggingface.co/datasets/databricks/databricks-dolly-15k/"
        "resolve/main/databricks-dolly-15k.jsonl")
 FILENAME = "databricks-dolly-15k.jsonl"
-SPLIT_SEED = 10  # the recipe's seed (kd_losses.md 4.2)
+SPLIT_SEED = 10  # the recipe's seed (docs/training.md "The paper recipe")
 NUM_VALIDATION = 1000
 NUM_TEST = 500
 

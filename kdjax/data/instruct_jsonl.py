@@ -24,7 +24,8 @@ from kdjax import fs
 from kdjax.data import jsonl
 from kdjax.data import template
 
-# The evaluation sets of kd_losses.md section 5 (plus Dolly's test split as a file).
+# The evaluation sets of docs/evaluation.md "Test sets" (plus Dolly's test split
+# as a file).
 NAMED_SETS = ("sinst", "vicuna", "sni", "unni", "dolly_test")
 
 

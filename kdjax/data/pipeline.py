@@ -1,6 +1,6 @@
 """From a TFDS data source to numpy batches: template, tokens, loss mask, grain.
 
-Layout (kd_losses.md 1.4 / 4.1, MiniLLM ``lm_datasets.py``):
+Layout (docs/data.md "Tokens and batch layout"; MiniLLM ``lm_datasets.py``):
 
 * ``prompt_ids = encode(prompt)``; ``response_ids = encode(prompt +
   response)[len(prompt_ids):] + [EOS]`` (tokenise the concatenation, then
@@ -358,7 +358,7 @@ def eval_prompts(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   """Prompt-only generation batches over one split (no shuffle, nothing dropped).
 
   Prompts are cut to their first ``max_prompt_length`` tokens (the evaluation
-  protocol, kd_losses.md 5); the cut ones are counted. Process ``p`` of ``P``
+  protocol, docs/evaluation.md "The protocol"); the cut ones are counted. Process ``p`` of ``P``
   takes examples ``p::P`` and all processes get the same number of batches.
   """
   process_index, process_count = _process(process_index, process_count)

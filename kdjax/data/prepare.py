@@ -1,5 +1,7 @@
 r"""Builds a kdjax dataset to array_record (the ``tfds build`` CLI needs TensorFlow).
 
+Usage::
+
   python -m kdjax.data.prepare --dataset=synthetic_instruct --data_dir=~/tfds
   python -m kdjax.data.prepare --dataset=dolly --data_dir=~/tfds \
       [--manual_dir=DIR_WITH_databricks-dolly-15k.jsonl]

@@ -1,5 +1,7 @@
-"""Prompt templates: the MiniLLM / Alpaca one (kd_losses.md 4.1, exact text)
-and a compact one for the tiny byte-level models.
+"""Prompt templates: the MiniLLM / Alpaca one and a compact one.
+
+The MiniLLM text is exact (docs/data.md "The prompt template"); the compact
+one is for the tiny byte-level models.
 
 The MiniLLM preamble alone is ~150 bytes, most of a synthetic_instruct
 sequence; a byte-level tiny model would spend two thirds of its compute on it.

@@ -303,7 +303,7 @@ def akl_weights(p: Array, q: Array, *, mu: float = 0.5, rule: str = "akl",
   """AKL's head/tail weights ``(w_head, w_tail)`` per position, both constants.
 
   With ``π`` the teacher probabilities sorted descending (ties: lower vocabulary
-  index first), ``S_k = π_1 + … + π_k`` and ``e_k = |π_k − q_{σ_k}|``:
+  index first), ``S_k = π_1 + … + π_k`` and ``e_k = |π_k − q_{σ_k}|``::
 
       rule "akl"  (official AKL.py): head = {k : S_k ≤ μ} ∪ {1}
       rule "dskd" (DSKD):            head = {k : S_{k−1} < μ}, S_0 = 0

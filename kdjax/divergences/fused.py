@@ -108,7 +108,8 @@ def fused_linear(name: str, hidden_s_NxH: Array, head_s_VxH: Array,
     hidden_t_NxK, head_t_VxK: the same for the teacher (constants).
     mask_N: response mask; ``None`` averages over every token.
     chunk_size: tokens per chunk; peak memory is a few ``[chunk, V]`` f32.
-    temperature, **hp: as for the divergence.
+    temperature: as for the divergence.
+    **hp: the divergence's hyper-parameters.
 
   Returns:
     ``Σ mask·D / max(Σ mask, 1)``, a float32 scalar.

@@ -2,7 +2,7 @@
 
 SinKD compares whole distributions across the rows of a group, not vocabulary
 entries: with ``P_s = softmax(s / T)`` and ``P_t = softmax(t / T)`` for the ``g``
-rows of a group,
+rows of a group::
 
     C_ij = Σ_v |P_s[i, v] − P_t[j, v]|       (g × g L1 cost, student i, teacher j)
     Π    = entropic OT plan for C at ε, unit mass per row and column
