@@ -8,17 +8,28 @@ goes into an abstract target carrying the live state's shardings, so every
 array lands directly on its devices.
 
 The best-by-validation student is kept by a second manager (``best/``, params
-only, one step) so ``max_to_keep`` never deletes it.
+only, one step) so ``max_to_keep`` never deletes it. Which step is best is a
+:class:`BestPolicy`: one validation metric (default the validation
+cross-entropy, which a near-untrained student cannot win), counted only from a
+given step on, so a sampled score such as ROUGE-L cannot crown a model from
+the first few steps.
+
+``workdir`` may be local or a URI (``gs://bucket/run``): orbax takes it as an
+``etils.epath`` path, never through ``os.path``.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from kdjax import fs
 
 
 def abstract(tree: Any) -> Any:
@@ -28,17 +39,59 @@ def abstract(tree: Any) -> Any:
       tree)
 
 
+# Validation metrics where higher is better; every other (losses) is lower.
+HIGHER_IS_BETTER = ("val_rougeL", "val_validity", "val_exact_match")
+SAMPLED = HIGHER_IS_BETTER  # need eval.num_examples > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BestPolicy:
+  """The best checkpoint: the best ``metric`` among steps >= ``after_step``."""
+  metric: str = "val_ce"
+  after_step: int = 0
+
+  @property
+  def higher_is_better(self) -> bool:
+    return self.metric in HIGHER_IS_BETTER
+
+  def score(self, step: int, metrics: Mapping[str, float]) -> float | None:
+    """Higher-is-better score of a validation, or None if it cannot compete."""
+    value = metrics.get(self.metric)
+    if step < self.after_step or value is None or not math.isfinite(value):
+      return None
+    return float(value) if self.higher_is_better else -float(value)
+
+
+def best_policy(metric: str, after_steps: int, *, num_steps: int,
+                warmup_steps: int) -> BestPolicy:
+  """``eval.best_metric`` / ``eval.best_after_steps`` as a policy.
+
+  ``after_steps < 0`` (the default) means: from step 0 for a loss, and for a
+  sampled score (ROUGE-L, validity, exact match) only after the learning-rate
+  warm-up and the first quarter of the run.
+  """
+  if after_steps < 0:
+    after_steps = (max(warmup_steps, num_steps // 4) if metric in SAMPLED
+                   else 0)
+  return BestPolicy(metric, after_steps)
+
+
 class Checkpoints:
   """``workdir/ckpt`` (latest N steps) and ``workdir/best`` (best validation)."""
 
-  def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int):
+  def __init__(self, workdir: fs.PathLike, *, every_steps: int,
+               max_to_keep: int):
     self.every_steps = every_steps
+    root = fs.path(workdir)
+    if not fs.is_remote(workdir):
+      root = root.absolute()  # orbax wants absolute local paths
     self.latest = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "ckpt"),
+        root / "ckpt",
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              create=True))
+    self._best_json = root / "best.json"
     self.best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "best"),
+        root / "best",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["score"],
             best_mode="max"))
@@ -66,12 +119,31 @@ class Checkpoints:
         record=ocp.args.JsonRestore()))
     return out.state, out.record
 
-  def save_best(self, step: int, params: Any, score: float) -> None:
-    """Keeps ``params`` if ``score`` (higher is better) beats the best so far."""
+  def save_best(self, step: int, params: Any, score: float,
+                record: Mapping[str, Any] | None = None) -> bool:
+    """Keeps ``params`` if ``score`` (higher is better) beats the best so far.
+
+    ``record`` (e.g. ``{"metric": "val_ce", "value": 3.57}``) is written with
+    the step to ``best.json`` when this step becomes the best; returns whether
+    it did.
+    """
     if step in self.best.all_steps():
-      return
+      return False
+    old = self.best_record()
     self.best.save(step, args=ocp.args.StandardSave(params),
                    metrics={"score": float(score)}, force=True)
+    if old is not None and old.get("score", -math.inf) >= score:
+      return False
+    if jax.process_index() == 0:
+      fs.write_text_atomic(self._best_json, json.dumps(
+          {"step": int(step), "score": float(score), **(record or {})}))
+    return True
+
+  def best_record(self) -> dict | None:
+    """``{"step", "score", ...}`` of the best step so far, or None."""
+    if not self._best_json.exists():
+      return None
+    return json.loads(self._best_json.read_text())
 
   def restore_best(self, params: Any) -> tuple[int, Any] | None:
     """``(step, params)`` of the best validation step, or None if none saved."""

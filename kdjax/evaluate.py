@@ -7,18 +7,19 @@ A HF model directory or a training workdir (its ``best_hf/``, else ``hf/``)::
       [--manual_dir=DIR]
 
 writes ``<outdir>/<dataset>.jsonl`` (one line per example), merges the metrics
-into ``<outdir>/summary.json`` and prints a markdown table. The library is
+into ``<outdir>/summary.json`` and prints which checkpoint it scores (a
+workdir's best step and metric) and a markdown table. Errors are one
+``error: ...`` line (:mod:`kdjax.cli`). The library is
 :mod:`kdjax.evaluation`, whose public names this module re-exports::
 
   from kdjax import evaluate
   result = evaluate.evaluate(model, tokenizer, eos_id, source, seeds=(10,))
 """
 
-import sys
-
-from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from kdjax import cli
 
 # The library's names, kept importable as ``kdjax.evaluate.<name>``.
 from kdjax.evaluation import (DATASETS, EOS_TEXT, JSONL_SETS, METRICS,
@@ -54,21 +55,18 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
-  del argv
   f = flags.FLAGS
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}; every input is a "
+                         "--flag=value.")
   if f.config is None:
-    print("error: --config is required, e.g. "
-          "--config=kdjax/configs/akl_gpt2.py.", file=sys.stderr)
-    return 1
-  try:
-    run(f.config, f.checkpoint, datasets=f.datasets, seeds=f.seeds,
-        limit=f.limit, outdir=f.outdir, manual_dir=f.manual_dir)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    raise cli.UsageError("--config is required, e.g. "
+                         "--config=kdjax/configs/akl_gpt2.py.")
+  run(f.config, f.checkpoint, datasets=f.datasets, seeds=f.seeds,
+      limit=f.limit, outdir=f.outdir, manual_dir=f.manual_dir)
   return 0
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

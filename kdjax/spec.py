@@ -122,7 +122,9 @@ class EvalSpec:
 
   ``every_steps``: -1 each epoch, 0 never; ``val_batches`` <= 0: the whole
   validation split; ``num_examples`` > 0 adds sampled scores on that many
-  examples, decoded with ``protocol``.
+  examples, decoded with ``protocol``. The best checkpoint is the best
+  ``best_metric`` among validations from step ``best_after_steps`` on (-1:
+  :func:`kdjax.checkpoint.best_policy` chooses).
   """
   every_steps: int
   val_batches: int
@@ -130,6 +132,8 @@ class EvalSpec:
   batch_size: int
   protocol: Protocol
   datasets: tuple[str, ...]
+  best_metric: str = "val_ce"
+  best_after_steps: int = -1
 
 
 @dataclasses.dataclass(frozen=True)

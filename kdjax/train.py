@@ -7,19 +7,21 @@ For example::
         --config.teacher.path=/ckpt/gpt2_xl_sft --config.mesh.fsdp=4
 
 Re-running the same command in the same workdir resumes from its latest
-checkpoint. ``--config.key=value`` overrides any config field; unknown keys are
-an error. The library is :mod:`kdjax.training`.
+checkpoint; so does extending it (``:tiny,steps=60`` on a finished 30-step
+run: see :mod:`kdjax.identity` for what may change). ``--config.key=value``
+overrides any config field. Every user error is one ``error: ...`` line
+(:mod:`kdjax.cli`): exit 2 for a wrong command line or config value, 1 for a
+missing file or a run that stopped, 130 for Ctrl-C (the message names the
+checkpoint kept and the command that resumes). The library is
+:mod:`kdjax.training`.
 """
 
 from __future__ import annotations
 
-import sys
-
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from kdjax import cli
 from kdjax import training
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,17 +34,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are "
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}; overrides are "
                          "--config.key=value.")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes
-    logging.set_verbosity(logging.WARNING)
-  try:
-    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (training.TrainingError, ValueError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -58,15 +58,15 @@ def test_parity_unprefixed_layout_with_mask_buffers(ckpt, tmp_path):
 
 def test_dropout_only_in_train_mode(ckpt):
   path, ref = ckpt
-  model = models.load(path)
+  model = models.load(path)  # eval mode, as transformers' from_pretrained
   ids = jnp.asarray(np.random.RandomState(2).randint(0, 100, (1, 8)))
-  train_a, train_b = np.asarray(model(ids)), np.asarray(model(ids))
   assert model.config.attn_pdrop == 0.1
-  assert np.abs(train_a - train_b).max() > 1e-3  # fresh masks each call
-  model.eval()
   np.testing.assert_allclose(np.asarray(model(ids)),
                              hf_tiny.torch_logits(ref, np.asarray(ids)),
                              atol=1e-4, rtol=0)
+  model.train()
+  train_a, train_b = np.asarray(model(ids)), np.asarray(model(ids))
+  assert np.abs(train_a - train_b).max() > 1e-3  # fresh masks each call
 
 
 def test_hidden_states_and_head_weight_give_logits(ckpt):

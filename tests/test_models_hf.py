@@ -101,7 +101,18 @@ def test_missing_hub_id_offline_gives_one_line(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError) as e:
     models.load(str(tmp_path / "no-such-org/no-such-model"))
   msg = str(e.value)
-  assert "\n" not in msg and "huggingface-cli download" in msg
+  assert "\n" not in msg and "`hf download " in msg
+  assert "the hub is unreachable" in msg
+
+
+def test_unreachable_hub_fails_in_seconds(tmp_path, monkeypatch):
+  import time
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+  t0 = time.perf_counter()
+  with pytest.raises(FileNotFoundError, match="the hub is unreachable"):
+    models.load("no-such-org/no-such-model")
+  assert time.perf_counter() - t0 < 10
 
 
 def test_mesh_load_matches_unsharded(tmp_path):

@@ -34,6 +34,27 @@ def test_committed_notebook_has_no_outputs(name):
       assert not cell["outputs"] and cell["execution_count"] is None, name
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_first_code_cell_installs_with_the_projects_versions(name):
+  """One marked repository variable; the jax range is pyproject.toml's."""
+  import re
+  import tomllib
+  with open(os.path.join(ROOT, "notebooks", name)) as f:
+    nb = json.load(f)
+  first = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")
+                  ["source"])
+  assert len(re.findall(r"^KDJAX_REPO = ", first, re.M)) == 1
+  assert "<-- EDIT" in first and "restart" in first
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    deps = tomllib.load(f)["project"]["dependencies"]
+  jax_req = next(d for d in deps if re.match(r"jax\b(?!-)", d)
+                 and not d.startswith("jaxlib"))
+  jax_range = jax_req.removeprefix("jax")
+  assert f'JAX_RANGE = "{jax_range}"' in first
+  assert 'f"jax[tpu]{JAX_RANGE}"' in first
+  assert 'f"jax[cuda12]{JAX_RANGE}"' in first
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, tmp_path, monkeypatch):

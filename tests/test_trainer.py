@@ -121,12 +121,13 @@ def test_paper_default_without_teacher_fails_fast_naming_the_fix(tmp_path):
   from kdjax.configs import akl_gpt2
   c = akl_gpt2.get_config()
   c.teacher.path = str(tmp_path / "missing")
-  with pytest.raises(trainer.TrainingError) as e:
+  from kdjax import validation
+  with pytest.raises(validation.MissingInputError) as e:
     trainer.train_and_evaluate(c, str(tmp_path / "w"))
   msg = str(e.value)
-  assert "gpt2-xl" in msg and "--config.teacher.path" in msg
+  assert "`hf download gpt2-xl" in msg and "--config.teacher.path" in msg
   assert "\n" not in msg
-  assert not os.path.exists(tmp_path / "w" / "ckpt")
+  assert not os.path.exists(tmp_path / "w")  # refused before any write
 
 
 # ----------------------------------------------------------------------------

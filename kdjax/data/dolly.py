@@ -92,6 +92,12 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     path = self._local_file(dl_manager)
     if path is None:
+      from kdjax import hub  # pylint: disable=g-import-not-at-top
+      if not hub.hub_reachable():
+        raise FileNotFoundError(
+            f"{FILENAME} is not prepared and huggingface.co is unreachable; "
+            f"on a machine with network download {URL} into a directory DIR "
+            "and prepare with --manual_dir=DIR (data.manual_dir).")
       logging.info("No %s in manual_dir; downloading %s", FILENAME, URL)
       path = dl_manager.download(URL)
     counts = jsonl.Counts()

@@ -2,14 +2,15 @@
 
 ``data.name`` is a registered dataset (``dolly``, ``synthetic_instruct``,
 ``instruct_jsonl/<name>``) or the path of one ``.jsonl`` file, which
-``instruct_jsonl`` reads whole into its ``test`` split.
+``instruct_jsonl`` reads whole into its ``test`` split, cached under the
+file's content hash (:func:`kdjax.data.sources.file_config_name`).
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
+from kdjax import fs
 from kdjax.data import sources
 
 if TYPE_CHECKING:
@@ -19,9 +20,8 @@ if TYPE_CHECKING:
 def source(data: DataSpec, split: str) -> Any:
   """The random-access source (``len``, ``[i]``) of ``split``."""
   if data.name.endswith(".jsonl"):
-    stem = os.path.splitext(os.path.basename(data.name))[0]
-    return sources.load_source(f"instruct_jsonl/{stem}", "test", data.data_dir,
-                               path=os.path.expanduser(data.name))
+    return sources.load_source("instruct_jsonl", "test", data.data_dir,
+                               path=fs.local(data.name))
   return sources.load_source(data.name, split, data.data_dir,
                              manual_dir=data.manual_dir)
 

@@ -6,7 +6,8 @@ a list of reference strings (ROUGE-L takes the max over them). A ``prompt`` that
 already starts with the template preamble is kept verbatim; any other ``prompt``
 is treated as the instruction. One builder config per named set reads
 ``<manual_dir>/<name>.jsonl`` (or ``<manual_dir>/<name>/valid.jsonl``, the
-layout of MiniLLM's processed data); a config with ``path`` reads that file.
+layout of MiniLLM's processed data); a config with ``path`` reads that file
+(:func:`kdjax.data.sources.builder` names it by the file's content hash).
 Everything lands in one split, ``test`` by default.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 from absl import logging
 import tensorflow_datasets as tfds
 
+from kdjax import fs
 from kdjax.data import jsonl
 from kdjax.data import template
 
@@ -50,6 +52,20 @@ def parse(obj: dict[str, Any]) -> dict[str, Any]:
       "response": references[0] if references else "",
       "references": references,
   }
+
+
+def check_file(path, *, skip_bad: bool = False,
+               counts: jsonl.Counts | None = None) -> list[dict[str, Any]]:
+  """The records of ``path``; one sentence if it is malformed or has none."""
+  counts = jsonl.Counts() if counts is None else counts
+  records = jsonl.read_jsonl(path, parse, skip_bad=skip_bad, counts=counts)
+  if not records:
+    seen = dict(counts) or "no lines"
+    raise ValueError(
+        f"{os.fspath(path)} has no usable example ({seen}); put one JSON "
+        "object with a non-empty output per line (prompt/output or "
+        "instruction/input/output).")
+  return records
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -91,8 +107,7 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     path = self._find_file(dl_manager)
     counts = jsonl.Counts()
-    records = jsonl.read_jsonl(path, parse, skip_bad=self._skip_bad,
-                               counts=counts)
+    records = check_file(path, skip_bad=self._skip_bad, counts=counts)
     self.info.metadata.update(counts=dict(counts), source=os.fspath(path))
     logging.info("instruct_jsonl/%s: %s", self.builder_config.name,
                  dict(counts))
@@ -101,7 +116,7 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
   def _find_file(self, dl_manager):
     config = self.builder_config
     if config.path:
-      if not os.path.exists(config.path):
+      if not fs.path(config.path).exists():
         raise FileNotFoundError(f"instruct_jsonl path {config.path} does not "
                                 "exist; pass an existing JSONL file.")
       return config.path

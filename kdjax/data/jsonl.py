@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from absl import logging
 
+from kdjax import fs
+
 # A parser turns one decoded JSON object into a record, or raises ValueError
 # with a sentence describing what is wrong with it.
 Parser = Callable[[dict[str, Any]], dict[str, Any]]
@@ -45,7 +47,7 @@ def read_jsonl(path: os.PathLike | str, parse: Parser, *,
   """
   counts = Counts() if counts is None else counts
   records, problems = [], []
-  with open(path, encoding="utf-8") as f:
+  with fs.path(path).open("r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue

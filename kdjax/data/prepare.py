@@ -11,18 +11,19 @@ Usage::
       --data_dir=~/tfds
 
 Logs the build's counts (read / kept / malformed / empty) and the split sizes.
+Bad input is one ``error: ...`` line (:mod:`kdjax.cli`): exit 2 for a flag
+that is missing or wrong, 1 for a file that is missing, empty or malformed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from kdjax import cli
 from kdjax.data import sources
 
 _DATASET = flags.DEFINE_string(
@@ -40,16 +41,18 @@ _SKIP_BAD = flags.DEFINE_bool(
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}; every input is a "
+                         "--flag=value.")
+  if _DATASET.value.partition("/")[0] not in sources.NAMES:
+    raise cli.UsageError(f"--dataset={_DATASET.value} is unknown; use one of "
+                         "dolly, synthetic_instruct, instruct_jsonl/<name> or "
+                         "instruct_jsonl with --path.")
   expand = lambda p: None if p is None else os.path.expanduser(p)
-  try:
-    builder = sources.prepare(
-        _DATASET.value, expand(_DATA_DIR.value),
-        manual_dir=expand(_MANUAL_DIR.value), path=expand(_PATH.value),
-        skip_bad=_SKIP_BAD.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  builder = sources.prepare(
+      _DATASET.value, expand(_DATA_DIR.value),
+      manual_dir=expand(_MANUAL_DIR.value), path=expand(_PATH.value),
+      skip_bad=_SKIP_BAD.value)
   info = builder.info
   sizes = {name: split.num_examples for name, split in info.splits.items()}
   logging.info("%s ready in %s; split sizes %s", _DATASET.value,
@@ -62,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

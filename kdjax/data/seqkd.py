@@ -3,33 +3,33 @@
 Sequence-level KD (Kim & Rush 2016) trains the student with plain CE on
 ``(prompt, teacher response)`` pairs. The responses are generated once and
 cached as ``<cache_dir>/train.jsonl`` (``{"prompt", "output"}`` per line, the
-prompt already templated); later runs, and resumptions, read the cache.
+prompt already templated); later runs, and resumptions, read the cache. The
+cache lives in the run's workdir, whose resume identity covers what the
+responses depend on (teacher, data, tokenizer, template, lengths).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Iterable, Mapping
 
+from kdjax import fs
 from kdjax.data import sources
 
 Responses = Iterable[Mapping[str, Any]]
 
 
-def cache_path(cache_dir: str) -> str:
+def cache_path(cache_dir: fs.PathLike) -> str:
   """The cached responses of a run (``<cache_dir>/train.jsonl``)."""
-  return os.path.join(cache_dir, "train.jsonl")
+  return str(fs.path(cache_dir) / "train.jsonl")
 
 
-def write(rows: Responses, path: str) -> None:
+def write(rows: Responses, path: fs.PathLike) -> None:
   """Writes ``{"prompt", "output": response}`` lines, atomically."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    for r in rows:
-      f.write(json.dumps({"prompt": r["prompt"], "output": r["response"]})
-              + "\n")
-  os.replace(path + ".tmp", path)
+  fs.path(path).parent.mkdir(parents=True, exist_ok=True)
+  fs.write_text_atomic(path, "".join(
+      json.dumps({"prompt": r["prompt"], "output": r["response"]}) + "\n"
+      for r in rows))
 
 
 def train_source(cache_dir: str, respond: Callable[[], Responses]) -> Any:
@@ -42,7 +42,7 @@ def train_source(cache_dir: str, respond: Callable[[], Responses]) -> Any:
       only when the cache is missing.
   """
   path = cache_path(cache_dir)
-  if not os.path.exists(path):
+  if not fs.path(path).exists():
     write(respond(), path)
   return sources.load_source("instruct_jsonl/seqkd_train", "test",
-                             os.path.join(cache_dir, "tfds"), path=path)
+                             str(fs.path(cache_dir) / "tfds"), path=path)

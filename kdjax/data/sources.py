@@ -1,16 +1,25 @@
 """Building and opening the kdjax TFDS datasets by name, without TensorFlow.
 
 Names: ``dolly``, ``synthetic_instruct``, ``instruct_jsonl/<config>`` (a named
-eval set read from manual_dir) or ``instruct_jsonl`` with ``path=`` (any file;
-the config is named after the file's stem).
+eval set read from manual_dir) or ``instruct_jsonl`` with ``path=`` (any file).
+
+A file given by ``path=`` is identified by its content, not its name: the
+builder config is ``<stem>-<first 16 hex digits of the file's SHA-256>``, so an
+edited file, or another file with the same name, is built afresh instead of
+being served from a stale cache. The prepared data is raw text (tokenizer and
+template are applied by :mod:`kdjax.data.pipeline` at read time), so the
+content alone decides it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import pathlib
+import re
 
 import tensorflow_datasets as tfds
+
+from kdjax import fs
 
 from kdjax.data import dolly
 from kdjax.data import instruct_jsonl
@@ -21,6 +30,37 @@ _BUILDERS = {
     "instruct_jsonl": instruct_jsonl.InstructJsonl,
     "synthetic_instruct": synthetic.SyntheticInstruct,
 }
+NAMES = tuple(_BUILDERS)
+
+
+DIGEST_CHARS = 16
+
+
+def content_digest(path: fs.PathLike) -> str:
+  """SHA-256 of a file's bytes (hex), read in 1 MiB blocks.
+
+  Raises:
+    ValueError: the file holds nothing but whitespace.
+  """
+  h, blank = hashlib.sha256(), True
+  with fs.path(path).open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+      blank = blank and not block.strip()
+  if blank:
+    raise ValueError(f"data file {os.fspath(path)} is empty; put one JSON "
+                     "object per line in it.")
+  return h.hexdigest()
+
+
+def file_config_name(path: fs.PathLike, name: str | None = None) -> str:
+  """``<name or stem>-<digest>``: the cache key of a JSONL file."""
+  p = fs.path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"data file {os.fspath(path)} does not exist; "
+                            "pass an existing JSONL file.")
+  stem = re.sub(r"[^A-Za-z0-9_.]", "_", name or p.stem)
+  return f"{stem}-{content_digest(p)[:DIGEST_CHARS]}"
 
 
 def builder(name: str, data_dir: os.PathLike | str, *,
@@ -35,7 +75,7 @@ def builder(name: str, data_dir: os.PathLike | str, *,
   if base == "instruct_jsonl":
     if path is not None:
       config = instruct_jsonl.InstructJsonlConfig(
-          name=config or pathlib.Path(path).stem, path=os.fspath(path))
+          name=file_config_name(path, config or None), path=os.fspath(path))
     elif config not in instruct_jsonl.NAMED_SETS:
       raise ValueError(
           f"instruct_jsonl needs a config from {instruct_jsonl.NAMED_SETS} "
@@ -54,6 +94,9 @@ def prepare(name: str, data_dir: os.PathLike | str, *,
             skip_bad: bool = False) -> tfds.core.DatasetBuilder:
   """Builds ``name`` under ``data_dir`` unless already built; returns the builder."""
   b = builder(name, data_dir, path=path, skip_bad=skip_bad)
+  if path is not None and not fs.path(b.data_dir).exists():
+    # Malformed or empty files fail here, before TFDS creates any directory.
+    instruct_jsonl.check_file(path, skip_bad=skip_bad)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir)))
   return b

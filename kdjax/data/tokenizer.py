@@ -59,20 +59,28 @@ _TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
 
 
 def _local(path_or_hub_id: str) -> str:
-  """A local file or directory, downloading a hub id's tokenizer files."""
+  """A local file or directory, downloading a hub id's tokenizer files.
+
+  Offline (:func:`kdjax.hub.hub_reachable` is False) only the local cache is
+  looked at, so the answer comes in seconds.
+  """
   if os.path.exists(path_or_hub_id):
     return path_or_hub_id
   import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from kdjax import hub  # pylint: disable=g-import-not-at-top
+  online = hub.hub_reachable()
   try:
-    return huggingface_hub.snapshot_download(path_or_hub_id,
-                                             allow_patterns=_TOKENIZER_FILES)
+    return huggingface_hub.snapshot_download(
+        path_or_hub_id, allow_patterns=_TOKENIZER_FILES,
+        local_files_only=not online)
   except Exception as e:  # offline, unknown repo, no credentials, ...
+    why = type(e).__name__ if online else "the hub is unreachable"
     raise FileNotFoundError(
         f"tokenizer {path_or_hub_id!r} is not a local path and could not be "
-        f"fetched from the Hugging Face hub ({type(e).__name__}); on a machine "
-        f"with network run `huggingface-cli download {path_or_hub_id} "
-        "--include 'tokenizer.json' 'vocab.json' 'merges.txt' --local-dir "
-        "DIR` and pass DIR.") from None
+        f"fetched from the Hugging Face hub ({why}); on a machine with "
+        f"network run `hf download {path_or_hub_id} --include "
+        "'tokenizer.json' 'vocab.json' 'merges.txt' --local-dir DIR` and pass "
+        "DIR.") from None
 
 
 def from_pretrained(path_or_hub_id: str) -> tokenizers.Tokenizer:

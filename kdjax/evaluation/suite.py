@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 
+from kdjax import fs
 from kdjax import models
 from kdjax import sharding
 from kdjax import spec as spec_lib
+from kdjax import validation as config_validation
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import datasets as datasets_lib
 from kdjax.evaluation import files
@@ -28,18 +29,21 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, *,
   the files of :mod:`kdjax.evaluation.files`, prints the markdown table and
   returns ``{dataset: metrics}``.
   """
+  config_validation.validate(config, training=False)
   suite = spec_lib.suite_from_config(config)
   hf_dir, default_outdir = files.resolve_checkpoint(checkpoint)
-  outdir = os.path.expanduser(outdir or default_outdir)
+  outdir = fs.local(outdir or default_outdir)
+  print(f"scoring {files.describe_checkpoint(hf_dir)}", flush=True)
   protocol = suite.protocol
   if seeds:
     protocol = protocol._replace(seeds=spec_lib.int_list(seeds, "--seeds"))
   names = spec_lib.names(datasets) if datasets else suite.datasets
   manual_dir = manual_dir or suite.manual_dir
-  loaded = [datasets_lib.load_dataset(n, suite.data_dir, manual_dir)
-            for n in names]  # fail early
-
+  # Cheapest first: the tokenizer (a hub id fails in seconds offline), then
+  # every dataset, then the weights.
   tok, eos_id = tokenizer_lib.load(suite.tokenizer)
+  loaded = [datasets_lib.load_dataset(n, suite.data_dir, manual_dir)
+            for n in names]
   mesh = sharding.make_mesh(**suite.mesh)
   model = models.load(hf_dir, dtype=jnp.dtype(suite.dtype), mesh=mesh,
                       seed=suite.seed)

@@ -2,12 +2,18 @@
 
 ```python
 from kdjax import models
-model = models.load("gpt2", dtype=jnp.bfloat16)     # HF dir or hub id
+model = models.load("gpt2", dtype=jnp.bfloat16)     # HF dir or hub id; eval mode
 logits_BxTxV = model(input_ids_BxT)                  # float32 logits
-models.save_hf(model, "out_dir")
+model.train()                                        # dropout on, to fine-tune
+models.save_hf(model, "out_dir", tokenizer=tok)      # weights, configs, tokenizer
 student = models.create("tiny-gpt2", vocab_size=257, rngs=nnx.Rngs(0))
 tok = models.load_tokenizer("path/to/hf_dir")
 ```
+
+``load`` returns the model in eval mode (dropout off), as transformers'
+``from_pretrained`` does; call ``model.train()`` before training it. A hub id
+is fetched only when the hub answers within seconds (:func:`hub_reachable`);
+offline (or ``HF_HUB_OFFLINE=1``) only the local cache is used.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.hub import download_hint, hub_reachable
 from kdjax.models import gpt2, hf, llama
 from kdjax.models.gpt2 import GPT2, GPT2Config
 from kdjax.models.layers import KVCache
@@ -29,7 +36,8 @@ PRESETS = {**{k: (gpt2.GPT2Config, gpt2.GPT2, v) for k, v in gpt2.PRESETS.items(
               for k, v in llama.PRESETS.items()}}
 
 __all__ = ["load", "create", "save_hf", "load_tokenizer", "PRESETS", "GPT2",
-           "GPT2Config", "Llama", "LlamaConfig", "KVCache"]
+           "GPT2Config", "Llama", "LlamaConfig", "KVCache", "download_hint",
+           "hub_reachable"]
 
 
 def preset_config(name: str, **overrides):
@@ -58,21 +66,21 @@ def create(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
 
 
 def _resolve(path_or_hub_id: str) -> str:
-  """A local directory, downloading a hub id if the path does not exist."""
+  """A local directory, or a hub id from the cache or (if reachable) the hub."""
   if os.path.isdir(path_or_hub_id):
     return path_or_hub_id
   import huggingface_hub
+  online = hub_reachable()
   try:
     return huggingface_hub.snapshot_download(
-        path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                        "*.model"])
+        path_or_hub_id, local_files_only=not online,
+        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
   except Exception as e:  # offline, unknown repo, no credentials, ...
+    why = type(e).__name__ if online else "the hub is unreachable"
     raise FileNotFoundError(
         f"{path_or_hub_id!r} is not a local directory and could not be fetched "
-        f"from the Hugging Face hub ({type(e).__name__}); on a machine with "
-        f"network run `huggingface-cli download {path_or_hub_id} --include "
-        f"'*.json' '*.safetensors' '*.txt' --local-dir DIR` and pass DIR."
-    ) from None
+        f"from the Hugging Face hub ({why}); on a machine with network run "
+        f"`{download_hint(path_or_hub_id)}` and pass DIR.") from None
 
 
 def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
@@ -88,6 +96,9 @@ def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
       sharding as it is read. None: the default device.
     seed: seed of the model's "dropout" RNG stream.
     **overrides: config fields to replace (``remat="full"``, dropout rates).
+
+  Returns:
+    The model in eval mode (dropout off); ``model.train()`` turns dropout on.
   """
   directory = _resolve(path_or_hub_id)
   cfg_path = os.path.join(directory, "config.json")
@@ -97,13 +108,20 @@ def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
   with open(cfg_path) as f:
     cfg = hf.config_from_hf(json.load(f), dtype=dtype,
                             param_dtype=param_dtype or dtype, **overrides)
-  return hf.load_params(directory, cfg, mesh, seed)
+  model = hf.load_params(directory, cfg, mesh, seed)
+  model.eval()
+  return model
 
 
-def save_hf(model, directory: str, *, dtype=None,
+def save_hf(model, directory, *, tokenizer=None, dtype=None,
             max_shard_size: int = 5 * 2**30) -> None:
-  """Writes ``model`` as a HF checkpoint (safetensors + config.json)."""
-  hf.save(model, directory, dtype=dtype, max_shard_size=max_shard_size)
+  """Writes ``model`` as a HF checkpoint transformers loads and generates with.
+
+  safetensors + ``config.json`` + ``generation_config.json`` + the tokenizer
+  files (see :func:`kdjax.models.hf.save`); ``directory`` may be a URI.
+  """
+  hf.save(model, directory, tokenizer=tokenizer, dtype=dtype,
+          max_shard_size=max_shard_size)
 
 
 def load_tokenizer(path: str):

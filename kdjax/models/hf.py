@@ -6,6 +6,14 @@ Only safetensors are read; pickled ``.bin`` checkpoints are refused. Every
 problem (unknown key, missing key, wrong shape) is collected and reported in
 one error.
 
+Writing puts everything ``transformers`` needs next to the weights: a
+``config.json`` whose special-token ids are the tokenizer's (inside the
+vocabulary), ``generation_config.json`` (EOS stops generation, EOS pads) and
+the tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
+``special_tokens_map.json``), so ``AutoTokenizer`` + ``AutoModelForCausalLM``
++ ``generate`` work on the directory as written. Paths go through
+:mod:`kdjax.fs`, so the directory may be remote (``gs://...``).
+
 Key maps (HF name -> NNX path, transpose?):
 
 * GPT-2: ``[transformer.]wte.weight -> wte/embedding``, ``h.{i}.attn.c_attn.weight
@@ -24,13 +32,15 @@ import dataclasses
 import json
 import os
 import re
-from typing import Callable
+from typing import Any, Callable
 
+from absl import logging
 import jax
 import numpy as np
 from flax import nnx
 from flax import traverse_util
 
+from kdjax import fs
 from kdjax import sharding as shd
 from kdjax.models import gpt2, llama
 
@@ -57,7 +67,7 @@ def config_from_hf(cfg: dict, **overrides):
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
       raise ValueError(f"GPT-2 activation_function={act!r} is not supported; "
                        "kdjax implements gelu_new (tanh GELU).")
-    kw = {k: v for k, v in cfg.items() if k in fields}
+    kw = {k: v for k, v in cfg.items() if k in fields and v is not None}
     return gpt2.GPT2Config(**{**kw, **overrides})
   if kind == "llama":
     fields = {f.name for f in dataclasses.fields(llama.LlamaConfig)}
@@ -234,18 +244,110 @@ def load_params(directory: str, config, mesh=None,
 # ----------------------------------------------------------------------------
 # Writing.
 
+# End-of-text tokens, in the order they are looked up in a tokenizer.
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>")
+BOS_TOKENS = ("<s>", "<|begin_of_text|>")
 
-def save(model: nnx.Module, directory: str, *, dtype=None,
-         max_shard_size: int = 5 * 2**30) -> None:
-  """Writes ``config.json`` and safetensors that transformers loads.
+
+def special_tokens(tokenizer, vocab_size: int) -> dict[str, tuple[str, int]]:
+  """``{"eos": (token, id), "bos": ..., "pad": ...}`` of ``tokenizer``.
+
+  EOS is the first of :data:`EOS_TOKENS` the tokenizer knows; BOS is ``<s>``
+  (LLaMA) or, GPT-2's convention, the EOS; padding is the EOS (left-padded
+  prompts, as kdjax pads). Every id must lie inside the model's vocabulary.
+  """
+  found = {}
+  for role, names in (("eos", EOS_TOKENS), ("bos", BOS_TOKENS)):
+    for name in names:
+      token_id = tokenizer.token_to_id(name)
+      if token_id is not None:
+        found[role] = (name, token_id)
+        break
+  if "eos" not in found:
+    raise ValueError(f"the tokenizer has none of the end-of-text tokens "
+                     f"{EOS_TOKENS}; add one (tokenizer.add_special_tokens) "
+                     "before exporting.")
+  found.setdefault("bos", found["eos"])
+  found["pad"] = found["eos"]
+  for role, (name, token_id) in found.items():
+    if not 0 <= token_id < vocab_size:
+      raise ValueError(f"the tokenizer's {role} token {name!r} has id "
+                       f"{token_id}, outside the model's vocabulary of "
+                       f"{vocab_size}; export with the model's own tokenizer.")
+  return found
+
+
+def default_tokenizer(config):
+  """The byte-level tokenizer for byte-vocabulary models, else None."""
+  from kdjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if _vocab_size(config) == tokenizer_lib.VOCAB_SIZE:
+    return tokenizer_lib.byte_level()
+  return None
+
+
+def _vocab_size(config) -> int:
+  return config.vocab_size
+
+
+def _tokenizer_files(tokenizer, special: dict, config) -> dict[str, str]:
+  """``tokenizer.json`` + the two small files transformers reads next to it."""
+  names = {f"{role}_token": name for role, (name, _) in special.items()}
+  max_len = getattr(config, "n_positions", None) or getattr(
+      config, "max_position_embeddings")
+  tok_config = dict(tokenizer_class="PreTrainedTokenizerFast",
+                    model_max_length=max_len, add_bos_token=False,
+                    add_eos_token=False, clean_up_tokenization_spaces=False,
+                    **names)
+  return {"tokenizer.json": tokenizer.to_str(),
+          "tokenizer_config.json": json.dumps(tok_config, indent=2),
+          "special_tokens_map.json": json.dumps(names, indent=2)}
+
+
+def _save_tensors(tensors: dict, target, meta: dict) -> None:
+  from safetensors.numpy import save, save_file
+  if fs.is_remote(target):
+    target.write_bytes(save(tensors, meta))
+  else:
+    save_file(tensors, os.fspath(target), meta)
+
+
+def save(model: nnx.Module, directory: fs.PathLike, *, tokenizer: Any = None,
+         dtype=None, max_shard_size: int = 5 * 2**30) -> None:
+  """Writes the weights, configs and tokenizer that transformers loads.
 
   Tensors go to host one at a time. Above ``max_shard_size`` bytes the
   weights are split into ``model-0000i-of-0000n.safetensors`` files with a
   ``model.safetensors.index.json``, as transformers does.
-  """
-  from safetensors.numpy import save_file
 
+  Args:
+    model: a kdjax GPT-2 or LLaMA.
+    directory: output directory (local or a URI such as ``gs://b/run/hf``).
+    tokenizer: the ``tokenizers.Tokenizer`` the model was trained with; its
+      EOS/BOS/pad ids go into the configs. Default: the byte-level tokenizer
+      for a 257-token vocabulary; other models without one keep the config's
+      own ids where they lie in the vocabulary (null, with a warning, where
+      they do not) and get no tokenizer files.
+    dtype: storage dtype of the tensors (default: as held).
+    max_shard_size: bytes per safetensors file.
+  """
   config = model.config
+  if tokenizer is None:
+    tokenizer = default_tokenizer(config)
+  if tokenizer is not None:
+    special = special_tokens(tokenizer, _vocab_size(config))
+  else:
+    special = {}
+    for role, token_id in (("eos", config.eos_token_id),
+                           ("bos", config.bos_token_id)):
+      if token_id is not None and 0 <= token_id < _vocab_size(config):
+        special[role] = ("", token_id)
+      else:  # a random model with a made-up vocabulary: no such token
+        logging.warning(
+            "%s_token_id %s lies outside the vocabulary of %d and no tokenizer "
+            "was given: the export declares no %s token (pass tokenizer= to "
+            "save_hf).", role, token_id, _vocab_size(config), role)
+        special[role] = ("", None)
+    special["pad"] = special["eos"]
   _, entries, _ = family(config)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model,
                                                                nnx.Param)))
@@ -264,22 +366,31 @@ def save(model: nnx.Module, directory: str, *, dtype=None,
     current[prefix + e.hf_key] = value
     size += value.nbytes
   shards.append(current)
-  os.makedirs(directory, exist_ok=True)
+  out = fs.path(directory)
+  out.mkdir(parents=True, exist_ok=True)
   meta = {"format": "pt"}
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(directory, "model.safetensors"), meta)
+    _save_tensors(shards[0], out / "model.safetensors", meta)
   else:
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
       name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, os.path.join(directory, name), meta)
+      _save_tensors(shard, out / name, meta)
       weight_map.update({k: name for k in shard})
       total += sum(v.nbytes for v in shard.values())
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
-                f, indent=2)
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+        indent=2))
+  ids = {f"{role}_token_id": token_id
+         for role, (_, token_id) in special.items()}
   hf_cfg = config_to_hf(config)
+  hf_cfg.update(bos_token_id=ids["bos_token_id"],
+                eos_token_id=ids["eos_token_id"])
   if dtype is not None:
     hf_cfg["torch_dtype"] = np.dtype(dtype).name
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(hf_cfg, f, indent=2)
+  files = {"config.json": json.dumps(hf_cfg, indent=2),
+           "generation_config.json": json.dumps(ids, indent=2)}
+  if tokenizer is not None:
+    files.update(_tokenizer_files(tokenizer, special, config))
+  for name, text in files.items():
+    (out / name).write_text(text)

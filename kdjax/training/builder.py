@@ -67,8 +67,8 @@ def teacher_path(teacher: spec_lib.TeacherSpec) -> str:
   if os.path.isdir(path):
     return path
   if teacher.hub_id:
-    fix = (f"download or fine-tune it (base model: `huggingface-cli download "
-           f"{teacher.hub_id} --local-dir DIR`, then SFT it with "
+    fix = (f"download or fine-tune it (base model: `"
+           f"{models.download_hint(teacher.hub_id)}`, then SFT it with "
            "kdjax/configs/sft_gpt2.py:teacher) and pass "
            "--config.teacher.path=DIR")
   else:
@@ -89,7 +89,10 @@ def load_teacher(teacher: spec_lib.TeacherSpec,
 
 def make_student(student: spec_lib.StudentSpec,
                  mesh: jax.sharding.Mesh) -> nnx.Module:
-  """A preset initialised from the seed, or a HF checkpoint to fine-tune."""
+  """A preset initialised from the seed, or a HF checkpoint to fine-tune.
+
+  Either way in training mode (dropout on): ``models.load`` returns eval mode.
+  """
   dtype = dtype_of(student.dtype)
   overrides = dict(student.model_overrides)
   if student.init.startswith("preset:"):
@@ -98,9 +101,12 @@ def make_student(student: spec_lib.StudentSpec,
         param_dtype=jnp.float32,
         rngs=nnx.Rngs(params=student.seed, dropout=student.seed + 1),
         **overrides)
-    return sharding.shard_model(model, mesh)
-  return models.load(student.init, dtype=dtype, param_dtype=jnp.float32,
-                     mesh=mesh, seed=student.seed + 1, **overrides)
+    model = sharding.shard_model(model, mesh)
+  else:
+    model = models.load(student.init, dtype=dtype, param_dtype=jnp.float32,
+                        mesh=mesh, seed=student.seed + 1, **overrides)
+  model.train()
+  return model
 
 
 def _vocab(model: nnx.Module) -> int:
@@ -141,12 +147,12 @@ def _models(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh
             ) -> tuple[nnx.Module, nnx.Module | None]:
   teacher = load_teacher(s.teacher, mesh) if s.loss["kd_ratio"] > 0 else None
   student = make_student(s.student, mesh)
-  if teacher is not None and _vocab(teacher) != _vocab(student) and (
-      s.loss["name"] != "uld"):
+  if teacher is not None and _vocab(teacher) != _vocab(student):
+    # ULD included: the step feeds the student's token ids to the teacher.
     raise ValueError(
         f"teacher vocabulary {_vocab(teacher)} != student vocabulary "
-        f"{_vocab(student)}; distil between models sharing a tokenizer or use "
-        "--config.loss.name=uld.")
+        f"{_vocab(student)}; the trainer feeds the same token ids to both, so "
+        "distil between models that share a tokenizer.")
   return student, teacher
 
 

@@ -6,11 +6,17 @@ thereafter, the on-policy sequence source's state included:
 ``metrics.jsonl`` + TensorBoard + a progress bar, a stop on the first
 non-finite loss or gradient, and the final and best students exported as
 Hugging Face checkpoints (``workdir/hf``, ``workdir/best_hf``).
+
+The whole config is checked first (:func:`kdjax.validation.validate`), before
+the workdir is touched or anything compiles. Stdout gets one line per
+validation and a summary at the end (best step and metric, final metrics,
+where the exports are; also ``workdir/summary.json``). Ctrl-C stops with one
+sentence naming the checkpoint that is kept and how to resume.
 """
 
 from __future__ import annotations
 
-import os
+import sys
 import time
 from typing import Any, Sequence
 
@@ -22,11 +28,13 @@ from flax import nnx
 import tqdm
 
 from kdjax import checkpoint
+from kdjax import fs
 from kdjax import metrics as metrics_lib
 from kdjax import models
 from kdjax import sharding
 from kdjax import spec as spec_lib
 from kdjax.onpolicy import runner as runner_lib
+from kdjax import validation as config_validation
 from kdjax.training import builder
 from kdjax.training import step as step_lib
 from kdjax.training import validation
@@ -49,20 +57,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     stop_at: stop after this step with a checkpoint, as a preemption would;
       calling again continues the same run (notebooks training in pieces).
     devices: devices for the mesh (default: all).
+
+  Raises:
+    kdjax.validation.ConfigError: the config cannot run (nothing written).
+    TrainingError: the run stopped for a reason the user must act on.
   """
+  config_validation.validate(config)
   spec = spec_lib.from_config(config)
   maybe_initialize_distributed()
-  workdir = os.path.expanduser(workdir)
+  workdir = fs.local(workdir)
+  created = not fs.path(workdir).exists()
   fresh = workdir_lib.claim(workdir, spec.identity,
                             force_new_run=spec.force_new_run)
-  mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
-  with jax.set_mesh(mesh):
-    try:
+  try:
+    mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
+    with jax.set_mesh(mesh):
       run = builder.build(spec, workdir, mesh)
-    except Exception:
-      if fresh:
-        workdir_lib.release(workdir)
-      raise
+  except Exception:
+    if fresh:
+      workdir_lib.release(workdir, created=created)
+    raise
+  with jax.set_mesh(mesh):
     return loop(run, stop_at)
 
 
@@ -70,6 +85,33 @@ def _every_eval(run: builder.Run) -> int:
   """Steps between validations (0: never; the config's -1: each epoch)."""
   every = run.spec.eval.every_steps
   return run.train_data.steps_per_epoch if every < 0 else every
+
+
+def _policy(run: builder.Run) -> checkpoint.BestPolicy:
+  e = run.spec.eval
+  return checkpoint.best_policy(e.best_metric, e.best_after_steps,
+                                num_steps=run.num_steps,
+                                warmup_steps=run.spec.optim.warmup_steps)
+
+
+def _say(text: str) -> None:
+  """A line on stdout from process 0 (through tqdm: the bar stays intact)."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(text, file=sys.stdout)
+
+
+def _resume_hint() -> str:
+  main = sys.modules.get("__main__")
+  if getattr(getattr(main, "__spec__", None), "name", "") == "kdjax.train":
+    from kdjax import cli  # pylint: disable=g-import-not-at-top
+    return f"re-run the same command to resume: {cli.resume_command()}"
+  return ("call train_and_evaluate again with the same config and workdir to "
+          "resume")
+
+
+class Interrupted(TrainingError, KeyboardInterrupt):
+  """Ctrl-C during training; the message names the checkpoint that is kept."""
+  exit_code = 130
 
 
 def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
@@ -91,8 +133,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
     else:
       (state, runner.state), _ = ckpts.restore(start, (state, runner.state),
                                                data_iter)
-    if jax.process_index() == 0:
-      tqdm.tqdm.write(f"resumed {run.workdir} from step {start}")
+    _say(f"resumed {run.workdir} from step {start}")
   start = start or 0
   # Rows past the checkpoint (or any row, if none was committed before a kill)
   # are rewritten by this run.
@@ -104,18 +145,21 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   eval_fn = jax.jit(run.step.eval)
   first_bad = jnp.asarray(-1, jnp.int32)
   schedule = make_schedule(s.optim, run.num_steps)
+  policy = _policy(run)
   last: dict[str, float] = {}
   tokens_per_step = s.batch_size * s.data.max_length
   bar = tqdm.tqdm(total=run.num_steps, initial=start, desc="train",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
-  t0, since = time.perf_counter(), start
+  t_start = t0 = time.perf_counter()
+  since = start
   every_eval = _every_eval(run)
+  done = start
+  end = run.num_steps if stop_at is None else min(stop_at, run.num_steps)
   if runner is not None and runner.source.kind == "distillm" and start == 0:
     # DistiLLM compares later validation losses with the one before training.
     v0 = validation.validate(run, state, teacher_state, eval_fn)["val_loss"]
     runner.state = runner.state._replace(prev_loss=jnp.float32(v0))
   try:
-    end = run.num_steps if stop_at is None else min(stop_at, run.num_steps)
     for step in range(start, end):
       batch = step_lib.put_batch(next(data_iter), run.mesh)
       if runner is not None:
@@ -145,14 +189,31 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         last.update(val)
         if runner is not None:
           runner.after_validation(val["val_loss"])
-        score = val.get("val_rougeL", -val["val_loss"])
-        ckpts.save_best(done, state.params, score)
+        _keep_if_best(ckpts, policy, done, state, val)
+        best = ckpts.best_record()
+        _say(metrics_lib.validation_line(done, run.num_steps, val,
+                                         best and best["step"]))
       writer.write(done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}")
       _save(ckpts, done, state if runner is None else (state, runner.state),
             data_iter, force=done == end)
     if end == run.num_steps:
-      export(run, state, ckpts)
+      exports = export(run, state, ckpts)
+      if jax.process_index() == 0:
+        bar.close()
+        _say(metrics_lib.summary(
+            run.workdir, steps=run.num_steps,
+            seconds=time.perf_counter() - t_start, best=ckpts.best_record(),
+            last=last, exports=exports))
+  except KeyboardInterrupt:
+    bar.close()
+    ckpts.close()  # waits for a checkpoint being written to commit
+    kept = ckpts.latest_step()
+    where = (f"the checkpoint of step {kept} in {run.workdir}/ckpt is kept "
+             "(the steps after it are recomputed identically)"
+             if kept is not None else "no checkpoint had been written yet")
+    raise Interrupted(f"interrupted at step {done}; {where}; "
+                      f"{_resume_hint()}.") from None
   finally:
     bar.close()
     ckpts.close()
@@ -160,27 +221,43 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   return last
 
 
+def _keep_if_best(ckpts: checkpoint.Checkpoints,
+                  policy: checkpoint.BestPolicy, step: int, state: TrainState,
+                  val: dict[str, float]) -> None:
+  score = policy.score(step, val)
+  if score is not None:
+    ckpts.save_best(step, state.params, score,
+                    {"metric": policy.metric, "value": val[policy.metric]})
+
+
 def export(run: builder.Run, state: TrainState,
-           ckpts: checkpoint.Checkpoints) -> None:
+           ckpts: checkpoint.Checkpoints) -> dict[str, str]:
   """Writes the final (``hf/``) and best (``best_hf/``) students as HF checkpoints.
 
-  Process 0 writes; every process joins the collectives: params sharded over
-  devices of several processes reach the host only through
-  ``process_allgather``, and orbax restores are collective too.
+  Each holds the weights, the configs and the run's tokenizer
+  (:func:`kdjax.models.save_hf`). Process 0 writes; every process joins the
+  collectives: params sharded over devices of several processes reach the
+  host only through ``process_allgather``, and orbax restores are collective
+  too. Returns ``{"final": dir, "best": dir}`` of what was written.
   """
   if not run.spec.export_hf:
-    return
+    return {}
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   best = ckpts.restore_best(state.params)
-  for name, params in (("hf", state.params),
-                       ("best_hf", None if best is None else best[1])):
+  written = {}
+  for name, key, params in (
+      ("hf", "final", state.params),
+      ("best_hf", "best", None if best is None else best[1])):
     if params is None:
       continue
     if jax.process_count() > 1:  # one process: save_hf fetches tensor by tensor
       params = multihost_utils.process_allgather(params, tiled=True)
+    target = str(fs.path(run.workdir) / name)
     if jax.process_index() == 0:
       student = nnx.merge(run.step.graphdef, params, state.rest)
-      models.save_hf(student, os.path.join(run.workdir, name))
+      models.save_hf(student, target, tokenizer=run.tokenizer)
+    written[key] = target
+  return written
 
 
 def _save(ckpts: checkpoint.Checkpoints, step: int, state: Any,
