@@ -556,7 +556,11 @@ def chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None) -> int:
   if chunk_size is None:
     if jax.default_backend() != "cpu":
       return max(n_tokens, 1)
-    chunk_size = max(8, _CPU_CHUNK_BYTES // (4 * vocab))
+    target = max(8, _CPU_CHUNK_BYTES // (4 * vocab))
+    # Prefer a size dividing N: a remainder chunk makes the gradient a
+    # concatenation, one more [N, V] buffer.
+    divisors = [d for d in range(target, target // 2, -1) if n_tokens % d == 0]
+    chunk_size = divisors[0] if divisors else target
   if (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
       or chunk_size < 0):
     raise ValueError(f"chunk_size={chunk_size!r} must be None (automatic), 0 "
