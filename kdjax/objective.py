@@ -10,12 +10,19 @@ problems need) and one ``psum`` produces the global sum.
 
 Three ways to get the KD term, chosen by ``loss.impl``:
 
-* ``autodiff`` / ``fast``: from ``[B, T, V]`` float32 logits with the autodiff
-  or analytic-VJP divergence;
-* ``chunked``: the fast divergence over token chunks (O(chunk · V) temporaries);
+* ``auto`` (default): from ``[B, T, V]`` logits with the public divergence
+  ``kd.<name>`` (analytic gradients, chunked over tokens on CPU, one piece
+  elsewhere);
 * ``fused``: from final hidden states and LM-head weights, never forming the
-  logits (:func:`kdjax.divergences.fused.fused_linear`); CE is then computed
-  chunk by chunk as well.
+  logits (:func:`kdjax.divergences.fused.ce_kd_sums`; CE and KD share each
+  ``loss.chunk_size``-token logits chunk). It trades a few percent of speed
+  for memory: no ``[B, T, V]`` logits, their gradient or the model's
+  ``[B, T, V]`` head output are kept;
+* ``reference``: the autodiff definitions ``kd.reference.<name>`` (the oracle
+  of the tests; slow, several ``[B, T, V]`` residuals).
+
+``loss.temperature`` (default 1) divides both models' logits in the KD term;
+CE always uses the raw logits.
 
 Two options change what the KD term sees: ``loss.select`` distils only each
 sequence's highest-student-entropy positions (:func:`kd_mask`), and
@@ -41,8 +48,18 @@ from kdjax.divergences import fused
 Array = jax.Array
 P = jax.sharding.PartitionSpec
 
-IMPLS = ("autodiff", "fast", "chunked", "fused")
+IMPLS = ("auto", "fused", "reference")
+# Former names of the implementations, with what replaced them.
+_RENAMED = {"fast": "auto", "chunked": "auto", "autodiff": "reference"}
 SELECT_BY = ("student_entropy",)
+# Objectives beyond the divergences: TAID runs FKL toward its moving target.
+_OBJECTIVES = {"taid": "fkl"}
+NAMES = kd.names() + tuple(_OBJECTIVES)
+
+
+def divergence_of(name: str) -> str:
+  """The divergence that ``loss.name`` evaluates (``"taid"`` -> ``"fkl"``)."""
+  return _OBJECTIVES.get(name, name)
 
 
 class Sums(NamedTuple):
@@ -60,11 +77,15 @@ class Sums(NamedTuple):
 def check(loss_cfg: Mapping[str, Any]) -> None:
   """Fails early, with the fix, on a loss config that cannot run."""
   name, impl = loss_cfg["name"], loss_cfg["impl"]
+  if impl in _RENAMED:
+    raise ValueError(f"loss.impl={impl!r} no longer exists; use "
+                     f"--config.loss.impl={_RENAMED[impl]} (the analytic, "
+                     "chunked path is the default 'auto').")
   if impl not in IMPLS:
     raise ValueError(f"loss.impl={impl!r} is unknown; use one of {IMPLS}.")
-  if name not in kd.names() + ("taid",):
+  if name not in NAMES:
     raise ValueError(f"loss.name={name!r} is unknown; use one of "
-                     f"{', '.join(kd.names() + ('taid',))}.")
+                     f"{', '.join(NAMES)}.")
   _check_select(loss_cfg)
   if name == "taid":
     if "taid" not in loss_cfg:
@@ -74,13 +95,20 @@ def check(loss_cfg: Mapping[str, Any]) -> None:
     if impl == "fused":
       raise ValueError("loss.name='taid' interpolates logits, which "
                        "loss.impl='fused' never forms; use "
-                       "--config.loss.impl=chunked.")
-    name = "fkl"
+                       "--config.loss.impl=auto.")
+  name = divergence_of(name)
   if not 0.0 <= loss_cfg["kd_ratio"] <= 1.0:
     raise ValueError(f"loss.kd_ratio={loss_cfg['kd_ratio']} must be in [0, 1].")
-  if impl != "autodiff" and loss_cfg["kd_ratio"] > 0 and name not in kd.fast.NAMES:
-    raise ValueError(f"loss.impl={impl!r} has no {name!r} version; set "
-                     "--config.loss.impl=autodiff.")
+  if impl == "fused" and loss_cfg["kd_ratio"] > 0 and (
+      name not in kd.TOKEN_LEVEL):
+    raise ValueError(f"loss.impl='fused' has no {name!r} version; set "
+                     "--config.loss.impl=auto.")
+  if "temperature" in loss_cfg["hp"]:
+    raise ValueError("set the KD temperature as --config.loss.temperature, "
+                     "not loss.hp.temperature.")
+  temperature = loss_cfg.get("temperature", 1.0)
+  if not temperature > 0:
+    raise ValueError(f"loss.temperature={temperature} must be > 0.")
 
 
 def _check_select(loss_cfg) -> None:
@@ -94,7 +122,7 @@ def _check_select(loss_cfg) -> None:
   if fraction < 1.0 and loss_cfg["impl"] == "fused":
     raise ValueError("loss.select ranks positions by the student's logits, "
                      "which loss.impl='fused' never forms; use "
-                     "--config.loss.impl=chunked.")
+                     "--config.loss.impl=auto.")
 
 
 def _select(loss_cfg) -> tuple[float, str]:
@@ -104,9 +132,8 @@ def _select(loss_cfg) -> tuple[float, str]:
 
 
 def _temperature(loss_cfg):
-  """The KD temperature: ``loss.temperature``, else ``loss.hp.temperature``."""
-  return loss_cfg.get("temperature",
-                      dict(loss_cfg.get("hp") or {}).get("temperature", 1.0))
+  """The KD temperature, ``loss.temperature`` (1 when absent)."""
+  return loss_cfg.get("temperature", 1.0)
 
 
 def _ceil(fraction: float, n: int) -> int:
@@ -193,16 +220,18 @@ def _token_ce(logits_BxTxV: Array, labels_BxT: Array) -> Array:
   return -jnp.take_along_axis(log_q, labels_BxT[..., None], axis=-1)[..., 0]
 
 
+def _kd_hp(loss_cfg) -> dict[str, Any]:
+  """The divergence's keyword arguments: ``loss.hp`` and the temperature."""
+  return dict(loss_cfg["hp"], temperature=_temperature(loss_cfg))
+
+
 def _per_token_kd(loss_cfg, s_BxTxV: Array, t_BxTxV: Array,
                   mask_BxT: Array) -> Array:
-  name, impl, hp = loss_cfg["name"], loss_cfg["impl"], dict(loss_cfg["hp"])
+  """The KD divergence per position ``[B, T]`` from both models' logits."""
+  name, hp = loss_cfg["name"], _kd_hp(loss_cfg)
   if name == "sinkhorn":  # needs the mask to wall off padding rows
     return kd.sinkhorn(s_BxTxV, t_BxTxV, mask_BxT, **hp)
-  if impl == "chunked":
-    return fused.chunked(name, s_BxTxV, t_BxTxV,
-                         chunk_size=loss_cfg["chunk_size"], **hp)
-  return kd.get(name, "autodiff" if impl == "autodiff" else "fast")(
-      s_BxTxV, t_BxTxV, **hp)
+  return kd.get(name, loss_cfg["impl"])(s_BxTxV, t_BxTxV, **hp)
 
 
 def _local_sums(loss_cfg, use_kd, s, t, labels, mask) -> Sums:
@@ -225,17 +254,14 @@ def _local_sums(loss_cfg, use_kd, s, t, labels, mask) -> Sums:
 
 def _local_sums_fused(loss_cfg, use_kd, x_s, w_s, x_t, w_t, labels, mask):
   """This device's sums from hidden states ``[B, T, D]`` and heads ``[V, D]``."""
-  x_s_NxD = x_s.reshape(-1, x_s.shape[-1])
   mask_N, labels_N = mask.reshape(-1), labels.reshape(-1)
+  x_t_NxD = x_t.reshape(-1, x_t.shape[-1]) if use_kd else None
+  ce, kd_sum = fused.ce_kd_sums(
+      loss_cfg["name"] if use_kd else None, x_s.reshape(-1, x_s.shape[-1]),
+      w_s, x_t_NxD, w_t if use_kd else None, labels_N, mask_N,
+      kd_ratio=loss_cfg["kd_ratio"] if use_kd else 0.0,
+      chunk_size=loss_cfg["chunk_size"], **_kd_hp(loss_cfg))
   tokens = jnp.sum(mask_N)
-  ce = fused.cross_entropy(x_s_NxD, w_s, labels_N, mask_N,
-                           chunk_size=loss_cfg["chunk_size"]) * tokens
-  kd_sum = jnp.zeros((), jnp.float32)
-  if use_kd:
-    kd_sum = fused.fused_linear(
-        loss_cfg["name"], x_s_NxD, w_s, x_t.reshape(-1, x_t.shape[-1]), w_t,
-        mask_N, chunk_size=loss_cfg["chunk_size"],
-        **dict(loss_cfg["hp"])) * tokens
   return Sums(ce, kd_sum, tokens, tokens)
 
 
@@ -289,7 +315,7 @@ def sums(loss_cfg, student, teacher, batch: Mapping[str, Array], *,
     if taid_t is None:
       taid_t = taid.init(loss_cfg["taid"]).t
     t = taid.target_logits(s, t, taid_t)  # KL(p_t ‖ q_θ) is FKL to p_t
-    loss_cfg = dict(loss_cfg, name="fkl")
+    loss_cfg = dict(loss_cfg, name=divergence_of("taid"))
   local = functools.partial(_local_sums, loss_cfg, use_kd)
   return _psum(local, 4)(s, t, labels, mask)
 

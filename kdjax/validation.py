@@ -47,11 +47,17 @@ JSONL_SETS = ("sinst", "vicuna", "sni", "unni", "dolly_test")
 BYTE_VOCAB = 257  # kdjax.data.tokenizer.VOCAB_SIZE (not imported: no tokenizers)
 # Hyper-parameters in [0, 1] and those that must be > 0, by name: the same
 # name means the same thing in every divergence.
-UNIT_HPS = ("mu", "beta", "alpha", "weight")
+# Hyper-parameters that are mixture weights or masses, per divergence (ABKD's
+# alpha and beta are exponents: any real numbers).
+UNIT_HPS = {"akl": ("mu",), "jsd": ("beta",), "skl": ("alpha",),
+            "srkl": ("alpha",), "fkl_rkl": ("weight",)}
 POSITIVE_HPS = ("temperature", "epsilon", "threshold", "scale")
 POSITIVE_INT_HPS = ("num_iters", "group_size")
 # Not hyper-parameters: the divergence's tensors and what the objective binds.
-_TENSOR_ARGS = ("student_logits", "teacher_logits", "mask")
+# The temperature is loss.temperature and the chunking is chosen by the
+# divergence itself, so neither is a loss.hp entry.
+_TENSOR_ARGS = ("student_logits", "teacher_logits", "mask", "temperature",
+                "chunk_size")
 
 
 class ConfigError(ValueError):
@@ -253,10 +259,9 @@ def _one_of(key: str, value: Any, allowed) -> None:
 
 
 def _check_names(config) -> None:
-  from kdjax import divergences as kd  # pylint: disable=g-import-not-at-top
   from kdjax import objective  # pylint: disable=g-import-not-at-top
   from kdjax.data import template  # pylint: disable=g-import-not-at-top
-  _one_of("loss.name", _get(config, "loss.name"), kd.names())
+  _one_of("loss.name", _get(config, "loss.name"), objective.NAMES)
   impls = getattr(objective, "IMPLS", None)
   if impls:
     _one_of("loss.impl", _get(config, "loss.impl"), impls)
@@ -293,7 +298,8 @@ SAMPLED_METRICS = ("val_rougeL", "val_validity", "val_exact_match")
 def divergence_params(name: str) -> dict[str, inspect.Parameter]:
   """Keyword hyper-parameters of divergence ``name``, from its signature."""
   from kdjax import divergences as kd  # pylint: disable=g-import-not-at-top
-  params = inspect.signature(kd.get(name)).parameters
+  from kdjax import objective  # pylint: disable=g-import-not-at-top
+  params = inspect.signature(kd.get(objective.divergence_of(name))).parameters
   return {n: p for n, p in params.items()
           if n not in _TENSOR_ARGS and p.kind in (p.KEYWORD_ONLY,
                                                   p.POSITIONAL_OR_KEYWORD)}
@@ -328,7 +334,7 @@ def _check_divergence(config) -> list[str]:
 def _check_hp(name: str, key: str, value: Any, param: inspect.Parameter):
   full = f"loss.hp.{key}"
   default = param.default
-  if key in UNIT_HPS and not (_is_num(value) and 0 <= value <= 1):
+  if key in UNIT_HPS.get(name, ()) and not (_is_num(value) and 0 <= value <= 1):
     raise _fail(full, value, f"is outside [0, 1] for {name}",
                 f"pass a value in [0, 1], e.g. --config.{full}={default}")
   if key in POSITIVE_HPS and not (_is_num(value) and value > 0):

@@ -131,6 +131,34 @@ def akl(student, teacher, mu=0.5, rule="akl", temperature=1.0, weights=None):
           + w_tail * rkl(student, teacher, temperature))
 
 
+def abkd(student, teacher, alpha=0.2, beta=0.7, temperature=1.0):
+  """α-β divergence, term by term in powers of the probabilities:
+
+  −1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)], and its limits
+  α = 0: (1/β²) Σ [q^β log(q^β/p^β) − q^β + p^β]; β = 0: the same with p, q
+  and α, β swapped; α = β = 0: ½ Σ (log q − log p)². Terms of -inf slots
+  are dropped (not those of probabilities that merely underflow).
+  """
+  log_q, log_p, q, p = _dists(student, teacher, temperature)
+  both = np.isfinite(log_p) & np.isfinite(log_q)
+  with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    if alpha == 0 and beta == 0:
+      terms = np.where(both, 0.5 * (log_q - log_p) ** 2, 0.0)
+    elif alpha == 0:  # log(q^β / p^β) = β (log q − log p), kept finite
+      qb, pb = q**beta, p**beta
+      terms = np.where(q > 0, qb * beta * (log_q - log_p), 0.0) - qb + pb
+      terms = terms / beta**2
+    elif beta == 0:
+      pa, qa = p**alpha, q**alpha
+      terms = np.where(p > 0, pa * alpha * (log_p - log_q), 0.0) - pa + qa
+      terms = terms / alpha**2
+    else:
+      lam = alpha + beta
+      terms = -(p**alpha * q**beta - alpha / lam * p**lam
+                - beta / lam * q**lam) / (alpha * beta)
+  return terms.sum(-1)
+
+
 def uld(student, teacher, temperature=1.0):
   """Σ_k |q↓_k − p↓_k|, the smaller vocabulary zero-padded at the end."""
   q = np.exp(log_softmax(student, temperature))
@@ -148,7 +176,7 @@ def uld(student, teacher, temperature=1.0):
 # name -> reference function; kwargs are passed through unchanged.
 DIVERGENCES = {
     "fkl": fkl, "rkl": rkl, "fkl_rkl": fkl_rkl, "skl": skl, "srkl": srkl,
-    "jsd": jsd, "tvd": tvd, "akl": akl, "uld": uld,
+    "jsd": jsd, "tvd": tvd, "akl": akl, "abkd": abkd, "uld": uld,
 }
 
 

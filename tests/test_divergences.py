@@ -1,7 +1,8 @@
 """kdjax.divergences (token-level) against the float64 references of reference_np.
 
 Values and gradients are compared with independent NumPy code written from
-docs/divergences.md; properties and edge cases use hand-computed expectations.
+docs/divergences.md; properties and edge cases use hand-computed
+expectations. Every case runs the public path (``kd.get(name)``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ CASES = [
     ("tvd", "tvd", {}),
     ("akl", "akl", {}),
     ("akl_dskd", "akl", {"mu": 0.7, "rule": "dskd"}),
+    ("abkd", "abkd", {"alpha": 0.2, "beta": 0.7}),
+    ("abkd_a0", "abkd", {"alpha": 0.0, "beta": 0.6}),
+    ("abkd_b0", "abkd", {"alpha": 0.5, "beta": 0.0}),
+    ("abkd_00", "abkd", {"alpha": 0.0, "beta": 0.0}),
     ("uld", "uld", {}),
 ]
 
@@ -334,7 +339,7 @@ def test_masked_mean():
 
 def test_registry():
   assert kd.names() == ("fkl", "rkl", "fkl_rkl", "skl", "srkl", "jsd", "tvd",
-                        "akl", "uld", "sinkhorn")
+                        "akl", "abkd", "uld", "sinkhorn")
   for name in kd.names():
     assert kd.get(name) is getattr(kd, name)
   with pytest.raises(ValueError, match=r"unknown divergence 'kl'; choose one of fkl, rkl"):
@@ -453,9 +458,10 @@ def test_akl_tie_row_follows_the_exact_order():
   w64 = ref.akl_weights(p64[None], q64[None])[0][0]
   np.testing.assert_allclose(w64, 0.25, rtol=1e-6)
   want = ref.akl(s64, t64)
-  for impl in ("autodiff", "fast", "chunked"):
-    got = kd.get("akl", impl=impl)(s, t)
-    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=impl)
+  for impl, extra in (("reference", {}), ("auto", {}),
+                      ("auto", {"chunk_size": 1}), ("auto", {"chunk_size": 0})):
+    got = kd.get("akl", impl=impl)(s, t, **extra)
+    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{impl} {extra}")
 
 
 # derandomize: CI sees the same 50 cases every run (plus the pinned tie row).

@@ -5,25 +5,27 @@ temperature and one setting of every hyper-parameter; see BUCKETS) and the
 logits' content: scale, student/teacher relation (independent, close, equal),
 a fraction of ±1e4 entries, -inf slots and the response mask (all one, all
 zero, random 0/1, fractional weights). Hyper-parameters and temperature are
-static Python floats in kdjax, so each distinct value is one jax compile; the
-buckets keep the number of compiles small (one program per bucket holds every
-divergence and implementation) while still covering the endpoints (alpha, beta, weight in {0, 1}; mu in {0, 1}; both
+concrete Python floats here (each picks its endpoint formula at trace time),
+so each distinct value is one jax compile; the buckets keep the number of
+compiles small (one program per bucket holds every divergence and execution
+path) while still covering the endpoints (alpha, beta, weight in {0, 1}; mu in {0, 1}; both
 AKL rules), V = 2 ... 301 (around AKL_TOP_K = 64), one-row and [B, T] inputs,
 float32/bfloat16/float16 and T = 0.5 ... 4.
 
-The contract tested (core.py, fast.py docstrings): values and gradients are
+The contract tested (core.py, engine.py docstrings): values and gradients are
 finite; a -inf slot *shared* by teacher and student contributes exactly 0 to
 the gradient; ``masked_mean`` is finite, is 0 with gradient 0 for an all-zero
 mask, and gives masked rows an exact 0 gradient. The checks that can fail on a
-wrong number: the fast and chunked implementations equal the autodiff one on
-the same inputs (values and gradients, dtype-aware tolerances); autodiff values
-equal the float64 NumPy references of reference_np; non-negativity and the
+wrong number: the public divergence in one piece equals the autodiff
+reference, and forced chunking (with a remainder) equals one piece, on the
+same inputs (values and gradients, dtype-aware tolerances); both values equal
+the float64 NumPy references of reference_np; non-negativity and the
 JSD/TVD upper bounds; the "sinkd" Sinkhorn solver equals SinKD's loop.
 
 -inf in only one of teacher and student is outside that contract ("teacher and
 student must agree on them"): the true RKL is then +inf, and the finite-ised
-log-probabilities make skew/JSD values and the fast skl/jsd gradients differ
-from the math. Those examples (drawn with the others, same compiled programs)
+log-probabilities make skew/JSD values and the analytic skl/jsd gradients
+differ from the math. Those examples (drawn with the others, same compiled programs)
 check only what a training step needs there: no NaN in values or gradients.
 
 Run with ``--hypothesis-show-statistics`` to see the example counts; the
@@ -46,7 +48,7 @@ import numpy as np
 import pytest
 
 from kdjax import divergences as kd
-from kdjax.divergences import core, fast, fused
+from kdjax.divergences import core, engine, fused
 import reference_np as ref
 
 hypothesis.settings.register_profile(
@@ -90,25 +92,32 @@ class Bucket(NamedTuple):
   vocab: int
   dtype: Any
   temperature: float
-  chunk: int  # fused.chunked chunk size; N mod chunk > 0 where N > 1
+  chunk: int  # forced chunk size; N mod chunk > 0 where N > 1
   hp: dict[str, dict[str, Any]]
 
 
-def _hp(weight, skl, srkl, beta, mu, rule):
+def _hp(weight, skl, srkl, beta, mu, rule, ab):
   return {"fkl": {}, "rkl": {}, "tvd": {}, "fkl_rkl": {"weight": weight},
           "skl": {"alpha": skl}, "srkl": {"alpha": srkl}, "jsd": {"beta": beta},
-          "akl": {"mu": mu, "rule": rule}}
+          "akl": {"mu": mu, "rule": rule},
+          "abkd": {"alpha": ab[0], "beta": ab[1]}}
 
 
 BUCKETS = (
-    Bucket((1,), 2, jnp.float32, 1.0, 1, _hp(0.0, 0.0, 1.0, 0.0, 0.5, "akl")),
-    Bucket((6,), 64, jnp.bfloat16, 0.5, 4, _hp(0.3, 0.1, 0.1, 0.5, 0.5, "dskd")),
-    Bucket((2, 3), 301, jnp.float32, 2.0, 4, _hp(1.0, 1.0, 0.0, 1.0, 0.9, "akl")),
-    Bucket((3,), 65, jnp.float16, 4.0, 2, _hp(0.7, 0.9, 0.5, 0.1, 0.0, "dskd")),
-    Bucket((1, 4), 17, jnp.bfloat16, 3.0, 3, _hp(0.5, 0.5, 0.9, 0.9, 1.0, "akl")),
-    Bucket((2, 2), 7, jnp.float16, 0.5, 3, _hp(0.9, 0.3, 0.25, 0.3, 0.2, "dskd")),
+    Bucket((1,), 2, jnp.float32, 1.0, 1,
+           _hp(0.0, 0.0, 1.0, 0.0, 0.5, "akl", (0.0, 1.0))),
+    Bucket((6,), 64, jnp.bfloat16, 0.5, 4,
+           _hp(0.3, 0.1, 0.1, 0.5, 0.5, "dskd", (0.2, 0.7))),
+    Bucket((2, 3), 301, jnp.float32, 2.0, 4,
+           _hp(1.0, 1.0, 0.0, 1.0, 0.9, "akl", (0.5, 0.0))),
+    Bucket((3,), 65, jnp.float16, 4.0, 2,
+           _hp(0.7, 0.9, 0.5, 0.1, 0.0, "dskd", (1.0, 0.0))),
+    Bucket((1, 4), 17, jnp.bfloat16, 3.0, 3,
+           _hp(0.5, 0.5, 0.9, 0.9, 1.0, "akl", (0.0, 0.0))),
+    Bucket((2, 2), 7, jnp.float16, 0.5, 3,
+           _hp(0.9, 0.3, 0.25, 0.3, 0.2, "dskd", (1.3, 0.4))),
 )
-NAMES = fast.NAMES  # every token-level divergence with a fast implementation
+NAMES = engine.NAMES  # every token-level divergence
 
 
 def _hp_of(bucket: int, name: str) -> dict[str, Any]:
@@ -116,15 +125,17 @@ def _hp_of(bucket: int, name: str) -> dict[str, Any]:
 
 
 def _per_token(impl: str, bucket: int, name: str):
+  """``reference`` (autodiff), ``whole`` (the public divergence in one piece)
+  or ``chunked`` (the public divergence over ``bucket.chunk`` tokens)."""
   b, hp = BUCKETS[bucket], _hp_of(bucket, name)
-  if impl == "chunked":
-    return functools.partial(fused.chunked, name, chunk_size=b.chunk,
+  if impl == "reference":
+    return functools.partial(kd.get(name, "reference"),
                              temperature=b.temperature, **hp)
-  return functools.partial(kd.get(name, impl=impl), temperature=b.temperature,
-                           **hp)
+  return functools.partial(kd.get(name), temperature=b.temperature,
+                           chunk_size=b.chunk if impl == "chunked" else 0, **hp)
 
 
-IMPLS = ("autodiff", "fast")
+IMPLS = ("reference", "whole")
 
 
 def _value_grad_mean(fn, s, t, mask):
@@ -153,7 +164,7 @@ def _token_run(s, t, mask, *, bucket: int):
   out = {f"{name}/{impl}": _value_grad_mean(_per_token(impl, bucket, name), s, t,
                                             mask)
          for name in NAMES for impl in _impls(bucket)}
-  # The weights autodiff AKL used, to pin them in the float64 reference.
+  # The weights the reference AKL used, to pin them in the float64 reference.
   temperature = BUCKETS[bucket].temperature
   p, q = (jnp.exp(core.log_probs(x, temperature)) for x in (t, s))
   out["w_head"] = core.akl_weights(p, q, **_hp_of(bucket, "akl"))[0]
@@ -276,7 +287,7 @@ def _reference(name, hp, s64, t64, temperature, w_head=None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# Token-level divergences: autodiff, fast and chunked.
+# Token-level divergences: reference, whole and chunked.
 
 
 @st.composite
@@ -315,7 +326,8 @@ def _check_contract(msg, case, values, mean, grad, value_atol):
 @fuzz(max_examples=600)
 @hypothesis.given(example=bucket_cases(inf_modes=INF_SHARED + INF_ONE_SIDED))
 def test_token_divergences(example):
-  """autodiff, fast and chunked: contract, equality, float64 reference, bounds.
+  """reference, whole and chunked: contract, equality, float64 reference,
+  bounds.
 
   The -inf-in-one-side cases share the compiled programs and get only the
   no-NaN check of :func:`_check_one_sided`.
@@ -340,20 +352,22 @@ def test_token_divergences(example):
       values[impl], grads[impl] = _check_contract(msg, case,
                                                   *out[f"{name}/{impl}"],
                                                   value_atol)
+      if name == "abkd" and impl == "reference":
+        continue  # its direct formula cancels to −ulp at p ≈ q; checked below
       assert np.all(values[impl] >= -value_atol), msg
       if name == "tvd":
         assert np.all(values[impl] <= 1.0 + value_atol), msg
       if name == "jsd" and 0.0 < hp["beta"] < 1.0:
         assert np.all(values[impl] <= math.log(2.0) + value_atol), msg
-    # fast against autodiff, chunked against fast (the same op per chunk).
+    # whole against the reference, chunked against whole.
     exact = (_akl_settled_rows(t64, b.temperature, hp["mu"], mag)
-             if name == "akl" else np.ones(values["fast"].shape, bool))
+             if name == "akl" else np.ones(values["whole"].shape, bool))
     smooth = (_tvd_smooth_rows(s64, t64, b.temperature, mag) if name == "tvd"
-              else np.ones(values["fast"].shape, bool))
-    for impl, base in (("fast", "autodiff"), ("chunked", "fast")):
+              else np.ones(values["whole"].shape, bool))
+    for impl, base in (("whole", "reference"), ("chunked", "whole")):
       if impl not in values:
         continue
-      rows = exact if base == "autodiff" else Ellipsis
+      rows = exact if base == "reference" else Ellipsis
       msg = f"{impl} vs {base} {name} {hp} bucket {bucket}"
       np.testing.assert_allclose(values[impl][rows], values[base][rows],
                                  rtol=1e-5, atol=value_atol, err_msg=msg)
@@ -367,12 +381,14 @@ def test_token_divergences(example):
         assert np.all(np.abs(grads[impl]) <= bound * (1 + 2 * _EPS[b.dtype])
                       + 1e-6 * np.max(bound)), f"{impl} tvd subgradient"
     if not exact.all():  # still w·FKL + (1 − w)·RKL for some w in [0, 1]
-      _assert_between(values["fast"][~exact], out, "fkl", "rkl", value_atol,
-                      ~exact, f"fast akl {hp} bucket {bucket}")
+      _assert_between(values["whole"][~exact], out, "fkl", "rkl", value_atol,
+                      ~exact, f"whole akl {hp} bucket {bucket}")
     ref_name, ref_hp = _reference_hp(name, hp)
     w_head = _f64(out["w_head"]) if name == "akl" else None
     want = _reference(ref_name, ref_hp, s64, t64, b.temperature, w_head)
-    np.testing.assert_allclose(values["autodiff"], want, rtol=1e-4,
+    np.testing.assert_allclose(values["reference"], want, rtol=1e-4,
+                               atol=value_atol, err_msg=f"float64 {name} {hp}")
+    np.testing.assert_allclose(values["whole"], want, rtol=1e-4,
                                atol=value_atol, err_msg=f"float64 {name} {hp}")
 
 
@@ -415,13 +431,13 @@ def _tvd_smooth_rows(s64, t64, temperature, mag) -> np.ndarray:
 
 
 def _assert_between(values, out, low_name, high_name, atol, rows, msg):
-  a, b = (_f64(out[f"{n}/autodiff"][0])[rows] for n in (low_name, high_name))
+  a, b = (_f64(out[f"{n}/reference"][0])[rows] for n in (low_name, high_name))
   assert np.all(values >= np.minimum(a, b) - atol), msg
   assert np.all(values <= np.maximum(a, b) + atol), msg
 
 
 # ----------------------------------------------------------------------------
-# ULD (autodiff only): teacher and student vocabularies may differ.
+# ULD (autodiff): teacher and student vocabularies may differ.
 
 
 ULD_BUCKETS = (0, 2, 3)
@@ -469,7 +485,7 @@ _FUSED_SETTINGS = {jnp.float32: 1.5, jnp.bfloat16: 0.5}  # dtype -> temperature
 
 @functools.partial(_jit, static_argnames="temperature")
 def _fused_run(x_s, w_s, x_t, w_t, mask, *, temperature: float):
-  """Per divergence: (fused loss, its grads) and (autodiff loss, its grads)."""
+  """Per divergence: (fused loss, its grads) and (reference loss, its grads)."""
   matmul = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
   out = {}
   for name in NAMES:
@@ -481,8 +497,8 @@ def _fused_run(x_s, w_s, x_t, w_t, mask, *, temperature: float):
                                 temperature=temperature, **hp)
 
     def reference_loss(x, w, name=name, hp=hp):
-      per_token = kd.get(name)(matmul(x, w.T), matmul(x_t, w_t.T),
-                               temperature=temperature, **hp)
+      per_token = kd.get(name, "reference")(
+          matmul(x, w.T), matmul(x_t, w_t.T), temperature=temperature, **hp)
       return kd.masked_mean(per_token, mask)
 
     out[name] = tuple(jax.value_and_grad(loss, (0, 1))(x_s, w_s)
@@ -495,7 +511,7 @@ def _fused_run(x_s, w_s, x_t, w_t, mask, *, temperature: float):
                   seed=st.integers(0, 2**32 - 1),
                   scale=st.sampled_from([0.1, 1.0, 3.0, 30.0]),
                   mask_kind=st.sampled_from(["ones", "random", "zeros"]))
-def test_fused_linear_equals_autodiff(dtype, seed, scale, mask_kind):
+def test_fused_linear_equals_reference(dtype, seed, scale, mask_kind):
   _EXAMPLES["fused_linear"] += 1
   rng = np.random.default_rng(seed)
   n, h, k, vocab = (_FUSED[key] for key in ("n", "h", "k", "vocab"))
@@ -579,22 +595,22 @@ def test_sinkhorn(case):
 # Regression tests for what the fuzz found (deterministic, cheap).
 
 
-def test_fast_log_partition_keeps_precision_at_large_logits():
-  """A single float32 logsumexp at |logits / T| = 2e4 rounds to 2e-3 and used
-  to scale every teacher probability, making fast FKL wrong by ~10 at 2e4."""
+def test_log_partition_keeps_precision_at_large_logits():
+  """A single float32 logsumexp at |logits / T| = 2e4 rounds to 2e-3 and
+  would scale every teacher probability, making FKL wrong by ~10 at 2e4."""
   s = np.full((1, 8), 0.01, np.float32)
   t = np.zeros((1, 8), np.float32)
   t[0, 3:7] = 9984.0  # four tied teacher tokens: lse = 19968 + log 4
   s[0, 0] = 9984.0
   want = ref.fkl(s, t, temperature=0.5)
-  for impl in IMPLS:
+  for impl in ("reference", "auto"):
     got = kd.get("fkl", impl=impl)(s, t, temperature=0.5)
     np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=impl)
 
 
-def test_fast_akl_accepts_numpy_logits():
-  """fast.akl raised TracerArrayConversionError on NumPy logits outside jit
-  (its top-k fallback indexes the teacher rows with a traced index)."""
+def test_akl_accepts_numpy_logits():
+  """NumPy logits outside jit (the top-k fallback indexes the teacher rows
+  with a traced index)."""
   rng = np.random.default_rng(0)
   s, t = (rng.standard_normal((3, 70)).astype(np.float32) for _ in range(2))
-  np.testing.assert_allclose(fast.akl(s, t), core.akl(s, t), rtol=1e-5)
+  np.testing.assert_allclose(kd.akl(s, t), kd.reference.akl(s, t), rtol=1e-5)

@@ -13,7 +13,7 @@ from kdjax import objective
 import reference_np as ref
 
 
-def _cfg(fraction, name="fkl", temperature=None, impl="fast", **extra):
+def _cfg(fraction, name="fkl", temperature=None, impl="auto", **extra):
   c = dict(
       name=name,
       impl=impl,
@@ -24,7 +24,7 @@ def _cfg(fraction, name="fkl", temperature=None, impl="fast", **extra):
       **extra,
   )
   if temperature is not None:
-    c["hp"] = dict(temperature=temperature)
+    c["temperature"] = temperature
   return c
 
 
@@ -273,7 +273,7 @@ def test_sinkhorn_keeps_whole_sequences_and_sums_the_kept_rows():
       np.random.default_rng(22).normal(size=logits.shape).astype(np.float32)
   )
   labels = np.zeros(mask.shape, np.int32)
-  cfg = _cfg(0.5, name="sinkhorn", impl="autodiff")
+  cfg = _cfg(0.5, name="sinkhorn", impl="reference")
   got = objective._local_sums(
       cfg,
       True,

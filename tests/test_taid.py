@@ -179,7 +179,7 @@ def test_objective_taid_is_fkl_to_the_interpolated_target():
   labels = np.zeros((b, t_len), np.int32)
   cfg = dict(
       name="taid",
-      impl="fast",
+      impl="auto",
       kd_ratio=0.5,
       chunk_size=64,
       hp={},
@@ -211,7 +211,7 @@ def test_objective_taid_is_fkl_to_the_interpolated_target():
 
 
 def test_bad_taid_config_fails_with_the_fix():
-  base = dict(name="taid", impl="fast", kd_ratio=0.5, chunk_size=64, hp={})
+  base = dict(name="taid", impl="auto", kd_ratio=0.5, chunk_size=64, hp={})
   with pytest.raises(ValueError, match="taid_gpt2.py"):
     objective.check(base)
   with pytest.raises(ValueError, match="t_start < t_end"):

@@ -205,7 +205,7 @@ def test_gradient_accumulation_equals_the_big_batch(root):
   _assert_same_grads(_grads(*base), _grads(*acc), 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["autodiff", "chunked", "fused"])
+@pytest.mark.parametrize("impl", ["reference", "fused"])
 def test_loss_impls_give_the_same_step(root, impl):
   devices = jax.devices()[:2]
   ref = tiny_run.config("akl_gpt2", root, **{"mesh.data": 2})

@@ -79,8 +79,8 @@ def test_numbers_out_of_range(root, key, value, words):
     ("skl_gpt2", "alpha", 2.0, ("loss.hp.alpha=2.0 is outside [0, 1] for skl",)),
     ("srkl_gpt2", "alpha", -1.0, ("loss.hp.alpha=-1.0 is outside [0, 1] for "
                                   "srkl",)),
-    ("sinkhorn_gpt2", "temperature", 0.0, (
-        "loss.hp.temperature=0.0 must be > 0 for sinkhorn",)),
+    ("fkl_rkl_gpt2", "weight", 1.5, (
+        "loss.hp.weight=1.5 is outside [0, 1] for fkl_rkl",)),
     ("sinkhorn_gpt2", "epsilon", -0.1, (
         "loss.hp.epsilon=-0.1 must be > 0 for sinkhorn",)),
     ("sinkhorn_gpt2", "solver", "exact", (
@@ -113,10 +113,10 @@ def test_loss_temperature_must_be_positive(root):
 
 
 def test_switching_the_divergence_drops_what_it_does_not_take(root):
-  c = _config(root, **{"loss.name": "fkl", "loss.impl": "autodiff"})
+  c = _config(root, **{"loss.name": "fkl", "loss.impl": "reference"})
   notes = validation.validate(c)
   assert notes == ["loss.hp.mu=0.5 dropped: fkl takes no 'mu' (its "
-                   "hyper-parameters: temperature)."]
+                   "hyper-parameters: none)."]
   assert dict(c.loss.hp) == {}
   c = _config(root, **{"loss.name": "jsd"})  # akl's mu is not jsd's beta
   validation.validate(c)
@@ -176,7 +176,7 @@ def test_teacher_vocabulary_mismatch_recommends_no_broken_path(root, tmp_path,
                                                                loss):
   teacher = _hf_dir(tmp_path / "teacher", vocab_size=300)
   c = _config(root, **{"teacher.path": teacher, "loss.name": loss,
-                       "loss.impl": "autodiff"})
+                       "loss.impl": "reference"})
   msg = _refused(c, "teacher vocabulary 300 != student vocabulary 257",
                  "share a tokenizer")
   assert "--config.loss.name=uld" not in msg

@@ -156,7 +156,7 @@ def main(_):
     student.train()
     graphdef_t, params_t, rest_t = nnx.split(student, nnx.Param, ...)
     step = trainer.Step(
-        dict(name="fkl", kd_ratio=0.5, impl="fast", chunk_size=256, hp={}),
+        dict(name="fkl", kd_ratio=0.5, impl="auto", chunk_size=256, hp={}),
         graphdef_t,
         nnx.graphdef(teacher),
         optax.adamw(1e-4),

@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
   for fraction in (1.0, 0.5, 0.2):
     cfg = dict(
         name=a.divergence,
-        impl="fast",
+        impl="auto",
         kd_ratio=0.5,
         chunk_size=512,
         hp={},

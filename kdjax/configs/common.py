@@ -89,7 +89,12 @@ def _paper() -> ml_collections.ConfigDict:
   c.student = dict(init="gpt2", dtype="float32", remat="none",
                    model_overrides=ml_collections.ConfigDict(
                        type_safe=False))
-  c.loss = dict(name="akl", kd_ratio=0.5, impl="fast", chunk_size=1024,
+  # impl: "auto" (the public divergence: analytic gradients, chunked on CPU),
+  # "fused" (from hidden states and LM heads, chunk_size tokens at a time:
+  # no [B, T, V] logits held) or "reference" (autodiff oracle). temperature
+  # divides both models' logits in the KD term.
+  c.loss = dict(name="akl", kd_ratio=0.5, impl="auto", chunk_size=1024,
+                temperature=1.0,
                 hp=ml_collections.ConfigDict(type_safe=False))
   # Entropy-based token selection: distil only each sequence's top `fraction`
   # of positions by student entropy (1.0: every token; CE keeps them all).
@@ -137,7 +142,7 @@ def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
                 datasets="synthetic_instruct", seeds="10")
 
 
-# Divergences without an analytic-VJP ("fast") implementation.
+# Divergences with autodiff gradients only (no loss.impl=fused).
 AUTODIFF_ONLY = ("sinkhorn", "uld")
 
 
@@ -165,13 +170,15 @@ def get_config(loss: str = "akl", arg: str | None = None, *,
                kd_ratio: float = 0.5, **hp: Any) -> ml_collections.ConfigDict:
   """The recipe with divergence ``loss`` and its hyper-parameters ``hp``.
 
-  ``arg``: None (paper setup) or ``tiny[,steps=N]`` (:func:`parse_scale`).
+  ``arg``: None (paper setup) or ``tiny[,steps=N]`` (:func:`parse_scale`). A
+  ``temperature`` in ``hp`` becomes ``loss.temperature`` (default 1; SinKD's
+  config sets 2).
   """
   a = parse_scale(arg)
   c = _paper()
   c.loss.name = loss
   c.loss.kd_ratio = kd_ratio
-  c.loss.impl = "autodiff" if loss in AUTODIFF_ONLY else "fast"
+  c.loss.temperature = float(hp.pop("temperature", 1.0))
   c.loss.hp.update(hp)
   if a.tiny:
     _tiny(c, a.steps)

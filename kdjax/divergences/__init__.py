@@ -9,23 +9,23 @@ the leading axes; the teacher is constant. ``get(name)`` and ``names()`` give th
 registry the trainer and the experiments use. Importing this package imports
 jax and ott-jax only (no models, data or trainer).
 
-Implementations: the public names are the autodiff definitions (also reachable
-as ``kd.autodiff.<name>``). ``get(name, impl="fast")`` returns the analytic-VJP
-version of :mod:`kdjax.divergences.fast` (same values and gradients, no
-``[N, V]`` residuals), ``get(name, impl="chunked")`` the same over token chunks
-(``fused.chunked``, memory O(chunk · V)); :mod:`kdjax.divergences.fused` also
-has the fused LM-head path (``fused.fused_linear``).
+The token-level divergences (fkl, rkl, fkl_rkl, skl, srkl, jsd, tvd, akl,
+abkd) have one implementation each, :mod:`kdjax.divergences.engine`: analytic
+gradients, no ``[N, V]`` residuals, chunked over tokens on CPU and in one
+piece elsewhere (``chunk_size=`` overrides), hyper-parameters and temperature
+traceable. :mod:`kdjax.divergences.fused` runs the same math from hidden
+states and LM heads without forming the logits. ``kd.reference.<name>`` holds
+the plain autodiff definitions, the oracle of the tests, not a training path.
+ULD (:func:`uld`) and SinKD (:func:`sinkhorn`) are autodiff implementations.
 """
 
-import functools
 from typing import Callable
 
-from kdjax.divergences import core as autodiff
-from kdjax.divergences import fast, fused
-
-from kdjax.divergences.core import (AKL_RULES, akl, akl_weights, fkl, fkl_rkl,
-                                    jsd, log_probs, masked_mean, rkl, skl, srkl,
-                                    tvd, uld)
+from kdjax.divergences import core, engine, fused, reference
+from kdjax.divergences.core import (AKL_RULES, akl_weights, log_probs,
+                                    masked_mean, uld)
+from kdjax.divergences.engine import (abkd, akl, akl_unresolved_fraction, fkl,
+                                      fkl_rkl, jsd, rkl, skl, srkl, tvd)
 from kdjax.divergences.ot import sinkhorn
 
 _REGISTRY: dict[str, Callable] = {
@@ -37,9 +37,16 @@ _REGISTRY: dict[str, Callable] = {
     "jsd": jsd,
     "tvd": tvd,
     "akl": akl,
+    "abkd": abkd,
     "uld": uld,
     "sinkhorn": sinkhorn,
 }
+
+# Divergences computed per position from logits of one shared vocabulary,
+# with the engine's analytic gradients (and the fused path).
+TOKEN_LEVEL = engine.NAMES
+
+IMPLS = ("auto", "reference")
 
 
 def names() -> tuple[str, ...]:
@@ -47,15 +54,13 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-IMPLS = ("autodiff", "fast", "chunked")
-
-
-def get(name: str, impl: str = "autodiff") -> Callable:
+def get(name: str, impl: str = "auto") -> Callable:
   """The divergence called ``name`` (see :func:`names`).
 
-  ``impl="fast"`` gives the analytic-VJP version and ``impl="chunked"`` the
-  same over token chunks (``fused.chunked``; takes ``chunk_size=``, the
-  fastest path on CPU); sinkhorn and uld have neither, so asking raises.
+  ``impl="auto"`` (default) is the public function ``kd.<name>``;
+  ``impl="reference"`` the autodiff oracle ``kd.reference.<name>`` of a
+  token-level divergence (uld and sinkhorn are their own reference, so both
+  impls return the same function for them).
   """
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not an implementation; use one of "
@@ -65,17 +70,13 @@ def get(name: str, impl: str = "autodiff") -> Callable:
   except KeyError:
     raise ValueError(f"unknown divergence {name!r}; choose one of "
                      f"{', '.join(names())}.") from None
-  if impl != "autodiff":
-    if name not in fast.NAMES:
-      raise ValueError(f"{name!r} has no {impl} implementation; use "
-                       f"impl='autodiff' or one of {', '.join(fast.NAMES)}.")
-    if impl == "chunked":
-      return functools.partial(fused.chunked, name)
-    return getattr(fast, name)
+  if impl == "reference" and name in TOKEN_LEVEL:
+    return getattr(reference, name)
   return divergence
 
 
-__all__ = ["AKL_RULES", "IMPLS", "akl", "akl_weights", "autodiff", "fast",
-           "fkl", "fkl_rkl", "fused", "get", "jsd",
-           "log_probs", "masked_mean", "names", "rkl", "sinkhorn", "skl", "srkl",
-           "tvd", "uld"]
+__all__ = ["AKL_RULES", "IMPLS", "TOKEN_LEVEL", "abkd", "akl",
+           "akl_unresolved_fraction", "akl_weights", "core", "engine", "fkl",
+           "fkl_rkl", "fused", "get", "jsd", "log_probs", "masked_mean",
+           "names", "reference", "rkl", "sinkhorn", "skl", "srkl", "tvd",
+           "uld"]
