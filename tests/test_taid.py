@@ -218,7 +218,7 @@ def test_bad_taid_config_fails_with_the_fix():
     objective.check(dict(base, taid=dict(t_start=1.0)))
   with pytest.raises(ValueError, match="unknown keys"):
     objective.check(dict(base, taid=dict(tstart=0.1)))
-  with pytest.raises(ValueError, match="loss.impl=chunked"):
+  with pytest.raises(ValueError, match="loss.impl=auto"):
     objective.check(dict(base, impl="fused", taid={}))
 
 
