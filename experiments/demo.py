@@ -25,8 +25,8 @@ import os
 import shutil
 import time
 
-import matplotlib
 from absl import app, flags, logging
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -39,21 +39,29 @@ STUDENTS = ("sft", "fkl", "rkl", "akl")
 SEED = 10
 FIGURE = os.path.join(os.path.dirname(__file__), "figures", "tiny_demo.png")
 # What --retrain-teacher copies from the teacher's workdir into the asset dir.
-TEACHER_FILES = {"model.safetensors": "hf/model.safetensors",
-                 "config.json": "hf/config.json",
-                 "train_config.json": "config.json",
-                 "metrics.jsonl": "metrics.jsonl"}
-TEACHER_COMMAND = ("python -m kdjax.train "
-                   "--config=kdjax/configs/sft_gpt2.py:tiny_teacher "
-                   "--workdir=workdirs/tiny/teacher")
+TEACHER_FILES = {
+    "model.safetensors": "hf/model.safetensors",
+    "config.json": "hf/config.json",
+    "train_config.json": "config.json",
+    "metrics.jsonl": "metrics.jsonl",
+}
+TEACHER_COMMAND = (
+    "python -m kdjax.train "
+    "--config=kdjax/configs/sft_gpt2.py:tiny_teacher "
+    "--workdir=workdirs/tiny/teacher"
+)
 
 _ROOT = flags.DEFINE_string("root", common.TINY_ROOT, "Where the runs live.")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Test examples scored per model "
-                              "(0: all 500).")
+_LIMIT = flags.DEFINE_integer(
+    "limit", 0, "Test examples scored per model " "(0: all 500)."
+)
 _RETRAIN = flags.DEFINE_bool(
-    "retrain-teacher", False, "Train the teacher again and replace the "
+    "retrain-teacher",
+    False,
+    "Train the teacher again and replace the "
     f"shipped one in {common.TINY_TEACHER} (its training command: "
-    f"{TEACHER_COMMAND}).")
+    f"{TEACHER_COMMAND}).",
+)
 
 
 def retrain_teacher(root: str, asset_dir: str = common.TINY_TEACHER) -> str:
@@ -63,8 +71,9 @@ def retrain_teacher(root: str, asset_dir: str = common.TINY_TEACHER) -> str:
   trainer.train_and_evaluate(sft_gpt2.get_config("tiny_teacher"), workdir)
   os.makedirs(asset_dir, exist_ok=True)
   for name, source in TEACHER_FILES.items():
-    shutil.copyfile(os.path.join(workdir, source),
-                    os.path.join(asset_dir, name))
+    shutil.copyfile(
+        os.path.join(workdir, source), os.path.join(asset_dir, name)
+    )
   describe_teacher(asset_dir)
   return asset_dir
 
@@ -77,23 +86,35 @@ def describe_teacher(asset_dir: str) -> None:
     config = json.load(f)
   model = config["student"]["model_overrides"]
   lines = [
-      "# The tiny teacher of the embedded benchmark", "",
-      ("A byte-level GPT-2 "
-       f"(n_embd={model['n_embd']}, n_layer={model['n_layer']}, "
-       f"n_head={model['n_head']}) fine-tuned on all "
-       "24,000 `synthetic_instruct` training examples "
-       f"({config['num_steps']} steps of {config['batch_size']}, lr "
-       f"{config['optim']['lr']}, seed {config['seed']}). Made by"), "",
-      f"    {TEACHER_COMMAND}", "",
-      ("(what `python -m experiments.demo --retrain-teacher` runs before "
-       "copying the final `hf/` export here)."), "",
+      "# The tiny teacher of the embedded benchmark",
+      "",
+      (
+          "A byte-level GPT-2 "
+          f"(n_embd={model['n_embd']}, n_layer={model['n_layer']}, "
+          f"n_head={model['n_head']}) fine-tuned on all "
+          "24,000 `synthetic_instruct` training examples "
+          f"({config['num_steps']} steps of {config['batch_size']}, lr "
+          f"{config['optim']['lr']}, seed {config['seed']}). Made by"
+      ),
+      "",
+      f"    {TEACHER_COMMAND}",
+      "",
+      (
+          "(what `python -m experiments.demo --retrain-teacher` runs before "
+          "copying the final `hf/` export here)."
+      ),
+      "",
       "- `model.safetensors`, `config.json`: the model (`kdjax.models.load`)",
       "- `train_config.json`: the full training config",
       "- `metrics.jsonl`: the training log",
-      "", (f"Last validation: CE {last.get('val_ce', float('nan')):.3f}, "
-           f"greedy validity {last.get('val_validity', float('nan')):.1f} % "
-           f"({int(last.get('val_num_examples', 0))} examples, step "
-           f"{last.get('step', '?')}).")]
+      "",
+      (
+          f"Last validation: CE {last.get('val_ce', float('nan')):.3f}, "
+          f"greedy validity {last.get('val_validity', float('nan')):.1f} % "
+          f"({int(last.get('val_num_examples', 0))} examples, step "
+          f"{last.get('step', '?')})."
+      ),
+  ]
   with open(os.path.join(asset_dir, "README.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -106,7 +127,8 @@ def teacher_stage(root: str, retrain: bool) -> str:
   if not os.path.exists(os.path.join(path, "model.safetensors")):
     raise FileNotFoundError(
         f"the shipped teacher {path}/model.safetensors is missing; run from "
-        "the repository root or pass --retrain-teacher.")
+        "the repository root or pass --retrain-teacher."
+    )
   print(f"stage 1: teacher shipped in {path} (retrain: --retrain-teacher)")
   return path
 
@@ -117,17 +139,22 @@ def curves(runs: dict, path: str, teacher_dir: str | None = None) -> None:
   fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
   for name, workdir in runs.items():
     rows = metrics.read(workdir)
-    ax_train.plot([r["step"] for r in rows], [r["ce"] for r in rows],
-                  label=name, lw=0.8)
+    ax_train.plot(
+        [r["step"] for r in rows], [r["ce"] for r in rows], label=name, lw=0.8
+    )
     val = [(r["step"], r["val_ce"]) for r in rows if "val_ce" in r]
     if val:
       ax_val.plot(*zip(*val), marker="o", label=name)
-  teacher_val = [r["val_ce"] for r in metrics.read(teacher_dir or "")
-                 if "val_ce" in r]
+  teacher_val = [
+      r["val_ce"] for r in metrics.read(teacher_dir or "") if "val_ce" in r
+  ]
   if teacher_val:
     ax_val.axhline(teacher_val[-1], ls="--", c="k", label="teacher")
-  ax_train.set(title="training cross-entropy (response tokens)",
-               xlabel="step", ylabel="nats / token")
+  ax_train.set(
+      title="training cross-entropy (response tokens)",
+      xlabel="step",
+      ylabel="nats / token",
+  )
   ax_val.set(title="validation cross-entropy", xlabel="step")
   for ax in (ax_train, ax_val):
     ax.grid(alpha=0.3)
@@ -152,22 +179,43 @@ def main(argv):
     run_table.train(config_fn(method, SEED), workdir)
   t2 = time.perf_counter()
   print("stage 3: scoring on the test split (sampled x 5 seeds, greedy)")
-  results = run_table.run_all(STUDENTS, [SEED], root, config_fn=config_fn,
-                              limit=limit, log=lambda _: None)
+  results = run_table.run_all(
+      STUDENTS,
+      [SEED],
+      root,
+      config_fn=config_fn,
+      limit=limit,
+      log=lambda _: None,
+  )
   teacher = run_table.evaluate_run(
-      config_fn("sft", SEED), teacher_dir,
-      outdir=os.path.join(root, "teacher_eval"), limit=limit)
-  curves({m: os.path.join(root, run_table.run_name(m, SEED))
-          for m in STUDENTS}, FIGURE, teacher_dir)
+      config_fn("sft", SEED),
+      teacher_dir,
+      outdir=os.path.join(root, "teacher_eval"),
+      limit=limit,
+  )
+  curves(
+      {m: os.path.join(root, run_table.run_name(m, SEED)) for m in STUDENTS},
+      FIGURE,
+      teacher_dir,
+  )
   t3 = time.perf_counter()
   dataset = config_fn("sft", SEED).eval.datasets.split(",")[0]
   print(run_table.report(results, dataset, teacher=teacher, spread="sampling"))
   print(f"\nfigure: {FIGURE}")
-  print(f"time: teacher {t1 - t0:.0f} s, students {t2 - t1:.0f} s, "
-        f"scoring {t3 - t2:.0f} s, total {t3 - t0:.0f} s")
+  print(
+      f"time: teacher {t1 - t0:.0f} s, students {t2 - t1:.0f} s, "
+      f"scoring {t3 - t2:.0f} s, total {t3 - t0:.0f} s"
+  )
   with open(os.path.join(root, "demo_time.json"), "w") as f:
-    json.dump({"teacher_s": t1 - t0, "students_s": t2 - t1,
-               "scoring_s": t3 - t2, "total_s": t3 - t0}, f)
+    json.dump(
+        {
+            "teacher_s": t1 - t0,
+            "students_s": t2 - t1,
+            "scoring_s": t3 - t2,
+            "total_s": t3 - t0,
+        },
+        f,
+    )
 
 
 if __name__ == "__main__":

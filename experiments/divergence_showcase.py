@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kdjax import divergences as kd  # pylint: disable=g-import-not-at-top
 
 VOCAB = ("the", "a", "this", "one", "my", "its", "our", "no", "every", "that")
-TEACHER_P = np.array([0.46, 0.22, 0.11, 0.06, 0.05, 0.04, 0.03, 0.015, 0.01, 0.005])
+TEACHER_P = np.array(
+    [0.46, 0.22, 0.11, 0.06, 0.05, 0.04, 0.03, 0.015, 0.01, 0.005]
+)
 
 
 def students(p: np.ndarray) -> dict[str, np.ndarray]:
@@ -62,11 +64,14 @@ def table(p: np.ndarray) -> tuple[list[str], list[list[float]]]:
 
 def plot(p: np.ndarray, out: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   cases = students(p)
-  fig, axes = plt.subplots(1, len(cases), figsize=(3 * len(cases), 2.8), sharey=True)
+  fig, axes = plt.subplots(
+      1, len(cases), figsize=(3 * len(cases), 2.8), sharey=True
+  )
   x = np.arange(p.size)
   for ax, (label, q) in zip(axes, cases.items()):
     ax.bar(x - 0.2, p, 0.4, label="teacher p")
@@ -81,11 +86,16 @@ def plot(p: np.ndarray, out: str) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="experiments/figures/divergence_showcase.png")
+  parser.add_argument(
+      "--out", default="experiments/figures/divergence_showcase.png"
+  )
   args = parser.parse_args(argv)
 
   print(f"devices: {jax.devices()}")
-  print("teacher p: " + ", ".join(f"{w}={v:.3f}" for w, v in zip(VOCAB, TEACHER_P)))
+  print(
+      "teacher p: "
+      + ", ".join(f"{w}={v:.3f}" for w, v in zip(VOCAB, TEACHER_P))
+  )
   names, rows = table(TEACHER_P)
   header = ["student"] + names + ["AKL w_head"]
   print("| " + " | ".join(header) + " |")
@@ -95,12 +105,17 @@ def main(argv=None) -> None:
 
   # SinKD compares whole rows: a batch of 4 positions of the pairs above.
   teacher = jnp.log(jnp.asarray(np.stack([TEACHER_P] * 4), jnp.float32))
-  student = jnp.log(jnp.asarray(np.stack(list(students(TEACHER_P).values())[1:5]),
-                                jnp.float32))
+  student = jnp.log(
+      jnp.asarray(
+          np.stack(list(students(TEACHER_P).values())[1:5]), jnp.float32
+      )
+  )
   for solver in ("ott", "sinkd", "debiased"):
     rows_cost = kd.sinkhorn(student, teacher, solver=solver)
-    print(f"sinkhorn[{solver}] per-row cost: "
-          + ", ".join(f"{float(v):.4f}" for v in rows_cost))
+    print(
+        f"sinkhorn[{solver}] per-row cost: "
+        + ", ".join(f"{float(v):.4f}" for v in rows_cost)
+    )
   plot(TEACHER_P, args.out)
   print(f"figure: {args.out}")
 

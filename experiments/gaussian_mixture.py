@@ -26,7 +26,9 @@ import os
 import sys
 
 if __package__ in (None, ""):  # `python experiments/gaussian_mixture.py`
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(
+      0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +40,10 @@ GRID_HALF_WIDTH = 12.0
 GRID, QUICK_GRID = 2001, 481
 EPOCHS, QUICK_EPOCHS = 500, 300
 LEARNING_RATE = 0.05  # Adam
-INITS = {"narrow": (1.0, float(np.log(0.5))),  # (mean, log std)
-         "broad": (0.5, float(np.log(2.0)))}
+INITS = {
+    "narrow": (1.0, float(np.log(0.5))),  # (mean, log std)
+    "broad": (0.5, float(np.log(2.0))),
+}
 
 
 def mixture_moments() -> tuple[float, float]:
@@ -49,8 +53,13 @@ def mixture_moments() -> tuple[float, float]:
   return mean, float(np.sqrt(np.sum(w * (s**2 + m**2)) - mean**2))
 
 
-def run(grid_size: int = GRID, epochs: int = EPOCHS, methods=("fkl", "rkl"),
-        inits=INITS, learning_rate: float = LEARNING_RATE) -> dict:
+def run(
+    grid_size: int = GRID,
+    epochs: int = EPOCHS,
+    methods=("fkl", "rkl"),
+    inits=INITS,
+    learning_rate: float = LEARNING_RATE,
+) -> dict:
   """Fits every (start, method).
 
   Returns ``{(start, method): {"mean", "std", "history" [E+1, 2], "q", "fkl",
@@ -63,13 +72,27 @@ def run(grid_size: int = GRID, epochs: int = EPOCHS, methods=("fkl", "rkl"),
   for start, init in inits.items():
     params0 = jnp.asarray(init, jnp.float32)
     for method in methods:
-      history = np.asarray(toy.fit(method, params0, teacher, epochs, tx,
-                                   model=toy.gaussian_logits, grid=grid), np.float64)
+      history = np.asarray(
+          toy.fit(
+              method,
+              params0,
+              teacher,
+              epochs,
+              tx,
+              model=toy.gaussian_logits,
+              grid=grid,
+          ),
+          np.float64,
+      )
       q = toy.probs(toy.gaussian_logits(jnp.asarray(history[-1]), grid))
       results[start, method] = dict(
-          mean=float(history[-1, 0]), std=float(np.exp(history[-1, 1])),
-          history=history, q=q, fkl=float(toy.kl(results["p"], q)),
-          rkl=float(toy.kl(q, results["p"])))
+          mean=float(history[-1, 0]),
+          std=float(np.exp(history[-1, 1])),
+          history=history,
+          q=q,
+          fkl=float(toy.kl(results["p"], q)),
+          rkl=float(toy.kl(q, results["p"])),
+      )
   return results
 
 
@@ -80,11 +103,30 @@ def _fits(results: dict):
 def table(results: dict) -> str:
   mean, std = mixture_moments()
   rows = [["moment match (FKL optimum)", "", mean, std, "", ""]]
-  rows += [[m.upper(), f"{start} N({INITS[start][0]:g}, {np.exp(INITS[start][1]):g}²)",
-            r["mean"], r["std"], r["fkl"], r["rkl"]]
-           for (start, m), r in _fits(results)]
-  rows.append(["mixture modes", "", f"{MEANS[0]:g}, {MEANS[1]:g}", f"{STDS[0]:g}", "", ""])
-  return toy.format_table(["fit", "start", "mean", "std", "KL(p‖q)", "KL(q‖p)"], rows)
+  rows += [
+      [
+          m.upper(),
+          f"{start} N({INITS[start][0]:g}, {np.exp(INITS[start][1]):g}²)",
+          r["mean"],
+          r["std"],
+          r["fkl"],
+          r["rkl"],
+      ]
+      for (start, m), r in _fits(results)
+  ]
+  rows.append(
+      [
+          "mixture modes",
+          "",
+          f"{MEANS[0]:g}, {MEANS[1]:g}",
+          f"{STDS[0]:g}",
+          "",
+          "",
+      ]
+  )
+  return toy.format_table(
+      ["fit", "start", "mean", "std", "KL(p‖q)", "KL(q‖p)"], rows
+  )
 
 
 def figure(results: dict, out_dir: str | None) -> str:
@@ -92,16 +134,29 @@ def figure(results: dict, out_dir: str | None) -> str:
   grid = results["grid"]
   dx = grid[1] - grid[0]
   starts = list(dict.fromkeys(start for (start, _), _ in _fits(results)))
-  fig, axes = plt.subplots(1, len(starts), figsize=(5 * len(starts), 3), squeeze=False)
+  fig, axes = plt.subplots(
+      1, len(starts), figsize=(5 * len(starts), 3), squeeze=False
+  )
   for ax, start in zip(axes[0], starts):
-    ax.fill_between(grid, results["p"] / dx, color="tab:blue", alpha=0.3,
-                    label="target ½N(−3,1)+½N(3,1)")
+    ax.fill_between(
+        grid,
+        results["p"] / dx,
+        color="tab:blue",
+        alpha=0.3,
+        label="target ½N(−3,1)+½N(3,1)",
+    )
     for (s, method), r in _fits(results):
       if s == start:
-        ax.plot(grid, r["q"] / dx, color=toy.METHOD_COLORS[method],
-                label=f"{method.upper()}: N({r['mean']:.2f}, {r['std']:.2f}²)")
-    ax.set_title(f"{start} start N({INITS[start][0]:g}, {np.exp(INITS[start][1]):g}²)",
-                 fontsize=9)
+        ax.plot(
+            grid,
+            r["q"] / dx,
+            color=toy.METHOD_COLORS[method],
+            label=f"{method.upper()}: N({r['mean']:.2f}, {r['std']:.2f}²)",
+        )
+    ax.set_title(
+        f"{start} start N({INITS[start][0]:g}, {np.exp(INITS[start][1]):g}²)",
+        fontsize=9,
+    )
     ax.set_xlim(-9, 9)
     ax.set_xlabel("x")
     ax.set_ylabel("density")
@@ -111,13 +166,17 @@ def figure(results: dict, out_dir: str | None) -> str:
 
 
 def main(argv=None) -> dict:
-  args = toy.parser(__doc__.splitlines()[0], EPOCHS, seeded=False).parse_args(argv)
+  args = toy.parser(__doc__.splitlines()[0], EPOCHS, seeded=False).parse_args(
+      argv
+  )
   epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
   grid = QUICK_GRID if args.quick else GRID
   results = run(grid_size=grid, epochs=epochs)
-  print(f"single Gaussian fit to a 2-Gaussian mixture: grid {grid} points on "
-        f"[−{GRID_HALF_WIDTH:g}, {GRID_HALF_WIDTH:g}], Adam lr={LEARNING_RATE}, "
-        f"{epochs} steps")
+  print(
+      f"single Gaussian fit to a 2-Gaussian mixture: grid {grid} points on "
+      f"[−{GRID_HALF_WIDTH:g}, {GRID_HALF_WIDTH:g}], Adam lr={LEARNING_RATE}, "
+      f"{epochs} steps"
+  )
   print(table(results))
   print("figure:", figure(results, args.out))
   return results

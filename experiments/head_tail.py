@@ -18,7 +18,9 @@ import os
 import sys
 
 if __package__ in (None, ""):  # `python experiments/head_tail.py`
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(
+      0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
 
 from experiments import toy
 
@@ -29,9 +31,14 @@ LEARNING_RATE = 5.0  # SGD
 REPORT_EPOCHS = (1, 3, 10)
 
 
-def run(settings=SETTINGS, epochs: int = EPOCHS, seed: int = 0,
-        methods=METHODS, shape: str = "long_tailed",
-        learning_rate: float = LEARNING_RATE) -> dict:
+def run(
+    settings=SETTINGS,
+    epochs: int = EPOCHS,
+    seed: int = 0,
+    methods=METHODS,
+    shape: str = "long_tailed",
+    learning_rate: float = LEARNING_RATE,
+) -> dict:
   """Returns ``{(vocab, scale, method): {"head": [E+1], "tail": [E+1], "kl": [E+1]}}``."""
   tx = toy.optimizer("sgd", learning_rate)
   curves = {}
@@ -46,11 +53,15 @@ def run(settings=SETTINGS, epochs: int = EPOCHS, seed: int = 0,
   return curves
 
 
-def claim_at(curves: dict, vocab: int, scale: float, epoch: int) -> tuple[bool, bool]:
+def claim_at(
+    curves: dict, vocab: int, scale: float, epoch: int
+) -> tuple[bool, bool]:
   """(FKL head error < RKL head error, RKL tail error < FKL tail error) at ``epoch``."""
   fkl, rkl = curves[vocab, scale, "fkl"], curves[vocab, scale, "rkl"]
-  return (bool(fkl["head"][epoch] < rkl["head"][epoch]),
-          bool(rkl["tail"][epoch] < fkl["tail"][epoch]))
+  return (
+      bool(fkl["head"][epoch] < rkl["head"][epoch]),
+      bool(rkl["tail"][epoch] < fkl["tail"][epoch]),
+  )
 
 
 def table(curves: dict, epochs=REPORT_EPOCHS) -> str:
@@ -71,24 +82,41 @@ def claims_table(curves: dict, settings, epochs=REPORT_EPOCHS) -> str:
   for vocab, scale in settings:
     for e in epochs:
       head_ok, tail_ok = claim_at(curves, vocab, scale, e)
-      rows.append([vocab, scale, e, "yes" if head_ok else "NO",
-                   "yes" if tail_ok else "NO"])
+      rows.append(
+          [
+              vocab,
+              scale,
+              e,
+              "yes" if head_ok else "NO",
+              "yes" if tail_ok else "NO",
+          ]
+      )
   return toy.format_table(
-      ["V", "scale", "epoch", "FKL head < RKL head", "RKL tail < FKL tail"], rows)
+      ["V", "scale", "epoch", "FKL head < RKL head", "RKL tail < FKL tail"],
+      rows,
+  )
 
 
 def figure(curves: dict, settings, out_dir: str | None) -> str:
   plt = toy.pyplot()
-  shown = [s for s in ((500, 3.0), (50, 1.0)) if s in settings] or list(settings)[:1]
-  fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.2), squeeze=False)
+  shown = [s for s in ((500, 3.0), (50, 1.0)) if s in settings] or list(
+      settings
+  )[:1]
+  fig, axes = plt.subplots(
+      1, len(shown), figsize=(5 * len(shown), 3.2), squeeze=False
+  )
   for ax, (vocab, scale) in zip(axes[0], shown):
     lines = {}
     for (v, s, method), c in curves.items():
       if (v, s) == (vocab, scale):
         lines[f"{method} head"] = c["head"]
         lines[f"{method} tail"] = c["tail"]
-    toy.plot_curves(ax, lines, f"long-tailed teacher, V={vocab}, init scale {scale}",
-                    "Σ|p − q| (solid head, dashed tail)")
+    toy.plot_curves(
+        ax,
+        lines,
+        f"long-tailed teacher, V={vocab}, init scale {scale}",
+        "Σ|p − q| (solid head, dashed tail)",
+    )
   axes[0, 0].legend(fontsize=7, ncol=3)
   fig.tight_layout()
   return toy.save_figure(fig, out_dir, "head_tail")
@@ -99,7 +127,9 @@ def main(argv=None) -> dict:
   epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
   curves = run(epochs=epochs, seed=args.seed)
   report = tuple(e for e in REPORT_EPOCHS if e <= epochs)
-  print(f"head/tail errors, long-tailed teacher, SGD lr={LEARNING_RATE}, same initial q")
+  print(
+      f"head/tail errors, long-tailed teacher, SGD lr={LEARNING_RATE}, same initial q"
+  )
   print(table(curves, report))
   print()
   print(claims_table(curves, SETTINGS, report))

@@ -30,6 +30,7 @@ module does not exist (yet) is left out of the default table.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import copy
 import dataclasses
 import importlib
@@ -38,11 +39,10 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from absl import app, flags
+import numpy as np
 
 from kdjax import evaluate, metrics, trainer
 from kdjax.configs import common
@@ -51,23 +51,42 @@ from kdjax.configs import common
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A table row: its config module and whether it distils from a teacher."""
-  module: str          # kdjax/configs/<module>.py
-  kd: bool = True      # False for the SFT baseline
+
+  module: str  # kdjax/configs/<module>.py
+  kd: bool = True  # False for the SFT baseline
 
 
 # The registry: method name -> config. Add a line to add a row.
 METHODS: dict[str, Method] = {
-    "sft": Method("sft_gpt2", kd=False), "seqkd": Method("seqkd_gpt2"),
-    "fkl": Method("fkl_gpt2"), "rkl": Method("rkl_gpt2"),
-    "fkl_rkl": Method("fkl_rkl_gpt2"), "skl": Method("skl_gpt2"),
-    "srkl": Method("srkl_gpt2"), "jsd": Method("jsd_gpt2"),
-    "tvd": Method("tvd_gpt2"), "akl": Method("akl_gpt2"),
-    "abkd": Method("abkd_gpt2"), "taid": Method("taid_gpt2"),
+    "sft": Method("sft_gpt2", kd=False),
+    "seqkd": Method("seqkd_gpt2"),
+    "fkl": Method("fkl_gpt2"),
+    "rkl": Method("rkl_gpt2"),
+    "fkl_rkl": Method("fkl_rkl_gpt2"),
+    "skl": Method("skl_gpt2"),
+    "srkl": Method("srkl_gpt2"),
+    "jsd": Method("jsd_gpt2"),
+    "tvd": Method("tvd_gpt2"),
+    "akl": Method("akl_gpt2"),
+    "abkd": Method("abkd_gpt2"),
+    "taid": Method("taid_gpt2"),
     "sinkhorn": Method("sinkhorn_gpt2"),
 }
 # The default rows, in table order (sinkhorn is autodiff-only and slow).
-TABLE = ("sft", "seqkd", "fkl", "rkl", "fkl_rkl", "skl", "srkl", "jsd", "tvd",
-         "akl", "abkd", "taid")
+TABLE = (
+    "sft",
+    "seqkd",
+    "fkl",
+    "rkl",
+    "fkl_rkl",
+    "skl",
+    "srkl",
+    "jsd",
+    "tvd",
+    "akl",
+    "abkd",
+    "taid",
+)
 SEEDS = (10, 20, 30)
 SAMPLING_SEEDS = "10,20,30,40,50"
 METRIC = "rougeL"
@@ -78,26 +97,38 @@ BLOCK = ("<!-- tiny-table:begin -->", "<!-- tiny-table:end -->")
 
 # AKL paper (arXiv 2404.02657), GPT-2 1.5B -> 120M, ROUGE-L on Dolly / S-NI / UnNI.
 PAPER_GPT2 = {
-    "teacher": (26.98, 27.25, 31.61), "sft": (23.01, 16.48, 18.43),
-    "seqkd": (23.30, 16.35, 18.51), "fkl": (23.46, 16.63, 19.27),
-    "rkl": (22.62, 17.88, 19.35), "skl": (23.47, 16.51, 18.46),
-    "srkl": (23.25, 17.54, 19.31), "fkl_rkl": (23.36, 17.83, 20.37),
-    "akl": (23.88, 19.15, 21.97)}
+    "teacher": (26.98, 27.25, 31.61),
+    "sft": (23.01, 16.48, 18.43),
+    "seqkd": (23.30, 16.35, 18.51),
+    "fkl": (23.46, 16.63, 19.27),
+    "rkl": (22.62, 17.88, 19.35),
+    "skl": (23.47, 16.51, 18.46),
+    "srkl": (23.25, 17.54, 19.31),
+    "fkl_rkl": (23.36, 17.83, 20.37),
+    "akl": (23.88, 19.15, 21.97),
+}
 PAPER_DATASETS = ("dolly", "sni", "unni")
 
 
 def available(methods: Sequence[str]) -> list[str]:
   """``methods`` whose config module exists (rows of divergences not yet in
   the package drop out)."""
-  return [m for m in methods if importlib.util.find_spec(
-      f"kdjax.configs.{METHODS[m].module}") is not None]
+  return [
+      m
+      for m in methods
+      if importlib.util.find_spec(f"kdjax.configs.{METHODS[m].module}")
+      is not None
+  ]
 
 
-def config_for(method: str, scale: str, seed: int, overrides: Sequence[str] = ()):
+def config_for(
+    method: str, scale: str, seed: int, overrides: Sequence[str] = ()
+):
   """``kdjax/configs/<method>_gpt2.py`` at ``scale`` with the seed and overrides."""
   if method not in METHODS:
-    raise ValueError(f"method {method!r} is unknown; use some of "
-                     f"{', '.join(METHODS)}.")
+    raise ValueError(
+        f"method {method!r} is unknown; use some of " f"{', '.join(METHODS)}."
+    )
   module = importlib.import_module(f"kdjax.configs.{METHODS[method].module}")
   c = module.get_config("tiny" if scale == "tiny" else None)
   c.seed = seed
@@ -140,14 +171,24 @@ def protocol_config(config, kind: str):
   if kind not in ("sampled", "greedy"):
     raise ValueError(f"protocol {kind!r} is unknown; use sampled or greedy.")
   c = copy.deepcopy(config)
-  common.override(c, {"eval.greedy": kind == "greedy",
-                      "eval.seeds": SAMPLING_SEEDS if kind == "sampled"
-                      else "10"})
+  common.override(
+      c,
+      {
+          "eval.greedy": kind == "greedy",
+          "eval.seeds": SAMPLING_SEEDS if kind == "sampled" else "10",
+      },
+  )
   return c
 
 
-def score(config, checkpoint: str, *, kind: str = "sampled",
-          outdir: str | None = None, limit: int | None = None) -> dict:
+def score(
+    config,
+    checkpoint: str,
+    *,
+    kind: str = "sampled",
+    outdir: str | None = None,
+    limit: int | None = None,
+) -> dict:
   """``{dataset: metrics}`` of ``checkpoint`` (a workdir or HF dir) under
   protocol ``kind``; cached in ``<outdir>`` (default
   ``<checkpoint>/eval_<kind>``) with one JSONL of responses per dataset."""
@@ -158,32 +199,37 @@ def score(config, checkpoint: str, *, kind: str = "sampled",
   if os.path.exists(path):
     with open(path) as f:
       done = json.load(f)
-    if all(d in done and os.path.exists(os.path.join(outdir, f"{d}.jsonl"))
-           for d in wanted):
+    if all(
+        d in done and os.path.exists(os.path.join(outdir, f"{d}.jsonl"))
+        for d in wanted
+    ):
       return {d: done[d] for d in wanted}
-  return evaluate.run(c, checkpoint, limit=limit, outdir=outdir,
-                      progress=False)
+  return evaluate.run(c, checkpoint, limit=limit, outdir=outdir, progress=False)
 
 
-def example_scores(outdir: str, dataset: str,
-                   metric: str = METRIC) -> np.ndarray:
+def example_scores(
+    outdir: str, dataset: str, metric: str = METRIC
+) -> np.ndarray:
   """Per test example, ``metric`` x 100 averaged over the sampling seeds."""
   with open(os.path.join(outdir, f"{dataset}.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return np.array([100.0 * np.mean([s[metric] for s in r["scores"].values()])
-                   for r in rows])
+  return np.array(
+      [100.0 * np.mean([s[metric] for s in r["scores"].values()]) for r in rows]
+  )
 
 
 def val_curve(workdir: str) -> list[tuple[int, float]]:
   """``(step, validation CE)`` of a run's metrics log."""
-  return [(r["step"], r["val_ce"]) for r in metrics.read(workdir)
-          if "val_ce" in r]
+  return [
+      (r["step"], r["val_ce"]) for r in metrics.read(workdir) if "val_ce" in r
+  ]
 
 
 @dataclasses.dataclass
 class RunResult:
   """One trained student: metrics per protocol and dataset, per-example
   ROUGE-L of the headline dataset (sampled), its validation-CE curve."""
+
   sampled: dict[str, dict[str, Any]]
   greedy: dict[str, dict[str, Any]]
   examples: np.ndarray
@@ -194,29 +240,45 @@ class RunResult:
     return self.curve[-1][1] if self.curve else float("nan")
 
 
-def evaluate_run(config, checkpoint: str, *, outdir: str | None = None,
-                 limit: int | None = None, workdir: str | None = None
-                 ) -> RunResult:
+def evaluate_run(
+    config,
+    checkpoint: str,
+    *,
+    outdir: str | None = None,
+    limit: int | None = None,
+    workdir: str | None = None,
+) -> RunResult:
   """Both protocols on ``checkpoint``; ``workdir`` holds the metrics log."""
   sampled_dir = os.path.join(outdir or checkpoint, "eval_sampled")
   greedy_dir = os.path.join(outdir or checkpoint, "eval_greedy")
-  sampled = score(config, checkpoint, kind="sampled", outdir=sampled_dir,
-                  limit=limit)
-  greedy = score(config, checkpoint, kind="greedy", outdir=greedy_dir,
-                 limit=limit)
+  sampled = score(
+      config, checkpoint, kind="sampled", outdir=sampled_dir, limit=limit
+  )
+  greedy = score(
+      config, checkpoint, kind="greedy", outdir=greedy_dir, limit=limit
+  )
   first = config.eval.datasets.split(",")[0]
-  return RunResult(sampled, greedy, example_scores(sampled_dir, first),
-                   val_curve(workdir or checkpoint))
+  return RunResult(
+      sampled,
+      greedy,
+      example_scores(sampled_dir, first),
+      val_curve(workdir or checkpoint),
+  )
 
 
 ConfigFn = Callable[[str, int], Any]
 
 
-def run_all(methods: Sequence[str], seeds: Sequence[int], root: str, *,
-            config_fn: ConfigFn, limit: int | None = None,
-            finished_only: bool = False,
-            log: Callable[[str], None] = print
-            ) -> dict[str, dict[int, RunResult]]:
+def run_all(
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    root: str,
+    *,
+    config_fn: ConfigFn,
+    limit: int | None = None,
+    finished_only: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[int, RunResult]]:
   """Trains and scores every (method, seed), methods outermost.
 
   With ``finished_only`` runs without an export are left out instead of
@@ -230,13 +292,19 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], root: str, *,
       workdir = os.path.join(root, run_name(method, seed))
       if finished_only and not _exported(workdir):
         continue
-      log(f"{run_name(method, seed)}: "
-          f"{'cached' if _exported(workdir) else 'training'}")
+      log(
+          f"{run_name(method, seed)}: "
+          f"{'cached' if _exported(workdir) else 'training'}"
+      )
       config = config_fn(method, seed)
       train(config, workdir)
       results.setdefault(method, {})[seed] = evaluate_run(
-          config, final_export(workdir), outdir=workdir, workdir=workdir,
-          limit=limit)
+          config,
+          final_export(workdir),
+          outdir=workdir,
+          workdir=workdir,
+          limit=limit,
+      )
   return results
 
 
@@ -248,6 +316,7 @@ def run_all(methods: Sequence[str], seeds: Sequence[int], root: str, *,
 class Comparison:
   """Paired bootstrap of mean(a - b): the observed difference, its 95 %
   percentile interval and the two-sided p-value."""
+
   delta: float
   low: float
   high: float
@@ -258,8 +327,10 @@ class Comparison:
     return self.low > 0 or self.high < 0
 
   def __str__(self) -> str:
-    return (f"{self.delta:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
-            f"{'*' if self.significant else ''}")
+    return (
+        f"{self.delta:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+        f"{'*' if self.significant else ''}"
+    )
 
 
 def resample_indices(n: int, num_samples: int, seed: int = 0) -> np.ndarray:
@@ -267,9 +338,14 @@ def resample_indices(n: int, num_samples: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, n, size=(num_samples, n))
 
 
-def paired_bootstrap(a_N: np.ndarray, b_N: np.ndarray, *,
-                     num_samples: int = 10_000, seed: int = 0,
-                     indices_BxN: np.ndarray | None = None) -> Comparison:
+def paired_bootstrap(
+    a_N: np.ndarray,
+    b_N: np.ndarray,
+    *,
+    num_samples: int = 10_000,
+    seed: int = 0,
+    indices_BxN: np.ndarray | None = None,
+) -> Comparison:
   """Paired bootstrap over examples of ``mean(a) - mean(b)``.
 
   With ``d_i = a_i - b_i`` and ``B`` resamples ``I_b`` of ``n`` indices drawn
@@ -280,8 +356,10 @@ def paired_bootstrap(a_N: np.ndarray, b_N: np.ndarray, *,
   """
   a_N, b_N = np.asarray(a_N, np.float64), np.asarray(b_N, np.float64)
   if a_N.shape != b_N.shape or a_N.ndim != 1 or not len(a_N):
-    raise ValueError(f"paired scores need two equal-length 1-D arrays, got "
-                     f"shapes {a_N.shape} and {b_N.shape}.")
+    raise ValueError(
+        f"paired scores need two equal-length 1-D arrays, got "
+        f"shapes {a_N.shape} and {b_N.shape}."
+    )
   d_N = a_N - b_N
   if indices_BxN is None:
     indices_BxN = resample_indices(len(d_N), num_samples, seed)
@@ -301,10 +379,14 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
   return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _metric(runs: Mapping[int, RunResult], kind: str, dataset: str,
-            name: str) -> list[float]:
-  return [getattr(r, kind)[dataset][name] for r in runs.values()
-          if name in getattr(r, kind)[dataset]]
+def _metric(
+    runs: Mapping[int, RunResult], kind: str, dataset: str, name: str
+) -> list[float]:
+  return [
+      getattr(r, kind)[dataset][name]
+      for r in runs.values()
+      if name in getattr(r, kind)[dataset]
+  ]
 
 
 def pooled_examples(runs: Mapping[int, RunResult]) -> np.ndarray:
@@ -312,23 +394,32 @@ def pooled_examples(runs: Mapping[int, RunResult]) -> np.ndarray:
   return np.mean([r.examples for r in runs.values()], axis=0)
 
 
-def comparisons(results: Mapping[str, Mapping[int, RunResult]],
-                reference: str, **kw) -> dict[str, Comparison]:
+def comparisons(
+    results: Mapping[str, Mapping[int, RunResult]], reference: str, **kw
+) -> dict[str, Comparison]:
   """Paired bootstrap of every method against ``reference`` (if present)."""
   if reference not in results:
     return {}
   ref = pooled_examples(results[reference])
-  return {m: paired_bootstrap(pooled_examples(runs), ref, **kw)
-          for m, runs in results.items() if m != reference}
+  return {
+      m: paired_bootstrap(pooled_examples(runs), ref, **kw)
+      for m, runs in results.items()
+      if m != reference
+  }
 
 
 # ----------------------------------------------------------------------------
 # Reporting.
 
 
-def table(results: Mapping[str, Mapping[int, RunResult]], dataset: str, *,
-          teacher: RunResult | None = None, spread: str = "training",
-          num_samples: int = 10_000) -> str:
+def table(
+    results: Mapping[str, Mapping[int, RunResult]],
+    dataset: str,
+    *,
+    teacher: RunResult | None = None,
+    spread: str = "training",
+    num_samples: int = 10_000,
+) -> str:
   """Markdown, one row per method.
 
   ``spread="training"``: ± is the std over training seeds of the per-seed
@@ -337,15 +428,25 @@ def table(results: Mapping[str, Mapping[int, RunResult]], dataset: str, *,
   """
   vs_sft = comparisons(results, "sft", num_samples=num_samples)
   vs_fkl = comparisons(results, "fkl", num_samples=num_samples)
-  head = ["model", "seeds", "ROUGE-L (sampled)", "validity % (sampled)",
-          "validity % (greedy)", "val CE", "Δ ROUGE-L vs SFT",
-          "Δ ROUGE-L vs FKL"]
+  head = [
+      "model",
+      "seeds",
+      "ROUGE-L (sampled)",
+      "validity % (sampled)",
+      "validity % (greedy)",
+      "val CE",
+      "Δ ROUGE-L vs SFT",
+      "Δ ROUGE-L vs FKL",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
   def cells(runs: Mapping[int, RunResult]) -> list[str]:
     out = [",".join(map(str, runs))]
-    for kind, name in (("sampled", METRIC), ("sampled", "validity"),
-                       ("greedy", "validity")):
+    for kind, name in (
+        ("sampled", METRIC),
+        ("sampled", "validity"),
+        ("greedy", "validity"),
+    ):
       values = _metric(runs, kind, dataset, name)
       if not values:
         out.append("–")
@@ -356,34 +457,47 @@ def table(results: Mapping[str, Mapping[int, RunResult]], dataset: str, *,
       else:
         out.append(_pm(*mean_std(values)))
     ces = [r.val_ce for r in runs.values()]
-    out.append(_pm(*mean_std(ces), digits=3) if len(ces) > 1 and spread ==
-               "training" else f"{np.mean(ces):.3f}")
+    out.append(
+        _pm(*mean_std(ces), digits=3)
+        if len(ces) > 1 and spread == "training"
+        else f"{np.mean(ces):.3f}"
+    )
     return out
 
   if teacher is not None:
-    lines.append("| teacher | – | " + " | ".join(cells({0: teacher})[1:])
-                 + " | – | – |")
+    lines.append(
+        "| teacher | – | " + " | ".join(cells({0: teacher})[1:]) + " | – | – |"
+    )
   for method, runs in results.items():
     row = [method] + cells(runs)
-    row += [str(vs_sft[method]) if method in vs_sft else "–",
-            str(vs_fkl[method]) if method in vs_fkl else "–"]
+    row += [
+        str(vs_sft[method]) if method in vs_sft else "–",
+        str(vs_fkl[method]) if method in vs_fkl else "–",
+    ]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 
-def paper_table(results: Mapping[str, Mapping[int, RunResult]],
-                datasets: Sequence[str]) -> str:
+def paper_table(
+    results: Mapping[str, Mapping[int, RunResult]], datasets: Sequence[str]
+) -> str:
   """Paper scale: sampled ROUGE-L per dataset beside the published row."""
-  head = (["method"] + [f"{d} ROUGE-L" for d in datasets]
-          + [f"paper {d}" for d in PAPER_DATASETS])
+  head = (
+      ["method"]
+      + [f"{d} ROUGE-L" for d in datasets]
+      + [f"paper {d}" for d in PAPER_DATASETS]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for method, runs in results.items():
     row = [method]
     for d in datasets:
       values = _metric(runs, "sampled", d, METRIC)
       row.append(_pm(*mean_std(values)) if values else "–")
-    row += ([f"{v:.2f}" for v in PAPER_GPT2[method]] if method in PAPER_GPT2
-            else ["–"] * len(PAPER_DATASETS))
+    row += (
+        [f"{v:.2f}" for v in PAPER_GPT2[method]]
+        if method in PAPER_GPT2
+        else ["–"] * len(PAPER_DATASETS)
+    )
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -395,8 +509,11 @@ class Claim:
   evidence: str
 
   def __str__(self) -> str:
-    verdict = {True: "reproduced", False: "not reproduced",
-               None: "not checked"}[self.reproduced]
+    verdict = {
+        True: "reproduced",
+        False: "not reproduced",
+        None: "not checked",
+    }[self.reproduced]
     return f"- **{self.name}**: {verdict} at this scale. {self.evidence}"
 
 
@@ -404,8 +521,12 @@ def _seed_means(runs: Mapping[int, RunResult], dataset: str) -> dict:
   return {s: r.sampled[dataset][METRIC] for s, r in runs.items()}
 
 
-def claims(results: Mapping[str, Mapping[int, RunResult]], dataset: str, *,
-           num_samples: int = 10_000) -> list[Claim]:
+def claims(
+    results: Mapping[str, Mapping[int, RunResult]],
+    dataset: str,
+    *,
+    num_samples: int = 10_000,
+) -> list[Claim]:
   """The AKL paper's three claims, checked on sampled ROUGE-L.
 
   1. KD beats SFT: every KD student's paired bootstrap against SFT is
@@ -417,70 +538,111 @@ def claims(results: Mapping[str, Mapping[int, RunResult]], dataset: str, *,
   """
   out = []
   seeds = lambda m: ",".join(map(str, results[m]))
-  mean = lambda m: float(np.mean(list(
-      _seed_means(results[m], dataset).values())))
+  mean = lambda m: float(
+      np.mean(list(_seed_means(results[m], dataset).values()))
+  )
   kd = [m for m in results if METHODS.get(m, Method("")).kd]
   if "sft" in results and kd:
     vs = comparisons(results, "sft", num_samples=num_samples)
     wins = [m for m in kd if vs[m].significant and vs[m].delta > 0]
     above = [m for m in kd if vs[m].delta > 0]
     detail = "; ".join(f"{m} {vs[m]}" for m in kd)
-    out.append(Claim(
-        "KD students beat SFT on ROUGE-L", len(wins) == len(kd),
-        f"SFT {mean('sft'):.2f} (seeds {seeds('sft')}); {len(above)} of "
-        f"{len(kd)} KD students above it on the mean, {len(wins)} "
-        f"significantly (paired bootstrap, 95 %): {detail}."))
+    out.append(
+        Claim(
+            "KD students beat SFT on ROUGE-L",
+            len(wins) == len(kd),
+            f"SFT {mean('sft'):.2f} (seeds {seeds('sft')}); {len(above)} of "
+            f"{len(kd)} KD students above it on the mean, {len(wins)} "
+            f"significantly (paired bootstrap, 95 %): {detail}.",
+        )
+    )
   else:
-    out.append(Claim("KD students beat SFT on ROUGE-L", None,
-                     "needs sft and a KD method."))
+    out.append(
+        Claim(
+            "KD students beat SFT on ROUGE-L",
+            None,
+            "needs sft and a KD method.",
+        )
+    )
   if all(m in results for m in ("akl", "fkl", "rkl")):
     akl = _seed_means(results["akl"], dataset)
     per_seed = []
     for other in ("fkl", "rkl"):
       o = _seed_means(results[other], dataset)
       common_seeds = [s for s in akl if s in o]
-      per_seed.append(f"AKL ≥ {other.upper()} in "
-                      f"{sum(akl[s] >= o[s] for s in common_seeds)} of "
-                      f"{len(common_seeds)} seeds")
-    vs = {o: paired_bootstrap(pooled_examples(results["akl"]),
-                              pooled_examples(results[o]),
-                              num_samples=num_samples) for o in ("fkl", "rkl")}
+      per_seed.append(
+          f"AKL ≥ {other.upper()} in "
+          f"{sum(akl[s] >= o[s] for s in common_seeds)} of "
+          f"{len(common_seeds)} seeds"
+      )
+    vs = {
+        o: paired_bootstrap(
+            pooled_examples(results["akl"]),
+            pooled_examples(results[o]),
+            num_samples=num_samples,
+        )
+        for o in ("fkl", "rkl")
+    }
     ok = mean("akl") >= mean("fkl") and mean("akl") >= mean("rkl")
-    out.append(Claim(
-        "AKL ≥ FKL and AKL ≥ RKL", ok,
-        f"AKL {mean('akl'):.2f}, FKL {mean('fkl'):.2f}, RKL {mean('rkl'):.2f} "
-        f"(seeds {seeds('akl')}); AKL−FKL {vs['fkl']}, AKL−RKL {vs['rkl']}; "
-        f"{', '.join(per_seed)}."))
+    out.append(
+        Claim(
+            "AKL ≥ FKL and AKL ≥ RKL",
+            ok,
+            f"AKL {mean('akl'):.2f}, FKL {mean('fkl'):.2f}, RKL {mean('rkl'):.2f} "
+            f"(seeds {seeds('akl')}); AKL−FKL {vs['fkl']}, AKL−RKL {vs['rkl']}; "
+            f"{', '.join(per_seed)}.",
+        )
+    )
   else:
     out.append(Claim("AKL ≥ FKL and AKL ≥ RKL", None, "needs akl, fkl, rkl."))
   if all(m in results for m in ("fkl", "rkl")):
     gaps = _ce_gaps(results["fkl"], results["rkl"])
-    vs = paired_bootstrap(pooled_examples(results["fkl"]),
-                          pooled_examples(results["rkl"]),
-                          num_samples=num_samples)
+    vs = paired_bootstrap(
+        pooled_examples(results["fkl"]),
+        pooled_examples(results["rkl"]),
+        num_samples=num_samples,
+    )
     if gaps is None:
-      out.append(Claim("FKL and RKL converge to the same target", None,
-                       "no validation curves."))
+      out.append(
+          Claim(
+              "FKL and RKL converge to the same target",
+              None,
+              "no validation curves.",
+          )
+      )
     else:
       (s0, g0), (s1, g1) = gaps
       ok = abs(g1) < abs(g0) and not vs.significant
-      out.append(Claim(
-          "FKL and RKL converge to the same target", ok,
-          f"validation CE, FKL − RKL (mean over seeds {seeds('fkl')}): "
-          f"{g0:+.3f} at step {s0}, {g1:+.3f} at step {s1}; ROUGE-L "
-          f"FKL − RKL {vs}."))
+      out.append(
+          Claim(
+              "FKL and RKL converge to the same target",
+              ok,
+              f"validation CE, FKL − RKL (mean over seeds {seeds('fkl')}): "
+              f"{g0:+.3f} at step {s0}, {g1:+.3f} at step {s1}; ROUGE-L "
+              f"FKL − RKL {vs}.",
+          )
+      )
   else:
-    out.append(Claim("FKL and RKL converge to the same target", None,
-                     "needs fkl and rkl."))
+    out.append(
+        Claim(
+            "FKL and RKL converge to the same target",
+            None,
+            "needs fkl and rkl.",
+        )
+    )
   return out
 
 
 def _ce_gaps(a: Mapping[int, RunResult], b: Mapping[int, RunResult]):
   """``((first step, gap), (last step, gap))`` of mean val CE a − b."""
+
   def mean_curve(runs):
     curves = [dict(r.curve) for r in runs.values() if r.curve]
-    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    steps = (
+        sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    )
     return {s: float(np.mean([c[s] for c in curves])) for s in steps}
+
   ca, cb = mean_curve(a), mean_curve(b)
   steps = sorted(set(ca) & set(cb))
   if not steps:
@@ -488,36 +650,59 @@ def _ce_gaps(a: Mapping[int, RunResult], b: Mapping[int, RunResult]):
   return tuple((s, ca[s] - cb[s]) for s in (steps[0], steps[-1]))
 
 
-def figure(results: Mapping[str, Mapping[int, RunResult]], dataset: str,
-           path: str, *, teacher: RunResult | None = None) -> None:
+def figure(
+    results: Mapping[str, Mapping[int, RunResult]],
+    dataset: str,
+    path: str,
+    *,
+    teacher: RunResult | None = None,
+) -> None:
   """Sampled ROUGE-L (mean ± std over seeds) and mean validation-CE curves."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, (ax_bar, ax_ce) = plt.subplots(1, 2, figsize=(11, 3.8))
   names = list(results)
-  stats = [mean_std(_metric(results[m], "sampled", dataset, METRIC))
-           for m in names]
-  ax_bar.bar(names, [s[0] for s in stats], yerr=[s[1] for s in stats],
-             capsize=3, color=["gray" if m == "sft" else "C0" for m in names])
+  stats = [
+      mean_std(_metric(results[m], "sampled", dataset, METRIC)) for m in names
+  ]
+  ax_bar.bar(
+      names,
+      [s[0] for s in stats],
+      yerr=[s[1] for s in stats],
+      capsize=3,
+      color=["gray" if m == "sft" else "C0" for m in names],
+  )
   if teacher is not None:
-    ax_bar.axhline(teacher.sampled[dataset][METRIC], ls="--", c="k",
-                   label="teacher")
+    ax_bar.axhline(
+        teacher.sampled[dataset][METRIC], ls="--", c="k", label="teacher"
+    )
     ax_bar.legend()
   if "sft" in results:
     ax_bar.axhline(stats[names.index("sft")][0], ls=":", c="gray")
-  ax_bar.set(title="test ROUGE-L, sampled (mean ± std over seeds)",
-             ylabel="ROUGE-L")
+  ax_bar.set(
+      title="test ROUGE-L, sampled (mean ± std over seeds)", ylabel="ROUGE-L"
+  )
   ax_bar.tick_params(axis="x", rotation=45)
   for m in names:
     curves = [dict(r.curve) for r in results[m].values() if r.curve]
     if not curves:
       continue
     steps = sorted(set.intersection(*(set(c) for c in curves)))
-    ax_ce.plot(steps, [np.mean([c[s] for c in curves]) for s in steps],
-               marker="o", ms=3, label=m)
-  ax_ce.set(title="validation cross-entropy (mean over seeds)",
-            xlabel="step", ylabel="nats / token")
+    ax_ce.plot(
+        steps,
+        [np.mean([c[s] for c in curves]) for s in steps],
+        marker="o",
+        ms=3,
+        label=m,
+    )
+  ax_ce.set(
+      title="validation cross-entropy (mean over seeds)",
+      xlabel="step",
+      ylabel="nats / token",
+  )
   ax_ce.legend(fontsize=7, ncol=2)
   for ax in (ax_bar, ax_ce):
     ax.grid(alpha=0.3)
@@ -527,15 +712,33 @@ def figure(results: Mapping[str, Mapping[int, RunResult]], dataset: str,
   plt.close(fig)
 
 
-def report(results, dataset: str, *, teacher: RunResult | None = None,
-           spread: str = "training", figure_path: str | None = None,
-           seconds: float | None = None, num_samples: int = 10_000) -> str:
+def report(
+    results,
+    dataset: str,
+    *,
+    teacher: RunResult | None = None,
+    spread: str = "training",
+    figure_path: str | None = None,
+    seconds: float | None = None,
+    num_samples: int = 10_000,
+) -> str:
   """The Markdown block: table, significance note, claims, figure, time."""
-  parts = [table(results, dataset, teacher=teacher, spread=spread,
-                 num_samples=num_samples), "",
-           ("Δ: paired bootstrap over the test examples (10,000 resamples) "
-            "of per-example ROUGE-L averaged over training and sampling "
-            "seeds; [95 % interval], * = interval excludes 0."), ""]
+  parts = [
+      table(
+          results,
+          dataset,
+          teacher=teacher,
+          spread=spread,
+          num_samples=num_samples,
+      ),
+      "",
+      (
+          "Δ: paired bootstrap over the test examples (10,000 resamples) "
+          "of per-example ROUGE-L averaged over training and sampling "
+          "seeds; [95 % interval], * = interval excludes 0."
+      ),
+      "",
+  ]
   if teacher is not None and "sft" in results:
     t = teacher.sampled[dataset][METRIC]
     s = mean_std(_metric(results["sft"], "sampled", dataset, METRIC))[0]
@@ -544,8 +747,13 @@ def report(results, dataset: str, *, teacher: RunResult | None = None,
   if figure_path:
     parts += ["", f"![method table]({figure_path})"]
   if seconds is not None:
-    parts += ["", (f"Wall time of this command: {seconds / 60:.1f} min "
-                   "(finished runs and evaluations are reused).")]
+    parts += [
+        "",
+        (
+            f"Wall time of this command: {seconds / 60:.1f} min "
+            "(finished runs and evaluations are reused)."
+        ),
+    ]
   return "\n".join(parts)
 
 
@@ -556,8 +764,9 @@ def replace_block(path: str, block: str) -> bool:
     return False
   with open(path) as f:
     text = f.read()
-  pattern = re.compile(re.escape(BLOCK[0]) + ".*?" + re.escape(BLOCK[1]),
-                       re.DOTALL)
+  pattern = re.compile(
+      re.escape(BLOCK[0]) + ".*?" + re.escape(BLOCK[1]), re.DOTALL
+  )
   if not pattern.search(text):
     return False
   text = pattern.sub(lambda _: f"{BLOCK[0]}\n{block}\n{BLOCK[1]}", text)
@@ -572,21 +781,38 @@ def replace_block(path: str, block: str) -> bool:
 
 def _define_flags():
   """Flags exist only when this file is the program (demo.py imports it)."""
-  flags.DEFINE_string("methods", ",".join(TABLE),
-                      f"Comma-separated methods (of {', '.join(METHODS)}); "
-                      "those without a config module are skipped.")
+  flags.DEFINE_string(
+      "methods",
+      ",".join(TABLE),
+      f"Comma-separated methods (of {', '.join(METHODS)}); "
+      "those without a config module are skipped.",
+  )
   flags.DEFINE_enum("scale", "tiny", ["tiny", "paper"], "Config arg.")
   flags.DEFINE_string("seeds", ",".join(map(str, SEEDS)), "Training seeds.")
-  flags.DEFINE_string("root", common.TINY_ROOT, "Run directories (the tiny "
-                      "default shares make demo's runs).")
-  flags.DEFINE_integer("limit", 0, "Evaluate on the first N examples of each "
-                       "dataset (0: all).")
-  flags.DEFINE_multi_string("override", [], "key=value config overrides "
-                            "applied to every run.")
-  flags.DEFINE_bool("finished_only", False, "Table the runs that have "
-                    "finished; train nothing.")
-  flags.DEFINE_bool("write", False, f"Write {RESULTS}, {FIGURE} and the "
-                    "README.md / docs/benchmark.md block.")
+  flags.DEFINE_string(
+      "root",
+      common.TINY_ROOT,
+      "Run directories (the tiny " "default shares make demo's runs).",
+  )
+  flags.DEFINE_integer(
+      "limit",
+      0,
+      "Evaluate on the first N examples of each " "dataset (0: all).",
+  )
+  flags.DEFINE_multi_string(
+      "override", [], "key=value config overrides " "applied to every run."
+  )
+  flags.DEFINE_bool(
+      "finished_only",
+      False,
+      "Table the runs that have " "finished; train nothing.",
+  )
+  flags.DEFINE_bool(
+      "write",
+      False,
+      f"Write {RESULTS}, {FIGURE} and the "
+      "README.md / docs/benchmark.md block.",
+  )
 
 
 def main(argv):
@@ -596,31 +822,47 @@ def main(argv):
   wanted = [m for m in f.methods.split(",") if m]
   for m in wanted:
     if m not in METHODS:
-      raise app.UsageError(f"method {m!r} is unknown; use some of "
-                           f"{', '.join(METHODS)}.")
+      raise app.UsageError(
+          f"method {m!r} is unknown; use some of " f"{', '.join(METHODS)}."
+      )
   methods = available(wanted)
   if skipped := [m for m in wanted if m not in methods]:
     print(f"no config yet, skipped: {', '.join(skipped)}")
   seeds = [int(s) for s in f.seeds.split(",")]
   config_fn = lambda m, s: config_for(m, f.scale, s, f.override)
-  results = run_all(methods, seeds, f.root, config_fn=config_fn,
-                    limit=f.limit or None, finished_only=f.finished_only)
+  results = run_all(
+      methods,
+      seeds,
+      f.root,
+      config_fn=config_fn,
+      limit=f.limit or None,
+      finished_only=f.finished_only,
+  )
   if not results:
-    raise app.UsageError(f"no finished run in {f.root}; drop --finished_only "
-                         "to train them.")
+    raise app.UsageError(
+        f"no finished run in {f.root}; drop --finished_only " "to train them."
+    )
   datasets = config_fn(methods[0], seeds[0]).eval.datasets.split(",")
   if f.scale == "paper":
     print(paper_table(results, datasets))
     return
   teacher_config = config_for("sft", "tiny", seeds[0])
-  teacher = evaluate_run(teacher_config, common.TINY_TEACHER,
-                         outdir=os.path.join(f.root, "teacher_eval"),
-                         limit=f.limit or None)
+  teacher = evaluate_run(
+      teacher_config,
+      common.TINY_TEACHER,
+      outdir=os.path.join(f.root, "teacher_eval"),
+      limit=f.limit or None,
+  )
   seconds = time.perf_counter() - t0
   fig = FIGURE if f.write else os.path.join(f.root, "tiny_table.png")
   figure(results, datasets[0], fig, teacher=teacher)
-  text = report(results, datasets[0], teacher=teacher,
-                figure_path=os.path.relpath(fig), seconds=seconds)
+  text = report(
+      results,
+      datasets[0],
+      teacher=teacher,
+      figure_path=os.path.relpath(fig),
+      seconds=seconds,
+  )
   print(text)
   if f.write:
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
@@ -630,8 +872,9 @@ def main(argv):
       if replace_block(doc, text):
         print(f"updated {doc}")
   runs = sum(len(r) for r in results.values())
-  print(f"\nwall time {seconds:.0f} s ({runs} runs of {len(results)} "
-        "methods)")
+  print(
+      f"\nwall time {seconds:.0f} s ({runs} runs of {len(results)} " "methods)"
+  )
 
 
 if __name__ == "__main__":

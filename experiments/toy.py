@@ -31,9 +31,16 @@ from kdjax import divergences as kd
 Array = jax.Array
 
 TEACHER_SHAPES = ("peaked", "long_tailed", "multi_modal")
-METHOD_COLORS = {"fkl": "tab:orange", "rkl": "tab:green", "akl": "tab:red",
-                 "tvd": "tab:purple", "fkl_rkl": "tab:brown"}
-FIGURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
+METHOD_COLORS = {
+    "fkl": "tab:orange",
+    "rkl": "tab:green",
+    "akl": "tab:red",
+    "tvd": "tab:purple",
+    "fkl_rkl": "tab:brown",
+}
+FIGURES_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "figures"
+)
 
 
 # ----------------------------------------------------------------------------
@@ -51,7 +58,9 @@ def teacher_logits(shape: str, vocab: int, seed: int = 0) -> Array:
     widths over the class index plus a small floor (several plausible tokens).
   """
   if vocab < 4:
-    raise ValueError(f"vocab={vocab} is too small for a toy teacher; use vocab >= 4.")
+    raise ValueError(
+        f"vocab={vocab} is too small for a toy teacher; use vocab >= 4."
+    )
   rng = np.random.default_rng(seed)
   idx = np.arange(vocab, dtype=np.float64)
   if shape == "peaked":
@@ -63,11 +72,17 @@ def teacher_logits(shape: str, vocab: int, seed: int = 0) -> Array:
     logits = -1.1 * np.log1p(rng.permutation(vocab))
   elif shape == "multi_modal":
     density = np.full(vocab, 1e-3)
-    for centre, width, height in ((0.2, 0.04, 1.0), (0.55, 0.06, 0.6), (0.85, 0.03, 0.8)):
+    for centre, width, height in (
+        (0.2, 0.04, 1.0),
+        (0.55, 0.06, 0.6),
+        (0.85, 0.03, 0.8),
+    ):
       density += height * np.exp(-0.5 * ((idx / vocab - centre) / width) ** 2)
     logits = np.log(density)
   else:
-    raise ValueError(f"unknown teacher shape {shape!r}; choose one of {TEACHER_SHAPES}.")
+    raise ValueError(
+        f"unknown teacher shape {shape!r}; choose one of {TEACHER_SHAPES}."
+    )
   return jnp.asarray(logits, jnp.float32)
 
 
@@ -87,10 +102,16 @@ def gaussian_logits(params: Array, grid: Array) -> Array:
   return -0.5 * ((grid - mean) / jnp.exp(log_std)) ** 2
 
 
-def mixture_logits(grid: Array, means: Sequence[float], stds: Sequence[float],
-                   weights: Sequence[float]) -> Array:
+def mixture_logits(
+    grid: Array,
+    means: Sequence[float],
+    stds: Sequence[float],
+    weights: Sequence[float],
+) -> Array:
   """Log-density of a Gaussian mixture on ``grid`` (normalised densities)."""
-  means, stds, weights = (jnp.asarray(a, jnp.float32) for a in (means, stds, weights))
+  means, stds, weights = (
+      jnp.asarray(a, jnp.float32) for a in (means, stds, weights)
+  )
   z = (grid[:, None] - means) / stds
   log_comp = -0.5 * z**2 - jnp.log(stds) - 0.5 * jnp.log(2 * jnp.pi)
   return jax.nn.logsumexp(log_comp + jnp.log(weights), axis=-1)
@@ -122,7 +143,9 @@ def optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
   raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'.")
 
 
-@functools.partial(jax.jit, static_argnames=("loss_name", "model", "tx", "steps"))
+@functools.partial(
+    jax.jit, static_argnames=("loss_name", "model", "tx", "steps")
+)
 def _fit(params0, teacher, grid, *, loss_name, model, tx, steps):
   loss_fn = divergence(loss_name)
 
@@ -136,7 +159,9 @@ def _fit(params0, teacher, grid, *, loss_name, model, tx, steps):
     params = optax.apply_updates(params, updates)
     return (params, opt_state), params
 
-  _, history = jax.lax.scan(step, (params0, tx.init(params0)), None, length=steps)
+  _, history = jax.lax.scan(
+      step, (params0, tx.init(params0)), None, length=steps
+  )
   return jnp.concatenate([params0[None], history], axis=0)
 
 
@@ -145,9 +170,15 @@ def _free_logits(params: Array, grid: Array) -> Array:
   return params
 
 
-def fit(loss_name: str, params0: Array, teacher: Array, steps: int,
-        tx: optax.GradientTransformation, model: Callable = _free_logits,
-        grid: Array | None = None) -> Array:
+def fit(
+    loss_name: str,
+    params0: Array,
+    teacher: Array,
+    steps: int,
+    tx: optax.GradientTransformation,
+    model: Callable = _free_logits,
+    grid: Array | None = None,
+) -> Array:
   """Minimises ``loss_name(model(params, grid), teacher)`` with ``tx``.
 
   One step = one epoch (the whole target is the batch). Returns the parameters
@@ -157,8 +188,15 @@ def fit(loss_name: str, params0: Array, teacher: Array, steps: int,
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1.")
   grid = jnp.zeros(()) if grid is None else grid
-  return _fit(params0, teacher, grid, loss_name=loss_name, model=model, tx=tx,
-              steps=steps)
+  return _fit(
+      params0,
+      teacher,
+      grid,
+      loss_name=loss_name,
+      model=model,
+      tx=tx,
+      steps=steps,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -175,13 +213,17 @@ def probs(logits) -> np.ndarray:
 def kl(p, q) -> np.ndarray:
   """``KL(p‖q)`` over the last axis, float64 (0·log 0 = 0)."""
   p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
-  terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0)
+  terms = np.where(
+      p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0
+  )
   return terms.sum(axis=-1)
 
 
 def tv(p, q) -> np.ndarray:
   """Total variation ``½ Σ |p − q|`` over the last axis."""
-  return 0.5 * np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum(-1)
+  return 0.5 * np.abs(
+      np.asarray(p, np.float64) - np.asarray(q, np.float64)
+  ).sum(-1)
 
 
 def head_mask(p, mu: float = 0.5) -> np.ndarray:
@@ -209,38 +251,61 @@ def head_tail_errors(p, q, mu: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
 # Reporting.
 
 
-def parser(description: str, epochs: int, seeded: bool = True) -> argparse.ArgumentParser:
+def parser(
+    description: str, epochs: int, seeded: bool = True
+) -> argparse.ArgumentParser:
   """The command line every experiment shares: --quick, --epochs, --out (--seed).
 
   ``seeded=False`` for experiments without randomness (grid quadrature).
   """
   ap = argparse.ArgumentParser(description=description)
-  ap.add_argument("--quick", action="store_true",
-                  help="small settings for tests and CI (seconds on a CPU)")
-  ap.add_argument("--epochs", type=int, default=None,
-                  help=f"training epochs (default {epochs}; smaller with --quick)")
-  ap.add_argument("--out", default=None,
-                  help="folder for the figure (default experiments/figures)")
+  ap.add_argument(
+      "--quick",
+      action="store_true",
+      help="small settings for tests and CI (seconds on a CPU)",
+  )
+  ap.add_argument(
+      "--epochs",
+      type=int,
+      default=None,
+      help=f"training epochs (default {epochs}; smaller with --quick)",
+  )
+  ap.add_argument(
+      "--out",
+      default=None,
+      help="folder for the figure (default experiments/figures)",
+  )
   if seeded:
-    ap.add_argument("--seed", type=int, default=0, help="seed of targets and init")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of targets and init"
+    )
   return ap
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   """A plain fixed-width table; floats in 4 significant digits."""
-  cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row]
-           for row in rows]
-  widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+  cells = [
+      [f"{c:.4g}" if isinstance(c, float) else str(c) for c in row]
+      for row in rows
+  ]
+  widths = [
+      max(len(str(h)), *(len(r[i]) for r in cells))
+      for i, h in enumerate(header)
+  ]
   line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
-  return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, cells)])
+  return "\n".join(
+      [line(header), line(["-" * w for w in widths]), *map(line, cells)]
+  )
 
 
 def pyplot():
   """matplotlib.pyplot on the non-interactive Agg backend (scripts and CI)."""
   import matplotlib
+
   if not _in_notebook():
     matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   return plt
 
 
@@ -268,11 +333,18 @@ def plot_bars(ax, p, qs: dict, title: str) -> None:
   ax.set_xticks([])
 
 
-def plot_curves(ax, curves: dict, title: str, ylabel: str, log: bool = True) -> None:
+def plot_curves(
+    ax, curves: dict, title: str, ylabel: str, log: bool = True
+) -> None:
   """One curve per method over epochs (x = epoch index)."""
   for name, y in curves.items():
-    ax.plot(np.arange(len(y)), y, color=METHOD_COLORS.get(name.split()[0]),
-            ls="--" if "tail" in name else "-", label=name)
+    ax.plot(
+        np.arange(len(y)),
+        y,
+        color=METHOD_COLORS.get(name.split()[0]),
+        ls="--" if "tail" in name else "-",
+        label=name,
+    )
   if log:
     ax.set_yscale("log")
   ax.set_title(title, fontsize=9)

@@ -18,7 +18,9 @@ import os
 import sys
 
 if __package__ in (None, ""):  # `python experiments/tvd_outliers.py`
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(
+      0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,36 +47,79 @@ def moment_match(epsilon: float = EPSILON) -> tuple[float, float]:
   return mean, float(np.sqrt(w @ (s**2 + m**2) - mean**2))
 
 
-def run(grid_size: int = GRID, epochs: int = EPOCHS, epsilon: float = EPSILON,
-        methods=METHODS, learning_rate: float = LEARNING_RATE) -> dict:
+def run(
+    grid_size: int = GRID,
+    epochs: int = EPOCHS,
+    epsilon: float = EPSILON,
+    methods=METHODS,
+    learning_rate: float = LEARNING_RATE,
+) -> dict:
   """Returns ``{method: {"mean", "std", "shift", "tv_clean", "q"}}`` plus grid and targets."""
   grid = jnp.linspace(*GRID_RANGE, grid_size)
-  noisy = toy.mixture_logits(grid, (CLEAN[0], OUTLIER[0]), (CLEAN[1], OUTLIER[1]),
-                             (1 - epsilon, epsilon))
-  clean = toy.probs(toy.gaussian_logits(jnp.asarray([CLEAN[0], np.log(CLEAN[1])]), grid))
+  noisy = toy.mixture_logits(
+      grid,
+      (CLEAN[0], OUTLIER[0]),
+      (CLEAN[1], OUTLIER[1]),
+      (1 - epsilon, epsilon),
+  )
+  clean = toy.probs(
+      toy.gaussian_logits(jnp.asarray([CLEAN[0], np.log(CLEAN[1])]), grid)
+  )
   tx = toy.optimizer("adam", learning_rate)
   params0 = jnp.asarray(INIT, jnp.float32)
-  results = {"grid": np.asarray(grid), "noisy": toy.probs(noisy), "clean": clean}
+  results = {
+      "grid": np.asarray(grid),
+      "noisy": toy.probs(noisy),
+      "clean": clean,
+  }
   for method in methods:
-    history = np.asarray(toy.fit(method, params0, noisy, epochs, tx,
-                                 model=toy.gaussian_logits, grid=grid), np.float64)
+    history = np.asarray(
+        toy.fit(
+            method,
+            params0,
+            noisy,
+            epochs,
+            tx,
+            model=toy.gaussian_logits,
+            grid=grid,
+        ),
+        np.float64,
+    )
     mean, std = float(history[-1, 0]), float(np.exp(history[-1, 1]))
     q = toy.probs(toy.gaussian_logits(jnp.asarray(history[-1]), grid))
-    results[method] = dict(mean=mean, std=std, q=q,
-                           shift=float(np.hypot(mean - CLEAN[0], std - CLEAN[1])),
-                           tv_clean=float(toy.tv(q, clean)),
-                           tv_noisy=float(toy.tv(q, results["noisy"])))
+    results[method] = dict(
+        mean=mean,
+        std=std,
+        q=q,
+        shift=float(np.hypot(mean - CLEAN[0], std - CLEAN[1])),
+        tv_clean=float(toy.tv(q, clean)),
+        tv_noisy=float(toy.tv(q, results["noisy"])),
+    )
   return results
 
 
 def table(results: dict, methods=METHODS) -> str:
   mean, std = moment_match()
-  rows = [["clean target", CLEAN[0], CLEAN[1], 0.0, "", ""],
-          ["moment match (FKL optimum)", mean, std, float(np.hypot(mean, std - 1)), "", ""]]
-  rows += [[m.upper(), r["mean"], r["std"], r["shift"], r["tv_clean"], r["tv_noisy"]]
-           for m, r in results.items() if m in methods]
+  rows = [
+      ["clean target", CLEAN[0], CLEAN[1], 0.0, "", ""],
+      [
+          "moment match (FKL optimum)",
+          mean,
+          std,
+          float(np.hypot(mean, std - 1)),
+          "",
+          "",
+      ],
+  ]
+  rows += [
+      [m.upper(), r["mean"], r["std"], r["shift"], r["tv_clean"], r["tv_noisy"]]
+      for m, r in results.items()
+      if m in methods
+  ]
   return toy.format_table(
-      ["fit", "mean", "std", "|(m,s) − (0,1)|", "TV(q, clean)", "TV(q, noisy)"], rows)
+      ["fit", "mean", "std", "|(m,s) − (0,1)|", "TV(q, clean)", "TV(q, noisy)"],
+      rows,
+  )
 
 
 def figure(results: dict, out_dir: str | None) -> str:
@@ -82,14 +127,23 @@ def figure(results: dict, out_dir: str | None) -> str:
   grid = results["grid"]
   dx = grid[1] - grid[0]
   fig, ax = plt.subplots(figsize=(6, 3))
-  ax.fill_between(grid, results["noisy"] / dx, color="tab:blue", alpha=0.3,
-                  label=f"noisy target (ε = {EPSILON:g} outliers at x = {OUTLIER[0]:g})")
+  ax.fill_between(
+      grid,
+      results["noisy"] / dx,
+      color="tab:blue",
+      alpha=0.3,
+      label=f"noisy target (ε = {EPSILON:g} outliers at x = {OUTLIER[0]:g})",
+  )
   ax.plot(grid, results["clean"] / dx, "k:", label="clean target N(0, 1)")
   for method in METHODS:
     if method in results:
       r = results[method]
-      ax.plot(grid, r["q"] / dx, color=toy.METHOD_COLORS[method],
-              label=f"{method.upper()}: N({r['mean']:.2f}, {r['std']:.2f}²)")
+      ax.plot(
+          grid,
+          r["q"] / dx,
+          color=toy.METHOD_COLORS[method],
+          label=f"{method.upper()}: N({r['mean']:.2f}, {r['std']:.2f}²)",
+      )
   ax.set_xlabel("x")
   ax.set_ylabel("density")
   ax.legend(fontsize=7)
@@ -98,13 +152,17 @@ def figure(results: dict, out_dir: str | None) -> str:
 
 
 def main(argv=None) -> dict:
-  args = toy.parser(__doc__.splitlines()[0], EPOCHS, seeded=False).parse_args(argv)
+  args = toy.parser(__doc__.splitlines()[0], EPOCHS, seeded=False).parse_args(
+      argv
+  )
   epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
   grid = QUICK_GRID if args.quick else GRID
   results = run(grid_size=grid, epochs=epochs)
-  print(f"outlier robustness: single Gaussian fit, grid {grid} on {GRID_RANGE}, "
-        f"Adam lr={LEARNING_RATE}, {epochs} steps, start N({INIT[0]:g}, "
-        f"{np.exp(INIT[1]):g}²)")
+  print(
+      f"outlier robustness: single Gaussian fit, grid {grid} on {GRID_RANGE}, "
+      f"Adam lr={LEARNING_RATE}, {epochs} steps, start N({INIT[0]:g}, "
+      f"{np.exp(INIT[1]):g}²)"
+  )
   print(table(results))
   print("figure:", figure(results, args.out))
   return results

@@ -8,9 +8,21 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "data", "divergences", "evaluate", "evaluation",
-               "metrics", "models", "objective", "sampling", "sharding",
-               "spec", "trainer", "training")
+_SUBMODULES = (
+    "checkpoint",
+    "data",
+    "divergences",
+    "evaluate",
+    "evaluation",
+    "metrics",
+    "models",
+    "objective",
+    "sampling",
+    "sharding",
+    "spec",
+    "trainer",
+    "training",
+)
 
 
 def __getattr__(name):

@@ -36,7 +36,8 @@ def abstract(tree: Any) -> Any:
   """``ShapeDtypeStruct`` leaves with the live arrays' shardings."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree)
+      tree,
+  )
 
 
 # Validation metrics where higher is better; every other (losses) is lower.
@@ -47,6 +48,7 @@ SAMPLED = HIGHER_IS_BETTER  # need eval.num_examples > 0
 @dataclasses.dataclass(frozen=True)
 class BestPolicy:
   """The best checkpoint: the best ``metric`` among steps >= ``after_step``."""
+
   metric: str = "val_ce"
   after_step: int = 0
 
@@ -62,8 +64,9 @@ class BestPolicy:
     return float(value) if self.higher_is_better else -float(value)
 
 
-def best_policy(metric: str, after_steps: int, *, num_steps: int,
-                warmup_steps: int) -> BestPolicy:
+def best_policy(
+    metric: str, after_steps: int, *, num_steps: int, warmup_steps: int
+) -> BestPolicy:
   """``eval.best_metric`` / ``eval.best_after_steps`` as a policy.
 
   ``after_steps < 0`` (the default) means: from step 0 for a loss, and for a
@@ -71,56 +74,83 @@ def best_policy(metric: str, after_steps: int, *, num_steps: int,
   warm-up and the first quarter of the run.
   """
   if after_steps < 0:
-    after_steps = (max(warmup_steps, num_steps // 4) if metric in SAMPLED
-                   else 0)
+    after_steps = max(warmup_steps, num_steps // 4) if metric in SAMPLED else 0
   return BestPolicy(metric, after_steps)
 
 
 class Checkpoints:
   """``workdir/ckpt`` (latest N steps) and ``workdir/best`` (best validation)."""
 
-  def __init__(self, workdir: fs.PathLike, *, every_steps: int,
-               max_to_keep: int):
+  def __init__(
+      self, workdir: fs.PathLike, *, every_steps: int, max_to_keep: int
+  ):
     self.every_steps = every_steps
     root = fs.path(workdir)
     if not fs.is_remote(workdir):
       root = root.absolute()  # orbax wants absolute local paths
     self.latest = ocp.CheckpointManager(
         root / "ckpt",
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True
+        ),
+    )
     self._best_json = root / "best.json"
     self.best = ocp.CheckpointManager(
         root / "best",
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["score"],
-            best_mode="max"))
+            max_to_keep=1,
+            create=True,
+            best_fn=lambda m: m["score"],
+            best_mode="max",
+        ),
+    )
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
-  def save(self, step: int, state: Any, data_iter: Any, record: dict,
-           *, force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      state: Any,
+      data_iter: Any,
+      record: dict,
+      *,
+      force: bool = False,
+  ) -> bool:
     """Saves at multiples of ``every_steps`` (or when ``force``)."""
     if not force and (self.every_steps <= 0 or step % self.every_steps):
       return False
     if step in self.latest.all_steps():
       return False
-    return self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        record=ocp.args.JsonSave(record)), force=True)
+    return self.latest.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            record=ocp.args.JsonSave(record),
+        ),
+        force=True,
+    )
 
   def restore(self, step: int, state: Any, data_iter: Any) -> tuple[Any, dict]:
     """``(state, record)`` of ``step``; ``data_iter`` is moved in place."""
-    out = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(state)),
-        data=grain.checkpoint.CheckpointRestore(data_iter),
-        record=ocp.args.JsonRestore()))
+    out = self.latest.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract(state)),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            record=ocp.args.JsonRestore(),
+        ),
+    )
     return out.state, out.record
 
-  def save_best(self, step: int, params: Any, score: float,
-                record: Mapping[str, Any] | None = None) -> bool:
+  def save_best(
+      self,
+      step: int,
+      params: Any,
+      score: float,
+      record: Mapping[str, Any] | None = None,
+  ) -> bool:
     """Keeps ``params`` if ``score`` (higher is better) beats the best so far.
 
     ``record`` (e.g. ``{"metric": "val_ce", "value": 3.57}``) is written with
@@ -130,13 +160,21 @@ class Checkpoints:
     if step in self.best.all_steps():
       return False
     old = self.best_record()
-    self.best.save(step, args=ocp.args.StandardSave(params),
-                   metrics={"score": float(score)}, force=True)
+    self.best.save(
+        step,
+        args=ocp.args.StandardSave(params),
+        metrics={"score": float(score)},
+        force=True,
+    )
     if old is not None and old.get("score", -math.inf) >= score:
       return False
     if jax.process_index() == 0:
-      fs.write_text_atomic(self._best_json, json.dumps(
-          {"step": int(step), "score": float(score), **(record or {})}))
+      fs.write_text_atomic(
+          self._best_json,
+          json.dumps(
+              {"step": int(step), "score": float(score), **(record or {})}
+          ),
+      )
     return True
 
   def best_record(self) -> dict | None:
@@ -151,7 +189,8 @@ class Checkpoints:
     if step is None:
       return None
     return step, self.best.restore(
-        step, args=ocp.args.StandardRestore(abstract(params)))
+        step, args=ocp.args.StandardRestore(abstract(params))
+    )
 
   def close(self) -> None:
     """Waits for async writes to commit, then releases the managers."""

@@ -30,9 +30,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +38,7 @@ _OS_FIXES = {
     errno.EACCES: "choose a directory you can write to or fix its permissions",
     errno.EPERM: "choose a directory you can write to or fix its permissions",
     errno.ENOSPC: "free space there (or lower ckpt.max_to_keep) and re-run "
-                  "the same command",
+    "the same command",
     errno.EROFS: "choose a writable location",
     errno.ENOENT: "check the path",
     errno.ENOTDIR: "a parent of the path is a file: choose another path",
@@ -50,6 +48,7 @@ _OS_FIXES = {
 
 class UsageError(ValueError):
   """A command line that cannot work as typed (exit 2)."""
+
   exit_code = USAGE
 
 
@@ -104,22 +103,26 @@ def check_config_file(value: str) -> None:
   moved = os.path.join("kdjax", path)
   packaged = os.path.join(_PACKAGE_DIR, "configs", os.path.basename(path))
   if os.path.isfile(moved):
-    fix = (f"the configs moved into the package: use --config={moved}{suffix}")
+    fix = f"the configs moved into the package: use --config={moved}{suffix}"
   elif os.path.isfile(packaged):
     fix = f"use --config={packaged}{suffix}"
   else:
-    names = sorted(n for n in os.listdir(os.path.join(_PACKAGE_DIR, "configs"))
-                   if n.endswith(".py") and n not in ("__init__.py",
-                                                      "common.py"))
-    fix = ("pass an experiment config such as kdjax/configs/akl_gpt2.py:tiny "
-           f"(there: {', '.join(names)})")
+    names = sorted(
+        n
+        for n in os.listdir(os.path.join(_PACKAGE_DIR, "configs"))
+        if n.endswith(".py") and n not in ("__init__.py", "common.py")
+    )
+    fix = (
+        "pass an experiment config such as kdjax/configs/akl_gpt2.py:tiny "
+        f"(there: {', '.join(names)})"
+    )
   raise UsageError(f"config file {path} does not exist; {fix}.")
 
 
 def _override_for(key: str, argv: list[str]) -> str | None:
   for a in argv:
     if a.startswith("--config."):
-      dotted = a[len("--config."):].split("=", 1)[0]
+      dotted = a[len("--config.") :].split("=", 1)[0]
       if key in dotted.split("."):
         return dotted
   return None
@@ -141,12 +144,15 @@ def unknown_override(e: Exception, argv: list[str]) -> str:
     return f"{msg}; did you mean --config.{better}?"
   if parent == "loss.hp":
     from kdjax import validation  # pylint: disable=g-import-not-at-top
+
     owners = validation.takers(key)
     if owners:
       config = os.path.join("kdjax", "configs", f"{owners[0]}_gpt2.py")
-      return (f"{msg} (loss.hp holds the hyper-parameters of the config's own "
-              f"divergence); {key!r} belongs to {', '.join(owners)}: start "
-              f"from --config={config} and set --config.loss.hp.{key} there.")
+      return (
+          f"{msg} (loss.hp holds the hyper-parameters of the config's own "
+          f"divergence); {key!r} belongs to {', '.join(owners)}: start "
+          f"from --config={config} and set --config.loss.hp.{key} there."
+      )
     return f"{msg}, and no divergence takes {key!r}; check the spelling."
   return f"{msg}; check the spelling against the config file."
 
@@ -180,8 +186,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     if verbose:
       raise
     text = str(e)
-    inner = (_config_file_error(text)
-             if "Error whilst parsing config file" in text else None)
+    inner = (
+        _config_file_error(text)
+        if "Error whilst parsing config file" in text
+        else None
+    )
     if inner is not None:
       fail(f"{_config_values(argv)[0]}: {inner}", USAGE)
     fail(f"{text} (see --helpshort)", USAGE)
@@ -197,8 +206,11 @@ def _raised_in_kdjax(e: BaseException) -> bool:
   while tb is not None:
     last = tb.tb_frame.f_code.co_filename
     tb = tb.tb_next
-  return bool(last) and os.path.abspath(last).startswith(
-      _PACKAGE_DIR + os.sep) and not last.endswith("cli.py")
+  return (
+      bool(last)
+      and os.path.abspath(last).startswith(_PACKAGE_DIR + os.sep)
+      and not last.endswith("cli.py")
+  )
 
 
 def classify(e: BaseException) -> int | None:
@@ -211,26 +223,34 @@ def classify(e: BaseException) -> int | None:
   if isinstance(e, OSError):
     return RUNTIME
   if isinstance(e, (ValueError, RuntimeError, LookupError)) and (
-      _raised_in_kdjax(e)):
+      _raised_in_kdjax(e)
+  ):
     return RUNTIME
   return None
 
 
 def message(e: BaseException) -> str:
   """One sentence for a user error."""
-  if isinstance(e, OSError) and e.strerror and not getattr(e, "exit_code",
-                                                            None):
+  if (
+      isinstance(e, OSError)
+      and e.strerror
+      and not getattr(e, "exit_code", None)
+  ):
     where = e.filename or ""
     fix = _OS_FIXES.get(e.errno, "check the path")
-    return f"{e.strerror.lower()}: {where}; {fix}." if where else (
-        f"{e.strerror.lower()}; {fix}.")
+    return (
+        f"{e.strerror.lower()}: {where}; {fix}."
+        if where
+        else (f"{e.strerror.lower()}; {fix}.")
+    )
   return one_line(str(e) or type(e).__name__)
 
 
 def interrupted_message(e: KeyboardInterrupt) -> str:
   text = one_line(str(e)) if e.args else ""
-  return text or (f"interrupted; re-run the same command to resume: "
-                  f"{resume_command()}")
+  return text or (
+      f"interrupted; re-run the same command to resume: " f"{resume_command()}"
+  )
 
 
 def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:

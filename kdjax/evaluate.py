@@ -22,33 +22,75 @@ from ml_collections import config_flags
 from kdjax import cli
 
 # The library's names, kept importable as ``kdjax.evaluate.<name>``.
-from kdjax.evaluation import (DATASETS, EOS_TEXT, JSONL_SETS, METRICS,
-                              Protocol, Result, aggregate, evaluate,
-                              exact_match, generate_responses,
-                              generate_token_ids, load_dataset,
-                              markdown_table, normalize, postprocess,
-                              resolve_checkpoint, rouge_l, run, score, write)
+from kdjax.evaluation import (
+    DATASETS,
+    EOS_TEXT,
+    JSONL_SETS,
+    METRICS,
+    Protocol,
+    Result,
+    aggregate,
+    evaluate,
+    exact_match,
+    generate_responses,
+    generate_token_ids,
+    load_dataset,
+    markdown_table,
+    normalize,
+    postprocess,
+    resolve_checkpoint,
+    rouge_l,
+    run,
+    score,
+    write,
+)
 from kdjax.spec import protocol_from_config
 
-__all__ = ["DATASETS", "EOS_TEXT", "JSONL_SETS", "METRICS", "Protocol",
-           "Result", "aggregate", "evaluate", "exact_match",
-           "generate_responses", "generate_token_ids", "load_dataset",
-           "markdown_table", "normalize", "postprocess",
-           "protocol_from_config", "resolve_checkpoint", "rouge_l", "run",
-           "score", "write"]
+__all__ = [
+    "DATASETS",
+    "EOS_TEXT",
+    "JSONL_SETS",
+    "METRICS",
+    "Protocol",
+    "Result",
+    "aggregate",
+    "evaluate",
+    "exact_match",
+    "generate_responses",
+    "generate_token_ids",
+    "load_dataset",
+    "markdown_table",
+    "normalize",
+    "postprocess",
+    "protocol_from_config",
+    "resolve_checkpoint",
+    "rouge_l",
+    "run",
+    "score",
+    "write",
+]
 
 
 def _define_flags() -> None:
   """Defined only when run as a script: importing this module defines none."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                  lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "HF model dir or training workdir.",
-                      required=True)
-  flags.DEFINE_string("datasets", None, "Comma-separated dataset names "
-                      f"({', '.join(DATASETS)}, or *.jsonl); default: "
-                      "config.eval.datasets.")
-  flags.DEFINE_string("seeds", None, "Comma-separated sampling seeds; "
-                      "default: config.eval.seeds.")
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file.", lock_config=True
+  )
+  flags.DEFINE_string(
+      "checkpoint", None, "HF model dir or training workdir.", required=True
+  )
+  flags.DEFINE_string(
+      "datasets",
+      None,
+      "Comma-separated dataset names "
+      f"({', '.join(DATASETS)}, or *.jsonl); default: "
+      "config.eval.datasets.",
+  )
+  flags.DEFINE_string(
+      "seeds",
+      None,
+      "Comma-separated sampling seeds; " "default: config.eval.seeds.",
+  )
   flags.DEFINE_integer("limit", None, "Evaluate the first N examples only.")
   flags.DEFINE_string("outdir", None, "Output dir; default <checkpoint>/eval.")
   flags.DEFINE_string("manual_dir", None, "Dir with the eval JSONL files.")
@@ -57,13 +99,22 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> int:
   f = flags.FLAGS
   if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments {argv[1:]}; every input is a "
-                         "--flag=value.")
+    raise cli.UsageError(
+        f"unexpected arguments {argv[1:]}; every input is a " "--flag=value."
+    )
   if f.config is None:
-    raise cli.UsageError("--config is required, e.g. "
-                         "--config=kdjax/configs/akl_gpt2.py.")
-  run(f.config, f.checkpoint, datasets=f.datasets, seeds=f.seeds,
-      limit=f.limit, outdir=f.outdir, manual_dir=f.manual_dir)
+    raise cli.UsageError(
+        "--config is required, e.g. " "--config=kdjax/configs/akl_gpt2.py."
+    )
+  run(
+      f.config,
+      f.checkpoint,
+      datasets=f.datasets,
+      seeds=f.seeds,
+      limit=f.limit,
+      outdir=f.outdir,
+      manual_dir=f.manual_dir,
+  )
   return 0
 
 

@@ -26,8 +26,9 @@ def hub_reachable(timeout_s: float = HUB_TIMEOUT_S) -> bool:
   """
   if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
     return False
-  return _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                    timeout_s)
+  return _reachable(
+      os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout_s
+  )
 
 
 @functools.cache
@@ -43,5 +44,7 @@ def _reachable(endpoint: str, timeout_s: float) -> bool:
 
 def download_hint(hub_id: str) -> str:
   """The command that fetches ``hub_id`` on a machine with network."""
-  return (f"hf download {hub_id} --include '*.json' '*.safetensors' '*.txt' "
-          "--local-dir DIR")
+  return (
+      f"hf download {hub_id} --include '*.json' '*.safetensors' '*.txt' "
+      "--local-dir DIR"
+  )

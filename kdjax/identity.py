@@ -35,13 +35,24 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 IDENTITY = (
-    "seed", "batch_size",
-    "data.name", "data.tokenizer", "data.template", "data.max_length",
-    "data.max_prompt_length", "data.prompt_policy", "data.train_split",
-    "data.train_limit", "data.seqkd_teacher",
-    "teacher.path", "teacher.dtype",
-    "student.init", "student.dtype", "student.model_overrides",
-    "loss", "optim",
+    "seed",
+    "batch_size",
+    "data.name",
+    "data.tokenizer",
+    "data.template",
+    "data.max_length",
+    "data.max_prompt_length",
+    "data.prompt_policy",
+    "data.train_split",
+    "data.train_limit",
+    "data.seqkd_teacher",
+    "teacher.path",
+    "teacher.dtype",
+    "student.init",
+    "student.dtype",
+    "student.model_overrides",
+    "loss",
+    "optim",
 )
 
 
@@ -64,5 +75,6 @@ def is_identity(key: str) -> bool:
 def changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """Identity keys whose values differ between two resolved configs."""
   a, b = flatten(old), flatten(new)
-  return sorted(k for k in a.keys() | b.keys()
-                if is_identity(k) and a.get(k) != b.get(k))
+  return sorted(
+      k for k in a.keys() | b.keys() if is_identity(k) and a.get(k) != b.get(k)
+  )

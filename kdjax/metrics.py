@@ -18,8 +18,13 @@ from kdjax import fs
 class Writer:
   """Appends ``{"step": s, **scalars}`` lines and mirrors them to TensorBoard."""
 
-  def __init__(self, workdir: fs.PathLike, *, enabled: bool = True,
-               tensorboard: bool = True):
+  def __init__(
+      self,
+      workdir: fs.PathLike,
+      *,
+      enabled: bool = True,
+      tensorboard: bool = True,
+  ):
     self.enabled = enabled
     self.workdir = fs.path(workdir)
     self.path = self.workdir / "metrics.jsonl"
@@ -53,8 +58,7 @@ class Writer:
     if not self.enabled or not self.path.exists():
       return
     rows = [r for r in read(self.workdir) if r["step"] <= after_step]
-    fs.write_text_atomic(self.path,
-                         "".join(json.dumps(r) + "\n" for r in rows))
+    fs.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
   def close(self) -> None:
     if self._tb is not None:
@@ -79,34 +83,54 @@ def read(workdir: fs.PathLike) -> list[dict]:
 # ----------------------------------------------------------------------------
 # What a run prints: one line per validation, a summary at the end.
 
-_SHOWN = ("val_loss", "val_ce", "val_kd", "val_rougeL", "val_validity",
-          "val_exact_match")
+_SHOWN = (
+    "val_loss",
+    "val_ce",
+    "val_kd",
+    "val_rougeL",
+    "val_validity",
+    "val_exact_match",
+)
 
 
-def validation_line(step: int, num_steps: int, val: Mapping[str, float],
-                    best_step: int | None) -> str:
+def validation_line(
+    step: int, num_steps: int, val: Mapping[str, float], best_step: int | None
+) -> str:
   """``"validation step 10/30: val_loss 3.9012 val_ce 4.1234 (best: step 10)"``."""
   parts = [f"{k} {val[k]:.4f}" for k in _SHOWN if k in val]
   best = f" (best: step {best_step})" if best_step is not None else ""
   return f"validation step {step}/{num_steps}: {' '.join(parts)}{best}"
 
 
-def summary(workdir: fs.PathLike, *, steps: int, seconds: float,
-            best: Mapping[str, Any] | None, last: Mapping[str, float],
-            exports: Mapping[str, str]) -> str:
+def summary(
+    workdir: fs.PathLike,
+    *,
+    steps: int,
+    seconds: float,
+    best: Mapping[str, Any] | None,
+    last: Mapping[str, float],
+    exports: Mapping[str, str],
+) -> str:
   """The end-of-run summary (several lines) and ``workdir/summary.json``."""
-  record = {"steps": steps, "seconds": round(seconds, 1), "best": best,
-            "final": {k: last[k] for k in _SHOWN if k in last},
-            "exports": dict(exports)}
-  fs.write_text_atomic(fs.path(workdir) / "summary.json",
-                       json.dumps(record, indent=2))
+  record = {
+      "steps": steps,
+      "seconds": round(seconds, 1),
+      "best": best,
+      "final": {k: last[k] for k in _SHOWN if k in last},
+      "exports": dict(exports),
+  }
+  fs.write_text_atomic(
+      fs.path(workdir) / "summary.json", json.dumps(record, indent=2)
+  )
   lines = [f"done: {steps} steps in {seconds:.0f} s ({fs.path(workdir)})"]
   final = " ".join(f"{k} {v:.4f}" for k, v in record["final"].items())
   if final:
     lines.append(f"  final: {final}")
   if best:
-    lines.append(f"  best: step {best['step']} by {best['metric']} = "
-                 f"{best['value']:.4f}")
+    lines.append(
+        f"  best: step {best['step']} by {best['metric']} = "
+        f"{best['value']:.4f}"
+    )
   for name, where in exports.items():
     lines.append(f"  {name} student (Hugging Face): {where}")
   return "\n".join(lines)
@@ -116,4 +140,3 @@ def read_summary(workdir: fs.PathLike) -> dict | None:
   """``workdir/summary.json`` of a finished run, or None."""
   path = fs.path(workdir) / "summary.json"
   return json.loads(path.read_text()) if path.exists() else None
-

@@ -41,8 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import divergences as kd
-from kdjax import sharding
-from kdjax import taid
+from kdjax import sharding, taid
 from kdjax.divergences import fused
 
 Array = jax.Array
@@ -68,6 +67,7 @@ class Sums(NamedTuple):
   ``kd`` sums over the ``kd_tokens`` positions the KD term covers: all
   ``tokens`` unless ``loss.select`` keeps a fraction of them.
   """
+
   ce: Array
   kd: Array
   tokens: Array
@@ -78,34 +78,48 @@ def check(loss_cfg: Mapping[str, Any]) -> None:
   """Fails early, with the fix, on a loss config that cannot run."""
   name, impl = loss_cfg["name"], loss_cfg["impl"]
   if impl in _RENAMED:
-    raise ValueError(f"loss.impl={impl!r} no longer exists; use "
-                     f"--config.loss.impl={_RENAMED[impl]} (the analytic, "
-                     "chunked path is the default 'auto').")
+    raise ValueError(
+        f"loss.impl={impl!r} no longer exists; use "
+        f"--config.loss.impl={_RENAMED[impl]} (the analytic, "
+        "chunked path is the default 'auto')."
+    )
   if impl not in IMPLS:
     raise ValueError(f"loss.impl={impl!r} is unknown; use one of {IMPLS}.")
   if name not in NAMES:
-    raise ValueError(f"loss.name={name!r} is unknown; use one of "
-                     f"{', '.join(NAMES)}.")
+    raise ValueError(
+        f"loss.name={name!r} is unknown; use one of " f"{', '.join(NAMES)}."
+    )
   _check_select(loss_cfg)
   if name == "taid":
     if "taid" not in loss_cfg:
-      raise ValueError("loss.name='taid' needs the loss.taid schedule; start "
-                       "from kdjax/configs/taid_gpt2.py.")
+      raise ValueError(
+          "loss.name='taid' needs the loss.taid schedule; start "
+          "from kdjax/configs/taid_gpt2.py."
+      )
     taid.check(loss_cfg["taid"])
     if impl == "fused":
-      raise ValueError("loss.name='taid' interpolates logits, which "
-                       "loss.impl='fused' never forms; use "
-                       "--config.loss.impl=auto.")
+      raise ValueError(
+          "loss.name='taid' interpolates logits, which "
+          "loss.impl='fused' never forms; use "
+          "--config.loss.impl=auto."
+      )
   name = divergence_of(name)
   if not 0.0 <= loss_cfg["kd_ratio"] <= 1.0:
     raise ValueError(f"loss.kd_ratio={loss_cfg['kd_ratio']} must be in [0, 1].")
-  if impl == "fused" and loss_cfg["kd_ratio"] > 0 and (
-      name not in kd.TOKEN_LEVEL):
-    raise ValueError(f"loss.impl='fused' has no {name!r} version; set "
-                     "--config.loss.impl=auto.")
+  if (
+      impl == "fused"
+      and loss_cfg["kd_ratio"] > 0
+      and (name not in kd.TOKEN_LEVEL)
+  ):
+    raise ValueError(
+        f"loss.impl='fused' has no {name!r} version; set "
+        "--config.loss.impl=auto."
+    )
   if "temperature" in loss_cfg["hp"]:
-    raise ValueError("set the KD temperature as --config.loss.temperature, "
-                     "not loss.hp.temperature.")
+    raise ValueError(
+        "set the KD temperature as --config.loss.temperature, "
+        "not loss.hp.temperature."
+    )
   temperature = loss_cfg.get("temperature", 1.0)
   if not temperature > 0:
     raise ValueError(f"loss.temperature={temperature} must be > 0.")
@@ -114,15 +128,20 @@ def check(loss_cfg: Mapping[str, Any]) -> None:
 def _check_select(loss_cfg) -> None:
   fraction, by = _select(loss_cfg)
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"loss.select.fraction={fraction} must be in (0, 1] "
-                     "(1 distils every token).")
+    raise ValueError(
+        f"loss.select.fraction={fraction} must be in (0, 1] "
+        "(1 distils every token)."
+    )
   if by not in SELECT_BY:
-    raise ValueError(f"loss.select.by={by!r} is unknown; use one of "
-                     f"{SELECT_BY}.")
+    raise ValueError(
+        f"loss.select.by={by!r} is unknown; use one of " f"{SELECT_BY}."
+    )
   if fraction < 1.0 and loss_cfg["impl"] == "fused":
-    raise ValueError("loss.select ranks positions by the student's logits, "
-                     "which loss.impl='fused' never forms; use "
-                     "--config.loss.impl=auto.")
+    raise ValueError(
+        "loss.select ranks positions by the student's logits, "
+        "which loss.impl='fused' never forms; use "
+        "--config.loss.impl=auto."
+    )
 
 
 def _select(loss_cfg) -> tuple[float, str]:
@@ -161,8 +180,9 @@ def _ranked(loss_cfg, student_logits_BxTxV: Array, mask_BxT: Array):
   ties in position order, by a stable sort), then the unmasked ones.
   """
   fraction, _ = _select(loss_cfg)
-  log_q = kd.log_probs(jax.lax.stop_gradient(student_logits_BxTxV),
-                       _temperature(loss_cfg))
+  log_q = kd.log_probs(
+      jax.lax.stop_gradient(student_logits_BxTxV), _temperature(loss_cfg)
+  )
   h_BxT = -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
   score_BxT = jnp.where(mask_BxT > 0, h_BxT, -jnp.inf)
   order_BxT = jnp.argsort(-score_BxT, axis=-1, stable=True)
@@ -191,8 +211,9 @@ def kd_mask(loss_cfg, student_logits_BxTxV: Array, mask_BxT: Array) -> Array:
   return keep_BxT.astype(jnp.float32)
 
 
-def kd_rows(loss_cfg, student_logits_BxTxV: Array,
-            mask_BxT: Array) -> tuple[Array, Array]:
+def kd_rows(
+    loss_cfg, student_logits_BxTxV: Array, mask_BxT: Array
+) -> tuple[Array, Array]:
   """:func:`kd_mask`'s positions as indices, so the KD runs on those rows only.
 
   ``(index_BxK, keep_BxK)`` with ``K = ceil(fraction · T)``, the most any row
@@ -225,8 +246,9 @@ def _kd_hp(loss_cfg) -> dict[str, Any]:
   return dict(loss_cfg["hp"], temperature=_temperature(loss_cfg))
 
 
-def _per_token_kd(loss_cfg, s_BxTxV: Array, t_BxTxV: Array,
-                  mask_BxT: Array) -> Array:
+def _per_token_kd(
+    loss_cfg, s_BxTxV: Array, t_BxTxV: Array, mask_BxT: Array
+) -> Array:
   """The KD divergence per position ``[B, T]`` from both models' logits."""
   name, hp = loss_cfg["name"], _kd_hp(loss_cfg)
   if name == "sinkhorn":  # needs the mask to wall off padding rows
@@ -248,7 +270,7 @@ def _local_sums(loss_cfg, use_kd, s, t, labels, mask) -> Sums:
   else:
     keep = kd_mask(loss_cfg, s, mask)
     per_token = _per_token_kd(loss_cfg, s, t, mask)
-  kd_sum = jnp.sum(jnp.where(keep > 0, per_token, 0.))
+  kd_sum = jnp.sum(jnp.where(keep > 0, per_token, 0.0))
   return Sums(ce, kd_sum, jnp.sum(mask), jnp.sum(keep))
 
 
@@ -257,10 +279,17 @@ def _local_sums_fused(loss_cfg, use_kd, x_s, w_s, x_t, w_t, labels, mask):
   mask_N, labels_N = mask.reshape(-1), labels.reshape(-1)
   x_t_NxD = x_t.reshape(-1, x_t.shape[-1]) if use_kd else None
   ce, kd_sum = fused.ce_kd_sums(
-      loss_cfg["name"] if use_kd else None, x_s.reshape(-1, x_s.shape[-1]),
-      w_s, x_t_NxD, w_t if use_kd else None, labels_N, mask_N,
+      loss_cfg["name"] if use_kd else None,
+      x_s.reshape(-1, x_s.shape[-1]),
+      w_s,
+      x_t_NxD,
+      w_t if use_kd else None,
+      labels_N,
+      mask_N,
       kd_ratio=loss_cfg["kd_ratio"] if use_kd else 0.0,
-      chunk_size=loss_cfg["chunk_size"], **_kd_hp(loss_cfg))
+      chunk_size=loss_cfg["chunk_size"],
+      **_kd_hp(loss_cfg),
+  )
   tokens = jnp.sum(mask_N)
   return Sums(ce, kd_sum, tokens, tokens)
 
@@ -277,8 +306,9 @@ def _psum(local: Callable, n_batch_args: int, n_replicated: int = 0):
     # Replicated inputs (LM heads) become device-varying, so a custom VJP
     # may return per-device partial gradients for them; the transpose of
     # this cast is the psum that adds those partials up.
-    rep = jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"),
-                       args[:n_replicated])
+    rep = jax.tree.map(
+        lambda x: jax.lax.pcast(x, axes, to="varying"), args[:n_replicated]
+    )
     out = local(*rep, *args[n_replicated:])
     return jax.tree.map(lambda x: jax.lax.psum(x, axes), out)
 
@@ -286,8 +316,14 @@ def _psum(local: Callable, n_batch_args: int, n_replicated: int = 0):
   return jax.shard_map(body, in_specs=specs, out_specs=P())
 
 
-def sums(loss_cfg, student, teacher, batch: Mapping[str, Array], *,
-         taid_t: Array | float | None = None) -> Sums:
+def sums(
+    loss_cfg,
+    student,
+    teacher,
+    batch: Mapping[str, Array],
+    *,
+    taid_t: Array | float | None = None,
+) -> Sums:
   """CE and KD masked token sums of ``student`` (and ``teacher``) on ``batch``.
 
   ``teacher`` may be None when ``kd_ratio`` is 0. The teacher's outputs are
@@ -306,8 +342,9 @@ def sums(loss_cfg, student, teacher, batch: Mapping[str, Array], *,
       w_t = jax.lax.stop_gradient(teacher.head_weight())
     local = functools.partial(_local_sums_fused, loss_cfg, use_kd)
     # Heads are replicated inputs (shard_map gathers FSDP shards once).
-    fn = _psum(lambda w_s, w_t, x_s, x_t, l, m: local(x_s, w_s, x_t, w_t, l, m),
-               4, 2)
+    fn = _psum(
+        lambda w_s, w_t, x_s, x_t, l, m: local(x_s, w_s, x_t, w_t, l, m), 4, 2
+    )
     return fn(w_s, w_t, x_s, x_t, labels, mask)
   s = student(*inputs)
   t = jax.lax.stop_gradient(teacher(*inputs)) if use_kd else None

@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 Array = jax.Array
 NEG_INF = -jnp.inf
@@ -27,6 +27,7 @@ NEG_INF = -jnp.inf
 
 class Settings(NamedTuple):
   """Static decoding settings (hashable: one compilation per distinct value)."""
+
   max_new_tokens: int = 32
   greedy: bool = True
   temperature: float = 1.0
@@ -57,13 +58,17 @@ def top_p_mask(logits_BxV: Array, p: float) -> Array:
   sorted_BxV = jnp.take_along_axis(logits_BxV, order_BxV, axis=-1)
   cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
   drop_sorted = (cum_BxV <= 1.0 - p).at[..., -1].set(False)
-  drop_BxV = jnp.zeros_like(drop_sorted).at[
-      jnp.arange(logits_BxV.shape[0])[:, None], order_BxV].set(drop_sorted)
+  drop_BxV = (
+      jnp.zeros_like(drop_sorted)
+      .at[jnp.arange(logits_BxV.shape[0])[:, None], order_BxV]
+      .set(drop_sorted)
+  )
   return jnp.where(drop_BxV, NEG_INF, logits_BxV)
 
 
-def banned_ngram_mask(tokens_BxS: Array, valid_BxS: Array, end: Array, n: int,
-                      vocab: int) -> Array:
+def banned_ngram_mask(
+    tokens_BxS: Array, valid_BxS: Array, end: Array, n: int, vocab: int
+) -> Array:
   """True for tokens that would repeat an n-gram of ``tokens[:, :end]``.
 
   HF ``NoRepeatNGramLogitsProcessor``: if the last ``n - 1`` tokens occurred
@@ -72,26 +77,32 @@ def banned_ngram_mask(tokens_BxS: Array, valid_BxS: Array, end: Array, n: int,
   """
   B, S = tokens_BxS.shape
   W = S - n + 1  # candidate n-gram starts j = 0..W-1
-  last_Bxn1 = jax.lax.dynamic_slice_in_dim(tokens_BxS, end - (n - 1), n - 1,
-                                           axis=1)
+  last_Bxn1 = jax.lax.dynamic_slice_in_dim(
+      tokens_BxS, end - (n - 1), n - 1, axis=1
+  )
   match_BxW = jnp.arange(W)[None, :] + n <= end  # n-gram fully before `end`
   for m in range(n - 1):
-    match_BxW &= tokens_BxS[:, m:m + W] == last_Bxn1[:, m:m + 1]
+    match_BxW &= tokens_BxS[:, m : m + W] == last_Bxn1[:, m : m + 1]
   for m in range(n):
-    match_BxW &= valid_BxS[:, m:m + W]
-  follower_BxW = tokens_BxS[:, n - 1:n - 1 + W]
-  banned_BxV = jnp.zeros((B, vocab), jnp.int32).at[
-      jnp.arange(B)[:, None], follower_BxW].max(match_BxW.astype(jnp.int32))
+    match_BxW &= valid_BxS[:, m : m + W]
+  follower_BxW = tokens_BxS[:, n - 1 : n - 1 + W]
+  banned_BxV = (
+      jnp.zeros((B, vocab), jnp.int32)
+      .at[jnp.arange(B)[:, None], follower_BxW]
+      .max(match_BxW.astype(jnp.int32))
+  )
   return banned_BxV > 0
 
 
-def process_logits(logits_BxV: Array, s: Settings, tokens_BxS=None,
-                   valid_BxS=None, end=None) -> Array:
+def process_logits(
+    logits_BxV: Array, s: Settings, tokens_BxS=None, valid_BxS=None, end=None
+) -> Array:
   """Applies the no-repeat / temperature / top-k / top-p chain."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   if s.no_repeat_ngram_size > 0:
-    banned = banned_ngram_mask(tokens_BxS, valid_BxS, end,
-                               s.no_repeat_ngram_size, logits_BxV.shape[-1])
+    banned = banned_ngram_mask(
+        tokens_BxS, valid_BxS, end, s.no_repeat_ngram_size, logits_BxV.shape[-1]
+    )
     logits_BxV = jnp.where(banned, NEG_INF, logits_BxV)
   if s.greedy:
     return logits_BxV
@@ -100,9 +111,13 @@ def process_logits(logits_BxV: Array, s: Settings, tokens_BxS=None,
   return top_p_mask(top_k_mask(logits_BxV, s.top_k), s.top_p)
 
 
-def generate(model: nnx.Module, prompt_ids_BxP: Array,
-             prompt_mask_BxP: Array | None = None, key: Array | None = None,
-             **settings) -> Array:
+def generate(
+    model: nnx.Module,
+    prompt_ids_BxP: Array,
+    prompt_mask_BxP: Array | None = None,
+    key: Array | None = None,
+    **settings,
+) -> Array:
   """Generates up to ``max_new_tokens`` tokens per row.
 
   Args:
@@ -118,18 +133,28 @@ def generate(model: nnx.Module, prompt_ids_BxP: Array,
   """
   s = Settings(**settings)
   if not s.greedy and key is None:
-    raise ValueError("sampling (greedy=False) needs a PRNG key: pass "
-                     "key=jax.random.key(seed).")
+    raise ValueError(
+        "sampling (greedy=False) needs a PRNG key: pass "
+        "key=jax.random.key(seed)."
+    )
   if s.temperature <= 0:
-    raise ValueError(f"temperature={s.temperature} must be > 0; use "
-                     "greedy=True for argmax decoding.")
+    raise ValueError(
+        f"temperature={s.temperature} must be > 0; use "
+        "greedy=True for argmax decoding."
+    )
   if prompt_mask_BxP is None:
     prompt_mask_BxP = jnp.ones(prompt_ids_BxP.shape, bool)
   if key is None:
     key = jax.random.key(0)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, jnp.asarray(prompt_ids_BxP, jnp.int32),
-                   jnp.asarray(prompt_mask_BxP, bool), key, s)
+  return _generate(
+      graphdef,
+      state,
+      jnp.asarray(prompt_ids_BxP, jnp.int32),
+      jnp.asarray(prompt_mask_BxP, bool),
+      key,
+      s,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -161,11 +186,25 @@ def _generate(graphdef, state, prompt_BxP, mask_BxP, key, s: Settings):
     if s.eos_id is not None:
       done_B = done_B | (next_B == s.eos_id)
     logits_Bx1xV, cache = model.decode(next_B[:, None], cache)
-    return (i + 1, tokens_BxS, valid_BxS, logits_Bx1xV[:, 0], done_B, cache,
-            key)
+    return (
+        i + 1,
+        tokens_BxS,
+        valid_BxS,
+        logits_Bx1xV[:, 0],
+        done_B,
+        cache,
+        key,
+    )
 
-  carry = (jnp.array(0, jnp.int32), tokens_BxS, valid_BxS,
-           logits_BxPxV[:, -1], jnp.zeros((B,), bool), cache, key)
+  carry = (
+      jnp.array(0, jnp.int32),
+      tokens_BxS,
+      valid_BxS,
+      logits_BxPxV[:, -1],
+      jnp.zeros((B,), bool),
+      cache,
+      key,
+  )
   _, tokens_BxS, *_ = jax.lax.while_loop(cond, body, carry)
   # Steps the loop skipped (every row done early) stay pad_id.
   return tokens_BxS[:, P:]

@@ -19,10 +19,9 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from flax import nnx, traverse_util
 import jax
 import numpy as np
-from flax import nnx
-from flax import traverse_util
 
 P = jax.sharding.PartitionSpec
 NamedSharding = jax.sharding.NamedSharding
@@ -43,8 +42,12 @@ RULES = {
 }
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> jax.sharding.Mesh:
   """Builds a ``("data", "fsdp", "tensor")`` mesh with ``AxisType.Auto`` axes.
 
   Args:
@@ -57,20 +60,24 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   n = len(devices)
   if data == -1:
     if n % (fsdp * tensor):
-      raise ValueError(f"fsdp*tensor={fsdp * tensor} does not divide the {n} "
-                       "devices; choose sizes whose product divides the count.")
+      raise ValueError(
+          f"fsdp*tensor={fsdp * tensor} does not divide the {n} "
+          "devices; choose sizes whose product divides the count."
+      )
     data = n // (fsdp * tensor)
   if data * fsdp * tensor != n:
-    raise ValueError(f"mesh data*fsdp*tensor={data}*{fsdp}*{tensor} != {n} "
-                     "devices; pass data=-1 to take the rest.")
+    raise ValueError(
+        f"mesh data*fsdp*tensor={data}*{fsdp}*{tensor} != {n} "
+        "devices; pass data=-1 to take the rest."
+    )
   auto = jax.sharding.AxisType.Auto
   # Shape positionally: the keyword is axis_shapes in jax 0.10, axis_sizes in 0.12.
-  return jax.make_mesh((data, fsdp, tensor), AXES, (auto,) * 3,
-                       devices=devices)
+  return jax.make_mesh((data, fsdp, tensor), AXES, (auto,) * 3, devices=devices)
 
 
-def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int],
-                    mesh: jax.sharding.Mesh) -> P:
+def logical_to_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: jax.sharding.Mesh
+) -> P:
   """Maps logical axis names to a PartitionSpec, replicating uneven dims."""
   spec = []
   for name, size in zip(logical, shape):
@@ -85,20 +92,24 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int],
   return P(*spec)
 
 
-def logical_axes(table: Sequence[tuple[str, tuple]], path: str,
-                 ndim: int) -> tuple:
+def logical_axes(
+    table: Sequence[tuple[str, tuple]], path: str, ndim: int
+) -> tuple:
   """Looks a ``/``-joined parameter path up in a model's ``LOGICAL_AXES``."""
   for pattern, axes in table:
     if re.fullmatch(pattern, path):
       if len(axes) != ndim:
-        raise ValueError(f"logical axes {axes} for {path} do not match its "
-                         f"rank {ndim}; fix the model's LOGICAL_AXES table.")
+        raise ValueError(
+            f"logical axes {axes} for {path} do not match its "
+            f"rank {ndim}; fix the model's LOGICAL_AXES table."
+        )
       return axes
   return (None,) * ndim
 
 
-def state_shardings(model: nnx.Module, mesh: jax.sharding.Mesh | None,
-                    state: Any = None) -> dict:
+def state_shardings(
+    model: nnx.Module, mesh: jax.sharding.Mesh | None, state: Any = None
+) -> dict:
   """Flat ``{path_tuple: NamedSharding}`` for every array in ``model``'s state.
 
   ``model`` may be abstract (``nnx.eval_shape``). Non-parameter state (RNG
@@ -147,4 +158,5 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(
-      x, logical_to_spec(logical, x.shape, mesh))
+      x, logical_to_spec(logical, x.shape, mesh)
+  )

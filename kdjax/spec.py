@@ -39,8 +39,10 @@ def int_list(text: str, what: str) -> tuple[int, ...]:
   try:
     return tuple(int(s) for s in text.split(",") if s.strip())
   except ValueError:
-    raise ValueError(f"{what}={text!r} is not a comma-separated list of "
-                     "integers, e.g. 10,20,30.") from None
+    raise ValueError(
+        f"{what}={text!r} is not a comma-separated list of "
+        "integers, e.g. 10,20,30."
+    ) from None
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -56,6 +58,7 @@ class DataSpec:
   None when unset; ``train_limit`` 0 means every example; ``seqkd_teacher``
   "" means train on the references, else on that teacher's responses.
   """
+
   name: str
   data_dir: str
   manual_dir: str | None
@@ -71,14 +74,19 @@ class DataSpec:
 
   def row_settings(self, eos_id: int) -> dict[str, Any]:
     """Keyword arguments shared by ``pipeline.train_batches`` / ``eval_batches``."""
-    return dict(eos_id=eos_id, max_length=self.max_length,
-                max_prompt_length=self.max_prompt_length,
-                prompt_policy=self.prompt_policy, template_style=self.template)
+    return dict(
+        eos_id=eos_id,
+        max_length=self.max_length,
+        max_prompt_length=self.max_prompt_length,
+        prompt_policy=self.prompt_policy,
+        template_style=self.template,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
   """The frozen teacher: a HF directory, the hub id it came from, its dtype."""
+
   path: str
   hub_id: str
   dtype: str
@@ -90,6 +98,7 @@ class StudentSpec:
 
   ``model_overrides`` replace model config fields (``remat`` included).
   """
+
   init: str
   dtype: str
   model_overrides: Mapping[str, Any]
@@ -99,6 +108,7 @@ class StudentSpec:
 @dataclasses.dataclass(frozen=True)
 class OptimSpec:
   """Clipped AdamW on a warmup + cosine schedule (``config.optim``)."""
+
   lr: float
   lr_min: float
   warmup_steps: int
@@ -112,6 +122,7 @@ class OptimSpec:
 @dataclasses.dataclass(frozen=True)
 class CkptSpec:
   """Checkpoint every ``every_steps`` steps, keeping the ``max_to_keep`` latest."""
+
   every_steps: int
   max_to_keep: int
 
@@ -126,6 +137,7 @@ class EvalSpec:
   ``best_metric`` among validations from step ``best_after_steps`` on (-1:
   :func:`kdjax.checkpoint.best_policy` chooses).
   """
+
   every_steps: int
   val_batches: int
   num_examples: int
@@ -139,6 +151,7 @@ class EvalSpec:
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
   """Mesh axis sizes (-1: the devices left), ``sharding.make_mesh``'s arguments."""
+
   data: int
   fsdp: int
 
@@ -152,6 +165,7 @@ class TrainSpec:
   ``identity`` is the whole config as JSON, what a workdir is bound to.
   ``num_steps`` 0 means ``num_epochs`` epochs.
   """
+
   seed: int
   batch_size: int
   grad_accum: int
@@ -183,41 +197,69 @@ def protocol_from_config(config: ml_collections.ConfigDict) -> Protocol:
   """The paper protocol with the config's lengths, seeds and (when present)
   ``data.template`` and ``eval.greedy`` / ``temperature`` / ``top_k`` /
   ``top_p`` / ``no_repeat_ngram_size``."""
-  fields = dict(max_new_tokens=config.eval.max_new_tokens,
-                max_prompt_length=config.data.max_prompt_length,
-                seeds=int_list(config.eval.seeds, "eval.seeds"))
+  fields = dict(
+      max_new_tokens=config.eval.max_new_tokens,
+      max_prompt_length=config.data.max_prompt_length,
+      seeds=int_list(config.eval.seeds, "eval.seeds"),
+  )
   if "template" in config.data:
     fields["template"] = config.data.template
-  for key in ("greedy", "temperature", "top_k", "top_p",
-              "no_repeat_ngram_size"):
+  for key in (
+      "greedy",
+      "temperature",
+      "top_k",
+      "top_p",
+      "no_repeat_ngram_size",
+  ):
     if key in config.eval:
       fields[key] = config.eval[key]
   return Protocol(**fields)
 
 
 def data_from_config(data: ml_collections.ConfigDict) -> DataSpec:
-  return _fields(DataSpec, data, data_dir=_path(data.data_dir),
-                 manual_dir=_path(data.manual_dir) or None)
+  return _fields(
+      DataSpec,
+      data,
+      data_dir=_path(data.data_dir),
+      manual_dir=_path(data.manual_dir) or None,
+  )
 
 
 def from_config(config: ml_collections.ConfigDict) -> TrainSpec:
   """Resolves a training config (``kdjax/configs/*.py:get_config``)."""
   c = config
   student = StudentSpec(
-      init=c.student.init, dtype=c.student.dtype, seed=c.seed,
-      model_overrides=dict(c.student.model_overrides, remat=c.student.remat))
-  evaluation = _fields(EvalSpec, c.eval, protocol=protocol_from_config(c),
-                       datasets=names(c.eval.datasets))
+      init=c.student.init,
+      dtype=c.student.dtype,
+      seed=c.seed,
+      model_overrides=dict(c.student.model_overrides, remat=c.student.remat),
+  )
+  evaluation = _fields(
+      EvalSpec,
+      c.eval,
+      protocol=protocol_from_config(c),
+      datasets=names(c.eval.datasets),
+  )
   return TrainSpec(
-      seed=c.seed, batch_size=c.batch_size, grad_accum=c.grad_accum,
-      num_epochs=c.num_epochs, num_steps=c.num_steps, log_every=c.log_every,
-      export_hf=c.export_hf, force_new_run=c.force_new_run,
-      data=data_from_config(c.data), teacher=_fields(TeacherSpec, c.teacher),
-      student=student, loss=c.loss.to_dict(), optim=_fields(OptimSpec, c.optim),
-      ckpt=_fields(CkptSpec, c.ckpt), eval=evaluation,
+      seed=c.seed,
+      batch_size=c.batch_size,
+      grad_accum=c.grad_accum,
+      num_epochs=c.num_epochs,
+      num_steps=c.num_steps,
+      log_every=c.log_every,
+      export_hf=c.export_hf,
+      force_new_run=c.force_new_run,
+      data=data_from_config(c.data),
+      teacher=_fields(TeacherSpec, c.teacher),
+      student=student,
+      loss=c.loss.to_dict(),
+      optim=_fields(OptimSpec, c.optim),
+      ckpt=_fields(CkptSpec, c.ckpt),
+      eval=evaluation,
       mesh=_fields(MeshSpec, c.mesh),
       identity=json.loads(c.to_json_best_effort()),
-      onpolicy=onpolicy_source.spec_from_config(c))
+      onpolicy=onpolicy_source.spec_from_config(c),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +269,7 @@ class SuiteSpec:
   ``mesh`` holds ``sharding.make_mesh`` keyword arguments (empty:
   data-parallel over every device); ``manual_dir`` is None when unset.
   """
+
   protocol: Protocol
   datasets: tuple[str, ...]
   data_dir: str
@@ -245,6 +288,9 @@ def suite_from_config(config: ml_collections.ConfigDict) -> SuiteSpec:
       datasets=names(config.eval.datasets),
       data_dir=_path(config.data.data_dir),
       manual_dir=_path(config.data.get("manual_dir") or "") or None,
-      tokenizer=config.data.tokenizer, batch_size=config.eval.batch_size,
-      dtype=config.student.dtype, seed=config.seed,
-      mesh=config.mesh.to_dict() if "mesh" in config else {})
+      tokenizer=config.data.tokenizer,
+      batch_size=config.eval.batch_size,
+      dtype=config.student.dtype,
+      seed=config.seed,
+      mesh=config.mesh.to_dict() if "mesh" in config else {},
+  )

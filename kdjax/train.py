@@ -21,21 +21,25 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from kdjax import cli
-from kdjax import training
+from kdjax import cli, training
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. kdjax/configs/akl_gpt2.py:tiny.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it "
-                               "holds a checkpoint).")
+    "config",
+    None,
+    "Experiment config file, e.g. kdjax/configs/akl_gpt2.py:tiny.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (resumed if it " "holds a checkpoint)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments {argv[1:]}; overrides are "
-                         "--config.key=value.")
+    raise cli.UsageError(
+        f"unexpected arguments {argv[1:]}; overrides are " "--config.key=value."
+    )
   training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

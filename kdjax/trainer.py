@@ -12,14 +12,42 @@ summary = trainer.train_and_evaluate(akl_gpt2.get_config("tiny"), "/tmp/akl")
 :class:`TrainState`). The command line is ``python -m kdjax.train``.
 """
 
-from kdjax.training import (BATCH_KEYS, Run, Step, TrainingError, TrainState,
-                            abstract_opt_state, build, dtype_of, export,
-                            load_teacher, make_optimizer, make_schedule,
-                            make_student, maybe_initialize_distributed,
-                            put_batch, teacher_path, train_and_evaluate)
+from kdjax.training import (
+    BATCH_KEYS,
+    Run,
+    Step,
+    TrainingError,
+    TrainState,
+    abstract_opt_state,
+    build,
+    dtype_of,
+    export,
+    load_teacher,
+    make_optimizer,
+    make_schedule,
+    make_student,
+    maybe_initialize_distributed,
+    put_batch,
+    teacher_path,
+    train_and_evaluate,
+)
 
-__all__ = ["BATCH_KEYS", "Run", "Step", "TrainingError", "TrainState",
-           "abstract_opt_state", "build", "dtype_of", "export",
-           "load_teacher", "make_optimizer", "make_schedule",
-           "make_student", "maybe_initialize_distributed", "put_batch",
-           "teacher_path", "train_and_evaluate"]
+__all__ = [
+    "BATCH_KEYS",
+    "Run",
+    "Step",
+    "TrainingError",
+    "TrainState",
+    "abstract_opt_state",
+    "build",
+    "dtype_of",
+    "export",
+    "load_teacher",
+    "make_optimizer",
+    "make_schedule",
+    "make_student",
+    "maybe_initialize_distributed",
+    "put_batch",
+    "teacher_path",
+    "train_and_evaluate",
+]

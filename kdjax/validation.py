@@ -44,29 +44,43 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots")
 DATASETS = ("dolly", "synthetic_instruct")
 JSONL_SETS = ("sinst", "vicuna", "sni", "unni", "dolly_test")
-BYTE_VOCAB = 257  # kdjax.data.tokenizer.VOCAB_SIZE (not imported: no tokenizers)
+BYTE_VOCAB = (
+    257  # kdjax.data.tokenizer.VOCAB_SIZE (not imported: no tokenizers)
+)
 # Hyper-parameters in [0, 1] and those that must be > 0, by name: the same
 # name means the same thing in every divergence.
 # Hyper-parameters that are mixture weights or masses, per divergence (ABKD's
 # alpha and beta are exponents: any real numbers).
-UNIT_HPS = {"akl": ("mu",), "jsd": ("beta",), "skl": ("alpha",),
-            "srkl": ("alpha",), "fkl_rkl": ("weight",)}
+UNIT_HPS = {
+    "akl": ("mu",),
+    "jsd": ("beta",),
+    "skl": ("alpha",),
+    "srkl": ("alpha",),
+    "fkl_rkl": ("weight",),
+}
 POSITIVE_HPS = ("temperature", "epsilon", "threshold", "scale")
 POSITIVE_INT_HPS = ("num_iters", "group_size")
 # Not hyper-parameters: the divergence's tensors and what the objective binds.
 # The temperature is loss.temperature and the chunking is chosen by the
 # divergence itself, so neither is a loss.hp entry.
-_TENSOR_ARGS = ("student_logits", "teacher_logits", "mask", "temperature",
-                "chunk_size")
+_TENSOR_ARGS = (
+    "student_logits",
+    "teacher_logits",
+    "mask",
+    "temperature",
+    "chunk_size",
+)
 
 
 class ConfigError(ValueError):
   """A config value that cannot run; the message says which and the fix."""
+
   exit_code = 2  # a usage error: the command line must change
 
 
 class MissingInputError(ConfigError, FileNotFoundError):
   """A file or directory the config names does not exist."""
+
   exit_code = 1
 
 
@@ -74,8 +88,9 @@ def _fail(key: str, value: Any, problem: str, fix: str) -> ConfigError:
   return ConfigError(f"{key}={value!r} {problem}; {fix}.")
 
 
-def validate(config: ml_collections.ConfigDict, *,
-             training: bool = True) -> list[str]:
+def validate(
+    config: ml_collections.ConfigDict, *, training: bool = True
+) -> list[str]:
   """Raises :class:`ConfigError` on the first problem; returns the notes.
 
   The only change made to ``config``: hyper-parameters the chosen divergence
@@ -93,8 +108,10 @@ def validate(config: ml_collections.ConfigDict, *,
   steps = _get(config, "num_steps", 0)
   warmup = _get(config, "optim.warmup_steps", 0)
   if steps and warmup >= steps:  # a smoke test; the schedule copes
-    notes.append(f"optim.warmup_steps={warmup} is not below num_steps="
-                 f"{steps}: the learning rate stays below optim.lr.")
+    notes.append(
+        f"optim.warmup_steps={warmup} is not below num_steps="
+        f"{steps}: the learning rate stays below optim.lr."
+    )
   _check_names(config)
   if not training:
     _log(notes)
@@ -121,7 +138,8 @@ def _get(config, key: str, default: Any = None) -> Any:
   node = config
   for part in key.split("."):
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or (
-        part not in node):
+        part not in node
+    ):
       return default
     node = node[part]
   return node
@@ -132,85 +150,196 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-  return (isinstance(v, (int, float)) and not isinstance(v, bool)
-          and math.isfinite(v))
+  return (
+      isinstance(v, (int, float))
+      and not isinstance(v, bool)
+      and math.isfinite(v)
+  )
 
 
 # (key, check, requirement, fix); a key absent from the config is skipped.
 _Rule = tuple[str, Callable[[Any], bool], str, str]
 _RULES: tuple[_Rule, ...] = (
-    ("seed", lambda v: _is_int(v) and v >= 0, "must be an integer >= 0",
-     "pass --config.seed=0 or another non-negative integer"),
-    ("batch_size", lambda v: _is_int(v) and v > 0,
-     "must be a positive integer (sequences per step)",
-     "pass --config.batch_size=32 or another positive integer"),
-    ("grad_accum", lambda v: _is_int(v) and v >= 1,
-     "must be an integer >= 1", "pass --config.grad_accum=1 (no accumulation)"),
-    ("num_steps", lambda v: _is_int(v) and v >= 0,
-     "must be an integer >= 0 (0: use num_epochs)",
-     "pass a non-negative --config.num_steps"),
-    ("num_epochs", lambda v: _is_int(v) and v >= 1,
-     "must be an integer >= 1", "pass --config.num_epochs=1 or more"),
-    ("log_every", lambda v: _is_int(v) and v >= 1, "must be an integer >= 1",
-     "pass --config.log_every=10 or another positive integer"),
-    ("optim.lr", lambda v: _is_num(v) and v > 0, "must be > 0",
-     "pass a positive learning rate such as --config.optim.lr=5e-4"),
-    ("optim.lr_min", lambda v: _is_num(v) and v >= 0, "must be >= 0",
-     "pass a non-negative --config.optim.lr_min (the cosine floor)"),
-    ("optim.warmup_steps", lambda v: _is_int(v) and v >= 0,
-     "must be an integer >= 0", "pass --config.optim.warmup_steps=0 for none"),
-    ("optim.weight_decay", lambda v: _is_num(v) and v >= 0, "must be >= 0",
-     "pass --config.optim.weight_decay=0.01 or 0 for none"),
-    ("optim.clip", lambda v: _is_num(v) and v > 0,
-     "must be > 0 (0 would zero every gradient)",
-     "pass --config.optim.clip=1.0"),
-    ("optim.b1", lambda v: _is_num(v) and 0 <= v < 1, "must be in [0, 1)",
-     "pass --config.optim.b1=0.9"),
-    ("optim.b2", lambda v: _is_num(v) and 0 <= v < 1, "must be in [0, 1)",
-     "pass --config.optim.b2=0.999"),
-    ("optim.eps", lambda v: _is_num(v) and v > 0, "must be > 0",
-     "pass --config.optim.eps=1e-8"),
-    ("loss.kd_ratio", lambda v: _is_num(v) and 0 <= v <= 1,
-     "must be in [0, 1] (the KD share of (1 - r)·CE + r·KD)",
-     "pass --config.loss.kd_ratio=0.5, or 0 for plain SFT"),
-    ("loss.temperature", lambda v: _is_num(v) and v > 0, "must be > 0",
-     "pass --config.loss.temperature=1.0 (no softening)"),
-    ("loss.chunk_size", lambda v: _is_int(v) and v > 0,
-     "must be a positive integer", "pass --config.loss.chunk_size=1024"),
-    ("data.max_length", lambda v: _is_int(v) and v > 1,
-     "must be an integer > 1 (tokens per sequence)",
-     "pass --config.data.max_length=512"),
-    ("data.max_prompt_length", lambda v: _is_int(v) and v > 0,
-     "must be a positive integer", "pass --config.data.max_prompt_length=256"),
-    ("data.train_limit", lambda v: _is_int(v) and v >= 0,
-     "must be an integer >= 0 (0: every example)",
-     "pass --config.data.train_limit=0"),
-    ("mesh.data", lambda v: _is_int(v) and (v == -1 or v > 0),
-     "must be -1 (every remaining device) or a positive integer",
-     "pass --config.mesh.data=-1"),
-    ("mesh.fsdp", lambda v: _is_int(v) and v > 0, "must be a positive integer",
-     "pass --config.mesh.fsdp=1 (no FSDP)"),
-    ("ckpt.every_steps", lambda v: _is_int(v) and v >= 0,
-     "must be an integer >= 0 (0: only the final checkpoint)",
-     "pass --config.ckpt.every_steps=1000"),
-    ("ckpt.max_to_keep", lambda v: _is_int(v) and v >= 1,
-     "must be an integer >= 1", "pass --config.ckpt.max_to_keep=2"),
-    ("eval.every_steps", lambda v: _is_int(v) and v >= -1,
-     "must be -1 (every epoch), 0 (never) or a positive integer",
-     "pass --config.eval.every_steps=-1"),
-    ("eval.val_batches", lambda v: _is_int(v) and v >= 0,
-     "must be an integer >= 0 (0: the whole validation split)",
-     "pass --config.eval.val_batches=0"),
-    ("eval.num_examples", lambda v: _is_int(v) and v >= 0,
-     "must be an integer >= 0 (0: no sampled ROUGE-L)",
-     "pass --config.eval.num_examples=0 to switch sampling off"),
-    ("eval.batch_size", lambda v: _is_int(v) and v > 0,
-     "must be a positive integer", "pass --config.eval.batch_size=32"),
-    ("eval.max_new_tokens", lambda v: _is_int(v) and v > 0,
-     "must be a positive integer", "pass --config.eval.max_new_tokens=256"),
-    ("eval.best_after_steps", lambda v: _is_int(v) and v >= -1,
-     "must be -1 (automatic) or an integer >= 0",
-     "pass --config.eval.best_after_steps=-1"),
+    (
+        "seed",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0",
+        "pass --config.seed=0 or another non-negative integer",
+    ),
+    (
+        "batch_size",
+        lambda v: _is_int(v) and v > 0,
+        "must be a positive integer (sequences per step)",
+        "pass --config.batch_size=32 or another positive integer",
+    ),
+    (
+        "grad_accum",
+        lambda v: _is_int(v) and v >= 1,
+        "must be an integer >= 1",
+        "pass --config.grad_accum=1 (no accumulation)",
+    ),
+    (
+        "num_steps",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0 (0: use num_epochs)",
+        "pass a non-negative --config.num_steps",
+    ),
+    (
+        "num_epochs",
+        lambda v: _is_int(v) and v >= 1,
+        "must be an integer >= 1",
+        "pass --config.num_epochs=1 or more",
+    ),
+    (
+        "log_every",
+        lambda v: _is_int(v) and v >= 1,
+        "must be an integer >= 1",
+        "pass --config.log_every=10 or another positive integer",
+    ),
+    (
+        "optim.lr",
+        lambda v: _is_num(v) and v > 0,
+        "must be > 0",
+        "pass a positive learning rate such as --config.optim.lr=5e-4",
+    ),
+    (
+        "optim.lr_min",
+        lambda v: _is_num(v) and v >= 0,
+        "must be >= 0",
+        "pass a non-negative --config.optim.lr_min (the cosine floor)",
+    ),
+    (
+        "optim.warmup_steps",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0",
+        "pass --config.optim.warmup_steps=0 for none",
+    ),
+    (
+        "optim.weight_decay",
+        lambda v: _is_num(v) and v >= 0,
+        "must be >= 0",
+        "pass --config.optim.weight_decay=0.01 or 0 for none",
+    ),
+    (
+        "optim.clip",
+        lambda v: _is_num(v) and v > 0,
+        "must be > 0 (0 would zero every gradient)",
+        "pass --config.optim.clip=1.0",
+    ),
+    (
+        "optim.b1",
+        lambda v: _is_num(v) and 0 <= v < 1,
+        "must be in [0, 1)",
+        "pass --config.optim.b1=0.9",
+    ),
+    (
+        "optim.b2",
+        lambda v: _is_num(v) and 0 <= v < 1,
+        "must be in [0, 1)",
+        "pass --config.optim.b2=0.999",
+    ),
+    (
+        "optim.eps",
+        lambda v: _is_num(v) and v > 0,
+        "must be > 0",
+        "pass --config.optim.eps=1e-8",
+    ),
+    (
+        "loss.kd_ratio",
+        lambda v: _is_num(v) and 0 <= v <= 1,
+        "must be in [0, 1] (the KD share of (1 - r)·CE + r·KD)",
+        "pass --config.loss.kd_ratio=0.5, or 0 for plain SFT",
+    ),
+    (
+        "loss.temperature",
+        lambda v: _is_num(v) and v > 0,
+        "must be > 0",
+        "pass --config.loss.temperature=1.0 (no softening)",
+    ),
+    (
+        "loss.chunk_size",
+        lambda v: _is_int(v) and v > 0,
+        "must be a positive integer",
+        "pass --config.loss.chunk_size=1024",
+    ),
+    (
+        "data.max_length",
+        lambda v: _is_int(v) and v > 1,
+        "must be an integer > 1 (tokens per sequence)",
+        "pass --config.data.max_length=512",
+    ),
+    (
+        "data.max_prompt_length",
+        lambda v: _is_int(v) and v > 0,
+        "must be a positive integer",
+        "pass --config.data.max_prompt_length=256",
+    ),
+    (
+        "data.train_limit",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0 (0: every example)",
+        "pass --config.data.train_limit=0",
+    ),
+    (
+        "mesh.data",
+        lambda v: _is_int(v) and (v == -1 or v > 0),
+        "must be -1 (every remaining device) or a positive integer",
+        "pass --config.mesh.data=-1",
+    ),
+    (
+        "mesh.fsdp",
+        lambda v: _is_int(v) and v > 0,
+        "must be a positive integer",
+        "pass --config.mesh.fsdp=1 (no FSDP)",
+    ),
+    (
+        "ckpt.every_steps",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0 (0: only the final checkpoint)",
+        "pass --config.ckpt.every_steps=1000",
+    ),
+    (
+        "ckpt.max_to_keep",
+        lambda v: _is_int(v) and v >= 1,
+        "must be an integer >= 1",
+        "pass --config.ckpt.max_to_keep=2",
+    ),
+    (
+        "eval.every_steps",
+        lambda v: _is_int(v) and v >= -1,
+        "must be -1 (every epoch), 0 (never) or a positive integer",
+        "pass --config.eval.every_steps=-1",
+    ),
+    (
+        "eval.val_batches",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0 (0: the whole validation split)",
+        "pass --config.eval.val_batches=0",
+    ),
+    (
+        "eval.num_examples",
+        lambda v: _is_int(v) and v >= 0,
+        "must be an integer >= 0 (0: no sampled ROUGE-L)",
+        "pass --config.eval.num_examples=0 to switch sampling off",
+    ),
+    (
+        "eval.batch_size",
+        lambda v: _is_int(v) and v > 0,
+        "must be a positive integer",
+        "pass --config.eval.batch_size=32",
+    ),
+    (
+        "eval.max_new_tokens",
+        lambda v: _is_int(v) and v > 0,
+        "must be a positive integer",
+        "pass --config.eval.max_new_tokens=256",
+    ),
+    (
+        "eval.best_after_steps",
+        lambda v: _is_int(v) and v >= -1,
+        "must be -1 (automatic) or an integer >= 0",
+        "pass --config.eval.best_after_steps=-1",
+    ),
 )
 
 
@@ -221,19 +350,30 @@ def _check_numbers(config) -> None:
       raise _fail(key, value, requirement, fix)
   bs, accum = _get(config, "batch_size"), _get(config, "grad_accum", 1)
   if bs is not None and bs % accum:
-    raise _fail("grad_accum", accum, f"does not divide batch_size={bs}",
-                "pick a grad_accum that divides the batch size")
+    raise _fail(
+        "grad_accum",
+        accum,
+        f"does not divide batch_size={bs}",
+        "pick a grad_accum that divides the batch size",
+    )
   lr, lr_min = _get(config, "optim.lr"), _get(config, "optim.lr_min", 0.0)
   if lr is not None and lr_min > lr:
-    raise _fail("optim.lr_min", lr_min, f"is above optim.lr={lr}",
-                "pass an optim.lr_min below the peak learning rate")
+    raise _fail(
+        "optim.lr_min",
+        lr_min,
+        f"is above optim.lr={lr}",
+        "pass an optim.lr_min below the peak learning rate",
+    )
   length = _get(config, "data.max_length")
   prompt = _get(config, "data.max_prompt_length")
   if length is not None and prompt is not None and length <= prompt:
-    raise _fail("data.max_length", length,
-                f"leaves no room for a response after "
-                f"data.max_prompt_length={prompt}",
-                "make data.max_length larger than data.max_prompt_length")
+    raise _fail(
+        "data.max_length",
+        length,
+        f"leaves no room for a response after "
+        f"data.max_prompt_length={prompt}",
+        "make data.max_length larger than data.max_prompt_length",
+    )
   seeds = _get(config, "eval.seeds")
   if seeds is not None:
     try:
@@ -241,8 +381,12 @@ def _check_numbers(config) -> None:
     except ValueError:
       parsed = []
     if not parsed:
-      raise _fail("eval.seeds", seeds, "is not a comma-separated list of "
-                  "integers", "pass --config.eval.seeds=10,20,30")
+      raise _fail(
+          "eval.seeds",
+          seeds,
+          "is not a comma-separated list of " "integers",
+          "pass --config.eval.seeds=10,20,30",
+      )
 
 
 # ----------------------------------------------------------------------------
@@ -254,20 +398,28 @@ def _one_of(key: str, value: Any, allowed) -> None:
     return
   if value not in allowed:
     allowed = tuple(allowed)
-    raise _fail(key, value, f"is unknown: {key.split('.')[-1]} must be one of "
-                f"{allowed}", f"pass --config.{key}={allowed[0]}")
+    raise _fail(
+        key,
+        value,
+        f"is unknown: {key.split('.')[-1]} must be one of " f"{allowed}",
+        f"pass --config.{key}={allowed[0]}",
+    )
 
 
 def _check_names(config) -> None:
   from kdjax import objective  # pylint: disable=g-import-not-at-top
   from kdjax.data import template  # pylint: disable=g-import-not-at-top
+
   _one_of("loss.name", _get(config, "loss.name"), objective.NAMES)
   impls = getattr(objective, "IMPLS", None)
   if impls:
     _one_of("loss.impl", _get(config, "loss.impl"), impls)
   _one_of("data.template", _get(config, "data.template"), template.STYLES)
-  _one_of("data.prompt_policy", _get(config, "data.prompt_policy"),
-          ("drop", "truncate"))
+  _one_of(
+      "data.prompt_policy",
+      _get(config, "data.prompt_policy"),
+      ("drop", "truncate"),
+  )
   _one_of("student.dtype", _get(config, "student.dtype"), DTYPES)
   _one_of("student.remat", _get(config, "student.remat"), REMATS)
   if _get(config, "loss.kd_ratio", 0) > 0:
@@ -275,19 +427,29 @@ def _check_names(config) -> None:
   init = _get(config, "student.init", "")
   if init.startswith("preset:"):
     from kdjax import models  # pylint: disable=g-import-not-at-top
+
     _one_of("student.init", init, [f"preset:{n}" for n in models.PRESETS])
   metric = _get(config, "eval.best_metric")
   if metric is not None:
     _one_of("eval.best_metric", metric, BEST_METRICS)
     if metric in SAMPLED_METRICS and not _get(config, "eval.num_examples", 0):
-      raise _fail("eval.best_metric", metric, "is a sampled score but "
-                  "eval.num_examples=0 samples nothing",
-                  "set eval.num_examples > 0 or use eval.best_metric=val_ce")
+      raise _fail(
+          "eval.best_metric",
+          metric,
+          "is a sampled score but " "eval.num_examples=0 samples nothing",
+          "set eval.num_examples > 0 or use eval.best_metric=val_ce",
+      )
 
 
 # Metrics the best checkpoint may be chosen by (``val_`` + a logged name).
-BEST_METRICS = ("val_ce", "val_loss", "val_kd", "val_rougeL", "val_validity",
-                "val_exact_match")
+BEST_METRICS = (
+    "val_ce",
+    "val_loss",
+    "val_kd",
+    "val_rougeL",
+    "val_validity",
+    "val_exact_match",
+)
 SAMPLED_METRICS = ("val_rougeL", "val_validity", "val_exact_match")
 
 
@@ -299,15 +461,20 @@ def divergence_params(name: str) -> dict[str, inspect.Parameter]:
   """Keyword hyper-parameters of divergence ``name``, from its signature."""
   from kdjax import divergences as kd  # pylint: disable=g-import-not-at-top
   from kdjax import objective  # pylint: disable=g-import-not-at-top
+
   params = inspect.signature(kd.get(objective.divergence_of(name))).parameters
-  return {n: p for n, p in params.items()
-          if n not in _TENSOR_ARGS and p.kind in (p.KEYWORD_ONLY,
-                                                  p.POSITIONAL_OR_KEYWORD)}
+  return {
+      n: p
+      for n, p in params.items()
+      if n not in _TENSOR_ARGS
+      and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+  }
 
 
 def takers(hp: str) -> list[str]:
   """Divergences whose signature has the hyper-parameter ``hp``."""
   from kdjax import divergences as kd  # pylint: disable=g-import-not-at-top
+
   return [n for n in kd.names() if hp in divergence_params(n)]
 
 
@@ -322,9 +489,11 @@ def _check_divergence(config) -> list[str]:
   if dropped:
     with config.unlocked(), hp.unlocked():
       for k in dropped:
-        notes.append(f"loss.hp.{k}={hp[k]!r} dropped: {name} takes no {k!r} "
-                     f"(its hyper-parameters: "
-                     f"{', '.join(params) or 'none'}).")
+        notes.append(
+            f"loss.hp.{k}={hp[k]!r} dropped: {name} takes no {k!r} "
+            f"(its hyper-parameters: "
+            f"{', '.join(params) or 'none'})."
+        )
         del hp[k]
   for k, v in hp.items():
     _check_hp(name, k, v, params[k])
@@ -335,31 +504,59 @@ def _check_hp(name: str, key: str, value: Any, param: inspect.Parameter):
   full = f"loss.hp.{key}"
   default = param.default
   if key in UNIT_HPS.get(name, ()) and not (_is_num(value) and 0 <= value <= 1):
-    raise _fail(full, value, f"is outside [0, 1] for {name}",
-                f"pass a value in [0, 1], e.g. --config.{full}={default}")
+    raise _fail(
+        full,
+        value,
+        f"is outside [0, 1] for {name}",
+        f"pass a value in [0, 1], e.g. --config.{full}={default}",
+    )
   if key in POSITIVE_HPS and not (_is_num(value) and value > 0):
-    raise _fail(full, value, f"must be > 0 for {name}",
-                f"pass a positive value, e.g. --config.{full}={default}")
-  if key in POSITIVE_INT_HPS and value is not None and not (
-      _is_int(value) and value > 0):
-    raise _fail(full, value, f"must be a positive integer (or None) for "
-                f"{name}", f"pass --config.{full}={default}")
+    raise _fail(
+        full,
+        value,
+        f"must be > 0 for {name}",
+        f"pass a positive value, e.g. --config.{full}={default}",
+    )
+  if (
+      key in POSITIVE_INT_HPS
+      and value is not None
+      and not (_is_int(value) and value > 0)
+  ):
+    raise _fail(
+        full,
+        value,
+        f"must be a positive integer (or None) for " f"{name}",
+        f"pass --config.{full}={default}",
+    )
   choices = _choices(name, key)
   if choices and value not in choices:
-    raise _fail(full, value, f"is unknown for {name}: {key} must be one of "
-                f"{choices}", f"pass --config.{full}={default!r}")
-  if (isinstance(default, (int, float)) and not isinstance(default, bool)
-      and not _is_num(value)):
-    raise _fail(full, value, f"must be a number for {name}",
-                f"pass --config.{full}={default}")
+    raise _fail(
+        full,
+        value,
+        f"is unknown for {name}: {key} must be one of " f"{choices}",
+        f"pass --config.{full}={default!r}",
+    )
+  if (
+      isinstance(default, (int, float))
+      and not isinstance(default, bool)
+      and not _is_num(value)
+  ):
+    raise _fail(
+        full,
+        value,
+        f"must be a number for {name}",
+        f"pass --config.{full}={default}",
+    )
 
 
 def _choices(name: str, key: str) -> tuple | None:
   from kdjax import divergences as kd  # pylint: disable=g-import-not-at-top
+
   if key == "rule" and name == "akl":
     return tuple(kd.AKL_RULES)
   if key == "solver" and name == "sinkhorn":
     from kdjax.divergences import ot  # pylint: disable=g-import-not-at-top
+
     return tuple(ot.SOLVERS)
   return None
 
@@ -371,6 +568,7 @@ def _choices(name: str, key: str) -> tuple | None:
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
   """What the checks need of a model, known without loading it."""
+
   vocab_size: int
   positions: int
   where: str  # for messages: "the student (preset:tiny-gpt2)"
@@ -392,6 +590,7 @@ def _hub_config(hub_id: str) -> dict | None:
   """``config.json`` of a hub id from the local cache only (no network)."""
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
+
     path = huggingface_hub.try_to_load_from_cache(hub_id, "config.json")
   except Exception:  # malformed repo id, no cache: the loader will tell
     return None
@@ -407,27 +606,38 @@ def student_shape(config) -> ModelShape | None:
   overrides = dict(config.student.model_overrides)
   if init.startswith("preset:"):
     from kdjax import models  # pylint: disable=g-import-not-at-top
+
     name = init.removeprefix("preset:")
     cfg_cls, _, fields = models.PRESETS[name]
     known = {f.name for f in dataclasses.fields(cfg_cls)}
     bad = sorted(set(overrides) - known)
     if bad:
-      raise _fail(f"student.model_overrides.{bad[0]}", overrides[bad[0]],
-                  f"is not a field of {cfg_cls.__name__}",
-                  f"use one of {sorted(known - {'dtype', 'param_dtype'})}")
+      raise _fail(
+          f"student.model_overrides.{bad[0]}",
+          overrides[bad[0]],
+          f"is not a field of {cfg_cls.__name__}",
+          f"use one of {sorted(known - {'dtype', 'param_dtype'})}",
+      )
     cfg = dataclasses.asdict(cfg_cls(**{**fields, **overrides}))
     return _shape_from_hf(cfg, f"the student ({init})")
   local = fs.local(init)
-  cfg = (_read_config_json(local) if fs.path(local).is_dir()
-         else _hub_config(init))
+  cfg = (
+      _read_config_json(local) if fs.path(local).is_dir() else _hub_config(init)
+  )
   if cfg is None:
     if fs.path(local).is_dir():
       raise MissingInputError(
           f"student.init={init!r} is a directory without config.json; point "
-          "it at a Hugging Face model directory or use preset:<name>.")
+          "it at a Hugging Face model directory or use preset:<name>."
+      )
     return None  # a hub id not cached: models.load fetches or explains
-  cfg.update({k: v for k, v in overrides.items()
-              if k in ("vocab_size", "n_positions", "max_position_embeddings")})
+  cfg.update(
+      {
+          k: v
+          for k, v in overrides.items()
+          if k in ("vocab_size", "n_positions", "max_position_embeddings")
+      }
+  )
   return _shape_from_hf(cfg, f"the student ({init})")
 
 
@@ -438,25 +648,34 @@ def teacher_config(config) -> dict:
   if cfg is not None:
     return cfg
   if not path:
-    raise _fail("teacher.path", path, "is empty but loss.kd_ratio="
-                f"{config.loss.kd_ratio} needs a teacher",
-                "pass --config.teacher.path=DIR (an HF model directory), or "
-                "--config.loss.kd_ratio=0 for plain SFT")
+    raise _fail(
+        "teacher.path",
+        path,
+        "is empty but loss.kd_ratio=" f"{config.loss.kd_ratio} needs a teacher",
+        "pass --config.teacher.path=DIR (an HF model directory), or "
+        "--config.loss.kd_ratio=0 for plain SFT",
+    )
   if fs.path(fs.local(path)).is_dir():
     raise MissingInputError(
         f"teacher.path={path!r} has no config.json; point it at a Hugging "
-        "Face model directory (config.json + safetensors).")
+        "Face model directory (config.json + safetensors)."
+    )
   hub_id = _get(config, "teacher.hub_id", "")
   if hub_id:
     from kdjax import models  # pylint: disable=g-import-not-at-top
-    fix = (f"download or fine-tune it (base model: `"
-           f"{models.download_hint(hub_id)}`, then SFT it with "
-           "kdjax/configs/sft_gpt2.py:teacher) and pass "
-           "--config.teacher.path=DIR")
+
+    fix = (
+        f"download or fine-tune it (base model: `"
+        f"{models.download_hint(hub_id)}`, then SFT it with "
+        "kdjax/configs/sft_gpt2.py:teacher) and pass "
+        "--config.teacher.path=DIR"
+    )
   else:
-    fix = ("train it first: python -m kdjax.train "
-           "--config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir="
-           f"{os.path.dirname(path.rstrip('/'))}")
+    fix = (
+        "train it first: python -m kdjax.train "
+        "--config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir="
+        f"{os.path.dirname(path.rstrip('/'))}"
+    )
   raise MissingInputError(f"teacher checkpoint {path} not found; {fix}.")
 
 
@@ -469,6 +688,7 @@ def tokenizer_vocab(config) -> int | None:
   for path in candidates:
     if path.exists():
       import tokenizers  # pylint: disable=g-import-not-at-top
+
       return tokenizers.Tokenizer.from_str(path.read_text()).get_vocab_size()
   return None
 
@@ -481,15 +701,19 @@ def _check_models(config) -> None:
     _check_positions(student, length, gen, config)
     vocab = tokenizer_vocab(config)
     if vocab is not None and vocab > student.vocab_size:
-      raise _fail("data.tokenizer", config.data.tokenizer,
-                  f"has {vocab} tokens but {student.where} has a vocabulary "
-                  f"of {student.vocab_size}",
-                  "use the student's own tokenizer or set "
-                  f"student.model_overrides.vocab_size={vocab} (presets only)")
+      raise _fail(
+          "data.tokenizer",
+          config.data.tokenizer,
+          f"has {vocab} tokens but {student.where} has a vocabulary "
+          f"of {student.vocab_size}",
+          "use the student's own tokenizer or set "
+          f"student.model_overrides.vocab_size={vocab} (presets only)",
+      )
   if config.loss.kd_ratio == 0 or "teacher" not in config:
     return
-  teacher = _shape_from_hf(teacher_config(config),
-                           f"the teacher ({config.teacher.path})")
+  teacher = _shape_from_hf(
+      teacher_config(config), f"the teacher ({config.teacher.path})"
+  )
   _check_positions(teacher, length, None, config)
   if student is not None and teacher.vocab_size != student.vocab_size:
     raise ConfigError(
@@ -498,26 +722,37 @@ def _check_models(config) -> None:
         "feeds the same token ids to both, so distil between models that "
         "share a tokenizer (a teacher fine-tuned from the student's family, "
         "or a preset student with student.model_overrides.vocab_size="
-        f"{teacher.vocab_size}).")
+        f"{teacher.vocab_size})."
+    )
 
 
-def _check_positions(model: ModelShape, length: int, gen: int | None,
-                     config) -> None:
+def _check_positions(
+    model: ModelShape, length: int, gen: int | None, config
+) -> None:
   if not model.positions:
     return
-  fix = (f"pass --config.data.max_length={model.positions} or less")
+  fix = f"pass --config.data.max_length={model.positions} or less"
   if config.student.init.startswith("preset:") and "student" in model.where:
     fix += " (or raise student.model_overrides.n_positions)"
   if length > model.positions:
-    raise _fail("data.max_length", length,
-                f"exceeds the {model.positions} positions of {model.where}",
-                fix)
-  if gen is not None and _get(config, "eval.num_examples", 0) and (
-      gen > model.positions):
-    raise _fail("eval.max_new_tokens", config.eval.max_new_tokens,
-                f"plus data.max_prompt_length={config.data.max_prompt_length} "
-                f"exceeds the {model.positions} positions of {model.where}",
-                "lower eval.max_new_tokens")
+    raise _fail(
+        "data.max_length",
+        length,
+        f"exceeds the {model.positions} positions of {model.where}",
+        fix,
+    )
+  if (
+      gen is not None
+      and _get(config, "eval.num_examples", 0)
+      and (gen > model.positions)
+  ):
+    raise _fail(
+        "eval.max_new_tokens",
+        config.eval.max_new_tokens,
+        f"plus data.max_prompt_length={config.data.max_prompt_length} "
+        f"exceeds the {model.positions} positions of {model.where}",
+        "lower eval.max_new_tokens",
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -530,16 +765,25 @@ def _check_data(config) -> None:
     _check_jsonl(name)
   elif name.split("/")[0] == "instruct_jsonl":
     if name.partition("/")[2] not in JSONL_SETS:
-      raise _fail("data.name", name, "is not a known instruct_jsonl set",
-                  f"use instruct_jsonl/<one of {JSONL_SETS}> or a .jsonl path")
+      raise _fail(
+          "data.name",
+          name,
+          "is not a known instruct_jsonl set",
+          f"use instruct_jsonl/<one of {JSONL_SETS}> or a .jsonl path",
+      )
   elif name not in DATASETS:
-    raise _fail("data.name", name, "is not a dataset",
-                f"use one of {DATASETS} or a path to a .jsonl file")
+    raise _fail(
+        "data.name",
+        name,
+        "is not a dataset",
+        f"use one of {DATASETS} or a path to a .jsonl file",
+    )
   seqkd = _get(config, "data.seqkd_teacher", "")
   if seqkd and _read_config_json(fs.local(seqkd)) is None:
     raise MissingInputError(
         f"data.seqkd_teacher={seqkd!r} is not a Hugging Face model directory "
-        "(no config.json); pass the teacher that generates the responses.")
+        "(no config.json); pass the teacher that generates the responses."
+    )
 
 
 def _check_jsonl(name: str) -> None:
@@ -547,9 +791,11 @@ def _check_jsonl(name: str) -> None:
   if not path.is_file():
     raise MissingInputError(
         f"data.name={name!r}: no such file; pass an existing JSONL file "
-        "(one {\"instruction\", \"input\", \"output\"} object per line).")
+        '(one {"instruction", "input", "output"} object per line).'
+    )
   with path.open("rb") as f:
     if not any(line.strip() for line in f):
       raise ConfigError(
-          f"data.name={name!r} is empty; put one {{\"instruction\", \"input\", "
-          "\"output\"} object per line in it.")
+          f'data.name={name!r} is empty; put one {{"instruction", "input", '
+          '"output"} object per line in it.'
+      )

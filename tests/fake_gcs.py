@@ -27,8 +27,10 @@ def fake_gcs_fixture(tmp_path, monkeypatch):
   FakeGCS.pseudo_dirs[:] = [""]
   # Orbax asks the real bucket whether it has a hierarchical namespace.
   from orbax.checkpoint._src.path import gcs_utils
-  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled",
-                      lambda path: False)
+
+  monkeypatch.setattr(
+      gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False
+  )
   monkeypatch.chdir(tmp_path)
   yield FakeGCS.store
   assert not (tmp_path / "gs:").exists()  # nothing became a local folder

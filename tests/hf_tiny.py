@@ -3,10 +3,16 @@
 import numpy as np
 
 GPT2_KW = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
-LLAMA_KW = dict(vocab_size=100, hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64,
-                rms_norm_eps=1e-5)
+LLAMA_KW = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
 
 
 def _save(model, path):
@@ -18,6 +24,7 @@ def _save(model, path):
 def gpt2(path, seed=0, **kw):
   import torch
   import transformers
+
   torch.manual_seed(seed)
   cfg = transformers.GPT2Config(**{**GPT2_KW, **kw})
   return _save(transformers.GPT2LMHeadModel(cfg), path)
@@ -26,6 +33,7 @@ def gpt2(path, seed=0, **kw):
 def llama(path, seed=0, **kw):
   import torch
   import transformers
+
   torch.manual_seed(seed)
   cfg = transformers.LlamaConfig(**{**LLAMA_KW, **kw})
   model = transformers.LlamaForCausalLM(cfg)
@@ -38,11 +46,13 @@ def llama(path, seed=0, **kw):
 
 def torch_logits(model, ids, attention_mask=None, position_ids=None):
   import torch
+
   with torch.no_grad():
     kw = {}
     if attention_mask is not None:
-      kw["attention_mask"] = torch.tensor(np.asarray(attention_mask),
-                                          dtype=torch.long)
+      kw["attention_mask"] = torch.tensor(
+          np.asarray(attention_mask), dtype=torch.long
+      )
     if position_ids is not None:
       kw["position_ids"] = torch.tensor(np.asarray(position_ids))
     out = model(torch.tensor(np.asarray(ids)), **kw)

@@ -23,8 +23,13 @@ from kdjax import trainer  # pylint: disable=g-import-not-at-top
 from kdjax.training import step as train_step  # pylint: disable=g-import-not-at-top
 import tiny_run  # pylint: disable=g-import-not-at-top
 
-CONFIG = {"mesh.data": 1, "mesh.fsdp": 4, "ckpt.every_steps": 2,
-          "eval.every_steps": 4, "export_hf": True}
+CONFIG = {
+    "mesh.data": 1,
+    "mesh.fsdp": 4,
+    "ckpt.every_steps": 2,
+    "eval.every_steps": 4,
+    "export_hf": True,
+}
 
 
 def config(root: str, steps: int):
@@ -38,6 +43,7 @@ def main(root: str, workdir: str, steps: int, out: str) -> None:
   def recording_put(batch, mesh):
     fed.append(np.asarray(batch["input_ids"]))
     return put(batch, mesh)
+
   train_step.put_batch = recording_put
 
   real_open = builtins.open
@@ -49,15 +55,20 @@ def main(root: str, workdir: str, steps: int, out: str) -> None:
       if path.startswith(workdir + os.sep):
         written.add(os.path.relpath(path, workdir))
     return real_open(file, mode, *args, **kwargs)
+
   builtins.open = recording_open
 
   trainer.train_and_evaluate(config(root, steps), workdir)
   builtins.open = real_open
   os.makedirs(out, exist_ok=True)
-  np.savez(os.path.join(out, f"{jax.process_index()}.npz"),
-           fed=np.stack(fed), written=np.array(sorted(written), dtype=str),
-           process_count=jax.process_count(),
-           devices=len(jax.devices()), local_devices=len(jax.local_devices()))
+  np.savez(
+      os.path.join(out, f"{jax.process_index()}.npz"),
+      fed=np.stack(fed),
+      written=np.array(sorted(written), dtype=str),
+      process_count=jax.process_count(),
+      devices=len(jax.devices()),
+      local_devices=len(jax.local_devices()),
+  )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from scipy import special
 
 def log_softmax(logits, temperature: float = 1.0) -> np.ndarray:
   """float64 ``log softmax(logits / T)`` over the last axis (-inf stays -inf)."""
-  return special.log_softmax(np.asarray(logits, np.float64) / temperature, axis=-1)
+  return special.log_softmax(
+      np.asarray(logits, np.float64) / temperature, axis=-1
+  )
 
 
 def _dists(student, teacher, temperature):
@@ -52,8 +54,9 @@ def rkl(student, teacher, temperature=1.0):
 
 
 def fkl_rkl(student, teacher, weight=0.5, temperature=1.0):
-  return (weight * fkl(student, teacher, temperature)
-          + (1 - weight) * rkl(student, teacher, temperature))
+  return weight * fkl(student, teacher, temperature) + (1 - weight) * rkl(
+      student, teacher, temperature
+  )
 
 
 def skl(student, teacher, alpha=0.1, temperature=1.0):
@@ -127,8 +130,9 @@ def akl(student, teacher, mu=0.5, rule="akl", temperature=1.0, weights=None):
     _, _, q, p = _dists(student, teacher, temperature)
     weights = akl_weights(p, q, mu, rule)
   w_head, w_tail = weights
-  return (w_head * fkl(student, teacher, temperature)
-          + w_tail * rkl(student, teacher, temperature))
+  return w_head * fkl(student, teacher, temperature) + w_tail * rkl(
+      student, teacher, temperature
+  )
 
 
 def abkd(student, teacher, alpha=0.2, beta=0.7, temperature=1.0):
@@ -154,8 +158,9 @@ def abkd(student, teacher, alpha=0.2, beta=0.7, temperature=1.0):
       terms = terms / alpha**2
     else:
       lam = alpha + beta
-      terms = -(p**alpha * q**beta - alpha / lam * p**lam
-                - beta / lam * q**lam) / (alpha * beta)
+      terms = -(
+          p**alpha * q**beta - alpha / lam * p**lam - beta / lam * q**lam
+      ) / (alpha * beta)
   return terms.sum(-1)
 
 
@@ -175,8 +180,16 @@ def uld(student, teacher, temperature=1.0):
 
 # name -> reference function; kwargs are passed through unchanged.
 DIVERGENCES = {
-    "fkl": fkl, "rkl": rkl, "fkl_rkl": fkl_rkl, "skl": skl, "srkl": srkl,
-    "jsd": jsd, "tvd": tvd, "akl": akl, "abkd": abkd, "uld": uld,
+    "fkl": fkl,
+    "rkl": rkl,
+    "fkl_rkl": fkl_rkl,
+    "skl": skl,
+    "srkl": srkl,
+    "jsd": jsd,
+    "tvd": tvd,
+    "akl": akl,
+    "abkd": abkd,
+    "uld": uld,
 }
 
 

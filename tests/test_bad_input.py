@@ -26,8 +26,7 @@ def _refused(config, workdir: str, error=ValueError) -> str:
     trainer.train_and_evaluate(config, workdir)
   # Not even config.json: the corrected command must start, not be refused as
   # a different run in the same workdir.
-  for name in ("config.json", "ckpt", "best", "metrics.jsonl", "hf",
-               "best_hf"):
+  for name in ("config.json", "ckpt", "best", "metrics.jsonl", "hf", "best_hf"):
     assert not os.path.exists(os.path.join(workdir, name)), name
   msg = str(e.value)
   assert "\n" not in msg, msg
@@ -59,8 +58,12 @@ def test_prompts_over_the_prompt_limit_leave_no_examples(root, tmp_path):
   # Every prompt is longer than max_prompt_length (80 bytes at the tiny scale)
   # and prompt_policy="drop" drops them all.
   path = _jsonl(tmp_path / "long.jsonl", _good(20, prompt="x" * 200))
-  c = tiny_run.config("sft_gpt2", root, steps=1, **{
-      "data.name": path, "data.prompt_policy": "drop"})
+  c = tiny_run.config(
+      "sft_gpt2",
+      root,
+      steps=1,
+      **{"data.name": path, "data.prompt_policy": "drop"},
+  )
   msg = _refused(c, str(tmp_path / "w"))
   assert "only 0 usable examples for batch_size 8" in msg
   assert "raise it or use prompt_policy='truncate'" in msg
@@ -68,8 +71,12 @@ def test_prompts_over_the_prompt_limit_leave_no_examples(root, tmp_path):
 
 def test_unknown_prompt_policy_is_named(root, tmp_path):
   path = _jsonl(tmp_path / "t.jsonl", _good(20))
-  c = tiny_run.config("sft_gpt2", root, steps=1, **{
-      "data.name": path, "data.prompt_policy": "cut"})
+  c = tiny_run.config(
+      "sft_gpt2",
+      root,
+      steps=1,
+      **{"data.name": path, "data.prompt_policy": "cut"},
+  )
   msg = _refused(c, str(tmp_path / "w"))
   assert "prompt_policy must be one of" in msg and "'cut'" in msg
 
@@ -102,8 +109,9 @@ def test_teacher_tensor_of_the_wrong_shape_is_named(root, tmp_path):
   key = next(k for k in tensors if k.endswith("h.0.mlp.c_fc.weight"))
   want = tensors[key].shape
   tensors[key] = np.zeros((want[0], want[1] - 1), tensors[key].dtype)
-  save_file(tensors, os.path.join(teacher, "model.safetensors"),
-            {"format": "pt"})
+  save_file(
+      tensors, os.path.join(teacher, "model.safetensors"), {"format": "pt"}
+  )
   c = tiny_run.config("akl_gpt2", root, steps=1, **{"teacher.path": teacher})
   msg = _refused(c, str(tmp_path / "w"))
   assert f"{key!r} has shape {(want[0], want[1] - 1)}" in msg

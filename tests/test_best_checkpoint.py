@@ -8,12 +8,14 @@ from kdjax import checkpoint
 
 # A 30-step run as measured on the tiny config: sampled ROUGE-L peaked at
 # step 5 (a near-untrained student) while validation CE fell steadily.
-HISTORY = [(5, {"val_ce": 5.38, "val_rougeL": 0.52}),
-           (10, {"val_ce": 4.61, "val_rougeL": 0.0}),
-           (15, {"val_ce": 4.10, "val_rougeL": 0.0}),
-           (20, {"val_ce": 3.80, "val_rougeL": 0.31}),
-           (25, {"val_ce": 3.60, "val_rougeL": 0.35}),
-           (30, {"val_ce": 3.57, "val_rougeL": 0.33})]
+HISTORY = [
+    (5, {"val_ce": 5.38, "val_rougeL": 0.52}),
+    (10, {"val_ce": 4.61, "val_rougeL": 0.0}),
+    (15, {"val_ce": 4.10, "val_rougeL": 0.0}),
+    (20, {"val_ce": 3.80, "val_rougeL": 0.31}),
+    (25, {"val_ce": 3.60, "val_rougeL": 0.35}),
+    (30, {"val_ce": 3.57, "val_rougeL": 0.33}),
+]
 
 
 def _best(policy):
@@ -28,15 +30,20 @@ def test_default_is_validation_ce_lowest():
 
 
 def test_rouge_counts_only_after_warmup():
-  policy = checkpoint.best_policy("val_rougeL", -1, num_steps=30,
-                                  warmup_steps=20)
+  policy = checkpoint.best_policy(
+      "val_rougeL", -1, num_steps=30, warmup_steps=20
+  )
   assert policy.after_step == 20 and policy.higher_is_better
   assert _best(policy) == 25
   # Without the warm-up rule the near-untrained step 5 would win.
   assert _best(checkpoint.BestPolicy("val_rougeL", 0)) == 5
   # The automatic start is at least a quarter of the run.
-  assert checkpoint.best_policy("val_rougeL", -1, num_steps=400,
-                                warmup_steps=20).after_step == 100
+  assert (
+      checkpoint.best_policy(
+          "val_rougeL", -1, num_steps=400, warmup_steps=20
+      ).after_step
+      == 100
+  )
 
 
 def test_non_finite_or_missing_metrics_cannot_win():
@@ -50,11 +57,19 @@ def test_save_best_records_the_winner(tmp_path):
   policy = checkpoint.BestPolicy("val_ce")
   for step, m in HISTORY[:3] + [(20, {"val_ce": 9.0})]:
     params = {"w": jnp.full((2,), float(step))}
-    ckpts.save_best(step, params, policy.score(step, m),
-                    {"metric": "val_ce", "value": m["val_ce"]})
+    ckpts.save_best(
+        step,
+        params,
+        policy.score(step, m),
+        {"metric": "val_ce", "value": m["val_ce"]},
+    )
   ckpts.best.wait_until_finished()
-  assert ckpts.best_record() == {"step": 15, "score": -4.10,
-                                 "metric": "val_ce", "value": 4.10}
+  assert ckpts.best_record() == {
+      "step": 15,
+      "score": -4.10,
+      "metric": "val_ce",
+      "value": 4.10,
+  }
   step, params = ckpts.restore_best({"w": jnp.zeros((2,))})
   assert step == 15
   np.testing.assert_array_equal(params["w"], [15.0, 15.0])

@@ -20,12 +20,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(module, *args, cwd, env=None):
   """``python -m module args`` in ``cwd``; returns (rc, stdout, stderr)."""
-  full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                  HF_HUB_OFFLINE="1")
+  full_env = dict(
+      os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1"
+  )
   full_env.update(env or {})
   full_env.pop("XLA_FLAGS", None)
-  p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
-                     env=full_env, capture_output=True, text=True, timeout=300)
+  p = subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=cwd,
+      env=full_env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   return p.returncode, p.stdout, p.stderr
 
 
@@ -43,8 +50,10 @@ def listing(path) -> list[str]:
   """Every path under ``path`` (empty if it does not exist)."""
   out = []
   for dirpath, dirnames, filenames in os.walk(path):
-    out += [os.path.relpath(os.path.join(dirpath, n), path)
-            for n in dirnames + filenames]
+    out += [
+        os.path.relpath(os.path.join(dirpath, n), path)
+        for n in dirnames + filenames
+    ]
   return sorted(out)
 
 
@@ -52,19 +61,37 @@ def listing(path) -> list[str]:
 # kdjax.data.prepare
 
 
-@pytest.mark.parametrize("args,code,words", [
-    (("--data_dir=d",), 2, ("--dataset", "must have a value")),
-    (("--dataset=dolly2", "--data_dir=d"), 2,
-     ("--dataset=dolly2 is unknown", "synthetic_instruct")),
-    (("--dataset=instruct_jsonl", "--path=empty.jsonl", "--data_dir=d"), 1,
-     ("data file empty.jsonl is empty",)),
-    (("--dataset=instruct_jsonl", "--path=none.jsonl", "--data_dir=d"), 1,
-     ("data file none.jsonl does not exist",)),
-    (("--dataset=instruct_jsonl", "--path=bad.jsonl", "--data_dir=d"), 1,
-     ("bad.jsonl:1", "malformed", "--skip_bad")),
-    (("--dataset=synthetic_instruct", "--data_dir=d", "--dataa=1"), 2,
-     ("Unknown command line flag 'dataa'", "data_dir")),
-])
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        (("--data_dir=d",), 2, ("--dataset", "must have a value")),
+        (
+            ("--dataset=dolly2", "--data_dir=d"),
+            2,
+            ("--dataset=dolly2 is unknown", "synthetic_instruct"),
+        ),
+        (
+            ("--dataset=instruct_jsonl", "--path=empty.jsonl", "--data_dir=d"),
+            1,
+            ("data file empty.jsonl is empty",),
+        ),
+        (
+            ("--dataset=instruct_jsonl", "--path=none.jsonl", "--data_dir=d"),
+            1,
+            ("data file none.jsonl does not exist",),
+        ),
+        (
+            ("--dataset=instruct_jsonl", "--path=bad.jsonl", "--data_dir=d"),
+            1,
+            ("bad.jsonl:1", "malformed", "--skip_bad"),
+        ),
+        (
+            ("--dataset=synthetic_instruct", "--data_dir=d", "--dataa=1"),
+            2,
+            ("Unknown command line flag 'dataa'", "data_dir"),
+        ),
+    ],
+)
 def test_prepare_bad_input(tmp_path, args, code, words):
   (tmp_path / "empty.jsonl").write_text("\n")
   (tmp_path / "bad.jsonl").write_text('{"prompt": "x"\n')
@@ -80,11 +107,16 @@ def test_prepare_unwritable_data_dir(tmp_path):
     pytest.skip("root writes through permissions")
   locked = tmp_path / "locked"
   locked.mkdir(mode=0o500)
-  rc, _, err = run_cli("kdjax.data.prepare", "--dataset=synthetic_instruct",
-                       f"--data_dir={locked}/d", cwd=tmp_path)
+  rc, _, err = run_cli(
+      "kdjax.data.prepare",
+      "--dataset=synthetic_instruct",
+      f"--data_dir={locked}/d",
+      cwd=tmp_path,
+  )
   assert rc == 1
-  assert_one_error(err, "permission denied", "choose a directory you can "
-                   "write to")
+  assert_one_error(
+      err, "permission denied", "choose a directory you can " "write to"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -94,26 +126,35 @@ def test_prepare_unwritable_data_dir(tmp_path):
 def test_unknown_override_keeps_did_you_mean():
   e = AttributeError('\'lrr\'\nDid you mean "lr" instead of "lrr"?')
   msg = cli.unknown_override(e, ["x", "--config.optim.lrr=1e-3"])
-  assert msg == ("--config.optim.lrr: the config has no field 'lrr'; did you "
-                 "mean --config.optim.lr?")
+  assert msg == (
+      "--config.optim.lrr: the config has no field 'lrr'; did you "
+      "mean --config.optim.lr?"
+  )
 
 
 def test_unknown_hyper_parameter_points_at_the_config_that_has_it():
-  msg = cli.unknown_override(AttributeError("'beta'"),
-                             ["x", "--config.loss.hp.beta=0.1"])
+  msg = cli.unknown_override(
+      AttributeError("'beta'"), ["x", "--config.loss.hp.beta=0.1"]
+  )
   assert "'beta' belongs to jsd" in msg
   assert "--config=kdjax/configs/jsd_gpt2.py" in msg
 
 
 def test_config_file_moved_into_the_package(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
-  with pytest.raises(cli.UsageError, match=(
-      r"config file configs/akl_gpt2.py does not exist; the configs moved into "
-      r"the package: use --config=kdjax/configs/akl_gpt2.py:tiny\.")):
+  with pytest.raises(
+      cli.UsageError,
+      match=(
+          r"config file configs/akl_gpt2.py does not exist; the configs moved into "
+          r"the package: use --config=kdjax/configs/akl_gpt2.py:tiny\."
+      ),
+  ):
     cli.check_config_file("configs/akl_gpt2.py:tiny")
   monkeypatch.chdir(tmp_path)  # elsewhere: the installed package's file
-  with pytest.raises(cli.UsageError, match=os.path.join(
-      ROOT, "kdjax", "configs", "akl_gpt2.py")):
+  with pytest.raises(
+      cli.UsageError,
+      match=os.path.join(ROOT, "kdjax", "configs", "akl_gpt2.py"),
+  ):
     cli.check_config_file("configs/akl_gpt2.py")
 
 
@@ -126,6 +167,7 @@ def test_bugs_keep_their_traceback_user_errors_do_not():
       ns["f"]()
     except Exception as e:  # pylint: disable=broad-except
       return e
+
   inside = os.path.join(ROOT, "kdjax", "trainer.py")
   outside = os.path.join(ROOT, "site-packages", "jax", "core.py")
   assert cli.classify(raise_from(inside, ValueError("x"))) == 1
@@ -133,13 +175,18 @@ def test_bugs_keep_their_traceback_user_errors_do_not():
   assert cli.classify(raise_from(outside, TypeError("x"))) is None
   assert cli.classify(raise_from(outside, PermissionError(13, "no"))) == 1
   from kdjax import validation
+
   assert cli.classify(validation.ConfigError("x")) == 2
   assert cli.classify(validation.MissingInputError("x")) == 1
 
 
 def test_prepare_data_dir_under_a_file(tmp_path):
   (tmp_path / "afile").write_text("x")
-  rc, _, err = run_cli("kdjax.data.prepare", "--dataset=synthetic_instruct",
-                       "--data_dir=afile/d", cwd=tmp_path)
+  rc, _, err = run_cli(
+      "kdjax.data.prepare",
+      "--dataset=synthetic_instruct",
+      "--data_dir=afile/d",
+      cwd=tmp_path,
+  )
   assert rc == 1, err
   assert_one_error(err, "afile", "choose another path")

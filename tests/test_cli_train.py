@@ -27,8 +27,12 @@ def root(tmp_path_factory):
 
 def _train(root, tmp_path, *overrides, config=TINY, cwd=ROOT, env=None):
   workdir = tmp_path / "w"
-  args = [f"--config={config}", f"--workdir={workdir}",
-          f"--config.data.data_dir={root / 'data'}", *overrides]
+  args = [
+      f"--config={config}",
+      f"--workdir={workdir}",
+      f"--config.data.data_dir={root / 'data'}",
+      *overrides,
+  ]
   if config.startswith(TINY.split(":")[0]) and ":tiny" in config:
     args.insert(2, f"--config.teacher.path={root / 'teacher'}")
   rc, out, err = run_cli("kdjax.train", *args, cwd=cwd, env=env)
@@ -38,28 +42,56 @@ def _train(root, tmp_path, *overrides, config=TINY, cwd=ROOT, env=None):
 
 def _hf_config_dir(path, **cfg):
   path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(json.dumps(
-      {"model_type": "gpt2", "vocab_size": 257, "n_positions": 512, **cfg}))
+  (path / "config.json").write_text(
+      json.dumps(
+          {"model_type": "gpt2", "vocab_size": 257, "n_positions": 512, **cfg}
+      )
+  )
   return str(path)
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (("--config.optim.lrr=1e-3",), ("--config.optim.lrr", "no field 'lrr'",
-                                    "did you mean --config.optim.lr?")),
-    (("--config.loss.hp.mu=1.5",), ("loss.hp.mu=1.5 is outside [0, 1] for akl",
-                                    "--config.loss.hp.mu=0.5")),
-    (("--config.loss.hp.beta=0.1",), ("'beta' belongs to jsd",
-                                      "kdjax/configs/jsd_gpt2.py")),
-    (("--config.optim.lr=abc",), ("--config.optim.lr=abc",
-                                  "could not convert string to float")),
-    (("--config.optim.lr=-1",), ("optim.lr=-1.0 must be > 0",)),
-    (("--config.loss.kd_ratio=2",), ("loss.kd_ratio=2.0 must be in [0, 1]",)),
-    (("--config.data.max_length=1024",), (
-        "data.max_length=1024 exceeds the 512 positions of the student",)),
-    (("--config.batch_size=8", "--config.grad_accum=3"), (
-        "grad_accum=3 does not divide batch_size=8",)),
-    (("--config.loss.name=kl",), ("loss.name='kl' is unknown",)),
-])
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (
+            ("--config.optim.lrr=1e-3",),
+            (
+                "--config.optim.lrr",
+                "no field 'lrr'",
+                "did you mean --config.optim.lr?",
+            ),
+        ),
+        (
+            ("--config.loss.hp.mu=1.5",),
+            (
+                "loss.hp.mu=1.5 is outside [0, 1] for akl",
+                "--config.loss.hp.mu=0.5",
+            ),
+        ),
+        (
+            ("--config.loss.hp.beta=0.1",),
+            ("'beta' belongs to jsd", "kdjax/configs/jsd_gpt2.py"),
+        ),
+        (
+            ("--config.optim.lr=abc",),
+            ("--config.optim.lr=abc", "could not convert string to float"),
+        ),
+        (("--config.optim.lr=-1",), ("optim.lr=-1.0 must be > 0",)),
+        (
+            ("--config.loss.kd_ratio=2",),
+            ("loss.kd_ratio=2.0 must be in [0, 1]",),
+        ),
+        (
+            ("--config.data.max_length=1024",),
+            ("data.max_length=1024 exceeds the 512 positions of the student",),
+        ),
+        (
+            ("--config.batch_size=8", "--config.grad_accum=3"),
+            ("grad_accum=3 does not divide batch_size=8",),
+        ),
+        (("--config.loss.name=kl",), ("loss.name='kl' is unknown",)),
+    ],
+)
 def test_usage_errors_exit_2(root, tmp_path, overrides, words):
   rc, _, err = _train(root, tmp_path, *overrides)
   assert rc == 2, err
@@ -67,8 +99,12 @@ def test_usage_errors_exit_2(root, tmp_path, overrides, words):
 
 
 def test_sinkhorn_temperature_zero(root, tmp_path):
-  rc, _, err = _train(root, tmp_path, "--config.loss.hp.temperature=0",
-                      config="kdjax/configs/sinkhorn_gpt2.py:tiny,steps=10")
+  rc, _, err = _train(
+      root,
+      tmp_path,
+      "--config.loss.hp.temperature=0",
+      config="kdjax/configs/sinkhorn_gpt2.py:tiny,steps=10",
+  )
   assert rc == 2, err
   assert_one_error(err, "loss.hp.temperature=0.0 must be > 0 for sinkhorn")
 
@@ -76,8 +112,11 @@ def test_sinkhorn_temperature_zero(root, tmp_path):
 def test_config_file_that_moved(root, tmp_path):
   rc, _, err = _train(root, tmp_path, config="configs/akl_gpt2.py:tiny")
   assert rc == 2, err
-  assert_one_error(err, "config file configs/akl_gpt2.py does not exist",
-                   "--config=kdjax/configs/akl_gpt2.py:tiny")
+  assert_one_error(
+      err,
+      "config file configs/akl_gpt2.py does not exist",
+      "--config=kdjax/configs/akl_gpt2.py:tiny",
+  )
 
 
 def test_config_arg_typo(root, tmp_path):
@@ -89,24 +128,40 @@ def test_config_arg_typo(root, tmp_path):
 def test_switching_divergence_drops_its_hyper_parameter(root, tmp_path):
   # The paper config (teacher not downloaded): the switch is accepted, the
   # run then stops on the missing teacher with the current hub CLI's command.
-  rc, _, err = _train(root, tmp_path, "--config.loss.name=fkl",
-                      config="kdjax/configs/akl_gpt2.py")
+  rc, _, err = _train(
+      root,
+      tmp_path,
+      "--config.loss.name=fkl",
+      config="kdjax/configs/akl_gpt2.py",
+  )
   assert rc == 1, err
   assert "loss.hp.mu=0.5 dropped: fkl takes no 'mu'" in err
-  msg = assert_one_error(err, "teacher checkpoint", "not found",
-                         "`hf download gpt2-xl", "--config.teacher.path=DIR")
+  msg = assert_one_error(
+      err,
+      "teacher checkpoint",
+      "not found",
+      "`hf download gpt2-xl",
+      "--config.teacher.path=DIR",
+  )
   assert "huggingface-cli" not in msg and "TypeError" not in err
 
 
 def test_vocabulary_mismatch_recommends_no_broken_path(root, tmp_path):
   teacher = _hf_config_dir(tmp_path / "t300", vocab_size=300)
   for loss in ("akl", "uld"):
-    rc, _, err = _train(root, tmp_path, f"--config.teacher.path={teacher}",
-                        f"--config.loss.name={loss}",
-                        "--config.loss.impl=autodiff")
+    rc, _, err = _train(
+        root,
+        tmp_path,
+        f"--config.teacher.path={teacher}",
+        f"--config.loss.name={loss}",
+        "--config.loss.impl=autodiff",
+    )
     assert rc == 2, err
-    msg = assert_one_error(err, "teacher vocabulary 300 != student "
-                           "vocabulary 257", "share a tokenizer")
+    msg = assert_one_error(
+        err,
+        "teacher vocabulary 300 != student " "vocabulary 257",
+        "share a tokenizer",
+    )
     assert "--config.loss.name=uld" not in msg
 
 
@@ -124,9 +179,13 @@ def test_empty_and_missing_jsonl(root, tmp_path):
 def test_workdir_that_cannot_be_created(root, tmp_path):
   (tmp_path / "afile").write_text("x")
   rc, _, err = run_cli(
-      "kdjax.train", f"--config={TINY}", f"--workdir={tmp_path}/afile/run",
+      "kdjax.train",
+      f"--config={TINY}",
+      f"--workdir={tmp_path}/afile/run",
       f"--config.teacher.path={root / 'teacher'}",
-      f"--config.data.data_dir={root / 'data'}", cwd=ROOT)
+      f"--config.data.data_dir={root / 'data'}",
+      cwd=ROOT,
+  )
   assert rc == 1, err
   assert_one_error(err, f"{tmp_path}/afile/run", "choose another path")
   assert (tmp_path / "afile").read_text() == "x"
@@ -134,18 +193,33 @@ def test_workdir_that_cannot_be_created(root, tmp_path):
 
 def test_evaluate_offline_fails_in_seconds(root, tmp_path):
   from flax import nnx
+
   from kdjax import models
+
   model_dir = tmp_path / "model"
-  models.save_hf(models.create("tiny-gpt2", rngs=nnx.Rngs(0),
-                               vocab_size=50257, n_embd=16, n_layer=1,
-                               n_head=2), str(model_dir))
+  models.save_hf(
+      models.create(
+          "tiny-gpt2",
+          rngs=nnx.Rngs(0),
+          vocab_size=50257,
+          n_embd=16,
+          n_layer=1,
+          n_head=2,
+      ),
+      str(model_dir),
+  )
   before = listing(tmp_path)
   import time
+
   t0 = time.perf_counter()
   rc, _, err = run_cli(
-      "kdjax.evaluate", "--config=kdjax/configs/akl_gpt2.py",
-      f"--checkpoint={model_dir}", "--limit=2", cwd=ROOT,
-      env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+      "kdjax.evaluate",
+      "--config=kdjax/configs/akl_gpt2.py",
+      f"--checkpoint={model_dir}",
+      "--limit=2",
+      cwd=ROOT,
+      env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+  )
   assert time.perf_counter() - t0 < 90  # interpreter start included
   assert rc == 1, err
   assert_one_error(err, "'gpt2'", "the hub is unreachable", "`hf download gpt2")
@@ -153,31 +227,50 @@ def test_evaluate_offline_fails_in_seconds(root, tmp_path):
 
 
 def test_evaluate_missing_checkpoint(tmp_path):
-  rc, _, err = run_cli("kdjax.evaluate",
-                       "--config=kdjax/configs/akl_gpt2.py:tiny",
-                       f"--checkpoint={tmp_path}/nothing", cwd=ROOT)
+  rc, _, err = run_cli(
+      "kdjax.evaluate",
+      "--config=kdjax/configs/akl_gpt2.py:tiny",
+      f"--checkpoint={tmp_path}/nothing",
+      cwd=ROOT,
+  )
   assert rc == 1, err
   assert_one_error(err, f"checkpoint {tmp_path}/nothing does not exist")
   assert listing(tmp_path) == []
 
 
-def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(root,
-                                                                 tmp_path):
+def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(
+    root, tmp_path
+):
   import signal
   import subprocess
   import sys
   import time
+
   workdir = tmp_path / "w"
-  args = [sys.executable, "-m", "kdjax.train",
-          "--config=kdjax/configs/sft_gpt2.py:tiny,steps=500",
-          f"--workdir={workdir}", f"--config.data.data_dir={root / 'data'}",
-          "--config.ckpt.every_steps=1", "--config.eval.every_steps=1",
-          "--config.eval.num_examples=0", "--config.eval.val_batches=1",
-          "--config.data.train_limit=64", "--config.batch_size=8"]
+  args = [
+      sys.executable,
+      "-m",
+      "kdjax.train",
+      "--config=kdjax/configs/sft_gpt2.py:tiny,steps=500",
+      f"--workdir={workdir}",
+      f"--config.data.data_dir={root / 'data'}",
+      "--config.ckpt.every_steps=1",
+      "--config.eval.every_steps=1",
+      "--config.eval.num_examples=0",
+      "--config.eval.val_batches=1",
+      "--config.data.train_limit=64",
+      "--config.batch_size=8",
+  ]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
+  p = subprocess.Popen(
+      args,
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   deadline = time.time() + 480  # data build + compile on a loaded CPU
   while not (workdir / "ckpt" / "2").exists() and p.poll() is None:
     assert time.time() < deadline
@@ -185,10 +278,15 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(root,
   p.send_signal(signal.SIGINT)
   out, err = p.communicate(timeout=120)
   assert p.returncode == 130, err
-  msg = assert_one_error(err, "interrupted at step", "is kept",
-                         f"{workdir}/ckpt", "resume",
-                         "python -m kdjax.train --config=kdjax/configs/"
-                         "sft_gpt2.py:tiny,steps=500")
+  msg = assert_one_error(
+      err,
+      "interrupted at step",
+      "is kept",
+      f"{workdir}/ckpt",
+      "resume",
+      "python -m kdjax.train --config=kdjax/configs/"
+      "sft_gpt2.py:tiny,steps=500",
+  )
   kept = int(msg.split("checkpoint of step ")[1].split()[0])
   assert kept >= 2 and (workdir / "ckpt" / str(kept)).exists()
   assert "validation step 1/500: val_loss" in out  # one line per validation

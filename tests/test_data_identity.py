@@ -3,20 +3,22 @@
 import hashlib
 import json
 
-from kdjax.data import pipeline
-from kdjax.data import sources
+from kdjax.data import pipeline, sources
 
 
 def _write(path, answers):
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("".join(json.dumps({"prompt": f"q{i}", "output": a}) + "\n"
-                          for i, a in enumerate(answers)))
+  path.write_text(
+      "".join(
+          json.dumps({"prompt": f"q{i}", "output": a}) + "\n"
+          for i, a in enumerate(answers)
+      )
+  )
   return str(path)
 
 
 def _responses(path, data_dir):
-  src = sources.load_source("instruct_jsonl", "test", str(data_dir),
-                            path=path)
+  src = sources.load_source("instruct_jsonl", "test", str(data_dir), path=path)
   return sorted(pipeline.to_text(src[i]["response"]) for i in range(len(src)))
 
 
@@ -41,6 +43,9 @@ def test_the_key_is_the_content_hash(tmp_path):
   b = _write(tmp_path / "b" / "set.jsonl", ["x"])
   digest = hashlib.sha256(open(a, "rb").read()).hexdigest()[:16]
   # Same bytes under another directory: the same cache entry.
-  assert sources.file_config_name(a) == sources.file_config_name(b) == (
-      f"set-{digest}")
+  assert (
+      sources.file_config_name(a)
+      == sources.file_config_name(b)
+      == (f"set-{digest}")
+  )
   assert sources.file_config_name(a, "my set") == f"my_set-{digest}"

@@ -11,13 +11,16 @@ from kdjax.data import template
 
 # Golden digests pin the dataset across machines and Python versions: a change
 # here means every embedded-benchmark number changes, so bump the builder VERSION.
-_TRAIN_FIRST_280 = "19d8d206f547b208d3e2e98cab4014f1e3ca5032ea09f6e3b058e732b2b947ce"
+_TRAIN_FIRST_280 = (
+    "19d8d206f547b208d3e2e98cab4014f1e3ca5032ea09f6e3b058e732b2b947ce"
+)
 _VALIDATION = "f3aa589d098dd13c9088aa38e012279639d11a565927d6049273fece0a3136ad"
 
 
 def _digest(examples):
   return hashlib.sha256(
-      json.dumps([e.as_dict() for e in examples]).encode()).hexdigest()
+      json.dumps([e.as_dict() for e in examples]).encode()
+  ).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,10 @@ def test_splitmix64_matches_published_reference_values():
   # Vigna's splitmix64.c with x = 0.
   rng = st.SplitMix64(0)
   assert [rng.next() for _ in range(3)] == [
-      0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+      0xE220A8397B1DCDAF,
+      0x6E789E6AA1B965F4,
+      0x06C45D188009454F,
+  ]
 
 
 def test_below_is_uniform_and_in_range():
@@ -64,8 +70,9 @@ def _solve(example):
   text, instruction = example.input, example.instruction
   if example.task in ("add", "subtract", "multiply"):
     a, op, b = text.split()
-    return str({"+": int(a) + int(b), "-": int(a) - int(b),
-                "*": int(a) * int(b)}[op])
+    return str(
+        {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    )
   if example.task == "reverse":
     return "".join(reversed(text))
   if example.task == "sort":
@@ -104,17 +111,23 @@ def test_many_answer_tasks_are_valid_and_multimodal(train):
     if e.task == "rhyme":
       word = e.instruction.split()[-1].rstrip(".")
       assert word not in e.valid_answers
-      assert all(a[-2:] == word[-2:] or a[-1] == word[-1]
-                 for a in e.valid_answers), e
+      assert all(
+          a[-2:] == word[-2:] or a[-1] == word[-1] for a in e.valid_answers
+      ), e
 
 
 def test_strings_are_short(train):
-  lengths = [len((e.instruction + e.input + e.response).encode())
-             for e in train]
+  lengths = [
+      len((e.instruction + e.input + e.response).encode()) for e in train
+  ]
   assert max(lengths) <= 80
   # Under the byte tokenizer no templated prompt exceeds the recipe's 256-token
   # limit, so the default "drop" policy keeps every example.
-  prompts = [len(template.prompt(e.instruction, e.input).encode())
-             for e in train]
+  prompts = [
+      len(template.prompt(e.instruction, e.input).encode()) for e in train
+  ]
   assert max(prompts) <= 256
-  assert max(p + len(e.response.encode()) + 1 for p, e in zip(prompts, train)) <= 288
+  assert (
+      max(p + len(e.response.encode()) + 1 for p, e in zip(prompts, train))
+      <= 288
+  )

@@ -53,21 +53,29 @@ def _call(name, kwargs, s, t, **extra):
 @functools.partial(jax.jit, static_argnames="temperature")
 def all_values(s, t, temperature=1.0):
   """Per-position values of every case, one compiled program per shape/dtype."""
-  return {cid: _call(name, kw, s, t, temperature=temperature)
-          for cid, name, kw in CASES}
+  return {
+      cid: _call(name, kw, s, t, temperature=temperature)
+      for cid, name, kw in CASES
+  }
 
 
 @functools.partial(jax.jit, static_argnames="temperature")
 def all_grads(s, t, temperature=1.0):
   """Gradient of the summed divergence w.r.t. the student logits, every case."""
-  return {cid: jax.grad(lambda x, name=name, kw=kw: jnp.sum(
-      _call(name, kw, x, t, temperature=temperature)))(s)
-          for cid, name, kw in CASES}
+  return {
+      cid: jax.grad(
+          lambda x, name=name, kw=kw: jnp.sum(
+              _call(name, kw, x, t, temperature=temperature)
+          )
+      )(s)
+      for cid, name, kw in CASES
+  }
 
 
 def reference(name, kwargs, s, t, **extra):
-  return ref.DIVERGENCES[name](np.asarray(s, np.float64),
-                               np.asarray(t, np.float64), **kwargs, **extra)
+  return ref.DIVERGENCES[name](
+      np.asarray(s, np.float64), np.asarray(t, np.float64), **kwargs, **extra
+  )
 
 
 def logits(seed: int, shape, scale=3.0):
@@ -82,9 +90,11 @@ def logits(seed: int, shape, scale=3.0):
 # Values against the float64 reference.
 
 
-@pytest.mark.parametrize("shape, temperature", [
-    ((5, 37), 1.0), ((2, 3, 1001), 2.0), ((2, 50257), 1.0)],
-    ids=["Nx37", "BxTx1001_T2", "Nx50257"])
+@pytest.mark.parametrize(
+    "shape, temperature",
+    [((5, 37), 1.0), ((2, 3, 1001), 2.0), ((2, 50257), 1.0)],
+    ids=["Nx37", "BxTx1001_T2", "Nx50257"],
+)
 def test_value_matches_float64_reference(shape, temperature):
   s, t = logits(sum(shape), shape)
   values = all_values(s, t, temperature=temperature)
@@ -121,13 +131,17 @@ def test_grad_matches_finite_differences():
     extra = {"temperature": 1.5}
     if name == "akl":
       # The AKL weights are constants: differentiate with them pinned.
-      extra["weights"] = ref.akl_weights(p, q, kwargs.get("mu", 0.5),
-                                         kwargs.get("rule", "akl"))
-    want = ref.central_grad(lambda x: reference(name, kwargs, x, t, **extra).sum(),
-                            s.astype(np.float64))
+      extra["weights"] = ref.akl_weights(
+          p, q, kwargs.get("mu", 0.5), kwargs.get("rule", "akl")
+      )
+    want = ref.central_grad(
+        lambda x: reference(name, kwargs, x, t, **extra).sum(),
+        s.astype(np.float64),
+    )
     assert np.abs(want).max() > 1e-2, case_id
-    np.testing.assert_allclose(grads[case_id], want, rtol=2e-4, atol=2e-6,
-                               err_msg=case_id)
+    np.testing.assert_allclose(
+        grads[case_id], want, rtol=2e-4, atol=2e-6, err_msg=case_id
+    )
 
 
 def test_uld_grad_across_vocabulary_sizes():
@@ -142,9 +156,14 @@ def test_teacher_gets_no_gradient():
   s, t = logits(5, (3, 13))
   # all_grads differentiates w.r.t. its first argument: pass the teacher there
   # by swapping roles through a wrapper that calls with (student, teacher).
-  grads = jax.jit(lambda tt: {
-      cid: jax.grad(lambda y, name=name, kw=kw: jnp.sum(_call(name, kw, s, y)))(tt)
-      for cid, name, kw in CASES})(t)
+  grads = jax.jit(
+      lambda tt: {
+          cid: jax.grad(
+              lambda y, name=name, kw=kw: jnp.sum(_call(name, kw, s, y))
+          )(tt)
+          for cid, name, kw in CASES
+      }
+  )(t)
   for case_id, g in grads.items():
     np.testing.assert_array_equal(g, 0.0, err_msg=case_id)
 
@@ -162,7 +181,9 @@ def test_nonnegative_and_zero_at_equality():
   for case_id, _, _ in CASES:
     assert np.all(np.asarray(values[case_id]) > 0), case_id
     np.testing.assert_allclose(same[case_id], 0.0, atol=1e-6, err_msg=case_id)
-    np.testing.assert_allclose(shifted[case_id], 0.0, atol=1e-6, err_msg=case_id)
+    np.testing.assert_allclose(
+        shifted[case_id], 0.0, atol=1e-6, err_msg=case_id
+    )
 
 
 def _disjoint(v=8):
@@ -170,7 +191,7 @@ def _disjoint(v=8):
   t = np.full((2, v), -1e4, np.float32)
   s = np.full((2, v), -1e4, np.float32)
   t[:, : v // 2] = 0.0
-  s[:, v // 2:] = 0.0
+  s[:, v // 2 :] = 0.0
   return s, t
 
 
@@ -193,7 +214,9 @@ def test_jsd_endpoints_are_fkl_and_rkl_exactly():
   np.testing.assert_array_equal(kd.jsd(s, t, beta=0.0), kd.fkl(s, t))
   np.testing.assert_array_equal(kd.jsd(s, t, beta=1.0), kd.rkl(s, t))
   # The interior formula tends to 0 at the endpoints, so they are special.
-  assert np.all(np.asarray(kd.jsd(s, t, beta=1e-4)) < 1e-2 * np.asarray(kd.fkl(s, t)))
+  assert np.all(
+      np.asarray(kd.jsd(s, t, beta=1e-4)) < 1e-2 * np.asarray(kd.fkl(s, t))
+  )
   g0 = jax.grad(lambda x: kd.jsd(x, t, beta=0.0).sum())(s)
   np.testing.assert_array_equal(g0, jax.grad(lambda x: kd.fkl(x, t).sum())(s))
 
@@ -203,8 +226,9 @@ def test_fkl_rkl_is_linear_in_weight():
   f, r = np.asarray(kd.fkl(s, t)), np.asarray(kd.rkl(s, t))
   assert np.all(np.abs(f - r) > 1e-2)  # otherwise linearity is invisible
   for w in (0.0, 0.25, 0.5, 1.0):
-    np.testing.assert_allclose(kd.fkl_rkl(s, t, weight=w), w * f + (1 - w) * r,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        kd.fkl_rkl(s, t, weight=w), w * f + (1 - w) * r, rtol=1e-6
+    )
 
 
 def _logits_of(probs):
@@ -244,15 +268,25 @@ def test_akl_rules_differ_when_top1_below_mu():
   # akl: 0.1 / 0.4 = 0.25; dskd: 0.2 / 0.4 = 0.5.
   expected = {"akl": 0.25, "dskd": 0.5}
   for rule, w in expected.items():
-    w_head, w_tail = kd.akl_weights(jnp.asarray(p, jnp.float32),
-                                    jnp.asarray(q, jnp.float32), mu=0.5, rule=rule)
+    w_head, w_tail = kd.akl_weights(
+        jnp.asarray(p, jnp.float32),
+        jnp.asarray(q, jnp.float32),
+        mu=0.5,
+        rule=rule,
+    )
     np.testing.assert_allclose(w_head, w, rtol=1e-6)
     np.testing.assert_allclose(w_tail, 1 - w, rtol=1e-6)
-    np.testing.assert_allclose(ref.akl_weights(p, q, 0.5, rule)[0], w, rtol=1e-12)
+    np.testing.assert_allclose(
+        ref.akl_weights(p, q, 0.5, rule)[0], w, rtol=1e-12
+    )
   s, t = _logits_of(q), _logits_of(p)
   f, r = kd.fkl(s, t), kd.rkl(s, t)
-  np.testing.assert_allclose(kd.akl(s, t, rule="akl"), 0.25 * f + 0.75 * r, rtol=1e-5)
-  np.testing.assert_allclose(kd.akl(s, t, rule="dskd"), 0.5 * f + 0.5 * r, rtol=1e-5)
+  np.testing.assert_allclose(
+      kd.akl(s, t, rule="akl"), 0.25 * f + 0.75 * r, rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      kd.akl(s, t, rule="dskd"), 0.5 * f + 0.5 * r, rtol=1e-5
+  )
 
 
 def test_akl_rules_agree_when_top1_reaches_mu():
@@ -263,7 +297,9 @@ def test_akl_rules_agree_when_top1_reaches_mu():
   w_akl = kd.akl_weights(jax.nn.softmax(t), jax.nn.softmax(s), rule="akl")[0]
   w_dskd = kd.akl_weights(jax.nn.softmax(t), jax.nn.softmax(s), rule="dskd")[0]
   np.testing.assert_array_equal(w_akl, w_dskd)
-  np.testing.assert_array_equal(kd.akl(s, t, rule="akl"), kd.akl(s, t, rule="dskd"))
+  np.testing.assert_array_equal(
+      kd.akl(s, t, rule="akl"), kd.akl(s, t, rule="dskd")
+  )
 
 
 def test_akl_ties_break_lower_index_first():
@@ -276,11 +312,13 @@ def test_akl_ties_break_lower_index_first():
   # mu = .35, rule akl: head = {first tied token} = index 1 -> .1 / .2.
   np.testing.assert_allclose(kd.akl_weights(t, qj, mu=0.35)[0], 0.5, rtol=1e-5)
   # rule dskd: head = first two tied tokens = indices 1, 2 -> .15 / .2.
-  np.testing.assert_allclose(kd.akl_weights(t, qj, mu=0.35, rule="dskd")[0], 0.75,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      kd.akl_weights(t, qj, mu=0.35, rule="dskd")[0], 0.75, rtol=1e-5
+  )
   # Reversing the vocabulary reverses the tie order: head = index 3 (err .05).
-  np.testing.assert_allclose(kd.akl_weights(t[:, ::-1], qj[:, ::-1], mu=0.35)[0],
-                             0.25, rtol=1e-5)
+  np.testing.assert_allclose(
+      kd.akl_weights(t[:, ::-1], qj[:, ::-1], mu=0.35)[0], 0.25, rtol=1e-5
+  )
 
 
 def test_akl_weights_zero_over_zero():
@@ -299,11 +337,19 @@ def test_akl_weights_match_reference_on_random_rows():
   p, q = np.exp(ref.log_softmax(t)), np.exp(ref.log_softmax(s))
   for rule in kd.AKL_RULES:
     for mu in (0.3, 0.5, 0.8):
-      got = kd.akl_weights(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32),
-                           mu=mu, rule=rule)[0]
-      np.testing.assert_allclose(got, ref.akl_weights(p, q, mu, rule)[0], rtol=1e-5,
-                                 atol=1e-6,
-                                 err_msg=f"{rule} mu={mu}")
+      got = kd.akl_weights(
+          jnp.asarray(p, jnp.float32),
+          jnp.asarray(q, jnp.float32),
+          mu=mu,
+          rule=rule,
+      )[0]
+      np.testing.assert_allclose(
+          got,
+          ref.akl_weights(p, q, mu, rule)[0],
+          rtol=1e-5,
+          atol=1e-6,
+          err_msg=f"{rule} mu={mu}",
+      )
 
 
 def test_temperature_divides_logits():
@@ -312,8 +358,9 @@ def test_temperature_divides_logits():
   scaled = all_values(s / np.float32(2.5), t / np.float32(2.5))
   plain = all_values(s, t)
   for case_id, _, _ in CASES:
-    np.testing.assert_allclose(at_t[case_id], scaled[case_id], rtol=1e-5, atol=1e-7,
-                               err_msg=case_id)
+    np.testing.assert_allclose(
+        at_t[case_id], scaled[case_id], rtol=1e-5, atol=1e-7, err_msg=case_id
+    )
     # No hidden T**2 factor, and the temperature really changes the value.
     assert np.all(np.abs(at_t[case_id] - plain[case_id]) > 1e-4), case_id
 
@@ -325,10 +372,13 @@ def test_temperature_divides_logits():
 def test_masked_mean():
   per_token = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, jnp.nan]])
   mask = jnp.array([[1, 0, 1], [1, 1, 0]])
-  np.testing.assert_allclose(kd.masked_mean(per_token, mask), (1 + 3 + 4 + 5) / 4)
+  np.testing.assert_allclose(
+      kd.masked_mean(per_token, mask), (1 + 3 + 4 + 5) / 4
+  )
   weights = jnp.array([[0.5, 0.0, 1.0], [0.0, 2.0, 0.0]])
-  np.testing.assert_allclose(kd.masked_mean(per_token, weights),
-                             (0.5 + 3.0 + 10.0) / 3.5, rtol=1e-6)
+  np.testing.assert_allclose(
+      kd.masked_mean(per_token, weights), (0.5 + 3.0 + 10.0) / 3.5, rtol=1e-6
+  )
   assert kd.masked_mean(per_token, jnp.zeros_like(mask)) == 0.0
   np.testing.assert_allclose(kd.masked_mean(per_token[:, :2]), 3.0)
   g = jax.grad(lambda x: kd.masked_mean(x, jnp.zeros_like(mask)))(per_token)
@@ -338,11 +388,24 @@ def test_masked_mean():
 
 
 def test_registry():
-  assert kd.names() == ("fkl", "rkl", "fkl_rkl", "skl", "srkl", "jsd", "tvd",
-                        "akl", "abkd", "uld", "sinkhorn")
+  assert kd.names() == (
+      "fkl",
+      "rkl",
+      "fkl_rkl",
+      "skl",
+      "srkl",
+      "jsd",
+      "tvd",
+      "akl",
+      "abkd",
+      "uld",
+      "sinkhorn",
+  )
   for name in kd.names():
     assert kd.get(name) is getattr(kd, name)
-  with pytest.raises(ValueError, match=r"unknown divergence 'kl'; choose one of fkl, rkl"):
+  with pytest.raises(
+      ValueError, match=r"unknown divergence 'kl'; choose one of fkl, rkl"
+  ):
     kd.get("kl")
 
 
@@ -355,13 +418,17 @@ def test_bf16_inputs_give_float32_results():
   for case_id, name, kwargs in CASES:
     assert got[case_id].dtype == jnp.float32, case_id
     # Upcast before the softmax: the f32 computation on the same values.
-    np.testing.assert_allclose(got[case_id], upcast[case_id], rtol=1e-6, atol=1e-7,
-                               err_msg=case_id)
-    want = reference(name, kwargs, s16.astype(jnp.float32), t16.astype(jnp.float32))
+    np.testing.assert_allclose(
+        got[case_id], upcast[case_id], rtol=1e-6, atol=1e-7, err_msg=case_id
+    )
+    want = reference(
+        name, kwargs, s16.astype(jnp.float32), t16.astype(jnp.float32)
+    )
     np.testing.assert_allclose(got[case_id], want, rtol=1e-5, err_msg=case_id)
     # And close to the unrounded f32 logits (bf16 keeps 8 bits of mantissa).
-    np.testing.assert_allclose(got[case_id], unrounded[case_id], rtol=5e-2,
-                               err_msg=case_id)
+    np.testing.assert_allclose(
+        got[case_id], unrounded[case_id], rtol=5e-2, err_msg=case_id
+    )
 
 
 def test_bad_inputs_are_named():
@@ -397,14 +464,29 @@ def test_inf_slots_equal_the_sliced_vocabulary():
   vals_sliced = all_values(s[:, keep], t[:, keep])
   grads_sliced = all_grads(s[:, keep], t[:, keep])
   for case_id, name, kwargs in CASES:
-    np.testing.assert_allclose(vals[case_id], vals_sliced[case_id], rtol=1e-6,
-                               atol=1e-7, err_msg=case_id)
-    np.testing.assert_array_equal(grads[case_id][:, masked], 0.0, err_msg=case_id)
-    np.testing.assert_allclose(grads[case_id][:, keep], grads_sliced[case_id],
-                               rtol=1e-5, atol=1e-7, err_msg=case_id)
     np.testing.assert_allclose(
-        vals[case_id], reference(name, kwargs, s[:, keep], t[:, keep]), rtol=1e-5,
-        err_msg=case_id)
+        vals[case_id],
+        vals_sliced[case_id],
+        rtol=1e-6,
+        atol=1e-7,
+        err_msg=case_id,
+    )
+    np.testing.assert_array_equal(
+        grads[case_id][:, masked], 0.0, err_msg=case_id
+    )
+    np.testing.assert_allclose(
+        grads[case_id][:, keep],
+        grads_sliced[case_id],
+        rtol=1e-5,
+        atol=1e-7,
+        err_msg=case_id,
+    )
+    np.testing.assert_allclose(
+        vals[case_id],
+        reference(name, kwargs, s[:, keep], t[:, keep]),
+        rtol=1e-5,
+        err_msg=case_id,
+    )
 
 
 _V = 9
@@ -414,8 +496,11 @@ _V = 9
 def _akl_weights_f32(s, t):
   p = jax.nn.softmax(t.astype(jnp.float32))
   q = jax.nn.softmax(s.astype(jnp.float32))
-  return {cid: kd.akl_weights(p, q, order=t, **kw) for cid, name, kw in CASES
-          if name == "akl"}
+  return {
+      cid: kd.akl_weights(p, q, order=t, **kw)
+      for cid, name, kw in CASES
+      if name == "akl"
+  }
 
 
 @st.composite
@@ -458,15 +543,23 @@ def test_akl_tie_row_follows_the_exact_order():
   w64 = ref.akl_weights(p64[None], q64[None])[0][0]
   np.testing.assert_allclose(w64, 0.25, rtol=1e-6)
   want = ref.akl(s64, t64)
-  for impl, extra in (("reference", {}), ("auto", {}),
-                      ("auto", {"chunk_size": 1}), ("auto", {"chunk_size": 0})):
+  for impl, extra in (
+      ("reference", {}),
+      ("auto", {}),
+      ("auto", {"chunk_size": 1}),
+      ("auto", {"chunk_size": 0}),
+  ):
     got = kd.get("akl", impl=impl)(s, t, **extra)
     np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{impl} {extra}")
 
 
 # derandomize: CI sees the same 50 cases every run (plus the pinned tie row).
-@hypothesis.settings(max_examples=50, deadline=None, derandomize=True,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
 @hypothesis.given(case=_extreme_case())
 @hypothesis.example(case=_tie_row_case())
 def test_extreme_logits_and_inf_slots_are_finite(case):
@@ -488,5 +581,6 @@ def test_extreme_logits_and_inf_slots_are_finite(case):
         # round the other way at extreme logits: use the weights kdjax used.
         extra["weights"] = tuple(float(w[row]) for w in weights[case_id])
       want = reference(name, kwargs, s64[row, keep], t64[row, keep], **extra)
-      np.testing.assert_allclose(vals[case_id][row], want, rtol=1e-4, atol=1e-3,
-                                 err_msg=case_id)
+      np.testing.assert_allclose(
+          vals[case_id][row], want, rtol=1e-4, atol=1e-3, err_msg=case_id
+      )

@@ -17,12 +17,22 @@ from kdjax import divergences as kd
 from kdjax.divergences import core, engine, fused
 import reference_np as ref
 
-CASES = [("fkl", {}), ("rkl", {}), ("fkl_rkl", {"weight": 0.3}),
-         ("skl", {"alpha": 0.1}), ("srkl", {"alpha": 0.1}),
-         ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.0}),
-         ("tvd", {}), ("akl", {}), ("akl", {"rule": "dskd"}),
-         ("skl", {"alpha": 1.0}), ("srkl", {"alpha": 1.0}),
-         ("abkd", {}), ("abkd", {"alpha": 0.0, "beta": 0.5})]
+CASES = [
+    ("fkl", {}),
+    ("rkl", {}),
+    ("fkl_rkl", {"weight": 0.3}),
+    ("skl", {"alpha": 0.1}),
+    ("srkl", {"alpha": 0.1}),
+    ("jsd", {"beta": 0.1}),
+    ("jsd", {"beta": 0.0}),
+    ("tvd", {}),
+    ("akl", {}),
+    ("akl", {"rule": "dskd"}),
+    ("skl", {"alpha": 1.0}),
+    ("srkl", {"alpha": 1.0}),
+    ("abkd", {}),
+    ("abkd", {"alpha": 0.0, "beta": 0.5}),
+]
 IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in hp.items())}" for n, hp in CASES]
 N, V = 7, 257
 
@@ -59,10 +69,16 @@ def test_every_path_matches_the_reference(name, hp, kind):
   weight_N = jax.random.uniform(jax.random.key(3), (N,))  # any cotangent
   temperature = 2.0 if kind == "random" else 1.0
   reference = lambda x, y: kd.get(name, "reference")(
-      x, y, temperature=temperature, **hp)
-  paths = {size: (lambda x, y, size=size: kd.get(name)(
-      x, y, temperature=temperature, chunk_size=size, **hp))
-           for size in (None, 0, 3)}
+      x, y, temperature=temperature, **hp
+  )
+  paths = {
+      size: (
+          lambda x, y, size=size: kd.get(name)(
+              x, y, temperature=temperature, chunk_size=size, **hp
+          )
+      )
+      for size in (None, 0, 3)
+  }
   if kind in ("extreme", "bf16"):
     del paths[3]  # the same per-block functions; keeps the suite short
   ref_value, ref_grad = _value_and_grad(reference, s, t, weight_N)
@@ -72,17 +88,19 @@ def test_every_path_matches_the_reference(name, hp, kind):
     # gradient q(r − c) inherits that absolute error in either implementation.
     grad_atol = 64 * np.finfo(np.float32).eps * 3e4 * scale
   elif kind == "bf16":
-    grad_atol = 2 ** -7 * scale  # both round one float32 gradient to bf16
+    grad_atol = 2**-7 * scale  # both round one float32 gradient to bf16
   else:
     grad_atol = 1e-5 * scale
   value_atol = 1e-5 if kind != "extreme" or name != "abkd" else 1e-2
   for size, fn in paths.items():
     value, grad = _value_and_grad(fn, s, t, weight_N)
     msg = f"chunk_size={size}"
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=value_atol,
-                               err_msg=msg)
-    np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=grad_atol,
-                               err_msg=msg)
+    np.testing.assert_allclose(
+        value, ref_value, rtol=1e-5, atol=value_atol, err_msg=msg
+    )
+    np.testing.assert_allclose(
+        grad, ref_grad, rtol=0, atol=grad_atol, err_msg=msg
+    )
     assert np.all(np.isfinite(grad)), msg
     if kind == "neginf":
       assert np.all(grad[:, -3:] == 0.0), msg  # exactly 0 in -inf slots
@@ -146,8 +164,11 @@ def test_every_path_calls_the_canonical_block_functions(monkeypatch):
     assert calls["forward"] >= 1 and calls["grad"] >= 1, size
   calls.update(forward=0, grad=0)
   x = jnp.ones((5, 4))
-  jax.grad(lambda w: fused.fused_linear("jsd", x, w, x, jnp.ones((9, 4)),
-                                        chunk_size=2))(jnp.ones((9, 4)))
+  jax.grad(
+      lambda w: fused.fused_linear(
+          "jsd", x, w, x, jnp.ones((9, 4)), chunk_size=2
+      )
+  )(jnp.ones((9, 4)))
   assert calls["forward"] >= 1 and calls["grad"] >= 1, "fused"
 
 
@@ -155,11 +176,15 @@ def test_no_module_outside_the_engine_computes_a_divergence():
   """fused.py and the package's other modules hold no log-softmax, exp or
   log of probabilities of their own beyond CE (an AST check)."""
   source = inspect.getsource(fused)
-  names = {node.attr for node in ast.walk(ast.parse(source))
-           if isinstance(node, ast.Attribute)}
+  names = {
+      node.attr
+      for node in ast.walk(ast.parse(source))
+      if isinstance(node, ast.Attribute)
+  }
   assert "value_and_grad" in names  # the engine's per-block function
   assert not names & {"exp", "log", "logsumexp", "expm1", "log1p"} - {
-      "exp"}, names  # exp only turns CE's log-probabilities into q
+      "exp"
+  }, names  # exp only turns CE's log-probabilities into q
 
 
 # ----------------------------------------------------------------------------
@@ -200,8 +225,14 @@ def _grad64(name, s64, t64, **hp):
   return qg - q * qg.sum(-1, keepdims=True)
 
 
-PRECISION = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.1}),
-             ("tvd", {}), ("akl", {}), ("abkd", {})]
+PRECISION = [
+    ("fkl", {}),
+    ("rkl", {}),
+    ("jsd", {"beta": 0.1}),
+    ("tvd", {}),
+    ("akl", {}),
+    ("abkd", {}),
+]
 
 
 # Gradient error bound (of max|grad|): 1e-6, except where the plain float32
@@ -226,11 +257,19 @@ def test_precision_at_llm_vocabularies(vocab, kind):
     want_grad = _grad64(name, s64, t64, **hp)
     for size in (None, 3):
       fn = lambda x, y, size=size: kd.get(name)(x, y, chunk_size=size, **hp)
-      value, grad = jax.jit(jax.value_and_grad(
-          lambda x, y: jnp.sum(fn(x, y) * jnp.arange(1.0, 5.0))))(s, t)
+      value, grad = jax.jit(
+          jax.value_and_grad(
+              lambda x, y: jnp.sum(fn(x, y) * jnp.arange(1.0, 5.0))
+          )
+      )(s, t)
       per_row = np.asarray(jax.jit(fn)(s, t), np.float64)
-      np.testing.assert_allclose(per_row, want, rtol=1e-6, atol=1e-9,
-                                 err_msg=f"{name} chunk_size={size}")
+      np.testing.assert_allclose(
+          per_row,
+          want,
+          rtol=1e-6,
+          atol=1e-9,
+          err_msg=f"{name} chunk_size={size}",
+      )
       grad = np.asarray(grad, np.float64)
       want_g = want_grad * np.arange(1.0, 5.0)[:, None]
       err = np.max(np.abs(grad - want_g)) / np.max(np.abs(want_g))
@@ -240,13 +279,17 @@ def test_precision_at_llm_vocabularies(vocab, kind):
 # ----------------------------------------------------------------------------
 # Traced hyper-parameters.
 
-TRACED = [("fkl_rkl", {"weight": [0.0, 0.3, 1.0]}),
-          ("skl", {"alpha": [0.0, 0.1, 1.0]}),
-          ("srkl", {"alpha": [0.0, 0.25, 1.0]}),
-          ("jsd", {"beta": [0.0, 0.1, 0.5, 1.0]}),
-          ("akl", {"mu": [0.3, 0.5]}),
-          ("abkd", {"alpha": [0.2, 0.0, 1.0, 0.0, 0.5],
-                    "beta": [0.7, 1.0, 0.0, 0.0, 0.0]})]
+TRACED = [
+    ("fkl_rkl", {"weight": [0.0, 0.3, 1.0]}),
+    ("skl", {"alpha": [0.0, 0.1, 1.0]}),
+    ("srkl", {"alpha": [0.0, 0.25, 1.0]}),
+    ("jsd", {"beta": [0.0, 0.1, 0.5, 1.0]}),
+    ("akl", {"mu": [0.3, 0.5]}),
+    (
+        "abkd",
+        {"alpha": [0.2, 0.0, 1.0, 0.0, 0.5], "beta": [0.7, 1.0, 0.0, 0.0, 0.0]},
+    ),
+]
 
 
 @pytest.mark.parametrize("name,grid", TRACED, ids=[n for n, _ in TRACED])
@@ -271,28 +314,35 @@ def test_traced_hyper_parameters_match_float64(name, grid):
     hp = {k: float(grid[k][i]) for k in keys}
     value, grad = run(jnp.float32(1.5), *(c[i] for c in columns))
     want = ref.DIVERGENCES[name](s64, t64, temperature=1.5, **hp)
-    np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-6,
-                               err_msg=str(hp))
+    np.testing.assert_allclose(
+        value, want, rtol=2e-5, atol=1e-6, err_msg=str(hp)
+    )
     np.testing.assert_allclose(values_v[i], value, rtol=1e-6, atol=1e-7)
     static = kd.get(name)(s, t, temperature=1.5, **hp)
-    want_grad = jax.grad(lambda x: jnp.sum(kd.get(name, "reference")(
-        x, t, temperature=1.5, **hp) * jnp.arange(1.0, N + 1)))(s)
+    want_grad = jax.grad(
+        lambda x: jnp.sum(
+            kd.get(name, "reference")(x, t, temperature=1.5, **hp)
+            * jnp.arange(1.0, N + 1)
+        )
+    )(s)
     scale = max(float(np.max(np.abs(want_grad))), 1e-6)
-    np.testing.assert_allclose(grad, want_grad, atol=1e-5 * scale,
-                               err_msg=str(hp))
+    np.testing.assert_allclose(
+        grad, want_grad, atol=1e-5 * scale, err_msg=str(hp)
+    )
     np.testing.assert_allclose(grads_v[i], grad, atol=1e-5 * scale)
     if name == "jsd" and hp["beta"] in (0.0, 1.0):  # the endpoint formulas
       other = kd.fkl if hp["beta"] == 0.0 else kd.rkl  # (ulps: other program)
       np.testing.assert_allclose(
-          value, jax.jit(lambda x: other(x, t, temperature=1.5))(s),
-          rtol=1e-6)
+          value, jax.jit(lambda x: other(x, t, temperature=1.5))(s), rtol=1e-6
+      )
     np.testing.assert_allclose(value, static, rtol=1e-6, atol=1e-7)
 
 
 def test_hyper_parameters_get_no_gradient():
   s, t = _logits("random")
-  g = jax.grad(lambda b, temp: jnp.sum(kd.jsd(s, t, beta=b, temperature=temp)),
-               (0, 1))(0.3, 2.0)
+  g = jax.grad(
+      lambda b, temp: jnp.sum(kd.jsd(s, t, beta=b, temperature=temp)), (0, 1)
+  )(0.3, 2.0)
   assert g == (0.0, 0.0)
 
 
@@ -303,35 +353,45 @@ def test_hyper_parameters_get_no_gradient():
 def test_abkd_special_cases_and_limits():
   s, t = _logits("random")
   s64, t64 = np.asarray(s, np.float64), np.asarray(t, np.float64)
-  np.testing.assert_allclose(kd.abkd(s, t, alpha=1.0, beta=0.0),
-                             ref.fkl(s64, t64), rtol=1e-5)
-  np.testing.assert_allclose(kd.abkd(s, t, alpha=0.0, beta=1.0),
-                             ref.rkl(s64, t64), rtol=1e-5)
+  np.testing.assert_allclose(
+      kd.abkd(s, t, alpha=1.0, beta=0.0), ref.fkl(s64, t64), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      kd.abkd(s, t, alpha=0.0, beta=1.0), ref.rkl(s64, t64), rtol=1e-5
+  )
   # The general formula tends to each limit formula (float64 reference).
-  for (a, b), near in (((0.0, 0.6), (1e-5, 0.6)), ((0.5, 0.0), (0.5, 1e-5)),
-                       ((0.0, 0.0), (1e-5, 1e-5))):
+  for (a, b), near in (
+      ((0.0, 0.6), (1e-5, 0.6)),
+      ((0.5, 0.0), (0.5, 1e-5)),
+      ((0.0, 0.0), (1e-5, 1e-5)),
+  ):
     limit = ref.abkd(s64, t64, alpha=a, beta=b)
-    np.testing.assert_allclose(ref.abkd(s64, t64, alpha=near[0],
-                                        beta=near[1]), limit, rtol=1e-3)
-    np.testing.assert_allclose(kd.abkd(s, t, alpha=a, beta=b), limit,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        ref.abkd(s64, t64, alpha=near[0], beta=near[1]), limit, rtol=1e-3
+    )
+    np.testing.assert_allclose(kd.abkd(s, t, alpha=a, beta=b), limit, rtol=1e-5)
   # α = β = 1/2 is 2·Σ(√p − √q)², four times the squared Hellinger distance.
   p, q = np.exp(ref.log_softmax(t64)), np.exp(ref.log_softmax(s64))
-  np.testing.assert_allclose(kd.abkd(s, t, alpha=0.5, beta=0.5),
-                             2 * ((np.sqrt(p) - np.sqrt(q)) ** 2).sum(-1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      kd.abkd(s, t, alpha=0.5, beta=0.5),
+      2 * ((np.sqrt(p) - np.sqrt(q)) ** 2).sum(-1),
+      rtol=1e-5,
+  )
 
 
-@pytest.mark.parametrize("alpha,beta", [(0.2, 0.7), (1.3, 0.4), (0.0, 0.6),
-                                        (0.5, 0.0), (0.0, 0.0)])
+@pytest.mark.parametrize(
+    "alpha,beta", [(0.2, 0.7), (1.3, 0.4), (0.0, 0.6), (0.5, 0.0), (0.0, 0.0)]
+)
 def test_abkd_gradient_matches_finite_differences(alpha, beta):
   rng = np.random.default_rng(5)
   s = (2 * rng.standard_normal((2, 11))).astype(np.float32)
   t = (2 * rng.standard_normal((2, 11))).astype(np.float32)
-  want = ref.central_grad(lambda x: ref.abkd(x, t, alpha, beta, 1.3).sum(),
-                          s.astype(np.float64))
-  got = jax.grad(lambda x: jnp.sum(kd.abkd(x, t, alpha=alpha, beta=beta,
-                                           temperature=1.3)))(s)
+  want = ref.central_grad(
+      lambda x: ref.abkd(x, t, alpha, beta, 1.3).sum(), s.astype(np.float64)
+  )
+  got = jax.grad(
+      lambda x: jnp.sum(kd.abkd(x, t, alpha=alpha, beta=beta, temperature=1.3))
+  )(s)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
 
 
@@ -373,12 +433,13 @@ def _rows(kind, m, vocab, key):
 def test_akl_weights_match_sorted_reference(kind, rule):
   p, q = _rows(kind, 32, 3000, key=len(kind))
   w_head, w_tail = jax.jit(lambda p, q: core.akl_weights(p, q, rule=rule))(p, q)
-  expected = _np_akl_weights(np.asarray(p, np.float64),
-                             np.asarray(q, np.float64), 0.5, rule)
+  expected = _np_akl_weights(
+      np.asarray(p, np.float64), np.asarray(q, np.float64), 0.5, rule
+  )
   np.testing.assert_allclose(w_head, expected, atol=2e-6)
   np.testing.assert_allclose(w_tail, 1.0 - expected, atol=2e-6)
   unresolved = kd.akl_unresolved_fraction(jnp.log(p), rule=rule)
-  mass = -np.sort(-np.asarray(p, np.float64), -1)[:, :core.AKL_TOP_K].sum(-1)
+  mass = -np.sort(-np.asarray(p, np.float64), -1)[:, : core.AKL_TOP_K].sum(-1)
   np.testing.assert_allclose(unresolved, np.mean(mass <= 0.5), atol=1e-6)
   if kind in ("flat", "top1"):
     assert float(unresolved) == (1.0 if kind == "flat" else 0.0)
@@ -393,14 +454,22 @@ def test_akl_fallback_branches(n_flat, rule):
   p = p.at[n_flat - 1, :1500].set(p[n_flat - 1, 0])  # half the row tied
   p = p / jnp.sum(p, axis=-1, keepdims=True)
   w_head, _ = core.akl_weights(p, q, mu=0.5, rule=rule)
-  expected = _np_akl_weights(np.asarray(p, np.float64),
-                             np.asarray(q, np.float64), 0.5, rule)
+  expected = _np_akl_weights(
+      np.asarray(p, np.float64), np.asarray(q, np.float64), 0.5, rule
+  )
   np.testing.assert_allclose(w_head, expected, atol=2e-6)
 
 
-@pytest.mark.parametrize("vocab,fill", [(50257, "normal"), (50257, "ties"),
-                                        (32000, "integers"), (128256, "ties"),
-                                        (50257, "cross")])
+@pytest.mark.parametrize(
+    "vocab,fill",
+    [
+        (50257, "normal"),
+        (50257, "ties"),
+        (32000, "integers"),
+        (128256, "ties"),
+        (50257, "cross"),
+    ],
+)
 def test_two_level_top_k_equals_lax_top_k(vocab, fill):
   """Same values, indices and tie order (lower index first) as lax.top_k,
   including rows where a third of the vocabulary ties at the maximum and
@@ -432,13 +501,18 @@ def test_akl_fallback_bounded_by_budget():
   p = p_peak.at[5:35].set(p_flat[5:35])  # 30 unresolved rows, budget 8
   top_p, idx = core.top_k(p, core.AKL_TOP_K)
   w, resolved = core._akl_head_weight_topk(
-      top_p, jnp.take_along_axis(q, idx, axis=-1),
-      jnp.sum(jnp.abs(p - q), axis=-1), 0.5, "akl")
+      top_p,
+      jnp.take_along_axis(q, idx, axis=-1),
+      jnp.sum(jnp.abs(p - q), axis=-1),
+      0.5,
+      "akl",
+  )
   assert int(jnp.sum(~resolved)) == 30
   rows = lambda i: (p[i], q[i], p[i])
   w = core._akl_fallback(w, resolved, rows, 0.5, "akl", budget=8)
-  expected = _np_akl_weights(np.asarray(p, np.float64),
-                             np.asarray(q, np.float64), 0.5, "akl")
+  expected = _np_akl_weights(
+      np.asarray(p, np.float64), np.asarray(q, np.float64), 0.5, "akl"
+  )
   np.testing.assert_allclose(w, expected, atol=2e-6)
 
 
@@ -448,8 +522,9 @@ def test_akl_fallback_bounded_by_budget():
 
 def _temp_bytes(fn, n):
   s = jnp.zeros((n, 512), jnp.float32)
-  compiled = jax.jit(jax.grad(lambda x, y: jnp.sum(fn(x, y)))).lower(
-      s, s).compile()
+  compiled = (
+      jax.jit(jax.grad(lambda x, y: jnp.sum(fn(x, y)))).lower(s, s).compile()
+  )
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -469,8 +544,16 @@ def test_chunked_temporaries_independent_of_n(name):
 # Fused linear: hidden states and heads in, masked-mean loss and its gradients.
 
 
-@pytest.mark.parametrize("name,hp", [("fkl", {}), ("jsd", {"beta": 0.1}),
-                                     ("akl", {}), ("tvd", {}), ("abkd", {})])
+@pytest.mark.parametrize(
+    "name,hp",
+    [
+        ("fkl", {}),
+        ("jsd", {"beta": 0.1}),
+        ("akl", {}),
+        ("tvd", {}),
+        ("abkd", {}),
+    ],
+)
 def test_fused_linear_matches_reference(name, hp):
   keys = jax.random.split(jax.random.key(7), 5)
   n, vocab, h_s, h_t = 19, 200, 16, 24
@@ -485,8 +568,9 @@ def test_fused_linear_matches_reference(name, hp):
     return 3.0 * core.masked_mean(per_token, mask)
 
   def fused_loss(x, w):
-    return 3.0 * fused.fused_linear(name, x, w, x_t, w_t, mask, chunk_size=8,
-                                    **hp)
+    return 3.0 * fused.fused_linear(
+        name, x, w, x_t, w_t, mask, chunk_size=8, **hp
+    )
 
   ref_value, (ref_gx, ref_gw) = jax.value_and_grad(reference, (0, 1))(x_s, w_s)
   value, (gx, gw) = jax.jit(jax.value_and_grad(fused_loss, (0, 1)))(x_s, w_s)
@@ -516,15 +600,26 @@ def test_fused_ce_and_kd_share_the_logits_chunk():
     return (1 - r) * ce_sum + r * kd_sum, (ce_sum, kd_sum)
 
   def fused_loss(x, w):
-    ce_sum, kd_sum = fused.ce_kd_sums("akl", x, w, x_t, w_t, labels, mask,
-                                      kd_ratio=r, chunk_size=4,
-                                      temperature=2.0)
+    ce_sum, kd_sum = fused.ce_kd_sums(
+        "akl",
+        x,
+        w,
+        x_t,
+        w_t,
+        labels,
+        mask,
+        kd_ratio=r,
+        chunk_size=4,
+        temperature=2.0,
+    )
     return (1 - r) * ce_sum + r * kd_sum, (ce_sum, kd_sum)
 
   (_, want), want_g = jax.value_and_grad(reference, (0, 1), has_aux=True)(
-      x_s, w_s)
-  (_, got), got_g = jax.jit(jax.value_and_grad(fused_loss, (0, 1),
-                                               has_aux=True))(x_s, w_s)
+      x_s, w_s
+  )
+  (_, got), got_g = jax.jit(
+      jax.value_and_grad(fused_loss, (0, 1), has_aux=True)
+  )(x_s, w_s)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(got_g, want_g):
     np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max())
@@ -535,8 +630,9 @@ def test_fused_ce_and_kd_share_the_logits_chunk():
 def test_fused_linear_rejects_mismatched_tokens():
   x = jnp.zeros((4, 3))
   with pytest.raises(ValueError, match="same N"):
-    fused.fused_linear("fkl", x, jnp.zeros((5, 3)), jnp.zeros((6, 3)),
-                       jnp.zeros((5, 3)))
+    fused.fused_linear(
+        "fkl", x, jnp.zeros((5, 3)), jnp.zeros((6, 3)), jnp.zeros((5, 3))
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -546,9 +642,19 @@ def test_fused_linear_rejects_mismatched_tokens():
 @pytest.mark.slow
 def test_benchmark_quick_writes_json(tmp_path):
   from experiments.benchmarks import divergences as bench  # pylint: disable=import-outside-toplevel
+
   out = tmp_path / "bench.json"
-  bench.main(["--quick", "--with_reference", "--divergences", "fkl", "akl",
-              "--out", str(out)])
+  bench.main(
+      [
+          "--quick",
+          "--with_reference",
+          "--divergences",
+          "fkl",
+          "akl",
+          "--out",
+          str(out),
+      ]
+  )
   result = json.loads(out.read_text())
   impls = {(r["divergence"], r["impl"]) for r in result["rows"]}
   assert {("fkl", "auto"), ("fkl", "reference"), ("akl", "auto")} <= impls
@@ -559,5 +665,6 @@ def test_benchmark_quick_writes_json(tmp_path):
     assert row["time_s"] > 0
     if row["temp_bytes"] is not None:
       assert row["temp_vs_nv_f32"] == pytest.approx(
-          row["temp_bytes"] / (result["n"] * result["vocab"] * 4))
+          row["temp_bytes"] / (result["n"] * result["vocab"] * 4)
+      )
   assert result["n"] == 64 and "cpu" in result["device"]

@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 from rouge_score import rouge_scorer
 
 from kdjax import evaluate, models, sampling, sharding
@@ -24,23 +24,27 @@ SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 def _rouge(prediction, references):
   """Straight from rouge_score: F1, max over references."""
-  return max(SCORER.score(target=r, prediction=prediction)["rougeL"].fmeasure
-             for r in references)
+  return max(
+      SCORER.score(target=r, prediction=prediction)["rougeL"].fmeasure
+      for r in references
+  )
 
 
 # ----------------------------------------------------------------------------
 # Scoring.
 
 
-@pytest.mark.parametrize("prediction,references", [
-    ("the cat sat on the mat", ["the cat on the mat"]),
-    ("The cats were running quickly.", ["a cat runs quickly", "dogs bark"]),
-    ("dogs barked loudly", ["a cat runs quickly", "the dogs are barking"]),
-    ("Generalization generalizes", ["generalize"]),  # Porter stems both
-    ("x", ["completely different words"]),
-])
-def test_rouge_l_equals_rouge_score_max_over_references(prediction,
-                                                        references):
+@pytest.mark.parametrize(
+    "prediction,references",
+    [
+        ("the cat sat on the mat", ["the cat on the mat"]),
+        ("The cats were running quickly.", ["a cat runs quickly", "dogs bark"]),
+        ("dogs barked loudly", ["a cat runs quickly", "the dogs are barking"]),
+        ("Generalization generalizes", ["generalize"]),  # Porter stems both
+        ("x", ["completely different words"]),
+    ],
+)
+def test_rouge_l_equals_rouge_score_max_over_references(prediction, references):
   got = evaluate.rouge_l(prediction, references)
   assert got == pytest.approx(_rouge(prediction, references), abs=1e-12)
   # The max picks the best reference, whatever its position.
@@ -49,8 +53,9 @@ def test_rouge_l_equals_rouge_score_max_over_references(prediction,
 
 def test_rouge_l_hand_values_stemming_and_empty():
   # LCS 5 of 6 predicted and 5 reference tokens: F = 2PR/(P+R) = 10/11.
-  assert evaluate.rouge_l("the cat sat on the mat",
-                          ["the cat on the mat"]) == pytest.approx(10 / 11)
+  assert evaluate.rouge_l(
+      "the cat sat on the mat", ["the cat on the mat"]
+  ) == pytest.approx(10 / 11)
   # Stemming: runs/running -> run, cats -> cat; without it these share nothing.
   assert evaluate.rouge_l("cats running", ["cat runs"]) == pytest.approx(1.0)
   assert evaluate.rouge_l("", ["anything"]) == 0.0
@@ -58,15 +63,18 @@ def test_rouge_l_hand_values_stemming_and_empty():
   assert evaluate.rouge_l("words", []) == 0.0
 
 
-@pytest.mark.parametrize("prediction,references,want", [
-    ("The Cat!", ["cat"], True),
-    ("an apple.", ["Apple"], True),
-    ("  New   York ", ["new york"], True),
-    ("theater", ["ater"], False),  # articles only as whole words
-    ("cats", ["cat"], False),       # no stemming in exact match
-    ("42", ["41", "42."], True),
-    ("yes", ["no"], False),
-])
+@pytest.mark.parametrize(
+    "prediction,references,want",
+    [
+        ("The Cat!", ["cat"], True),
+        ("an apple.", ["Apple"], True),
+        ("  New   York ", ["new york"], True),
+        ("theater", ["ater"], False),  # articles only as whole words
+        ("cats", ["cat"], False),  # no stemming in exact match
+        ("42", ["41", "42."], True),
+        ("yes", ["no"], False),
+    ],
+)
 def test_exact_match_squad_normalisation(prediction, references, want):
   assert evaluate.exact_match(prediction, references) is want
 
@@ -94,18 +102,29 @@ def test_reference_answers_score_100_and_validity_100():
     assert bad["validity"] == 0.0 and bad["exact_match"] == 0.0
     rows.append({"task": ex["task"], "scores": {"10": good, "20": bad}})
   metrics = evaluate.aggregate(rows, [10, 20])
-  assert metrics["per_seed"]["10"] == {"rougeL": 100.0, "exact_match": 100.0,
-                                       "validity": 100.0}
+  assert metrics["per_seed"]["10"] == {
+      "rougeL": 100.0,
+      "exact_match": 100.0,
+      "validity": 100.0,
+  }
   assert metrics["validity"] == pytest.approx(50.0)
   assert metrics["validity_std"] == pytest.approx(50.0)  # np.std of (100, 0)
-  assert all(t["validity"] == pytest.approx(50.0)
-             for t in metrics["per_task"].values())
+  assert all(
+      t["validity"] == pytest.approx(50.0) for t in metrics["per_task"].values()
+  )
 
 
 def test_aggregate_means_and_std_over_seeds():
-  rows = [{"task": "", "scores": {"1": {"rougeL": a, "exact_match": e},
-                                  "2": {"rougeL": b, "exact_match": 0.0}}}
-          for a, b, e in [(0.5, 0.1, 1.0), (0.3, 0.3, 0.0), (0.1, 0.2, 0.0)]]
+  rows = [
+      {
+          "task": "",
+          "scores": {
+              "1": {"rougeL": a, "exact_match": e},
+              "2": {"rougeL": b, "exact_match": 0.0},
+          },
+      }
+      for a, b, e in [(0.5, 0.1, 1.0), (0.3, 0.3, 0.0), (0.1, 0.2, 0.0)]
+  ]
   m = evaluate.aggregate(rows, [1, 2])
   seed1, seed2 = 100 * 0.9 / 3, 100 * 0.6 / 3
   assert m["per_seed"]["1"]["rougeL"] == pytest.approx(seed1)
@@ -120,9 +139,15 @@ def test_aggregate_means_and_std_over_seeds():
 
 def test_write_merges_summaries_and_writes_one_line_per_example(tmp_path):
   def result(value):
-    rows = [{"prompt": "p", "references": ["r"], "task": "",
-             "responses": {"1": "r"}, "scores": {"1": {"rougeL": value,
-                                                       "exact_match": 0.0}}}]
+    rows = [
+        {
+            "prompt": "p",
+            "references": ["r"],
+            "task": "",
+            "responses": {"1": "r"},
+            "scores": {"1": {"rougeL": value, "exact_match": 0.0}},
+        }
+    ]
     return evaluate.Result(evaluate.aggregate(rows, [1]), rows)
 
   evaluate.write(result(0.25), str(tmp_path), "a")
@@ -133,7 +158,8 @@ def test_write_merges_summaries_and_writes_one_line_per_example(tmp_path):
   assert {k: v["rougeL"] for k, v in summary.items()} == {"a": 75.0, "b": 50.0}
   with open(path) as f:
     assert [json.loads(line)["scores"] for line in f] == [
-        {"1": {"rougeL": 0.5, "exact_match": 0.0}}]
+        {"1": {"rougeL": 0.5, "exact_match": 0.0}}
+    ]
   assert evaluate.markdown_table(summary).count("\n") == 3
 
 
@@ -144,11 +170,27 @@ def test_write_merges_summaries_and_writes_one_line_per_example(tmp_path):
 def test_protocol_defaults_are_the_papers():
   # docs/evaluation.md "The protocol": sampling at temperature 1, no top-k/top-p, 6-gram ban,
   # 256-token prompts and responses, seeds 10..50.
-  assert evaluate.Protocol() == (1.0, 0, 1.0, 6, 256, 256, False,
-                                 (10, 20, 30, 40, 50), "minillm")
+  assert evaluate.Protocol() == (
+      1.0,
+      0,
+      1.0,
+      6,
+      256,
+      256,
+      False,
+      (10, 20, 30, 40, 50),
+      "minillm",
+  )
   assert evaluate.Protocol().sampling_settings(7) == dict(
-      max_new_tokens=256, greedy=False, temperature=1.0, top_k=0, top_p=1.0,
-      no_repeat_ngram_size=6, eos_id=7, pad_id=7)
+      max_new_tokens=256,
+      greedy=False,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      no_repeat_ngram_size=6,
+      eos_id=7,
+      pad_id=7,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +202,9 @@ def tok():
 def flat_model():
   """A 1-layer byte-level GPT-2 at its default init (dropout 0.1, train mode):
   near-uniform next-token distributions, so samples vary."""
-  return models.create("tiny-gpt2", vocab_size=257, n_layer=1, n_embd=32,
-                       rngs=nnx.Rngs(0))
+  return models.create(
+      "tiny-gpt2", vocab_size=257, n_layer=1, n_embd=32, rngs=nnx.Rngs(0)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -184,16 +227,17 @@ GREEDY = SMALL._replace(greedy=True)
 
 
 def _responses(model, tok, examples, **kw):
-  kw = {"protocol": SMALL, "seed": 10, "batch_size": 8, "progress": False,
-        **kw}
+  kw = {"protocol": SMALL, "seed": 10, "batch_size": 8, "progress": False, **kw}
   rows = evaluate.generate_responses(model, tok[0], tok[1], examples, **kw)
-  assert [r["prompt"] for r in rows] == [pipeline.prompt_of(e)
-                                         for e in examples[:len(rows)]]
+  assert [r["prompt"] for r in rows] == [
+      pipeline.prompt_of(e) for e in examples[: len(rows)]
+  ]
   return [r["response"] for r in rows]
 
 
-def test_sampling_seed_reproduces_and_other_seed_differs(flat_model, tok,
-                                                         examples):
+def test_sampling_seed_reproduces_and_other_seed_differs(
+    flat_model, tok, examples
+):
   model = flat_model
   a = _responses(model, tok, examples, seed=10)
   assert a == _responses(model, tok, examples, seed=10)
@@ -213,9 +257,12 @@ def test_greedy_does_not_depend_on_batch_size(model, tok, examples):
 
 def _repeats(seq, start, n):
   """Positions t >= start whose n-gram ending at t occurred earlier."""
-  grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
-  return [j + n - 1 for j, g in enumerate(grams)
-          if j + n - 1 >= start and g in grams[:j]]
+  grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+  return [
+      j + n - 1
+      for j, g in enumerate(grams)
+      if j + n - 1 >= start and g in grams[:j]
+  ]
 
 
 def test_no_repeat_ngram_over_prompt_and_response(model, tok, examples):
@@ -225,12 +272,13 @@ def test_no_repeat_ngram_over_prompt_and_response(model, tok, examples):
   assert all(len(ids) <= GREEDY.max_prompt_length for ids in prompt_ids)
 
   def repeats(protocol):
-    out = evaluate.generate_token_ids(model, prompts, protocol=protocol,
-                                      seed=0, eos_id=tok[1], progress=False)
+    out = evaluate.generate_token_ids(
+        model, prompts, protocol=protocol, seed=0, eos_id=tok[1], progress=False
+    )
     found = []
     for ids, gen in zip(prompt_ids, out):
       gen = list(gen)
-      gen = gen[:gen.index(tok[1])] if tok[1] in gen else gen
+      gen = gen[: gen.index(tok[1])] if tok[1] in gen else gen
       found.append(_repeats(ids + gen, len(ids), n))
     return found
 
@@ -242,8 +290,11 @@ def test_no_repeat_ngram_over_prompt_and_response(model, tok, examples):
 
 def test_dropout_is_off_and_callers_model_is_untouched(model, tok, examples):
   def flags(m):
-    return [d.deterministic for _, d in nnx.iter_modules(m)
-            if isinstance(d, nnx.Dropout)]
+    return [
+        d.deterministic
+        for _, d in nnx.iter_modules(m)
+        if isinstance(d, nnx.Dropout)
+    ]
 
   assert flags(model) and not any(flags(model))
   assert all(flags(generation._eval_view(model)))
@@ -260,10 +311,14 @@ def test_generation_compiles_once_across_calls(model, tok, examples):
   result = evaluate.evaluate(model, tok[0], tok[1], examples, **kw)
   first = sampling._generate._cache_size()
   # synthetic_instruct examples carry valid_answers: validity is reported.
-  assert [r["valid_answers"] for r in result.rows] == \
-      [e["valid_answers"] for e in examples]
-  assert set(result.metrics["per_seed"]["20"]) == {"rougeL", "exact_match",
-                                                   "validity"}
+  assert [r["valid_answers"] for r in result.rows] == [
+      e["valid_answers"] for e in examples
+  ]
+  assert set(result.metrics["per_seed"]["20"]) == {
+      "rougeL",
+      "exact_match",
+      "validity",
+  }
   assert first <= before + 1
   evaluate.evaluate(model, tok[0], tok[1], examples[:7], **kw)
   evaluate.evaluate(model, tok[0], tok[1], examples, **kw)
@@ -272,8 +327,9 @@ def test_generation_compiles_once_across_calls(model, tok, examples):
 
 def test_bad_inputs_name_the_value(model, tok, examples):
   with pytest.raises(ValueError, match="n_positions=512"):
-    _responses(model, tok, examples,
-               protocol=SMALL._replace(max_new_tokens=300))
+    _responses(
+        model, tok, examples, protocol=SMALL._replace(max_new_tokens=300)
+    )
   with pytest.raises(ValueError, match="limit=0"):
     _responses(model, tok, examples, limit=0)
   with pytest.raises(ValueError, match="batch_size=0"):
@@ -282,8 +338,10 @@ def test_bad_inputs_name_the_value(model, tok, examples):
     evaluate.load_dataset("dolyl", "/nonexistent")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     evaluate.resolve_checkpoint("/nonexistent/run")
-  with pytest.raises(ValueError, match="batch_size=5 is not a multiple of "
-                     "the mesh's 8 batch shards"):
+  with pytest.raises(
+      ValueError,
+      match="batch_size=5 is not a multiple of " "the mesh's 8 batch shards",
+  ):
     _responses(model, tok, examples, batch_size=5, mesh=sharding.make_mesh())
 
 
@@ -292,10 +350,16 @@ def test_bad_inputs_name_the_value(model, tok, examples):
 
 
 FIXTURE = [
-    {"instruction": f"Name {k} letters.", "input": "" if k % 2 else f"set {k}",
-     "output": [" ".join("abcdefghijklmnopqrstuvwxyz0123456789"),
-                f"{k} letters"] if k % 3 == 0 else
-               " ".join("etaoinshrdlucmfw")}
+    {
+        "instruction": f"Name {k} letters.",
+        "input": "" if k % 2 else f"set {k}",
+        "output": [
+            " ".join("abcdefghijklmnopqrstuvwxyz0123456789"),
+            f"{k} letters",
+        ]
+        if k % 3 == 0
+        else " ".join("etaoinshrdlucmfw"),
+    }
     for k in range(10)
 ]
 
@@ -303,10 +367,10 @@ FIXTURE = [
 def _config(data_dir):
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = dict(tokenizer="byte", data_dir=str(data_dir),
-                max_prompt_length=256)
-  c.eval = dict(batch_size=8, max_new_tokens=12, datasets="unused",
-                seeds="10,20,30,40,50")
+  c.data = dict(tokenizer="byte", data_dir=str(data_dir), max_prompt_length=256)
+  c.eval = dict(
+      batch_size=8, max_new_tokens=12, datasets="unused", seeds="10,20,30,40,50"
+  )
   c.student = dict(dtype="float32")
   c.mesh = dict(data=4, fsdp=2)  # batch over both axes, params over fsdp
   return c
@@ -325,8 +389,13 @@ def workdir(tmp_path_factory, flat_model):
 def test_end_to_end_files_summary_and_table(workdir, flat_model, tok, capsys):
   fixture = str(workdir / "fixture.jsonl")
   config = _config(workdir / "tfds")
-  summaries = evaluate.run(config, str(workdir / "run"), datasets=fixture,
-                           seeds="10,20", progress=False)
+  summaries = evaluate.run(
+      config,
+      str(workdir / "run"),
+      datasets=fixture,
+      seeds="10,20",
+      progress=False,
+  )
   table = capsys.readouterr().out
   outdir = workdir / "run" / "eval"  # a workdir: model from hf/, output eval/
   with open(outdir / "summary.json") as f:
@@ -336,35 +405,55 @@ def test_end_to_end_files_summary_and_table(workdir, flat_model, tok, capsys):
   assert m["seeds"] == [10, 20] and m["num_examples"] == 10
   with open(outdir / "fixture.jsonl") as f:
     rows = [json.loads(line) for line in f]
-  want = {template.prompt(x["instruction"], x["input"]):
-          x["output"] if isinstance(x["output"], list) else [x["output"]]
-          for x in FIXTURE}
+  want = {
+      template.prompt(x["instruction"], x["input"]): x["output"]
+      if isinstance(x["output"], list)
+      else [x["output"]]
+      for x in FIXTURE
+  }
   assert {r["prompt"]: r["references"] for r in rows} == want
   for seed in ("10", "20"):
-    recomputed = [_rouge(r["responses"][seed], r["references"])
-                  if r["responses"][seed].strip() else 0.0 for r in rows]
+    recomputed = [
+        _rouge(r["responses"][seed], r["references"])
+        if r["responses"][seed].strip()
+        else 0.0
+        for r in rows
+    ]
     assert m["per_seed"][seed]["rougeL"] == pytest.approx(
-        100 * np.mean(recomputed), abs=1e-9)
+        100 * np.mean(recomputed), abs=1e-9
+    )
   assert m["rougeL"] > 0  # the letter references make this non-trivial
-  assert m["rougeL"] == pytest.approx(np.mean(
-      [m["per_seed"][s]["rougeL"] for s in ("10", "20")]))
-  numbers = [m[k] for k in ("rougeL", "rougeL_std", "exact_match",
-                            "exact_match_std")]
+  assert m["rougeL"] == pytest.approx(
+      np.mean([m["per_seed"][s]["rougeL"] for s in ("10", "20")])
+  )
+  numbers = [
+      m[k] for k in ("rougeL", "rougeL_std", "exact_match", "exact_match_std")
+  ]
   numbers += [v for s in m["per_seed"].values() for v in s.values()]
   assert all(0.0 <= x <= 100.0 for x in numbers)
   assert "validity" not in m
-  assert f"| fixture | 10 | 2 | {m['rougeL']:.2f} ± {m['rougeL_std']:.2f} |" \
+  assert (
+      f"| fixture | 10 | 2 | {m['rougeL']:.2f} ± {m['rougeL_std']:.2f} |"
       in table
+  )
   # run() split each batch of 8 over the 4x2 mesh and read the model back from
   # safetensors; the original model on one device gives the same samples.
   protocol = evaluate.protocol_from_config(config)
   assert protocol == SMALL._replace(seeds=(10, 20, 30, 40, 50))
   source, _ = evaluate.load_dataset(fixture, str(workdir / "tfds"))
-  single = evaluate.evaluate(flat_model, tok[0], tok[1], source,
-                             protocol=protocol, seeds=(10,), batch_size=8,
-                             progress=False)
-  assert [r["responses"]["10"] for r in single.rows] == \
-      [r["responses"]["10"] for r in rows]
+  single = evaluate.evaluate(
+      flat_model,
+      tok[0],
+      tok[1],
+      source,
+      protocol=protocol,
+      seeds=(10,),
+      batch_size=8,
+      progress=False,
+  )
+  assert [r["responses"]["10"] for r in single.rows] == [
+      r["responses"]["10"] for r in rows
+  ]
 
 
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
@@ -375,16 +464,29 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
       "  return ml_collections.ConfigDict(dict(seed=0, data=dict(\n"
       "      tokenizer='byte', data_dir='x', max_prompt_length=8),\n"
       "      eval=dict(batch_size=8, max_new_tokens=4, datasets='sinst',\n"
-      "                seeds='10'), student=dict(dtype='float32')))\n")
+      "                seeds='10'), student=dict(dtype='float32')))\n"
+  )
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "kdjax.evaluate", f"--config={cfg}",
-       f"--checkpoint={tmp_path / 'missing'}"],
-      capture_output=True, text=True, env=env, timeout=120, check=False)
+      [
+          sys.executable,
+          "-m",
+          "kdjax.evaluate",
+          f"--config={cfg}",
+          f"--checkpoint={tmp_path / 'missing'}",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=120,
+      check=False,
+  )
   assert proc.returncode == 1
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert errors == [f"error: checkpoint {tmp_path / 'missing'} does not "
-                    "exist; pass a HF model directory or a training workdir."]
+  assert errors == [
+      f"error: checkpoint {tmp_path / 'missing'} does not "
+      "exist; pass a HF model directory or a training workdir."
+  ]
 
 
 def test_resolve_checkpoint_prefers_a_workdirs_exports(tmp_path):
@@ -395,6 +497,8 @@ def test_resolve_checkpoint_prefers_a_workdirs_exports(tmp_path):
     (tmp_path / sub / "config.json").write_text("{}")
     (tmp_path / sub / "model.safetensors").write_bytes(b"")
   assert evaluate.resolve_checkpoint(str(tmp_path)) == (
-      str(tmp_path / "best_hf"), str(tmp_path / "eval"))
+      str(tmp_path / "best_hf"),
+      str(tmp_path / "eval"),
+  )
   (tmp_path / "best_hf" / "model.safetensors").unlink()
   assert evaluate.resolve_checkpoint(str(tmp_path))[0] == str(tmp_path / "hf")

@@ -13,8 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import (gaussian_mixture, head_tail, toy, toy_convergence,
-                         tvd_outliers)
+from experiments import (
+    gaussian_mixture,
+    head_tail,
+    toy,
+    toy_convergence,
+    tvd_outliers,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,28 +36,37 @@ def _run_main(module, tmp_path_factory, *extra):
 
 def test_head_mask_is_the_akl_paper_head():
   # sorted: 0.35 (S=0.35), 0.30 (S=0.65 > 0.5, tail), ...
-  np.testing.assert_array_equal(toy.head_mask([0.1, 0.3, 0.25, 0.35]),
-                                [False, False, False, True])
+  np.testing.assert_array_equal(
+      toy.head_mask([0.1, 0.3, 0.25, 0.35]), [False, False, False, True]
+  )
   # cumulative mass exactly 0.5 stays in the head
   # (binary fractions: the cumulative sums are exact)
-  np.testing.assert_array_equal(toy.head_mask([0.25, 0.25, 0.25, 0.125, 0.125]),
-                                [True, True, False, False, False])
+  np.testing.assert_array_equal(
+      toy.head_mask([0.25, 0.25, 0.25, 0.125, 0.125]),
+      [True, True, False, False, False],
+  )
 
 
 def test_head_mask_top1_always_in_head_and_ties_by_lower_index():
-  np.testing.assert_array_equal(toy.head_mask([0.1, 0.7, 0.2]), [False, True, False])
-  np.testing.assert_array_equal(toy.head_mask([0.3, 0.3, 0.3, 0.1]),
-                                [True, False, False, False])
+  np.testing.assert_array_equal(
+      toy.head_mask([0.1, 0.7, 0.2]), [False, True, False]
+  )
+  np.testing.assert_array_equal(
+      toy.head_mask([0.3, 0.3, 0.3, 0.1]), [True, False, False, False]
+  )
 
 
 def test_head_mask_agrees_with_kd_akl_weights():
   # kd.akl_weights(rule="akl") splits |p − q| into the same head and tail.
   from kdjax import divergences as kd
+
   rng = np.random.default_rng(0)
   p = rng.dirichlet(np.full(40, 0.3))
   q = rng.dirichlet(np.full(40, 1.0))
   head, tail = toy.head_tail_errors(p, q)
-  w_head, _ = kd.akl_weights(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32))
+  w_head, _ = kd.akl_weights(
+      jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)
+  )
   np.testing.assert_allclose(float(w_head), head / (head + tail), rtol=1e-4)
 
 
@@ -74,18 +88,29 @@ def test_fit_sgd_step_matches_the_analytic_fkl_gradient():
   p = toy.probs(teacher)
   for epoch in (1, 2):
     s = s - 0.5 * (toy.probs(s) - p)
-    np.testing.assert_allclose(np.asarray(history[epoch]), s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(history[epoch]), s, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_fit_gaussian_fkl_reaches_moment_matching():
   grid = jnp.linspace(-10.0, 10.0, 801)
   teacher = toy.mixture_logits(grid, (-1.0, 2.0), (1.0, 0.5), (0.3, 0.7))
-  history = toy.fit("fkl", jnp.asarray([0.0, 0.0]), teacher, 400,
-                    toy.optimizer("adam", 0.05), model=toy.gaussian_logits, grid=grid)
+  history = toy.fit(
+      "fkl",
+      jnp.asarray([0.0, 0.0]),
+      teacher,
+      400,
+      toy.optimizer("adam", 0.05),
+      model=toy.gaussian_logits,
+      grid=grid,
+  )
   mean = 0.3 * -1 + 0.7 * 2
   var = 0.3 * (1 + 1) + 0.7 * (0.25 + 4) - mean**2
   np.testing.assert_allclose(float(history[-1, 0]), mean, atol=0.02)
-  np.testing.assert_allclose(float(np.exp(history[-1, 1])), np.sqrt(var), atol=0.02)
+  np.testing.assert_allclose(
+      float(np.exp(history[-1, 1])), np.sqrt(var), atol=0.02
+  )
 
 
 def test_kl_and_tv_reference():
@@ -119,7 +144,11 @@ def test_all_methods_converge_to_the_teacher(convergence):
   assert len(results) == 9
   for (shape, method), r in results.items():
     assert r["kl_1"] > 0.3, (shape, method)  # far from p after one epoch ...
-    assert r["kl_last"] < 1e-3, (shape, method, r["kl_last"])  # ... equal at 200
+    assert r["kl_last"] < 1e-3, (
+        shape,
+        method,
+        r["kl_last"],
+    )  # ... equal at 200
   assert os.path.getsize(out / "toy_convergence.png") > 10_000
 
 
@@ -181,7 +210,9 @@ def test_rkl_single_gaussian_lands_on_one_mode_from_a_narrow_start(mixture):
   r = results["narrow", "rkl"]
   np.testing.assert_allclose(r["mean"], 3.0, atol=0.1)
   np.testing.assert_allclose(r["std"], 1.0, atol=0.1)
-  np.testing.assert_allclose(r["rkl"], np.log(2.0), atol=0.01)  # half of p missed
+  np.testing.assert_allclose(
+      r["rkl"], np.log(2.0), atol=0.01
+  )  # half of p missed
 
 
 def test_rkl_from_a_broad_start_stops_in_a_central_local_minimum(mixture):
@@ -226,19 +257,45 @@ def test_rkl_also_ignores_the_outliers(outliers):
 @pytest.mark.parametrize("as_module", [False, True])
 def test_scripts_run_from_the_command_line(tmp_path, as_module):
   name = "tvd_outliers"
-  cmd = (["-m", f"experiments.{name}"] if as_module
-         else [os.path.join("experiments", f"{name}.py")])
+  cmd = (
+      ["-m", f"experiments.{name}"]
+      if as_module
+      else [os.path.join("experiments", f"{name}.py")]
+  )
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, *cmd, "--quick", "--epochs", "50", "--out",
-                         str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300, check=True)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          *cmd,
+          "--quick",
+          "--epochs",
+          "50",
+          "--out",
+          str(tmp_path),
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+  )
   assert "TVD" in proc.stdout and "TV(q, clean)" in proc.stdout
   assert (tmp_path / f"{name}.png").exists()
 
 
-@pytest.mark.parametrize("name", ["toy_convergence", "head_tail", "gaussian_mixture",
-                                  "tvd_outliers", "tiny_demo", "tiny_table"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "toy_convergence",
+        "head_tail",
+        "gaussian_mixture",
+        "tvd_outliers",
+        "tiny_demo",
+        "tiny_table",
+    ],
+)
 def test_committed_figures_exist_and_are_small(name):
   path = os.path.join(ROOT, "experiments", "figures", f"{name}.png")
   assert 5_000 < os.path.getsize(path) < 200_000

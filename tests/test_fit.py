@@ -1,12 +1,12 @@
 """experiments/benchmarks/fit.py: the train step compiled on abstract inputs."""
 
+from flax import nnx
 import jax
 import pytest
-from flax import nnx
 
-from kdjax.configs import akl_gpt2, akl_llama, common
 from experiments.benchmarks import fit
 from kdjax import models, sharding
+from kdjax.configs import akl_gpt2, akl_llama, common
 
 
 def _gpt2_count(V, P, L, d) -> int:
@@ -18,8 +18,12 @@ def test_paper_configs_map_to_presets_of_the_published_sizes():
   assert fit.presets(akl_gpt2.get_config()) == ("gpt2", "gpt2-xl")
   assert fit.presets(akl_llama.get_config()) == ("tinyllama-1.1b", "llama-7b")
   # Published parameter counts (HF model cards / transformers num_parameters).
-  want = {"gpt2": 124_439_808, "gpt2-xl": 1_557_611_200,
-          "tinyllama-1.1b": 1_100_048_384, "llama-7b": 6_738_415_616}
+  want = {
+      "gpt2": 124_439_808,
+      "gpt2-xl": 1_557_611_200,
+      "tinyllama-1.1b": 1_100_048_384,
+      "llama-7b": 6_738_415_616,
+  }
   for name, n in want.items():
     model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0)))
     got = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

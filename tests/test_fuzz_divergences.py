@@ -52,12 +52,20 @@ from kdjax.divergences import core, engine, fused
 import reference_np as ref
 
 hypothesis.settings.register_profile(
-    "kdjax-fuzz", deadline=None, derandomize=True, database=None,
-    print_blob=True, suppress_health_check=[hypothesis.HealthCheck.too_slow],
+    "kdjax-fuzz",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
     # No shrinking: logits come from a drawn seed, so a "smaller" seed is no
     # simpler case, and every shrink step would recompile or rerun jax.
-    phases=(hypothesis.Phase.explicit, hypothesis.Phase.reuse,
-            hypothesis.Phase.generate))
+    phases=(
+        hypothesis.Phase.explicit,
+        hypothesis.Phase.reuse,
+        hypothesis.Phase.generate,
+    ),
+)
 _PROFILE = hypothesis.settings.get_profile("kdjax-fuzz")
 
 
@@ -70,7 +78,8 @@ def fuzz(max_examples: int) -> hypothesis.settings:
 # passes (fusion, algebraic simplification), where a rewrite could change the
 # numerics, still run; results differ from -O2 code by a few ulps (measured).
 _jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0}
+)
 
 _EXAMPLES: collections.Counter = collections.Counter()
 
@@ -79,8 +88,10 @@ _EXAMPLES: collections.Counter = collections.Counter()
 def _report_examples():
   start = time.perf_counter()
   yield
-  print(f"\n[fuzz] {sum(_EXAMPLES.values())} examples "
-        f"{dict(_EXAMPLES)} in {time.perf_counter() - start:.1f} s wall")
+  print(
+      f"\n[fuzz] {sum(_EXAMPLES.values())} examples "
+      f"{dict(_EXAMPLES)} in {time.perf_counter() - start:.1f} s wall"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -97,25 +108,68 @@ class Bucket(NamedTuple):
 
 
 def _hp(weight, skl, srkl, beta, mu, rule, ab):
-  return {"fkl": {}, "rkl": {}, "tvd": {}, "fkl_rkl": {"weight": weight},
-          "skl": {"alpha": skl}, "srkl": {"alpha": srkl}, "jsd": {"beta": beta},
-          "akl": {"mu": mu, "rule": rule},
-          "abkd": {"alpha": ab[0], "beta": ab[1]}}
+  return {
+      "fkl": {},
+      "rkl": {},
+      "tvd": {},
+      "fkl_rkl": {"weight": weight},
+      "skl": {"alpha": skl},
+      "srkl": {"alpha": srkl},
+      "jsd": {"beta": beta},
+      "akl": {"mu": mu, "rule": rule},
+      "abkd": {"alpha": ab[0], "beta": ab[1]},
+  }
 
 
 BUCKETS = (
-    Bucket((1,), 2, jnp.float32, 1.0, 1,
-           _hp(0.0, 0.0, 1.0, 0.0, 0.5, "akl", (0.0, 1.0))),
-    Bucket((6,), 64, jnp.bfloat16, 0.5, 4,
-           _hp(0.3, 0.1, 0.1, 0.5, 0.5, "dskd", (0.2, 0.7))),
-    Bucket((2, 3), 301, jnp.float32, 2.0, 4,
-           _hp(1.0, 1.0, 0.0, 1.0, 0.9, "akl", (0.5, 0.0))),
-    Bucket((3,), 65, jnp.float16, 4.0, 2,
-           _hp(0.7, 0.9, 0.5, 0.1, 0.0, "dskd", (1.0, 0.0))),
-    Bucket((1, 4), 17, jnp.bfloat16, 3.0, 3,
-           _hp(0.5, 0.5, 0.9, 0.9, 1.0, "akl", (0.0, 0.0))),
-    Bucket((2, 2), 7, jnp.float16, 0.5, 3,
-           _hp(0.9, 0.3, 0.25, 0.3, 0.2, "dskd", (1.3, 0.4))),
+    Bucket(
+        (1,),
+        2,
+        jnp.float32,
+        1.0,
+        1,
+        _hp(0.0, 0.0, 1.0, 0.0, 0.5, "akl", (0.0, 1.0)),
+    ),
+    Bucket(
+        (6,),
+        64,
+        jnp.bfloat16,
+        0.5,
+        4,
+        _hp(0.3, 0.1, 0.1, 0.5, 0.5, "dskd", (0.2, 0.7)),
+    ),
+    Bucket(
+        (2, 3),
+        301,
+        jnp.float32,
+        2.0,
+        4,
+        _hp(1.0, 1.0, 0.0, 1.0, 0.9, "akl", (0.5, 0.0)),
+    ),
+    Bucket(
+        (3,),
+        65,
+        jnp.float16,
+        4.0,
+        2,
+        _hp(0.7, 0.9, 0.5, 0.1, 0.0, "dskd", (1.0, 0.0)),
+    ),
+    Bucket(
+        (1, 4),
+        17,
+        jnp.bfloat16,
+        3.0,
+        3,
+        _hp(0.5, 0.5, 0.9, 0.9, 1.0, "akl", (0.0, 0.0)),
+    ),
+    Bucket(
+        (2, 2),
+        7,
+        jnp.float16,
+        0.5,
+        3,
+        _hp(0.9, 0.3, 0.25, 0.3, 0.2, "dskd", (1.3, 0.4)),
+    ),
 )
 NAMES = engine.NAMES  # every token-level divergence
 
@@ -129,10 +183,15 @@ def _per_token(impl: str, bucket: int, name: str):
   or ``chunked`` (the public divergence over ``bucket.chunk`` tokens)."""
   b, hp = BUCKETS[bucket], _hp_of(bucket, name)
   if impl == "reference":
-    return functools.partial(kd.get(name, "reference"),
-                             temperature=b.temperature, **hp)
-  return functools.partial(kd.get(name), temperature=b.temperature,
-                           chunk_size=b.chunk if impl == "chunked" else 0, **hp)
+    return functools.partial(
+        kd.get(name, "reference"), temperature=b.temperature, **hp
+    )
+  return functools.partial(
+      kd.get(name),
+      temperature=b.temperature,
+      chunk_size=b.chunk if impl == "chunked" else 0,
+      **hp,
+  )
 
 
 IMPLS = ("reference", "whole")
@@ -140,6 +199,7 @@ IMPLS = ("reference", "whole")
 
 def _value_grad_mean(fn, s, t, mask):
   """Per-token values, their masked mean and its gradient w.r.t. ``s``."""
+
   def loss(x):
     per_token = fn(x, t)
     return kd.masked_mean(per_token, mask), per_token
@@ -161,9 +221,13 @@ def _impls(bucket: int) -> tuple[str, ...]:
 def _token_run(s, t, mask, *, bucket: int):
   """Every divergence and implementation of a bucket in one compiled program
   (one compile per bucket; separate programs would cost one each)."""
-  out = {f"{name}/{impl}": _value_grad_mean(_per_token(impl, bucket, name), s, t,
-                                            mask)
-         for name in NAMES for impl in _impls(bucket)}
+  out = {
+      f"{name}/{impl}": _value_grad_mean(
+          _per_token(impl, bucket, name), s, t, mask
+      )
+      for name in NAMES
+      for impl in _impls(bucket)
+  }
   # The weights the reference AKL used, to pin them in the float64 reference.
   temperature = BUCKETS[bucket].temperature
   p, q = (jnp.exp(core.log_probs(x, temperature)) for x in (t, s))
@@ -178,10 +242,10 @@ def _token_run(s, t, mask, *, bucket: int):
 class Case(NamedTuple):
   s: jax.Array
   t: jax.Array
-  mask: np.ndarray           # float32, leading axes
-  inf_s: np.ndarray          # bool [..., V], -inf slots of the student
-  inf_t: np.ndarray          # same for the teacher
-  recipe: str                # how it was drawn (hypothesis prints this)
+  mask: np.ndarray  # float32, leading axes
+  inf_s: np.ndarray  # bool [..., V], -inf slots of the student
+  inf_t: np.ndarray  # same for the teacher
+  recipe: str  # how it was drawn (hypothesis prints this)
 
   def __repr__(self):
     return f"Case({self.recipe})"
@@ -198,8 +262,9 @@ def cases(draw, lead, vocab, dtype, inf_modes=INF_SHARED):
   relation = draw(st.sampled_from(["independent", "close", "equal"]))
   extreme = draw(st.sampled_from([0.0, 0.0, 0.1, 1.0]))  # share of ±1e4
   inf_mode = draw(st.sampled_from(inf_modes))
-  mask_kind = draw(st.sampled_from(["ones", "ones", "random", "fractional",
-                                    "zeros"]))
+  mask_kind = draw(
+      st.sampled_from(["ones", "ones", "random", "fractional", "zeros"])
+  )
   rng = np.random.default_rng(seed)
   shape = tuple(lead) + (vocab,)
   t = scale * rng.standard_normal(shape)
@@ -215,14 +280,20 @@ def cases(draw, lead, vocab, dtype, inf_modes=INF_SHARED):
   inf_s = inf if inf_mode != "teacher" else np.zeros(shape, bool)
   inf_t = inf if inf_mode != "student" else np.zeros(shape, bool)
   s[inf_s], t[inf_t] = -np.inf, -np.inf
-  mask = {"ones": np.ones(lead), "zeros": np.zeros(lead),
-          "random": rng.random(lead) < 0.5,
-          "fractional": rng.random(lead)}[mask_kind].astype(np.float32)
-  recipe = (f"shape={shape}, dtype={jnp.dtype(dtype).name}, seed={seed}, "
-            f"scale={scale}, relation={relation!r}, extreme={extreme}, "
-            f"inf={inf_mode!r}, mask={mask_kind!r}")
-  return Case(jnp.asarray(s, dtype), jnp.asarray(t, dtype), mask, inf_s, inf_t,
-              recipe)
+  mask = {
+      "ones": np.ones(lead),
+      "zeros": np.zeros(lead),
+      "random": rng.random(lead) < 0.5,
+      "fractional": rng.random(lead),
+  }[mask_kind].astype(np.float32)
+  recipe = (
+      f"shape={shape}, dtype={jnp.dtype(dtype).name}, seed={seed}, "
+      f"scale={scale}, relation={relation!r}, extreme={extreme}, "
+      f"inf={inf_mode!r}, mask={mask_kind!r}"
+  )
+  return Case(
+      jnp.asarray(s, dtype), jnp.asarray(t, dtype), mask, inf_s, inf_t, recipe
+  )
 
 
 def _inf_slots(rng, shape, mode) -> np.ndarray:
@@ -247,8 +318,11 @@ def _inf_slots(rng, shape, mode) -> np.ndarray:
 
 _EPS32 = float(np.finfo(np.float32).eps)
 _EPS = {jnp.float32: 0.0, jnp.bfloat16: 2.0**-7, jnp.float16: 2.0**-10}
-_TINY = {jnp.float32: 0.0, jnp.bfloat16: 0.0,
-         jnp.float16: float(np.finfo(np.float16).smallest_subnormal)}
+_TINY = {
+    jnp.float32: 0.0,
+    jnp.bfloat16: 0.0,
+    jnp.float16: float(np.finfo(np.float16).smallest_subnormal),
+}
 
 
 def _f64(x) -> np.ndarray:
@@ -271,14 +345,17 @@ def _assert_grad_close(got, want, dtype, mag, cotangent, temperature, err_msg):
   error is bounded by ``eps32 · m · max|cotangent| / T`` whatever the size of the
   (possibly cancelling) gradient itself.
   """
-  atol = (64 * _EPS32 * mag * np.max(np.abs(cotangent), initial=0) / temperature
-          + _TINY[dtype])
+  atol = (
+      64 * _EPS32 * mag * np.max(np.abs(cotangent), initial=0) / temperature
+      + _TINY[dtype]
+  )
   bound = atol + 2 * _EPS[dtype] * np.abs(want)
   excess = np.abs(got - want) - bound
   assert np.all(excess <= 0), (
       f"{err_msg}: max excess {excess.max():.3g} over a tolerance of "
       f"{atol:.3g} + {2 * _EPS[dtype]:.3g}·|grad| (max |grad| "
-      f"{np.max(np.abs(want), initial=0):.3g})")
+      f"{np.max(np.abs(want), initial=0):.3g})"
+  )
 
 
 def _reference(name, hp, s64, t64, temperature, w_head=None) -> np.ndarray:
@@ -300,7 +377,8 @@ def bucket_cases(draw, buckets=range(len(BUCKETS)), inf_modes=INF_SHARED):
 def _reference_hp(name: str, hp: dict) -> tuple[str, dict]:
   """The reference to compare with: the skew endpoints α = 0 are FKL/RKL
   (core docstrings). reference_np takes log(α p + (1 − α) q) of float64
-  probabilities, which is log 0 at α = 0 once both underflow (|logits| ~ 1e4)."""
+  probabilities, which is log 0 at α = 0 once both underflow (|logits| ~ 1e4).
+  """
   if name in ("skl", "srkl") and hp["alpha"] == 0.0:
     return ("fkl" if name == "skl" else "rkl"), {}
   return name, hp
@@ -313,10 +391,12 @@ def _check_contract(msg, case, values, mean, grad, value_atol):
   assert np.all(np.isfinite(values)), msg
   assert np.all(np.isfinite(grad)), msg
   assert np.all(grad[case.inf_s & case.inf_t] == 0.0), msg
-  want_mean = (np.sum(case.mask * values)
-               / max(np.sum(case.mask, dtype=np.float64), 1.0))
-  np.testing.assert_allclose(float(mean), want_mean, rtol=1e-5, atol=value_atol,
-                             err_msg=msg)
+  want_mean = np.sum(case.mask * values) / max(
+      np.sum(case.mask, dtype=np.float64), 1.0
+  )
+  np.testing.assert_allclose(
+      float(mean), want_mean, rtol=1e-5, atol=value_atol, err_msg=msg
+  )
   assert np.all(grad[case.mask == 0] == 0.0), msg
   if not case.mask.any():
     assert float(mean) == 0.0, msg
@@ -335,8 +415,9 @@ def test_token_divergences(example):
   bucket, case = example
   _EXAMPLES["token"] += 1
   b = BUCKETS[bucket]
-  out = jax.device_get(_token_run(case.s, case.t, jnp.asarray(case.mask),
-                                  bucket=bucket))
+  out = jax.device_get(
+      _token_run(case.s, case.t, jnp.asarray(case.mask), bucket=bucket)
+  )
   if np.any(case.inf_s != case.inf_t):
     _check_one_sided(out, bucket)
     return
@@ -349,9 +430,9 @@ def test_token_divergences(example):
     values, grads = {}, {}
     for impl in _impls(bucket):
       msg = f"{impl} {name} {hp} bucket {bucket}"
-      values[impl], grads[impl] = _check_contract(msg, case,
-                                                  *out[f"{name}/{impl}"],
-                                                  value_atol)
+      values[impl], grads[impl] = _check_contract(
+          msg, case, *out[f"{name}/{impl}"], value_atol
+      )
       if name == "abkd" and impl == "reference":
         continue  # its direct formula cancels to −ulp at p ≈ q; checked below
       assert np.all(values[impl] >= -value_atol), msg
@@ -360,36 +441,73 @@ def test_token_divergences(example):
       if name == "jsd" and 0.0 < hp["beta"] < 1.0:
         assert np.all(values[impl] <= math.log(2.0) + value_atol), msg
     # whole against the reference, chunked against whole.
-    exact = (_akl_settled_rows(t64, b.temperature, hp["mu"], mag)
-             if name == "akl" else np.ones(values["whole"].shape, bool))
-    smooth = (_tvd_smooth_rows(s64, t64, b.temperature, mag) if name == "tvd"
-              else np.ones(values["whole"].shape, bool))
+    exact = (
+        _akl_settled_rows(t64, b.temperature, hp["mu"], mag)
+        if name == "akl"
+        else np.ones(values["whole"].shape, bool)
+    )
+    smooth = (
+        _tvd_smooth_rows(s64, t64, b.temperature, mag)
+        if name == "tvd"
+        else np.ones(values["whole"].shape, bool)
+    )
     for impl, base in (("whole", "reference"), ("chunked", "whole")):
       if impl not in values:
         continue
       rows = exact if base == "reference" else Ellipsis
       msg = f"{impl} vs {base} {name} {hp} bucket {bucket}"
-      np.testing.assert_allclose(values[impl][rows], values[base][rows],
-                                 rtol=1e-5, atol=value_atol, err_msg=msg)
+      np.testing.assert_allclose(
+          values[impl][rows],
+          values[base][rows],
+          rtol=1e-5,
+          atol=value_atol,
+          err_msg=msg,
+      )
       rows = exact & smooth
-      _assert_grad_close(grads[impl][rows], grads[base][rows], b.dtype, mag,
-                         cotangent[rows], b.temperature, msg)
+      _assert_grad_close(
+          grads[impl][rows],
+          grads[base][rows],
+          b.dtype,
+          mag,
+          cotangent[rows],
+          b.temperature,
+          msg,
+      )
     if name == "tvd":  # any subgradient: |∂/∂s_v| <= cotangent · q_v / T
       q = np.exp(ref.log_softmax(s64, b.temperature))
       bound = cotangent[..., None] * q / b.temperature
       for impl in values:
-        assert np.all(np.abs(grads[impl]) <= bound * (1 + 2 * _EPS[b.dtype])
-                      + 1e-6 * np.max(bound)), f"{impl} tvd subgradient"
+        assert np.all(
+            np.abs(grads[impl])
+            <= bound * (1 + 2 * _EPS[b.dtype]) + 1e-6 * np.max(bound)
+        ), f"{impl} tvd subgradient"
     if not exact.all():  # still w·FKL + (1 − w)·RKL for some w in [0, 1]
-      _assert_between(values["whole"][~exact], out, "fkl", "rkl", value_atol,
-                      ~exact, f"whole akl {hp} bucket {bucket}")
+      _assert_between(
+          values["whole"][~exact],
+          out,
+          "fkl",
+          "rkl",
+          value_atol,
+          ~exact,
+          f"whole akl {hp} bucket {bucket}",
+      )
     ref_name, ref_hp = _reference_hp(name, hp)
     w_head = _f64(out["w_head"]) if name == "akl" else None
     want = _reference(ref_name, ref_hp, s64, t64, b.temperature, w_head)
-    np.testing.assert_allclose(values["reference"], want, rtol=1e-4,
-                               atol=value_atol, err_msg=f"float64 {name} {hp}")
-    np.testing.assert_allclose(values["whole"], want, rtol=1e-4,
-                               atol=value_atol, err_msg=f"float64 {name} {hp}")
+    np.testing.assert_allclose(
+        values["reference"],
+        want,
+        rtol=1e-4,
+        atol=value_atol,
+        err_msg=f"float64 {name} {hp}",
+    )
+    np.testing.assert_allclose(
+        values["whole"],
+        want,
+        rtol=1e-4,
+        atol=value_atol,
+        err_msg=f"float64 {name} {hp}",
+    )
 
 
 def _check_one_sided(out, bucket):
@@ -446,8 +564,9 @@ ULD_VOCAB_DELTAS = (-1, 0, 7)  # teacher vocabulary minus the student's
 
 @functools.partial(_jit, static_argnames="temperature")
 def _uld_run(s, t, mask, *, temperature: float):
-  return _value_grad_mean(functools.partial(kd.uld, temperature=temperature),
-                          s, t, mask)
+  return _value_grad_mean(
+      functools.partial(kd.uld, temperature=temperature), s, t, mask
+  )
 
 
 @fuzz(max_examples=250)
@@ -463,13 +582,17 @@ def test_uld(data):
   case = data.draw(cases(b.lead, b.vocab, b.dtype, modes))
   teacher = data.draw(cases(b.lead, max(b.vocab + delta, 2), b.dtype, modes))
   _EXAMPLES["uld"] += 1
-  per_token, mean, grad = jax.device_get(_uld_run(
-      case.s, teacher.t, jnp.asarray(case.mask), temperature=b.temperature))
+  per_token, mean, grad = jax.device_get(
+      _uld_run(
+          case.s, teacher.t, jnp.asarray(case.mask), temperature=b.temperature
+      )
+  )
   mag = max(_magnitude(case, b.temperature), _magnitude(teacher, b.temperature))
   value_atol = _value_atol(mag)
   case = case._replace(inf_t=case.inf_s)  # the zero-gradient slots: student's
-  values, _ = _check_contract(f"uld bucket {bucket}", case, per_token, mean,
-                              grad, value_atol)
+  values, _ = _check_contract(
+      f"uld bucket {bucket}", case, per_token, mean, grad, value_atol
+  )
   assert np.all(values >= -value_atol) and np.all(values <= 2 + value_atol)
   want = ref.uld(_f64(case.s), _f64(teacher.t), temperature=b.temperature)
   np.testing.assert_allclose(values, want, rtol=1e-4, atol=value_atol)
@@ -492,60 +615,85 @@ def _fused_run(x_s, w_s, x_t, w_t, mask, *, temperature: float):
     hp = _hp_of(_FUSED_BUCKET, name)
 
     def fused_loss(x, w, name=name, hp=hp):
-      return fused.fused_linear(name, x, w, x_t, w_t, mask,
-                                chunk_size=_FUSED["chunk"],
-                                temperature=temperature, **hp)
+      return fused.fused_linear(
+          name,
+          x,
+          w,
+          x_t,
+          w_t,
+          mask,
+          chunk_size=_FUSED["chunk"],
+          temperature=temperature,
+          **hp,
+      )
 
     def reference_loss(x, w, name=name, hp=hp):
       per_token = kd.get(name, "reference")(
-          matmul(x, w.T), matmul(x_t, w_t.T), temperature=temperature, **hp)
+          matmul(x, w.T), matmul(x_t, w_t.T), temperature=temperature, **hp
+      )
       return kd.masked_mean(per_token, mask)
 
-    out[name] = tuple(jax.value_and_grad(loss, (0, 1))(x_s, w_s)
-                      for loss in (fused_loss, reference_loss))
+    out[name] = tuple(
+        jax.value_and_grad(loss, (0, 1))(x_s, w_s)
+        for loss in (fused_loss, reference_loss)
+    )
   return out
 
 
 @fuzz(max_examples=60)
-@hypothesis.given(dtype=st.sampled_from(tuple(_FUSED_SETTINGS)),
-                  seed=st.integers(0, 2**32 - 1),
-                  scale=st.sampled_from([0.1, 1.0, 3.0, 30.0]),
-                  mask_kind=st.sampled_from(["ones", "random", "zeros"]))
+@hypothesis.given(
+    dtype=st.sampled_from(tuple(_FUSED_SETTINGS)),
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.sampled_from([0.1, 1.0, 3.0, 30.0]),
+    mask_kind=st.sampled_from(["ones", "random", "zeros"]),
+)
 def test_fused_linear_equals_reference(dtype, seed, scale, mask_kind):
   _EXAMPLES["fused_linear"] += 1
   rng = np.random.default_rng(seed)
   n, h, k, vocab = (_FUSED[key] for key in ("n", "h", "k", "vocab"))
   x_s, x_t = rng.standard_normal((n, h)), rng.standard_normal((n, k))
   w_s, w_t = (scale * rng.standard_normal((vocab, d)) for d in (h, k))
-  mask = {"ones": np.ones(n), "zeros": np.zeros(n),
-          "random": rng.random(n) < 0.5}[mask_kind].astype(np.float32)
+  mask = {
+      "ones": np.ones(n),
+      "zeros": np.zeros(n),
+      "random": rng.random(n) < 0.5,
+  }[mask_kind].astype(np.float32)
   temperature = _FUSED_SETTINGS[dtype]
   args = [jnp.asarray(a, dtype) for a in (x_s, w_s, x_t, w_t)]
-  out = jax.device_get(_fused_run(*args, jnp.asarray(mask),
-                                  temperature=temperature))
+  out = jax.device_get(
+      _fused_run(*args, jnp.asarray(mask), temperature=temperature)
+  )
   # Logit magnitude, for the float32 error bound of the log-ratios.
-  mag = max(1.0, np.abs(_f64(args[0]) @ _f64(args[1]).T).max() / temperature,
-            np.abs(_f64(args[2]) @ _f64(args[3]).T).max() / temperature)
+  mag = max(
+      1.0,
+      np.abs(_f64(args[0]) @ _f64(args[1]).T).max() / temperature,
+      np.abs(_f64(args[2]) @ _f64(args[3]).T).max() / temperature,
+  )
   # Logit-gradient error bound, as in _assert_grad_close, then contracted
   # over V (d/dhidden, with head rows) or over N (d/dhead, with hidden rows).
   logit_atol = 64 * _EPS32 * mag / max(mask.sum(), 1.0) / temperature
-  contract = {"hidden": vocab * np.abs(_f64(args[1])).max(),
-              "head": n * np.abs(_f64(args[0])).max()}
+  contract = {
+      "hidden": vocab * np.abs(_f64(args[1])).max(),
+      "head": n * np.abs(_f64(args[0])).max(),
+  }
   for name, ((value, grads), (want_value, want_grads)) in out.items():
     msg = f"fused_linear {name} {jnp.dtype(dtype).name} scale {scale}"
     assert np.isfinite(value), msg
-    np.testing.assert_allclose(value, want_value, rtol=1e-5,
-                               atol=_value_atol(mag), err_msg=msg)
+    np.testing.assert_allclose(
+        value, want_value, rtol=1e-5, atol=_value_atol(mag), err_msg=msg
+    )
     if not mask.any():
       assert float(value) == 0.0, msg
     for got, want, what in zip(grads, want_grads, ("hidden", "head")):
       got, want = _f64(got), _f64(want)
       assert got.dtype == np.float64 and np.all(np.isfinite(got)), msg
       # bf16: both round the logit gradient or its contraction to bf16.
-      atol = (logit_atol * contract[what]
-              + 4 * _EPS[dtype] * np.max(np.abs(want)))
-      np.testing.assert_allclose(got, want, rtol=0, atol=atol,
-                                 err_msg=f"{msg} d/d{what}")
+      atol = logit_atol * contract[what] + 4 * _EPS[dtype] * np.max(
+          np.abs(want)
+      )
+      np.testing.assert_allclose(
+          got, want, rtol=0, atol=atol, err_msg=f"{msg} d/d{what}"
+      )
     assert np.all(_f64(grads[0])[mask == 0] == 0.0), msg  # masked tokens
 
 
@@ -553,16 +701,26 @@ def test_fused_linear_equals_reference(dtype, seed, scale, mask_kind):
 # Sinkhorn (SinKD): groups of 3 rows, fixed iteration counts.
 
 _SINKHORN_LEAD, _SINKHORN_VOCAB = (2, 3), 16
-_SINKHORN_SOLVERS = {"ott": dict(num_iters=10), "debiased": dict(num_iters=10),
-                     "sinkd": {}}  # sinkd: SinKD's 20 iterations
+_SINKHORN_SOLVERS = {
+    "ott": dict(num_iters=10),
+    "debiased": dict(num_iters=10),
+    "sinkd": {},
+}  # sinkd: SinKD's 20 iterations
 
 
 @_jit
 def _sinkhorn_run(s, t, mask):
-  return {solver: _value_grad_mean(
-      lambda x, y, solver=solver, kw=kw: kd.sinkhorn(x, y, mask, solver=solver,
-                                                     **kw), s, t, mask)
-          for solver, kw in _SINKHORN_SOLVERS.items()}
+  return {
+      solver: _value_grad_mean(
+          lambda x, y, solver=solver, kw=kw: kd.sinkhorn(
+              x, y, mask, solver=solver, **kw
+          ),
+          s,
+          t,
+          mask,
+      )
+      for solver, kw in _SINKHORN_SOLVERS.items()
+  }
 
 
 @fuzz(max_examples=90)
@@ -587,8 +745,13 @@ def test_sinkhorn(case):
     rows = valid[g]
     if rows.any():
       want = ref.sinkd_rows(s64[g][rows], t64[g][rows])
-      np.testing.assert_allclose(_f64(out["sinkd"][0])[g][rows], want,
-                                 rtol=1e-4, atol=1e-6, err_msg="sinkd loop")
+      np.testing.assert_allclose(
+          _f64(out["sinkd"][0])[g][rows],
+          want,
+          rtol=1e-4,
+          atol=1e-6,
+          err_msg="sinkd loop",
+      )
 
 
 # ----------------------------------------------------------------------------

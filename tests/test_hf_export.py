@@ -7,13 +7,12 @@ export declares, and its tokens equal kdjax's own greedy generation.
 
 import json
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from kdjax import models
-from kdjax import sampling
+from kdjax import models, sampling
 from kdjax.data import tokenizer as tokenizer_lib
 
 PROMPT = "add 2 and 3\n"
@@ -23,8 +22,15 @@ NORMAL_TOKENS = 4  # tokens generated before the forced EOS
 def _byte_model(eos_at: int | None = None):
   """A random byte-vocabulary GPT-2; ``eos_at``: the position whose hidden
   state is forced to predict EOS (through a large position embedding)."""
-  model = models.create("tiny-gpt2", rngs=nnx.Rngs(3), vocab_size=257,
-                        n_embd=32, n_layer=1, n_head=2, n_positions=64)
+  model = models.create(
+      "tiny-gpt2",
+      rngs=nnx.Rngs(3),
+      vocab_size=257,
+      n_embd=32,
+      n_layer=1,
+      n_head=2,
+      n_positions=64,
+  )
   model.eval()
   if eos_at is not None:
     d = model.config.n_embd
@@ -45,21 +51,27 @@ def test_export_declares_the_byte_tokenizers_special_ids(tmp_path):
   gen = json.loads((tmp_path / "generation_config.json").read_text())
   assert cfg["vocab_size"] == 257
   assert cfg["eos_token_id"] == cfg["bos_token_id"] == tokenizer_lib.EOS_ID
-  assert gen == {"eos_token_id": 256, "bos_token_id": 256,
-                 "pad_token_id": 256}
+  assert gen == {"eos_token_id": 256, "bos_token_id": 256, "pad_token_id": 256}
   special = json.loads((tmp_path / "special_tokens_map.json").read_text())
   assert special["eos_token"] == tokenizer_lib.EOS_TOKEN
   # The tokenizer round-trips through kdjax's own loader too.
   tok = models.load_tokenizer(str(tmp_path))
-  assert tok.encode("héllo").ids == tokenizer_lib.byte_level().encode(
-      "héllo").ids
+  assert (
+      tok.encode("héllo").ids == tokenizer_lib.byte_level().encode("héllo").ids
+  )
 
 
 def test_export_never_declares_an_eos_outside_the_vocabulary(tmp_path):
   # A random model with a made-up vocabulary and no tokenizer: GPT-2's
   # default EOS 50256 does not exist in it, so no EOS is declared.
-  model = models.create("tiny-gpt2", rngs=nnx.Rngs(0), vocab_size=100,
-                        n_embd=16, n_layer=1, n_head=2)
+  model = models.create(
+      "tiny-gpt2",
+      rngs=nnx.Rngs(0),
+      vocab_size=100,
+      n_embd=16,
+      n_layer=1,
+      n_head=2,
+  )
   models.save_hf(model, str(tmp_path))
   cfg = json.loads((tmp_path / "config.json").read_text())
   gen = json.loads((tmp_path / "generation_config.json").read_text())
@@ -76,9 +88,16 @@ def test_transformers_auto_classes_generate_what_kdjax_generates(tmp_path):
   model = _byte_model(eos_at=eos_at)
   models.save_hf(model, str(tmp_path))
 
-  ours = np.asarray(sampling.generate(
-      model, jnp.asarray([prompt_ids]), max_new_tokens=12, greedy=True,
-      eos_id=tokenizer_lib.EOS_ID, pad_id=tokenizer_lib.EOS_ID))[0]
+  ours = np.asarray(
+      sampling.generate(
+          model,
+          jnp.asarray([prompt_ids]),
+          max_new_tokens=12,
+          greedy=True,
+          eos_id=tokenizer_lib.EOS_ID,
+          pad_id=tokenizer_lib.EOS_ID,
+      )
+  )[0]
   stop = list(ours).index(tokenizer_lib.EOS_ID) + 1
   assert stop == NORMAL_TOKENS + 1  # the forced EOS ends the row
   ours = ours[:stop].tolist()
@@ -91,16 +110,24 @@ def test_transformers_auto_classes_generate_what_kdjax_generates(tmp_path):
   enc = tok(PROMPT, return_tensors="pt")
   assert enc["input_ids"][0].tolist() == prompt_ids
   out = hf_model.generate(**enc, max_new_tokens=12, do_sample=False)
-  theirs = out[0, len(prompt_ids):].tolist()
+  theirs = out[0, len(prompt_ids) :].tolist()
   assert theirs == ours  # stopped at EOS, same tokens
   text = tok.decode(out[0], skip_special_tokens=True)
   assert text == tok_kd.decode(prompt_ids + ours[:-1])
 
 
 def test_load_returns_eval_mode_and_train_turns_dropout_on(tmp_path):
-  model = models.create("tiny-gpt2", rngs=nnx.Rngs(0), vocab_size=257,
-                        n_embd=16, n_layer=1, n_head=2, embd_pdrop=0.5,
-                        attn_pdrop=0.5, resid_pdrop=0.5)
+  model = models.create(
+      "tiny-gpt2",
+      rngs=nnx.Rngs(0),
+      vocab_size=257,
+      n_embd=16,
+      n_layer=1,
+      n_head=2,
+      embd_pdrop=0.5,
+      attn_pdrop=0.5,
+      resid_pdrop=0.5,
+  )
   models.save_hf(model, str(tmp_path))
   loaded = models.load(str(tmp_path))
   ids = jnp.asarray(np.arange(12)[None] % 257)

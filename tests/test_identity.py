@@ -9,6 +9,7 @@ from kdjax.configs import akl_gpt2
 def _resolved(arg, **overrides):
   c = akl_gpt2.get_config(arg)
   from kdjax.configs import common
+
   common.override(c, overrides)
   return json.loads(c.to_json_best_effort())
 
@@ -16,25 +17,46 @@ def _resolved(arg, **overrides):
 def test_extending_a_run_keeps_its_identity():
   # steps=60 also changes the derived eval.every_steps (10 -> 5 per 6 evals).
   old, new = _resolved("tiny,steps=30"), _resolved("tiny,steps=60")
-  assert identity.flatten(old)["eval.every_steps"] != identity.flatten(new)[
-      "eval.every_steps"]
+  assert (
+      identity.flatten(old)["eval.every_steps"]
+      != identity.flatten(new)["eval.every_steps"]
+  )
   assert identity.changed(old, new) == []
 
 
 def test_operational_fields_are_free():
   old = _resolved("tiny")
-  new = _resolved("tiny", **{"ckpt.every_steps": 7, "mesh.fsdp": 2,
-                             "grad_accum": 2, "log_every": 3,
-                             "eval.num_examples": 0, "student.remat": "full",
-                             "data.data_dir": "/elsewhere"})
+  new = _resolved(
+      "tiny",
+      **{
+          "ckpt.every_steps": 7,
+          "mesh.fsdp": 2,
+          "grad_accum": 2,
+          "log_every": 3,
+          "eval.num_examples": 0,
+          "student.remat": "full",
+          "data.data_dir": "/elsewhere",
+      },
+  )
   assert identity.changed(old, new) == []
 
 
 def test_what_defines_the_run_is_refused():
   old = _resolved("tiny")
-  new = _resolved("tiny", **{"loss.hp.mu": 0.6, "optim.lr": 1e-3, "seed": 1,
-                             "data.max_length": 90,
-                             "student.model_overrides.n_embd": 32})
+  new = _resolved(
+      "tiny",
+      **{
+          "loss.hp.mu": 0.6,
+          "optim.lr": 1e-3,
+          "seed": 1,
+          "data.max_length": 90,
+          "student.model_overrides.n_embd": 32,
+      },
+  )
   assert identity.changed(old, new) == [
-      "data.max_length", "loss.hp.mu", "optim.lr", "seed",
-      "student.model_overrides.n_embd"]
+      "data.max_length",
+      "loss.hp.mu",
+      "optim.lr",
+      "seed",
+      "student.model_overrides.n_embd",
+  ]

@@ -2,15 +2,15 @@
 
 import os
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from kdjax import models
 import hf_tiny
+from kdjax import models
 
 torch = pytest.importorskip("torch")
 
@@ -27,14 +27,18 @@ def test_parity_prefixed_layout_with_left_padding(ckpt):
   assert all(k.startswith("transformer.") for k in keys)  # v5 layout
   model = models.load(path)
   model.eval()
-  ids, mask, pos = hf_tiny.left_padded(np.random.RandomState(0), 100,
-                                       [9, 5, 1], 9)
+  ids, mask, pos = hf_tiny.left_padded(
+      np.random.RandomState(0), 100, [9, 5, 1], 9
+  )
   got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
   want = hf_tiny.torch_logits(ref, ids, mask, pos)
   np.testing.assert_allclose(got[mask], want[mask], atol=1e-4, rtol=0)
   # The explicit-positions path agrees with the derived one.
-  got_pos = model(jnp.asarray(ids), positions=jnp.asarray(pos),
-                  attention_mask=jnp.asarray(mask))
+  got_pos = model(
+      jnp.asarray(ids),
+      positions=jnp.asarray(pos),
+      attention_mask=jnp.asarray(mask),
+  )
   np.testing.assert_allclose(np.asarray(got_pos)[mask], got[mask], atol=1e-6)
 
 
@@ -52,8 +56,12 @@ def test_parity_unprefixed_layout_with_mask_buffers(ckpt, tmp_path):
   model = models.load(str(tmp_path))
   model.eval()
   ids = np.random.RandomState(1).randint(0, 100, (2, 11))
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))),
-                             hf_tiny.torch_logits(ref, ids), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+      np.asarray(model(jnp.asarray(ids))),
+      hf_tiny.torch_logits(ref, ids),
+      atol=1e-4,
+      rtol=0,
+  )
 
 
 def test_dropout_only_in_train_mode(ckpt):
@@ -61,9 +69,12 @@ def test_dropout_only_in_train_mode(ckpt):
   model = models.load(path)  # eval mode, as transformers' from_pretrained
   ids = jnp.asarray(np.random.RandomState(2).randint(0, 100, (1, 8)))
   assert model.config.attn_pdrop == 0.1
-  np.testing.assert_allclose(np.asarray(model(ids)),
-                             hf_tiny.torch_logits(ref, np.asarray(ids)),
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+      np.asarray(model(ids)),
+      hf_tiny.torch_logits(ref, np.asarray(ids)),
+      atol=1e-4,
+      rtol=0,
+  )
   model.train()
   train_a, train_b = np.asarray(model(ids)), np.asarray(model(ids))
   assert np.abs(train_a - train_b).max() > 1e-3  # fresh masks each call
@@ -87,8 +98,9 @@ def test_bf16_logits_are_float32_and_close(ckpt):
   got = model(jnp.asarray(ids))
   assert got.dtype == jnp.float32
   assert model.wte.embedding[...].dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(got), hf_tiny.torch_logits(ref, ids),
-                             atol=0.1)
+  np.testing.assert_allclose(
+      np.asarray(got), hf_tiny.torch_logits(ref, ids), atol=0.1
+  )
 
 
 def _n_params(name, **kw):
@@ -98,6 +110,7 @@ def _n_params(name, **kw):
 
 def _torch_count(cfg):
   import transformers
+
   with torch.device("meta"):
     m = transformers.GPT2LMHeadModel(cfg)
   return sum(p.numel() for p in m.parameters())  # tied head counted once
@@ -105,19 +118,25 @@ def _torch_count(cfg):
 
 def test_preset_parameter_counts():
   import transformers
+
   assert _n_params("gpt2") == 124_439_808
   assert _torch_count(transformers.GPT2Config()) == 124_439_808
   assert _n_params("tiny-gpt2", vocab_size=257) == _torch_count(
-      transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=257,
-                              n_positions=512))
+      transformers.GPT2Config(
+          n_layer=2, n_embd=64, n_head=4, vocab_size=257, n_positions=512
+      )
+  )
 
 
 @pytest.mark.slow
 def test_gpt2_xl_parameter_count():
   import transformers
+
   assert _n_params("gpt2-xl") == 1_557_611_200
-  assert _torch_count(transformers.GPT2Config(
-      n_layer=48, n_embd=1600, n_head=25)) == 1_557_611_200
+  assert (
+      _torch_count(transformers.GPT2Config(n_layer=48, n_embd=1600, n_head=25))
+      == 1_557_611_200
+  )
 
 
 def test_create_rejects_unknown_preset_and_field():

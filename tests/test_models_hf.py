@@ -3,40 +3,49 @@
 import json
 import os
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+import hf_tiny
 from kdjax import models
 from kdjax import sharding as shd
-import hf_tiny
 
 torch = pytest.importorskip("torch")
 IDS = np.random.RandomState(0).randint(0, 100, (2, 9))
 
 
 def _tiny(name):
-  kw = (dict(vocab_size=100, n_positions=64, n_embd=32) if "gpt2" in name
-        else dict(vocab_size=100, hidden_size=32))
+  kw = (
+      dict(vocab_size=100, n_positions=64, n_embd=32)
+      if "gpt2" in name
+      else dict(vocab_size=100, hidden_size=32)
+  )
   model = models.create(name, rngs=nnx.Rngs(1), **kw)
   model.eval()
   return model
 
 
-@pytest.mark.parametrize("name,cls", [("tiny-gpt2", "GPT2LMHeadModel"),
-                                      ("tiny-llama", "LlamaForCausalLM")])
+@pytest.mark.parametrize(
+    "name,cls",
+    [("tiny-gpt2", "GPT2LMHeadModel"), ("tiny-llama", "LlamaForCausalLM")],
+)
 def test_save_hf_loads_in_transformers_with_same_logits(tmp_path, name, cls):
   import transformers
+
   model = _tiny(name)
   models.save_hf(model, str(tmp_path))
   ref = getattr(transformers, cls).from_pretrained(str(tmp_path))
   ref.eval()
-  np.testing.assert_allclose(hf_tiny.torch_logits(ref, IDS),
-                             np.asarray(model(jnp.asarray(IDS))),
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+      hf_tiny.torch_logits(ref, IDS),
+      np.asarray(model(jnp.asarray(IDS))),
+      atol=1e-4,
+      rtol=0,
+  )
 
 
 def test_sharded_save_round_trips_exactly(tmp_path):
@@ -46,8 +55,10 @@ def test_sharded_save_round_trips_exactly(tmp_path):
   files = sorted(set(index["weight_map"].values()))
   assert len(files) > 2 and not (tmp_path / "model.safetensors").exists()
   back = models.load(str(tmp_path))
-  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
-                  jax.tree.leaves(nnx.state(back, nnx.Param))):
+  for a, b in zip(
+      jax.tree.leaves(nnx.state(model, nnx.Param)),
+      jax.tree.leaves(nnx.state(back, nnx.Param)),
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -72,6 +83,7 @@ def test_loader_reports_every_bad_key_at_once(gpt2_dir, tmp_path):
     t["transformer.h.0.attn.extra.weight"] = np.zeros(3, np.float32)
     t["transformer.h.1.mlp.c_fc.weight"] = np.zeros((32, 100), np.float32)
     del t["transformer.ln_f.bias"]
+
   path = _copy_with(gpt2_dir, str(tmp_path), edit)
   with pytest.raises(ValueError) as e:
     models.load(path)
@@ -85,6 +97,7 @@ def test_loader_reports_every_bad_key_at_once(gpt2_dir, tmp_path):
 def test_loader_rejects_untied_gpt2_head(gpt2_dir, tmp_path):
   def edit(t):
     t["lm_head.weight"] = t["transformer.wte.weight"] + 1.0
+
   with pytest.raises(ValueError, match="lm_head.weight"):
     models.load(_copy_with(gpt2_dir, str(tmp_path), edit))
 
@@ -92,7 +105,9 @@ def test_loader_rejects_untied_gpt2_head(gpt2_dir, tmp_path):
 def test_loader_refuses_pickle(gpt2_dir, tmp_path):
   (tmp_path / "config.json").write_text(open(f"{gpt2_dir}/config.json").read())
   (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not read")
-  with pytest.raises(ValueError, match="pickle.*pytorch_model.bin.*safetensors"):
+  with pytest.raises(
+      ValueError, match="pickle.*pytorch_model.bin.*safetensors"
+  ):
     models.load(str(tmp_path))
 
 
@@ -107,6 +122,7 @@ def test_missing_hub_id_offline_gives_one_line(tmp_path, monkeypatch):
 
 def test_unreachable_hub_fails_in_seconds(tmp_path, monkeypatch):
   import time
+
   monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
   monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens
   t0 = time.perf_counter()
@@ -129,8 +145,9 @@ def test_mesh_load_matches_unsharded(tmp_path):
     got = jax.jit(lambda m, x: m(x))(sharded, placed)
   # The residual-stream constraint keeps activations split over the batch.
   assert got.sharding.spec[0] == ("data", "fsdp")
-  np.testing.assert_allclose(np.asarray(got), np.asarray(plain(jnp.asarray(ids))),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(got), np.asarray(plain(jnp.asarray(ids))), atol=1e-5
+  )
 
 
 def test_make_mesh_validates_sizes():
@@ -142,8 +159,11 @@ def test_make_mesh_validates_sizes():
 
 def test_load_tokenizer_from_vocab_merges_matches_tokenizer_json(tmp_path):
   from tokenizers import ByteLevelBPETokenizer
-  text = ["the quick brown fox jumps over the lazy dog " * 5,
-          "distillation of language models, teacher and student"]
+
+  text = [
+      "the quick brown fox jumps over the lazy dog " * 5,
+      "distillation of language models, teacher and student",
+  ]
   bpe = ByteLevelBPETokenizer()
   bpe.train_from_iterator(text, vocab_size=300, min_frequency=1)
   bpe.save_model(str(tmp_path))  # vocab.json + merges.txt

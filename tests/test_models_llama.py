@@ -1,36 +1,50 @@
 """LLaMA: parity with PyTorch transformers (GQA, RoPE, rope_theta, scaling), presets."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from kdjax import models
 import hf_tiny
+from kdjax import models
 
 torch = pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("kw", [
-    dict(rope_theta=500.0),
-    dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0,
-                              factor=8.0, low_freq_factor=1.0,
-                              high_freq_factor=4.0,
-                              original_max_position_embeddings=8)),
-], ids=["theta", "llama3-scaling"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rope_theta=500.0),
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+            )
+        ),
+    ],
+    ids=["theta", "llama3-scaling"],
+)
 def test_parity_gqa_rope_left_padding(tmp_path, kw):
   ref = hf_tiny.llama(str(tmp_path), **kw)
   model = models.load(str(tmp_path))
   assert model.config.num_key_value_heads == 2
-  ids, mask, pos = hf_tiny.left_padded(np.random.RandomState(0), 100,
-                                       [12, 7], 12)
+  ids, mask, pos = hf_tiny.left_padded(
+      np.random.RandomState(0), 100, [12, 7], 12
+  )
   got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
   want = hf_tiny.torch_logits(ref, ids, mask, pos)
   np.testing.assert_allclose(got[mask], want[mask], atol=1e-4, rtol=0)
-  np.testing.assert_allclose(np.asarray(model.hidden_states(jnp.asarray(ids)))
-                             @ np.asarray(model.head_weight()).T,
-                             hf_tiny.torch_logits(ref, ids), atol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(model.hidden_states(jnp.asarray(ids)))
+      @ np.asarray(model.head_weight()).T,
+      hf_tiny.torch_logits(ref, ids),
+      atol=1e-4,
+  )
 
 
 def test_remat_keeps_loss_and_gradients():
@@ -56,6 +70,7 @@ def _n_params(name):
 
 def _torch_count(**kw):
   import transformers
+
   with torch.device("meta"):
     m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
   return sum(p.numel() for p in m.parameters())
@@ -63,9 +78,14 @@ def _torch_count(**kw):
 
 def test_tinyllama_parameter_count():
   # TinyLlama/TinyLlama-1.1B config.json.
-  want = _torch_count(vocab_size=32000, hidden_size=2048,
-                      intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4)
+  want = _torch_count(
+      vocab_size=32000,
+      hidden_size=2048,
+      intermediate_size=5632,
+      num_hidden_layers=22,
+      num_attention_heads=32,
+      num_key_value_heads=4,
+  )
   assert want == 1_100_048_384
   assert _n_params("tinyllama-1.1b") == want
 

@@ -36,14 +36,31 @@ def _launch(root: str, workdir: str, out: str) -> None:
   port = _free_port()
   procs, logs = [], []
   for i in range(2):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    env = dict(
+        os.environ,
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i),
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.getcwd(),
+    )
     logs.append(open(os.path.join(root, f"worker{i}.log"), "w+"))
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join("tests", "mp_worker.py"), root, workdir,
-         str(STEPS), out], env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join("tests", "mp_worker.py"),
+                root,
+                workdir,
+                str(STEPS),
+                out,
+            ],
+            env=env,
+            stdout=logs[-1],
+            stderr=subprocess.STDOUT,
+        )
+    )
   try:
     codes = [p.wait(timeout=400) for p in procs]
   finally:
@@ -62,17 +79,24 @@ def _final_params(c, workdir: str) -> dict:
   data position of a 2-process run does not restore into a 1-process run.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   devices = jax.devices()[:4]
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
     run = trainer.build(c, workdir, mesh)
     manager = ocp.CheckpointManager(os.path.join(workdir, "ckpt"))
     assert manager.latest_step() == STEPS
-    state = manager.restore(STEPS, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(checkpoint.abstract(run.state)))).state
+    state = manager.restore(
+        STEPS,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(checkpoint.abstract(run.state))
+        ),
+    ).state
     manager.close()
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  return {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
+  }
 
 
 @pytest.mark.slow
@@ -84,8 +108,11 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
   # The single-process reference on four devices (also prepares the data the
   # workers then only read). Record the batches it feeds.
   fed, put = [], train_step.put_batch
-  monkeypatch.setattr(train_step, "put_batch", lambda b, m: (
-      fed.append(np.asarray(b["input_ids"])), put(b, m))[1])
+  monkeypatch.setattr(
+      train_step,
+      "put_batch",
+      lambda b, m: (fed.append(np.asarray(b["input_ids"])), put(b, m))[1],
+  )
   single = os.path.join(root, "single")
   trainer.train_and_evaluate(c, single, devices=jax.devices()[:4])
   monkeypatch.undo()
@@ -94,24 +121,29 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
   _launch(root, multi, out)
   w = [np.load(os.path.join(out, f"{i}.npz")) for i in range(2)]
   for i in range(2):
-    assert (int(w[i]["process_count"]), int(w[i]["devices"]),
-            int(w[i]["local_devices"])) == (2, 4, 2)
+    assert (
+        int(w[i]["process_count"]),
+        int(w[i]["devices"]),
+        int(w[i]["local_devices"]),
+    ) == (2, 4, 2)
 
   # Each process fed its own half of every global batch (the validation batch
   # of the last step comes after the STEPS training batches).
   ref = np.stack(fed[:STEPS])
   half = ref.shape[1] // 2
   for i in range(2):
-    np.testing.assert_array_equal(w[i]["fed"][:STEPS],
-                                  ref[:, i * half:(i + 1) * half])
+    np.testing.assert_array_equal(
+        w[i]["fed"][:STEPS], ref[:, i * half : (i + 1) * half]
+    )
   assert not np.array_equal(w[0]["fed"][:STEPS], w[1]["fed"][:STEPS])
 
   # Only process 0 wrote the run's files; process 1 wrote only its own parts
   # of the checkpoints (its data-iterator state and array metadata).
   written = [set(x["written"].tolist()) for x in w]
   assert {"metrics.jsonl", "config.json.tmp", "hf/config.json"} <= written[0]
-  assert all(p.startswith(("ckpt/", "best/")) and "process_1" in p
-             for p in written[1]), written[1]
+  assert all(
+      p.startswith(("ckpt/", "best/")) and "process_1" in p for p in written[1]
+  ), written[1]
 
   # Same losses per step, each step logged once.
   a, b = metrics.read(single), metrics.read(multi)
@@ -146,7 +178,12 @@ def _assert_close(name: str, got, want, c) -> None:
   if "c_attn" in name and "bias" in name:
     d = c.student.model_overrides.n_embd
     key_bias = slice(d, 2 * d)
-    np.testing.assert_allclose(got[key_bias], want[key_bias], rtol=0,
-                               atol=STEPS * c.optim.lr, err_msg=name)
+    np.testing.assert_allclose(
+        got[key_bias],
+        want[key_bias],
+        rtol=0,
+        atol=STEPS * c.optim.lr,
+        err_msg=name,
+    )
     got[key_bias] = want[key_bias]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -18,9 +18,10 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # notebook -> strings its quick run must print (its own checks are asserts).
-EXPECTED = {"divergences.ipynb": ("AKL weights: head", "long_tailed"),
-            "quickstart.ipynb": ("saved student:", "model.safetensors",
-                                 "ROUGE-L")}
+EXPECTED = {
+    "divergences.ipynb": ("AKL weights: head", "long_tailed"),
+    "quickstart.ipynb": ("saved student:", "model.safetensors", "ROUGE-L"),
+}
 NOTEBOOKS = sorted(EXPECTED)
 TIMEOUT_S = 180  # per notebook, the CI budget
 
@@ -39,16 +40,21 @@ def test_first_code_cell_installs_with_the_projects_versions(name):
   """One marked repository variable; the jax range is pyproject.toml's."""
   import re
   import tomllib
+
   with open(os.path.join(ROOT, "notebooks", name)) as f:
     nb = json.load(f)
-  first = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")
-                  ["source"])
+  first = "".join(
+      next(c for c in nb["cells"] if c["cell_type"] == "code")["source"]
+  )
   assert len(re.findall(r"^KDJAX_REPO = ", first, re.M)) == 1
   assert "<-- EDIT" in first and "restart" in first
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     deps = tomllib.load(f)["project"]["dependencies"]
-  jax_req = next(d for d in deps if re.match(r"jax\b(?!-)", d)
-                 and not d.startswith("jaxlib"))
+  jax_req = next(
+      d
+      for d in deps
+      if re.match(r"jax\b(?!-)", d) and not d.startswith("jaxlib")
+  )
   jax_range = jax_req.removeprefix("jax")
   assert f'JAX_RANGE = "{jax_range}"' in first
   assert 'f"jax[tpu]{JAX_RANGE}"' in first
@@ -64,15 +70,25 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
   # The kernel inherits this environment: quick mode, this checkout's packages,
   # one CPU device (the 8 fake devices of conftest are not needed here).
   monkeypatch.setenv("KDJAX_NOTEBOOK_QUICK", "1")
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-      [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+  monkeypatch.setenv(
+      "PYTHONPATH",
+      os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]),
+  )
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
-                                   resources={"metadata": {"path": str(tmp_path)}})
+  client = nbclient.NotebookClient(
+      nb,
+      timeout=TIMEOUT_S,
+      kernel_name="python3",
+      resources={"metadata": {"path": str(tmp_path)}},
+  )
   client.execute()
-  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                    for o in c.outputs)
+  outputs = "".join(
+      o.get("text", "")
+      for c in nb.cells
+      if c.cell_type == "code"
+      for o in c.outputs
+  )
   for expected in EXPECTED[name]:
     assert expected in outputs, (name, expected)

@@ -36,15 +36,24 @@ def _batch():
   ids = rng.integers(0, V, (B, T))
   mask = np.ones((B, T), np.float32)
   mask[0, :2] = 0.0
-  return {"input_ids": jnp.asarray(ids), "positions": jnp.zeros((B, T), int),
-          "attention_mask": jnp.ones((B, T)),
-          "labels": jnp.asarray(rng.integers(0, V, (B, T))),
-          "loss_mask": jnp.asarray(mask)}
+  return {
+      "input_ids": jnp.asarray(ids),
+      "positions": jnp.zeros((B, T), int),
+      "attention_mask": jnp.ones((B, T)),
+      "labels": jnp.asarray(rng.integers(0, V, (B, T))),
+      "loss_mask": jnp.asarray(mask),
+  }
 
 
 def _cfg(impl, name="jsd", temperature=2.0, **hp):
-  return dict(name=name, impl=impl, kd_ratio=0.3, chunk_size=3,
-              temperature=temperature, hp=dict(hp or {"beta": 0.1}))
+  return dict(
+      name=name,
+      impl=impl,
+      kd_ratio=0.3,
+      chunk_size=3,
+      temperature=temperature,
+      hp=dict(hp or {"beta": 0.1}),
+  )
 
 
 @pytest.mark.parametrize("impl", objective.IMPLS)
@@ -56,8 +65,9 @@ def test_sums_match_float64_with_temperature(impl):
   s = np.asarray(student(batch["input_ids"], None, None), np.float64)
   t = np.asarray(teacher(batch["input_ids"], None, None), np.float64)
   mask = np.asarray(batch["loss_mask"], np.float64)
-  ce = -np.take_along_axis(ref.log_softmax(s),
-                           np.asarray(batch["labels"])[..., None], -1)[..., 0]
+  ce = -np.take_along_axis(
+      ref.log_softmax(s), np.asarray(batch["labels"])[..., None], -1
+  )[..., 0]
   kd_tok = ref.jsd(s, t, beta=0.1, temperature=2.0)
   np.testing.assert_allclose(got.ce, (ce * mask).sum(), rtol=1e-5)
   np.testing.assert_allclose(got.kd, (kd_tok * mask).sum(), rtol=1e-5)
@@ -73,8 +83,9 @@ def test_fused_gradient_equals_auto():
     student = _Toy(1, H)
     student.head = head
     cfg = _cfg(impl, name="akl", mu=0.5)
-    return objective.combine(cfg, objective.sums(cfg, student, teacher,
-                                                 batch))[0]
+    return objective.combine(cfg, objective.sums(cfg, student, teacher, batch))[
+        0
+    ]
 
   head = _Toy(1, H).head
   g_auto = jax.grad(loss)(head, "auto")
@@ -83,14 +94,17 @@ def test_fused_gradient_equals_auto():
 
 
 def test_check_names_the_fix():
-  with pytest.raises(ValueError, match="loss.impl='fast' no longer exists; "
-                     "use --config.loss.impl=auto"):
+  with pytest.raises(
+      ValueError,
+      match="loss.impl='fast' no longer exists; " "use --config.loss.impl=auto",
+  ):
     objective.check(_cfg("fast"))
   with pytest.raises(ValueError, match="--config.loss.impl=reference"):
     objective.check(_cfg("autodiff"))
   with pytest.raises(ValueError, match="loss.temperature"):
-    objective.check(_cfg("auto", beta=0.1, temperature=1.0) | {
-        "hp": {"temperature": 2.0}})
+    objective.check(
+        _cfg("auto", beta=0.1, temperature=1.0) | {"hp": {"temperature": 2.0}}
+    )
   with pytest.raises(ValueError, match="loss.temperature=0"):
     objective.check(_cfg("auto", temperature=0.0))
   with pytest.raises(ValueError, match="no 'uld' version"):

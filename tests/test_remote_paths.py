@@ -6,12 +6,9 @@ import json
 from flax import nnx
 import numpy as np
 
-from kdjax import checkpoint
-from kdjax import metrics
-from kdjax import models
-from kdjax.data import jsonl
-from kdjax.data import sources
 from fake_gcs import fake_gcs_fixture  # noqa: F401 (the fake_gcs fixture)
+from kdjax import checkpoint, metrics, models
+from kdjax.data import jsonl, sources
 
 RUN = "gs://bucket/run"
 
@@ -37,24 +34,39 @@ def test_checkpoint_managers_live_in_the_bucket(fake_gcs):
 
 
 def test_hf_export_writes_every_file_to_the_bucket(fake_gcs):
-  model = models.create("tiny-gpt2", rngs=nnx.Rngs(0), vocab_size=257,
-                        n_embd=16, n_layer=1, n_head=2)
+  model = models.create(
+      "tiny-gpt2",
+      rngs=nnx.Rngs(0),
+      vocab_size=257,
+      n_embd=16,
+      n_layer=1,
+      n_head=2,
+  )
   models.save_hf(model, f"{RUN}/hf")
-  names = sorted(k.rsplit("/", 1)[1] for k in fake_gcs
-                 if k.startswith(f"{RUN}/hf/"))
-  assert names == ["config.json", "generation_config.json", "model.safetensors",
-                   "special_tokens_map.json", "tokenizer.json",
-                   "tokenizer_config.json"]
+  names = sorted(
+      k.rsplit("/", 1)[1] for k in fake_gcs if k.startswith(f"{RUN}/hf/")
+  )
+  assert names == [
+      "config.json",
+      "generation_config.json",
+      "model.safetensors",
+      "special_tokens_map.json",
+      "tokenizer.json",
+      "tokenizer_config.json",
+  ]
   cfg = json.loads(fake_gcs[f"{RUN}/hf/config.json"].getvalue())
   assert cfg["eos_token_id"] == 256
   from safetensors.numpy import load
+
   tensors = load(fake_gcs[f"{RUN}/hf/model.safetensors"].getvalue())
-  np.testing.assert_array_equal(tensors["transformer.wte.weight"],
-                                np.asarray(model.wte.embedding[...]))
+  np.testing.assert_array_equal(
+      tensors["transformer.wte.weight"], np.asarray(model.wte.embedding[...])
+  )
 
 
 def test_a_jsonl_file_in_the_bucket_is_read_and_keyed(fake_gcs):
   from etils import epath
+
   path = epath.Path("gs://bucket/data/train.jsonl")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text('{"prompt": "q", "output": "a"}\n')

@@ -28,45 +28,60 @@ from kdjax import checkpoint, metrics, sharding, trainer
 import tiny_run
 
 KILLS = int(os.environ.get("KDJAX_KILLS", "5"))
-STEPS = 4 * KILLS + 4   # enough that the run outlives every kill
-DEVICES = 2             # fake CPU devices per process: a real mesh, fast compile
+STEPS = 4 * KILLS + 4  # enough that the run outlives every kill
+DEVICES = 2  # fake CPU devices per process: a real mesh, fast compile
 TMP = ".orbax-checkpoint-tmp"
 
 
 def _overrides(root: str) -> dict:
   """``--config.`` overrides shrinking kdjax/configs/akl_gpt2.py:tiny (tiny_run's sizes)."""
-  out = {"data.data_dir": os.path.join(root, "data"), "data.train_limit": 64,
-         "teacher.path": tiny_run.make_teacher(os.path.join(root, "teacher")),
-         "batch_size": 8, "optim.warmup_steps": 1, "log_every": 1,
-         "ckpt.every_steps": 1, "ckpt.max_to_keep": 2, "eval.every_steps": 0,
-         "eval.num_examples": 0, "export_hf": False}
-  out.update({f"student.model_overrides.{k}": v
-              for k, v in tiny_run.STUDENT.items()})
+  out = {
+      "data.data_dir": os.path.join(root, "data"),
+      "data.train_limit": 64,
+      "teacher.path": tiny_run.make_teacher(os.path.join(root, "teacher")),
+      "batch_size": 8,
+      "optim.warmup_steps": 1,
+      "log_every": 1,
+      "ckpt.every_steps": 1,
+      "ckpt.max_to_keep": 2,
+      "eval.every_steps": 0,
+      "eval.num_examples": 0,
+      "export_hf": False,
+  }
+  out.update(
+      {f"student.model_overrides.{k}": v for k, v in tiny_run.STUDENT.items()}
+  )
   return out
 
 
 def _config(root: str):
   from kdjax.configs import akl_gpt2, common
+
   c = akl_gpt2.get_config(f"tiny,steps={STEPS}")
   common.override(c, _overrides(root))
   return c
 
 
 def _command(root: str, workdir: str) -> list[str]:
-  return [sys.executable, "-m", "kdjax.train",
-          f"--config=kdjax/configs/akl_gpt2.py:tiny,steps={STEPS}",
-          f"--workdir={workdir}"] + [
-              f"--config.{k}={v}" for k, v in _overrides(root).items()]
+  return [
+      sys.executable,
+      "-m",
+      "kdjax.train",
+      f"--config=kdjax/configs/akl_gpt2.py:tiny,steps={STEPS}",
+      f"--workdir={workdir}",
+  ] + [f"--config.{k}={v}" for k, v in _overrides(root).items()]
 
 
 def _env(root: str) -> dict:
   env = dict(os.environ)
   env.update(
       XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
-      JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd(),
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=os.getcwd(),
       JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax_cache"),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
   return env
 
 
@@ -81,8 +96,9 @@ class _Launcher:
   def start(self) -> subprocess.Popen:
     self.n += 1
     log = open(os.path.join(self.logs, f"{self.n}.log"), "w")
-    return subprocess.Popen(self.cmd, env=self.env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT
+    )
 
   def tail(self) -> str:
     with open(os.path.join(self.logs, f"{self.n}.log")) as f:
@@ -108,8 +124,9 @@ def _wait(proc, predicate, timeout=240.0, poll=0.002) -> bool:
     if proc.poll() is not None:
       return False
     time.sleep(poll)
-  raise AssertionError("the training process made no progress in "
-                       f"{timeout:.0f} s")
+  raise AssertionError(
+      "the training process made no progress in " f"{timeout:.0f} s"
+  )
 
 
 def _params(c, workdir: str) -> dict:
@@ -119,12 +136,15 @@ def _params(c, workdir: str) -> dict:
   with jax.set_mesh(mesh):
     run = trainer.build(c, workdir, mesh)
     ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=2)
-    state, record = ck.restore(ck.latest_step(), run.state,
-                               run.train_data.iterator())
+    state, record = ck.restore(
+        ck.latest_step(), run.state, run.train_data.iterator()
+    )
     ck.close()
   assert record["step"] == int(state.step) == STEPS
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  return {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
+  }
 
 
 @pytest.mark.slow
@@ -139,8 +159,11 @@ def test_sigkilled_run_resumes_to_the_same_student(tmp_path):
   assert proc.wait(timeout=400) == 0, ref.tail()
 
   run = _Launcher(root, os.path.join(root, "killed"))
-  kinds = ["during_save"] + list(rng.choice(
-      ["after_commit", "after_commit", "after_start"], size=KILLS - 1))
+  kinds = ["during_save"] + list(
+      rng.choice(
+          ["after_commit", "after_commit", "after_start"], size=KILLS - 1
+      )
+  )
   mid_save_leftovers, kills = 0, []
   for kind in kinds:
     before = run.committed()
@@ -150,19 +173,24 @@ def test_sigkilled_run_resumes_to_the_same_student(tmp_path):
       # save that commits between the poll and the kill does not count, so
       # keep trying on the following steps.
       def saving():
-        return any(TMP in n and int(n.split(".")[0]) > before
-                   for n in run.entries())
+        return any(
+            TMP in n and int(n.split(".")[0]) > before for n in run.entries()
+        )
+
       alive = _wait(proc, saving, poll=0.0005)
     elif kind == "after_commit":
       alive = _wait(proc, lambda: run.committed() > before)
       time.sleep(rng.uniform(0.0, 0.5))
     else:  # start-up (imports, data, compilation) or the first new step
       deadline = time.monotonic() + rng.uniform(2.0, 12.0)
-      alive = _wait(proc, lambda: time.monotonic() > deadline
-                    or run.committed() > before)
+      alive = _wait(
+          proc, lambda: time.monotonic() > deadline or run.committed() > before
+      )
     if not alive or proc.poll() is not None:
-      pytest.fail(f"the run finished before kill {len(kills) + 1}; raise "
-                  f"STEPS ({STEPS}):\n{run.tail()}")
+      pytest.fail(
+          f"the run finished before kill {len(kills) + 1}; raise "
+          f"STEPS ({STEPS}):\n{run.tail()}"
+      )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = [n for n in run.entries() if TMP in n]
@@ -181,7 +209,8 @@ def test_sigkilled_run_resumes_to_the_same_student(tmp_path):
   killed, straight = run.workdir, ref.workdir
   # The workdir config is whole and is the run's config.
   assert json.load(open(os.path.join(killed, "config.json"))) == json.loads(
-      c.to_json_best_effort())
+      c.to_json_best_effort()
+  )
   a, b = metrics.read(straight), metrics.read(killed)
   assert [r["step"] for r in a] == list(range(1, STEPS + 1))
   assert [r["step"] for r in b] == list(range(1, STEPS + 1)), kills

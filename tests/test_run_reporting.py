@@ -13,15 +13,13 @@ import os
 from flax import nnx
 import pytest
 
-from kdjax import identity
-from kdjax import models
+from fake_gcs import fake_gcs_fixture  # noqa: F401 (the fake_gcs fixture)
+from kdjax import identity, models, training
 from kdjax import spec as spec_lib
-from kdjax import training
 from kdjax.configs import akl_gpt2
 from kdjax.evaluation import files
 from kdjax.training import builder
 from kdjax.training import workdir as workdir_lib
-from fake_gcs import fake_gcs_fixture  # noqa: F401 (the fake_gcs fixture)
 import tiny_run
 
 
@@ -32,6 +30,7 @@ def root(tmp_path_factory):
 
 def _identity(arg, **overrides):
   from kdjax.configs import common
+
   c = akl_gpt2.get_config(arg)
   common.override(c, overrides)
   return json.loads(c.to_json_best_effort())
@@ -40,14 +39,20 @@ def _identity(arg, **overrides):
 def test_claim_extends_a_run_and_refuses_another(tmp_path):
   w = str(tmp_path / "w")
   assert workdir_lib.claim(w, _identity("tiny,steps=30"), force_new_run=False)
-  assert not workdir_lib.claim(w, _identity("tiny,steps=60"),
-                               force_new_run=False)
-  with pytest.raises(training.TrainingError,
-                     match=r"changed: loss\.hp\.mu\).*force_new_run"):
-    workdir_lib.claim(w, _identity("tiny,steps=60", **{"loss.hp.mu": 0.6}),
-                      force_new_run=False)
-  assert identity.flatten(json.load(open(f"{w}/config.json")))[
-      "num_steps"] == 60
+  assert not workdir_lib.claim(
+      w, _identity("tiny,steps=60"), force_new_run=False
+  )
+  with pytest.raises(
+      training.TrainingError, match=r"changed: loss\.hp\.mu\).*force_new_run"
+  ):
+    workdir_lib.claim(
+        w,
+        _identity("tiny,steps=60", **{"loss.hp.mu": 0.6}),
+        force_new_run=False,
+    )
+  assert (
+      identity.flatten(json.load(open(f"{w}/config.json")))["num_steps"] == 60
+  )
 
 
 def test_claim_and_release_on_a_bucket(fake_gcs):
@@ -60,25 +65,44 @@ def test_claim_and_release_on_a_bucket(fake_gcs):
 
 def test_student_trains_in_training_mode(tmp_path):
   hf_dir = str(tmp_path / "student")
-  models.save_hf(models.create("tiny-gpt2", rngs=nnx.Rngs(0), vocab_size=257,
-                               n_embd=16, n_layer=1, n_head=2), hf_dir)
-  student = builder.make_student(spec_lib.StudentSpec(
-      init=hf_dir, dtype="float32", model_overrides={}, seed=0), None)
-  flags = [m.deterministic for _, m in nnx.iter_modules(student)
-           if isinstance(m, nnx.Dropout)]
+  models.save_hf(
+      models.create(
+          "tiny-gpt2",
+          rngs=nnx.Rngs(0),
+          vocab_size=257,
+          n_embd=16,
+          n_layer=1,
+          n_head=2,
+      ),
+      hf_dir,
+  )
+  student = builder.make_student(
+      spec_lib.StudentSpec(
+          init=hf_dir, dtype="float32", model_overrides={}, seed=0
+      ),
+      None,
+  )
+  flags = [
+      m.deterministic
+      for _, m in nnx.iter_modules(student)
+      if isinstance(m, nnx.Dropout)
+  ]
   assert flags and not any(flags)  # models.load alone gives eval mode
 
 
 def test_a_run_reports_and_extends(root, tmp_path, capsys):
   w = str(tmp_path / "w")
-  c = tiny_run.config("fkl_gpt2", root, steps=4, **{
-      "eval.every_steps": 2, "export_hf": True})
+  c = tiny_run.config(
+      "fkl_gpt2", root, steps=4, **{"eval.every_steps": 2, "export_hf": True}
+  )
   training.train_and_evaluate(c, w)
   out = capsys.readouterr().out
   assert "validation step 2/4: val_loss" in out
   assert "validation step 4/4: val_loss" in out
-  rows = {r["step"]: r for r in
-          map(json.loads, open(os.path.join(w, "metrics.jsonl")))}
+  rows = {
+      r["step"]: r
+      for r in map(json.loads, open(os.path.join(w, "metrics.jsonl")))
+  }
   want = min((2, 4), key=lambda s: rows[s]["val_ce"])
   best = json.load(open(os.path.join(w, "best.json")))
   assert best["step"] == want and best["metric"] == "val_ce"
@@ -91,21 +115,23 @@ def test_a_run_reports_and_extends(root, tmp_path, capsys):
   assert os.path.exists(os.path.join(w, "hf", "tokenizer.json"))
   assert files.describe_checkpoint(f"{w}/best_hf") == (
       f"{w}/best_hf (best checkpoint: step {want}, val_ce "
-      f"{rows[want]['val_ce']:.4f})")
+      f"{rows[want]['val_ce']:.4f})"
+  )
 
   # Extending: more steps and a different (derived) eval cadence resume.
-  c = tiny_run.config("fkl_gpt2", root, steps=6, **{
-      "eval.every_steps": 3, "export_hf": True})
+  c = tiny_run.config(
+      "fkl_gpt2", root, steps=6, **{"eval.every_steps": 3, "export_hf": True}
+  )
   training.train_and_evaluate(c, w)
   out = capsys.readouterr().out
   assert f"resumed {w} from step 4" in out
-  assert [json.loads(l)["step"] for l in open(os.path.join(w,
-                                                          "metrics.jsonl"))] == [
-      1, 2, 3, 4, 5, 6]
+  assert [
+      json.loads(l)["step"] for l in open(os.path.join(w, "metrics.jsonl"))
+  ] == [1, 2, 3, 4, 5, 6]
   assert "validation step 6/6" in out
 
   from kdjax import evaluation
-  evaluation.run(c, w, datasets="synthetic_instruct", limit=2,
-                 progress=False)
+
+  evaluation.run(c, w, datasets="synthetic_instruct", limit=2, progress=False)
   out = capsys.readouterr().out
   assert f"scoring {w}/best_hf (best checkpoint: step " in out

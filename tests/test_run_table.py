@@ -6,24 +6,34 @@ import os
 
 import numpy as np
 import pytest
-import tiny_run
 
 from experiments import demo, run_table
 from kdjax.configs import common
+import tiny_run
 
 RunResult = run_table.RunResult
 DATA = "synthetic_instruct"
 
 
-def _result(rouge, validity=10.0, greedy=20.0, examples=None, curve=None,
-            rouge_std=1.0):
+def _result(
+    rouge, validity=10.0, greedy=20.0, examples=None, curve=None, rouge_std=1.0
+):
   examples = np.full(4, rouge) if examples is None else np.asarray(examples)
   return RunResult(
-      sampled={DATA: {"rougeL": rouge, "rougeL_std": rouge_std,
-                      "validity": validity, "validity_std": 0.5}},
-      greedy={DATA: {"rougeL": greedy, "validity": greedy,
-                     "validity_std": 0.0}},
-      examples=examples, curve=curve or [(10, 2.0), (20, 1.5)])
+      sampled={
+          DATA: {
+              "rougeL": rouge,
+              "rougeL_std": rouge_std,
+              "validity": validity,
+              "validity_std": 0.5,
+          }
+      },
+      greedy={
+          DATA: {"rougeL": greedy, "validity": greedy, "validity_std": 0.0}
+      },
+      examples=examples,
+      curve=curve or [(10, 2.0), (20, 1.5)],
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -31,8 +41,9 @@ def _result(rouge, validity=10.0, greedy=20.0, examples=None, curve=None,
 
 
 def test_config_for_applies_seed_scale_and_typed_overrides():
-  c = run_table.config_for("akl", "tiny", 20, ["loss.hp.mu=0.7",
-                                               "optim.lr=0.01", "num_steps=5"])
+  c = run_table.config_for(
+      "akl", "tiny", 20, ["loss.hp.mu=0.7", "optim.lr=0.01", "num_steps=5"]
+  )
   assert c.seed == 20 and c.data.name == "synthetic_instruct"
   assert c.loss.hp.mu == 0.7 and c.optim.lr == 0.01 and c.num_steps == 5
   assert run_table.config_for("sft", "paper", 10).loss.kd_ratio == 0.0
@@ -42,9 +53,12 @@ def test_config_for_applies_seed_scale_and_typed_overrides():
 
 def test_every_student_trains_on_the_teachers_data_and_budget():
   teacher = __import__("kdjax.configs.sft_gpt2", fromlist=["x"]).get_config(
-      "tiny_teacher")
-  students = [run_table.config_for(m, "tiny", 10)
-              for m in run_table.available(run_table.TABLE)]
+      "tiny_teacher"
+  )
+  students = [
+      run_table.config_for(m, "tiny", 10)
+      for m in run_table.available(run_table.TABLE)
+  ]
   assert teacher.data.train_limit == 0
   for c in students:
     assert (c.data.name, c.data.train_limit) == (teacher.data.name, 0)
@@ -54,8 +68,9 @@ def test_every_student_trains_on_the_teachers_data_and_budget():
 
 
 def test_unregistered_configs_drop_out(monkeypatch):
-  monkeypatch.setitem(run_table.METHODS, "nothing",
-                      run_table.Method("no_such_config_gpt2"))
+  monkeypatch.setitem(
+      run_table.METHODS, "nothing", run_table.Method("no_such_config_gpt2")
+  )
   assert run_table.available(["sft", "nothing", "akl"]) == ["sft", "akl"]
 
 
@@ -67,9 +82,14 @@ def test_protocols():
   assert (greedy.eval.greedy, greedy.eval.seeds) == (True, "10")
   assert c.eval.greedy  # the original is untouched
   from kdjax import evaluate
+
   p = evaluate.protocol_from_config(sampled)
   assert (p.temperature, p.top_k, p.top_p, p.no_repeat_ngram_size) == (
-      1.0, 0, 1.0, 6)
+      1.0,
+      0,
+      1.0,
+      6,
+  )
   with pytest.raises(ValueError, match="protocol 'beam'"):
     run_table.protocol_config(c, "beam")
 
@@ -92,8 +112,12 @@ def _bootstrap_reference(a, b, indices):
 
   below = sum(m <= 0 for m in means) / len(means)
   above = sum(m >= 0 for m in means) / len(means)
-  return (sum(d) / len(d), percentile(2.5), percentile(97.5),
-          min(1.0, 2 * min(below, above)))
+  return (
+      sum(d) / len(d),
+      percentile(2.5),
+      percentile(97.5),
+      min(1.0, 2 * min(below, above)),
+  )
 
 
 def test_paired_bootstrap_matches_a_loop_transcription():
@@ -101,8 +125,11 @@ def test_paired_bootstrap_matches_a_loop_transcription():
   a, b = rng.uniform(0, 100, 40), rng.uniform(0, 100, 40) - 5
   idx = run_table.resample_indices(40, 500, seed=7)
   got = run_table.paired_bootstrap(a, b, indices_BxN=idx)
-  np.testing.assert_allclose([got.delta, got.low, got.high, got.p],
-                             _bootstrap_reference(a, b, idx), rtol=1e-12)
+  np.testing.assert_allclose(
+      [got.delta, got.low, got.high, got.p],
+      _bootstrap_reference(a, b, idx),
+      rtol=1e-12,
+  )
   # Same seed, same draws: the default path is the explicit one.
   assert run_table.paired_bootstrap(a, b, num_samples=500, seed=7) == got
 
@@ -111,8 +138,9 @@ def test_paired_bootstrap_exact_small_case():
   # d = (0, 1, 2): the 27 equally likely resamples have sums 0..6 with counts
   # 1, 3, 6, 7, 6, 3, 1. Only (0, 0, 0) has mean <= 0, so p = 2/27; it holds
   # 1/27 > 2.5 % of the mass and (2, 2, 2) too, so the interval is [0, 2].
-  got = run_table.paired_bootstrap(np.array([0.0, 1.0, 2.0]), np.zeros(3),
-                                   num_samples=200_000, seed=0)
+  got = run_table.paired_bootstrap(
+      np.array([0.0, 1.0, 2.0]), np.zeros(3), num_samples=200_000, seed=0
+  )
   assert got.delta == 1.0
   np.testing.assert_allclose(got.p, 2 / 27, atol=0.003)
   assert (got.low, got.high) == (0.0, 2.0) and not got.significant
@@ -138,23 +166,35 @@ def test_mean_std_is_ddof_0():
 
 def test_table_mean_std_over_training_seeds_and_deltas():
   results = {
-      "sft": {10: _result(20.0, examples=[20, 20, 20, 20]),
-              20: _result(22.0, examples=[22, 22, 22, 22])},
-      "fkl": {10: _result(24.0, validity=12.0, examples=[24, 24, 24, 24]),
-              20: _result(26.0, validity=14.0, examples=[26, 26, 26, 26])}}
+      "sft": {
+          10: _result(20.0, examples=[20, 20, 20, 20]),
+          20: _result(22.0, examples=[22, 22, 22, 22]),
+      },
+      "fkl": {
+          10: _result(24.0, validity=12.0, examples=[24, 24, 24, 24]),
+          20: _result(26.0, validity=14.0, examples=[26, 26, 26, 26]),
+      },
+  }
   lines = run_table.table(results, DATA, teacher=_result(30.0)).splitlines()
   assert lines[0].startswith("| model | seeds | ROUGE-L (sampled) |")
-  assert lines[2] == ("| teacher | – | 30.00 ± 1.00 | 10.00 ± 0.50 | "
-                      "20.00 ± 0.00 | 1.500 | – | – |")
-  assert lines[3] == ("| sft | 10,20 | 21.00 ± 1.00 | 10.00 ± 0.00 | "
-                      "20.00 ± 0.00 | 1.500 ± 0.000 | – | "
-                      "-4.00 [-4.00, -4.00]* |")
-  assert lines[4] == ("| fkl | 10,20 | 25.00 ± 1.00 | 13.00 ± 1.00 | "
-                      "20.00 ± 0.00 | 1.500 ± 0.000 | +4.00 [+4.00, +4.00]* "
-                      "| – |")
+  assert lines[2] == (
+      "| teacher | – | 30.00 ± 1.00 | 10.00 ± 0.50 | "
+      "20.00 ± 0.00 | 1.500 | – | – |"
+  )
+  assert lines[3] == (
+      "| sft | 10,20 | 21.00 ± 1.00 | 10.00 ± 0.00 | "
+      "20.00 ± 0.00 | 1.500 ± 0.000 | – | "
+      "-4.00 [-4.00, -4.00]* |"
+  )
+  assert lines[4] == (
+      "| fkl | 10,20 | 25.00 ± 1.00 | 13.00 ± 1.00 | "
+      "20.00 ± 0.00 | 1.500 ± 0.000 | +4.00 [+4.00, +4.00]* "
+      "| – |"
+  )
   # One training seed (the demo): ± is the spread over the sampling seeds.
-  demo_lines = run_table.table({"sft": {10: _result(20.0, rouge_std=0.7)}},
-                               DATA, spread="sampling").splitlines()
+  demo_lines = run_table.table(
+      {"sft": {10: _result(20.0, rouge_std=0.7)}}, DATA, spread="sampling"
+  ).splitlines()
   assert demo_lines[2].startswith("| sft | 10 | 20.00 ± 0.70 | 10.00 ± 0.50 |")
 
 
@@ -165,7 +205,8 @@ def test_claims_verdicts():
       "sft": {10: _result(20.0, examples=ex(20.0))},
       "fkl": {10: _result(23.0, examples=ex(23.0), curve=curve(0.2))},
       "rkl": {10: _result(23.0, examples=ex(23.0), curve=curve(0.0))},
-      "akl": {10: _result(24.0, examples=ex(24.0))}}
+      "akl": {10: _result(24.0, examples=ex(24.0))},
+  }
   one, two, three = run_table.claims(results, DATA, num_samples=2000)
   assert one.reproduced and "3 of 3 KD students above" in one.evidence
   assert two.reproduced and "AKL ≥ FKL in 1 of 1 seeds" in two.evidence
@@ -213,15 +254,19 @@ def reduced(tmp_path_factory):
   mp.setattr(run_table, "SAMPLING_SEEDS", "10,20")
 
   def config_fn(method, seed):
-    c = tiny_run.config(run_table.METHODS[method].module, root, steps=4,
-                        **{"export_hf": True, "eval.every_steps": 2,
-                           "eval.max_new_tokens": 6})
+    c = tiny_run.config(
+        run_table.METHODS[method].module,
+        root,
+        steps=4,
+        **{"export_hf": True, "eval.every_steps": 2, "eval.max_new_tokens": 6},
+    )
     c.seed = seed
     return c
 
   methods, seeds = ("sft", "fkl"), (10, 20)
-  results = run_table.run_all(methods, seeds, root, config_fn=config_fn,
-                              limit=8)
+  results = run_table.run_all(
+      methods, seeds, root, config_fn=config_fn, limit=8
+  )
   yield root, config_fn, results
   mp.undo()
 
@@ -241,8 +286,10 @@ def test_reduced_benchmark_tables_what_the_runs_wrote(reduced):
       assert r.greedy[DATA]["seeds"] == [10]
       assert [s for s, _ in r.curve] == [2, 4]
   text = run_table.report(results, DATA, num_samples=200)
-  sft = [run["rougeL"] for run in
-         (results["sft"][s].sampled[DATA] for s in (10, 20))]
+  sft = [
+      run["rougeL"]
+      for run in (results["sft"][s].sampled[DATA] for s in (10, 20))
+  ]
   assert f"| sft | 10,20 | {np.mean(sft):.2f} ± {np.std(sft):.2f} |" in text
   assert text.count("at this scale") == 3
 
@@ -255,16 +302,24 @@ def test_reduced_benchmark_resumes_without_training(reduced, monkeypatch):
 
   monkeypatch.setattr(run_table.trainer, "train_and_evaluate", refuse)
   monkeypatch.setattr(run_table.evaluate, "run", refuse)
-  again = run_table.run_all(["sft", "fkl"], [10, 20], root,
-                            config_fn=config_fn, limit=8)
+  again = run_table.run_all(
+      ["sft", "fkl"], [10, 20], root, config_fn=config_fn, limit=8
+  )
   # A table of what has finished: rkl never ran here, it is left out.
-  partial = run_table.run_all(["sft", "rkl"], [10], root, config_fn=config_fn,
-                              limit=8, finished_only=True)
+  partial = run_table.run_all(
+      ["sft", "rkl"],
+      [10],
+      root,
+      config_fn=config_fn,
+      limit=8,
+      finished_only=True,
+  )
   assert list(partial) == ["sft"]
   for m in again:
     for s in again[m]:
-      np.testing.assert_array_equal(again[m][s].examples,
-                                    results[m][s].examples)
+      np.testing.assert_array_equal(
+          again[m][s].examples, results[m][s].examples
+      )
 
 
 def test_figures(reduced, tmp_path):
@@ -273,8 +328,10 @@ def test_figures(reduced, tmp_path):
   run_table.figure(results, DATA, str(png), teacher=results["fkl"][10])
   assert png.stat().st_size > 10_000
   demo_png = tmp_path / "demo.png"
-  demo.curves({m: os.path.join(root, run_table.run_name(m, 10))
-               for m in results}, str(demo_png))
+  demo.curves(
+      {m: os.path.join(root, run_table.run_name(m, 10)) for m in results},
+      str(demo_png),
+  )
   assert demo_png.stat().st_size > 10_000
 
 

@@ -1,13 +1,13 @@
 """KV-cache decoding and generation, checked against full forwards and transformers."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from kdjax import models, sampling
 import hf_tiny
+from kdjax import models, sampling
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -19,16 +19,19 @@ def test_incremental_decode_equals_full_forward(name):
   full_ids = jnp.asarray(np.concatenate([ids, cont], 1))
   full_mask = jnp.asarray(np.concatenate([mask, np.ones_like(cont, bool)], 1))
   want = np.asarray(model(full_ids, attention_mask=full_mask))
-  decode = nnx.jit(lambda m, x, c, mask=None: m.decode(x, c,
-                                                     attention_mask=mask))
+  decode = nnx.jit(
+      lambda m, x, c, mask=None: m.decode(x, c, attention_mask=mask)
+  )
   cache = model.init_cache(2, 9)
   logits, cache = decode(model, jnp.asarray(ids), cache, jnp.asarray(mask))
-  np.testing.assert_allclose(np.asarray(logits)[mask], want[:, :4][mask],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(logits)[mask], want[:, :4][mask], atol=1e-5
+  )
   for t in range(5):
-    logits, cache = decode(model, jnp.asarray(cont[:, t:t + 1]), cache)
-    np.testing.assert_allclose(np.asarray(logits[:, 0]), want[:, 4 + t],
-                               atol=1e-5, err_msg=f"step {t}")
+    logits, cache = decode(model, jnp.asarray(cont[:, t : t + 1]), cache)
+    np.testing.assert_allclose(
+        np.asarray(logits[:, 0]), want[:, 4 + t], atol=1e-5, err_msg=f"step {t}"
+    )
   assert int(cache.index) == 9
 
 
@@ -44,10 +47,15 @@ def gpt2_pair(tmp_path_factory):
 
 def _hf_generate(ref, prompt, **kw):
   import torch
-  out = ref.generate(torch.tensor(np.asarray(prompt)[None]), do_sample=False,
-                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                     pad_token_id=0, **kw)
-  return out[0, len(prompt):].numpy()
+
+  out = ref.generate(
+      torch.tensor(np.asarray(prompt)[None]),
+      do_sample=False,
+      attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+      pad_token_id=0,
+      **kw,
+  )
+  return out[0, len(prompt) :].numpy()
 
 
 def test_greedy_left_padded_batch_equals_transformers_per_prompt(gpt2_pair):
@@ -56,7 +64,7 @@ def test_greedy_left_padded_batch_equals_transformers_per_prompt(gpt2_pair):
   ids, mask, _ = hf_tiny.left_padded(np.random.RandomState(2), 100, lengths, 7)
   got = np.asarray(sampling.generate(model, ids, mask, max_new_tokens=10))
   for row, n in enumerate(lengths):
-    want = _hf_generate(ref, ids[row, 7 - n:], max_new_tokens=10)
+    want = _hf_generate(ref, ids[row, 7 - n :], max_new_tokens=10)
     np.testing.assert_array_equal(got[row], want, err_msg=f"row {row}")
 
 
@@ -64,34 +72,45 @@ def test_no_repeat_ngram_matches_transformers(gpt2_pair):
   model, ref = gpt2_pair
   ids = np.random.RandomState(3).randint(1, 100, (2, 4))
   plain = np.asarray(sampling.generate(model, ids, max_new_tokens=24))
-  got = np.asarray(sampling.generate(model, ids, max_new_tokens=24,
-                                     no_repeat_ngram_size=2))
+  got = np.asarray(
+      sampling.generate(model, ids, max_new_tokens=24, no_repeat_ngram_size=2)
+  )
 
   def bigrams(seq):
-    return [tuple(seq[i:i + 2]) for i in range(len(seq) - 1)]
+    return [tuple(seq[i : i + 2]) for i in range(len(seq) - 1)]
 
   # The unconstrained tiny model loops, so the check below can fail.
-  assert any(len(set(bigrams(list(ids[r]) + list(plain[r]))))
-             < len(bigrams(list(ids[r]) + list(plain[r]))) for r in range(2))
+  assert any(
+      len(set(bigrams(list(ids[r]) + list(plain[r]))))
+      < len(bigrams(list(ids[r]) + list(plain[r])))
+      for r in range(2)
+  )
   for r in range(2):
     seq = list(ids[r]) + list(got[r])
     assert len(set(bigrams(seq))) == len(bigrams(seq))
     np.testing.assert_array_equal(
-        got[r], _hf_generate(ref, ids[r], max_new_tokens=24,
-                             no_repeat_ngram_size=2))
+        got[r],
+        _hf_generate(ref, ids[r], max_new_tokens=24, no_repeat_ngram_size=2),
+    )
 
 
 def test_banned_ngram_mask_matches_hf_processor():
   torch = pytest.importorskip("torch")
   from transformers.generation.logits_process import (
-      NoRepeatNGramLogitsProcessor)
+      NoRepeatNGramLogitsProcessor,
+  )
+
   rng = np.random.RandomState(4)
   tokens = rng.randint(0, 4, (3, 12))  # small vocabulary: many repeats
   for n in (2, 3):
-    banned = np.asarray(jax.jit(sampling.banned_ngram_mask, static_argnums=(3, 4))(
-        jnp.asarray(tokens), jnp.ones((3, 12), bool), 12, n, 6))
-    scores = NoRepeatNGramLogitsProcessor(n)(torch.tensor(tokens),
-                                             torch.zeros(3, 6))
+    banned = np.asarray(
+        jax.jit(sampling.banned_ngram_mask, static_argnums=(3, 4))(
+            jnp.asarray(tokens), jnp.ones((3, 12), bool), 12, n, 6
+        )
+    )
+    scores = NoRepeatNGramLogitsProcessor(n)(
+        torch.tensor(tokens), torch.zeros(3, 6)
+    )
     np.testing.assert_array_equal(banned, np.isinf(scores.numpy()))
     assert banned.any()
 
@@ -110,19 +129,24 @@ def test_top_k_and_top_p_on_hand_built_distribution():
 
 def test_top_k_top_p_match_hf_warpers_on_random_logits():
   torch = pytest.importorskip("torch")
-  from transformers.generation.logits_process import (TopKLogitsWarper,
-                                                      TopPLogitsWarper)
+  from transformers.generation.logits_process import (
+      TopKLogitsWarper,
+      TopPLogitsWarper,
+  )
+
   logits = np.random.RandomState(5).randn(4, 50).astype(np.float32) * 3
   for k in (1, 5, 20):
     want = TopKLogitsWarper(k)(None, torch.tensor(logits)).numpy()
     np.testing.assert_array_equal(
         np.isinf(np.asarray(sampling.top_k_mask(jnp.asarray(logits), k))),
-        np.isinf(want))
+        np.isinf(want),
+    )
   for p in (0.3, 0.9, 0.99):
     want = TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy()
     np.testing.assert_array_equal(
         np.isinf(np.asarray(sampling.top_p_mask(jnp.asarray(logits), p))),
-        np.isinf(want))
+        np.isinf(want),
+    )
 
 
 def test_sampling_keys_top_k1_and_eos_stopping():
@@ -137,15 +161,17 @@ def test_sampling_keys_top_k1_and_eos_stopping():
   np.testing.assert_array_equal(a, b)
   assert np.any(np.asarray(a) != np.asarray(c))
   # top-k = 1 sampling is greedy whatever the key.
-  k1 = sampling.generate(model, ids, key=jax.random.key(2),
-                         **{**kw, "top_k": 1})
+  k1 = sampling.generate(
+      model, ids, key=jax.random.key(2), **{**kw, "top_k": 1}
+  )
   np.testing.assert_array_equal(k1, greedy)
   # eos: the row stops after greedy's third token; the other row may go on.
   eos = int(greedy[0, 2])
-  out = np.asarray(sampling.generate(model, ids, max_new_tokens=8, eos_id=eos,
-                                     pad_id=-1))
+  out = np.asarray(
+      sampling.generate(model, ids, max_new_tokens=8, eos_id=eos, pad_id=-1)
+  )
   first = int(np.argmax(greedy[0] == eos))
-  np.testing.assert_array_equal(out[0, :first + 1], greedy[0, :first + 1])
-  assert (out[0, first + 1:] == -1).all()
+  np.testing.assert_array_equal(out[0, : first + 1], greedy[0, : first + 1])
+  assert (out[0, first + 1 :] == -1).all()
   with pytest.raises(ValueError, match="PRNG key"):
     sampling.generate(model, ids, greedy=False)

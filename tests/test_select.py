@@ -213,8 +213,7 @@ def test_kd_gradient_vanishes_off_the_selected_positions(name):
   # On the kept positions: the divergence's own per-token gradient.
   per = jax.grad(
       lambda s: jnp.sum(
-          kd.get(name)(s, jnp.asarray(teacher))
-          * jnp.asarray(keep, jnp.float32)
+          kd.get(name)(s, jnp.asarray(teacher)) * jnp.asarray(keep, jnp.float32)
       )
   )(jnp.asarray(logits))
   np.testing.assert_allclose(
@@ -283,7 +282,9 @@ def test_sinkhorn_keeps_whole_sequences_and_sums_the_kept_rows():
       jnp.asarray(mask),
   )
   per_token = kd.sinkhorn(
-      jnp.asarray(logits), jnp.asarray(teacher), jnp.asarray(mask),
+      jnp.asarray(logits),
+      jnp.asarray(teacher),
+      jnp.asarray(mask),
       temperature=1.0,  # the objective passes loss.temperature (default 1)
   )  # transport over the whole mask
   keep = _np_select(logits, mask, 0.5)

@@ -34,7 +34,9 @@ def _fn(**kwargs):
 
 @functools.cache
 def _grad_fn(**kwargs):
-  return jax.jit(jax.grad(lambda s, t, m: jnp.sum(kd.sinkhorn(s, t, m, **kwargs))))
+  return jax.jit(
+      jax.grad(lambda s, t, m: jnp.sum(kd.sinkhorn(s, t, m, **kwargs)))
+  )
 
 
 def sinkhorn(s, t, mask=None, **kwargs):
@@ -47,8 +49,14 @@ def sinkhorn_grad(s, t, mask=None, **kwargs):
 
 def _ref_rows(s, t, **kwargs):
   """Per-row reference costs of every sequence (one group per sequence)."""
-  return np.stack([ref.sinkd_rows(s[b].astype(np.float64), t[b].astype(np.float64),
-                                  **kwargs) for b in range(s.shape[0])])
+  return np.stack(
+      [
+          ref.sinkd_rows(
+              s[b].astype(np.float64), t[b].astype(np.float64), **kwargs
+          )
+          for b in range(s.shape[0])
+      ]
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -61,9 +69,11 @@ def test_sinkd_mode_matches_numpy_loop():
   want = _ref_rows(s, t)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Row costs of a group sum to SinKD's scalar loss.
-  np.testing.assert_allclose(np.asarray(got).sum(-1),
-                             [ref.sinkd_loss(s[b], t[b]) for b in range(B)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(got).sum(-1),
+      [ref.sinkd_loss(s[b], t[b]) for b in range(B)],
+      rtol=1e-5,
+  )
   # The plan differs from the converged one: 20 iterations are not converged,
   # so this comparison would catch a solver that ignored num_iters.
   assert np.abs(want - _ref_rows(s, t, num_iters=2000)).max() > 1e-4
@@ -73,19 +83,25 @@ def test_sinkd_mode_whole_batch_and_scale():
   s, t = _logits(1, (6, V))  # [N, V]: one group of all rows, as in SinKD
   got = sinkhorn(s, t, solver="sinkd", scale=1e-3)
   np.testing.assert_allclose(got, 1e-3 * ref.sinkd_rows(s, t), rtol=1e-5)
-  got_5 = sinkhorn(s, t, solver="sinkd", num_iters=5, temperature=1.0, epsilon=0.2)
+  got_5 = sinkhorn(
+      s, t, solver="sinkd", num_iters=5, temperature=1.0, epsilon=0.2
+  )
   np.testing.assert_allclose(
-      got_5, ref.sinkd_rows(s, t, num_iters=5, temperature=1.0, epsilon=0.2),
-      rtol=1e-5)
+      got_5,
+      ref.sinkd_rows(s, t, num_iters=5, temperature=1.0, epsilon=0.2),
+      rtol=1e-5,
+  )
 
 
 def test_ott_converged_matches_long_numpy_loop():
   s, t = _logits(2)
   want = _ref_rows(s, t, num_iters=2000)
-  np.testing.assert_allclose(sinkhorn(s, t, solver="ott", threshold=1e-6), want,
-                             rtol=1e-4)
-  np.testing.assert_allclose(sinkhorn(s, t, solver="ott", num_iters=200), want,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+      sinkhorn(s, t, solver="ott", threshold=1e-6), want, rtol=1e-4
+  )
+  np.testing.assert_allclose(
+      sinkhorn(s, t, solver="ott", num_iters=200), want, rtol=1e-4
+  )
 
 
 def test_debiased_is_zero_for_identical_rows():
@@ -100,9 +116,11 @@ def test_debiased_is_zero_for_identical_rows():
 
 def test_temperature_divides_logits():
   s, t = _logits(4)
-  np.testing.assert_allclose(sinkhorn(s, t, solver="sinkd"),
-                             sinkhorn(s / 2, t / 2, solver="sinkd", temperature=1.0),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      sinkhorn(s, t, solver="sinkd"),
+      sinkhorn(s / 2, t / 2, solver="sinkd", temperature=1.0),
+      rtol=1e-5,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -111,9 +129,15 @@ def test_temperature_divides_logits():
 _MASK = np.array([[1, 0, 1, 1], [0, 1, 1, 0]], bool)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(solver="sinkd"), dict(solver="ott", threshold=1e-6),
-    dict(solver="debiased", num_iters=200)], ids=["sinkd", "ott", "debiased"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(solver="sinkd"),
+        dict(solver="ott", threshold=1e-6),
+        dict(solver="debiased", num_iters=200),
+    ],
+    ids=["sinkd", "ott", "debiased"],
+)
 def test_masked_rows_equal_compacted_problem(kwargs):
   s, t = _logits(5)
   got = np.asarray(sinkhorn(s, t, jnp.asarray(_MASK), **kwargs))
@@ -123,9 +147,11 @@ def test_masked_rows_equal_compacted_problem(kwargs):
     np.testing.assert_allclose(got[b][_MASK[b]], compact, rtol=2e-5, atol=1e-7)
   if kwargs["solver"] == "sinkd":
     for b in range(B):
-      np.testing.assert_allclose(got[b][_MASK[b]],
-                                 ref.sinkd_rows(s[b][_MASK[b]], t[b][_MASK[b]]),
-                                 rtol=1e-5)
+      np.testing.assert_allclose(
+          got[b][_MASK[b]],
+          ref.sinkd_rows(s[b][_MASK[b]], t[b][_MASK[b]]),
+          rtol=1e-5,
+      )
   grad = np.asarray(sinkhorn_grad(s, t, jnp.asarray(_MASK), **kwargs))
   assert np.all(np.isfinite(grad))
   np.testing.assert_array_equal(grad[~_MASK], 0.0)
@@ -135,14 +161,20 @@ def test_masked_rows_equal_compacted_problem(kwargs):
 def test_group_size():
   s, t = _logits(6, (4, V))
   halves = sinkhorn(s, t, solver="sinkd", group_size=2)
-  np.testing.assert_allclose(halves[:2], ref.sinkd_rows(s[:2], t[:2]), rtol=1e-5)
-  np.testing.assert_allclose(halves[2:], ref.sinkd_rows(s[2:], t[2:]), rtol=1e-5)
+  np.testing.assert_allclose(
+      halves[:2], ref.sinkd_rows(s[:2], t[:2]), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      halves[2:], ref.sinkd_rows(s[2:], t[2:]), rtol=1e-5
+  )
   # [B, T, V] defaults to one group per sequence; group_size=B*T pools them.
   s3, t3 = _logits(7)
   pooled = sinkhorn(s3, t3, solver="sinkd", group_size=B * T)
-  np.testing.assert_allclose(np.asarray(pooled).reshape(-1),
-                             ref.sinkd_rows(s3.reshape(-1, V), t3.reshape(-1, V)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(pooled).reshape(-1),
+      ref.sinkd_rows(s3.reshape(-1, V), t3.reshape(-1, V)),
+      rtol=1e-5,
+  )
   with pytest.raises(ValueError, match=r"group_size=3 must divide the 4 rows"):
     kd.sinkhorn(s, t, group_size=3)
   with pytest.raises(ValueError, match=r"solver='pot' is unknown"):
@@ -159,8 +191,10 @@ def test_sinkd_grad_matches_finite_differences():
   s, t = _logits(8)
   got = sinkhorn_grad(s, t, solver="sinkd")
   for b in range(B):
-    want = ref.central_grad(lambda x: ref.sinkd_loss(x, t[b].astype(np.float64)),
-                            s[b].astype(np.float64))
+    want = ref.central_grad(
+        lambda x: ref.sinkd_loss(x, t[b].astype(np.float64)),
+        s[b].astype(np.float64),
+    )
     assert np.abs(want).max() > 1e-2
     np.testing.assert_allclose(got[b], want, rtol=1e-3, atol=2e-5)
 
@@ -173,14 +207,22 @@ def test_ott_converged_grad_matches_finite_differences():
   for b in range(B):
     want = ref.central_grad(
         lambda x: ref.sinkd_loss(x, t[b].astype(np.float64), num_iters=2000),
-        s[b].astype(np.float64))
+        s[b].astype(np.float64),
+    )
     np.testing.assert_allclose(got[b], want, rtol=1e-3, atol=2e-5)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(solver="sinkd"), dict(solver="ott"), dict(solver="ott", num_iters=30),
-    dict(solver="debiased"), dict(solver="debiased", num_iters=30)],
-    ids=["sinkd", "ott", "ott_fixed", "debiased", "debiased_fixed"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(solver="sinkd"),
+        dict(solver="ott"),
+        dict(solver="ott", num_iters=30),
+        dict(solver="debiased"),
+        dict(solver="debiased", num_iters=30),
+    ],
+    ids=["sinkd", "ott", "ott_fixed", "debiased", "debiased_fixed"],
+)
 def test_grads_finite_under_jit(kwargs):
   # Several draws: the default convergence threshold (1e-3) included.
   for seed in range(3):

@@ -5,17 +5,20 @@ import json
 import os
 import re
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from kdjax import metrics, models, objective, sharding, trainer
 import tiny_run
 
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob("kdjax/configs/*.py")
-                 if not p.endswith(("common.py", "__init__.py")))
+CONFIGS = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob("kdjax/configs/*.py")
+    if not p.endswith(("common.py", "__init__.py"))
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +27,14 @@ def root(tmp_path_factory):
 
 
 def _params(state) -> dict:
-  return {"/".join(map(str, k)): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(
-              state.params)[0]}
+  return {
+      "/".join(map(str, k)): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
+  }
 
 
 def _built(config, root, devices=None):
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
-                            devices=devices)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
     run = trainer.build(config, os.path.join(root, "w"), mesh)
   return run, mesh
@@ -42,9 +45,12 @@ def _grads(run, mesh):
   with jax.set_mesh(mesh):
     teacher = None if run.teacher is None else nnx.state(run.teacher)
     g, m, _ = jax.jit(run.step.grads)(
-        run.state, trainer.put_batch(run.train_data.dataset[0], mesh), teacher)
-  flat = {"/".join(map(str, k)): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(g)[0]}
+        run.state, trainer.put_batch(run.train_data.dataset[0], mesh), teacher
+    )
+  flat = {
+      "/".join(map(str, k)): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(g)[0]
+  }
   return flat, {k: float(v) for k, v in m.items()}
 
 
@@ -54,8 +60,9 @@ def _assert_same_grads(a, b, rtol):
     assert ma[k] == pytest.approx(mb[k], rel=rtol, abs=1e-7), k
   scale = max(np.abs(g).max() for g in ga.values())
   for k in ga:
-    np.testing.assert_allclose(ga[k], gb[k], rtol=rtol, atol=rtol * scale,
-                               err_msg=k)
+    np.testing.assert_allclose(
+        ga[k], gb[k], rtol=rtol, atol=rtol * scale, err_msg=k
+    )
 
 
 def _steps(run, mesh, n, batch=None):
@@ -79,16 +86,32 @@ def _steps(run, mesh, n, batch=None):
 
 def test_every_paper_config_is_present():
   assert set(CONFIGS) == {
-      "akl_gpt2", "fkl_gpt2", "rkl_gpt2", "fkl_rkl_gpt2", "skl_gpt2",
-      "srkl_gpt2", "jsd_gpt2", "tvd_gpt2", "sinkhorn_gpt2", "sft_gpt2",
-      "seqkd_gpt2", "akl_llama", "gkd_gpt2", "distillm_gpt2", "skd_gpt2",
-      "taid_gpt2"}
+      "akl_gpt2",
+      "fkl_gpt2",
+      "rkl_gpt2",
+      "fkl_rkl_gpt2",
+      "skl_gpt2",
+      "srkl_gpt2",
+      "jsd_gpt2",
+      "tvd_gpt2",
+      "sinkhorn_gpt2",
+      "sft_gpt2",
+      "seqkd_gpt2",
+      "akl_llama",
+      "gkd_gpt2",
+      "distillm_gpt2",
+      "skd_gpt2",
+      "taid_gpt2",
+  }
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_defaults_and_docstring_command(name):
   module = __import__(f"kdjax.configs.{name}", fromlist=["get_config"])
-  assert f"python -m kdjax.train --config=kdjax/configs/{name}.py" in module.__doc__
+  assert (
+      f"python -m kdjax.train --config=kdjax/configs/{name}.py"
+      in module.__doc__
+  )
   paper, tiny = module.get_config(), module.get_config("tiny")
   assert paper.data.name == "dolly" and tiny.data.name == "synthetic_instruct"
   assert paper.batch_size == 32 and paper.optim.clip == 1.0
@@ -105,23 +128,37 @@ def test_config_defaults_and_docstring_command(name):
 
 def test_unknown_config_arg_and_override_fail_clearly():
   from kdjax.configs import akl_gpt2
+
   with pytest.raises(ValueError, match="config arg 'tiyn' is unknown"):
     akl_gpt2.get_config("tiyn")
   # The CLI: an unknown --config.key is refused by ml_collections.
-  import subprocess, sys
+  import subprocess
+  import sys
+
   out = subprocess.run(
-      [sys.executable, "-m", "kdjax.train", "--config=kdjax/configs/akl_gpt2.py:tiny",
-       "--workdir=/tmp/never_written", "--config.optim.lrr=1"],
-      capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "kdjax.train",
+          "--config=kdjax/configs/akl_gpt2.py:tiny",
+          "--workdir=/tmp/never_written",
+          "--config.optim.lrr=1",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode != 0 and "lrr" in out.stderr
   assert not os.path.exists("/tmp/never_written")
 
 
 def test_paper_default_without_teacher_fails_fast_naming_the_fix(tmp_path):
   from kdjax.configs import akl_gpt2
+
   c = akl_gpt2.get_config()
   c.teacher.path = str(tmp_path / "missing")
   from kdjax import validation
+
   with pytest.raises(validation.MissingInputError) as e:
     trainer.train_and_evaluate(c, str(tmp_path / "w"))
   msg = str(e.value)
@@ -154,8 +191,9 @@ def test_every_tiny_config_trains(name, root, tmp_path):
 
 
 def test_akl_loss_decreases_on_one_fixed_batch(root):
-  c = tiny_run.config("akl_gpt2", root, steps=30,
-                      **{"optim.warmup_steps": 0, "optim.lr": 3e-3})
+  c = tiny_run.config(
+      "akl_gpt2", root, steps=30, **{"optim.warmup_steps": 0, "optim.lr": 3e-3}
+  )
   run, mesh = _built(c, root)
   batch = run.train_data.dataset[0]
   _, m = _steps(run, mesh, 30, batch)
@@ -168,9 +206,11 @@ def test_akl_loss_decreases_on_one_fixed_batch(root):
 def test_sft_never_loads_a_teacher(root, tmp_path, monkeypatch):
   def refuse(*a, **k):
     raise AssertionError("SFT loaded a model from disk")
+
   monkeypatch.setattr(models, "load", refuse)
-  c = tiny_run.config("sft_gpt2", root, steps=2,
-                      **{"teacher.path": str(tmp_path / "nowhere")})
+  c = tiny_run.config(
+      "sft_gpt2", root, steps=2, **{"teacher.path": str(tmp_path / "nowhere")}
+  )
   run, _ = _built(c, root)
   assert run.teacher is None and run.step.teacher_graphdef is None
 
@@ -197,11 +237,14 @@ def test_eight_device_step_equals_one_device(root):
 
 def test_gradient_accumulation_equals_the_big_batch(root):
   devices = jax.devices()[:2]
-  base = _built(tiny_run.config("fkl_gpt2", root, **{"mesh.data": 2}), root,
-                devices)
-  acc = _built(tiny_run.config("fkl_gpt2", root, **{"mesh.data": 2,
-                                                     "grad_accum": 4}),
-               root, devices)
+  base = _built(
+      tiny_run.config("fkl_gpt2", root, **{"mesh.data": 2}), root, devices
+  )
+  acc = _built(
+      tiny_run.config("fkl_gpt2", root, **{"mesh.data": 2, "grad_accum": 4}),
+      root,
+      devices,
+  )
   _assert_same_grads(_grads(*base), _grads(*acc), 1e-5)
 
 
@@ -209,8 +252,11 @@ def test_gradient_accumulation_equals_the_big_batch(root):
 def test_loss_impls_give_the_same_step(root, impl):
   devices = jax.devices()[:2]
   ref = tiny_run.config("akl_gpt2", root, **{"mesh.data": 2})
-  other = tiny_run.config("akl_gpt2", root, **{
-      "mesh.data": 2, "loss.impl": impl, "loss.chunk_size": 100})
+  other = tiny_run.config(
+      "akl_gpt2",
+      root,
+      **{"mesh.data": 2, "loss.impl": impl, "loss.chunk_size": 100},
+  )
   (r0, m0), (r1, m1) = _built(ref, root, devices), _built(other, root, devices)
   _assert_same_grads(_grads(r0, m0), _grads(r1, m1), 1e-4)
 
@@ -223,16 +269,32 @@ def test_objective_matches_a_numpy_reference(root):
   with jax.set_mesh(mesh):
     student = run.student
     teacher = run.teacher
-    s = np.asarray(student(batch["input_ids"], batch["positions"],
-                           batch["attention_mask"]), np.float64)
-    t = np.asarray(teacher(batch["input_ids"], batch["positions"],
-                           batch["attention_mask"]), np.float64)
-    got = objective.sums(c.loss, student, teacher, trainer.put_batch(batch, mesh))
+    s = np.asarray(
+        student(
+            batch["input_ids"], batch["positions"], batch["attention_mask"]
+        ),
+        np.float64,
+    )
+    t = np.asarray(
+        teacher(
+            batch["input_ids"], batch["positions"], batch["attention_mask"]
+        ),
+        np.float64,
+    )
+    got = objective.sums(
+        c.loss, student, teacher, trainer.put_batch(batch, mesh)
+    )
   mask = batch["loss_mask"].astype(np.float64)
-  log_q = s - np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1,
-                     keepdims=True)) - s.max(-1, keepdims=True)
-  log_p = t - np.log(np.exp(t - t.max(-1, keepdims=True)).sum(-1,
-                     keepdims=True)) - t.max(-1, keepdims=True)
+  log_q = (
+      s
+      - np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - s.max(-1, keepdims=True)
+  )
+  log_p = (
+      t
+      - np.log(np.exp(t - t.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - t.max(-1, keepdims=True)
+  )
   ce = -np.take_along_axis(log_q, batch["labels"][..., None], -1)[..., 0]
   fkl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
   assert float(got.tokens) == mask.sum()
@@ -242,6 +304,7 @@ def test_objective_matches_a_numpy_reference(root):
 
 def test_schedule_and_weight_decay_mask():
   from kdjax.configs import akl_gpt2
+
   c = akl_gpt2.get_config()
   sched = trainer.make_schedule(c.optim, 1000)
   assert float(sched(0)) == pytest.approx(5e-4)
@@ -250,8 +313,9 @@ def test_schedule_and_weight_decay_mask():
   # No decay on 1-D params: with zero gradients only matrices shrink.
   params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
   tx = trainer.make_optimizer(c.optim, 1000)
-  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params),
-                     params)
+  upd, _ = tx.update(
+      jax.tree.map(jnp.zeros_like, params), tx.init(params), params
+  )
   assert float(jnp.abs(upd["b"]).max()) == 0.0
   assert float(upd["w"][0, 0]) == pytest.approx(-5e-4 * 0.01, rel=1e-4)
 
@@ -281,11 +345,13 @@ def test_resume_continues_exactly(root, tmp_path):
 
 def _restored(c, workdir):
   from kdjax import checkpoint
+
   run, mesh = _built(c, str(workdir))
   ck = checkpoint.Checkpoints(str(workdir), every_steps=1, max_to_keep=1)
   with jax.set_mesh(mesh):
-    state, record = ck.restore(ck.latest_step(), run.state,
-                               run.train_data.iterator())
+    state, record = ck.restore(
+        ck.latest_step(), run.state, run.train_data.iterator()
+    )
   ck.close()
   assert record["step"] == int(state.step)
   return state
@@ -305,11 +371,19 @@ def test_changed_config_in_same_workdir_is_refused(root, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
-    root, tmp_path):
-  c = tiny_run.config("fkl_gpt2", root, steps=6, **{"optim.lr": 1e30,
-                                                    "optim.warmup_steps": 0,
-                                                    "optim.clip": 1e30,
-                                                    "ckpt.every_steps": 1})
+    root, tmp_path
+):
+  c = tiny_run.config(
+      "fkl_gpt2",
+      root,
+      steps=6,
+      **{
+          "optim.lr": 1e30,
+          "optim.warmup_steps": 0,
+          "optim.clip": 1e30,
+          "ckpt.every_steps": 1,
+      },
+  )
   with pytest.raises(trainer.TrainingError) as e:
     trainer.train_and_evaluate(c, str(tmp_path))
   msg = str(e.value)
@@ -321,17 +395,30 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
 
 def test_vocabulary_mismatch_is_refused(root, tmp_path):
   other = str(tmp_path / "t")
-  models.save_hf(models.create("tiny-gpt2", rngs=nnx.Rngs(0), vocab_size=300,
-                               **tiny_run.TEACHER), other)
+  models.save_hf(
+      models.create(
+          "tiny-gpt2", rngs=nnx.Rngs(0), vocab_size=300, **tiny_run.TEACHER
+      ),
+      other,
+  )
   c = tiny_run.config("fkl_gpt2", root, **{"teacher.path": other})
-  with pytest.raises(ValueError, match="teacher vocabulary 300 != student "
-                     "vocabulary 257"):
+  with pytest.raises(
+      ValueError, match="teacher vocabulary 300 != student " "vocabulary 257"
+  ):
     _built(c, root)
 
 
 def test_seqkd_trains_on_the_teachers_responses(root, tmp_path):
-  c = tiny_run.config("seqkd_gpt2", root, steps=2, **{
-      "data.train_limit": 16, "eval.batch_size": 8, "eval.max_new_tokens": 8})
+  c = tiny_run.config(
+      "seqkd_gpt2",
+      root,
+      steps=2,
+      **{
+          "data.train_limit": 16,
+          "eval.batch_size": 8,
+          "eval.max_new_tokens": 8,
+      },
+  )
   assert c.loss.kd_ratio == 0 and c.data.seqkd_teacher
   trainer.train_and_evaluate(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "seqkd" / "train.jsonl")]
@@ -339,13 +426,21 @@ def test_seqkd_trains_on_the_teachers_responses(root, tmp_path):
   # Responses are the teacher's greedy continuations, not the references.
   from kdjax import evaluate
   from kdjax.data import sources, tokenizer
+
   tok, eos = tokenizer.load("byte")
-  src = sources.head(sources.load_source("synthetic_instruct", "train",
-                                         c.data.data_dir), 16)
+  src = sources.head(
+      sources.load_source("synthetic_instruct", "train", c.data.data_dir), 16
+  )
   want = evaluate.generate_responses(
-      models.load(c.data.seqkd_teacher), tok, eos, src,
+      models.load(c.data.seqkd_teacher),
+      tok,
+      eos,
+      src,
       protocol=evaluate.protocol_from_config(c)._replace(max_new_tokens=16),
-      seed=c.seed, batch_size=8, progress=False)
+      seed=c.seed,
+      batch_size=8,
+      progress=False,
+  )
   assert [r["output"] for r in rows] == [w["response"] for w in want]
   assert [r["step"] for r in metrics.read(str(tmp_path))] == [1, 2]
 
@@ -364,9 +459,12 @@ def test_metrics_survive_a_line_cut_short_by_a_kill(tmp_path):
 
 
 def test_disk_full_during_a_save_stops_clearly_and_keeps_the_last_checkpoint(
-    root, tmp_path, monkeypatch):
+    root, tmp_path, monkeypatch
+):
   import errno
+
   from kdjax import checkpoint
+
   c = tiny_run.config("fkl_gpt2", root, steps=6)  # checkpoints every 2 steps
   real = checkpoint.Checkpoints.save
 

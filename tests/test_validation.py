@@ -38,55 +38,134 @@ def _refused(config, *words, error=validation.ConfigError):
 def _hf_dir(path, **cfg):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"model_type": "gpt2", "vocab_size": 257, "n_positions": 512,
-               **cfg}, f)
+    json.dump(
+        {"model_type": "gpt2", "vocab_size": 257, "n_positions": 512, **cfg}, f
+    )
   return str(path)
 
 
 def test_the_tiny_configs_pass(root):
-  for name in ("akl_gpt2", "fkl_gpt2", "jsd_gpt2", "sinkhorn_gpt2",
-               "sft_gpt2", "skl_gpt2"):
+  for name in (
+      "akl_gpt2",
+      "fkl_gpt2",
+      "jsd_gpt2",
+      "sinkhorn_gpt2",
+      "sft_gpt2",
+      "skl_gpt2",
+  ):
     assert validation.validate(_config(root, name)) == []
 
 
-@pytest.mark.parametrize("key,value,words", [
-    ("optim.lr", -1e-3, ("optim.lr=-0.001 must be > 0", "--config.optim.lr=")),
-    ("optim.lr", 0.0, ("optim.lr=0.0 must be > 0",)),
-    ("loss.kd_ratio", 1.5, ("loss.kd_ratio=1.5 must be in [0, 1]",
-                            "--config.loss.kd_ratio=0.5")),
-    ("batch_size", 0, ("batch_size=0 must be a positive integer",)),
-    ("grad_accum", 3, ("grad_accum=3 does not divide batch_size=8",)),
-    ("num_steps", -5, ("num_steps=-5 must be an integer >= 0",)),
-    ("optim.clip", 0.0, ("optim.clip=0.0 must be > 0",
-                         "0 would zero every gradient")),
-    ("optim.b2", 1.0, ("optim.b2=1.0 must be in [0, 1)",)),
-    ("optim.lr_min", 1.0, ("optim.lr_min=1.0 is above optim.lr",)),
-    ("data.max_prompt_length", 96, ("data.max_length=96 leaves no room for a "
-                                    "response after data.max_prompt_length=96",)),
-    ("ckpt.max_to_keep", 0, ("ckpt.max_to_keep=0 must be an integer >= 1",)),
-    ("eval.every_steps", -2, ("eval.every_steps=-2 must be -1 (every epoch)",)),
-    ("eval.seeds", "ten", ("eval.seeds='ten' is not a comma-separated list",)),
-    ("log_every", 0, ("log_every=0 must be an integer >= 1",)),
-])
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        (
+            "optim.lr",
+            -1e-3,
+            ("optim.lr=-0.001 must be > 0", "--config.optim.lr="),
+        ),
+        ("optim.lr", 0.0, ("optim.lr=0.0 must be > 0",)),
+        (
+            "loss.kd_ratio",
+            1.5,
+            (
+                "loss.kd_ratio=1.5 must be in [0, 1]",
+                "--config.loss.kd_ratio=0.5",
+            ),
+        ),
+        ("batch_size", 0, ("batch_size=0 must be a positive integer",)),
+        ("grad_accum", 3, ("grad_accum=3 does not divide batch_size=8",)),
+        ("num_steps", -5, ("num_steps=-5 must be an integer >= 0",)),
+        (
+            "optim.clip",
+            0.0,
+            ("optim.clip=0.0 must be > 0", "0 would zero every gradient"),
+        ),
+        ("optim.b2", 1.0, ("optim.b2=1.0 must be in [0, 1)",)),
+        ("optim.lr_min", 1.0, ("optim.lr_min=1.0 is above optim.lr",)),
+        (
+            "data.max_prompt_length",
+            96,
+            (
+                "data.max_length=96 leaves no room for a "
+                "response after data.max_prompt_length=96",
+            ),
+        ),
+        (
+            "ckpt.max_to_keep",
+            0,
+            ("ckpt.max_to_keep=0 must be an integer >= 1",),
+        ),
+        (
+            "eval.every_steps",
+            -2,
+            ("eval.every_steps=-2 must be -1 (every epoch)",),
+        ),
+        (
+            "eval.seeds",
+            "ten",
+            ("eval.seeds='ten' is not a comma-separated list",),
+        ),
+        ("log_every", 0, ("log_every=0 must be an integer >= 1",)),
+    ],
+)
 def test_numbers_out_of_range(root, key, value, words):
   _refused(_config(root, **{key: value}), *words)
 
 
-@pytest.mark.parametrize("name,hp,value,words", [
-    ("akl_gpt2", "mu", 1.5, ("loss.hp.mu=1.5 is outside [0, 1] for akl",
-                             "--config.loss.hp.mu=0.5")),
-    ("jsd_gpt2", "beta", -0.1, ("loss.hp.beta=-0.1 is outside [0, 1] for jsd",)),
-    ("skl_gpt2", "alpha", 2.0, ("loss.hp.alpha=2.0 is outside [0, 1] for skl",)),
-    ("srkl_gpt2", "alpha", -1.0, ("loss.hp.alpha=-1.0 is outside [0, 1] for "
-                                  "srkl",)),
-    ("fkl_rkl_gpt2", "weight", 1.5, (
-        "loss.hp.weight=1.5 is outside [0, 1] for fkl_rkl",)),
-    ("sinkhorn_gpt2", "epsilon", -0.1, (
-        "loss.hp.epsilon=-0.1 must be > 0 for sinkhorn",)),
-    ("sinkhorn_gpt2", "solver", "exact", (
-        "loss.hp.solver='exact' is unknown for sinkhorn",
-        "('ott', 'debiased', 'sinkd')")),
-])
+@pytest.mark.parametrize(
+    "name,hp,value,words",
+    [
+        (
+            "akl_gpt2",
+            "mu",
+            1.5,
+            (
+                "loss.hp.mu=1.5 is outside [0, 1] for akl",
+                "--config.loss.hp.mu=0.5",
+            ),
+        ),
+        (
+            "jsd_gpt2",
+            "beta",
+            -0.1,
+            ("loss.hp.beta=-0.1 is outside [0, 1] for jsd",),
+        ),
+        (
+            "skl_gpt2",
+            "alpha",
+            2.0,
+            ("loss.hp.alpha=2.0 is outside [0, 1] for skl",),
+        ),
+        (
+            "srkl_gpt2",
+            "alpha",
+            -1.0,
+            ("loss.hp.alpha=-1.0 is outside [0, 1] for " "srkl",),
+        ),
+        (
+            "fkl_rkl_gpt2",
+            "weight",
+            1.5,
+            ("loss.hp.weight=1.5 is outside [0, 1] for fkl_rkl",),
+        ),
+        (
+            "sinkhorn_gpt2",
+            "epsilon",
+            -0.1,
+            ("loss.hp.epsilon=-0.1 must be > 0 for sinkhorn",),
+        ),
+        (
+            "sinkhorn_gpt2",
+            "solver",
+            "exact",
+            (
+                "loss.hp.solver='exact' is unknown for sinkhorn",
+                "('ott', 'debiased', 'sinkd')",
+            ),
+        ),
+    ],
+)
 def test_divergence_hyper_parameters_out_of_range(root, name, hp, value, words):
   _refused(_config(root, name, **{f"loss.hp.{hp}": value}), *words)
 
@@ -95,7 +174,8 @@ def test_warmup_longer_than_the_run_is_only_a_note(root):
   c = _config(root, **{"optim.warmup_steps": 4})
   assert validation.validate(c) == [
       "optim.warmup_steps=4 is not below num_steps=4: the learning rate stays "
-      "below optim.lr."]
+      "below optim.lr."
+  ]
 
 
 def test_akl_rule_must_be_known(root):
@@ -115,8 +195,10 @@ def test_loss_temperature_must_be_positive(root):
 def test_switching_the_divergence_drops_what_it_does_not_take(root):
   c = _config(root, **{"loss.name": "fkl", "loss.impl": "reference"})
   notes = validation.validate(c)
-  assert notes == ["loss.hp.mu=0.5 dropped: fkl takes no 'mu' (its "
-                   "hyper-parameters: none)."]
+  assert notes == [
+      "loss.hp.mu=0.5 dropped: fkl takes no 'mu' (its "
+      "hyper-parameters: none)."
+  ]
   assert dict(c.loss.hp) == {}
   c = _config(root, **{"loss.name": "jsd"})  # akl's mu is not jsd's beta
   validation.validate(c)
@@ -124,38 +206,60 @@ def test_switching_the_divergence_drops_what_it_does_not_take(root):
 
 
 def test_unknown_names(root):
-  _refused(_config(root, **{"loss.name": "kll"}),
-           "loss.name='kll' is unknown: name must be one of", "'akl'")
-  _refused(_config(root, **{"student.dtype": "fp32"}),
-           "student.dtype='fp32' is unknown", "'bfloat16'")
-  _refused(_config(root, **{"student.init": "preset:gpt3"}),
-           "student.init='preset:gpt3' is unknown", "'preset:tiny-gpt2'")
-  _refused(_config(root, **{"data.name": "dolly2"}),
-           "data.name='dolly2' is not a dataset", "'synthetic_instruct'")
+  _refused(
+      _config(root, **{"loss.name": "kll"}),
+      "loss.name='kll' is unknown: name must be one of",
+      "'akl'",
+  )
+  _refused(
+      _config(root, **{"student.dtype": "fp32"}),
+      "student.dtype='fp32' is unknown",
+      "'bfloat16'",
+  )
+  _refused(
+      _config(root, **{"student.init": "preset:gpt3"}),
+      "student.init='preset:gpt3' is unknown",
+      "'preset:tiny-gpt2'",
+  )
+  _refused(
+      _config(root, **{"data.name": "dolly2"}),
+      "data.name='dolly2' is not a dataset",
+      "'synthetic_instruct'",
+  )
 
 
 def test_unknown_model_override_is_named(root):
   c = _config(root)
   with c.unlocked(), c.student.model_overrides.unlocked():
     c.student.model_overrides["n_embdd"] = 32
-  _refused(c, "student.model_overrides.n_embdd=32 is not a field of "
-           "GPT2Config", "'n_embd'")
+  _refused(
+      c,
+      "student.model_overrides.n_embdd=32 is not a field of " "GPT2Config",
+      "'n_embd'",
+  )
 
 
 def test_max_length_above_the_students_positions(root):
-  c = _config(root, **{"data.max_length": 1024,
-                       "data.max_prompt_length": 80})
-  _refused(c, "data.max_length=1024 exceeds the 512 positions of the student "
-           "(preset:tiny-gpt2)", "--config.data.max_length=512",
-           "student.model_overrides.n_positions")
+  c = _config(root, **{"data.max_length": 1024, "data.max_prompt_length": 80})
+  _refused(
+      c,
+      "data.max_length=1024 exceeds the 512 positions of the student "
+      "(preset:tiny-gpt2)",
+      "--config.data.max_length=512",
+      "student.model_overrides.n_positions",
+  )
 
 
 def test_max_length_above_an_hf_students_positions(root, tmp_path):
   student = _hf_dir(tmp_path / "student", n_positions=64)
   c = _config(root, **{"student.init": student})
   c.student.model_overrides = {}
-  msg = _refused(c, "data.max_length=96 exceeds the 64 positions of the "
-                 f"student ({student})", "max_length=64 or less")
+  msg = _refused(
+      c,
+      "data.max_length=96 exceeds the 64 positions of the "
+      f"student ({student})",
+      "max_length=64 or less",
+  )
   assert "n_positions" not in msg  # pretrained weights fix the positions
 
 
@@ -167,50 +271,76 @@ def test_max_length_above_the_teachers_positions(root, tmp_path):
 
 def test_generation_beyond_the_positions(root):
   c = _config(root, **{"eval.max_new_tokens": 500, "eval.num_examples": 4})
-  _refused(c, "eval.max_new_tokens=500 plus data.max_prompt_length=80 "
-           "exceeds the 512 positions", "lower eval.max_new_tokens")
+  _refused(
+      c,
+      "eval.max_new_tokens=500 plus data.max_prompt_length=80 "
+      "exceeds the 512 positions",
+      "lower eval.max_new_tokens",
+  )
 
 
 @pytest.mark.parametrize("loss", ["akl", "uld"])
-def test_teacher_vocabulary_mismatch_recommends_no_broken_path(root, tmp_path,
-                                                               loss):
+def test_teacher_vocabulary_mismatch_recommends_no_broken_path(
+    root, tmp_path, loss
+):
   teacher = _hf_dir(tmp_path / "teacher", vocab_size=300)
-  c = _config(root, **{"teacher.path": teacher, "loss.name": loss,
-                       "loss.impl": "reference"})
-  msg = _refused(c, "teacher vocabulary 300 != student vocabulary 257",
-                 "share a tokenizer")
+  c = _config(
+      root,
+      **{"teacher.path": teacher, "loss.name": loss, "loss.impl": "reference"},
+  )
+  msg = _refused(
+      c, "teacher vocabulary 300 != student vocabulary 257", "share a tokenizer"
+  )
   assert "--config.loss.name=uld" not in msg
 
 
 def test_tokenizer_larger_than_the_students_vocabulary(root):
   c = _config(root, **{"student.model_overrides.vocab_size": 200})
-  _refused(c, "data.tokenizer='byte' has 257 tokens but the student "
-           "(preset:tiny-gpt2) has a vocabulary of 200")
+  _refused(
+      c,
+      "data.tokenizer='byte' has 257 tokens but the student "
+      "(preset:tiny-gpt2) has a vocabulary of 200",
+  )
 
 
 def test_missing_teacher_names_hf_download(root, tmp_path):
   c = _config(root, **{"teacher.path": str(tmp_path / "nowhere")})
   c.teacher.hub_id = "gpt2-xl"
-  msg = _refused(c, "teacher checkpoint", "not found",
-                 "`hf download gpt2-xl", "--config.teacher.path=DIR",
-                 error=validation.MissingInputError)
+  msg = _refused(
+      c,
+      "teacher checkpoint",
+      "not found",
+      "`hf download gpt2-xl",
+      "--config.teacher.path=DIR",
+      error=validation.MissingInputError,
+  )
   assert "huggingface-cli" not in msg
 
 
 def test_missing_tiny_teacher_says_how_to_train_it(root, tmp_path):
   c = _config(root, **{"teacher.path": str(tmp_path / "t" / "hf")})
   c.teacher.hub_id = ""
-  _refused(c, "sft_gpt2.py:tiny_teacher", f"--workdir={tmp_path / 't'}",
-           error=validation.MissingInputError)
+  _refused(
+      c,
+      "sft_gpt2.py:tiny_teacher",
+      f"--workdir={tmp_path / 't'}",
+      error=validation.MissingInputError,
+  )
 
 
 def test_missing_and_empty_jsonl(root, tmp_path):
-  _refused(_config(root, **{"data.name": str(tmp_path / "no.jsonl")}),
-           "no such file", error=validation.MissingInputError)
+  _refused(
+      _config(root, **{"data.name": str(tmp_path / "no.jsonl")}),
+      "no such file",
+      error=validation.MissingInputError,
+  )
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n \n")
-  _refused(_config(root, **{"data.name": str(empty)}), "is empty",
-           "one {\"instruction\", \"input\", \"output\"} object per line")
+  _refused(
+      _config(root, **{"data.name": str(empty)}),
+      "is empty",
+      'one {"instruction", "input", "output"} object per line',
+  )
 
 
 def test_validate_writes_nothing(root, tmp_path, monkeypatch):

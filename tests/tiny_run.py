@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 import os
 
-import ml_collections
 from flax import nnx
+import ml_collections
 
-from kdjax.configs import common
 from kdjax import models
+from kdjax.configs import common
 
 TEACHER = dict(n_embd=32, n_layer=1, n_head=2)
 STUDENT = dict(n_embd=16, n_layer=1, n_head=2)
@@ -24,14 +24,16 @@ STUDENT = dict(n_embd=16, n_layer=1, n_head=2)
 def make_teacher(directory: str) -> str:
   """A random tiny teacher in HF format under ``directory`` (created once)."""
   if not os.path.exists(os.path.join(directory, "config.json")):
-    teacher = models.create("tiny-gpt2", rngs=nnx.Rngs(1), vocab_size=257,
-                            **TEACHER)
+    teacher = models.create(
+        "tiny-gpt2", rngs=nnx.Rngs(1), vocab_size=257, **TEACHER
+    )
     models.save_hf(teacher, directory)
   return directory
 
 
-def config(name: str, root: str, *, steps: int = 4,
-           **overrides) -> ml_collections.ConfigDict:
+def config(
+    name: str, root: str, *, steps: int = 4, **overrides
+) -> ml_collections.ConfigDict:
   """``kdjax/configs/<name>.py:tiny`` shrunk for tests, data and teacher under ``root``.
 
   ``overrides`` are dotted keys: ``config("akl_gpt2", tmp, **{"loss.impl": "fused"})``.

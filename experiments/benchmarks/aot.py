@@ -10,38 +10,47 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from flax import nnx, traverse_util
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax import traverse_util
 
-from kdjax import models
-from kdjax import sharding
+from kdjax import models, sharding
 from kdjax import spec as spec_lib
-from kdjax.training import builder
-from kdjax.training import optimizer
+from kdjax.training import builder, optimizer
 from kdjax.training.step import BATCH_KEYS, Step, TrainState, init_taid
 
 P = jax.sharding.PartitionSpec
 
 
-def abstract_state(model: nnx.Module, mesh: jax.sharding.Mesh,
-                   *filters: Any) -> tuple[Any, ...]:
+def abstract_state(
+    model: nnx.Module, mesh: jax.sharding.Mesh, *filters: Any
+) -> tuple[Any, ...]:
   """``nnx.split(model, *filters)`` with ``ShapeDtypeStruct`` leaves on ``mesh``."""
   shardings = sharding.state_shardings(model, mesh)
   graphdef, *states = nnx.split(model, *filters)
   for state in states:
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({
-        p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p])
-        for p, v in flat.items()}))
+    nnx.replace_by_pure_dict(
+        state,
+        traverse_util.unflatten_dict(
+            {
+                p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p])
+                for p, v in flat.items()
+            }
+        ),
+    )
   return graphdef, *states
 
 
-def abstract_run(config: Any, mesh: jax.sharding.Mesh, *, student_preset: str,
-                 teacher_preset: str | None,
-                 teacher_overrides: Mapping[str, Any] | None = None,
-                 num_steps: int = 1000) -> tuple[Step, tuple]:
+def abstract_run(
+    config: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    student_preset: str,
+    teacher_preset: str | None,
+    teacher_overrides: Mapping[str, Any] | None = None,
+    num_steps: int = 1000,
+) -> tuple[Step, tuple]:
   """``(step, args)`` such that ``jax.jit(step.train).lower(*args)`` is the run's step.
 
   The student and teacher are the presets standing in for ``config``'s
@@ -51,34 +60,58 @@ def abstract_run(config: Any, mesh: jax.sharding.Mesh, *, student_preset: str,
   from ``config``). ``config`` is an experiment ConfigDict or its
   :class:`~kdjax.spec.TrainSpec`. Call under ``jax.set_mesh(mesh)``.
   """
-  s = (config if isinstance(config, spec_lib.TrainSpec)
-       else spec_lib.from_config(config))
-  student = nnx.eval_shape(lambda: models.create(
-      student_preset, dtype=builder.dtype_of(s.student.dtype),
-      param_dtype=jnp.float32, rngs=nnx.Rngs(params=0, dropout=1),
-      **s.student.model_overrides))
+  s = (
+      config
+      if isinstance(config, spec_lib.TrainSpec)
+      else spec_lib.from_config(config)
+  )
+  student = nnx.eval_shape(
+      lambda: models.create(
+          student_preset,
+          dtype=builder.dtype_of(s.student.dtype),
+          param_dtype=jnp.float32,
+          rngs=nnx.Rngs(params=0, dropout=1),
+          **s.student.model_overrides,
+      )
+  )
   graphdef, params, rest = abstract_state(student, mesh, nnx.Param, ...)
   tx = optimizer.make_optimizer(s.optim, num_steps)
   opt_state = optimizer.abstract_opt_state(tx, params, mesh)
   replicated = jax.sharding.NamedSharding(mesh, P())
   schedule = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      init_taid(s.loss))
-  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                     params, rest, opt_state, schedule)
+      init_taid(s.loss),
+  )
+  state = TrainState(
+      jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      params,
+      rest,
+      opt_state,
+      schedule,
+  )
   teacher_graphdef = teacher_state = None
   if teacher_preset is not None and s.loss["kd_ratio"] > 0:
     dtype = builder.dtype_of(s.teacher.dtype)
-    teacher = nnx.eval_shape(lambda: models.create(
-        teacher_preset, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
-        **(teacher_overrides or {})))
+    teacher = nnx.eval_shape(
+        lambda: models.create(
+            teacher_preset,
+            dtype=dtype,
+            param_dtype=dtype,
+            rngs=nnx.Rngs(0),
+            **(teacher_overrides or {}),
+        )
+    )
     teacher.eval()  # as builder.load_teacher: frozen, dropout off
     teacher_graphdef, teacher_state = abstract_state(teacher, mesh, ...)
   shape = (s.batch_size, s.data.max_length)
-  batch = {k: jax.ShapeDtypeStruct(
-      shape, jnp.float32 if k == "loss_mask" else jnp.int32,
-      sharding=sharding.batch_sharding(mesh)) for k in BATCH_KEYS}
-  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum,
-              num_steps)
+  batch = {
+      k: jax.ShapeDtypeStruct(
+          shape,
+          jnp.float32 if k == "loss_mask" else jnp.int32,
+          sharding=sharding.batch_sharding(mesh),
+      )
+      for k in BATCH_KEYS
+  }
+  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum, num_steps)
   first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   return step, (state, batch, teacher_state, first_bad)

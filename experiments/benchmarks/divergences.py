@@ -47,18 +47,32 @@ from kdjax import divergences as kd
 
 # name -> hyper-parameters, chosen to match the peers' defaults.
 DIVERGENCES = {
-    "fkl": {}, "rkl": {}, "fkl_rkl": {"weight": 0.1},  # distillm lam = 0.9
-    "skl": {"alpha": 0.1}, "srkl": {"alpha": 0.1},
+    "fkl": {},
+    "rkl": {},
+    "fkl_rkl": {"weight": 0.1},  # distillm lam = 0.9
+    "skl": {"alpha": 0.1},
+    "srkl": {"alpha": 0.1},
     "jsd": {"beta": 0.1},  # distillm js_distance lam = 0.9
-    "tvd": {}, "akl": {"mu": 0.5}, "abkd": {"alpha": 0.2, "beta": 0.7},
+    "tvd": {},
+    "akl": {"mu": 0.5},
+    "abkd": {"alpha": 0.2, "beta": 0.7},
 }
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 # Transcendental functions per [N, V] entry of fwd+bwd (exp, log, expm1), the
 # compute bound once memory traffic is in cache: 2 (log-partitions) + the
 # formula's forward and backward.
-TRANSCENDENTALS = {"fkl": 6, "rkl": 6, "fkl_rkl": 6, "skl": 10, "srkl": 10,
-                   "jsd": 10, "tvd": 7, "akl": 6, "abkd": 10}
+TRANSCENDENTALS = {
+    "fkl": 6,
+    "rkl": 6,
+    "fkl_rkl": 6,
+    "skl": 10,
+    "srkl": 10,
+    "jsd": 10,
+    "tvd": 7,
+    "akl": 6,
+    "abkd": 10,
+}
 
 
 def make_logits(n: int, vocab: int, seed: int = 0):
@@ -108,25 +122,30 @@ def torch_peers() -> dict:
     teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
     inf_mask = torch.isinf(logits)
     student_logprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-    prod_probs = torch.masked_fill(teacher_probs * student_logprobs,
-                                   inf_mask, 0)
+    prod_probs = torch.masked_fill(
+        teacher_probs * student_logprobs, inf_mask, 0
+    )
     return -mean(torch.sum(prod_probs, dim=-1))
 
   def reverse_kl(logits, teacher_logits):
     student_probs = F.softmax(logits, dim=-1, dtype=torch.float32)
     student_logprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-    teacher_logprobs = F.log_softmax(teacher_logits, dim=-1,
-                                     dtype=torch.float32)
+    teacher_logprobs = F.log_softmax(
+        teacher_logits, dim=-1, dtype=torch.float32
+    )
     inf_mask = torch.isinf(teacher_logits) | torch.isinf(logits)
-    prod_probs = torch.masked_fill(student_probs * teacher_logprobs,
-                                   inf_mask, 0)
-    prod_probs -= torch.masked_fill(student_probs * student_logprobs,
-                                    inf_mask, 0)
+    prod_probs = torch.masked_fill(
+        student_probs * teacher_logprobs, inf_mask, 0
+    )
+    prod_probs -= torch.masked_fill(
+        student_probs * student_logprobs, inf_mask, 0
+    )
     return -mean(torch.sum(prod_probs, dim=-1))
 
   def symmetric_kl(logits, teacher_logits, lam=0.9):
-    return ((1 - lam) * forward_kl(logits, teacher_logits)
-            + lam * reverse_kl(logits, teacher_logits))
+    return (1 - lam) * forward_kl(logits, teacher_logits) + lam * reverse_kl(
+        logits, teacher_logits
+    )
 
   def mixed(logits, teacher_logits, w_teacher):
     teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
@@ -136,18 +155,22 @@ def torch_peers() -> dict:
 
   def js_distance(logits, teacher_logits, lam=0.9):
     teacher_probs, student_probs, mixed_logprobs = mixed(
-        logits, teacher_logits, 1 - lam)
-    teacher_logprobs = F.log_softmax(teacher_logits, dim=-1,
-                                     dtype=torch.float32)
+        logits, teacher_logits, 1 - lam
+    )
+    teacher_logprobs = F.log_softmax(
+        teacher_logits, dim=-1, dtype=torch.float32
+    )
     student_logprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
     inf_mask = torch.isinf(logits) | torch.isinf(teacher_logits)
     prod_probs = torch.masked_fill(student_probs * mixed_logprobs, inf_mask, 0)
-    prod_probs -= torch.masked_fill(student_probs * student_logprobs,
-                                    inf_mask, 0)
+    prod_probs -= torch.masked_fill(
+        student_probs * student_logprobs, inf_mask, 0
+    )
     loss = lam * -mean(torch.sum(prod_probs, dim=-1))
     prod_probs = torch.masked_fill(teacher_probs * mixed_logprobs, inf_mask, 0)
-    prod_probs -= torch.masked_fill(teacher_probs * teacher_logprobs,
-                                    inf_mask, 0)
+    prod_probs -= torch.masked_fill(
+        teacher_probs * teacher_logprobs, inf_mask, 0
+    )
     return loss + (1 - lam) * -mean(torch.sum(prod_probs, dim=-1))
 
   def tv_distance(logits, teacher_logits):
@@ -155,7 +178,8 @@ def torch_peers() -> dict:
     student_probs = F.softmax(logits, dim=-1, dtype=torch.float32)
     inf_mask = torch.isinf(logits) | torch.isinf(teacher_logits)
     prod_probs = 0.5 * torch.masked_fill(
-        torch.abs(teacher_probs - student_probs), inf_mask, 0)
+        torch.abs(teacher_probs - student_probs), inf_mask, 0
+    )
     return mean(torch.sum(prod_probs, dim=-1))
 
   def skewed_forward_kl(logits, teacher_logits, lam=0.1):
@@ -169,16 +193,16 @@ def torch_peers() -> dict:
     student_logprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
     inf_mask = torch.isinf(logits) | torch.isinf(teacher_logits)
     prod_probs = torch.masked_fill(student_probs * mixed_logprobs, inf_mask, 0)
-    prod_probs -= torch.masked_fill(student_probs * student_logprobs,
-                                    inf_mask, 0)
+    prod_probs -= torch.masked_fill(
+        student_probs * student_logprobs, inf_mask, 0
+    )
     return -mean(torch.sum(prod_probs, dim=-1))
 
   def get_ratio(teacher_logits, logits, mu=0.5):  # AKL.py
-    teacher_logits = torch.masked_fill(teacher_logits,
-                                       torch.isinf(teacher_logits), 0).to(
-                                           torch.float32)
-    logits = torch.masked_fill(logits, torch.isinf(logits), 0).to(
-        torch.float32)
+    teacher_logits = torch.masked_fill(
+        teacher_logits, torch.isinf(teacher_logits), 0
+    ).to(torch.float32)
+    logits = torch.masked_fill(logits, torch.isinf(logits), 0).to(torch.float32)
     teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
     student_probs = F.softmax(logits, dim=-1, dtype=torch.float32).detach()
     re_teacher_probs, idx = teacher_probs.sort(dim=-1, descending=True)
@@ -193,10 +217,12 @@ def torch_peers() -> dict:
 
   def get_kl(teacher_logits, logits, inf_mask, ratio):
     teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
-    teacher_logprobs = F.log_softmax(teacher_logits, dim=-1,
-                                     dtype=torch.float32)
-    teacher_prod_probs = torch.masked_fill(teacher_probs * teacher_logprobs,
-                                           inf_mask, 0)
+    teacher_logprobs = F.log_softmax(
+        teacher_logits, dim=-1, dtype=torch.float32
+    )
+    teacher_prod_probs = torch.masked_fill(
+        teacher_probs * teacher_logprobs, inf_mask, 0
+    )
     teacher_x = torch.sum(teacher_prod_probs, dim=-1).view(-1)
     logprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
     prod_probs = torch.masked_fill(teacher_probs * logprobs, inf_mask, 0)
@@ -206,8 +232,9 @@ def torch_peers() -> dict:
   def akl(logits, teacher_logits):
     inf_mask = torch.isinf(logits)
     h_ratio, l_ratio = get_ratio(teacher_logits, logits)
-    return (get_kl(teacher_logits, logits, inf_mask, h_ratio)
-            + get_kl(logits, teacher_logits, inf_mask, l_ratio))
+    return get_kl(teacher_logits, logits, inf_mask, h_ratio) + get_kl(
+        logits, teacher_logits, inf_mask, l_ratio
+    )
 
   def ab_div(logits, teacher_logits, alpha=0.2, beta=0.7):  # ABKD general case
     teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
@@ -223,12 +250,15 @@ def torch_peers() -> dict:
     return mean(-torch.sum(divergence, dim=-1) / (alpha * beta))
 
   peers = {
-      "fkl": {"distillm": forward_kl}, "rkl": {"distillm": reverse_kl},
-      "fkl_rkl": {"distillm": symmetric_kl}, "skl": {"distillm":
-                                                     skewed_forward_kl},
+      "fkl": {"distillm": forward_kl},
+      "rkl": {"distillm": reverse_kl},
+      "fkl_rkl": {"distillm": symmetric_kl},
+      "skl": {"distillm": skewed_forward_kl},
       "srkl": {"distillm": skewed_reverse_kl},
-      "jsd": {"distillm": js_distance}, "tvd": {"distillm": tv_distance},
-      "akl": {"akl.py": akl}, "abkd": {"abkd": ab_div},
+      "jsd": {"distillm": js_distance},
+      "tvd": {"distillm": tv_distance},
+      "akl": {"akl.py": akl},
+      "abkd": {"abkd": ab_div},
   }
   try:
     from trl.experimental.gkd import gkd_trainer  # pylint: disable=import-outside-toplevel
@@ -242,6 +272,7 @@ def torch_peers() -> dict:
 
 def _torch_case(loss, student, teacher, repeats: int) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
+
   s = torch.from_numpy(np.array(student)).requires_grad_(True)
   t = torch.from_numpy(np.array(teacher))
 
@@ -268,8 +299,14 @@ def _torch_available() -> bool:
   return True
 
 
-def run(n: int, vocab: int, repeats: int, divergences=tuple(DIVERGENCES),
-        with_torch: bool = True, with_reference: bool = False) -> dict:
+def run(
+    n: int,
+    vocab: int,
+    repeats: int,
+    divergences=tuple(DIVERGENCES),
+    with_torch: bool = True,
+    with_reference: bool = False,
+) -> dict:
   student, teacher = make_logits(n, vocab)
   floor = jax.jit(lambda s, t: s - t).lower(student, teacher).compile()
   one_array = n * vocab * 4
@@ -280,29 +317,46 @@ def run(n: int, vocab: int, repeats: int, divergences=tuple(DIVERGENCES),
     impls = ("auto",) + (("reference",) if with_reference else ())
     auto_time = None
     for impl in impls:
-      compiled = jax.jit(jax_loss_grad(name, impl)).lower(
-          student, teacher).compile()
-      time_s, floor_s = _interleaved(compiled, floor, (student, teacher),
-                                     repeats)
+      compiled = (
+          jax.jit(jax_loss_grad(name, impl)).lower(student, teacher).compile()
+      )
+      time_s, floor_s = _interleaved(
+          compiled, floor, (student, teacher), repeats
+      )
       temp = compiled.memory_analysis().temp_size_in_bytes
       auto_time = auto_time or time_s
-      rows.append(dict(divergence=name, impl=impl, time_s=time_s,
-                       floor_s=floor_s, time_vs_floor=time_s / floor_s,
-                       temp_bytes=temp, temp_vs_nv_f32=temp / one_array,
-                       transcendentals=TRANSCENDENTALS[name]))
+      rows.append(
+          dict(
+              divergence=name,
+              impl=impl,
+              time_s=time_s,
+              floor_s=floor_s,
+              time_vs_floor=time_s / floor_s,
+              temp_bytes=temp,
+              temp_vs_nv_f32=temp / one_array,
+              transcendentals=TRANSCENDENTALS[name],
+          )
+      )
       print(_format_row(rows[-1]), flush=True)
     for peer, loss in peers.get(name, {}).items():
       result = _torch_case(loss, student, teacher, repeats)
-      result.update(divergence=name, impl=peer,
-                    time_vs_floor=None, temp_vs_nv_f32=None,
-                    kdjax_speedup=result["time_s"] / auto_time)
+      result.update(
+          divergence=name,
+          impl=peer,
+          time_vs_floor=None,
+          temp_vs_nv_f32=None,
+          kdjax_speedup=result["time_s"] / auto_time,
+      )
       rows.append(result)
       print(_format_row(result), flush=True)
   return {
       "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, "
-                f"{platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cpus)",
-      "jax": jax.__version__, "n": n, "vocab": vocab, "repeats": repeats,
+      f"{platform.processor() or platform.machine()}, "
+      f"{os.cpu_count()} cpus)",
+      "jax": jax.__version__,
+      "n": n,
+      "vocab": vocab,
+      "repeats": repeats,
       "akl_unresolved_fraction": float(kd.akl_unresolved_fraction(teacher)),
       "rows": rows,
   }
@@ -310,39 +364,67 @@ def run(n: int, vocab: int, repeats: int, divergences=tuple(DIVERGENCES),
 
 def _format_row(r: dict) -> str:
   if r["time_vs_floor"] is None:
-    return (f"{r['divergence']:8s} {r['impl']:9s} {r['time_s'] * 1e3:10.1f} ms"
-            f"   kdjax {r['kdjax_speedup']:5.1f}x faster")
-  return (f"{r['divergence']:8s} {r['impl']:9s} {r['time_s'] * 1e3:10.1f} ms "
-          f"{r['time_vs_floor']:7.2f}x floor   temp "
-          f"{r['temp_vs_nv_f32']:6.3f} x [N,V] f32")
+    return (
+        f"{r['divergence']:8s} {r['impl']:9s} {r['time_s'] * 1e3:10.1f} ms"
+        f"   kdjax {r['kdjax_speedup']:5.1f}x faster"
+    )
+  return (
+      f"{r['divergence']:8s} {r['impl']:9s} {r['time_s'] * 1e3:10.1f} ms "
+      f"{r['time_vs_floor']:7.2f}x floor   temp "
+      f"{r['temp_vs_nv_f32']:6.3f} x [N,V] f32"
+  )
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--n", type=int, default=2048, help="tokens N")
-  parser.add_argument("--vocab", type=int, default=50257,
-                      help="vocabulary V (128256 for Llama-3)")
+  parser.add_argument(
+      "--vocab",
+      type=int,
+      default=50257,
+      help="vocabulary V (128256 for Llama-3)",
+  )
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny shapes (N=64, V=512, 2 repeats)")
+  parser.add_argument(
+      "--quick",
+      action="store_true",
+      help="tiny shapes (N=64, V=512, 2 repeats)",
+  )
   parser.add_argument("--no_torch", action="store_true")
-  parser.add_argument("--with_reference", action="store_true",
-                      help="also time the autodiff kd.reference.<name>")
-  parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES),
-                      choices=list(DIVERGENCES))
+  parser.add_argument(
+      "--with_reference",
+      action="store_true",
+      help="also time the autodiff kd.reference.<name>",
+  )
+  parser.add_argument(
+      "--divergences",
+      nargs="+",
+      default=list(DIVERGENCES),
+      choices=list(DIVERGENCES),
+  )
   parser.add_argument("--out", default=None, help="JSON path")
   args = parser.parse_args(argv)
   if args.quick:
     args.n, args.vocab, args.repeats = 64, 512, 2
-  print(f"device: {jax.devices()[0]} ({jax.default_backend()}); "
-        f"N={args.n} V={args.vocab}")
-  result = run(args.n, args.vocab, args.repeats, tuple(args.divergences),
-               with_torch=not args.no_torch,
-               with_reference=args.with_reference)
-  print(f"AKL rows on the exact fallback: "
-        f"{result['akl_unresolved_fraction']:.3f}")
+  print(
+      f"device: {jax.devices()[0]} ({jax.default_backend()}); "
+      f"N={args.n} V={args.vocab}"
+  )
+  result = run(
+      args.n,
+      args.vocab,
+      args.repeats,
+      tuple(args.divergences),
+      with_torch=not args.no_torch,
+      with_reference=args.with_reference,
+  )
+  print(
+      f"AKL rows on the exact fallback: "
+      f"{result['akl_unresolved_fraction']:.3f}"
+  )
   out = args.out or os.path.join(
-      RESULTS, f"divergences_{jax.default_backend()}_{args.n}x{args.vocab}.json")
+      RESULTS, f"divergences_{jax.default_backend()}_{args.n}x{args.vocab}.json"
+  )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)

@@ -22,47 +22,70 @@ import os
 import time
 from typing import Any, Mapping
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "kdjax/configs/akl_gpt2.py", "Experiment config file[:arg].",
-    lock_config=True)
+    "config",
+    "kdjax/configs/akl_gpt2.py",
+    "Experiment config file[:arg].",
+    lock_config=True,
+)
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices in the mesh.")
-_DATA = flags.DEFINE_integer("data", None, "Mesh data axis (default: the "
-                             "config's mesh.data; -1 = the devices left).")
-_FSDP = flags.DEFINE_integer("fsdp", None, "Mesh fsdp axis (default: the "
-                             "config's mesh.fsdp).")
-_STUDENT = flags.DEFINE_string("student", None, "Student model preset "
-                               "(default: the one matching student.init).")
-_TEACHER = flags.DEFINE_string("teacher", None, "Teacher model preset "
-                               "(default: the one matching teacher.hub_id).")
+_DATA = flags.DEFINE_integer(
+    "data",
+    None,
+    "Mesh data axis (default: the "
+    "config's mesh.data; -1 = the devices left).",
+)
+_FSDP = flags.DEFINE_integer(
+    "fsdp", None, "Mesh fsdp axis (default: the " "config's mesh.fsdp)."
+)
+_STUDENT = flags.DEFINE_string(
+    "student",
+    None,
+    "Student model preset " "(default: the one matching student.init).",
+)
+_TEACHER = flags.DEFINE_string(
+    "teacher",
+    None,
+    "Teacher model preset " "(default: the one matching teacher.hub_id).",
+)
 
 GB = 1e9
 ACCELERATORS_GB = (16, 24, 40, 80)
 # Checkpoints named by the paper configs -> the kdjax.models preset of the
 # same architecture.
-PRESET_OF = {"gpt2": "gpt2", "gpt2-xl": "gpt2-xl",
-             "huggyllama/llama-7b": "llama-7b",
-             "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T":
-                 "tinyllama-1.1b"}
+PRESET_OF = {
+    "gpt2": "gpt2",
+    "gpt2-xl": "gpt2-xl",
+    "huggyllama/llama-7b": "llama-7b",
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": "tinyllama-1.1b",
+}
 
 
 def presets(config: Any) -> tuple[str, str | None]:
   """``(student, teacher)`` presets standing in for ``config``'s checkpoints."""
   init = config.student.init
-  student = init.removeprefix("preset:") if init.startswith("preset:") else (
-      PRESET_OF.get(init))
-  teacher = PRESET_OF.get(config.teacher.hub_id) if config.teacher.hub_id \
-      else None
+  student = (
+      init.removeprefix("preset:")
+      if init.startswith("preset:")
+      else (PRESET_OF.get(init))
+  )
+  teacher = (
+      PRESET_OF.get(config.teacher.hub_id) if config.teacher.hub_id else None
+  )
   if student is None:
-    raise ValueError(f"no model preset is known for student.init {init!r}; "
-                     "pass --student=PRESET.")
+    raise ValueError(
+        f"no model preset is known for student.init {init!r}; "
+        "pass --student=PRESET."
+    )
   if teacher is None and config.loss.kd_ratio > 0:
-    raise ValueError(f"no model preset is known for teacher "
-                     f"{config.teacher.hub_id or config.teacher.path!r}; pass "
-                     "--teacher=PRESET.")
+    raise ValueError(
+        f"no model preset is known for teacher "
+        f"{config.teacher.hub_id or config.teacher.path!r}; pass "
+        "--teacher=PRESET."
+    )
   return student, teacher
 
 
@@ -71,69 +94,100 @@ def shard_bytes(tree: Any) -> int:
   (the most loaded device: shards of uneven splits are rounded up)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
-             for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))
+
+  return sum(
+      int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+      for x in jax.tree.leaves(tree)
+      if hasattr(x, "sharding")
+  )
 
 
-def fit(config: Any, mesh: Any, student: str, teacher: str | None,
-        teacher_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def fit(
+    config: Any,
+    mesh: Any,
+    student: str,
+    teacher: str | None,
+    teacher_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Compiles the step of ``config`` on ``mesh``; its per-device sizes in bytes."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from experiments.benchmarks import aot  # pylint: disable=g-import-not-at-top
+
   with jax.set_mesh(mesh):
-    step, args = aot.abstract_run(config, mesh, student_preset=student,
-                                  teacher_preset=teacher,
-                                  teacher_overrides=teacher_overrides)
+    step, args = aot.abstract_run(
+        config,
+        mesh,
+        student_preset=student,
+        teacher_preset=teacher,
+        teacher_overrides=teacher_overrides,
+    )
     state, batch, teacher_state, _ = args
     t0 = time.perf_counter()
-    compiled = jax.jit(step.train, donate_argnums=(0, 3)).lower(
-        *args).compile()
+    compiled = jax.jit(step.train, donate_argnums=(0, 3)).lower(*args).compile()
     seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   out = dict(
-      devices=mesh.devices.size, mesh=dict(mesh.shape),
+      devices=mesh.devices.size,
+      mesh=dict(mesh.shape),
       param_count=sum(x.size for x in jax.tree.leaves(state.params)),
-      params=shard_bytes(state.params), opt_state=shard_bytes(state.opt_state),
-      teacher=shard_bytes(teacher_state), batch=shard_bytes(batch),
-      arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
-      aliased=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
-      flops=float(cost.get("flops", 0.0)), compile_s=seconds)
+      params=shard_bytes(state.params),
+      opt_state=shard_bytes(state.opt_state),
+      teacher=shard_bytes(teacher_state),
+      batch=shard_bytes(batch),
+      arguments=mem.argument_size_in_bytes,
+      outputs=mem.output_size_in_bytes,
+      aliased=mem.alias_size_in_bytes,
+      temp=mem.temp_size_in_bytes,
+      flops=float(cost.get("flops", 0.0)),
+      compile_s=seconds,
+  )
   out["peak"] = out["arguments"] + out["temp"] + out["outputs"] - out["aliased"]
-  out["fits_on_gb"] = next((g for g in ACCELERATORS_GB if out["peak"] <= g * GB),
-                           None)
+  out["fits_on_gb"] = next(
+      (g for g in ACCELERATORS_GB if out["peak"] <= g * GB), None
+  )
   return out
 
 
 def report(name: str, r: Mapping[str, Any]) -> str:
   mb = lambda b: f"{b / 2**20:,.0f} MiB"
   fits = f"{r['fits_on_gb']} GB" if r["fits_on_gb"] else "none of 16-80 GB"
-  return "\n".join([
-      f"{name}: {r['devices']} devices, mesh {r['mesh']}, student "
-      f"{r['param_count'] / 1e6:,.1f}M params",
-      f"  per device: params {mb(r['params'])}, optimizer {mb(r['opt_state'])}, "
-      f"teacher {mb(r['teacher'])}, batch {mb(r['batch'])}",
-      f"  XLA: arguments {mb(r['arguments'])}, temporaries {mb(r['temp'])}, "
-      f"outputs {mb(r['outputs'])} (donated {mb(r['aliased'])}); peak "
-      f"{mb(r['peak'])}",
-      f"  {r['flops'] / 1e12:,.2f} TFLOP per device per step; fits on: {fits}; "
-      f"compiled in {r['compile_s']:.0f} s"])
+  return "\n".join(
+      [
+          f"{name}: {r['devices']} devices, mesh {r['mesh']}, student "
+          f"{r['param_count'] / 1e6:,.1f}M params",
+          f"  per device: params {mb(r['params'])}, optimizer {mb(r['opt_state'])}, "
+          f"teacher {mb(r['teacher'])}, batch {mb(r['batch'])}",
+          f"  XLA: arguments {mb(r['arguments'])}, temporaries {mb(r['temp'])}, "
+          f"outputs {mb(r['outputs'])} (donated {mb(r['aliased'])}); peak "
+          f"{mb(r['peak'])}",
+          f"  {r['flops'] / 1e12:,.2f} TFLOP per device per step; fits on: {fits}; "
+          f"compiled in {r['compile_s']:.0f} s",
+      ]
+  )
 
 
 def main(argv: list[str]) -> None:
   del argv
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count="
-                             f"{_DEVICES.value}")
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count="
+      f"{_DEVICES.value}"
+  )
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from kdjax import sharding  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
+  from kdjax import sharding  # pylint: disable=g-import-not-at-top
+
   config = _CONFIG.value
   devices = jax.devices()
   if len(devices) != _DEVICES.value:
-    raise app.UsageError(f"jax already has {len(devices)} devices; run fit.py "
-                         "in a fresh process.")
+    raise app.UsageError(
+        f"jax already has {len(devices)} devices; run fit.py "
+        "in a fresh process."
+    )
   data = config.mesh.data if _DATA.value is None else _DATA.value
   fsdp = config.mesh.fsdp if _FSDP.value is None else _FSDP.value
   mesh = sharding.make_mesh(data, fsdp, devices=devices)

@@ -25,23 +25,29 @@ import platform
 import time
 
 from absl import app, flags
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from kdjax import models, objective, sharding, trainer
 
 # name -> (teacher preset + overrides, student preset + overrides)
 PAIRS = {
-    "tiny": (("tiny-gpt2", dict(n_embd=96, n_layer=4, n_head=4)),
-             ("tiny-gpt2", dict(n_embd=48, n_layer=2, n_head=4))),
+    "tiny": (
+        ("tiny-gpt2", dict(n_embd=96, n_layer=4, n_head=4)),
+        ("tiny-gpt2", dict(n_embd=48, n_layer=2, n_head=4)),
+    ),
     "gpt2": (("gpt2-medium", {}), ("gpt2", {})),
 }
 
-_PAIRS = flags.DEFINE_string("pairs", "tiny,gpt2", "Comma-separated PAIRS keys.")
-_IMPLS = flags.DEFINE_string("impls", ",".join(objective.IMPLS), "loss.impl values.")
+_PAIRS = flags.DEFINE_string(
+    "pairs", "tiny,gpt2", "Comma-separated PAIRS keys."
+)
+_IMPLS = flags.DEFINE_string(
+    "impls", ",".join(objective.IMPLS), "loss.impl values."
+)
 _LOSS = flags.DEFINE_string("loss", "akl", "Divergence.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
@@ -49,26 +55,41 @@ _VOCAB = flags.DEFINE_integer("vocab", 50257, "Vocabulary size.")
 _CHUNK = flags.DEFINE_integer("chunk", 256, "Token chunk of chunked/fused.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per setting.")
 _TEACHER_DTYPE = flags.DEFINE_string(
-    "teacher_dtype", "auto", "Teacher compute dtype; auto = bfloat16 on "
-    "accelerators, float32 on CPU (XLA:CPU has no fast bf16 GEMM).")
+    "teacher_dtype",
+    "auto",
+    "Teacher compute dtype; auto = bfloat16 on "
+    "accelerators, float32 on CPU (XLA:CPU has no fast bf16 GEMM).",
+)
 
 
 def _model(preset, overrides, vocab, seed, dtype):
-  return models.create(preset, rngs=nnx.Rngs(seed), vocab_size=vocab,
-                       embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
-                       n_positions=max(1024, _SEQ.value), dtype=dtype,
-                       **overrides)
+  return models.create(
+      preset,
+      rngs=nnx.Rngs(seed),
+      vocab_size=vocab,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+      resid_pdrop=0.0,
+      n_positions=max(1024, _SEQ.value),
+      dtype=dtype,
+      **overrides,
+  )
 
 
 def _batch(batch: int, seq: int, vocab: int) -> dict:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, vocab, (batch, seq), dtype=np.int32)
   mask = np.zeros((batch, seq), np.float32)
-  mask[:, seq // 2:] = 1.0  # the response half, as an SFT-style loss mask
-  return {"input_ids": ids, "labels": np.roll(ids, -1, axis=1),
-          "loss_mask": mask, "attention_mask": np.ones((batch, seq), np.int32),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32),
-                                       (batch, seq)).copy()}
+  mask[:, seq // 2 :] = 1.0  # the response half, as an SFT-style loss mask
+  return {
+      "input_ids": ids,
+      "labels": np.roll(ids, -1, axis=1),
+      "loss_mask": mask,
+      "attention_mask": np.ones((batch, seq), np.int32),
+      "positions": np.broadcast_to(
+          np.arange(seq, dtype=np.int32), (batch, seq)
+      ).copy(),
+  }
 
 
 def bench(pair: str, impl: str, mesh) -> dict:
@@ -80,15 +101,26 @@ def bench(pair: str, impl: str, mesh) -> dict:
   teacher = _model(tp, to, vocab, 1, jnp.dtype(t_dtype))
   teacher.eval()
   student = _model(sp, so, vocab, 0, jnp.float32)
-  loss_cfg = dict(name=_LOSS.value, kd_ratio=0.5, impl=impl,
-                  chunk_size=_CHUNK.value, hp={})
-  optim = ml_collections.ConfigDict(dict(lr=5e-4, lr_min=1e-7, warmup_steps=0,
-                                         weight_decay=0.01, clip=1.0, b1=0.9,
-                                         b2=0.999, eps=1e-8))
+  loss_cfg = dict(
+      name=_LOSS.value, kd_ratio=0.5, impl=impl, chunk_size=_CHUNK.value, hp={}
+  )
+  optim = ml_collections.ConfigDict(
+      dict(
+          lr=5e-4,
+          lr_min=1e-7,
+          warmup_steps=0,
+          weight_decay=0.01,
+          clip=1.0,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+      )
+  )
   tx = trainer.make_optimizer(optim, 1000)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
-  state = trainer.TrainState(jnp.zeros((), jnp.int32), params, rest,
-                             tx.init(params))
+  state = trainer.TrainState(
+      jnp.zeros((), jnp.int32), params, rest, tx.init(params)
+  )
   step = trainer.Step(loss_cfg, graphdef, nnx.graphdef(teacher), tx, 1)
   batch = trainer.put_batch(_batch(_BATCH.value, _SEQ.value, vocab), mesh)
   t_state = nnx.state(teacher)
@@ -107,9 +139,19 @@ def bench(pair: str, impl: str, mesh) -> dict:
     times.append(time.perf_counter() - t0)
   sec = float(np.median(times))
   tokens = _BATCH.value * _SEQ.value
-  return dict(pair=pair, impl=impl, loss=_LOSS.value, teacher_dtype=t_dtype, batch=_BATCH.value,
-              seq=_SEQ.value, vocab=vocab, step_s=sec, tokens_per_s=tokens / sec,
-              temp_bytes=temp, loss_value=float(m["loss"]))
+  return dict(
+      pair=pair,
+      impl=impl,
+      loss=_LOSS.value,
+      teacher_dtype=t_dtype,
+      batch=_BATCH.value,
+      seq=_SEQ.value,
+      vocab=vocab,
+      step_s=sec,
+      tokens_per_s=tokens / sec,
+      temp_bytes=temp,
+      loss_value=float(m["loss"]),
+  )
 
 
 def main(argv):
@@ -122,17 +164,30 @@ def main(argv):
       for impl in _IMPLS.value.split(","):
         r = bench(pair, impl, mesh)
         rows.append(r)
-        temp = "–" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}"
-        print(f"{pair:5s} {impl:9s} step {r['step_s'] * 1e3:8.1f} ms  "
-              f"{r['tokens_per_s']:9.0f} tok/s  temp {temp} MiB  "
-              f"loss {r['loss_value']:.4f}", flush=True)
-  kind = device.platform + "_" + getattr(device, "device_kind", "").replace(" ", "_")
-  out = os.path.join(os.path.dirname(__file__), "results",
-                     f"train_step_{kind}_{_LOSS.value}_{_PAIRS.value.replace(',', '+')}.json")
+        temp = (
+            "–" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}"
+        )
+        print(
+            f"{pair:5s} {impl:9s} step {r['step_s'] * 1e3:8.1f} ms  "
+            f"{r['tokens_per_s']:9.0f} tok/s  temp {temp} MiB  "
+            f"loss {r['loss_value']:.4f}",
+            flush=True,
+        )
+  kind = (
+      device.platform
+      + "_"
+      + getattr(device, "device_kind", "").replace(" ", "_")
+  )
+  out = os.path.join(
+      os.path.dirname(__file__),
+      "results",
+      f"train_step_{kind}_{_LOSS.value}_{_PAIRS.value.replace(',', '+')}.json",
+  )
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
-    json.dump(dict(device=str(device), host=platform.node(), rows=rows), f,
-              indent=2)
+    json.dump(
+        dict(device=str(device), host=platform.node(), rows=rows), f, indent=2
+    )
   print(f"wrote {out}")
 
 

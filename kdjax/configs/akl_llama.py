@@ -23,9 +23,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if common.parse_scale(arg).tiny:
     return c  # the tiny scale is model-family agnostic
   c.data.tokenizer = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
-  c.teacher.update(path="workdirs/llama_7b_sft/hf", hub_id="huggyllama/llama-7b")
-  c.student.update(init="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
-                   remat="full")
+  c.teacher.update(
+      path="workdirs/llama_7b_sft/hf", hub_id="huggyllama/llama-7b"
+  )
+  c.student.update(
+      init="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", remat="full"
+  )
   c.num_epochs = 10
   c.mesh.fsdp = 8
   return c

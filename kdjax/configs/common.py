@@ -52,8 +52,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"config arg {key!r} is unknown; valid: "
-                       f"{', '.join(sorted(defaults))}.")
+      raise ValueError(
+          f"config arg {key!r} is unknown; valid: "
+          f"{', '.join(sorted(defaults))}."
+      )
     kind = type(defaults[key])
     if not eq:
       out[key] = True
@@ -78,33 +80,58 @@ def _paper() -> ml_collections.ConfigDict:
   c.seed = 10
   c.force_new_run = False
 
-  c.data = dict(name="dolly", data_dir="~/tensorflow_datasets",
-                manual_dir="", train_split="train", val_split="validation",
-                tokenizer="gpt2", template="minillm", max_length=512,
-                max_prompt_length=256,
-                prompt_policy="drop", train_limit=0, seqkd_teacher="")
+  c.data = dict(
+      name="dolly",
+      data_dir="~/tensorflow_datasets",
+      manual_dir="",
+      train_split="train",
+      val_split="validation",
+      tokenizer="gpt2",
+      template="minillm",
+      max_length=512,
+      max_prompt_length=256,
+      prompt_policy="drop",
+      train_limit=0,
+      seqkd_teacher="",
+  )
   c.teacher = dict(path=PAPER_TEACHER, hub_id="gpt2-xl", dtype="bfloat16")
   # student.init: a HF dir / hub id to fine-tune, or "preset:<name>" for a
   # randomly initialised kdjax.models preset (model_overrides apply to both).
-  c.student = dict(init="gpt2", dtype="float32", remat="none",
-                   model_overrides=ml_collections.ConfigDict(
-                       type_safe=False))
+  c.student = dict(
+      init="gpt2",
+      dtype="float32",
+      remat="none",
+      model_overrides=ml_collections.ConfigDict(type_safe=False),
+  )
   # impl: "auto" (the public divergence: analytic gradients, chunked on CPU),
   # "fused" (from hidden states and LM heads, chunk_size tokens at a time:
   # no [B, T, V] logits held) or "reference" (autodiff oracle). temperature
   # divides both models' logits in the KD term.
-  c.loss = dict(name="akl", kd_ratio=0.5, impl="auto", chunk_size=1024,
-                temperature=1.0,
-                hp=ml_collections.ConfigDict(type_safe=False))
+  c.loss = dict(
+      name="akl",
+      kd_ratio=0.5,
+      impl="auto",
+      chunk_size=1024,
+      temperature=1.0,
+      hp=ml_collections.ConfigDict(type_safe=False),
+  )
   # Entropy-based token selection: distil only each sequence's top `fraction`
   # of positions by student entropy (1.0: every token; CE keeps them all).
   c.loss.select = dict(fraction=1.0, by="student_entropy")
-  c.optim = dict(lr=5e-4, lr_min=1e-7, warmup_steps=0, weight_decay=0.01,
-                 clip=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  c.batch_size = 32   # global, in sequences
-  c.grad_accum = 1    # micro-batches per step
+  c.optim = dict(
+      lr=5e-4,
+      lr_min=1e-7,
+      warmup_steps=0,
+      weight_decay=0.01,
+      clip=1.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+  )
+  c.batch_size = 32  # global, in sequences
+  c.grad_accum = 1  # micro-batches per step
   c.num_epochs = 20
-  c.num_steps = 0     # > 0 overrides num_epochs
+  c.num_steps = 0  # > 0 overrides num_epochs
   c.mesh = dict(data=-1, fsdp=1)
   c.log_every = 50
   c.ckpt = dict(every_steps=1000, max_to_keep=2)
@@ -113,33 +140,61 @@ def _paper() -> ml_collections.ConfigDict:
   # near-untrained student cannot win; eval.best_metric="val_rougeL" is the
   # reference trainers' choice, counted only after warm-up and a quarter of
   # the run (best_after_steps=-1; a step number sets the start explicitly).
-  c.eval = dict(every_steps=-1, val_batches=0, num_examples=1000, batch_size=32,
-                max_new_tokens=256, greedy=False, datasets="dolly,sinst,vicuna,sni,unni",
-                seeds="10,20,30,40,50", best_metric="val_ce",
-                best_after_steps=-1)
+  c.eval = dict(
+      every_steps=-1,
+      val_batches=0,
+      num_examples=1000,
+      batch_size=32,
+      max_new_tokens=256,
+      greedy=False,
+      datasets="dolly,sinst,vicuna,sni,unni",
+      seeds="10,20,30,40,50",
+      best_metric="val_ce",
+      best_after_steps=-1,
+  )
   c.export_hf = True
   return c
 
 
 def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
   """Embedded data, byte tokenizer, tiny models: the laptop-CPU scale."""
-  c.data.update(name="synthetic_instruct", data_dir=TINY_DATA_DIR,
-                tokenizer="byte", template="compact", max_length=96,
-                max_prompt_length=80, train_limit=TINY_STUDENT_EXAMPLES)
+  c.data.update(
+      name="synthetic_instruct",
+      data_dir=TINY_DATA_DIR,
+      tokenizer="byte",
+      template="compact",
+      max_length=96,
+      max_prompt_length=80,
+      train_limit=TINY_STUDENT_EXAMPLES,
+  )
   c.teacher.update(path=TINY_TEACHER, hub_id="", dtype="float32")
   c.student.init = "preset:tiny-gpt2"
-  c.student.model_overrides = ml_collections.ConfigDict(dict(
-      vocab_size=257, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
-      **TINY_STUDENT_MODEL), type_safe=False)
+  c.student.model_overrides = ml_collections.ConfigDict(
+      dict(
+          vocab_size=257,
+          embd_pdrop=0.0,
+          attn_pdrop=0.0,
+          resid_pdrop=0.0,
+          **TINY_STUDENT_MODEL,
+      ),
+      type_safe=False,
+  )
   c.loss.chunk_size = 512
   c.optim.update(lr=3e-3, lr_min=1e-5, warmup_steps=20)
   c.batch_size = 16
   c.num_steps = steps
   c.log_every = 10
   c.ckpt.update(every_steps=100, max_to_keep=2)
-  c.eval.update(every_steps=max(steps // 6, 1), val_batches=8, num_examples=64,
-                batch_size=64, max_new_tokens=32, greedy=True,
-                datasets="synthetic_instruct", seeds="10")
+  c.eval.update(
+      every_steps=max(steps // 6, 1),
+      val_batches=8,
+      num_examples=64,
+      batch_size=64,
+      max_new_tokens=32,
+      greedy=True,
+      datasets="synthetic_instruct",
+      seeds="10",
+  )
 
 
 # Divergences with autodiff gradients only (no loss.impl=fused).
@@ -160,14 +215,22 @@ def override(c: ml_collections.ConfigDict, items: Mapping[str, Any]) -> None:
       node = node[p]
     old = node[leaf]
     if isinstance(value, str) and old is not None and not isinstance(old, str):
-      value = (value.lower() in ("1", "true") if isinstance(old, bool)
-               else type(old)(value))
+      value = (
+          value.lower() in ("1", "true")
+          if isinstance(old, bool)
+          else type(old)(value)
+      )
     flat[key] = value
   c.update_from_flattened_dict(flat)
 
 
-def get_config(loss: str = "akl", arg: str | None = None, *,
-               kd_ratio: float = 0.5, **hp: Any) -> ml_collections.ConfigDict:
+def get_config(
+    loss: str = "akl",
+    arg: str | None = None,
+    *,
+    kd_ratio: float = 0.5,
+    **hp: Any,
+) -> ml_collections.ConfigDict:
   """The recipe with divergence ``loss`` and its hyper-parameters ``hp``.
 
   ``arg``: None (paper setup) or ``tiny[,steps=N]`` (:func:`parse_scale`). A

@@ -24,11 +24,13 @@ import ml_collections
 
 from kdjax.configs import common
 
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None, ``teacher``, ``tiny`` or ``tiny_teacher`` (+ ``,steps=N``)."""
   # steps=0: not given (each stage has its own default).
-  a = common.parse_arg(arg, tiny=False, teacher=False, tiny_teacher=False,
-                       steps=0)
+  a = common.parse_arg(
+      arg, tiny=False, teacher=False, tiny_teacher=False, steps=0
+  )
   tiny = a.tiny or a.tiny_teacher
   scale = f"tiny,steps={a.steps}" if a.steps else "tiny"
   c = common.get_config("fkl", scale if tiny else None, kd_ratio=0.0)
@@ -40,9 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a.tiny_teacher:
     # Same 24k examples as the students, 5x their optimizer steps at twice
     # the batch: the teacher is the model the students cannot reach alone.
-    c.student.model_overrides = ml_collections.ConfigDict(dict(
-        c.student.model_overrides, **common.TINY_TEACHER_MODEL),
-        type_safe=False)
+    c.student.model_overrides = ml_collections.ConfigDict(
+        dict(c.student.model_overrides, **common.TINY_TEACHER_MODEL),
+        type_safe=False,
+    )
     c.data.train_limit = 0
     c.batch_size = 32
     c.num_steps = a.steps or common.TINY_TEACHER_STEPS

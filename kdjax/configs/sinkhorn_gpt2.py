@@ -19,5 +19,6 @@ from kdjax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return common.get_config("sinkhorn", arg, temperature=2.0, epsilon=0.1,
-                           solver="sinkd")
+  return common.get_config(
+      "sinkhorn", arg, temperature=2.0, epsilon=0.1, solver="sinkd"
+  )

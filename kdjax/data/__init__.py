@@ -7,8 +7,14 @@ written with ``file_format="array_record"`` and read with ``as_data_source``.
 
 from kdjax.data.dolly import Dolly
 from kdjax.data.instruct_jsonl import InstructJsonl, InstructJsonlConfig
-from kdjax.data.synthetic import SyntheticInstruct
 from kdjax.data.sources import builder, load_source
+from kdjax.data.synthetic import SyntheticInstruct
 
-__all__ = ["Dolly", "InstructJsonl", "InstructJsonlConfig", "SyntheticInstruct",
-           "builder", "load_source"]
+__all__ = [
+    "Dolly",
+    "InstructJsonl",
+    "InstructJsonlConfig",
+    "SyntheticInstruct",
+    "builder",
+    "load_source",
+]

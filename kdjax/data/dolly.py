@@ -18,8 +18,10 @@ import tensorflow_datasets as tfds
 
 from kdjax.data import jsonl
 
-URL = ("https://huggingface.co/datasets/databricks/databricks-dolly-15k/"
-       "resolve/main/databricks-dolly-15k.jsonl")
+URL = (
+    "https://huggingface.co/datasets/databricks/databricks-dolly-15k/"
+    "resolve/main/databricks-dolly-15k.jsonl"
+)
 FILENAME = "databricks-dolly-15k.jsonl"
 SPLIT_SEED = 10  # the recipe's seed (docs/training.md "The paper recipe")
 NUM_VALIDATION = 1000
@@ -41,19 +43,25 @@ def stable_order(n: int, seed: int) -> list[int]:
 
   Sorting by SHA-256 of ``"seed:i"`` depends on no PRNG implementation.
   """
-  return sorted(range(n), key=lambda i: hashlib.sha256(
-      f"{seed}:{i}".encode()).digest())
+  return sorted(
+      range(n), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest()
+  )
 
 
-def split_records(records: list[dict[str, str]], *, seed: int,
-                  num_validation: int,
-                  num_test: int) -> dict[str, list[dict[str, str]]]:
+def split_records(
+    records: list[dict[str, str]],
+    *,
+    seed: int,
+    num_validation: int,
+    num_test: int,
+) -> dict[str, list[dict[str, str]]]:
   """Seeded split: the first ``num_validation`` of a stable permutation are
   validation, the next ``num_test`` test, the rest train."""
   if len(records) <= num_validation + num_test:
     raise ValueError(
         f"Dolly has {len(records)} usable records, not more than validation + "
-        f"test = {num_validation + num_test}; check the input file.")
+        f"test = {num_validation + num_test}; check the input file."
+    )
   order = stable_order(len(records), seed)
   cut = num_validation + num_test
   return {
@@ -71,7 +79,8 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Offline: download {URL} and place {FILENAME} in the manual_dir "
       "(python -m kdjax.data.prepare --dataset=dolly --manual_dir=DIR). "
-      "Online, no manual step is needed.")
+      "Online, no manual step is needed."
+  )
 
   def __init__(self, *, skip_bad: bool = False, **kwargs):
     self._skip_bad = skip_bad
@@ -79,12 +88,14 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "instruction": tfds.features.Text(),
-            "context": tfds.features.Text(),
-            "response": tfds.features.Text(),
-            "category": tfds.features.Text(),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "instruction": tfds.features.Text(),
+                "context": tfds.features.Text(),
+                "response": tfds.features.Text(),
+                "category": tfds.features.Text(),
+            }
+        ),
         homepage="https://huggingface.co/datasets/databricks/databricks-dolly-15k",
         metadata=tfds.core.MetadataDict(),
     )
@@ -93,25 +104,38 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
     path = self._local_file(dl_manager)
     if path is None:
       from kdjax import hub  # pylint: disable=g-import-not-at-top
+
       if not hub.hub_reachable():
         raise FileNotFoundError(
             f"{FILENAME} is not prepared and huggingface.co is unreachable; "
             f"on a machine with network download {URL} into a directory DIR "
-            "and prepare with --manual_dir=DIR (data.manual_dir).")
+            "and prepare with --manual_dir=DIR (data.manual_dir)."
+        )
       logging.info("No %s in manual_dir; downloading %s", FILENAME, URL)
       path = dl_manager.download(URL)
     counts = jsonl.Counts()
-    records = jsonl.read_jsonl(path, parse, skip_bad=self._skip_bad,
-                               counts=counts)
-    splits = split_records(records, seed=SPLIT_SEED,
-                           num_validation=NUM_VALIDATION, num_test=NUM_TEST)
+    records = jsonl.read_jsonl(
+        path, parse, skip_bad=self._skip_bad, counts=counts
+    )
+    splits = split_records(
+        records,
+        seed=SPLIT_SEED,
+        num_validation=NUM_VALIDATION,
+        num_test=NUM_TEST,
+    )
     self.info.metadata.update(
-        counts=dict(counts), split_seed=SPLIT_SEED,
-        split_sizes={k: len(v) for k, v in splits.items()})
-    logging.info("Dolly: %s; split sizes %s", dict(counts),
-                 self.info.metadata["split_sizes"])
-    return {name: self._generate_examples(recs)
-            for name, recs in splits.items()}
+        counts=dict(counts),
+        split_seed=SPLIT_SEED,
+        split_sizes={k: len(v) for k, v in splits.items()},
+    )
+    logging.info(
+        "Dolly: %s; split sizes %s",
+        dict(counts),
+        self.info.metadata["split_sizes"],
+    )
+    return {
+        name: self._generate_examples(recs) for name, recs in splits.items()
+    }
 
   def _local_file(self, dl_manager):
     """The manually placed file, or None when there is no manual_dir."""
@@ -123,7 +147,8 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
     if not path.exists():
       raise FileNotFoundError(
           f"manual_dir {manual_dir} has no {FILENAME}; download {URL} into it "
-          "or leave manual_dir unset to download.")
+          "or leave manual_dir unset to download."
+      )
     return path
 
   def _generate_examples(self, records):

@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 def source(data: DataSpec, split: str) -> Any:
   """The random-access source (``len``, ``[i]``) of ``split``."""
   if data.name.endswith(".jsonl"):
-    return sources.load_source("instruct_jsonl", "test", data.data_dir,
-                               path=fs.local(data.name))
-  return sources.load_source(data.name, split, data.data_dir,
-                             manual_dir=data.manual_dir)
+    return sources.load_source(
+        "instruct_jsonl", "test", data.data_dir, path=fs.local(data.name)
+    )
+  return sources.load_source(
+      data.name, split, data.data_dir, manual_dir=data.manual_dir
+  )
 
 
 def train_source(data: DataSpec) -> Any:

@@ -21,8 +21,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from kdjax import fs
-from kdjax.data import jsonl
-from kdjax.data import template
+from kdjax.data import jsonl, template
 
 # The evaluation sets of docs/evaluation.md "Test sets" (plus Dolly's test split
 # as a file).
@@ -33,8 +32,9 @@ def parse(obj: dict[str, Any]) -> dict[str, Any]:
   """One line -> instruction, input, prompt, response, references."""
   if "output" not in obj:
     raise ValueError("missing field 'output'")
-  references = [r for r in jsonl.string_list(obj["output"], "output")
-                if r.strip()]
+  references = [
+      r for r in jsonl.string_list(obj["output"], "output") if r.strip()
+  ]
   if "instruction" in obj:
     instruction = jsonl.text_field(obj, "instruction")
     prompt = jsonl.text_field(obj, "prompt", required=False)
@@ -54,8 +54,9 @@ def parse(obj: dict[str, Any]) -> dict[str, Any]:
   }
 
 
-def check_file(path, *, skip_bad: bool = False,
-               counts: jsonl.Counts | None = None) -> list[dict[str, Any]]:
+def check_file(
+    path, *, skip_bad: bool = False, counts: jsonl.Counts | None = None
+) -> list[dict[str, Any]]:
   """The records of ``path``; one sentence if it is malformed or has none."""
   counts = jsonl.Counts() if counts is None else counts
   records = jsonl.read_jsonl(path, parse, skip_bad=skip_bad, counts=counts)
@@ -64,13 +65,15 @@ def check_file(path, *, skip_bad: bool = False,
     raise ValueError(
         f"{os.fspath(path)} has no usable example ({seen}); put one JSON "
         "object with a non-empty output per line (prompt/output or "
-        "instruction/input/output).")
+        "instruction/input/output)."
+    )
   return records
 
 
 @dataclasses.dataclass(kw_only=True)
 class InstructJsonlConfig(tfds.core.BuilderConfig):
   """``path``: an explicit file; otherwise ``<manual_dir>/<name>.jsonl``."""
+
   path: str | None = None
   split: str = "test"
 
@@ -86,7 +89,8 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Put <name>.jsonl (or <name>/valid.jsonl as in MiniLLM's processed data) "
-      f"in manual_dir for name in {NAMED_SETS}, or give a config with path=.")
+      f"in manual_dir for name in {NAMED_SETS}, or give a config with path=."
+  )
 
   def __init__(self, *, skip_bad: bool = False, **kwargs):
     self._skip_bad = skip_bad
@@ -94,13 +98,15 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "instruction": tfds.features.Text(),
-            "input": tfds.features.Text(),
-            "prompt": tfds.features.Text(),
-            "response": tfds.features.Text(),
-            "references": tfds.features.Sequence(tfds.features.Text()),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "instruction": tfds.features.Text(),
+                "input": tfds.features.Text(),
+                "prompt": tfds.features.Text(),
+                "response": tfds.features.Text(),
+                "references": tfds.features.Sequence(tfds.features.Text()),
+            }
+        ),
         metadata=tfds.core.MetadataDict(),
     )
 
@@ -109,25 +115,31 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
     counts = jsonl.Counts()
     records = check_file(path, skip_bad=self._skip_bad, counts=counts)
     self.info.metadata.update(counts=dict(counts), source=os.fspath(path))
-    logging.info("instruct_jsonl/%s: %s", self.builder_config.name,
-                 dict(counts))
+    logging.info(
+        "instruct_jsonl/%s: %s", self.builder_config.name, dict(counts)
+    )
     return {self.builder_config.split: self._generate_examples(records)}
 
   def _find_file(self, dl_manager):
     config = self.builder_config
     if config.path:
       if not fs.path(config.path).exists():
-        raise FileNotFoundError(f"instruct_jsonl path {config.path} does not "
-                                "exist; pass an existing JSONL file.")
+        raise FileNotFoundError(
+            f"instruct_jsonl path {config.path} does not "
+            "exist; pass an existing JSONL file."
+        )
       return config.path
-    candidates = [dl_manager.manual_dir / f"{config.name}.jsonl",
-                  dl_manager.manual_dir / config.name / "valid.jsonl"]
+    candidates = [
+        dl_manager.manual_dir / f"{config.name}.jsonl",
+        dl_manager.manual_dir / config.name / "valid.jsonl",
+    ]
     for path in candidates:
       if path.exists():
         return path
     raise FileNotFoundError(
         f"instruct_jsonl/{config.name}: none of {[str(p) for p in candidates]} "
-        "exists; put the file there or give the config a path.")
+        "exists; put the file there or give the config a path."
+    )
 
   def _generate_examples(self, records):
     for i, record in enumerate(records):

@@ -32,9 +32,13 @@ class BadLinesError(ValueError):
 Counts = collections.Counter
 
 
-def read_jsonl(path: os.PathLike | str, parse: Parser, *,
-               skip_bad: bool = False,
-               counts: Counts | None = None) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: os.PathLike | str,
+    parse: Parser,
+    *,
+    skip_bad: bool = False,
+    counts: Counts | None = None,
+) -> list[dict[str, Any]]:
   """Reads ``path`` line by line, returning ``parse(obj)`` for each good line.
 
   Blank lines are ignored. A line that is not a JSON object, or that ``parse``
@@ -73,9 +77,11 @@ def read_jsonl(path: os.PathLike | str, parse: Parser, *,
     if not skip_bad:
       raise BadLinesError(
           f"{len(problems)} malformed line(s) in {path}: {shown}. Fix the file "
-          "or build with skip_bad=True (prepare: --skip_bad) to skip and count them.")
-    logging.warning("Skipped %d malformed line(s) in %s: %s", len(problems),
-                    path, shown)
+          "or build with skip_bad=True (prepare: --skip_bad) to skip and count them."
+      )
+    logging.warning(
+        "Skipped %d malformed line(s) in %s: %s", len(problems), path, shown
+    )
   logging.info("Read %s: %s", path, dict(counts))
   return records
 
@@ -88,15 +94,17 @@ def text_field(obj: dict[str, Any], key: str, *, required: bool = True) -> str:
     return ""
   value = obj[key]
   if not isinstance(value, str):
-    raise ValueError(f"field {key!r} must be a string, got "
-                     f"{type(value).__name__}")
+    raise ValueError(
+        f"field {key!r} must be a string, got " f"{type(value).__name__}"
+    )
   return value
 
 
 def string_list(value: Any, key: str) -> list[str]:
   """A string or list of strings as a list (for multi-reference outputs)."""
   values = [value] if isinstance(value, str) else value
-  if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+  if not isinstance(values, list) or not all(
+      isinstance(v, str) for v in values
+  ):
     raise ValueError(f"field {key!r} must be a string or a list of strings")
   return values
-

@@ -65,8 +65,9 @@ def prompt_of(example: Mapping[str, Any], style: str = "minillm") -> str:
   if given:
     return given
   input_ = example.get("input", example.get("context", ""))
-  return template.prompt(to_text(example["instruction"]), to_text(input_),
-                         style)
+  return template.prompt(
+      to_text(example["instruction"]), to_text(input_), style
+  )
 
 
 def references_of(example: Mapping[str, Any]) -> list[str]:
@@ -84,6 +85,7 @@ def references_of(example: Mapping[str, Any]) -> list[str]:
 @dataclasses.dataclass
 class TokenStats:
   """What happened to each example of a split (all drops/truncations counted)."""
+
   total: int = 0
   kept: int = 0
   dropped_empty_response: int = 0
@@ -99,6 +101,7 @@ class TokenStats:
 class Tokenized:
   """``ids = prompt ‖ response ‖ EOS`` (maybe truncated); the first
   ``prompt_len`` of them are prompt."""
+
   ids: np.ndarray
   prompt_len: int
 
@@ -113,28 +116,40 @@ def _read_all(source, chunk: int = 1024) -> list[Mapping[str, Any]]:
   """Every example of a data source, in order (batched reads when supported)."""
   if not hasattr(source, "__getitems__"):
     return [source[i] for i in range(len(source))]
-  return [ex for start in range(0, len(source), chunk)
-          for ex in source.__getitems__(
-              list(range(start, min(start + chunk, len(source)))))]
+  return [
+      ex
+      for start in range(0, len(source), chunk)
+      for ex in source.__getitems__(
+          list(range(start, min(start + chunk, len(source))))
+      )
+  ]
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
   if not 0 < max_prompt_length < max_length:
     raise ValueError(
         f"need 0 < max_prompt_length < max_length, got max_prompt_length="
-        f"{max_prompt_length}, max_length={max_length}; lower the prompt limit.")
+        f"{max_prompt_length}, max_length={max_length}; lower the prompt limit."
+    )
 
 
-def tokenize_split(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
-                   max_length: int = 512, max_prompt_length: int = 256,
-                   prompt_policy: PromptPolicy = "drop",
-                   name: str = "split", template_style: str = "minillm"
-                   ) -> tuple[list[Tokenized], TokenStats]:
+def tokenize_split(
+    source,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    eos_id: int,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    prompt_policy: PromptPolicy = "drop",
+    name: str = "split",
+    template_style: str = "minillm",
+) -> tuple[list[Tokenized], TokenStats]:
   """Tokenises every example of ``source`` for teacher-forced training."""
   _check_lengths(max_length, max_prompt_length)
   if prompt_policy not in _POLICIES:
-    raise ValueError(f"prompt_policy must be one of {_POLICIES}, got "
-                     f"{prompt_policy!r}.")
+    raise ValueError(
+        f"prompt_policy must be one of {_POLICIES}, got " f"{prompt_policy!r}."
+    )
   stats = TokenStats(total=len(source))
   prompts, responses = [], []
   for example in _read_all(source):
@@ -145,11 +160,12 @@ def tokenize_split(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
     prompts.append(prompt_of(example, template_style))
     responses.append(response)
   prompt_ids_all = _encode_all(tokenizer, prompts)
-  full_ids_all = _encode_all(tokenizer, [p + r for p, r in
-                                         zip(prompts, responses)])
+  full_ids_all = _encode_all(
+      tokenizer, [p + r for p, r in zip(prompts, responses)]
+  )
   out = []
   for prompt_ids, full_ids in zip(prompt_ids_all, full_ids_all):
-    response_ids = full_ids[len(prompt_ids):] + [eos_id]
+    response_ids = full_ids[len(prompt_ids) :] + [eos_id]
     if len(prompt_ids) > max_prompt_length:
       if prompt_policy == "drop":
         stats.dropped_long_prompt += 1
@@ -166,8 +182,9 @@ def tokenize_split(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   return out, stats
 
 
-def train_row(example: Tokenized, *, max_length: int,
-              eos_id: int) -> dict[str, np.ndarray]:
+def train_row(
+    example: Tokenized, *, max_length: int, eos_id: int
+) -> dict[str, np.ndarray]:
   """One right-padded training row of length ``max_length`` (module docstring)."""
   ids, n = example.ids, len(example.ids)
   row = {
@@ -177,10 +194,10 @@ def train_row(example: Tokenized, *, max_length: int,
       "attention_mask": np.zeros(max_length, np.int32),
       "positions": np.arange(max_length, dtype=np.int32),
   }
-  row["input_ids"][:n - 1] = ids[:-1]
-  row["labels"][:n - 1] = ids[1:]
-  row["loss_mask"][example.prompt_len - 1:n - 1] = 1.0
-  row["attention_mask"][:n - 1] = 1
+  row["input_ids"][: n - 1] = ids[:-1]
+  row["labels"][: n - 1] = ids[1:]
+  row["loss_mask"][example.prompt_len - 1 : n - 1] = 1.0
+  row["attention_mask"][: n - 1] = 1
   return row
 
 
@@ -195,11 +212,17 @@ def _stack(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def _process(process_index: int | None, process_count: int | None):
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+
+    process_index = (
+        jax.process_index() if process_index is None else process_index
+    )
+    process_count = (
+        jax.process_count() if process_count is None else process_count
+    )
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in "
-                     f"[0, {process_count}).")
+    raise ValueError(
+        f"process_index {process_index} not in " f"[0, {process_count})."
+    )
   return process_index, process_count
 
 
@@ -210,6 +233,7 @@ class TrainData:
   ``dataset[s]`` is step ``s``'s local batch (dict of ``[local_batch, L]``
   numpy arrays); ``iterator()`` gives a checkpointable grain iterator.
   """
+
   dataset: grain.MapDataset
   steps_per_epoch: int
   num_steps: int | None  # None: repeats forever
@@ -221,14 +245,21 @@ class TrainData:
     return iter(self.dataset.to_iter_dataset())
 
 
-def train_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
-                  batch_size: int, seed: int, max_length: int = 512,
-                  max_prompt_length: int = 256,
-                  prompt_policy: PromptPolicy = "drop",
-                  num_epochs: int | None = None,
-                  process_index: int | None = None,
-                  process_count: int | None = None,
-                  template_style: str = "minillm") -> TrainData:
+def train_batches(
+    source,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    eos_id: int,
+    batch_size: int,
+    seed: int,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    prompt_policy: PromptPolicy = "drop",
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    template_style: str = "minillm",
+) -> TrainData:
   """Shuffled, repeated, sharded training batches.
 
   Epoch structure (as the reference loaders, ``drop_last=True``): every epoch
@@ -240,50 +271,79 @@ def train_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   """
   process_index, process_count = _process(process_index, process_count)
   if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the "
-                     f"{process_count} processes; use a multiple.")
+    raise ValueError(
+        f"batch_size {batch_size} is not divisible by the "
+        f"{process_count} processes; use a multiple."
+    )
   examples, stats = tokenize_split(
-      source, tokenizer, eos_id=eos_id, max_length=max_length,
-      max_prompt_length=max_prompt_length, prompt_policy=prompt_policy,
-      name="train", template_style=template_style)
+      source,
+      tokenizer,
+      eos_id=eos_id,
+      max_length=max_length,
+      max_prompt_length=max_prompt_length,
+      prompt_policy=prompt_policy,
+      name="train",
+      template_style=template_style,
+  )
   steps_per_epoch = len(examples) // batch_size
   if steps_per_epoch == 0:
     dropped = stats.dropped_long_prompt
-    fix = (f"{dropped} had prompts over max_prompt_length={max_prompt_length}: "
-           "raise it or use prompt_policy='truncate'" if dropped else
-           "lower batch_size or add data")
-    raise ValueError(f"only {len(examples)} usable examples for batch_size "
-                     f"{batch_size} ({fix}).")
+    fix = (
+        f"{dropped} had prompts over max_prompt_length={max_prompt_length}: "
+        "raise it or use prompt_policy='truncate'"
+        if dropped
+        else "lower batch_size or add data"
+    )
+    raise ValueError(
+        f"only {len(examples)} usable examples for batch_size "
+        f"{batch_size} ({fix})."
+    )
   local = batch_size // process_count
   per_epoch = steps_per_epoch * batch_size
   # Per-epoch permutations: shuffle-then-repeat reshuffles each epoch.
-  shuffled = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(
-      num_epochs)
+  shuffled = (
+      grain.MapDataset.source(examples).shuffle(seed=seed).repeat(num_epochs)
+  )
   num_steps = None if num_epochs is None else num_epochs * steps_per_epoch
-  num_rows = (sys.maxsize // batch_size if num_steps is None else num_steps) * local
+  num_rows = (
+      sys.maxsize // batch_size if num_steps is None else num_steps
+  ) * local
 
   def pick(i: int) -> Tokenized:
     step, k = divmod(i, local)
     epoch, j = divmod(step * batch_size + process_index * local + k, per_epoch)
     return shuffled[epoch * len(examples) + j]
 
-  dataset = (grain.MapDataset.range(num_rows)
-             .map(pick)
-             .map(lambda e: train_row(e, max_length=max_length, eos_id=eos_id))
-             .batch(local, drop_remainder=True, batch_fn=_stack))
-  logging.info("train: %d examples, %d steps/epoch of %d (local %d), "
-               "epochs %s", len(examples), steps_per_epoch, batch_size, local,
-               num_epochs)
+  dataset = (
+      grain.MapDataset.range(num_rows)
+      .map(pick)
+      .map(lambda e: train_row(e, max_length=max_length, eos_id=eos_id))
+      .batch(local, drop_remainder=True, batch_fn=_stack)
+  )
+  logging.info(
+      "train: %d examples, %d steps/epoch of %d (local %d), " "epochs %s",
+      len(examples),
+      steps_per_epoch,
+      batch_size,
+      local,
+      num_epochs,
+  )
   return TrainData(dataset, steps_per_epoch, num_steps, local, stats)
 
 
-def eval_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
-                 batch_size: int, max_length: int = 512,
-                 max_prompt_length: int = 256,
-                 prompt_policy: PromptPolicy = "drop",
-                 process_index: int | None = None,
-                 process_count: int | None = None,
-                 template_style: str = "minillm") -> grain.MapDataset:
+def eval_batches(
+    source,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    eos_id: int,
+    batch_size: int,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    prompt_policy: PromptPolicy = "drop",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    template_style: str = "minillm",
+) -> grain.MapDataset:
   """One unshuffled pass of teacher-forced rows (validation loss).
 
   Nothing is dropped for batching: the last batch is filled up with copies of
@@ -292,19 +352,30 @@ def eval_batches(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   """
   process_index, process_count = _process(process_index, process_count)
   examples, _ = tokenize_split(
-      source, tokenizer, eos_id=eos_id, max_length=max_length,
-      max_prompt_length=max_prompt_length, prompt_policy=prompt_policy,
-      name="eval", template_style=template_style)
+      source,
+      tokenizer,
+      eos_id=eos_id,
+      max_length=max_length,
+      max_prompt_length=max_prompt_length,
+      prompt_policy=prompt_policy,
+      name="eval",
+      template_style=template_style,
+  )
   if not examples:
     raise ValueError("no usable evaluation examples; check the split.")
   mine = examples[process_index::process_count]
   num_batches = _num_batches(len(examples), process_count, batch_size)
 
   def make(b: int) -> dict[str, np.ndarray]:
-    rows = [train_row(e, max_length=max_length, eos_id=eos_id)
-            for e in mine[b * batch_size:(b + 1) * batch_size]]
-    first = rows[0] if rows else train_row(examples[0], max_length=max_length,
-                                           eos_id=eos_id)
+    rows = [
+        train_row(e, max_length=max_length, eos_id=eos_id)
+        for e in mine[b * batch_size : (b + 1) * batch_size]
+    ]
+    first = (
+        rows[0]
+        if rows
+        else train_row(examples[0], max_length=max_length, eos_id=eos_id)
+    )
     filler = dict(first, loss_mask=np.zeros(max_length, np.float32))
     return _stack(rows + [filler] * (batch_size - len(rows)))
 
@@ -330,31 +401,42 @@ class EvalPrompts:
   prompt that keep shapes fixed). ``examples[i]`` has ``prompt``,
   ``references`` and ``task`` ('' when the dataset has none).
   """
+
   dataset: grain.MapDataset
   examples: list[dict[str, Any]]
   truncated_prompts: int
 
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], *, length: int,
-             eos_id: int) -> dict[str, np.ndarray]:
+def left_pad(
+    prompt_ids: Sequence[Sequence[int]], *, length: int, eos_id: int
+) -> dict[str, np.ndarray]:
   """Left-pads token lists to ``length`` with EOS; positions from 0 per row."""
   batch = len(prompt_ids)
   input_ids = np.full((batch, length), eos_id, np.int32)
   mask = np.zeros((batch, length), np.int32)
   for r, ids in enumerate(prompt_ids):
     if ids:
-      input_ids[r, length - len(ids):] = ids
-      mask[r, length - len(ids):] = 1
+      input_ids[r, length - len(ids) :] = ids
+      mask[r, length - len(ids) :] = 1
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-  return {"input_ids": input_ids, "attention_mask": mask,
-          "positions": positions}
+  return {
+      "input_ids": input_ids,
+      "attention_mask": mask,
+      "positions": positions,
+  }
 
 
-def eval_prompts(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
-                 batch_size: int, max_prompt_length: int = 256,
-                 process_index: int | None = None,
-                 process_count: int | None = None,
-                 template_style: str = "minillm") -> EvalPrompts:
+def eval_prompts(
+    source,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    eos_id: int,
+    batch_size: int,
+    max_prompt_length: int = 256,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    template_style: str = "minillm",
+) -> EvalPrompts:
   """Prompt-only generation batches over one split (no shuffle, nothing dropped).
 
   Prompts are cut to their first ``max_prompt_length`` tokens (the evaluation
@@ -364,20 +446,29 @@ def eval_prompts(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
   process_index, process_count = _process(process_index, process_count)
   examples = []
   for ex in _read_all(source):
-    examples.append({"prompt": prompt_of(ex, template_style), "references": references_of(ex),
-                     "task": to_text(ex.get("task", ""))})
+    examples.append(
+        {
+            "prompt": prompt_of(ex, template_style),
+            "references": references_of(ex),
+            "task": to_text(ex.get("task", "")),
+        }
+    )
   if not examples:
     raise ValueError("no evaluation examples; check the split.")
   ids_all = _encode_all(tokenizer, [e["prompt"] for e in examples])
   truncated = sum(len(ids) > max_prompt_length for ids in ids_all)
   ids_all = [ids[:max_prompt_length] for ids in ids_all]
-  logging.info("eval prompts: %d examples, %d prompts cut to %d tokens",
-               len(examples), truncated, max_prompt_length)
+  logging.info(
+      "eval prompts: %d examples, %d prompts cut to %d tokens",
+      len(examples),
+      truncated,
+      max_prompt_length,
+  )
   mine = list(range(process_index, len(examples), process_count))
   num_batches = _num_batches(len(examples), process_count, batch_size)
 
   def make(b: int) -> dict[str, np.ndarray]:
-    index = mine[b * batch_size:(b + 1) * batch_size]
+    index = mine[b * batch_size : (b + 1) * batch_size]
     fill = batch_size - len(index)
     first = index[0] if index else 0  # a process may run out before others
     rows = [ids_all[i] for i in index] + [ids_all[first]] * fill
@@ -386,5 +477,6 @@ def eval_prompts(source, tokenizer: tokenizers.Tokenizer, *, eos_id: int,
     batch["valid"] = batch["index"] >= 0
     return batch
 
-  return EvalPrompts(grain.MapDataset.range(num_batches).map(make), examples,
-                     truncated)
+  return EvalPrompts(
+      grain.MapDataset.range(num_batches).map(make), examples, truncated
+  )

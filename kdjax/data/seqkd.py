@@ -27,9 +27,13 @@ def cache_path(cache_dir: fs.PathLike) -> str:
 def write(rows: Responses, path: fs.PathLike) -> None:
   """Writes ``{"prompt", "output": response}`` lines, atomically."""
   fs.path(path).parent.mkdir(parents=True, exist_ok=True)
-  fs.write_text_atomic(path, "".join(
-      json.dumps({"prompt": r["prompt"], "output": r["response"]}) + "\n"
-      for r in rows))
+  fs.write_text_atomic(
+      path,
+      "".join(
+          json.dumps({"prompt": r["prompt"], "output": r["response"]}) + "\n"
+          for r in rows
+      ),
+  )
 
 
 def train_source(cache_dir: str, respond: Callable[[], Responses]) -> Any:
@@ -44,5 +48,9 @@ def train_source(cache_dir: str, respond: Callable[[], Responses]) -> Any:
   path = cache_path(cache_dir)
   if not fs.path(path).exists():
     write(respond(), path)
-  return sources.load_source("instruct_jsonl/seqkd_train", "test",
-                             str(fs.path(cache_dir) / "tfds"), path=path)
+  return sources.load_source(
+      "instruct_jsonl/seqkd_train",
+      "test",
+      str(fs.path(cache_dir) / "tfds"),
+      path=path,
+  )

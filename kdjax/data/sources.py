@@ -20,10 +20,7 @@ import re
 import tensorflow_datasets as tfds
 
 from kdjax import fs
-
-from kdjax.data import dolly
-from kdjax.data import instruct_jsonl
-from kdjax.data import synthetic
+from kdjax.data import dolly, instruct_jsonl, synthetic
 
 _BUILDERS = {
     "dolly": dolly.Dolly,
@@ -48,8 +45,10 @@ def content_digest(path: fs.PathLike) -> str:
       h.update(block)
       blank = blank and not block.strip()
   if blank:
-    raise ValueError(f"data file {os.fspath(path)} is empty; put one JSON "
-                     "object per line in it.")
+    raise ValueError(
+        f"data file {os.fspath(path)} is empty; put one JSON "
+        "object per line in it."
+    )
   return h.hexdigest()
 
 
@@ -57,54 +56,78 @@ def file_config_name(path: fs.PathLike, name: str | None = None) -> str:
   """``<name or stem>-<digest>``: the cache key of a JSONL file."""
   p = fs.path(path)
   if not p.is_file():
-    raise FileNotFoundError(f"data file {os.fspath(path)} does not exist; "
-                            "pass an existing JSONL file.")
+    raise FileNotFoundError(
+        f"data file {os.fspath(path)} does not exist; "
+        "pass an existing JSONL file."
+    )
   stem = re.sub(r"[^A-Za-z0-9_.]", "_", name or p.stem)
   return f"{stem}-{content_digest(p)[:DIGEST_CHARS]}"
 
 
-def builder(name: str, data_dir: os.PathLike | str, *,
-            path: os.PathLike | str | None = None,
-            skip_bad: bool = False) -> tfds.core.DatasetBuilder:
+def builder(
+    name: str,
+    data_dir: os.PathLike | str,
+    *,
+    path: os.PathLike | str | None = None,
+    skip_bad: bool = False,
+) -> tfds.core.DatasetBuilder:
   """The array_record builder for ``name`` (see the module docstring)."""
   base, _, config = name.partition("/")
   if base not in _BUILDERS:
-    raise ValueError(f"unknown dataset {name!r}; use one of "
-                     "dolly, synthetic_instruct, instruct_jsonl/<name>.")
+    raise ValueError(
+        f"unknown dataset {name!r}; use one of "
+        "dolly, synthetic_instruct, instruct_jsonl/<name>."
+    )
   kwargs = dict(data_dir=os.fspath(data_dir), file_format="array_record")
   if base == "instruct_jsonl":
     if path is not None:
       config = instruct_jsonl.InstructJsonlConfig(
-          name=file_config_name(path, config or None), path=os.fspath(path))
+          name=file_config_name(path, config or None), path=os.fspath(path)
+      )
     elif config not in instruct_jsonl.NAMED_SETS:
       raise ValueError(
           f"instruct_jsonl needs a config from {instruct_jsonl.NAMED_SETS} "
-          f"(got {config!r}) or a path= to a JSONL file.")
+          f"(got {config!r}) or a path= to a JSONL file."
+      )
     kwargs["config"] = config
   elif config or path is not None:
-    raise ValueError(f"{base} takes no config or path (got {name!r}, {path!r}).")
+    raise ValueError(
+        f"{base} takes no config or path (got {name!r}, {path!r})."
+    )
   if base != "synthetic_instruct":
     kwargs["skip_bad"] = skip_bad
   return _BUILDERS[base](**kwargs)
 
 
-def prepare(name: str, data_dir: os.PathLike | str, *,
-            manual_dir: os.PathLike | str | None = None,
-            path: os.PathLike | str | None = None,
-            skip_bad: bool = False) -> tfds.core.DatasetBuilder:
+def prepare(
+    name: str,
+    data_dir: os.PathLike | str,
+    *,
+    manual_dir: os.PathLike | str | None = None,
+    path: os.PathLike | str | None = None,
+    skip_bad: bool = False,
+) -> tfds.core.DatasetBuilder:
   """Builds ``name`` under ``data_dir`` unless already built; returns the builder."""
   b = builder(name, data_dir, path=path, skip_bad=skip_bad)
   if path is not None and not fs.path(b.data_dir).exists():
     # Malformed or empty files fail here, before TFDS creates any directory.
     instruct_jsonl.check_file(path, skip_bad=skip_bad)
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None else os.fspath(manual_dir)))
+  b.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=None if manual_dir is None else os.fspath(manual_dir)
+      )
+  )
   return b
 
 
-def load_source(name: str, split: str, data_dir: os.PathLike | str, *,
-                manual_dir: os.PathLike | str | None = None,
-                path: os.PathLike | str | None = None):
+def load_source(
+    name: str,
+    split: str,
+    data_dir: os.PathLike | str,
+    *,
+    manual_dir: os.PathLike | str | None = None,
+    path: os.PathLike | str | None = None,
+):
   """A random-access data source (``len``, ``[i]``) over one split.
 
   Prepares the dataset first if needed (cheap no-op once built). Text features

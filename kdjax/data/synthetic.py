@@ -22,23 +22,28 @@ class SyntheticInstruct(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "instruction": tfds.features.Text(),
-            "input": tfds.features.Text(),
-            "response": tfds.features.Text(),
-            "task": tfds.features.Text(),
-            "valid_answers": tfds.features.Sequence(tfds.features.Text()),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "instruction": tfds.features.Text(),
+                "input": tfds.features.Text(),
+                "response": tfds.features.Text(),
+                "task": tfds.features.Text(),
+                "valid_answers": tfds.features.Sequence(tfds.features.Text()),
+            }
+        ),
         metadata=tfds.core.MetadataDict(
             seed=synthetic_tasks.SEED,
             single_answer_tasks=list(synthetic_tasks.SINGLE_ANSWER),
-            many_answer_tasks=list(synthetic_tasks.MANY_ANSWERS)),
+            many_answer_tasks=list(synthetic_tasks.MANY_ANSWERS),
+        ),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {split: self._generate_examples(split)
-            for split in synthetic_tasks.SPLIT_SIZES}
+    return {
+        split: self._generate_examples(split)
+        for split in synthetic_tasks.SPLIT_SIZES
+    }
 
   def _generate_examples(self, split):
     examples = synthetic_tasks.generate(split)

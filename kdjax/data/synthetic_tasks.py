@@ -74,7 +74,9 @@ class Example:
   valid_answers: tuple[str, ...]
 
   def as_dict(self) -> dict:
-    return dataclasses.asdict(self) | {"valid_answers": list(self.valid_answers)}
+    return dataclasses.asdict(self) | {
+        "valid_answers": list(self.valid_answers)
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -82,25 +84,31 @@ class Example:
 
 CATEGORIES = {
     "fruit": "apple banana cherry grape lemon mango melon orange peach pear "
-             "plum kiwi lime fig",
+    "plum kiwi lime fig",
     "animal": "cat dog horse cow sheep goat lion tiger bear wolf fox rabbit "
-              "mouse zebra",
+    "mouse zebra",
     "color": "red blue green yellow orange purple pink brown black white gray",
     "vegetable": "carrot potato onion pea bean corn leek beet kale radish "
-                 "pepper",
+    "pepper",
     "country": "france spain italy japan china india peru chile egypt kenya "
-               "brazil canada mexico",
+    "brazil canada mexico",
     "tool": "hammer saw drill wrench knife axe shovel rake brush needle",
     "instrument": "piano guitar violin drum flute harp trumpet cello banjo",
     "body part": "arm leg hand foot head nose ear eye knee elbow finger",
 }
 RHYMES = (
-    "cat hat bat rat mat sat fat", "dog log fog frog hog jog",
-    "cake lake make bake take wake rake", "ring king sing wing thing bring",
-    "light night bright sight fight tight right", "bell tell well sell shell",
-    "star car far jar bar tar", "rain train brain chain plain main",
-    "book look cook hook took", "moon spoon soon noon loon",
-    "bed red fed led sled shed", "fun sun run bun gun ton",
+    "cat hat bat rat mat sat fat",
+    "dog log fog frog hog jog",
+    "cake lake make bake take wake rake",
+    "ring king sing wing thing bring",
+    "light night bright sight fight tight right",
+    "bell tell well sell shell",
+    "star car far jar bar tar",
+    "rain train brain chain plain main",
+    "book look cook hook took",
+    "moon spoon soon noon loon",
+    "bed red fed led sled shed",
+    "fun sun run bun gun ton",
 )
 SYNONYMS = (
     ("big", "large huge giant vast great"),
@@ -112,13 +120,23 @@ SYNONYMS = (
     ("cold", "chilly icy cool frosty freezing"),
     ("angry", "mad cross furious irate upset"),
 )
-WORDS = tuple(sorted(set(
-    w for group in list(CATEGORIES.values()) + list(RHYMES) for w in group.split()
-    if " " not in w)))
+WORDS = tuple(
+    sorted(
+        set(
+            w
+            for group in list(CATEGORIES.values()) + list(RHYMES)
+            for w in group.split()
+            if " " not in w
+        )
+    )
+)
 
 # Initial letters shared by at least two words, so starts_with is multi-answer.
-_INITIALS = tuple(sorted(
-    c for c in {w[0] for w in WORDS} if sum(w[0] == c for w in WORDS) > 1))
+_INITIALS = tuple(
+    sorted(
+        c for c in {w[0] for w in WORDS} if sum(w[0] == c for w in WORDS) > 1
+    )
+)
 
 
 def _words(s: str) -> tuple[str, ...]:
@@ -127,6 +145,7 @@ def _words(s: str) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------
 # Task families. Each takes the example's stream and returns an Example.
+
 
 def _single(task, instruction, input_, answer):
   return Example(instruction, input_, answer, task, (answer,))
@@ -145,14 +164,14 @@ def _add(rng):
 def _subtract(rng):
   a, b = rng.between(0, 99), rng.between(0, 99)
   a, b = max(a, b), min(a, b)
-  return _single("subtract", "Subtract the second number.",
-                 f"{a} - {b}", str(a - b))
+  return _single(
+      "subtract", "Subtract the second number.", f"{a} - {b}", str(a - b)
+  )
 
 
 def _multiply(rng):
   a, b = rng.between(2, 12), rng.between(2, 12)
-  return _single("multiply", "Multiply the numbers.", f"{a} * {b}",
-                 str(a * b))
+  return _single("multiply", "Multiply the numbers.", f"{a} * {b}", str(a * b))
 
 
 def _reverse(rng):
@@ -162,79 +181,119 @@ def _reverse(rng):
 
 def _sort(rng):
   nums = [rng.between(0, 50) for _ in range(rng.between(3, 6))]
-  return _single("sort", "Sort the numbers, smallest first.",
-                 " ".join(map(str, nums)), " ".join(map(str, sorted(nums))))
+  return _single(
+      "sort",
+      "Sort the numbers, smallest first.",
+      " ".join(map(str, nums)),
+      " ".join(map(str, sorted(nums))),
+  )
 
 
 def _count_letter(rng):
   word = rng.choice(WORDS)
   letter = rng.choice(word)
-  return _single("count_letter",
-                 f"Count the letter {letter}.", word,
-                 str(word.count(letter)))
+  return _single(
+      "count_letter",
+      f"Count the letter {letter}.",
+      word,
+      str(word.count(letter)),
+  )
 
 
 def _uppercase(rng):
   word = rng.choice(WORDS)
-  return _single("uppercase", "Write the word in capital letters.", word,
-                 word.upper())
+  return _single(
+      "uppercase", "Write the word in capital letters.", word, word.upper()
+  )
 
 
 def _max(rng):
   nums = rng.sample(range(100), rng.between(3, 5))
-  return _single("max", "Which number is the largest?",
-                 " ".join(map(str, nums)), str(max(nums)))
+  return _single(
+      "max",
+      "Which number is the largest?",
+      " ".join(map(str, nums)),
+      str(max(nums)),
+  )
 
 
 def _category(rng):
   name = rng.choice(tuple(CATEGORIES))
   article = "an" if name[0] in "aeiou" else "a"
-  return _multi(rng, "category", f"Name {article} {name}.", "",
-                _words(CATEGORIES[name]))
+  return _multi(
+      rng, "category", f"Name {article} {name}.", "", _words(CATEGORIES[name])
+  )
 
 
 def _starts_with(rng):
   letter = rng.choice(_INITIALS)
-  return _multi(rng, "starts_with",
-                f"Give a word that starts with the letter {letter}.", "",
-                [w for w in WORDS if w.startswith(letter)])
+  return _multi(
+      rng,
+      "starts_with",
+      f"Give a word that starts with the letter {letter}.",
+      "",
+      [w for w in WORDS if w.startswith(letter)],
+  )
 
 
 def _rhyme(rng):
   group = _words(rng.choice(RHYMES))
   word = rng.choice(group)
-  return _multi(rng, "rhyme", f"Give a word that rhymes with {word}.", "",
-                [w for w in group if w != word])
+  return _multi(
+      rng,
+      "rhyme",
+      f"Give a word that rhymes with {word}.",
+      "",
+      [w for w in group if w != word],
+  )
 
 
 def _synonym(rng):
   word, others = rng.choice(SYNONYMS)
-  return _multi(rng, "synonym", f"Give a word that means {word}.", "",
-                _words(others))
+  return _multi(
+      rng, "synonym", f"Give a word that means {word}.", "", _words(others)
+  )
 
 
 def _number_between(rng):
   lo = rng.between(0, 90)
   hi = lo + rng.between(3, 9)  # at least two numbers strictly between
-  return _multi(rng, "number_between",
-                f"Give a number between {lo} and {hi}.", "",
-                [str(n) for n in range(lo + 1, hi)])
+  return _multi(
+      rng,
+      "number_between",
+      f"Give a number between {lo} and {hi}.",
+      "",
+      [str(n) for n in range(lo + 1, hi)],
+  )
 
 
 def _even_below(rng):
   hi = rng.between(5, 30)
-  return _multi(rng, "even_below", f"Name an even number below {hi}.", "",
-                [str(n) for n in range(2, hi, 2)])
+  return _multi(
+      rng,
+      "even_below",
+      f"Name an even number below {hi}.",
+      "",
+      [str(n) for n in range(2, hi, 2)],
+  )
 
 
 SINGLE_ANSWER: dict[str, Callable[[SplitMix64], Example]] = {
-    "add": _add, "subtract": _subtract, "multiply": _multiply,
-    "reverse": _reverse, "sort": _sort, "count_letter": _count_letter,
-    "uppercase": _uppercase, "max": _max,
+    "add": _add,
+    "subtract": _subtract,
+    "multiply": _multiply,
+    "reverse": _reverse,
+    "sort": _sort,
+    "count_letter": _count_letter,
+    "uppercase": _uppercase,
+    "max": _max,
 }
 MANY_ANSWERS: dict[str, Callable[[SplitMix64], Example]] = {
-    "category": _category, "starts_with": _starts_with, "rhyme": _rhyme,
-    "synonym": _synonym, "number_between": _number_between,
+    "category": _category,
+    "starts_with": _starts_with,
+    "rhyme": _rhyme,
+    "synonym": _synonym,
+    "number_between": _number_between,
     "even_below": _even_below,
 }
 TASKS = {**SINGLE_ANSWER, **MANY_ANSWERS}
@@ -247,15 +306,20 @@ _SPLIT_IDS = {"train": 1, "validation": 2, "test": 3}
 
 def example(seed: int, split: str, index: int) -> Example:
   """Example ``index`` of ``split``: tasks round-robin, content from its own stream."""
-  stream = SplitMix64((seed * 1_000_003 + _SPLIT_IDS[split]) * 10_000_019 + index)
+  stream = SplitMix64(
+      (seed * 1_000_003 + _SPLIT_IDS[split]) * 10_000_019 + index
+  )
   stream.next()  # decorrelate neighbouring seeds
   return TASKS[_TASK_NAMES[index % len(_TASK_NAMES)]](stream)
 
 
-def generate(split: str, num_examples: int | None = None, *,
-             seed: int = SEED) -> list[Example]:
+def generate(
+    split: str, num_examples: int | None = None, *, seed: int = SEED
+) -> list[Example]:
   """The first ``num_examples`` (default: the split's size) of ``split``."""
   if split not in SPLIT_SIZES:
-    raise ValueError(f"unknown split {split!r}; use one of {tuple(SPLIT_SIZES)}")
+    raise ValueError(
+        f"unknown split {split!r}; use one of {tuple(SPLIT_SIZES)}"
+    )
   n = SPLIT_SIZES[split] if num_examples is None else num_examples
   return [example(seed, split, i) for i in range(n)]

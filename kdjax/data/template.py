@@ -14,12 +14,14 @@ PREAMBLE = "Below is an instruction that describes a task"
 NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that "
     "appropriately completes the request.\n\n### Instruction:\n{instruction}"
-    "\n\n### Response:\n")
+    "\n\n### Response:\n"
+)
 WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that "
     "provides further context. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}"
-    "\n\n### Response:\n")
+    "\n\n### Response:\n"
+)
 
 
 COMPACT_NO_INPUT = "{instruction}\nAnswer: "
@@ -27,15 +29,20 @@ COMPACT_WITH_INPUT = "{instruction}\nInput: {input}\nAnswer: "
 STYLES = ("minillm", "compact")
 
 
-def prompt(instruction: str, input: str = "",  # pylint: disable=redefined-builtin
-           style: str = "minillm") -> str:
+def prompt(
+    instruction: str,
+    input: str = "",  # pylint: disable=redefined-builtin
+    style: str = "minillm",
+) -> str:
   """The templated prompt; the input section appears only if input is non-empty."""
   if style not in STYLES:
-    raise ValueError(f"prompt template {style!r} is unknown; use one of "
-                     f"{STYLES}.")
+    raise ValueError(
+        f"prompt template {style!r} is unknown; use one of " f"{STYLES}."
+    )
   if style == "compact":
     return (COMPACT_WITH_INPUT if input else COMPACT_NO_INPUT).format(
-        instruction=instruction, input=input)
+        instruction=instruction, input=input
+    )
   if input:
     return WITH_INPUT.format(instruction=instruction, input=input)
   return NO_INPUT.format(instruction=instruction)

@@ -30,9 +30,11 @@ VOCAB_SIZE = 257
 @functools.cache
 def _bytes_to_symbols() -> tuple[str, ...]:
   """GPT-2's reversible byte -> printable unicode symbol table, indexed by byte."""
-  printable = (list(range(ord("!"), ord("~") + 1))
-               + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
+  printable = (
+      list(range(ord("!"), ord("~") + 1))
+      + list(range(ord("¡"), ord("¬") + 1))
+      + list(range(ord("®"), ord("ÿ") + 1))
+  )
   symbols = {b: chr(b) for b in printable}
   shifted = 0
   for b in range(256):
@@ -46,8 +48,9 @@ def byte_level() -> tokenizers.Tokenizer:
   """Returns a fresh byte-level tokenizer: byte b -> id b, EOS -> 256."""
   vocab = {symbol: b for b, symbol in enumerate(_bytes_to_symbols())}
   tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                               use_regex=False)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(
+      add_prefix_space=False, use_regex=False
+  )
   tok.decoder = decoders.ByteLevel()
   tok.add_special_tokens([EOS_TOKEN])
   assert tok.token_to_id(EOS_TOKEN) == EOS_ID
@@ -67,12 +70,16 @@ def _local(path_or_hub_id: str) -> str:
   if os.path.exists(path_or_hub_id):
     return path_or_hub_id
   import huggingface_hub  # pylint: disable=g-import-not-at-top
+
   from kdjax import hub  # pylint: disable=g-import-not-at-top
+
   online = hub.hub_reachable()
   try:
     return huggingface_hub.snapshot_download(
-        path_or_hub_id, allow_patterns=_TOKENIZER_FILES,
-        local_files_only=not online)
+        path_or_hub_id,
+        allow_patterns=_TOKENIZER_FILES,
+        local_files_only=not online,
+    )
   except Exception as e:  # offline, unknown repo, no credentials, ...
     why = type(e).__name__ if online else "the hub is unreachable"
     raise FileNotFoundError(
@@ -80,7 +87,8 @@ def _local(path_or_hub_id: str) -> str:
         f"fetched from the Hugging Face hub ({why}); on a machine with "
         f"network run `hf download {path_or_hub_id} --include "
         "'tokenizer.json' 'vocab.json' 'merges.txt' --local-dir DIR` and pass "
-        "DIR.") from None
+        "DIR."
+    ) from None
 
 
 def from_pretrained(path_or_hub_id: str) -> tokenizers.Tokenizer:
@@ -99,8 +107,9 @@ def from_pretrained(path_or_hub_id: str) -> tokenizers.Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return tok
-  raise FileNotFoundError(f"no tokenizer.json or vocab.json + merges.txt in "
-                          f"{path}.")
+  raise FileNotFoundError(
+      f"no tokenizer.json or vocab.json + merges.txt in " f"{path}."
+  )
 
 
 def load(spec: str) -> tuple[tokenizers.Tokenizer, int]:
@@ -117,6 +126,8 @@ def load(spec: str) -> tuple[tokenizers.Tokenizer, int]:
     eos_id = tok.token_to_id(eos)
     if eos_id is not None:
       return tok, eos_id
-  raise ValueError(f"tokenizer {spec!r} has none of the EOS tokens "
-                   f"{EOS_TOKEN!r}, '</s>', '<|end_of_text|>'; use a GPT-2 or "
-                   "LLaMA tokenizer.")
+  raise ValueError(
+      f"tokenizer {spec!r} has none of the EOS tokens "
+      f"{EOS_TOKEN!r}, '</s>', '<|end_of_text|>'; use a GPT-2 or "
+      "LLaMA tokenizer."
+  )

@@ -22,10 +22,25 @@ ULD (:func:`uld`) and SinKD (:func:`sinkhorn`) are autodiff implementations.
 from typing import Callable
 
 from kdjax.divergences import core, engine, fused, reference
-from kdjax.divergences.core import (AKL_RULES, akl_weights, log_probs,
-                                    masked_mean, uld)
-from kdjax.divergences.engine import (abkd, akl, akl_unresolved_fraction, fkl,
-                                      fkl_rkl, jsd, rkl, skl, srkl, tvd)
+from kdjax.divergences.core import (
+    AKL_RULES,
+    akl_weights,
+    log_probs,
+    masked_mean,
+    uld,
+)
+from kdjax.divergences.engine import (
+    abkd,
+    akl,
+    akl_unresolved_fraction,
+    fkl,
+    fkl_rkl,
+    jsd,
+    rkl,
+    skl,
+    srkl,
+    tvd,
+)
 from kdjax.divergences.ot import sinkhorn
 
 _REGISTRY: dict[str, Callable] = {
@@ -63,20 +78,43 @@ def get(name: str, impl: str = "auto") -> Callable:
   impls return the same function for them).
   """
   if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} is not an implementation; use one of "
-                     f"{IMPLS}.")
+    raise ValueError(
+        f"impl={impl!r} is not an implementation; use one of " f"{IMPLS}."
+    )
   try:
     divergence = _REGISTRY[name]
   except KeyError:
-    raise ValueError(f"unknown divergence {name!r}; choose one of "
-                     f"{', '.join(names())}.") from None
+    raise ValueError(
+        f"unknown divergence {name!r}; choose one of " f"{', '.join(names())}."
+    ) from None
   if impl == "reference" and name in TOKEN_LEVEL:
     return getattr(reference, name)
   return divergence
 
 
-__all__ = ["AKL_RULES", "IMPLS", "TOKEN_LEVEL", "abkd", "akl",
-           "akl_unresolved_fraction", "akl_weights", "core", "engine", "fkl",
-           "fkl_rkl", "fused", "get", "jsd", "log_probs", "masked_mean",
-           "names", "reference", "rkl", "sinkhorn", "skl", "srkl", "tvd",
-           "uld"]
+__all__ = [
+    "AKL_RULES",
+    "IMPLS",
+    "TOKEN_LEVEL",
+    "abkd",
+    "akl",
+    "akl_unresolved_fraction",
+    "akl_weights",
+    "core",
+    "engine",
+    "fkl",
+    "fkl_rkl",
+    "fused",
+    "get",
+    "jsd",
+    "log_probs",
+    "masked_mean",
+    "names",
+    "reference",
+    "rkl",
+    "sinkhorn",
+    "skl",
+    "srkl",
+    "tvd",
+    "uld",
+]

@@ -60,7 +60,8 @@ def masked_mean(per_token: Array, mask: Array | None = None) -> Array:
   if mask.shape != per_token.shape:
     raise ValueError(
         f"mask shape {mask.shape} does not match per-token shape "
-        f"{per_token.shape}; pass one mask entry per token position.")
+        f"{per_token.shape}; pass one mask entry per token position."
+    )
   mask = mask.astype(jnp.float32)
   total = jnp.sum(jnp.where(mask > 0, per_token * mask, 0.0))
   return total / jnp.maximum(jnp.sum(mask), 1.0)
@@ -118,8 +119,9 @@ def _unit(name: str, value):
   """Checks a hyper-parameter in [0, 1] when it is concrete; returns it."""
   static = static_value(value)
   if static is not None and not 0.0 <= static <= 1.0:
-    raise ValueError(f"{name}={static:g} is outside [0, 1]; choose a value in "
-                     "[0, 1].")
+    raise ValueError(
+        f"{name}={static:g} is outside [0, 1]; choose a value in " "[0, 1]."
+    )
   return value
 
 
@@ -172,13 +174,22 @@ def _top_k_block(vocab: int, k: int) -> int | None:
   """The divisor of ``vocab`` nearest ``sqrt(vocab / k)`` leaving at least
   ``4k`` blocks, or None (use one ``top_k``)."""
   target = math.sqrt(vocab / k)
-  sizes = [b for b in range(4, int(2 * target) + 1)
-           if vocab % b == 0 and vocab // b >= 4 * k and b >= target / 2]
+  sizes = [
+      b
+      for b in range(4, int(2 * target) + 1)
+      if vocab % b == 0 and vocab // b >= 4 * k and b >= target / 2
+  ]
   return min(sizes, key=lambda b: abs(b - target)) if sizes else None
 
 
-def akl_weights(p: Array, q: Array, *, mu: float = 0.5, rule: str = "akl",
-                order: Array | None = None) -> tuple[Array, Array]:
+def akl_weights(
+    p: Array,
+    q: Array,
+    *,
+    mu: float = 0.5,
+    rule: str = "akl",
+    order: Array | None = None,
+) -> tuple[Array, Array]:
   """AKL's head/tail weights ``(w_head, w_tail)`` per position, both constants.
 
   With ``π`` the teacher probabilities sorted descending (ties: lower vocabulary
@@ -214,14 +225,17 @@ def akl_weights(p: Array, q: Array, *, mu: float = 0.5, rule: str = "akl",
   w_head, resolved = _akl_head_weight_topk(top_p, top_q, err_total, mu, rule)
   lead, vocab = p.shape[:-1], p.shape[-1]
   rows = lambda i: tuple(x.reshape(-1, vocab)[i] for x in (p, q, order))
-  w_head = _akl_fallback(w_head.reshape(-1), resolved.reshape(-1), rows, mu,
-                         rule).reshape(lead)
+  w_head = _akl_fallback(
+      w_head.reshape(-1), resolved.reshape(-1), rows, mu, rule
+  ).reshape(lead)
   return w_head, 1.0 - w_head
 
 
 def _check_akl(mu, rule):
   if rule not in AKL_RULES:
-    raise ValueError(f"rule={rule!r} is not an AKL rule; use one of {AKL_RULES}.")
+    raise ValueError(
+        f"rule={rule!r} is not an AKL rule; use one of {AKL_RULES}."
+    )
   return _unit("mu", mu)
 
 
@@ -237,8 +251,9 @@ def _akl_head_mask(sorted_p: Array, mu: float, rule: str) -> Array:
   return (cum - sorted_p) < mu  # exclusive cumulative mass S_{k-1}
 
 
-def _akl_head_weight_topk(top_p: Array, top_q: Array, err_total: Array,
-                          mu: float, rule: str) -> tuple[Array, Array]:
+def _akl_head_weight_topk(
+    top_p: Array, top_q: Array, err_total: Array, mu: float, rule: str
+) -> tuple[Array, Array]:
   """``w_head`` from the k largest teacher probabilities, and whether exact.
 
   The head is a descending prefix, so it lies inside the top k exactly when the
@@ -252,8 +267,9 @@ def _akl_head_weight_topk(top_p: Array, top_q: Array, err_total: Array,
   return _head_weight(g_head, err_total), resolved
 
 
-def _akl_weights_threshold(p: Array, q: Array, key: Array, mu: float,
-                           rule: str) -> Array:
+def _akl_weights_threshold(
+    p: Array, q: Array, key: Array, mu: float, rule: str
+) -> Array:
   """Exact ``w_head`` without sorting: the head is a threshold on ``key``.
 
   With ``order`` = ``key`` descending, ties by index, the crossing token's key
@@ -294,8 +310,14 @@ def _akl_weights_threshold(p: Array, q: Array, key: Array, mu: float,
   return _head_weight(_row_sum(jnp.where(head, err, 0.0)), _row_sum(err))
 
 
-def _akl_fallback(w_head_M: Array, resolved_M: Array, rows, mu: float,
-                  rule: str, budget: int | None = None) -> Array:
+def _akl_fallback(
+    w_head_M: Array,
+    resolved_M: Array,
+    rows,
+    mu: float,
+    rule: str,
+    budget: int | None = None,
+) -> Array:
   """Replaces the weights of unresolved rows by the exact ones.
 
   ``rows(index_R)`` returns the ``(p, q, order)`` rows ``[R, V]`` at those
@@ -313,16 +335,20 @@ def _akl_fallback(w_head_M: Array, resolved_M: Array, rows, mu: float,
     (idx_R,) = jnp.nonzero(todo_M, size=budget, fill_value=0)
     idx_R = jnp.where(jnp.arange(budget) < jnp.sum(todo_M), idx_R, m)
     w_R = _akl_weights_threshold(*rows(jnp.minimum(idx_R, m - 1)), mu, rule)
-    return (w_M.at[idx_R].set(w_R, mode="drop"),
-            todo_M.at[idx_R].set(False, mode="drop"))
+    return (
+        w_M.at[idx_R].set(w_R, mode="drop"),
+        todo_M.at[idx_R].set(False, mode="drop"),
+    )
 
-  w_head_M, _ = jax.lax.while_loop(lambda state: jnp.any(state[1]), settle,
-                                   (w_head_M, ~resolved_M))
+  w_head_M, _ = jax.lax.while_loop(
+      lambda state: jnp.any(state[1]), settle, (w_head_M, ~resolved_M)
+  )
   return w_head_M
 
 
-def uld(student_logits: Array, teacher_logits: Array, *,
-        temperature: float = 1.0) -> Array:
+def uld(
+    student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0
+) -> Array:
   """Universal logit distillation (Boizard et al. 2024): ``Σ_k |q↓_k − p↓_k|``.
 
   ``↓`` sorts each distribution in descending order; the smaller vocabulary is
@@ -334,11 +360,15 @@ def uld(student_logits: Array, teacher_logits: Array, *,
   if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
     raise ValueError(
         f"student logits {student_logits.shape} and teacher logits "
-        f"{teacher_logits.shape} must share their leading (position) axes.")
+        f"{teacher_logits.shape} must share their leading (position) axes."
+    )
   q = jnp.exp(log_probs(student_logits, temperature))
   p = jnp.exp(log_probs(jax.lax.stop_gradient(teacher_logits), temperature))
   width = max(q.shape[-1], p.shape[-1])
-  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  pad = lambda x: jnp.pad(
+      x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])]
+  )
   # Ascending sorts pair the same ranks as descending ones once both are padded.
-  return jnp.sum(_abs(jnp.sort(pad(q), axis=-1) - jnp.sort(pad(p), axis=-1)),
-                 axis=-1)
+  return jnp.sum(
+      _abs(jnp.sort(pad(q), axis=-1) - jnp.sort(pad(p), axis=-1)), axis=-1
+  )

@@ -61,12 +61,14 @@ class Lse(NamedTuple):
   single float32 partition rounds to ``eps·|max|`` (2e-3 at ``|x / T| = 2e4``),
   which would scale every probability by up to ``exp(±4e-3)``.
   """
-  max: Array      # [...]
+
+  max: Array  # [...]
   log_sum: Array  # [...]
 
   def log_prob(self, x: Array, temperature) -> Array:
-    return ((x.astype(_F32) / temperature - self.max[..., None])
-            - self.log_sum[..., None])
+    return (x.astype(_F32) / temperature - self.max[..., None]) - self.log_sum[
+        ..., None
+    ]
 
 
 def _lse(x: Array, temperature) -> Lse:
@@ -81,21 +83,31 @@ class Ctx(NamedTuple):
 
   XLA fuses what a formula uses and drops the rest.
   """
-  s: Array          # student logits, input dtype
-  t: Array          # teacher logits, input dtype
-  lse_s: Lse        # log-partition of s / T
-  lse_t: Lse        # log-partition of t / T
+
+  s: Array  # student logits, input dtype
+  t: Array  # teacher logits, input dtype
+  lse_s: Lse  # log-partition of s / T
+  lse_t: Lse  # log-partition of t / T
   temperature: Array
-  log_q: Array      # finite student log-probs (0 in -inf slots)
-  log_p: Array      # finite teacher log-probs (0 in -inf slots)
-  q: Array          # student probabilities
-  p: Array          # teacher probabilities
+  log_q: Array  # finite student log-probs (0 in -inf slots)
+  log_p: Array  # finite teacher log-probs (0 in -inf slots)
+  q: Array  # student probabilities
+  p: Array  # teacher probabilities
 
 
 def _context(s, t, lse_s: Lse, lse_t: Lse, temperature) -> Ctx:
   ls, lt = lse_s.log_prob(s, temperature), lse_t.log_prob(t, temperature)
-  return Ctx(s, t, lse_s, lse_t, temperature, core._finite(ls),
-             core._finite(lt), jnp.exp(ls), jnp.exp(lt))
+  return Ctx(
+      s,
+      t,
+      lse_s,
+      lse_t,
+      temperature,
+      core._finite(ls),
+      core._finite(lt),
+      jnp.exp(ls),
+      jnp.exp(lt),
+  )
 
 
 def _sum(x: Array) -> Array:
@@ -118,6 +130,7 @@ class Spec(NamedTuple):
   needs all rows at once (AKL's exact fallback); ``rows(index_R)`` returns
   full probability rows. None for every other divergence.
   """
+
   forward: Callable[[Ctx, dict], tuple[Any, Any]]
   grad: Callable[[Ctx, dict, Any], Array]
   finish: Callable | None = None
@@ -143,8 +156,10 @@ def _rkl_forward(c, _):
 
 FKL = Spec(lambda c, _: (_fkl_value(c), ()), lambda c, _, __: c.q - c.p)
 RKL = Spec(_rkl_forward, lambda c, _, rkl: _rkl_grad(c, rkl))
-ZERO = Spec(lambda c, _: (jnp.zeros(c.lse_s.max.shape, _F32), ()),
-            lambda c, _, __: jnp.zeros_like(c.q))
+ZERO = Spec(
+    lambda c, _: (jnp.zeros(c.lse_s.max.shape, _F32), ()),
+    lambda c, _, __: jnp.zeros_like(c.q),
+)
 
 
 def _fkl_rkl_forward(c, hp):
@@ -162,6 +177,7 @@ FKL_RKL = Spec(_fkl_rkl_forward, _fkl_rkl_grad)
 
 def _centered(value_fn, g_fn) -> Spec:
   """Spec from ``value_fn(c, hp) -> (value, Σ q G or None)`` and ``G``."""
+
   def forward(c, hp):
     const = _sum(c.q * g_fn(c, hp))
     return value_fn(c, hp, const), const
@@ -174,6 +190,7 @@ def _centered(value_fn, g_fn) -> Spec:
 
 class _Mix(NamedTuple):
   """The mixture ``m = a·p + (1−a)·q`` of one position, elementwise."""
+
   log_m: Array
   p_m: Array  # p / m ≤ 1 / a
   q_m: Array  # q / m ≤ 1 / (1 − a)
@@ -194,15 +211,18 @@ def _mix(c: Ctx, a) -> _Mix:
   p_larger = d >= 0
   big = jnp.where(p_larger, a + (1.0 - a) * u, a * u + (1.0 - a))
   inv = 1.0 / big
-  return _Mix(jnp.maximum(c.log_p, c.log_q) + jnp.log(big),
-              jnp.where(p_larger, inv, u * inv),
-              jnp.where(p_larger, u * inv, inv))
+  return _Mix(
+      jnp.maximum(c.log_p, c.log_q) + jnp.log(big),
+      jnp.where(p_larger, inv, u * inv),
+      jnp.where(p_larger, u * inv, inv),
+  )
 
 
 # skl: m = α p + (1−α) q, D = KL(p‖m), G = −(1−α) p/m.
 SKL = _centered(
     lambda c, hp, _: _kl(c.p, c.log_p, _mix(c, hp["alpha"]).log_m),
-    lambda c, hp: -(1.0 - hp["alpha"]) * _mix(c, hp["alpha"]).p_m)
+    lambda c, hp: -(1.0 - hp["alpha"]) * _mix(c, hp["alpha"]).p_m,
+)
 
 
 def _srkl_g(c, hp):
@@ -215,15 +235,17 @@ def _srkl_g(c, hp):
 
 SRKL = _centered(
     lambda c, hp, _: _kl(c.q, c.log_q, _mix(c, 1.0 - hp["alpha"]).log_m),
-    _srkl_g)
+    _srkl_g,
+)
 
 # jsd: m = β p + (1−β) q, G = (1−β) log(q/m); the q-half of the value,
 # (1−β) KL(q‖m), is the row constant Σ q G itself.
 JSD = _centered(
-    lambda c, hp, q_half: (hp["beta"] * _kl(c.p, c.log_p,
-                                            _mix(c, hp["beta"]).log_m)
-                           + q_half),
-    lambda c, hp: (1.0 - hp["beta"]) * (c.log_q - _mix(c, hp["beta"]).log_m))
+    lambda c, hp, q_half: (
+        hp["beta"] * _kl(c.p, c.log_p, _mix(c, hp["beta"]).log_m) + q_half
+    ),
+    lambda c, hp: (1.0 - hp["beta"]) * (c.log_q - _mix(c, hp["beta"]).log_m),
+)
 
 
 def _tvd_g(c, _):
@@ -241,6 +263,7 @@ def _endpoint_select(key: str, at0: Spec, at1: Spec, inside: Spec) -> Spec:
   """``at0`` where ``hp[key] == 0``, ``at1`` where 1, else ``inside``,
   chosen per row at run time (``hp[key]`` is traced). ``inside`` sees 0.5 at
   the endpoints, so no branch produces a non-finite value to select away."""
+
   def split(hp):
     x = hp[key]
     return x, {**hp, key: jnp.where((x > 0) & (x < 1), x, 0.5)}
@@ -250,15 +273,19 @@ def _endpoint_select(key: str, at0: Spec, at1: Spec, inside: Spec) -> Spec:
 
   def forward(c, hp):
     x, hp_in = split(hp)
-    (v0, k0), (v1, k1), (vi, ki) = (at0.forward(c, hp), at1.forward(c, hp),
-                                    inside.forward(c, hp_in))
+    (v0, k0), (v1, k1), (vi, ki) = (
+        at0.forward(c, hp),
+        at1.forward(c, hp),
+        inside.forward(c, hp_in),
+    )
     return pick(x, v0, v1, vi), (k0, k1, ki)
 
   def grad(c, hp, const):
     x, hp_in = split(hp)
     k0, k1, ki = const
-    return pick(x, at0.grad(c, hp, k0), at1.grad(c, hp, k1),
-                inside.grad(c, hp_in, ki))
+    return pick(
+        x, at0.grad(c, hp, k0), at1.grad(c, hp, k1), inside.grad(c, hp_in, ki)
+    )
 
   return Spec(forward, grad)
 
@@ -297,8 +324,11 @@ def _ab_mixed_minus_q(c, hp):
   """``p^α q^β − q^(α+β)`` without overflow or cancellation at p ≈ q."""
   a, b = hp["alpha"], hp["beta"]
   x = a * (c.log_p - c.log_q)  # log(p^α q^β / q^(α+β))
-  value = jnp.where(x <= 0, jnp.exp((a + b) * c.log_q) * jnp.expm1(x),
-                    -jnp.exp(a * c.log_p + b * c.log_q) * jnp.expm1(-x))
+  value = jnp.where(
+      x <= 0,
+      jnp.exp((a + b) * c.log_q) * jnp.expm1(x),
+      -jnp.exp(a * c.log_p + b * c.log_q) * jnp.expm1(-x),
+  )
   return jnp.where((c.p > 0) | (c.q > 0), value, 0.0)
 
 
@@ -357,17 +387,31 @@ ABKD_ZERO = Spec(_ab_zero_forward, _ab_zero_grad)
 def _abkd_select() -> Spec:
   """All four ABKD formulas, chosen per row by traced ``alpha`` and ``beta``;
   each formula sees a safe 0.5 where it does not apply."""
+
   def cases(hp):
     a, b = hp["alpha"], hp["beta"]
     safe = lambda x, ok: jnp.where(ok, x, 0.5)
-    general = {"alpha": safe(a, (a > 0) & (b > 0)),
-               "beta": safe(b, (a > 0) & (b > 0))}
-    return a, b, ((ABKD_ZERO, hp), (ABKD_ALPHA0, {"beta": safe(b, b > 0)}),
-                  (ABKD_BETA0, {"alpha": safe(a, a > 0)}), (ABKD, general))
+    general = {
+        "alpha": safe(a, (a > 0) & (b > 0)),
+        "beta": safe(b, (a > 0) & (b > 0)),
+    }
+    return (
+        a,
+        b,
+        (
+            (ABKD_ZERO, hp),
+            (ABKD_ALPHA0, {"beta": safe(b, b > 0)}),
+            (ABKD_BETA0, {"alpha": safe(a, a > 0)}),
+            (ABKD, general),
+        ),
+    )
 
   def pick(a, b, zero, alpha0, beta0, general):
-    return jnp.where(a == 0, jnp.where(b == 0, zero, alpha0),
-                     jnp.where(b == 0, beta0, general))
+    return jnp.where(
+        a == 0,
+        jnp.where(b == 0, zero, alpha0),
+        jnp.where(b == 0, beta0, general),
+    )
 
   def forward(c, hp):
     a, b, specs = cases(hp)
@@ -376,8 +420,9 @@ def _abkd_select() -> Spec:
 
   def grad(c, hp, const):
     a, b, specs = cases(hp)
-    return pick(a, b, *(spec.grad(c, h, k)
-                        for (spec, h), k in zip(specs, const)))
+    return pick(
+        a, b, *(spec.grad(c, h, k) for (spec, h), k in zip(specs, const))
+    )
 
   return Spec(forward, grad)
 
@@ -395,31 +440,39 @@ def _akl(rule: str) -> Spec:
     top_p = to_prob(top_t, c.lse_t)
     top_q = to_prob(jnp.take_along_axis(c.s, idx, axis=-1), c.lse_s)
     err_total = _sum(core._abs(c.p - c.q))
-    weights = core._akl_head_weight_topk(top_p, top_q, err_total, hp["mu"],
-                                         rule)
+    weights = core._akl_head_weight_topk(
+        top_p, top_q, err_total, hp["mu"], rule
+    )
     return (_fkl_value(c), _rkl_value(c)), weights
 
   def finish(parts, const, rows, hp, budget):
     (fkl, rkl), (w_head, resolved) = parts, const
-    w_head = core._akl_fallback(w_head.reshape(-1), resolved.reshape(-1),
-                                rows, hp["mu"], rule,
-                                budget).reshape(w_head.shape)
+    w_head = core._akl_fallback(
+        w_head.reshape(-1), resolved.reshape(-1), rows, hp["mu"], rule, budget
+    ).reshape(w_head.shape)
     w_head = jax.lax.stop_gradient(w_head)
     return w_head * fkl + (1.0 - w_head) * rkl, (w_head, rkl)
 
   def grad(c, _, const):
     w_head, rkl = const
-    return (w_head[..., None] * (c.q - c.p)
-            + (1.0 - w_head[..., None]) * _rkl_grad(c, rkl))
+    return w_head[..., None] * (c.q - c.p) + (
+        1.0 - w_head[..., None]
+    ) * _rkl_grad(c, rkl)
 
   return Spec(forward, grad, finish)
 
 
 # name -> {hyper-parameter: default}; "rule" (AKL) is the one static option.
 HYPER_PARAMETERS = {
-    "fkl": {}, "rkl": {}, "fkl_rkl": {"weight": 0.5}, "skl": {"alpha": 0.1},
-    "srkl": {"alpha": 0.1}, "jsd": {"beta": 0.5}, "tvd": {},
-    "akl": {"mu": 0.5}, "abkd": {"alpha": 0.2, "beta": 0.7},
+    "fkl": {},
+    "rkl": {},
+    "fkl_rkl": {"weight": 0.5},
+    "skl": {"alpha": 0.1},
+    "srkl": {"alpha": 0.1},
+    "jsd": {"beta": 0.5},
+    "tvd": {},
+    "akl": {"mu": 0.5},
+    "abkd": {"alpha": 0.2, "beta": 0.7},
 }
 NAMES = tuple(HYPER_PARAMETERS)
 
@@ -436,24 +489,34 @@ def _ab_branch(alpha, beta) -> str:
   a, b = core.static_value(alpha), core.static_value(beta)
   if a is None or b is None:
     return "traced"
-  return {(True, True): "zero", (True, False): "alpha0",
-          (False, True): "beta0"}.get((a == 0.0, b == 0.0), "general")
+  return {
+      (True, True): "zero",
+      (True, False): "alpha0",
+      (False, True): "beta0",
+  }.get((a == 0.0, b == 0.0), "general")
 
 
 @functools.lru_cache(maxsize=None)
 def spec(name: str, branch: str = "", rule: str = "akl") -> Spec:
   """The :class:`Spec` of ``name`` for an endpoint ``branch`` (see
   :func:`_branch`) and AKL ``rule``."""
-  endpoints = {"skl": (FKL, ZERO, SKL, "alpha"),
-               "srkl": (RKL, ZERO, SRKL, "alpha"),
-               "jsd": (FKL, RKL, JSD, "beta")}
+  endpoints = {
+      "skl": (FKL, ZERO, SKL, "alpha"),
+      "srkl": (RKL, ZERO, SRKL, "alpha"),
+      "jsd": (FKL, RKL, JSD, "beta"),
+  }
   if name in endpoints:
     at0, at1, inside, key = endpoints[name]
     return {"at0": at0, "at1": at1, "inside": inside}.get(
-        branch) or _endpoint_select(key, at0, at1, inside)
+        branch
+    ) or _endpoint_select(key, at0, at1, inside)
   if name == "abkd":
-    return {"zero": ABKD_ZERO, "alpha0": ABKD_ALPHA0, "beta0": ABKD_BETA0,
-            "general": ABKD}.get(branch) or _abkd_select()
+    return {
+        "zero": ABKD_ZERO,
+        "alpha0": ABKD_ALPHA0,
+        "beta0": ABKD_BETA0,
+        "general": ABKD,
+    }.get(branch) or _abkd_select()
   if name == "akl":
     return _akl(rule)
   return {"fkl": FKL, "rkl": RKL, "fkl_rkl": FKL_RKL, "tvd": TVD}[name]
@@ -463,14 +526,18 @@ def resolve(name: str, temperature, hp: dict[str, Any]) -> tuple[Spec, dict]:
   """Validated ``(spec, params)``; ``params`` holds the temperature and every
   hyper-parameter as float32 scalars (constants for differentiation)."""
   if name not in HYPER_PARAMETERS:
-    raise ValueError(f"{name!r} is not a token-level divergence; choose one "
-                     f"of {', '.join(NAMES)}.")
+    raise ValueError(
+        f"{name!r} is not a token-level divergence; choose one "
+        f"of {', '.join(NAMES)}."
+    )
   hp = dict(hp)
   rule = hp.pop("rule", "akl") if name == "akl" else "akl"
   unknown = sorted(set(hp) - set(HYPER_PARAMETERS[name]))
   if unknown:
-    raise TypeError(f"{name} takes no hyper-parameter(s) {unknown}; it takes "
-                    f"{sorted(HYPER_PARAMETERS[name]) or 'none'}.")
+    raise TypeError(
+        f"{name} takes no hyper-parameter(s) {unknown}; it takes "
+        f"{sorted(HYPER_PARAMETERS[name]) or 'none'}."
+    )
   values = {**HYPER_PARAMETERS[name], **hp}
   core._check_temperature(temperature)
   if name == "abkd":
@@ -486,8 +553,10 @@ def resolve(name: str, temperature, hp: dict[str, Any]) -> tuple[Spec, dict]:
   if name == "akl":
     core._check_akl(values["mu"], rule)
     branch = ""
-  params = {key: jax.lax.stop_gradient(jnp.asarray(value, _F32))
-            for key, value in {**values, "temperature": temperature}.items()}
+  params = {
+      key: jax.lax.stop_gradient(jnp.asarray(value, _F32))
+      for key, value in {**values, "temperature": temperature}.items()
+  }
   return spec(name, branch, rule), params
 
 
@@ -513,8 +582,15 @@ def rows_grad(sp: Spec, s: Array, t: Array, params: dict, stats) -> Array:
   return sp.grad(c, params, const) / temperature
 
 
-def finish(sp: Spec, value, stats, s: Array, t: Array, params: dict,
-           budget: int | None = None):
+def finish(
+    sp: Spec,
+    value,
+    stats,
+    s: Array,
+    t: Array,
+    params: dict,
+    budget: int | None = None,
+):
   """Settles what needs every row at once (AKL's exact fallback, at most
   ``budget`` rows at a time); identity for the other divergences."""
   if sp.finish is None:
@@ -542,6 +618,7 @@ def _prob_rows(s: Array, t: Array, lse_s: Lse, lse_t: Lse, temperature):
     def prob(x, lse):
       row = Lse(*(a.reshape(-1)[index_R] for a in lse))
       return jnp.exp(row.log_prob(x.reshape(-1, vocab)[index_R], temperature))
+
     return prob(t, lse_t), prob(s, lse_s), t.reshape(-1, vocab)[index_R]
 
   return rows
@@ -561,10 +638,15 @@ def chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None) -> int:
     # concatenation, one more [N, V] buffer.
     divisors = [d for d in range(target, target // 2, -1) if n_tokens % d == 0]
     chunk_size = divisors[0] if divisors else target
-  if (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-      or chunk_size < 0):
-    raise ValueError(f"chunk_size={chunk_size!r} must be None (automatic), 0 "
-                     "(no chunking) or a positive number of tokens.")
+  if (
+      not isinstance(chunk_size, int)
+      or isinstance(chunk_size, bool)
+      or chunk_size < 0
+  ):
+    raise ValueError(
+        f"chunk_size={chunk_size!r} must be None (automatic), 0 "
+        "(no chunking) or a positive number of tokens."
+    )
   return max(1, n_tokens if chunk_size == 0 else min(chunk_size, n_tokens))
 
 
@@ -575,7 +657,8 @@ def over_chunks(fn: Callable, size: int, n_tokens: int, *arrays):
   if n_chunks <= 1 and n_chunks * size == n_tokens:
     return fn(*arrays)
   take = lambda i: jax.tree.map(
-      lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size), arrays)
+      lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size), arrays
+  )
   out = jax.lax.map(lambda i: fn(*take(i)), jnp.arange(n_chunks))
   out = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
   rest = n_chunks * size
@@ -591,10 +674,12 @@ def _fallback_budget(n_tokens: int) -> int:
 
 def _run_forward(sp, size, s_NxV, t_NxV, params):
   n = s_NxV.shape[0]
-  value, stats = over_chunks(lambda s, t: rows_forward(sp, s, t, params),
-                             size, n, s_NxV, t_NxV)
-  value, stats = finish(sp, value, stats, s_NxV, t_NxV, params,
-                        _fallback_budget(n))
+  value, stats = over_chunks(
+      lambda s, t: rows_forward(sp, s, t, params), size, n, s_NxV, t_NxV
+  )
+  value, stats = finish(
+      sp, value, stats, s_NxV, t_NxV, params, _fallback_budget(n)
+  )
   return value, (s_NxV, t_NxV, params, stats)
 
 
@@ -617,9 +702,15 @@ def _run_bwd(sp, size, residuals, g_N):
 _run.defvjp(_run_forward, _run_bwd)
 
 
-def divergence(name: str, student_logits: Array, teacher_logits: Array, *,
-               temperature=1.0, chunk_size: int | None = None,
-               **hp) -> Array:
+def divergence(
+    name: str,
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    temperature=1.0,
+    chunk_size: int | None = None,
+    **hp,
+) -> Array:
   """Per-position divergence ``name`` of ``[..., V]`` logits, shape ``[...]``."""
   sp, params = resolve(name, temperature, hp)
   s, t = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
@@ -627,7 +718,8 @@ def divergence(name: str, student_logits: Array, teacher_logits: Array, *,
     raise ValueError(
         f"student logits {s.shape} and teacher logits {t.shape} differ in "
         "shape; token-level divergences need the same positions and "
-        "vocabulary (use uld for different vocabularies).")
+        "vocabulary (use uld for different vocabularies)."
+    )
   lead, vocab = s.shape[:-1], s.shape[-1]
   s_NxV = s.reshape(-1, vocab)
   t_NxV = jax.lax.stop_gradient(t).reshape(-1, vocab)
@@ -650,69 +742,128 @@ def _public(fn):
 
 
 @_public
-def fkl(student_logits: Array, teacher_logits: Array, *, temperature=1.0,
-        chunk_size: int | None = None) -> Array:
+def fkl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """Forward KL ``KL(p‖q) = Σ_v p_v (log p_v − log q_v)`` (Hinton KD).
 
   docs/divergences.md, "Forward KL". Gradient: ``(q − p) / T``.
   """
-  return divergence("fkl", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size)
+  return divergence(
+      "fkl",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+  )
 
 
 @_public
-def rkl(student_logits: Array, teacher_logits: Array, *, temperature=1.0,
-        chunk_size: int | None = None) -> Array:
+def rkl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """Reverse KL ``KL(q‖p) = Σ_v q_v (log q_v − log p_v)``.
 
   docs/divergences.md, "Reverse KL". Gradient:
   ``q ⊙ (log q − log p − RKL) / T``.
   """
-  return divergence("rkl", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size)
+  return divergence(
+      "rkl",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+  )
 
 
 @_public
-def fkl_rkl(student_logits: Array, teacher_logits: Array, *, weight=0.5,
-            temperature=1.0, chunk_size: int | None = None) -> Array:
+def fkl_rkl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    weight=0.5,
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """``weight·KL(p‖q) + (1 − weight)·KL(q‖p)``, weight in [0, 1].
 
   docs/divergences.md, "FKL+RKL"; 0.5 is the AKL paper's "FKL+RKL" baseline.
   """
-  return divergence("fkl_rkl", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size,
-                    weight=weight)
+  return divergence(
+      "fkl_rkl",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+      weight=weight,
+  )
 
 
 @_public
-def skl(student_logits: Array, teacher_logits: Array, *, alpha=0.1,
-        temperature=1.0, chunk_size: int | None = None) -> Array:
+def skl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    alpha=0.1,
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """Skew KL (DistiLLM) ``KL(p ‖ α·p + (1 − α)·q)``, α in [0, 1].
 
   docs/divergences.md, "Skew KL and skew reverse KL". α = 0 is FKL, α = 1
   is 0; bounded by ``−log α``.
   """
-  return divergence("skl", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size,
-                    alpha=alpha)
+  return divergence(
+      "skl",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+      alpha=alpha,
+  )
 
 
 @_public
-def srkl(student_logits: Array, teacher_logits: Array, *, alpha=0.1,
-         temperature=1.0, chunk_size: int | None = None) -> Array:
+def srkl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    alpha=0.1,
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """Skew reverse KL (DistiLLM) ``KL(q ‖ (1 − α)·p + α·q)``, α in [0, 1].
 
   docs/divergences.md, "Skew KL and skew reverse KL". α = 0 is RKL, α = 1
   is 0.
   """
-  return divergence("srkl", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size,
-                    alpha=alpha)
+  return divergence(
+      "srkl",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+      alpha=alpha,
+  )
 
 
 @_public
-def jsd(student_logits: Array, teacher_logits: Array, *, beta=0.5,
-        temperature=1.0, chunk_size: int | None = None) -> Array:
+def jsd(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    beta=0.5,
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """Generalized JSD (GKD): with ``m = β·p + (1 − β)·q``,
 
       GJSD_β = β·KL(p‖m) + (1 − β)·KL(q‖m),   0 ≤ GJSD_β ≤ H(β) ≤ log 2.
@@ -720,26 +871,48 @@ def jsd(student_logits: Array, teacher_logits: Array, *, beta=0.5,
   docs/divergences.md, "Generalized JSD". ``β = 0`` is FKL and ``β = 1`` RKL,
   exactly (the interior formula vanishes there, as GKD and TRL define it).
   """
-  return divergence("jsd", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size, beta=beta)
+  return divergence(
+      "jsd",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+      beta=beta,
+  )
 
 
 @_public
-def tvd(student_logits: Array, teacher_logits: Array, *, temperature=1.0,
-        chunk_size: int | None = None) -> Array:
+def tvd(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """Total variation ``½ Σ_v |p_v − q_v|`` ∈ [0, 1] (DistiLLM).
 
   docs/divergences.md, "Total variation"; the subgradient of ``|x|`` at 0 is
   0, as in torch.
   """
-  return divergence("tvd", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size)
+  return divergence(
+      "tvd",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+  )
 
 
 @_public
-def akl(student_logits: Array, teacher_logits: Array, *, mu=0.5,
-        rule: str = "akl", temperature=1.0,
-        chunk_size: int | None = None) -> Array:
+def akl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    mu=0.5,
+    rule: str = "akl",
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """Adaptive KL (Wu et al. 2024): ``w_head·KL(p‖q) + w_tail·KL(q‖p)``.
 
   docs/divergences.md, "AKL". The per-position weights are those of
@@ -747,14 +920,27 @@ def akl(student_logits: Array, teacher_logits: Array, *, mu=0.5,
   top-``AKL_TOP_K`` with an exact fallback for rows it does not settle.
   ``rule`` ("akl" or "dskd") must be static.
   """
-  return divergence("akl", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size, mu=mu,
-                    rule=rule)
+  return divergence(
+      "akl",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+      mu=mu,
+      rule=rule,
+  )
 
 
 @_public
-def abkd(student_logits: Array, teacher_logits: Array, *, alpha=0.2,
-         beta=0.7, temperature=1.0, chunk_size: int | None = None) -> Array:
+def abkd(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    alpha=0.2,
+    beta=0.7,
+    temperature=1.0,
+    chunk_size: int | None = None,
+) -> Array:
   """α-β divergence (ABKD, Wang et al. ICML 2025), α, β ≥ 0:
 
       D_AB(p‖q) = −1/(αβ) Σ_v [p^α q^β − α/(α+β)·p^(α+β) − β/(α+β)·q^(α+β)]
@@ -765,20 +951,28 @@ def abkd(student_logits: Array, teacher_logits: Array, *, alpha=0.2,
   α = 1), α = β = 0 gives ``½ Σ (log q − log p)²``. The paper's GPT-2 setting
   is α = 0.2, β = 0.7. Gradient: ``q G = −(p^α q^β − q^(α+β))/α``.
   """
-  return divergence("abkd", student_logits, teacher_logits,
-                    temperature=temperature, chunk_size=chunk_size,
-                    alpha=alpha, beta=beta)
+  return divergence(
+      "abkd",
+      student_logits,
+      teacher_logits,
+      temperature=temperature,
+      chunk_size=chunk_size,
+      alpha=alpha,
+      beta=beta,
+  )
 
 
-def akl_unresolved_fraction(teacher_logits: Array, *, mu=0.5,
-                            rule: str = "akl", temperature=1.0) -> Array:
+def akl_unresolved_fraction(
+    teacher_logits: Array, *, mu=0.5, rule: str = "akl", temperature=1.0
+) -> Array:
   """Fraction of rows whose top-``AKL_TOP_K`` teacher mass does not settle the
   AKL head, i.e. rows that take the exact fallback. Log it to check that the
   fallback stays rare on real teacher distributions."""
   core._check_akl(mu, rule)
   lse_t = _lse(teacher_logits, temperature)
-  top_t, _ = core.top_k(teacher_logits,
-                        min(core.AKL_TOP_K, teacher_logits.shape[-1]))
+  top_t, _ = core.top_k(
+      teacher_logits, min(core.AKL_TOP_K, teacher_logits.shape[-1])
+  )
   mass = core._row_sum(jnp.exp(lse_t.log_prob(top_t, temperature)))
   resolved = (mass > mu) if rule == "akl" else (mass >= mu)
   return jnp.mean(1.0 - resolved.astype(_F32))

@@ -26,36 +26,55 @@ Array = jax.Array
 
 
 def _check_chunk(chunk_size) -> int:
-  if (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-      or chunk_size < 1):
-    raise ValueError(f"chunk_size={chunk_size!r} must be a positive int "
-                     "(tokens per chunk).")
+  if (
+      not isinstance(chunk_size, int)
+      or isinstance(chunk_size, bool)
+      or chunk_size < 1
+  ):
+    raise ValueError(
+        f"chunk_size={chunk_size!r} must be a positive int "
+        "(tokens per chunk)."
+    )
   return chunk_size
 
 
 def _check_shapes(x_s, w_s, x_t, w_t, mask_N):
   n_tokens = x_s.shape[0]
-  if x_s.ndim != 2 or (x_t is not None and (
-      x_t.shape[0] != n_tokens or w_s.shape[0] != w_t.shape[0])):
+  if x_s.ndim != 2 or (
+      x_t is not None
+      and (x_t.shape[0] != n_tokens or w_s.shape[0] != w_t.shape[0])
+  ):
     raise ValueError(
         f"the fused path needs hidden states [N, H] with the same N and "
         f"heads [V, H] with the same V; got student {x_s.shape} x "
         f"{w_s.shape}, teacher {None if x_t is None else x_t.shape} x "
         f"{None if w_t is None else w_t.shape}. Flatten batch and time into "
-        "N first.")
+        "N first."
+    )
   if mask_N is None:
     return jnp.ones((n_tokens,), jnp.float32)
   if mask_N.shape != (n_tokens,):
-    raise ValueError(f"mask shape {mask_N.shape} does not match the "
-                     f"{n_tokens} tokens; pass one mask entry per row.")
+    raise ValueError(
+        f"mask shape {mask_N.shape} does not match the "
+        f"{n_tokens} tokens; pass one mask entry per row."
+    )
   return mask_N.astype(jnp.float32)
 
 
-def ce_kd_sums(name: str | None, hidden_s_NxH: Array, head_s_VxH: Array,
-               hidden_t_NxK: Array | None, head_t_VxK: Array | None,
-               labels_N: Array | None, mask_N: Array | None = None, *,
-               kd_ratio: float = 0.5, chunk_size: int = 1024,
-               temperature=1.0, **hp) -> tuple[Array, Array]:
+def ce_kd_sums(
+    name: str | None,
+    hidden_s_NxH: Array,
+    head_s_VxH: Array,
+    hidden_t_NxK: Array | None,
+    head_t_VxK: Array | None,
+    labels_N: Array | None,
+    mask_N: Array | None = None,
+    *,
+    kd_ratio: float = 0.5,
+    chunk_size: int = 1024,
+    temperature=1.0,
+    **hp,
+) -> tuple[Array, Array]:
   """Masked token sums ``(Σ m·CE, Σ m·D)`` from one pass over logits chunks.
 
   Args:
@@ -78,45 +97,89 @@ def ce_kd_sums(name: str | None, hidden_s_NxH: Array, head_s_VxH: Array,
     other weight is 0). Differentiable w.r.t. the student hidden states and
     head only.
   """
-  mask_N = _check_shapes(hidden_s_NxH, head_s_VxH, hidden_t_NxK, head_t_VxK,
-                         mask_N)
+  mask_N = _check_shapes(
+      hidden_s_NxH, head_s_VxH, hidden_t_NxK, head_t_VxK, mask_N
+  )
   size = min(_check_chunk(chunk_size), hidden_s_NxH.shape[0])
-  sp, params = (None, {}) if name is None else engine.resolve(
-      name, temperature, hp)
+  sp, params = (
+      (None, {}) if name is None else engine.resolve(name, temperature, hp)
+  )
   parts = (labels_N is not None, name is not None)
   weights = (1.0 - kd_ratio if parts[0] else 0.0, kd_ratio if parts[1] else 0.0)
   if labels_N is None:
     labels_N = jnp.zeros(mask_N.shape, jnp.int32)
   consts = jax.lax.stop_gradient((hidden_t_NxK, head_t_VxK, mask_N, params))
-  return _fused(sp, size, parts, weights, hidden_s_NxH, head_s_VxH,
-                *consts[:3], labels_N.astype(jnp.int32), consts[3])
+  return _fused(
+      sp,
+      size,
+      parts,
+      weights,
+      hidden_s_NxH,
+      head_s_VxH,
+      *consts[:3],
+      labels_N.astype(jnp.int32),
+      consts[3],
+  )
 
 
-def fused_linear(name: str, hidden_s_NxH: Array, head_s_VxH: Array,
-                 hidden_t_NxK: Array, head_t_VxK: Array,
-                 mask_N: Array | None = None, *, chunk_size: int = 1024,
-                 temperature=1.0, **hp) -> Array:
+def fused_linear(
+    name: str,
+    hidden_s_NxH: Array,
+    head_s_VxH: Array,
+    hidden_t_NxK: Array,
+    head_t_VxK: Array,
+    mask_N: Array | None = None,
+    *,
+    chunk_size: int = 1024,
+    temperature=1.0,
+    **hp,
+) -> Array:
   """Masked-mean divergence of ``X_s W_sᵀ`` against ``X_t W_tᵀ``, fused.
 
   ``Σ m·D / max(Σ m, 1)``, a float32 scalar; its gradient is exact for any
   scalar multiple of it. Arguments as for :func:`ce_kd_sums`.
   """
-  mask = _check_shapes(hidden_s_NxH, head_s_VxH, hidden_t_NxK, head_t_VxK,
-                       mask_N)
-  _, kd_sum = ce_kd_sums(name, hidden_s_NxH, head_s_VxH, hidden_t_NxK,
-                         head_t_VxK, None, mask, kd_ratio=1.0,
-                         chunk_size=chunk_size, temperature=temperature, **hp)
+  mask = _check_shapes(
+      hidden_s_NxH, head_s_VxH, hidden_t_NxK, head_t_VxK, mask_N
+  )
+  _, kd_sum = ce_kd_sums(
+      name,
+      hidden_s_NxH,
+      head_s_VxH,
+      hidden_t_NxK,
+      head_t_VxK,
+      None,
+      mask,
+      kd_ratio=1.0,
+      chunk_size=chunk_size,
+      temperature=temperature,
+      **hp,
+  )
   return kd_sum / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def cross_entropy(hidden_NxH: Array, head_VxH: Array, labels_N: Array,
-                  mask_N: Array | None = None, *,
-                  chunk_size: int = 1024) -> Array:
+def cross_entropy(
+    hidden_NxH: Array,
+    head_VxH: Array,
+    labels_N: Array,
+    mask_N: Array | None = None,
+    *,
+    chunk_size: int = 1024,
+) -> Array:
   """Masked-mean next-token NLL ``−log softmax(X Wᵀ)[label]``, chunk by chunk,
   never forming the ``[N, V]`` logits."""
   mask = _check_shapes(hidden_NxH, head_VxH, None, None, mask_N)
-  ce_sum, _ = ce_kd_sums(None, hidden_NxH, head_VxH, None, None, labels_N,
-                         mask, kd_ratio=0.0, chunk_size=chunk_size)
+  ce_sum, _ = ce_kd_sums(
+      None,
+      hidden_NxH,
+      head_VxH,
+      None,
+      None,
+      labels_N,
+      mask,
+      kd_ratio=0.0,
+      chunk_size=chunk_size,
+  )
   return ce_sum / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -124,8 +187,9 @@ def _pad_rows(x: Array, rows: int) -> Array:
   return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def _fused_forward(sp, size, parts, weights, x_s, w_s, x_t, w_t, mask,
-                   labels, params):
+def _fused_forward(
+    sp, size, parts, weights, x_s, w_s, x_t, w_t, mask, labels, params
+):
   """Both sums and the gradient of ``weights · sums`` in one scan."""
   with_ce, with_kd = parts
   ce_weight, kd_weight = weights
@@ -148,14 +212,15 @@ def _fused_forward(sp, size, parts, weights, x_s, w_s, x_t, w_t, mask,
       nll_C = -jnp.take_along_axis(log_q_CxV, labels_C[:, None], axis=-1)[:, 0]
       ce_total = ce_total + jnp.sum(nll_C * mask_C)
       one_hot = jax.nn.one_hot(labels_C, z_s_CxV.shape[-1], dtype=jnp.float32)
-      grad_z_CxV = (ce_weight * mask_C[:, None]) * (jnp.exp(log_q_CxV)
-                                                    - one_hot)
+      grad_z_CxV = (ce_weight * mask_C[:, None]) * (
+          jnp.exp(log_q_CxV) - one_hot
+      )
     if with_kd:
       z_t_CxV = matmul_f32(take(x_t_p), w_t.T)
-      value_C, grad_kd_CxV = engine.value_and_grad(sp, z_s_CxV, z_t_CxV,
-                                                   params)
-      kd_total = kd_total + jnp.sum(jnp.where(mask_C > 0, value_C * mask_C,
-                                              0.0))
+      value_C, grad_kd_CxV = engine.value_and_grad(sp, z_s_CxV, z_t_CxV, params)
+      kd_total = kd_total + jnp.sum(
+          jnp.where(mask_C > 0, value_C * mask_C, 0.0)
+      )
       grad_z_CxV = grad_z_CxV + (kd_weight * mask_C[:, None]) * grad_kd_CxV
     grad_x_CxH = matmul_f32(grad_z_CxV.astype(w_s.dtype), w_s)
     grad_w_VxH = grad_w_VxH + matmul_f32(grad_z_CxV.T.astype(x_s.dtype), x_CxH)
@@ -171,19 +236,25 @@ def _fused_forward(sp, size, parts, weights, x_s, w_s, x_t, w_t, mask,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _fused(sp, size, parts, weights, x_s, w_s, x_t, w_t, mask, labels,
-           params):
-  return _fused_forward(sp, size, parts, weights, x_s, w_s, x_t, w_t, mask,
-                        labels, params)[0]
+def _fused(sp, size, parts, weights, x_s, w_s, x_t, w_t, mask, labels, params):
+  return _fused_forward(
+      sp, size, parts, weights, x_s, w_s, x_t, w_t, mask, labels, params
+  )[0]
 
 
 def _fused_bwd(sp, size, parts, weights, residuals, cotangents):
   del sp, size, parts, weights
   grad_x, grad_w, params = residuals
   scale = cotangents[0] + cotangents[1]
-  return ((scale * grad_x).astype(grad_x.dtype),
-          (scale * grad_w).astype(grad_w.dtype), None, None, None, None,
-          jax.tree.map(jnp.zeros_like, params))
+  return (
+      (scale * grad_x).astype(grad_x.dtype),
+      (scale * grad_w).astype(grad_w.dtype),
+      None,
+      None,
+      None,
+      None,
+      jax.tree.map(jnp.zeros_like, params),
+  )
 
 
 _fused.defvjp(_fused_forward, _fused_bwd)

@@ -93,11 +93,19 @@ def _solver_kwargs(num_iters: int | None, threshold: float) -> dict:
   unrolled gradients are exact for the iterations run.
   """
   if num_iters is None:
-    return dict(threshold=threshold, max_iterations=2000,
-                implicit_diff=implicit_differentiation.ImplicitDiff(
-                    solver_kwargs={"nonsym_solver": _dense_svd}))
-  return dict(min_iterations=num_iters, max_iterations=num_iters,
-              inner_iterations=math.gcd(num_iters, 10), implicit_diff=None)
+    return dict(
+        threshold=threshold,
+        max_iterations=2000,
+        implicit_diff=implicit_differentiation.ImplicitDiff(
+            solver_kwargs={"nonsym_solver": _dense_svd}
+        ),
+    )
+  return dict(
+      min_iterations=num_iters,
+      max_iterations=num_iters,
+      inner_iterations=math.gcd(num_iters, 10),
+      implicit_diff=None,
+  )
 
 
 def _ott_rows(c_gxg, valid_g, epsilon, num_iters, threshold):
@@ -105,27 +113,38 @@ def _ott_rows(c_gxg, valid_g, epsilon, num_iters, threshold):
   geom = geometry.Geometry(cost_matrix=_walled(c_gxg, valid_g), epsilon=epsilon)
   uniform = jnp.full((g,), 1.0 / g)
   out = ott_sinkhorn.Sinkhorn(**_solver_kwargs(num_iters, threshold))(
-      linear_problem.LinearProblem(geom, uniform, uniform))
+      linear_problem.LinearProblem(geom, uniform, uniform)
+  )
   # Each row carries mass 1/g in ott's coupling; SinKD's rows carry mass 1.
-  return g * jnp.sum(out.matrix * jnp.where(valid_g[None, :], c_gxg, 0.0), axis=1)
+  return g * jnp.sum(
+      out.matrix * jnp.where(valid_g[None, :], c_gxg, 0.0), axis=1
+  )
 
 
 def _debiased_rows(ps_gxV, pt_gxV, valid_g, epsilon, num_iters, threshold):
   g = ps_gxV.shape[0]
-  costs = [_walled(l1_cost(x, y), valid_g)
-           for x, y in ((ps_gxV, pt_gxV), (ps_gxV, ps_gxV), (pt_gxV, pt_gxV))]
+  costs = [
+      _walled(l1_cost(x, y), valid_g)
+      for x, y in ((ps_gxV, pt_gxV), (ps_gxV, ps_gxV), (pt_gxV, pt_gxV))
+  ]
   uniform = jnp.full((g,), 1.0 / g)
   value, _ = sinkhorn_divergence.sinkhorn_divergence(
-      geometry.Geometry, *costs, a=uniform, b=uniform, epsilon=epsilon,
-      solve_kwargs=_solver_kwargs(num_iters, threshold))
+      geometry.Geometry,
+      *costs,
+      a=uniform,
+      b=uniform,
+      epsilon=epsilon,
+      solve_kwargs=_solver_kwargs(num_iters, threshold),
+  )
   # The masked block is the same in all three problems and cancels; the valid
   # block is the compacted problem at mass n/g. Every valid row reports it.
   n = jnp.sum(valid_g)
   return jnp.where(valid_g, value * g / jnp.maximum(n, 1), 0.0)
 
 
-def sinkd_plan(c_gxg: Array, valid_g: Array, epsilon: float,
-               num_iters: int) -> Array:
+def sinkd_plan(
+    c_gxg: Array, valid_g: Array, epsilon: float, num_iters: int
+) -> Array:
   """SinKD's loop: ``Π = exp(−C/ε)``, then ``num_iters`` × (rows, columns) normalised.
 
   Masked rows and columns are zeroed in the kernel and stay zero (0/0 → 0), so
@@ -145,11 +164,19 @@ def sinkd_plan(c_gxg: Array, valid_g: Array, epsilon: float,
   return plan
 
 
-def sinkhorn(student_logits: Array, teacher_logits: Array,
-             mask: Array | None = None, *, temperature: float = 2.0,
-             epsilon: float = 0.1, group_size: int | None = None,
-             solver: str = "ott", num_iters: int | None = None,
-             threshold: float = 1e-3, scale: float = 1.0) -> Array:
+def sinkhorn(
+    student_logits: Array,
+    teacher_logits: Array,
+    mask: Array | None = None,
+    *,
+    temperature: float = 2.0,
+    epsilon: float = 0.1,
+    group_size: int | None = None,
+    solver: str = "ott",
+    num_iters: int | None = None,
+    threshold: float = 1e-3,
+    scale: float = 1.0,
+) -> Array:
   """SinKD loss, returned per row: ``r_i = scale · Σ_j Π_ij C_ij``.
 
   Args:
@@ -176,37 +203,49 @@ def sinkhorn(student_logits: Array, teacher_logits: Array,
   if solver not in SOLVERS:
     raise ValueError(f"solver={solver!r} is unknown; use one of {SOLVERS}.")
   if student_logits.shape != teacher_logits.shape:
-    raise ValueError(f"student logits {student_logits.shape} and teacher logits "
-                     f"{teacher_logits.shape} must have the same shape.")
+    raise ValueError(
+        f"student logits {student_logits.shape} and teacher logits "
+        f"{teacher_logits.shape} must have the same shape."
+    )
   lead = student_logits.shape[:-1]
   n_rows = math.prod(lead)
   if group_size is None:
     group_size = lead[-1] if len(lead) >= 2 else n_rows
   if group_size < 1 or n_rows % group_size:
-    raise ValueError(f"group_size={group_size} must divide the {n_rows} rows "
-                     f"of logits shaped {student_logits.shape}.")
+    raise ValueError(
+        f"group_size={group_size} must divide the {n_rows} rows "
+        f"of logits shaped {student_logits.shape}."
+    )
   if mask is None:
     mask = jnp.ones(lead, bool)
   elif mask.shape != lead:
-    raise ValueError(f"mask shape {mask.shape} must equal the logits' leading "
-                     f"axes {lead}.")
+    raise ValueError(
+        f"mask shape {mask.shape} must equal the logits' leading "
+        f"axes {lead}."
+    )
 
   v = student_logits.shape[-1]
-  ps = jnp.exp(core.log_probs(student_logits, temperature)).reshape(-1, group_size, v)
-  pt = jnp.exp(core.log_probs(jax.lax.stop_gradient(teacher_logits),
-                              temperature)).reshape(-1, group_size, v)
+  ps = jnp.exp(core.log_probs(student_logits, temperature)).reshape(
+      -1, group_size, v
+  )
+  pt = jnp.exp(
+      core.log_probs(jax.lax.stop_gradient(teacher_logits), temperature)
+  ).reshape(-1, group_size, v)
   valid = (mask > 0).reshape(-1, group_size)
 
   if solver == "debiased":
     rows = jax.vmap(_debiased_rows, in_axes=(0, 0, 0, None, None, None))(
-        ps, pt, valid, epsilon, num_iters, threshold)
+        ps, pt, valid, epsilon, num_iters, threshold
+    )
   else:
     cost = jax.vmap(l1_cost)(ps, pt)
     if solver == "ott":
       rows = jax.vmap(_ott_rows, in_axes=(0, 0, None, None, None))(
-          cost, valid, epsilon, num_iters, threshold)
+          cost, valid, epsilon, num_iters, threshold
+      )
     else:
       plan = jax.vmap(sinkd_plan, in_axes=(0, 0, None, None))(
-          cost, valid, epsilon, 20 if num_iters is None else num_iters)
+          cost, valid, epsilon, 20 if num_iters is None else num_iters
+      )
       rows = jnp.sum(plan * cost, axis=-1)
   return scale * rows.reshape(lead)

@@ -26,32 +26,38 @@ Array = jax.Array
 
 class _Dists(NamedTuple):
   """Both distributions of a position, prepared once and shared by every term."""
+
   log_q: Array  # student log-probs, finite everywhere (masked slots hold 0)
   log_p: Array  # teacher log-probs, finite everywhere, constant
-  q: Array      # student probabilities (exactly 0 in masked slots)
-  p: Array      # teacher probabilities, constant
+  q: Array  # student probabilities (exactly 0 in masked slots)
+  p: Array  # teacher probabilities, constant
 
 
-def _dists(student_logits: Array, teacher_logits: Array,
-           temperature: float) -> _Dists:
+def _dists(
+    student_logits: Array, teacher_logits: Array, temperature: float
+) -> _Dists:
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(
         f"student logits {student_logits.shape} and teacher logits "
         f"{teacher_logits.shape} differ in shape; token-level divergences need "
         "the same positions and vocabulary (use uld for different "
-        "vocabularies).")
+        "vocabularies)."
+    )
   log_q = core.log_probs(student_logits, _static("temperature", temperature))
   log_p = core.log_probs(jax.lax.stop_gradient(teacher_logits), temperature)
-  return _Dists(core._finite(log_q), core._finite(log_p), jnp.exp(log_q),
-                jnp.exp(log_p))
+  return _Dists(
+      core._finite(log_q), core._finite(log_p), jnp.exp(log_q), jnp.exp(log_p)
+  )
 
 
 def _static(name: str, value) -> float:
   static = core.static_value(value)
   if static is None:
-    raise TypeError(f"{name} must be a static Python number for the "
-                    "reference divergences; the public kd.<name> takes "
-                    "traced values.")
+    raise TypeError(
+        f"{name} must be a static Python number for the "
+        "reference divergences; the public kd.<name> takes "
+        "traced values."
+    )
   return static
 
 
@@ -82,20 +88,27 @@ def _rkl(d: _Dists) -> Array:
   return _kl(d.q, d.log_q, d.log_p)
 
 
-def fkl(student_logits: Array, teacher_logits: Array, *,
-        temperature: float = 1.0) -> Array:
+def fkl(
+    student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0
+) -> Array:
   """``KL(p‖q)`` (docs/divergences.md, "Forward KL")."""
   return _fkl(_dists(student_logits, teacher_logits, temperature))
 
 
-def rkl(student_logits: Array, teacher_logits: Array, *,
-        temperature: float = 1.0) -> Array:
+def rkl(
+    student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0
+) -> Array:
   """``KL(q‖p)`` (docs/divergences.md, "Reverse KL")."""
   return _rkl(_dists(student_logits, teacher_logits, temperature))
 
 
-def fkl_rkl(student_logits: Array, teacher_logits: Array, *,
-            weight: float = 0.5, temperature: float = 1.0) -> Array:
+def fkl_rkl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    weight: float = 0.5,
+    temperature: float = 1.0,
+) -> Array:
   """``weight·KL(p‖q) + (1 − weight)·KL(q‖p)`` (docs/divergences.md,
   "FKL+RKL")."""
   weight = _unit("weight", weight)
@@ -103,8 +116,13 @@ def fkl_rkl(student_logits: Array, teacher_logits: Array, *,
   return weight * _fkl(d) + (1.0 - weight) * _rkl(d)
 
 
-def skl(student_logits: Array, teacher_logits: Array, *,
-        alpha: float = 0.1, temperature: float = 1.0) -> Array:
+def skl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+) -> Array:
   """``KL(p ‖ α·p + (1 − α)·q)`` (docs/divergences.md, "Skew KL and skew
   reverse KL")."""
   alpha = _unit("alpha", alpha)
@@ -112,8 +130,13 @@ def skl(student_logits: Array, teacher_logits: Array, *,
   return _kl(d.p, d.log_p, _log_mixture(d, alpha))
 
 
-def srkl(student_logits: Array, teacher_logits: Array, *,
-         alpha: float = 0.1, temperature: float = 1.0) -> Array:
+def srkl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+) -> Array:
   """``KL(q ‖ (1 − α)·p + α·q)`` (docs/divergences.md, "Skew KL and skew
   reverse KL")."""
   alpha = _unit("alpha", alpha)
@@ -121,8 +144,13 @@ def srkl(student_logits: Array, teacher_logits: Array, *,
   return _kl(d.q, d.log_q, _log_mixture(d, 1.0 - alpha))
 
 
-def jsd(student_logits: Array, teacher_logits: Array, *,
-        beta: float = 0.5, temperature: float = 1.0) -> Array:
+def jsd(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Array:
   """``β·KL(p‖m) + (1 − β)·KL(q‖m)``, ``m = β·p + (1 − β)·q``; ``β = 0`` is
   FKL and ``β = 1`` RKL (docs/divergences.md, "Generalized JSD")."""
   beta = _unit("beta", beta)
@@ -132,29 +160,44 @@ def jsd(student_logits: Array, teacher_logits: Array, *,
   if beta == 1.0:
     return _rkl(d)
   log_m = _log_mixture(d, beta)
-  return beta * _kl(d.p, d.log_p, log_m) + (1.0 - beta) * _kl(d.q, d.log_q,
-                                                               log_m)
+  return beta * _kl(d.p, d.log_p, log_m) + (1.0 - beta) * _kl(
+      d.q, d.log_q, log_m
+  )
 
 
-def tvd(student_logits: Array, teacher_logits: Array, *,
-        temperature: float = 1.0) -> Array:
+def tvd(
+    student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0
+) -> Array:
   """``½ Σ_v |p_v − q_v|`` (docs/divergences.md, "Total variation")."""
   d = _dists(student_logits, teacher_logits, temperature)
   return 0.5 * jnp.sum(core._abs(d.p - d.q), axis=-1)
 
 
-def akl(student_logits: Array, teacher_logits: Array, *, mu: float = 0.5,
-        rule: str = "akl", temperature: float = 1.0) -> Array:
+def akl(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    mu: float = 0.5,
+    rule: str = "akl",
+    temperature: float = 1.0,
+) -> Array:
   """``w_head·KL(p‖q) + w_tail·KL(q‖p)`` with the constant weights of
   :func:`kdjax.divergences.core.akl_weights` (docs/divergences.md, "AKL")."""
   d = _dists(student_logits, teacher_logits, temperature)
-  w_head, w_tail = core.akl_weights(d.p, d.q, mu=_static("mu", mu), rule=rule,
-                                    order=teacher_logits)
+  w_head, w_tail = core.akl_weights(
+      d.p, d.q, mu=_static("mu", mu), rule=rule, order=teacher_logits
+  )
   return w_head * _fkl(d) + w_tail * _rkl(d)
 
 
-def abkd(student_logits: Array, teacher_logits: Array, *, alpha: float = 0.2,
-         beta: float = 0.7, temperature: float = 1.0) -> Array:
+def abkd(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    alpha: float = 0.2,
+    beta: float = 0.7,
+    temperature: float = 1.0,
+) -> Array:
   """The α-β divergence ``D_AB(p‖q)`` with its limits at α = 0 or β = 0
   (docs/divergences.md, "Alpha-beta divergence (ABKD)")."""
   alpha, beta = _static("alpha", alpha), _static("beta", beta)
@@ -166,16 +209,20 @@ def abkd(student_logits: Array, teacher_logits: Array, *, alpha: float = 0.2,
   if alpha == 0.0 and beta == 0.0:
     terms = 0.5 * jnp.where(both, log_ratio, 0.0) ** 2
   elif alpha == 0.0:
-    terms = (pow_q(beta) * log_ratio / beta
-             - (pow_q(beta) - pow_p(beta)) / beta**2)
+    terms = (
+        pow_q(beta) * log_ratio / beta - (pow_q(beta) - pow_p(beta)) / beta**2
+    )
   elif beta == 0.0:
-    terms = (-pow_p(alpha) * log_ratio / alpha
-             - (pow_p(alpha) - pow_q(alpha)) / alpha**2)
+    terms = (
+        -pow_p(alpha) * log_ratio / alpha
+        - (pow_p(alpha) - pow_q(alpha)) / alpha**2
+    )
   else:
     lam = alpha + beta
     mixed = jnp.where(both, jnp.exp(alpha * d.log_p + beta * d.log_q), 0.0)
-    terms = -(mixed - alpha / lam * pow_p(lam)
-              - beta / lam * pow_q(lam)) / (alpha * beta)
+    terms = -(mixed - alpha / lam * pow_p(lam) - beta / lam * pow_q(lam)) / (
+        alpha * beta
+    )
   return jnp.sum(terms, axis=-1)
 
 

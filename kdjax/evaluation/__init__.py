@@ -25,19 +25,42 @@ whose examples list every valid answer (``synthetic_instruct``) also get
 ``validity``: the share of responses that normalise to one of them.
 """
 
-from kdjax.evaluation.protocol import Protocol
-from kdjax.evaluation.scoring import (EOS_TEXT, METRICS, aggregate,
-                                      exact_match, normalize, postprocess,
-                                      rouge_l, score)
-from kdjax.evaluation.generation import (generate_responses,
-                                         generate_token_ids)
-from kdjax.evaluation.harness import Result, evaluate
 from kdjax.evaluation.datasets import DATASETS, JSONL_SETS, load_dataset
 from kdjax.evaluation.files import markdown_table, resolve_checkpoint, write
+from kdjax.evaluation.generation import generate_responses, generate_token_ids
+from kdjax.evaluation.harness import Result, evaluate
+from kdjax.evaluation.protocol import Protocol
+from kdjax.evaluation.scoring import (
+    EOS_TEXT,
+    METRICS,
+    aggregate,
+    exact_match,
+    normalize,
+    postprocess,
+    rouge_l,
+    score,
+)
 from kdjax.evaluation.suite import run
 
-__all__ = ["Protocol", "EOS_TEXT", "METRICS", "aggregate", "exact_match",
-           "normalize", "postprocess", "rouge_l", "score",
-           "generate_responses", "generate_token_ids", "Result", "evaluate",
-           "DATASETS", "JSONL_SETS", "load_dataset", "markdown_table",
-           "resolve_checkpoint", "write", "run"]
+__all__ = [
+    "Protocol",
+    "EOS_TEXT",
+    "METRICS",
+    "aggregate",
+    "exact_match",
+    "normalize",
+    "postprocess",
+    "rouge_l",
+    "score",
+    "generate_responses",
+    "generate_token_ids",
+    "Result",
+    "evaluate",
+    "DATASETS",
+    "JSONL_SETS",
+    "load_dataset",
+    "markdown_table",
+    "resolve_checkpoint",
+    "write",
+    "run",
+]

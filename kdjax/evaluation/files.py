@@ -21,27 +21,36 @@ def write(result: Result, outdir: str, dataset_name: str) -> str:
   out = fs.path(outdir)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"{dataset_name}.jsonl"
-  path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n"
-                          for row in result.rows))
+  path.write_text(
+      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows)
+  )
   summary_path = out / "summary.json"
-  summary = (json.loads(summary_path.read_text()) if summary_path.exists()
-             else {})
+  summary = (
+      json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  )
   summary[dataset_name] = result.metrics
   # A reader never sees half a file.
-  fs.write_text_atomic(summary_path, json.dumps(summary, indent=2,
-                                                sort_keys=True))
+  fs.write_text_atomic(
+      summary_path, json.dumps(summary, indent=2, sort_keys=True)
+  )
   return str(path)
 
 
 def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
   """One row per dataset: examples, seeds and mean ± std of each metric."""
-  lines = ["| dataset | examples | seeds | ROUGE-L | EM | validity |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+      "| dataset | examples | seeds | ROUGE-L | EM | validity |",
+      "|---|---|---|---|---|---|",
+  ]
   for name, m in summaries.items():
-    cells = [f"{m[k]:.2f} ± {m[k + '_std']:.2f}" if k in m else "–"
-             for k in METRICS]
-    lines.append(f"| {name} | {m['num_examples']} | {len(m['seeds'])} | "
-                 + " | ".join(cells) + " |")
+    cells = [
+        f"{m[k]:.2f} ± {m[k + '_std']:.2f}" if k in m else "–" for k in METRICS
+    ]
+    lines.append(
+        f"| {name} | {m['num_examples']} | {len(m['seeds'])} | "
+        + " | ".join(cells)
+        + " |"
+    )
   return "\n".join(lines)
 
 
@@ -53,16 +62,20 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
   """
   root = fs.path(path)
   if not root.is_dir():
-    raise FileNotFoundError(f"checkpoint {path} does not exist; pass a HF "
-                            "model directory or a training workdir.")
+    raise FileNotFoundError(
+        f"checkpoint {path} does not exist; pass a HF "
+        "model directory or a training workdir."
+    )
   # A workdir also holds a config.json (the trainer's), so its exports win.
   for hf_dir in (root / "best_hf", root / "hf", root):
     if (hf_dir / "model.safetensors.index.json").exists() or (
-        hf_dir / "model.safetensors").exists():
+        hf_dir / "model.safetensors"
+    ).exists():
       return str(hf_dir), str(root / "eval")
   raise FileNotFoundError(
       f"checkpoint {path} has no safetensors model, best_hf/ or hf/; pass a HF "
-      "model directory or a workdir the trainer exported to.")
+      "model directory or a workdir the trainer exported to."
+  )
 
 
 def describe_checkpoint(hf_dir: str) -> str:

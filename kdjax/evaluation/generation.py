@@ -12,14 +12,13 @@ import contextlib
 import functools
 from typing import Any, Mapping, Sequence
 
+from flax import nnx
 import jax
 import numpy as np
 import tokenizers
-from flax import nnx
 import tqdm
 
-from kdjax import sampling
-from kdjax import sharding
+from kdjax import sampling, sharding
 from kdjax.data import pipeline
 from kdjax.evaluation.protocol import Protocol
 from kdjax.evaluation.scoring import postprocess
@@ -48,7 +47,8 @@ def _check_positions(model: nnx.Module, protocol: Protocol) -> None:
   if limit is not None and need > limit:
     raise ValueError(
         f"max_prompt_length + max_new_tokens = {need} exceeds the model's "
-        f"n_positions={limit}; lower max_new_tokens or max_prompt_length.")
+        f"n_positions={limit}; lower max_new_tokens or max_prompt_length."
+    )
 
 
 def head(source: Source, limit: int | None) -> list[Mapping[str, Any]]:
@@ -61,31 +61,49 @@ def head(source: Source, limit: int | None) -> list[Mapping[str, Any]]:
   return [source[i] for i in range(n)]
 
 
-def prompts(examples: Sequence[Mapping[str, Any]],
-            tokenizer: tokenizers.Tokenizer, eos_id: int, protocol: Protocol,
-            batch_size: int) -> pipeline.EvalPrompts:
+def prompts(
+    examples: Sequence[Mapping[str, Any]],
+    tokenizer: tokenizers.Tokenizer,
+    eos_id: int,
+    protocol: Protocol,
+    batch_size: int,
+) -> pipeline.EvalPrompts:
   """The protocol's generation rows of ``examples``, all on this process."""
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size} must be positive.")
   # One process sees every example: outputs are gathered on the host.
   return pipeline.eval_prompts(
-      examples, tokenizer, eos_id=eos_id, batch_size=batch_size,
-      max_prompt_length=protocol.max_prompt_length, process_index=0,
-      process_count=1, template_style=protocol.template)
+      examples,
+      tokenizer,
+      eos_id=eos_id,
+      batch_size=batch_size,
+      max_prompt_length=protocol.max_prompt_length,
+      process_index=0,
+      process_count=1,
+      template_style=protocol.template,
+  )
 
 
 def _check_mesh_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   n = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
   if batch_size % n:
-    raise ValueError(f"batch_size={batch_size} is not a multiple of the "
-                     f"mesh's {n} batch shards; use a multiple of {n}.")
+    raise ValueError(
+        f"batch_size={batch_size} is not a multiple of the "
+        f"mesh's {n} batch shards; use a multiple of {n}."
+    )
 
 
-def generate_token_ids(model: nnx.Module, prompts: pipeline.EvalPrompts, *,
-                       protocol: Protocol, seed: int, eos_id: int,
-                       mesh: jax.sharding.Mesh | None = None,
-                       progress: bool = True,
-                       desc: str = "generate") -> list[np.ndarray]:
+def generate_token_ids(
+    model: nnx.Module,
+    prompts: pipeline.EvalPrompts,
+    *,
+    protocol: Protocol,
+    seed: int,
+    eos_id: int,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[np.ndarray]:
   """Generated token ids of every example of ``prompts``, in order.
 
   Batch ``b`` is sampled with ``fold_in(key(seed), b)`` and a row's logits see
@@ -104,19 +122,28 @@ def generate_token_ids(model: nnx.Module, prompts: pipeline.EvalPrompts, *,
     _check_mesh_batch(prompts.dataset[0]["input_ids"].shape[0], mesh)
   settings = protocol.sampling_settings(eos_id)
   model = _eval_view(model)
-  place = (lambda x: x) if mesh is None else functools.partial(
-      jax.device_put, device=sharding.batch_sharding(mesh))
+  place = (
+      (lambda x: x)
+      if mesh is None
+      else functools.partial(
+          jax.device_put, device=sharding.batch_sharding(mesh)
+      )
+  )
   base = jax.random.key(seed)
   out: list[np.ndarray | None] = [None] * len(prompts.examples)
-  bar = tqdm.tqdm(total=len(out), desc=desc, unit="ex", disable=not progress,
-                  leave=False)
+  bar = tqdm.tqdm(
+      total=len(out), desc=desc, unit="ex", disable=not progress, leave=False
+  )
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     for b in range(len(prompts.dataset)):
       batch = prompts.dataset[b]
       tokens = sampling.generate(
-          model, place(batch["input_ids"]),
+          model,
+          place(batch["input_ids"]),
           place(batch["attention_mask"].astype(bool)),
-          jax.random.fold_in(base, b), **settings)
+          jax.random.fold_in(base, b),
+          **settings,
+      )
       tokens = np.asarray(jax.device_get(tokens))
       for row, i in enumerate(batch["index"]):
         if i >= 0:
@@ -126,29 +153,59 @@ def generate_token_ids(model: nnx.Module, prompts: pipeline.EvalPrompts, *,
   return out
 
 
-def responses(model: nnx.Module, tokenizer: tokenizers.Tokenizer, eos_id: int,
-              prompts: pipeline.EvalPrompts, protocol: Protocol, seed: int,
-              mesh: jax.sharding.Mesh | None, progress: bool,
-              desc: str) -> list[str]:
+def responses(
+    model: nnx.Module,
+    tokenizer: tokenizers.Tokenizer,
+    eos_id: int,
+    prompts: pipeline.EvalPrompts,
+    protocol: Protocol,
+    seed: int,
+    mesh: jax.sharding.Mesh | None,
+    progress: bool,
+    desc: str,
+) -> list[str]:
   """The response text to every prompt (:func:`generate_token_ids`, decoded)."""
-  ids = generate_token_ids(model, prompts, protocol=protocol, seed=seed,
-                           eos_id=eos_id, mesh=mesh, progress=progress,
-                           desc=desc)
+  ids = generate_token_ids(
+      model,
+      prompts,
+      protocol=protocol,
+      seed=seed,
+      eos_id=eos_id,
+      mesh=mesh,
+      progress=progress,
+      desc=desc,
+  )
   return [postprocess(t, tokenizer, eos_id) for t in ids]
 
 
-def generate_responses(model: nnx.Module, tokenizer: tokenizers.Tokenizer,
-                       eos_id: int, source: Source, *,
-                       protocol: Protocol = Protocol(), seed: int,
-                       limit: int | None = None, batch_size: int = 32,
-                       mesh: jax.sharding.Mesh | None = None,
-                       progress: bool = True) -> list[dict[str, Any]]:
+def generate_responses(
+    model: nnx.Module,
+    tokenizer: tokenizers.Tokenizer,
+    eos_id: int,
+    source: Source,
+    *,
+    protocol: Protocol = Protocol(),
+    seed: int,
+    limit: int | None = None,
+    batch_size: int = 32,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
   """One response per example of ``source`` (e.g. SeqKD teacher outputs).
 
   Returns:
     ``[{"prompt", "references", "task", "response"}]`` in source order.
   """
   rows = prompts(head(source, limit), tokenizer, eos_id, protocol, batch_size)
-  texts = responses(model, tokenizer, eos_id, rows, protocol, seed, mesh,
-                    progress, f"seed {seed}")
+  texts = responses(
+      model,
+      tokenizer,
+      eos_id,
+      rows,
+      protocol,
+      seed,
+      mesh,
+      progress,
+      f"seed {seed}",
+  )
   return [dict(ex, response=r) for ex, r in zip(rows.examples, texts)]

@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+from flax import nnx
 import jax
 import tokenizers
-from flax import nnx
 
 from kdjax.data import pipeline
-from kdjax.evaluation import generation
-from kdjax.evaluation import scoring
+from kdjax.evaluation import generation, scoring
 from kdjax.evaluation.protocol import Protocol
 
 
@@ -28,23 +27,34 @@ class Result:
   """``metrics``: see :func:`~kdjax.evaluation.scoring.aggregate`; ``rows``:
   one dict per example with prompt, references, task, (valid_answers,) and
   per seed (string keys) the response and its scores in [0, 1]."""
+
   metrics: dict[str, Any]
   rows: list[dict[str, Any]]
 
 
-def _valid_answers(examples: Sequence[Mapping[str, Any]]
-                   ) -> list[list[str]] | None:
+def _valid_answers(
+    examples: Sequence[Mapping[str, Any]],
+) -> list[list[str]] | None:
   """Each example's ``valid_answers`` list, or None if the dataset has none."""
   if not examples or "valid_answers" not in examples[0]:
     return None
   return [pipeline.to_texts(ex["valid_answers"]) for ex in examples]
 
 
-def evaluate(model: nnx.Module, tokenizer: tokenizers.Tokenizer, eos_id: int,
-             source: generation.Source, *, protocol: Protocol = Protocol(),
-             seeds: Sequence[int] | None = None, limit: int | None = None,
-             batch_size: int = 32, mesh: jax.sharding.Mesh | None = None,
-             progress: bool = True, name: str = "eval") -> Result:
+def evaluate(
+    model: nnx.Module,
+    tokenizer: tokenizers.Tokenizer,
+    eos_id: int,
+    source: generation.Source,
+    *,
+    protocol: Protocol = Protocol(),
+    seeds: Sequence[int] | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    name: str = "eval",
+) -> Result:
   """Generates a response per example and seed and scores it.
 
   Args:
@@ -69,19 +79,30 @@ def evaluate(model: nnx.Module, tokenizer: tokenizers.Tokenizer, eos_id: int,
     raise ValueError("seeds is empty; pass at least one seed, e.g. (10,).")
   examples = generation.head(source, limit)
   valid = _valid_answers(examples)
-  prompts = generation.prompts(examples, tokenizer, eos_id, protocol,
-                               batch_size)
+  prompts = generation.prompts(
+      examples, tokenizer, eos_id, protocol, batch_size
+  )
   rows = [dict(ex, responses={}, scores={}) for ex in prompts.examples]
   if valid is not None:
     for row, answers in zip(rows, valid):
       row["valid_answers"] = answers
   for seed in seeds:
-    texts = generation.responses(model, tokenizer, eos_id, prompts, protocol,
-                                 seed, mesh, progress, f"{name} seed {seed}")
+    texts = generation.responses(
+        model,
+        tokenizer,
+        eos_id,
+        prompts,
+        protocol,
+        seed,
+        mesh,
+        progress,
+        f"{name} seed {seed}",
+    )
     for row, text in zip(rows, texts):
       row["responses"][str(seed)] = text
-      row["scores"][str(seed)] = scoring.score(text, row["references"],
-                                               row.get("valid_answers"))
+      row["scores"][str(seed)] = scoring.score(
+          text, row["references"], row.get("valid_answers")
+      )
   metrics = scoring.aggregate(rows, seeds)
   metrics["truncated_prompts"] = prompts.truncated_prompts
   return Result(metrics, rows)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 class Protocol(NamedTuple):
   """Decoding settings; the defaults are the paper protocol."""
+
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
@@ -25,8 +26,13 @@ class Protocol(NamedTuple):
 
   def sampling_settings(self, eos_id: int) -> dict[str, Any]:
     """Keyword arguments of :func:`kdjax.sampling.generate`."""
-    return dict(max_new_tokens=self.max_new_tokens, greedy=self.greedy,
-                temperature=self.temperature, top_k=self.top_k,
-                top_p=self.top_p,
-                no_repeat_ngram_size=self.no_repeat_ngram_size,
-                eos_id=eos_id, pad_id=eos_id)
+    return dict(
+        max_new_tokens=self.max_new_tokens,
+        greedy=self.greedy,
+        temperature=self.temperature,
+        top_k=self.top_k,
+        top_p=self.top_p,
+        no_repeat_ngram_size=self.no_repeat_ngram_size,
+        eos_id=eos_id,
+        pad_id=eos_id,
+    )

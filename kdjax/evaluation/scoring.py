@@ -27,6 +27,7 @@ METRICS = ("rougeL", "exact_match", "validity")
 def _rouge_scorer():
   # Imported on first use: it pulls in nltk, which trainers need not load.
   from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+
   return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -41,8 +42,10 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
   if not prediction.strip() or not references:
     return 0.0
   scorer = _rouge_scorer()
-  return max(scorer.score(target=ref, prediction=prediction)["rougeL"].fmeasure
-             for ref in references)
+  return max(
+      scorer.score(target=ref, prediction=prediction)["rougeL"].fmeasure
+      for ref in references
+  )
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -60,8 +63,11 @@ def exact_match(prediction: str, references: Sequence[str]) -> bool:
   return normalize(prediction) in {normalize(r) for r in references}
 
 
-def score(response: str, references: Sequence[str],
-          valid_answers: Sequence[str] | None = None) -> dict[str, float]:
+def score(
+    response: str,
+    references: Sequence[str],
+    valid_answers: Sequence[str] | None = None,
+) -> dict[str, float]:
   """Per-example scores in [0, 1]: rougeL, exact_match and (with a valid
   answer list) validity, i.e. :func:`exact_match` against every valid answer.
 
@@ -69,26 +75,30 @@ def score(response: str, references: Sequence[str],
   equals exact match there; it is kept as its own column because it is the
   task-level success rate whatever the references are.
   """
-  out = {"rougeL": rouge_l(response, references),
-         "exact_match": float(exact_match(response, references))}
+  out = {
+      "rougeL": rouge_l(response, references),
+      "exact_match": float(exact_match(response, references)),
+  }
   if valid_answers is not None:
     out["validity"] = float(exact_match(response, valid_answers))
   return out
 
 
-def postprocess(token_ids: Iterable[int], tokenizer: tokenizers.Tokenizer,
-                eos_id: int) -> str:
+def postprocess(
+    token_ids: Iterable[int], tokenizer: tokenizers.Tokenizer, eos_id: int
+) -> str:
   """Generated ids -> response text: cut at the first EOS, decode without
   special tokens, cut at ``<|endoftext|>``, strip."""
   ids = [int(t) for t in token_ids]
   if eos_id in ids:
-    ids = ids[:ids.index(eos_id)]
+    ids = ids[: ids.index(eos_id)]
   text = tokenizer.decode(ids, skip_special_tokens=True)
   return text.split(EOS_TEXT, 1)[0].strip()
 
 
-def aggregate(rows: Sequence[Mapping[str, Any]],
-              seeds: Sequence[int]) -> dict[str, Any]:
+def aggregate(
+    rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]
+) -> dict[str, Any]:
   """Per-seed means x100, then mean and std (``np.std``, ddof 0) over seeds.
 
   Returns ``{"num_examples", "seeds", "<metric>", "<metric>_std",
@@ -98,9 +108,13 @@ def aggregate(rows: Sequence[Mapping[str, Any]],
   names = [m for m in METRICS if rows and m in rows[0]["scores"][str(seeds[0])]]
 
   def per_seed(subset):
-    return {str(s): {m: 100.0 * float(np.mean([r["scores"][str(s)][m]
-                                               for r in subset]))
-                     for m in names} for s in seeds}
+    return {
+        str(s): {
+            m: 100.0 * float(np.mean([r["scores"][str(s)][m] for r in subset]))
+            for m in names
+        }
+        for s in seeds
+    }
 
   table = per_seed(rows)
   metrics: dict[str, Any] = {"num_examples": len(rows), "seeds": list(seeds)}
@@ -115,5 +129,6 @@ def aggregate(rows: Sequence[Mapping[str, Any]],
     for task in tasks:
       t = per_seed([r for r in rows if r["task"] == task])
       metrics["per_task"][task] = {
-          m: float(np.mean([t[str(s)][m] for s in seeds])) for m in names}
+          m: float(np.mean([t[str(s)][m] for s in seeds])) for m in names
+      }
   return metrics

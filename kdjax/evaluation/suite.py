@@ -7,22 +7,25 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from kdjax import fs
-from kdjax import models
-from kdjax import sharding
+from kdjax import fs, models, sharding
 from kdjax import spec as spec_lib
 from kdjax import validation as config_validation
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import datasets as datasets_lib
-from kdjax.evaluation import files
-from kdjax.evaluation import harness
+from kdjax.evaluation import files, harness
 
 
-def run(config: ml_collections.ConfigDict, checkpoint: str, *,
-        datasets: str | None = None, seeds: str | None = None,
-        limit: int | None = None, outdir: str | None = None,
-        manual_dir: str | None = None,
-        progress: bool = True) -> dict[str, dict[str, Any]]:
+def run(
+    config: ml_collections.ConfigDict,
+    checkpoint: str,
+    *,
+    datasets: str | None = None,
+    seeds: str | None = None,
+    limit: int | None = None,
+    outdir: str | None = None,
+    manual_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
   """Scores ``checkpoint`` (a HF model dir or a training workdir).
 
   ``datasets`` / ``seeds`` (comma-separated) override the config's; writes
@@ -42,16 +45,27 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, *,
   # Cheapest first: the tokenizer (a hub id fails in seconds offline), then
   # every dataset, then the weights.
   tok, eos_id = tokenizer_lib.load(suite.tokenizer)
-  loaded = [datasets_lib.load_dataset(n, suite.data_dir, manual_dir)
-            for n in names]
+  loaded = [
+      datasets_lib.load_dataset(n, suite.data_dir, manual_dir) for n in names
+  ]
   mesh = sharding.make_mesh(**suite.mesh)
-  model = models.load(hf_dir, dtype=jnp.dtype(suite.dtype), mesh=mesh,
-                      seed=suite.seed)
+  model = models.load(
+      hf_dir, dtype=jnp.dtype(suite.dtype), mesh=mesh, seed=suite.seed
+  )
   summaries = {}
   for source, name in loaded:
-    result = harness.evaluate(model, tok, eos_id, source, protocol=protocol,
-                              limit=limit, batch_size=suite.batch_size,
-                              mesh=mesh, progress=progress, name=name)
+    result = harness.evaluate(
+        model,
+        tok,
+        eos_id,
+        source,
+        protocol=protocol,
+        limit=limit,
+        batch_size=suite.batch_size,
+        mesh=mesh,
+        progress=progress,
+        name=name,
+    )
     files.write(result, outdir, name)
     summaries[name] = result.metrics
   print(f"{hf_dir} -> {outdir}")

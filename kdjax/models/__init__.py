@@ -22,8 +22,8 @@ import dataclasses
 import json
 import os
 
-import jax.numpy as jnp
 from flax import nnx
+import jax.numpy as jnp
 
 from kdjax.hub import download_hint, hub_reachable
 from kdjax.models import gpt2, hf, llama
@@ -31,38 +31,62 @@ from kdjax.models.gpt2 import GPT2, GPT2Config
 from kdjax.models.layers import KVCache
 from kdjax.models.llama import Llama, LlamaConfig
 
-PRESETS = {**{k: (gpt2.GPT2Config, gpt2.GPT2, v) for k, v in gpt2.PRESETS.items()},
-           **{k: (llama.LlamaConfig, llama.Llama, v)
-              for k, v in llama.PRESETS.items()}}
+PRESETS = {
+    **{k: (gpt2.GPT2Config, gpt2.GPT2, v) for k, v in gpt2.PRESETS.items()},
+    **{
+        k: (llama.LlamaConfig, llama.Llama, v) for k, v in llama.PRESETS.items()
+    },
+}
 
-__all__ = ["load", "create", "save_hf", "load_tokenizer", "PRESETS", "GPT2",
-           "GPT2Config", "Llama", "LlamaConfig", "KVCache", "download_hint",
-           "hub_reachable"]
+__all__ = [
+    "load",
+    "create",
+    "save_hf",
+    "load_tokenizer",
+    "PRESETS",
+    "GPT2",
+    "GPT2Config",
+    "Llama",
+    "LlamaConfig",
+    "KVCache",
+    "download_hint",
+    "hub_reachable",
+]
 
 
 def preset_config(name: str, **overrides):
   """The config dataclass of preset ``name`` with ``overrides`` applied."""
   if name not in PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; choose one of "
-                     f"{sorted(PRESETS)}.")
+    raise ValueError(
+        f"unknown model preset {name!r}; choose one of " f"{sorted(PRESETS)}."
+    )
   cfg_cls, _, fields = PRESETS[name]
   known = {f.name for f in dataclasses.fields(cfg_cls)}
   bad = sorted(set(overrides) - known)
   if bad:
-    raise ValueError(f"{cfg_cls.__name__} has no field(s) {bad}; valid fields "
-                     f"are {sorted(known)}.")
+    raise ValueError(
+        f"{cfg_cls.__name__} has no field(s) {bad}; valid fields "
+        f"are {sorted(known)}."
+    )
   return cfg_cls(**{**fields, **overrides})
 
 
-def create(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
-           param_dtype=jnp.float32, **overrides):
+def create(
+    name: str,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    **overrides,
+):
   """A randomly initialised model from a preset, e.g. ``create("gpt2", rngs=...)``.
 
   ``overrides`` replace config fields (``vocab_size=257``, ``n_layer=4``, ...).
   """
   cfg = preset_config(name, dtype=dtype, param_dtype=param_dtype, **overrides)
   return (gpt2.GPT2 if isinstance(cfg, gpt2.GPT2Config) else llama.Llama)(
-      cfg, rngs=rngs)
+      cfg, rngs=rngs
+  )
 
 
 def _resolve(path_or_hub_id: str) -> str:
@@ -70,21 +94,31 @@ def _resolve(path_or_hub_id: str) -> str:
   if os.path.isdir(path_or_hub_id):
     return path_or_hub_id
   import huggingface_hub
+
   online = hub_reachable()
   try:
     return huggingface_hub.snapshot_download(
-        path_or_hub_id, local_files_only=not online,
-        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        path_or_hub_id,
+        local_files_only=not online,
+        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+    )
   except Exception as e:  # offline, unknown repo, no credentials, ...
     why = type(e).__name__ if online else "the hub is unreachable"
     raise FileNotFoundError(
         f"{path_or_hub_id!r} is not a local directory and could not be fetched "
         f"from the Hugging Face hub ({why}); on a machine with network run "
-        f"`{download_hint(path_or_hub_id)}` and pass DIR.") from None
+        f"`{download_hint(path_or_hub_id)}` and pass DIR."
+    ) from None
 
 
-def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
-         seed: int = 0, **overrides):
+def load(
+    path_or_hub_id: str,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh=None,
+    seed: int = 0,
+    **overrides,
+):
   """Loads a HF GPT-2 or LLaMA checkpoint (safetensors only).
 
   Args:
@@ -103,25 +137,39 @@ def load(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None, mesh=None,
   directory = _resolve(path_or_hub_id)
   cfg_path = os.path.join(directory, "config.json")
   if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"no config.json in {directory}; point load() at a "
-                            "Hugging Face model directory.")
+    raise FileNotFoundError(
+        f"no config.json in {directory}; point load() at a "
+        "Hugging Face model directory."
+    )
   with open(cfg_path) as f:
-    cfg = hf.config_from_hf(json.load(f), dtype=dtype,
-                            param_dtype=param_dtype or dtype, **overrides)
+    cfg = hf.config_from_hf(
+        json.load(f), dtype=dtype, param_dtype=param_dtype or dtype, **overrides
+    )
   model = hf.load_params(directory, cfg, mesh, seed)
   model.eval()
   return model
 
 
-def save_hf(model, directory, *, tokenizer=None, dtype=None,
-            max_shard_size: int = 5 * 2**30) -> None:
+def save_hf(
+    model,
+    directory,
+    *,
+    tokenizer=None,
+    dtype=None,
+    max_shard_size: int = 5 * 2**30,
+) -> None:
   """Writes ``model`` as a HF checkpoint transformers loads and generates with.
 
   safetensors + ``config.json`` + ``generation_config.json`` + the tokenizer
   files (see :func:`kdjax.models.hf.save`); ``directory`` may be a URI.
   """
-  hf.save(model, directory, tokenizer=tokenizer, dtype=dtype,
-          max_shard_size=max_shard_size)
+  hf.save(
+      model,
+      directory,
+      tokenizer=tokenizer,
+      dtype=dtype,
+      max_shard_size=max_shard_size,
+  )
 
 
 def load_tokenizer(path: str):
@@ -139,8 +187,10 @@ def load_tokenizer(path: str):
   if os.path.exists(vocab) and os.path.exists(merges):
     tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab, merges))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
-        add_prefix_space=False)
+        add_prefix_space=False
+    )
     tok.decoder = tokenizers.decoders.ByteLevel()
     return tok
-  raise FileNotFoundError(f"no tokenizer.json or vocab.json + merges.txt in "
-                          f"{path}.")
+  raise FileNotFoundError(
+      f"no tokenizer.json or vocab.json + merges.txt in " f"{path}."
+  )

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kdjax.models import layers
 
@@ -77,14 +77,20 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     # HF "gelu_new" is the tanh approximation.
-    return self.dropout(self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True)))
+    return self.dropout(
+        self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+    )
 
 
 class Block(nnx.Module):
 
   def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-    kw = dict(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
-              param_dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(
+        epsilon=cfg.layer_norm_epsilon,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
+    )
     self.ln_1 = nnx.LayerNorm(cfg.n_embd, **kw)
     self.attn = Attention(cfg, rngs)
     self.ln_2 = nnx.LayerNorm(cfg.n_embd, **kw)
@@ -112,20 +118,31 @@ class GPT2(layers.CausalLM):
 
   def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
     if config.n_embd % config.n_head:
-      raise ValueError(f"n_embd={config.n_embd} is not divisible by "
-                       f"n_head={config.n_head}.")
+      raise ValueError(
+          f"n_embd={config.n_embd} is not divisible by "
+          f"n_head={config.n_head}."
+      )
     self.config = config
     kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
     init = nnx.initializers.normal(0.02)
-    self.wte = nnx.Embed(config.vocab_size, config.n_embd,
-                         embedding_init=init, **kw)
-    self.wpe = nnx.Embed(config.n_positions, config.n_embd,
-                         embedding_init=nnx.initializers.normal(0.01), **kw)
+    self.wte = nnx.Embed(
+        config.vocab_size, config.n_embd, embedding_init=init, **kw
+    )
+    self.wpe = nnx.Embed(
+        config.n_positions,
+        config.n_embd,
+        embedding_init=nnx.initializers.normal(0.01),
+        **kw,
+    )
     self.drop = nnx.Dropout(config.embd_pdrop, rngs=rngs)
     self.h = nnx.List([Block(config, rngs) for _ in range(config.n_layer)])
-    self.ln_f = nnx.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon,
-                              dtype=config.dtype,
-                              param_dtype=config.param_dtype, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(
+        config.n_embd,
+        epsilon=config.layer_norm_epsilon,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        rngs=rngs,
+    )
 
   @property
   def blocks(self):

@@ -35,10 +35,9 @@ import re
 from typing import Any, Callable
 
 from absl import logging
+from flax import nnx, traverse_util
 import jax
 import numpy as np
-from flax import nnx
-from flax import traverse_util
 
 from kdjax import fs
 from kdjax import sharding as shd
@@ -65,8 +64,10 @@ def config_from_hf(cfg: dict, **overrides):
     fields = {f.name for f in dataclasses.fields(gpt2.GPT2Config)}
     act = cfg.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-      raise ValueError(f"GPT-2 activation_function={act!r} is not supported; "
-                       "kdjax implements gelu_new (tanh GELU).")
+      raise ValueError(
+          f"GPT-2 activation_function={act!r} is not supported; "
+          "kdjax implements gelu_new (tanh GELU)."
+      )
     kw = {k: v for k, v in cfg.items() if k in fields and v is not None}
     return gpt2.GPT2Config(**{**kw, **overrides})
   if kind == "llama":
@@ -76,19 +77,24 @@ def config_from_hf(cfg: dict, **overrides):
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     kw["rope_theta"] = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
     kind_ = rope.get("rope_type", rope.get("type", "default"))
-    kw["rope_scaling"] = (None if kind_ == "default"
-                          else tuple(sorted(rope.items())))
+    kw["rope_scaling"] = (
+        None if kind_ == "default" else tuple(sorted(rope.items()))
+    )
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-      raise ValueError("LLaMA checkpoints with attention_bias/mlp_bias=True are "
-                       "not supported; kdjax's LLaMA has no biases.")
+      raise ValueError(
+          "LLaMA checkpoints with attention_bias/mlp_bias=True are "
+          "not supported; kdjax's LLaMA has no biases."
+      )
     for k in ("bos_token_id", "eos_token_id"):
       if isinstance(kw.get(k), list):
         kw[k] = kw[k][0]
       if kw.get(k) is None:
         kw.pop(k, None)
     return llama.LlamaConfig(**{**kw, **overrides})
-  raise ValueError(f"config.json model_type={kind!r} is not supported; kdjax "
-                   "loads 'gpt2' and 'llama' checkpoints.")
+  raise ValueError(
+      f"config.json model_type={kind!r} is not supported; kdjax "
+      "loads 'gpt2' and 'llama' checkpoints."
+  )
 
 
 def config_to_hf(config) -> dict:
@@ -96,16 +102,26 @@ def config_to_hf(config) -> dict:
   skip = {"dtype", "param_dtype", "remat", "rope_scaling", "rope_theta"}
   out = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
   if isinstance(config, gpt2.GPT2Config):
-    out.update(model_type="gpt2", architectures=["GPT2LMHeadModel"],
-               n_ctx=config.n_positions, activation_function="gelu_new",
-               tie_word_embeddings=True)
+    out.update(
+        model_type="gpt2",
+        architectures=["GPT2LMHeadModel"],
+        n_ctx=config.n_positions,
+        activation_function="gelu_new",
+        tie_word_embeddings=True,
+    )
   else:
     rope = {"rope_type": "default", **dict(config.rope_scaling or ())}
     rope["rope_theta"] = config.rope_theta
-    out.update(model_type="llama", architectures=["LlamaForCausalLM"],
-               hidden_act="silu", attention_bias=False, mlp_bias=False,
-               head_dim=config.kv_head_dim, rope_theta=config.rope_theta,
-               rope_parameters=rope)
+    out.update(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        head_dim=config.kv_head_dim,
+        rope_theta=config.rope_theta,
+        rope_parameters=rope,
+    )
     if config.rope_scaling:
       out["rope_scaling"] = rope
   out["torch_dtype"] = "float32"
@@ -116,40 +132,62 @@ def family(config) -> tuple[Callable, list[Entry], tuple[str, ...]]:
   """(model class, key map, ignored-key regexes) for a config."""
   if isinstance(config, gpt2.GPT2Config):
     return gpt2.GPT2, gpt2_entries(config), (r"h\.\d+\.attn\.(masked_)?bias",)
-  return llama.Llama, llama_entries(config), (
-      r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+  return (
+      llama.Llama,
+      llama_entries(config),
+      (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+  )
 
 
 def gpt2_entries(cfg: gpt2.GPT2Config) -> list[Entry]:
-  out = [Entry("wte.weight", ("wte", "embedding")),
-         Entry("wpe.weight", ("wpe", "embedding")),
-         Entry("ln_f.weight", ("ln_f", "scale")),
-         Entry("ln_f.bias", ("ln_f", "bias"))]
+  out = [
+      Entry("wte.weight", ("wte", "embedding")),
+      Entry("wpe.weight", ("wpe", "embedding")),
+      Entry("ln_f.weight", ("ln_f", "scale")),
+      Entry("ln_f.bias", ("ln_f", "bias")),
+  ]
   for i in range(cfg.n_layer):
     for ln in ("ln_1", "ln_2"):
-      out += [Entry(f"h.{i}.{ln}.weight", ("h", i, ln, "scale")),
-              Entry(f"h.{i}.{ln}.bias", ("h", i, ln, "bias"))]
-    for mod, lin in (("attn", "c_attn"), ("attn", "c_proj"),
-                     ("mlp", "c_fc"), ("mlp", "c_proj")):
-      out += [Entry(f"h.{i}.{mod}.{lin}.weight", ("h", i, mod, lin, "kernel")),
-              Entry(f"h.{i}.{mod}.{lin}.bias", ("h", i, mod, lin, "bias"))]
+      out += [
+          Entry(f"h.{i}.{ln}.weight", ("h", i, ln, "scale")),
+          Entry(f"h.{i}.{ln}.bias", ("h", i, ln, "bias")),
+      ]
+    for mod, lin in (
+        ("attn", "c_attn"),
+        ("attn", "c_proj"),
+        ("mlp", "c_fc"),
+        ("mlp", "c_proj"),
+    ):
+      out += [
+          Entry(f"h.{i}.{mod}.{lin}.weight", ("h", i, mod, lin, "kernel")),
+          Entry(f"h.{i}.{mod}.{lin}.bias", ("h", i, mod, lin, "bias")),
+      ]
   return out
 
 
 def llama_entries(cfg: llama.LlamaConfig) -> list[Entry]:
-  out = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding")),
-         Entry("model.norm.weight", ("norm", "scale"))]
+  out = [
+      Entry("model.embed_tokens.weight", ("embed_tokens", "embedding")),
+      Entry("model.norm.weight", ("norm", "scale")),
+  ]
   if not cfg.tie_word_embeddings:
     out.append(Entry("lm_head.weight", ("head",)))
   for i in range(cfg.num_hidden_layers):
     pre = f"model.layers.{i}"
     for ln in ("input_layernorm", "post_attention_layernorm"):
       out.append(Entry(f"{pre}.{ln}.weight", ("layers", i, ln, "scale")))
-    for mod, lins in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                      ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+    for mod, lins in (
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    ):
       for lin in lins:
-        out.append(Entry(f"{pre}.{mod}.{lin}.weight",
-                         ("layers", i, mod, lin, "kernel"), transpose=True))
+        out.append(
+            Entry(
+                f"{pre}.{mod}.{lin}.weight",
+                ("layers", i, mod, lin, "kernel"),
+                transpose=True,
+            )
+        )
   return out
 
 
@@ -167,22 +205,28 @@ def safetensors_files(directory: str) -> list[str]:
   single = os.path.join(directory, "model.safetensors")
   if os.path.exists(single):
     return [single]
-  pickles = [n for n in os.listdir(directory)
-             if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+  pickles = [
+      n
+      for n in os.listdir(directory)
+      if n.endswith((".bin", ".pt", ".pth", ".ckpt"))
+  ]
   if pickles:
-    raise ValueError(f"{directory} holds only pickle checkpoints ({pickles[0]}); "
-                     "kdjax reads safetensors only: convert it with "
-                     "transformers' save_pretrained(..., safe_serialization=True).")
-  raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json "
-                          f"in {directory}.")
+    raise ValueError(
+        f"{directory} holds only pickle checkpoints ({pickles[0]}); "
+        "kdjax reads safetensors only: convert it with "
+        "transformers' save_pretrained(..., safe_serialization=True)."
+    )
+  raise FileNotFoundError(
+      f"no model.safetensors or model.safetensors.index.json "
+      f"in {directory}."
+  )
 
 
 def _normalise_gpt2(key: str) -> str:
-  return key[len("transformer."):] if key.startswith("transformer.") else key
+  return key[len("transformer.") :] if key.startswith("transformer.") else key
 
 
-def load_params(directory: str, config, mesh=None,
-                seed: int = 0) -> nnx.Module:
+def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
   """Builds the model for ``config`` with the weights in ``directory``.
 
   Every tensor is read lazily and ``device_put`` on its own sharding (over
@@ -217,27 +261,40 @@ def load_params(directory: str, config, mesh=None,
           value = value.T
         want = targets[entry.path]
         if tuple(value.shape) != tuple(want.shape):
-          errors.append(f"{raw!r} has shape {tuple(value.shape)}, expected "
-                        f"{tuple(want.shape)} for the config")
+          errors.append(
+              f"{raw!r} has shape {tuple(value.shape)}, expected "
+              f"{tuple(want.shape)} for the config"
+          )
           continue
         loaded[entry.path] = jax.device_put(
-            np.asarray(value).astype(want.dtype), shardings[entry.path])
+            np.asarray(value).astype(want.dtype), shardings[entry.path]
+        )
   missing = [e.hf_key for e in entries if e.path not in loaded]
   errors += [f"missing key {k!r}" for k in missing]
-  if tied_head is not None and not missing and not np.array_equal(
-      tied_head, np.asarray(loaded[("wte", "embedding")])):
-    errors.append("'lm_head.weight' differs from 'wte.weight' but GPT-2's "
-                  "head is tied")
+  if (
+      tied_head is not None
+      and not missing
+      and not np.array_equal(
+          tied_head, np.asarray(loaded[("wte", "embedding")])
+      )
+  ):
+    errors.append(
+        "'lm_head.weight' differs from 'wte.weight' but GPT-2's " "head is tied"
+    )
   if errors:
-    raise ValueError(f"checkpoint {directory} does not match the "
-                     f"{type(config).__name__}: " + "; ".join(errors) + ".")
+    raise ValueError(
+        f"checkpoint {directory} does not match the "
+        f"{type(config).__name__}: " + "; ".join(errors) + "."
+    )
   nnx.replace_by_pure_dict(params, traverse_util.unflatten_dict(loaded))
-  replicated = (None if mesh is None
-                else jax.sharding.NamedSharding(mesh, jax.P()))
+  replicated = (
+      None if mesh is None else jax.sharding.NamedSharding(mesh, jax.P())
+  )
   rngs = lambda: nnx.Rngs(params=0, dropout=seed)
-  rest_real = jax.jit(lambda: nnx.state(cls(config, rngs=rngs()),
-                                        nnx.Not(nnx.Param)),
-                      out_shardings=replicated)()
+  rest_real = jax.jit(
+      lambda: nnx.state(cls(config, rngs=rngs()), nnx.Not(nnx.Param)),
+      out_shardings=replicated,
+  )()
   return nnx.merge(graphdef, params, rest_real)
 
 
@@ -264,22 +321,27 @@ def special_tokens(tokenizer, vocab_size: int) -> dict[str, tuple[str, int]]:
         found[role] = (name, token_id)
         break
   if "eos" not in found:
-    raise ValueError(f"the tokenizer has none of the end-of-text tokens "
-                     f"{EOS_TOKENS}; add one (tokenizer.add_special_tokens) "
-                     "before exporting.")
+    raise ValueError(
+        f"the tokenizer has none of the end-of-text tokens "
+        f"{EOS_TOKENS}; add one (tokenizer.add_special_tokens) "
+        "before exporting."
+    )
   found.setdefault("bos", found["eos"])
   found["pad"] = found["eos"]
   for role, (name, token_id) in found.items():
     if not 0 <= token_id < vocab_size:
-      raise ValueError(f"the tokenizer's {role} token {name!r} has id "
-                       f"{token_id}, outside the model's vocabulary of "
-                       f"{vocab_size}; export with the model's own tokenizer.")
+      raise ValueError(
+          f"the tokenizer's {role} token {name!r} has id "
+          f"{token_id}, outside the model's vocabulary of "
+          f"{vocab_size}; export with the model's own tokenizer."
+      )
   return found
 
 
 def default_tokenizer(config):
   """The byte-level tokenizer for byte-vocabulary models, else None."""
   from kdjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
   if _vocab_size(config) == tokenizer_lib.VOCAB_SIZE:
     return tokenizer_lib.byte_level()
   return None
@@ -293,26 +355,40 @@ def _tokenizer_files(tokenizer, special: dict, config) -> dict[str, str]:
   """``tokenizer.json`` + the two small files transformers reads next to it."""
   names = {f"{role}_token": name for role, (name, _) in special.items()}
   max_len = getattr(config, "n_positions", None) or getattr(
-      config, "max_position_embeddings")
-  tok_config = dict(tokenizer_class="PreTrainedTokenizerFast",
-                    model_max_length=max_len, add_bos_token=False,
-                    add_eos_token=False, clean_up_tokenization_spaces=False,
-                    **names)
-  return {"tokenizer.json": tokenizer.to_str(),
-          "tokenizer_config.json": json.dumps(tok_config, indent=2),
-          "special_tokens_map.json": json.dumps(names, indent=2)}
+      config, "max_position_embeddings"
+  )
+  tok_config = dict(
+      tokenizer_class="PreTrainedTokenizerFast",
+      model_max_length=max_len,
+      add_bos_token=False,
+      add_eos_token=False,
+      clean_up_tokenization_spaces=False,
+      **names,
+  )
+  return {
+      "tokenizer.json": tokenizer.to_str(),
+      "tokenizer_config.json": json.dumps(tok_config, indent=2),
+      "special_tokens_map.json": json.dumps(names, indent=2),
+  }
 
 
 def _save_tensors(tensors: dict, target, meta: dict) -> None:
   from safetensors.numpy import save, save_file
+
   if fs.is_remote(target):
     target.write_bytes(save(tensors, meta))
   else:
     save_file(tensors, os.fspath(target), meta)
 
 
-def save(model: nnx.Module, directory: fs.PathLike, *, tokenizer: Any = None,
-         dtype=None, max_shard_size: int = 5 * 2**30) -> None:
+def save(
+    model: nnx.Module,
+    directory: fs.PathLike,
+    *,
+    tokenizer: Any = None,
+    dtype=None,
+    max_shard_size: int = 5 * 2**30,
+) -> None:
   """Writes the weights, configs and tokenizer that transformers loads.
 
   Tensors go to host one at a time. Above ``max_shard_size`` bytes the
@@ -337,20 +413,28 @@ def save(model: nnx.Module, directory: fs.PathLike, *, tokenizer: Any = None,
     special = special_tokens(tokenizer, _vocab_size(config))
   else:
     special = {}
-    for role, token_id in (("eos", config.eos_token_id),
-                           ("bos", config.bos_token_id)):
+    for role, token_id in (
+        ("eos", config.eos_token_id),
+        ("bos", config.bos_token_id),
+    ):
       if token_id is not None and 0 <= token_id < _vocab_size(config):
         special[role] = ("", token_id)
       else:  # a random model with a made-up vocabulary: no such token
         logging.warning(
             "%s_token_id %s lies outside the vocabulary of %d and no tokenizer "
             "was given: the export declares no %s token (pass tokenizer= to "
-            "save_hf).", role, token_id, _vocab_size(config), role)
+            "save_hf).",
+            role,
+            token_id,
+            _vocab_size(config),
+            role,
+        )
         special[role] = ("", None)
     special["pad"] = special["eos"]
   _, entries, _ = family(config)
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model,
-                                                               nnx.Param)))
+  flat = traverse_util.flatten_dict(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  )
   prefix = "transformer." if isinstance(config, gpt2.GPT2Config) else ""
   shards, current, size = [], {}, 0
   for e in entries:
@@ -378,18 +462,25 @@ def save(model: nnx.Module, directory: fs.PathLike, *, tokenizer: Any = None,
       _save_tensors(shard, out / name, meta)
       weight_map.update({k: name for k in shard})
       total += sum(v.nbytes for v in shard.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map},
-        indent=2))
-  ids = {f"{role}_token_id": token_id
-         for role, (_, token_id) in special.items()}
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+            indent=2,
+        )
+    )
+  ids = {
+      f"{role}_token_id": token_id for role, (_, token_id) in special.items()
+  }
   hf_cfg = config_to_hf(config)
-  hf_cfg.update(bos_token_id=ids["bos_token_id"],
-                eos_token_id=ids["eos_token_id"])
+  hf_cfg.update(
+      bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"]
+  )
   if dtype is not None:
     hf_cfg["torch_dtype"] = np.dtype(dtype).name
-  files = {"config.json": json.dumps(hf_cfg, indent=2),
-           "generation_config.json": json.dumps(ids, indent=2)}
+  files = {
+      "config.json": json.dumps(hf_cfg, indent=2),
+      "generation_config.json": json.dumps(ids, indent=2),
+  }
   if tokenizer is not None:
     files.update(_tokenizer_files(tokenizer, special, config))
   for name, text in files.items():

@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kdjax import sharding
 
@@ -43,6 +43,7 @@ class KVCache(NamedTuple):
     index: the next slot to write (int32 scalar; the same for every row, since
       prompts are left-padded to a common length).
   """
+
   k: tuple
   v: tuple
   valid_BxS: Array
@@ -51,14 +52,18 @@ class KVCache(NamedTuple):
 
 class Context(NamedTuple):
   """What every layer needs besides its input."""
+
   positions_BxT: Array
   mask_BxTxS: Array
   index: Array | None  # cache slot of the first query; None without a cache
 
 
-def context(attention_mask_BxT: Array | None, positions_BxT: Array | None,
-            cache: KVCache | None, shape_BxT: tuple[int, int]
-            ) -> tuple[Context, Array | None]:
+def context(
+    attention_mask_BxT: Array | None,
+    positions_BxT: Array | None,
+    cache: KVCache | None,
+    shape_BxT: tuple[int, int],
+) -> tuple[Context, Array | None]:
   """Positions and the boolean ``[B, T, S]`` attention mask.
 
   Without a cache, ``S = T`` and query ``t`` sees keys ``s <= t`` that are not
@@ -75,7 +80,8 @@ def context(attention_mask_BxT: Array | None, positions_BxT: Array | None,
   else:
     index = cache.index
     valid_BxS = jax.lax.dynamic_update_slice_in_dim(
-        cache.valid_BxS, attention_mask_BxT, index, axis=1)
+        cache.valid_BxS, attention_mask_BxT, index, axis=1
+    )
     new_valid = valid_BxS
   S = valid_BxS.shape[1]
   if positions_BxT is None:
@@ -86,14 +92,21 @@ def context(attention_mask_BxT: Array | None, positions_BxT: Array | None,
   q_slot_T = index + jnp.arange(T)
   causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
   mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
-  ctx = Context(positions_BxT.astype(jnp.int32), mask_BxTxS,
-                None if cache is None else index)
+  ctx = Context(
+      positions_BxT.astype(jnp.int32),
+      mask_BxTxS,
+      None if cache is None else index,
+  )
   return ctx, new_valid
 
 
-def attention(q_BxTxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
-              mask_BxTxS: Array, dropout: Callable[[Array], Array] | None = None
-              ) -> Array:
+def attention(
+    q_BxTxHxK: Array,
+    k_BxSxGxK: Array,
+    v_BxSxGxK: Array,
+    mask_BxTxS: Array,
+    dropout: Callable[[Array], Array] | None = None,
+) -> Array:
   """``softmax(q k^T / sqrt(K) + mask) v`` with H query heads sharing G kv heads.
 
   Logits and softmax are float32. A fully masked row (a padding query) gets a
@@ -102,10 +115,12 @@ def attention(q_BxTxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
   B, T, H, K = q_BxTxHxK.shape
   G = k_BxSxGxK.shape[2]
   q = q_BxTxHxK.reshape(B, T, G, H // G, K)
-  logits = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK,
-                      preferred_element_type=jnp.float32) / math.sqrt(K)
-  logits = jnp.where(mask_BxTxS[:, None, None], logits,
-                     jnp.finfo(jnp.float32).min)
+  logits = jnp.einsum(
+      "btgrk,bsgk->bgrts", q, k_BxSxGxK, preferred_element_type=jnp.float32
+  ) / math.sqrt(K)
+  logits = jnp.where(
+      mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min
+  )
   probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
   if dropout is not None:
     probs = dropout(probs)
@@ -113,28 +128,38 @@ def attention(q_BxTxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
   return out.reshape(B, T, H, K)
 
 
-def cached_attention(q_BxTxHxK: Array, k_BxTxGxK: Array, v_BxTxGxK: Array,
-                     ctx: Context, kv: tuple | None,
-                     dropout: Callable[[Array], Array] | None = None
-                     ) -> tuple[Array, tuple | None]:
+def cached_attention(
+    q_BxTxHxK: Array,
+    k_BxTxGxK: Array,
+    v_BxTxGxK: Array,
+    ctx: Context,
+    kv: tuple | None,
+    dropout: Callable[[Array], Array] | None = None,
+) -> tuple[Array, tuple | None]:
   """Writes the new keys/values into the layer's cache (if any), then attends."""
   if kv is not None:
     ck, cv = kv
     k_BxTxGxK = jax.lax.dynamic_update_slice_in_dim(
-        ck, k_BxTxGxK.astype(ck.dtype), ctx.index, axis=1)
+        ck, k_BxTxGxK.astype(ck.dtype), ctx.index, axis=1
+    )
     v_BxTxGxK = jax.lax.dynamic_update_slice_in_dim(
-        cv, v_BxTxGxK.astype(cv.dtype), ctx.index, axis=1)
+        cv, v_BxTxGxK.astype(cv.dtype), ctx.index, axis=1
+    )
     kv = (k_BxTxGxK, v_BxTxGxK)
   out = attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, ctx.mask_BxTxS, dropout)
   return out, kv
 
 
-def rope_inv_freq(head_dim: int, theta: float,
-                  scaling: dict | None = None) -> Array:
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: dict | None = None
+) -> Array:
   """Inverse frequencies ``theta^(-2i/K)``, with HF ``linear``/``llama3`` scaling."""
-  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)
-                         / head_dim))
-  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+  inv = 1.0 / (
+      theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  )
+  kind = (scaling or {}).get(
+      "rope_type", (scaling or {}).get("type", "default")
+  )
   if kind == "default":
     return inv
   if kind == "linear":
@@ -149,8 +174,10 @@ def rope_inv_freq(head_dim: int, theta: float,
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
     return jnp.where(medium, smoothed, scaled)
-  raise ValueError(f"rope_scaling type {kind!r} is not supported; use "
-                   "'default', 'linear' or 'llama3'.")
+  raise ValueError(
+      f"rope_scaling type {kind!r} is not supported; use "
+      "'default', 'linear' or 'llama3'."
+  )
 
 
 def rope(x_BxTxHxK: Array, positions_BxT: Array, inv_freq: Array) -> Array:
@@ -160,7 +187,9 @@ def rope(x_BxTxHxK: Array, positions_BxT: Array, inv_freq: Array) -> Array:
   x = x_BxTxHxK.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxHxK.dtype)
+  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(
+      x_BxTxHxK.dtype
+  )
 
 
 class CausalLM(nnx.Module):
@@ -175,23 +204,27 @@ class CausalLM(nnx.Module):
   LOGICAL_AXES: tuple = ()
 
   def _forward(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache):
-    ctx, new_valid = context(attention_mask_BxT, positions_BxT, cache,
-                             input_ids_BxT.shape)
+    ctx, new_valid = context(
+        attention_mask_BxT, positions_BxT, cache, input_ids_BxT.shape
+    )
     residual = ("batch", None, None)  # logical axes of the residual stream
-    x = sharding.constrain(self.embed(input_ids_BxT, ctx.positions_BxT),
-                           residual)
+    x = sharding.constrain(
+        self.embed(input_ids_BxT, ctx.positions_BxT), residual
+    )
     policy = self.config.remat
     if policy not in REMAT_POLICIES:
-      raise ValueError(f"remat={policy!r} is not one of "
-                       f"{sorted(REMAT_POLICIES)}.")
+      raise ValueError(
+          f"remat={policy!r} is not one of " f"{sorted(REMAT_POLICIES)}."
+      )
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       if cache is None:
         if policy == "none":
           x, _ = block(x, ctx, None)
         else:
-          x = nnx.remat(lambda b, x, c: b(x, c, None)[0],
-                        policy=REMAT_POLICIES[policy])(block, x, ctx)
+          x = nnx.remat(
+              lambda b, x, c: b(x, c, None)[0], policy=REMAT_POLICIES[policy]
+          )(block, x, ctx)
       else:
         x, (k, v) = block(x, ctx, (cache.k[i], cache.v[i]))
         new_k.append(k)
@@ -203,23 +236,35 @@ class CausalLM(nnx.Module):
     T = input_ids_BxT.shape[1]
     return h, KVCache(tuple(new_k), tuple(new_v), new_valid, cache.index + T)
 
-  def hidden_states(self, input_ids_BxT: Array, positions: Array | None = None,
-                    attention_mask: Array | None = None) -> Array:
+  def hidden_states(
+      self,
+      input_ids_BxT: Array,
+      positions: Array | None = None,
+      attention_mask: Array | None = None,
+  ) -> Array:
     """Final-norm hidden states ``[B, T, D]`` (the LM head's input)."""
     return self._forward(input_ids_BxT, positions, attention_mask, None)[0]
 
   def lm_head(self, h_BxTxD: Array) -> Array:
     """Logits ``h W^T``, float32 accumulation and output in any dtype."""
     dtype = self.config.dtype
-    return jnp.einsum("...d,vd->...v", h_BxTxD.astype(dtype),
-                      self.head_weight().astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "...d,vd->...v",
+        h_BxTxD.astype(dtype),
+        self.head_weight().astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
 
-  def __call__(self, input_ids_BxT: Array, positions: Array | None = None,
-               attention_mask: Array | None = None) -> Array:
+  def __call__(
+      self,
+      input_ids_BxT: Array,
+      positions: Array | None = None,
+      attention_mask: Array | None = None,
+  ) -> Array:
     """Logits ``[B, T, V]`` in float32."""
-    return self.lm_head(self.hidden_states(input_ids_BxT, positions,
-                                           attention_mask))
+    return self.lm_head(
+        self.hidden_states(input_ids_BxT, positions, attention_mask)
+    )
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
@@ -227,12 +272,20 @@ class CausalLM(nnx.Module):
     dtype = dtype or self.config.dtype
     z = lambda: jnp.zeros((batch, max_len, G, K), dtype)
     n = len(self.blocks)
-    return KVCache(tuple(z() for _ in range(n)), tuple(z() for _ in range(n)),
-                   jnp.zeros((batch, max_len), bool), jnp.array(0, jnp.int32))
+    return KVCache(
+        tuple(z() for _ in range(n)),
+        tuple(z() for _ in range(n)),
+        jnp.zeros((batch, max_len), bool),
+        jnp.array(0, jnp.int32),
+    )
 
-  def decode(self, input_ids_BxT: Array, cache: KVCache,
-             positions: Array | None = None,
-             attention_mask: Array | None = None) -> tuple[Array, KVCache]:
+  def decode(
+      self,
+      input_ids_BxT: Array,
+      cache: KVCache,
+      positions: Array | None = None,
+      attention_mask: Array | None = None,
+  ) -> tuple[Array, KVCache]:
     """Runs T new tokens against ``cache``; returns their logits and the cache."""
     h, cache = self._forward(input_ids_BxT, positions, attention_mask, cache)
     return self.lm_head(h), cache

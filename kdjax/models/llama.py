@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kdjax.models import layers
 
@@ -47,34 +47,62 @@ class LlamaConfig:
 
 PRESETS = {
     "llama-7b": dict(),
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632,
-                           num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, rms_norm_eps=1e-5),
-    "tiny-llama": dict(vocab_size=512, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512,
-                       rms_norm_eps=1e-5),
+    "tinyllama-1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-5,
+    ),
+    "tiny-llama": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 
 def _linear(cfg, n_in, n_out, rngs):
-  return nnx.Linear(n_in, n_out, use_bias=False, dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype, rngs=rngs)
+  return nnx.Linear(
+      n_in,
+      n_out,
+      use_bias=False,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      rngs=rngs,
+  )
 
 
 def _rms_norm(cfg, rngs):
-  return nnx.RMSNorm(cfg.hidden_size, epsilon=cfg.rms_norm_eps, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, rngs=rngs)
+  return nnx.RMSNorm(
+      cfg.hidden_size,
+      epsilon=cfg.rms_norm_eps,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      rngs=rngs,
+  )
 
 
 class Attention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-    H, G, K, D = (cfg.num_attention_heads, cfg.num_key_value_heads,
-                  cfg.kv_head_dim, cfg.hidden_size)
+    H, G, K, D = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.kv_head_dim,
+        cfg.hidden_size,
+    )
     if H % G:
-      raise ValueError(f"num_attention_heads={H} is not a multiple of "
-                       f"num_key_value_heads={G}.")
+      raise ValueError(
+          f"num_attention_heads={H} is not a multiple of "
+          f"num_key_value_heads={G}."
+      )
     self.shape = (H, G, K)
     self.q_proj = _linear(cfg, D, H * K, rngs)
     self.k_proj = _linear(cfg, D, G * K, rngs)
@@ -87,10 +115,12 @@ class Attention(nnx.Module):
     H, G, K = self.shape
     K_, theta, scaling = self.rope  # a constant XLA folds
     inv_freq = layers.rope_inv_freq(K_, theta, dict(scaling or ()))
-    q = layers.rope(self.q_proj(x_BxTxD).reshape(B, T, H, K),
-                    ctx.positions_BxT, inv_freq)
-    k = layers.rope(self.k_proj(x_BxTxD).reshape(B, T, G, K),
-                    ctx.positions_BxT, inv_freq)
+    q = layers.rope(
+        self.q_proj(x_BxTxD).reshape(B, T, H, K), ctx.positions_BxT, inv_freq
+    )
+    k = layers.rope(
+        self.k_proj(x_BxTxD).reshape(B, T, G, K), ctx.positions_BxT, inv_freq
+    )
     v = self.v_proj(x_BxTxD).reshape(B, T, G, K)
     out, kv = layers.cached_attention(q, k, v, ctx, kv)
     return self.o_proj(out.reshape(B, T, H * K)), kv
@@ -138,17 +168,27 @@ class Llama(layers.CausalLM):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
     init = nnx.initializers.normal(0.02)
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size,
-                                  embedding_init=init, dtype=config.dtype,
-                                  param_dtype=config.param_dtype, rngs=rngs)
-    self.layers = nnx.List([Block(config, rngs)
-                            for _ in range(config.num_hidden_layers)])
+    self.embed_tokens = nnx.Embed(
+        config.vocab_size,
+        config.hidden_size,
+        embedding_init=init,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        rngs=rngs,
+    )
+    self.layers = nnx.List(
+        [Block(config, rngs) for _ in range(config.num_hidden_layers)]
+    )
     self.norm = _rms_norm(config, rngs)
     if not config.tie_word_embeddings:
       # Not "lm_head": that name is the CausalLM method h -> logits.
-      self.head = nnx.Param(init(rngs.params(), (config.vocab_size,
-                                                    config.hidden_size),
-                                    config.param_dtype))
+      self.head = nnx.Param(
+          init(
+              rngs.params(),
+              (config.vocab_size, config.hidden_size),
+              config.param_dtype,
+          )
+      )
 
   @property
   def blocks(self):

@@ -20,17 +20,40 @@ summary = training.train_and_evaluate(akl_gpt2.get_config("tiny"), "/tmp/akl")
 ```
 """
 
-from kdjax.training.builder import (Run, build, dtype_of, load_teacher,
-                                  make_student, teacher_path)
+from kdjax.training.builder import (
+    Run,
+    build,
+    dtype_of,
+    load_teacher,
+    make_student,
+    teacher_path,
+)
 from kdjax.training.distributed import maybe_initialize_distributed
 from kdjax.training.errors import TrainingError
 from kdjax.training.loop import export, train_and_evaluate
-from kdjax.training.optimizer import (abstract_opt_state, make_optimizer,
-                                      make_schedule)
+from kdjax.training.optimizer import (
+    abstract_opt_state,
+    make_optimizer,
+    make_schedule,
+)
 from kdjax.training.step import BATCH_KEYS, Step, TrainState, put_batch
 
-__all__ = ["Run", "build", "dtype_of", "load_teacher", "make_student",
-           "teacher_path", "maybe_initialize_distributed", "TrainingError",
-           "export", "train_and_evaluate", "abstract_opt_state",
-           "make_optimizer", "make_schedule", "BATCH_KEYS", "Step",
-           "TrainState", "put_batch"]
+__all__ = [
+    "Run",
+    "build",
+    "dtype_of",
+    "load_teacher",
+    "make_student",
+    "teacher_path",
+    "maybe_initialize_distributed",
+    "TrainingError",
+    "export",
+    "train_and_evaluate",
+    "abstract_opt_state",
+    "make_optimizer",
+    "make_schedule",
+    "BATCH_KEYS",
+    "Step",
+    "TrainState",
+    "put_batch",
+]

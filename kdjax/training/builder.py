@@ -10,20 +10,16 @@ import dataclasses
 import os
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tokenizers
-from flax import nnx
 
-from kdjax import models
-from kdjax import objective
-from kdjax import sharding
+from kdjax import models, objective, sharding
 from kdjax import spec as spec_lib
-from kdjax.data import inputs
-from kdjax.data import pipeline
-from kdjax.data import seqkd
+from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
 from kdjax.onpolicy import source as onpolicy_source
@@ -31,20 +27,26 @@ from kdjax.training import optimizer
 from kdjax.training.errors import TrainingError
 from kdjax.training.step import Step, TrainState, init_taid
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-           "float16": jnp.float16}
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
 
 
 def dtype_of(name: str) -> jnp.dtype:
   """The jax dtype of a config's dtype string, or one sentence on the choices."""
   if name not in _DTYPES:
-    raise ValueError(f"dtype {name!r} is unknown; use one of {sorted(_DTYPES)}.")
+    raise ValueError(
+        f"dtype {name!r} is unknown; use one of {sorted(_DTYPES)}."
+    )
   return _DTYPES[name]
 
 
 @dataclasses.dataclass
 class Run:
   """Everything a run builds before its first step (handy in notebooks)."""
+
   spec: spec_lib.TrainSpec
   workdir: str
   mesh: jax.sharding.Mesh
@@ -67,28 +69,35 @@ def teacher_path(teacher: spec_lib.TeacherSpec) -> str:
   if os.path.isdir(path):
     return path
   if teacher.hub_id:
-    fix = (f"download or fine-tune it (base model: `"
-           f"{models.download_hint(teacher.hub_id)}`, then SFT it with "
-           "kdjax/configs/sft_gpt2.py:teacher) and pass "
-           "--config.teacher.path=DIR")
+    fix = (
+        f"download or fine-tune it (base model: `"
+        f"{models.download_hint(teacher.hub_id)}`, then SFT it with "
+        "kdjax/configs/sft_gpt2.py:teacher) and pass "
+        "--config.teacher.path=DIR"
+    )
   else:
-    fix = ("train it first: python -m kdjax.train "
-           "--config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir="
-           f"{os.path.dirname(teacher.path.rstrip('/'))}")
+    fix = (
+        "train it first: python -m kdjax.train "
+        "--config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir="
+        f"{os.path.dirname(teacher.path.rstrip('/'))}"
+    )
   raise TrainingError(f"teacher checkpoint {teacher.path} not found; {fix}.")
 
 
-def load_teacher(teacher: spec_lib.TeacherSpec,
-                 mesh: jax.sharding.Mesh) -> nnx.Module:
+def load_teacher(
+    teacher: spec_lib.TeacherSpec, mesh: jax.sharding.Mesh
+) -> nnx.Module:
   """The frozen teacher in eval mode (dropout off), placed on ``mesh``."""
-  model = models.load(teacher_path(teacher), dtype=dtype_of(teacher.dtype),
-                      mesh=mesh)
+  model = models.load(
+      teacher_path(teacher), dtype=dtype_of(teacher.dtype), mesh=mesh
+  )
   model.eval()
   return model
 
 
-def make_student(student: spec_lib.StudentSpec,
-                 mesh: jax.sharding.Mesh) -> nnx.Module:
+def make_student(
+    student: spec_lib.StudentSpec, mesh: jax.sharding.Mesh
+) -> nnx.Module:
   """A preset initialised from the seed, or a HF checkpoint to fine-tune.
 
   Either way in training mode (dropout on): ``models.load`` returns eval mode.
@@ -97,14 +106,22 @@ def make_student(student: spec_lib.StudentSpec,
   overrides = dict(student.model_overrides)
   if student.init.startswith("preset:"):
     model = models.create(
-        student.init.removeprefix("preset:"), dtype=dtype,
+        student.init.removeprefix("preset:"),
+        dtype=dtype,
         param_dtype=jnp.float32,
         rngs=nnx.Rngs(params=student.seed, dropout=student.seed + 1),
-        **overrides)
+        **overrides,
+    )
     model = sharding.shard_model(model, mesh)
   else:
-    model = models.load(student.init, dtype=dtype, param_dtype=jnp.float32,
-                        mesh=mesh, seed=student.seed + 1, **overrides)
+    model = models.load(
+        student.init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        mesh=mesh,
+        seed=student.seed + 1,
+        **overrides,
+    )
   model.train()
   return model
 
@@ -113,18 +130,35 @@ def _vocab(model: nnx.Module) -> int:
   return model.head_weight().shape[0]
 
 
-def _seqkd_train_source(s: spec_lib.TrainSpec, workdir: str,
-                        tok: tokenizers.Tokenizer, eos_id: int,
-                        mesh: jax.sharding.Mesh) -> Any:
+def _seqkd_train_source(
+    s: spec_lib.TrainSpec,
+    workdir: str,
+    tok: tokenizers.Tokenizer,
+    eos_id: int,
+    mesh: jax.sharding.Mesh,
+) -> Any:
   """SeqKD: the training prompts with the teacher's responses (cached)."""
+
   def respond():
-    teacher = models.load(os.path.expanduser(s.data.seqkd_teacher),
-                          dtype=dtype_of(s.teacher.dtype), mesh=mesh)
+    teacher = models.load(
+        os.path.expanduser(s.data.seqkd_teacher),
+        dtype=dtype_of(s.teacher.dtype),
+        mesh=mesh,
+    )
     protocol = s.eval.protocol._replace(
-        max_new_tokens=s.data.max_length - s.data.max_prompt_length)
+        max_new_tokens=s.data.max_length - s.data.max_prompt_length
+    )
     return generation.generate_responses(
-        teacher, tok, eos_id, inputs.train_source(s.data), protocol=protocol,
-        seed=s.seed, batch_size=s.eval.batch_size, mesh=mesh)
+        teacher,
+        tok,
+        eos_id,
+        inputs.train_source(s.data),
+        protocol=protocol,
+        seed=s.seed,
+        batch_size=s.eval.batch_size,
+        mesh=mesh,
+    )
+
   return seqkd.train_source(os.path.join(workdir, "seqkd"), respond)
 
 
@@ -133,18 +167,23 @@ def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   objective.check(s.loss)
   if s.loss["kd_ratio"] > 0:
     teacher_path(s.teacher)
-  onpolicy_source.check(s.onpolicy, batch_size=s.batch_size,
-                        max_length=s.data.max_length,
-                        max_prompt_length=s.data.max_prompt_length)
+  onpolicy_source.check(
+      s.onpolicy,
+      batch_size=s.batch_size,
+      max_length=s.data.max_length,
+      max_prompt_length=s.data.max_prompt_length,
+  )
   n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
   if s.batch_size % (s.grad_accum * n_batch):
     raise ValueError(
         f"batch_size {s.batch_size} must be a multiple of grad_accum "
-        f"({s.grad_accum}) x the {n_batch} data-parallel devices.")
+        f"({s.grad_accum}) x the {n_batch} data-parallel devices."
+    )
 
 
-def _models(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh
-            ) -> tuple[nnx.Module, nnx.Module | None]:
+def _models(
+    s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh
+) -> tuple[nnx.Module, nnx.Module | None]:
   teacher = load_teacher(s.teacher, mesh) if s.loss["kd_ratio"] > 0 else None
   student = make_student(s.student, mesh)
   if teacher is not None and _vocab(teacher) != _vocab(student):
@@ -152,12 +191,16 @@ def _models(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh
     raise ValueError(
         f"teacher vocabulary {_vocab(teacher)} != student vocabulary "
         f"{_vocab(student)}; the trainer feeds the same token ids to both, so "
-        "distil between models that share a tokenizer.")
+        "distil between models that share a tokenizer."
+    )
   return student, teacher
 
 
-def build(config: ml_collections.ConfigDict | spec_lib.TrainSpec,
-          workdir: str, mesh: jax.sharding.Mesh) -> Run:
+def build(
+    config: ml_collections.ConfigDict | spec_lib.TrainSpec,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+) -> Run:
   """Data, models, optimizer and initial state (call under ``jax.set_mesh``).
 
   Args:
@@ -165,32 +208,64 @@ def build(config: ml_collections.ConfigDict | spec_lib.TrainSpec,
     workdir: the run directory (SeqKD caches its responses there).
     mesh: the run's mesh.
   """
-  s = (config if isinstance(config, spec_lib.TrainSpec)
-       else spec_lib.from_config(config))
+  s = (
+      config
+      if isinstance(config, spec_lib.TrainSpec)
+      else spec_lib.from_config(config)
+  )
   _check(s, mesh)
   tok, eos_id = tokenizer_lib.load(s.data.tokenizer)
-  train_src = (_seqkd_train_source(s, workdir, tok, eos_id, mesh)
-               if s.data.seqkd_teacher else inputs.train_source(s.data))
+  train_src = (
+      _seqkd_train_source(s, workdir, tok, eos_id, mesh)
+      if s.data.seqkd_teacher
+      else inputs.train_source(s.data)
+  )
   train = pipeline.train_batches(
-      train_src, tok, batch_size=s.batch_size, seed=s.seed,
+      train_src,
+      tok,
+      batch_size=s.batch_size,
+      seed=s.seed,
       num_epochs=None if s.num_steps else s.num_epochs,
-      **s.data.row_settings(eos_id))
+      **s.data.row_settings(eos_id),
+  )
   val_src = inputs.source(s.data, s.data.val_split)
   num_steps = s.num_steps or train.num_steps
   student, teacher = _models(s, mesh)
   tx = optimizer.make_optimizer(s.optim, num_steps)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
-  state = TrainState(jnp.zeros((), jnp.int32), params, rest,
-                     optimizer.init_opt_state(tx, params, mesh),
-                     init_taid(s.loss))
+  state = TrainState(
+      jnp.zeros((), jnp.int32),
+      params,
+      rest,
+      optimizer.init_opt_state(tx, params, mesh),
+      init_taid(s.loss),
+  )
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
   step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum, num_steps)
   source = None
   if s.onpolicy.source != "dataset":
     source = onpolicy_source.Source.from_spec(
-        s.onpolicy, batch_size=s.batch_size, max_length=s.data.max_length,
-        max_prompt_length=s.data.max_prompt_length, eos_id=eos_id,
-        total_steps=num_steps, student_graphdef=graphdef,
-        teacher_graphdef=teacher_graphdef)
-  return Run(s, workdir, mesh, tok, eos_id, train, val_src, student, teacher,
-             step, state, num_steps, source)
+        s.onpolicy,
+        batch_size=s.batch_size,
+        max_length=s.data.max_length,
+        max_prompt_length=s.data.max_prompt_length,
+        eos_id=eos_id,
+        total_steps=num_steps,
+        student_graphdef=graphdef,
+        teacher_graphdef=teacher_graphdef,
+    )
+  return Run(
+      s,
+      workdir,
+      mesh,
+      tok,
+      eos_id,
+      train,
+      val_src,
+      student,
+      teacher,
+      step,
+      state,
+      num_steps,
+      source,
+  )

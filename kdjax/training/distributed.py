@@ -18,9 +18,12 @@ def maybe_initialize_distributed() -> None:
   if jax.distributed.is_initialized():
     return
   if "JAX_COORDINATOR_ADDRESS" in env:
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
-                               int(env["JAX_NUM_PROCESSES"]),
-                               int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(
+        env["JAX_COORDINATOR_ADDRESS"],
+        int(env["JAX_NUM_PROCESSES"]),
+        int(env["JAX_PROCESS_ID"]),
+    )
   elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get(
-      "TPU_WORKER_HOSTNAMES", ""):
+      "TPU_WORKER_HOSTNAMES", ""
+  ):
     jax.distributed.initialize()

@@ -20,24 +20,20 @@ import sys
 import time
 from typing import Any, Sequence
 
+from flax import nnx
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 import tqdm
 
-from kdjax import checkpoint
-from kdjax import fs
+from kdjax import checkpoint, fs, models, sharding
 from kdjax import metrics as metrics_lib
-from kdjax import models
-from kdjax import sharding
 from kdjax import spec as spec_lib
-from kdjax.onpolicy import runner as runner_lib
 from kdjax import validation as config_validation
-from kdjax.training import builder
+from kdjax.onpolicy import runner as runner_lib
+from kdjax.training import builder, validation
 from kdjax.training import step as step_lib
-from kdjax.training import validation
 from kdjax.training import workdir as workdir_lib
 from kdjax.training.distributed import maybe_initialize_distributed
 from kdjax.training.errors import TrainingError
@@ -45,10 +41,13 @@ from kdjax.training.optimizer import make_schedule
 from kdjax.training.step import TrainState
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at: int | None = None,
-                       devices: Sequence[jax.Device] | None = None
-                       ) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, float]:
   """Trains (or resumes) the run ``config`` in ``workdir``; returns its last metrics.
 
   Args:
@@ -67,8 +66,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   maybe_initialize_distributed()
   workdir = fs.local(workdir)
   created = not fs.path(workdir).exists()
-  fresh = workdir_lib.claim(workdir, spec.identity,
-                            force_new_run=spec.force_new_run)
+  fresh = workdir_lib.claim(
+      workdir, spec.identity, force_new_run=spec.force_new_run
+  )
   try:
     mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
     with jax.set_mesh(mesh):
@@ -89,9 +89,12 @@ def _every_eval(run: builder.Run) -> int:
 
 def _policy(run: builder.Run) -> checkpoint.BestPolicy:
   e = run.spec.eval
-  return checkpoint.best_policy(e.best_metric, e.best_after_steps,
-                                num_steps=run.num_steps,
-                                warmup_steps=run.spec.optim.warmup_steps)
+  return checkpoint.best_policy(
+      e.best_metric,
+      e.best_after_steps,
+      num_steps=run.num_steps,
+      warmup_steps=run.spec.optim.warmup_steps,
+  )
 
 
 def _say(text: str) -> None:
@@ -104,13 +107,17 @@ def _resume_hint() -> str:
   main = sys.modules.get("__main__")
   if getattr(getattr(main, "__spec__", None), "name", "") == "kdjax.train":
     from kdjax import cli  # pylint: disable=g-import-not-at-top
+
     return f"re-run the same command to resume: {cli.resume_command()}"
-  return ("call train_and_evaluate again with the same config and workdir to "
-          "resume")
+  return (
+      "call train_and_evaluate again with the same config and workdir to "
+      "resume"
+  )
 
 
 class Interrupted(TrainingError, KeyboardInterrupt):
   """Ctrl-C during training; the message names the checkpoint that is kept."""
+
   exit_code = 130
 
 
@@ -118,21 +125,28 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   """Runs ``run`` from its latest checkpoint to ``num_steps`` (or ``stop_at``)."""
   s = run.spec
   writer = metrics_lib.Writer(run.workdir, enabled=jax.process_index() == 0)
-  ckpts = checkpoint.Checkpoints(run.workdir, every_steps=s.ckpt.every_steps,
-                                 max_to_keep=s.ckpt.max_to_keep)
+  ckpts = checkpoint.Checkpoints(
+      run.workdir,
+      every_steps=s.ckpt.every_steps,
+      max_to_keep=s.ckpt.max_to_keep,
+  )
   data_iter = run.train_data.iterator()
   state = run.state
   runner = None
   if run.source is not None:  # on-policy: its state is checkpointed too
-    runner = runner_lib.Runner(run.source, run.source.init(
-        s.seed + 2, threshold=s.onpolicy.init_threshold), mesh=run.mesh)
+    runner = runner_lib.Runner(
+        run.source,
+        run.source.init(s.seed + 2, threshold=s.onpolicy.init_threshold),
+        mesh=run.mesh,
+    )
   start = ckpts.latest_step()
   if start is not None:
     if runner is None:
       state, _ = ckpts.restore(start, state, data_iter)
     else:
-      (state, runner.state), _ = ckpts.restore(start, (state, runner.state),
-                                               data_iter)
+      (state, runner.state), _ = ckpts.restore(
+          start, (state, runner.state), data_iter
+      )
     _say(f"resumed {run.workdir} from step {start}")
   start = start or 0
   # Rows past the checkpoint (or any row, if none was committed before a kill)
@@ -140,16 +154,24 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   writer.truncate(after_step=start)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   teacher_state = None if run.teacher is None else nnx.state(run.teacher)
-  train_fn = jax.jit(run.step.train, donate_argnums=(0, 3),
-                     out_shardings=(shardings, None, None))
+  train_fn = jax.jit(
+      run.step.train,
+      donate_argnums=(0, 3),
+      out_shardings=(shardings, None, None),
+  )
   eval_fn = jax.jit(run.step.eval)
   first_bad = jnp.asarray(-1, jnp.int32)
   schedule = make_schedule(s.optim, run.num_steps)
   policy = _policy(run)
   last: dict[str, float] = {}
   tokens_per_step = s.batch_size * s.data.max_length
-  bar = tqdm.tqdm(total=run.num_steps, initial=start, desc="train",
-                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  bar = tqdm.tqdm(
+      total=run.num_steps,
+      initial=start,
+      desc="train",
+      disable=jax.process_index() != 0,
+      dynamic_ncols=True,
+  )
   t_start = t0 = time.perf_counter()
   since = start
   every_eval = _every_eval(run)
@@ -167,23 +189,27 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
       done = step + 1
       bar.update(1)
-      boundary = (done % s.log_every == 0 or done == end
-                  or (s.ckpt.every_steps and done % s.ckpt.every_steps == 0)
-                  or (every_eval and done % every_eval == 0))
+      boundary = (
+          done % s.log_every == 0
+          or done == end
+          or (s.ckpt.every_steps and done % s.ckpt.every_steps == 0)
+          or (every_eval and done % every_eval == 0)
+      )
       if not boundary:
         continue
       _check_finite(int(first_bad), run.workdir, ckpts)
       dt = time.perf_counter() - t0
       last = {k: float(v) for k, v in m.items()}
-      last.update(lr=float(schedule(done - 1)),
-                  step_time=dt / max(done - since, 1),
-                  tokens_per_s=tokens_per_step * (done - since) / max(dt, 1e-9))
+      last.update(
+          lr=float(schedule(done - 1)),
+          step_time=dt / max(done - since, 1),
+          tokens_per_s=tokens_per_step * (done - since) / max(dt, 1e-9),
+      )
       t0, since = time.perf_counter(), done
       if runner is not None:
         last.update(runner.log())
         if "gen_time_s" in last:
-          last["gen_share"] = last["gen_time_s"] / max(last["step_time"],
-                                                       1e-9)
+          last["gen_share"] = last["gen_time_s"] / max(last["step_time"], 1e-9)
       if every_eval and (done % every_eval == 0 or done == run.num_steps):
         val = validation.validate(run, state, teacher_state, eval_fn)
         last.update(val)
@@ -191,29 +217,47 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
           runner.after_validation(val["val_loss"])
         _keep_if_best(ckpts, policy, done, state, val)
         best = ckpts.best_record()
-        _say(metrics_lib.validation_line(done, run.num_steps, val,
-                                         best and best["step"]))
+        _say(
+            metrics_lib.validation_line(
+                done, run.num_steps, val, best and best["step"]
+            )
+        )
       writer.write(done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}")
-      _save(ckpts, done, state if runner is None else (state, runner.state),
-            data_iter, force=done == end)
+      _save(
+          ckpts,
+          done,
+          state if runner is None else (state, runner.state),
+          data_iter,
+          force=done == end,
+      )
     if end == run.num_steps:
       exports = export(run, state, ckpts)
       if jax.process_index() == 0:
         bar.close()
-        _say(metrics_lib.summary(
-            run.workdir, steps=run.num_steps,
-            seconds=time.perf_counter() - t_start, best=ckpts.best_record(),
-            last=last, exports=exports))
+        _say(
+            metrics_lib.summary(
+                run.workdir,
+                steps=run.num_steps,
+                seconds=time.perf_counter() - t_start,
+                best=ckpts.best_record(),
+                last=last,
+                exports=exports,
+            )
+        )
   except KeyboardInterrupt:
     bar.close()
     ckpts.close()  # waits for a checkpoint being written to commit
     kept = ckpts.latest_step()
-    where = (f"the checkpoint of step {kept} in {run.workdir}/ckpt is kept "
-             "(the steps after it are recomputed identically)"
-             if kept is not None else "no checkpoint had been written yet")
-    raise Interrupted(f"interrupted at step {done}; {where}; "
-                      f"{_resume_hint()}.") from None
+    where = (
+        f"the checkpoint of step {kept} in {run.workdir}/ckpt is kept "
+        "(the steps after it are recomputed identically)"
+        if kept is not None
+        else "no checkpoint had been written yet"
+    )
+    raise Interrupted(
+        f"interrupted at step {done}; {where}; " f"{_resume_hint()}."
+    ) from None
   finally:
     bar.close()
     ckpts.close()
@@ -221,17 +265,26 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   return last
 
 
-def _keep_if_best(ckpts: checkpoint.Checkpoints,
-                  policy: checkpoint.BestPolicy, step: int, state: TrainState,
-                  val: dict[str, float]) -> None:
+def _keep_if_best(
+    ckpts: checkpoint.Checkpoints,
+    policy: checkpoint.BestPolicy,
+    step: int,
+    state: TrainState,
+    val: dict[str, float],
+) -> None:
   score = policy.score(step, val)
   if score is not None:
-    ckpts.save_best(step, state.params, score,
-                    {"metric": policy.metric, "value": val[policy.metric]})
+    ckpts.save_best(
+        step,
+        state.params,
+        score,
+        {"metric": policy.metric, "value": val[policy.metric]},
+    )
 
 
-def export(run: builder.Run, state: TrainState,
-           ckpts: checkpoint.Checkpoints) -> dict[str, str]:
+def export(
+    run: builder.Run, state: TrainState, ckpts: checkpoint.Checkpoints
+) -> dict[str, str]:
   """Writes the final (``hf/``) and best (``best_hf/``) students as HF checkpoints.
 
   Each holds the weights, the configs and the run's tokenizer
@@ -243,11 +296,13 @@ def export(run: builder.Run, state: TrainState,
   if not run.spec.export_hf:
     return {}
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   best = ckpts.restore_best(state.params)
   written = {}
   for name, key, params in (
       ("hf", "final", state.params),
-      ("best_hf", "best", None if best is None else best[1])):
+      ("best_hf", "best", None if best is None else best[1]),
+  ):
     if params is None:
       continue
     if jax.process_count() > 1:  # one process: save_hf fetches tensor by tensor
@@ -260,8 +315,14 @@ def export(run: builder.Run, state: TrainState,
   return written
 
 
-def _save(ckpts: checkpoint.Checkpoints, step: int, state: Any,
-          data_iter: grain.DatasetIterator, *, force: bool) -> None:
+def _save(
+    ckpts: checkpoint.Checkpoints,
+    step: int,
+    state: Any,
+    data_iter: grain.DatasetIterator,
+    *,
+    force: bool,
+) -> None:
   """A checkpoint, or one sentence when the disk (or bucket) refuses it.
 
   ``state`` is the train state, paired with the sequence source's state
@@ -278,16 +339,22 @@ def _save(ckpts: checkpoint.Checkpoints, step: int, state: Any,
         f"saving the step-{step} checkpoint failed ({e.strerror or e}); the "
         f"last good checkpoint (step {good}) is kept. Free space in the "
         "workdir (or lower ckpt.max_to_keep) and re-run the same command to "
-        "resume.") from e
+        "resume."
+    ) from e
 
 
-def _check_finite(first_bad: int, workdir: str,
-                  ckpts: checkpoint.Checkpoints) -> None:
+def _check_finite(
+    first_bad: int, workdir: str, ckpts: checkpoint.Checkpoints
+) -> None:
   if first_bad < 0:
     return
   good = ckpts.latest_step()
-  kept = (f"the last good checkpoint (step {good}) is kept in {workdir}/ckpt"
-          if good is not None else "no checkpoint had been written yet")
+  kept = (
+      f"the last good checkpoint (step {good}) is kept in {workdir}/ckpt"
+      if good is not None
+      else "no checkpoint had been written yet"
+  )
   raise TrainingError(
       f"loss or gradient became non-finite at step {first_bad + 1}; {kept}. "
-      "Lower optim.lr, check the data, or use a float32 teacher.")
+      "Lower optim.lr, check the data, or use a float32 teacher."
+  )

@@ -16,19 +16,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from kdjax import objective
-from kdjax import sharding
+from kdjax import objective, sharding
 from kdjax import taid as taid_lib
 
 # The arrays of a batch the step reads.
-BATCH_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask",
-              "positions")
+BATCH_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "positions")
 Batch = dict[str, jax.Array]
 
 
@@ -44,6 +42,7 @@ class TrainState(NamedTuple):
       None; kept here, and so in every checkpoint, a resumed run continues
       the same ``t``.
   """
+
   step: jax.Array
   params: nnx.State
   rest: nnx.State
@@ -62,12 +61,17 @@ def _taid_t(state: TrainState) -> jax.Array | None:
   return None if state.taid is None else state.taid.t
 
 
-def put_batch(batch: Mapping[str, np.ndarray],
-              mesh: jax.sharding.Mesh) -> Batch:
+def put_batch(
+    batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
+) -> Batch:
   """Host batch (this process's rows) -> global arrays sharded on the batch axes."""
-  return {k: jax.make_array_from_process_local_data(
-      sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in batch.items() if k in BATCH_KEYS}
+  return {
+      k: jax.make_array_from_process_local_data(
+          sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v)
+      )
+      for k, v in batch.items()
+      if k in BATCH_KEYS
+  }
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -82,6 +86,7 @@ def _microbatches(batch: Batch, n: int) -> Batch:
   def split(x):
     x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
     return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
   return jax.tree.map(split, batch)
 
 
@@ -97,6 +102,7 @@ class Step:
     grad_accum: micro-batches per step.
     num_steps: the run's length (TAID's schedule ramps over it).
   """
+
   loss_cfg: Mapping[str, Any]
   graphdef: nnx.GraphDef
   teacher_graphdef: nnx.GraphDef | None
@@ -112,9 +118,9 @@ class Step:
       return None
     return nnx.merge(self.teacher_graphdef, teacher_state)
 
-  def grads(self, state: TrainState, batch: Batch,
-            teacher_state: nnx.State | None
-            ) -> tuple[nnx.State, dict[str, jax.Array], nnx.State]:
+  def grads(
+      self, state: TrainState, batch: Batch, teacher_state: nnx.State | None
+  ) -> tuple[nnx.State, dict[str, jax.Array], nnx.State]:
     """Gradient of the objective on ``batch``, its metrics and the new RNG state.
 
     The objective is the global token mean, so each micro-batch's sums are
@@ -124,11 +130,13 @@ class Step:
     teacher = self._teacher(teacher_state)
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     kd_tokens = jnp.maximum(
-        objective.kd_tokens(self.loss_cfg, batch["loss_mask"]), 1.0)
+        objective.kd_tokens(self.loss_cfg, batch["loss_mask"]), 1.0
+    )
 
     def loss_fn(student, micro):
-      s = objective.sums(self.loss_cfg, student, teacher, micro,
-                         taid_t=_taid_t(state))
+      s = objective.sums(
+          self.loss_cfg, student, teacher, micro, taid_t=_taid_t(state)
+      )
       return objective.micro_loss(self.loss_cfg, s, total_tokens, kd_tokens), s
 
     # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
@@ -149,15 +157,21 @@ class Step:
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 4)
     (grads, _, rest, totals), _ = jax.lax.scan(
-        accumulate, (zeros, state.params, state.rest, none),
-        _microbatches(batch, self.grad_accum))
+        accumulate,
+        (zeros, state.params, state.rest, none),
+        _microbatches(batch, self.grad_accum),
+    )
     _, m = objective.combine(self.loss_cfg, totals)
     m["grad_norm"] = optax.tree.norm(grads)
     return grads, m, rest
 
-  def train(self, state: TrainState, batch: Batch,
-            teacher_state: nnx.State | None, first_bad: jax.Array
-            ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+  def train(
+      self,
+      state: TrainState,
+      batch: Batch,
+      teacher_state: nnx.State | None,
+      first_bad: jax.Array,
+  ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
     """One optimizer update; returns ``(state, metrics, first_bad)``.
 
     ``first_bad`` records the first step whose loss or gradient was not
@@ -171,15 +185,22 @@ class Step:
     schedule = state.taid
     if schedule is not None:  # TAID: log the t this step used, then move it
       m["taid_t"] = schedule.t
-      schedule = taid_lib.update(schedule, m["kd"], state.step, self.num_steps,
-                                 self.loss_cfg["taid"])
+      schedule = taid_lib.update(
+          schedule, m["kd"], state.step, self.num_steps, self.loss_cfg["taid"]
+      )
     state = TrainState(state.step + 1, params, rest, opt_state, schedule)
     return state, m, first_bad
 
-  def eval(self, state: TrainState, batch: Batch,
-           teacher_state: nnx.State | None) -> objective.Sums:
+  def eval(
+      self, state: TrainState, batch: Batch, teacher_state: nnx.State | None
+  ) -> objective.Sums:
     """Masked token sums of the student (dropout off) on one batch."""
     student = self._student(state.params, state.rest)
     student.eval()
-    return objective.sums(self.loss_cfg, student, self._teacher(teacher_state),
-                          batch, taid_t=_taid_t(state))
+    return objective.sums(
+        self.loss_cfg,
+        student,
+        self._teacher(teacher_state),
+        batch,
+        taid_t=_taid_t(state),
+    )

@@ -10,35 +10,45 @@ from __future__ import annotations
 
 from typing import Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from kdjax import evaluation
-from kdjax import objective
+from kdjax import evaluation, objective
 from kdjax.data import pipeline
 from kdjax.training import step as step_lib
 from kdjax.training.builder import Run
 from kdjax.training.step import TrainState
 
-EvalFn = Callable[[TrainState, step_lib.Batch, nnx.State | None],
-                  objective.Sums]
+EvalFn = Callable[
+    [TrainState, step_lib.Batch, nnx.State | None], objective.Sums
+]
 
 
-def validate(run: Run, state: TrainState, teacher_state: nnx.State | None,
-             eval_fn: EvalFn) -> dict[str, float]:
+def validate(
+    run: Run,
+    state: TrainState,
+    teacher_state: nnx.State | None,
+    eval_fn: EvalFn,
+) -> dict[str, float]:
   """``val_<metric>`` of ``state``: loss, ce, kd (+ sampled scores if enabled)."""
   s = run.spec
   batches = pipeline.eval_batches(
-      run.val_source, run.tokenizer,
+      run.val_source,
+      run.tokenizer,
       batch_size=s.eval.batch_size // jax.process_count(),
-      **s.data.row_settings(run.eos_id))
-  n = len(batches) if s.eval.val_batches <= 0 else min(s.eval.val_batches,
-                                                       len(batches))
+      **s.data.row_settings(run.eos_id),
+  )
+  n = (
+      len(batches)
+      if s.eval.val_batches <= 0
+      else min(s.eval.val_batches, len(batches))
+  )
   totals = objective.Sums(0.0, 0.0, 0.0, 0.0)
   for i in range(n):
-    sums = eval_fn(state, step_lib.put_batch(batches[i], run.mesh),
-                   teacher_state)
+    sums = eval_fn(
+        state, step_lib.put_batch(batches[i], run.mesh), teacher_state
+    )
     totals = jax.tree.map(lambda a, b: a + float(b), totals, sums)
   _, m = objective.combine(s.loss, objective.Sums(*map(jnp.asarray, totals)))
   out = {f"val_{k}": float(v) for k, v in m.items() if k != "tokens"}
@@ -53,8 +63,19 @@ def sampled_scores(run: Run, state: TrainState) -> dict[str, float]:
   s = run.spec
   student = nnx.merge(run.step.graphdef, state.params, state.rest)
   result = evaluation.evaluate(
-      student, run.tokenizer, run.eos_id, run.val_source,
-      protocol=s.eval.protocol, seeds=(s.seed,), limit=s.eval.num_examples,
-      batch_size=s.eval.batch_size, mesh=run.mesh, progress=False)
-  return {f"val_{k}": float(v) for k, v in result.metrics.items()
-          if isinstance(v, (int, float)) and not k.startswith("seed")}
+      student,
+      run.tokenizer,
+      run.eos_id,
+      run.val_source,
+      protocol=s.eval.protocol,
+      seeds=(s.seed,),
+      limit=s.eval.num_examples,
+      batch_size=s.eval.batch_size,
+      mesh=run.mesh,
+      progress=False,
+  )
+  return {
+      f"val_{k}": float(v)
+      for k, v in result.metrics.items()
+      if isinstance(v, (int, float)) and not k.startswith("seed")
+  }

@@ -20,8 +20,16 @@ from kdjax import identity as identity_lib
 from kdjax.training.errors import TrainingError
 
 # What a run writes into its workdir (deleted by force_new_run).
-RUN_OUTPUTS = ("ckpt", "best", "tb", "hf", "best_hf", "metrics.jsonl",
-               "best.json", "summary.json")
+RUN_OUTPUTS = (
+    "ckpt",
+    "best",
+    "tb",
+    "hf",
+    "best_hf",
+    "metrics.jsonl",
+    "best.json",
+    "summary.json",
+)
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -29,8 +37,9 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   return identity_lib.changed(old, new)
 
 
-def claim(workdir: fs.PathLike, identity: Mapping[str, Any], *,
-          force_new_run: bool) -> bool:
+def claim(
+    workdir: fs.PathLike, identity: Mapping[str, Any], *, force_new_run: bool
+) -> bool:
   """Binds ``workdir`` to ``identity`` (the config as JSON).
 
   Returns:
@@ -50,7 +59,8 @@ def claim(workdir: fs.PathLike, identity: Mapping[str, Any], *,
       raise TrainingError(
           f"workdir {workdir} holds a run with a different config (changed: "
           f"{', '.join(changed)}); use another --workdir or pass "
-          "--config.force_new_run=True to delete that run and start over.")
+          "--config.force_new_run=True to delete that run and start over."
+      )
     if changed:
       _delete_run(root)
   if jax.process_index() == 0:
