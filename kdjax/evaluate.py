@@ -1,4 +1,4 @@
-r"""Evaluates a checkpoint: ``python -m kdjax.evaluate --config=... --checkpoint=...``.
+r"""Evaluates a checkpoint: ``python -m kdjax.evaluate --config=FILE --checkpoint=DIR``.
 
 A HF model directory or a training workdir (its ``best_hf/``, else ``hf/``)::
 

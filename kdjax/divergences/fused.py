@@ -87,7 +87,8 @@ def ce_kd_sums(
     mask_N: per-token weights ``m`` (response mask); None: all ones.
     kd_ratio: ``r`` of the objective ``(1 − r)·CE + r·KD``.
     chunk_size: tokens per chunk; peak memory is a few ``[chunk, V]`` f32.
-    temperature, **hp: as for the divergence (may be traced).
+    temperature: as for the divergence (may be traced).
+    **hp: the divergence's hyper-parameters (may be traced).
 
   Returns:
     Two float32 scalars. Their gradient is computed in the forward pass for

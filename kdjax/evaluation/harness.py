@@ -1,11 +1,11 @@
 """Evaluating a model on one dataset: a response per example and seed, scored.
 
-```python
-from kdjax import evaluation
-result = evaluation.evaluate(model, tokenizer, eos_id, source, seeds=(10,),
-                             limit=64)
-result.metrics["rougeL"], result.rows[0]["responses"]["10"]
-```
+Example::
+
+  from kdjax import evaluation
+  result = evaluation.evaluate(model, tokenizer, eos_id, source, seeds=(10,),
+                               limit=64)
+  result.metrics["rougeL"], result.rows[0]["responses"]["10"]
 """
 
 from __future__ import annotations

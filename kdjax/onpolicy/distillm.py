@@ -2,14 +2,14 @@
 
 The schedule (docs/on_policy.md): a threshold
 ``tau`` starts at ``init_threshold`` and the validation loss ``prev`` is
-measured before training. After each validation with loss ``v``:
+measured before training. After each validation with loss ``v``::
 
   if v >= prev + loss_eps:  tau <- min(tau + 0.1, 1),  prev <- v
 
 (``prev`` moves only when ``tau`` is raised). At global step ``s`` (1-based)
 of ``S``, the fresh-generation threshold is ``tau_s = tau * (1 - s / S)``
 (``replay_ratio="decreasing"``; ``"constant"``: ``tau / 2``;
-``"increasing"``: ``tau * s / S``). With ``r ~ U[0, 1)``:
+``"increasing"``: ``tau * s / S``). With ``r ~ U[0, 1)``::
 
   r < tau_s, or r < tau with the buffer not full  ->  GENERATE: the student
       samples responses to this batch's prompts; they are trained on and

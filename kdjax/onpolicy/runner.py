@@ -1,15 +1,15 @@
 """The sequence source inside a training loop: state, timing, metrics.
 
-```python
-runner = Runner(source, source.init(config.seed))   # or restored state
-for step in ...:
-  batch = runner(train_state, teacher_state, put(next(data_iter)))
-  train_state, m, bad = train_fn(train_state, batch, teacher_state, bad)
-  ...
-  metrics.update(runner.log())          # at a logging boundary
-  runner.after_validation(val_loss)     # DistiLLM's schedule
-  save((train_state, runner.state))     # exact resume
-```
+Example::
+
+  runner = Runner(source, source.init(config.seed))   # or restored state
+  for step in ...:
+    batch = runner(train_state, teacher_state, put(next(data_iter)))
+    train_state, m, bad = train_fn(train_state, batch, teacher_state, bad)
+    ...
+    metrics.update(runner.log())          # at a logging boundary
+    runner.after_validation(val_loss)     # DistiLLM's schedule
+    save((train_state, runner.state))     # exact resume
 
 :class:`Runner` jits :meth:`Source.__call__` once (the source state is
 donated, so the replay buffer is updated in place) and, on the kinds that
