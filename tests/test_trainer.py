@@ -102,6 +102,7 @@ def test_every_paper_config_is_present():
       "distillm_gpt2",
       "skd_gpt2",
       "taid_gpt2",
+      "abkd_gpt2",
   }
 
 
@@ -121,7 +122,9 @@ def test_config_defaults_and_docstring_command(name):
   assert tiny.data.tokenizer == "byte"
   assert paper.data.max_length == 512 and paper.data.max_prompt_length == 256
   if paper.loss.kd_ratio > 0:
-    assert paper.loss.kd_ratio == 0.5 and paper.teacher.dtype == "bfloat16"
+    # The recipe mixes 0.5 CE + 0.5 KD; ABKD's paper trains on its divergence alone.
+    assert paper.loss.kd_ratio == (1.0 if name == "abkd_gpt2" else 0.5)
+    assert paper.teacher.dtype == "bfloat16"
   with pytest.raises(AttributeError):  # locked: a typo is not a new field
     paper.optim.learning_rate = 1.0
 
