@@ -194,6 +194,10 @@ def test_dolly_online_uses_the_download_manager(
     return fixture
 
   monkeypatch.setattr(tfds.download.DownloadManager, "download", fake_download)
+  from kdjax import hub
+
+  # The network is faked: the builder must take its download path.
+  monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: True)
   b = sources.prepare("dolly", tmp_path / "tfds")
   assert urls == [dolly.URL]
   assert b.info.splits["validation"].num_examples == 10
