@@ -174,23 +174,8 @@ def save_hf(
 
 def load_tokenizer(path: str):
   """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` or GPT-2's
-  ``vocab.json`` + ``merges.txt`` (byte-level BPE)."""
-  import tokenizers
+  ``vocab.json`` + ``merges.txt`` (byte-level BPE), a local path or hub id;
+  :func:`kdjax.data.tokenizer.from_pretrained`."""
+  from kdjax.data import tokenizer  # pylint: disable=g-import-not-at-top
 
-  path = _resolve(path) if not os.path.exists(path) else path
-  if os.path.isfile(path):
-    return tokenizers.Tokenizer.from_file(path)
-  tj = os.path.join(path, "tokenizer.json")
-  if os.path.exists(tj):
-    return tokenizers.Tokenizer.from_file(tj)
-  vocab, merges = (os.path.join(path, n) for n in ("vocab.json", "merges.txt"))
-  if os.path.exists(vocab) and os.path.exists(merges):
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab, merges))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
-        add_prefix_space=False
-    )
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    return tok
-  raise FileNotFoundError(
-      f"no tokenizer.json or vocab.json + merges.txt in " f"{path}."
-  )
+  return tokenizer.from_pretrained(path)
