@@ -254,7 +254,8 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(
       "--config=kdjax/configs/sft_gpt2.py:tiny,steps=500",
       f"--workdir={workdir}",
       f"--config.data.data_dir={root / 'data'}",
-      "--config.ckpt.every_steps=1",
+      "--config.ckpt.every_steps=1000",  # only the stop saves
+      "--config.log_every=1",
       "--config.eval.every_steps=1",
       "--config.eval.num_examples=0",
       "--config.eval.val_batches=1",
@@ -272,7 +273,10 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(
       text=True,
   )
   deadline = time.time() + 480  # data build + compile on a loaded CPU
-  while not (workdir / "ckpt" / "2").exists() and p.poll() is None:
+  rows = workdir / "metrics.jsonl"
+  while p.poll() is None and not (
+      rows.exists() and len(rows.read_text().splitlines()) >= 2
+  ):
     assert time.time() < deadline
     time.sleep(0.5)
   p.send_signal(signal.SIGINT)
@@ -287,6 +291,9 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(
       "python -m kdjax.train --config=kdjax/configs/"
       "sft_gpt2.py:tiny,steps=500",
   )
+  # The first Ctrl-C finishes the step in progress and saves it.
+  assert "stopping after this step" in err
+  stopped = int(msg.split("interrupted at step ")[1].split(";")[0])
   kept = int(msg.split("checkpoint of step ")[1].split()[0])
-  assert kept >= 2 and (workdir / "ckpt" / str(kept)).exists()
+  assert kept == stopped >= 2 and (workdir / "ckpt" / str(kept)).exists()
   assert "validation step 1/500: val_loss" in out  # one line per validation

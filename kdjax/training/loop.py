@@ -10,13 +10,17 @@ Hugging Face checkpoints (``workdir/hf``, ``workdir/best_hf``).
 The whole config is checked first (:func:`kdjax.validation.validate`), before
 the workdir is touched or anything compiles. Stdout gets one line per
 validation and a summary at the end (best step and metric, final metrics,
-where the exports are; also ``workdir/summary.json``). Ctrl-C stops with one
-sentence naming the checkpoint that is kept and how to resume.
+where the exports are; also ``workdir/summary.json``). The first Ctrl-C stops
+at the end of the step in progress (a checkpoint being written is never cut
+short), saves that step and prints one sentence naming the checkpoint that is
+kept and how to resume; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -121,6 +125,46 @@ class Interrupted(TrainingError, KeyboardInterrupt):
   exit_code = 130
 
 
+class _StopRequested(KeyboardInterrupt):
+  """The loop reached a step boundary after a first Ctrl-C."""
+
+
+class _CtrlC:
+  """Turns the first SIGINT into a request the loop honours between steps.
+
+  A KeyboardInterrupt raised at an arbitrary bytecode can land inside orbax's
+  asynchronous save and leave its threads failing at exit; a flag read between
+  steps cannot. The second Ctrl-C raises at once, for a step that hangs.
+  Signal handlers can only be installed from the main thread; elsewhere
+  (a notebook's worker thread) Ctrl-C keeps Python's default behaviour.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._installed = False
+    self._previous = None
+
+  def install(self) -> None:
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+      self._installed = True
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    if jax.process_index() == 0:
+      tqdm.tqdm.write(
+          "stopping after this step (Ctrl-C again to stop at once)",
+          file=sys.stderr,
+      )
+
+  def restore(self) -> None:
+    if self._installed:
+      signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+
 def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   """Runs ``run`` from its latest checkpoint to ``num_steps`` (or ``stop_at``)."""
   s = run.spec
@@ -181,6 +225,8 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
     # DistiLLM compares later validation losses with the one before training.
     v0 = validation.validate(run, state, teacher_state, eval_fn)["val_loss"]
     runner.state = runner.state._replace(prev_loss=jnp.float32(v0))
+  ctrl_c = _CtrlC()
+  ctrl_c.install()
   try:
     for step in range(start, end):
       batch = step_lib.put_batch(next(data_iter), run.mesh)
@@ -189,6 +235,8 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
       done = step + 1
       bar.update(1)
+      if ctrl_c.requested:
+        raise _StopRequested
       boundary = (
           done % s.log_every == 0
           or done == end
@@ -245,8 +293,21 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
                 exports=exports,
             )
         )
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
     bar.close()
+    if (
+        isinstance(e, _StopRequested)
+        and jax.process_count() == 1  # a save is collective; SIGINT may not be
+        and done != ckpts.latest_step()
+    ):
+      _check_finite(int(first_bad), run.workdir, ckpts)
+      _save(
+          ckpts,
+          done,
+          state if runner is None else (state, runner.state),
+          data_iter,
+          force=True,
+      )
     ckpts.close()  # waits for a checkpoint being written to commit
     kept = ckpts.latest_step()
     where = (
@@ -259,6 +320,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         f"interrupted at step {done}; {where}; " f"{_resume_hint()}."
     ) from None
   finally:
+    ctrl_c.restore()
     bar.close()
     ckpts.close()
     writer.close()
