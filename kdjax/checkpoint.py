@@ -78,6 +78,10 @@ def best_policy(
   return BestPolicy(metric, after_steps)
 
 
+def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 class Checkpoints:
   """``workdir/ckpt`` (latest N steps) and ``workdir/best`` (best validation)."""
 
@@ -88,10 +92,14 @@ class Checkpoints:
     root = fs.path(workdir)
     if not fs.is_remote(workdir):
       root = root.absolute()  # orbax wants absolute local paths
+    # Distinct barrier prefixes: both managers may save the same step, and
+    # multi-process orbax names its commit barriers after the step alone.
     self.latest = ocp.CheckpointManager(
         root / "ckpt",
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True
+            max_to_keep=max_to_keep,
+            create=True,
+            multiprocessing_options=_barriers("ckpt"),
         ),
     )
     self._best_json = root / "best.json"
@@ -102,6 +110,7 @@ class Checkpoints:
             create=True,
             best_fn=lambda m: m["score"],
             best_mode="max",
+            multiprocessing_options=_barriers("best"),
         ),
     )
 
