@@ -3,7 +3,9 @@
 A run killed ``KDJAX_KILLS`` times (default 5; ``KDJAX_KILLS=10 pytest
 tests/test_resume_kill.py`` for the long version) and restarted with the same
 command each time must end with the same student, bit for bit, as a run that
-was never interrupted, and with one ``metrics.jsonl`` row per step. Kills land
+was never interrupted, and with one ``metrics.jsonl`` row per step; so must an
+on-policy DistiLLM run (three kills) that generates every step and replays
+from a full buffer, whose kills land mid-generation too. Kills land
 at seeded random moments of three kinds: while a checkpoint is being written
 (an orbax ``*.orbax-checkpoint-tmp*`` directory exists), a random delay after a
 checkpoint commits, and a random delay after start (set-up, compilation; cut
@@ -28,13 +30,31 @@ from kdjax import checkpoint, metrics, sharding, trainer
 import tiny_run
 
 KILLS = int(os.environ.get("KDJAX_KILLS", "5"))
-STEPS = 4 * KILLS + 4  # enough that the run outlives every kill
 DEVICES = 2  # fake CPU devices per process: a real mesh, fast compile
 TMP = ".orbax-checkpoint-tmp"
 
+# (config, kills, overrides). DistiLLM with tau = 1 from the start and a
+# one-batch buffer generates, fills the buffer and replays from it.
+CASES = {
+    "akl": ("akl_gpt2", KILLS, {}),
+    "distillm": (
+        "distillm_gpt2",
+        3,
+        {
+            "onpolicy.init_threshold": 1.0,
+            "onpolicy.buffer_size": 8,
+            "onpolicy.max_new_tokens": 8,
+        },
+    ),
+}
 
-def _overrides(root: str) -> dict:
-  """``--config.`` overrides shrinking kdjax/configs/akl_gpt2.py:tiny (tiny_run's sizes)."""
+
+def _steps(case: str) -> int:
+  return 4 * CASES[case][1] + 4  # enough that the run outlives every kill
+
+
+def _overrides(root: str, case: str) -> dict:
+  """``--config.`` overrides shrinking the case's ``:tiny`` config (tiny_run's sizes)."""
   out = {
       "data.data_dir": os.path.join(root, "data"),
       "data.train_limit": 64,
@@ -51,25 +71,29 @@ def _overrides(root: str) -> dict:
   out.update(
       {f"student.model_overrides.{k}": v for k, v in tiny_run.STUDENT.items()}
   )
+  out.update(CASES[case][2])
   return out
 
 
-def _config(root: str):
-  from kdjax.configs import akl_gpt2, common
+def _config(root: str, case: str):
+  import importlib
 
-  c = akl_gpt2.get_config(f"tiny,steps={STEPS}")
-  common.override(c, _overrides(root))
+  from kdjax.configs import common
+
+  module = importlib.import_module(f"kdjax.configs.{CASES[case][0]}")
+  c = module.get_config(f"tiny,steps={_steps(case)}")
+  common.override(c, _overrides(root, case))
   return c
 
 
-def _command(root: str, workdir: str) -> list[str]:
+def _command(root: str, workdir: str, case: str) -> list[str]:
   return [
       sys.executable,
       "-m",
       "kdjax.train",
-      f"--config=kdjax/configs/akl_gpt2.py:tiny,steps={STEPS}",
+      f"--config=kdjax/configs/{CASES[case][0]}.py:tiny,steps={_steps(case)}",
       f"--workdir={workdir}",
-  ] + [f"--config.{k}={v}" for k, v in _overrides(root).items()]
+  ] + [f"--config.{k}={v}" for k, v in _overrides(root, case).items()]
 
 
 def _env(root: str) -> dict:
@@ -88,8 +112,8 @@ def _env(root: str) -> dict:
 class _Launcher:
   """Starts the same command again and again, logging each attempt."""
 
-  def __init__(self, root, workdir):
-    self.cmd, self.env = _command(root, workdir), _env(root)
+  def __init__(self, root, workdir, case):
+    self.cmd, self.env = _command(root, workdir, case), _env(root)
     self.workdir, self.logs, self.n = workdir, os.path.join(root, "logs"), 0
     os.makedirs(self.logs, exist_ok=True)
 
@@ -129,39 +153,50 @@ def _wait(proc, predicate, timeout=240.0, poll=0.002) -> bool:
   )
 
 
-def _params(c, workdir: str) -> dict:
-  """The final student params of ``workdir``, restored into a built state."""
+def _params(c, workdir: str, steps: int) -> dict:
+  """The final student params of ``workdir``, restored into a built state.
+
+  On-policy runs checkpoint the train state paired with the sequence source's
+  state (generation key, schedule, replay buffer); that is compared too.
+  """
   devices = jax.devices()[:DEVICES]
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
     run = trainer.build(c, workdir, mesh)
+    target = run.state
+    if run.source is not None:
+      target = (run.state, run.source.init(0))
     ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=2)
-    state, record = ck.restore(
-        ck.latest_step(), run.state, run.train_data.iterator()
+    restored, record = ck.restore(
+        ck.latest_step(), target, run.train_data.iterator()
     )
     ck.close()
-  assert record["step"] == int(state.step) == STEPS
+  state = restored[0] if run.source is not None else restored
+  assert record["step"] == int(state.step) == steps
+  tree = (state.params, restored[1]) if run.source is not None else state.params
   return {
       jax.tree_util.keystr(k): np.asarray(v)
-      for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
+      for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_same_student(tmp_path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_sigkilled_run_resumes_to_the_same_student(tmp_path, case):
   root = str(tmp_path)
   rng = np.random.default_rng(0)
+  num_kills, steps = CASES[case][1], _steps(case)
 
   # The uninterrupted reference (it also prepares the data and fills the
   # compilation cache for the restarts).
-  ref = _Launcher(root, os.path.join(root, "straight"))
+  ref = _Launcher(root, os.path.join(root, "straight"), case)
   proc = ref.start()
   assert proc.wait(timeout=400) == 0, ref.tail()
 
-  run = _Launcher(root, os.path.join(root, "killed"))
+  run = _Launcher(root, os.path.join(root, "killed"), case)
   kinds = ["during_save"] + list(
       rng.choice(
-          ["after_commit", "after_commit", "after_start"], size=KILLS - 1
+          ["after_commit", "after_commit", "after_start"], size=num_kills - 1
       )
   )
   mid_save_leftovers, kills = 0, []
@@ -189,7 +224,7 @@ def test_sigkilled_run_resumes_to_the_same_student(tmp_path):
     if not alive or proc.poll() is not None:
       pytest.fail(
           f"the run finished before kill {len(kills) + 1}; raise "
-          f"STEPS ({STEPS}):\n{run.tail()}"
+          f"the case's steps ({steps}):\n{run.tail()}"
       )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -200,23 +235,31 @@ def test_sigkilled_run_resumes_to_the_same_student(tmp_path):
   proc = run.start()
   assert proc.wait(timeout=400) == 0, run.tail()
 
-  assert len(kills) == KILLS
+  assert len(kills) == num_kills
   # At least one kill interrupted a checkpoint write (its temporary directory
   # is still there), so the resume really skipped a half-written step.
   assert mid_save_leftovers >= 1, kills
 
-  c = _config(root)
+  c = _config(root, case)
   killed, straight = run.workdir, ref.workdir
   # The workdir config is whole and is the run's config.
   assert json.load(open(os.path.join(killed, "config.json"))) == json.loads(
       c.to_json_best_effort()
   )
   a, b = metrics.read(straight), metrics.read(killed)
-  assert [r["step"] for r in a] == list(range(1, STEPS + 1))
-  assert [r["step"] for r in b] == list(range(1, STEPS + 1)), kills
+  assert [r["step"] for r in a] == list(range(1, steps + 1))
+  assert [r["step"] for r in b] == list(range(1, steps + 1)), kills
+  keys = ("loss", "grad_norm") + (
+      ("onpolicy_fraction", "gen_fraction", "gen_len")
+      if case == "distillm"
+      else ()
+  )
   for x, y in zip(a, b):
-    assert (x["loss"], x["grad_norm"]) == (y["loss"], y["grad_norm"]), x["step"]
-  pa, pb = _params(c, straight), _params(c, killed)
+    assert [x[k] for k in keys] == [y[k] for k in keys], x["step"]
+  if case == "distillm":  # it generated, and replayed from the buffer
+    gen = [r["gen_fraction"] for r in a]
+    assert 0 < np.mean(gen) < 1, gen
+  pa, pb = _params(c, straight, steps), _params(c, killed, steps)
   assert pa.keys() == pb.keys()
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
