@@ -13,7 +13,10 @@ per-step metrics. Its kinds (docs/on_policy.md):
 * ``distillm``: DistiLLM's adaptive schedule with a replay buffer
   (:mod:`kdjax.onpolicy.distillm`);
 * ``skd``: with probability ``lmbda`` the responses come from speculative KD
-  decoding (:mod:`kdjax.onpolicy.skd`).
+  decoding (:mod:`kdjax.onpolicy.skd`);
+* ``minillm``: every step, responses from the teacher-mixed policy with
+  their rollout log-probs, and the dataset batch under ``lm_*`` keys, for
+  MiniLLM's policy-gradient objective (:mod:`kdjax.onpolicy.minillm`).
 
 Randomness: the step's key is ``fold_in(key, step)``, split into the choice,
 generation and replay keys, so the batch of step ``s`` depends only on the
@@ -36,10 +39,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import sampling, sharding
-from kdjax.onpolicy import batches, distillm, skd
+from kdjax.onpolicy import batches, distillm, minillm, skd
 
 Array = jax.Array
-KINDS = ("dataset", "gkd", "distillm", "skd")
+KINDS = ("dataset", "gkd", "distillm", "skd", "minillm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,14 @@ class OnPolicySpec:
   # skd
   skd_top_k: int = 25
   skd_resample: str = "top_k"
+  # minillm (kdjax.onpolicy.minillm.Config; the reference's GPT-2 values)
+  minillm_alpha: float = 0.2
+  minillm_gamma: float = 0.95
+  minillm_cliprange: float = 0.2
+  minillm_reward_scaling: float = 0.5
+  minillm_reward_clip: float = 100.0
+  minillm_lm_coef: float = 1.0
+  minillm_single_step: bool = True
 
 
 DEFAULTS = dataclasses.asdict(OnPolicySpec())
@@ -136,6 +147,15 @@ def check(
           f"onpolicy.skd_resample={cfg.skd_resample!r} must be "
           f"one of {skd.RESAMPLE}."
       )
+  if cfg.source == "minillm":
+    minillm.check(cfg)
+
+
+def needs_the_teacher(cfg: OnPolicySpec) -> bool:
+  """Whether the source decodes with the teacher (SKD, MiniLLM, seq_kd)."""
+  return cfg.source in ("skd", "minillm") or (
+      cfg.source == "gkd" and cfg.seq_kd
+  )
 
 
 def new_tokens(cfg, max_length: int, max_prompt_length: int) -> int:
@@ -220,6 +240,7 @@ class Source:
   loss_eps: float = 0.1
   skd_top_k: int = 25
   skd_resample: str = "top_k"
+  minillm_alpha: float = 0.2
 
   @classmethod
   def from_spec(
@@ -241,7 +262,7 @@ class Source:
         max_length=max_length,
         max_prompt_length=max_prompt_length,
     )
-    needs_teacher = cfg.source == "skd" or (cfg.source == "gkd" and cfg.seq_kd)
+    needs_teacher = needs_the_teacher(cfg)
     if needs_teacher and teacher_graphdef is None:
       raise ValueError(
           f"onpolicy.source={cfg.source!r} needs the teacher; set "
@@ -268,6 +289,7 @@ class Source:
         loss_eps=float(cfg.loss_eps),
         skd_top_k=int(cfg.skd_top_k),
         skd_resample=cfg.skd_resample,
+        minillm_alpha=float(cfg.minillm_alpha),
     )
 
   @classmethod
@@ -397,6 +419,9 @@ class Source:
       return self._distillm(
           params, rest, batch, state, step, u, k_gen, k_replay, info
       )
+    if self.kind == "minillm":
+      out, stats = self._minillm(params, rest, teacher_state, batch, k_gen)
+      return out, state, dict(info, **stats)
     by = "skd" if self.kind == "skd" else "student"
     base = batch
     if self.seq_kd:
@@ -435,6 +460,33 @@ class Source:
           None,
       )
     return out, state, jax.tree.map(lambda x: x.astype(jnp.float32), stats)
+
+  def _minillm(self, params, rest, teacher_state, batch, key):
+    """Teacher-mixed rows, their rollout log-probs, the dataset batch."""
+    prompt_BxP, mask_BxP = batches.prompts_from_batch(
+        batch, self.prompt_length, self.eos_id
+    )
+    tokens_BxN, records = minillm.generate(
+        self._student(params, rest),
+        self._teacher(teacher_state),
+        prompt_BxP,
+        mask_BxP,
+        key,
+        alpha=self.minillm_alpha,
+        **self.settings._asdict(),
+    )
+    rows = self._rows(prompt_BxP, mask_BxP, tokens_BxN)
+    out = self._as_batch(rows, batch)
+    L = self.max_length
+    for name in minillm.RECORDS:
+      values = minillm.align(records[name], rows.prompt_len_B, rows.length_B, L)
+      out[f"rollout_{name}"] = sharding.constrain(values, ("batch", None))
+    out.update({minillm.LM_PREFIX + k: v for k, v in batch.items()})
+    one = jnp.ones((), jnp.float32)
+    gen_B = rows.length_B - rows.prompt_len_B
+    return out, dict(
+        onpolicy=one, generated=one, gen_len=jnp.mean(gen_B, dtype=jnp.float32)
+    )
 
   def _distillm(
       self, params, rest, batch, state, step, u, k_gen, k_replay, info
