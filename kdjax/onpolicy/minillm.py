@@ -20,11 +20,11 @@ both models.
 **Rewards and returns** (rollout constants, no gradient):
 
   r_t = clip((log p(y_t) − log q_θold(y_t)) / s, −c, c)
-  R_t = Σ_{k ≥ t} γ^{k−t} r_k,     A_t = R_t / |{k ≥ t}|
+  R_t = Σ_{k ≥ t} γ^{k−t} r_k,     A_t = R_t / n_t
 
 with ``reward_scaling`` s = 0.5, ``reward_clip`` c = 100, ``gamma`` γ = 0.95;
-the return is normalised by the number of remaining response tokens (the
-length normalisation, which the reference's loss always applies). ``A`` is
+the return is normalised by ``n_t``, the number of response tokens at
+``k ≥ t`` (the length normalisation, which the reference's loss always applies). ``A`` is
 then whitened, ``(A − mean) / sqrt(var + 1e-8)``, mean and (Bessel-corrected)
 variance over the batch's response tokens; the reference whitens its padded
 ``[B, N]`` block, padding zeros included, a shape-dependent statistic kdjax
