@@ -329,30 +329,45 @@ def test_micro_batch_shares_add_up_to_the_batch_loss():
 # The source, the config, the training loop.
 
 
-def test_source_rows_carry_the_rollout_and_the_dataset_batch():
-  student, teacher = _pair()
+def _dataset_batch(response):
   rows = [
       pipeline.train_row(
-          pipeline.Tokenized(np.asarray(p + [21, 22, EOS], np.int32), len(p)),
+          pipeline.Tokenized(
+              np.asarray(p + response + [EOS], np.int32), len(p)
+          ),
           max_length=16,
           eos_id=EOS,
       )
       for p in PROMPTS
   ]
-  batch = {k: jnp.asarray(v) for k, v in pipeline._stack(rows).items()}
-  settings = sampling.Settings(**{**SETTINGS, "max_new_tokens": 8})
-  s_def, params, rest = nnx.split(student, nnx.Param, ...)
-  src = source.Source(
+  return {k: jnp.asarray(v) for k, v in pipeline._stack(rows).items()}
+
+
+SOURCE_SETTINGS = sampling.Settings(**{**SETTINGS, "max_new_tokens": 8})
+
+
+def _source(student, teacher, ppo_epochs=1):
+  return source.Source(
       kind="minillm",
-      settings=settings,
+      settings=SOURCE_SETTINGS,
       prompt_length=5,
       max_length=16,
       eos_id=EOS,
       total_steps=10,
-      student_graphdef=s_def,
+      student_graphdef=nnx.graphdef(student),
       teacher_graphdef=nnx.graphdef(teacher),
       minillm_alpha=0.2,
+      minillm_ppo_epochs=ppo_epochs,
+      batch_size=len(PROMPTS),
   )
+
+
+def test_source_rows_carry_the_rollout_and_the_dataset_batch():
+  student, teacher = _pair()
+  batch = _dataset_batch([21, 22])
+  settings = SOURCE_SETTINGS
+  _, params, rest = nnx.split(student, nnx.Param, ...)
+  src = _source(student, teacher)
   state = src.init(seed=4)
   step = jnp.asarray(3, jnp.int32)
   out, _, info = jax.jit(src.__call__)(
@@ -381,6 +396,39 @@ def test_source_rows_carry_the_rollout_and_the_dataset_batch():
   assert float(info["generated"]) == 1
 
 
+def test_a_rollout_serves_ppo_epochs_steps_each_with_its_dataset_batch():
+  student, teacher = _pair()
+  _, params, rest = nnx.split(student, nnx.Param, ...)
+  src = _source(student, teacher, ppo_epochs=2)
+  state = src.init(seed=4)
+  fn = jax.jit(src.__call__)
+  outs, gens = [], []
+  for step in range(3):
+    batch = _dataset_batch([21 + step, 22])
+    out, state, info = fn(
+        params, rest, nnx.state(teacher), batch, state, jnp.asarray(step)
+    )
+    outs.append(jax.tree.map(np.asarray, out))
+    gens.append(float(info["generated"]))
+    for k in batch:
+      np.testing.assert_array_equal(outs[-1]["lm_" + k], np.asarray(batch[k]))
+  assert gens == [1, 0, 1]
+  rollout_keys = [k for k in outs[0] if not k.startswith("lm_")]
+  assert len(rollout_keys) == 8
+  for k in rollout_keys:
+    np.testing.assert_array_equal(outs[1][k], outs[0][k])
+  assert any((outs[2][k] != outs[0][k]).any() for k in rollout_keys)
+  key = source.step_keys(state.key, jnp.asarray(2))[1]
+  ids, mask = _prompts()
+  tokens, _ = minillm.generate(
+      student, teacher, ids, mask, key, alpha=0.2, **SOURCE_SETTINGS._asdict()
+  )
+  want = batches.to_batch(
+      batches.response_rows(ids, mask, tokens, max_length=16, eos_id=EOS), EOS
+  )
+  np.testing.assert_array_equal(outs[2]["labels"], np.asarray(want["labels"]))
+
+
 def test_config_and_its_checks():
   for arg, n_new in ((None, 256), ("tiny", 32)):
     c = minillm_gpt2.get_config(arg)
@@ -398,6 +446,7 @@ def test_config_and_its_checks():
         1.0,
     )
     assert (cfg.reward_scaling, cfg.reward_clip) == (0.5, 100.0)
+    assert spec.minillm_ppo_epochs == 4
   c = minillm_gpt2.get_config()
   assert (c.optim.lr, c.batch_size, c.loss.name, c.loss.kd_ratio) == (
       5e-6,
@@ -411,6 +460,7 @@ def test_config_and_its_checks():
       ("onpolicy.minillm_cliprange", 0.0, "minillm_cliprange=0.0 must be > 0"),
       ("onpolicy.minillm_lm_coef", -1.0, "minillm_lm_coef=-1.0 must be >= 0"),
       ("onpolicy.top_k", 50, "use top_k=0 and top_p=1.0"),
+      ("onpolicy.minillm_ppo_epochs", 0, "minillm_ppo_epochs=0 must be an"),
       ("loss.kd_ratio", 0.0, "decodes with the teacher"),
   ]
   for key, value, msg in cases:
@@ -446,8 +496,10 @@ def test_tiny_run_logs_minillm_metrics_and_resumes_bit_identically(
 ):
   c = tiny_run.config("minillm_gpt2", root, steps=4)
   c.onpolicy.max_new_tokens = 8
+  c.onpolicy.minillm_ppo_epochs = 2
   trainer.train_and_evaluate(c, str(tmp_path / "straight"))
-  trainer.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=2)
+  # Cut inside a rollout's epochs: step 4 reuses the checkpointed rollout.
+  trainer.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=3)
   trainer.train_and_evaluate(c, str(tmp_path / "resumed"))
   a = metrics.read(str(tmp_path / "straight"))
   b = metrics.read(str(tmp_path / "resumed"))
@@ -463,8 +515,7 @@ def test_tiny_run_logs_minillm_metrics_and_resumes_bit_identically(
   for x, y in zip(a, b):
     for k in keys:
       assert np.isfinite(x[k]) and x[k] == y[k], (x["step"], k)
-    assert x["gen_fraction"] == 1
-    # One update per rollout: the ratio is 1, so w alone can be clipped.
+    assert x["gen_fraction"] == x["step"] % 2
     assert 0.5 < x["minillm_w"] < 2
     np.testing.assert_allclose(
         x["loss"], x["minillm_pg"] + x["minillm_reg"] + x["pt_loss"], rtol=1e-5

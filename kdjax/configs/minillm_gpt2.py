@@ -1,22 +1,23 @@
 r"""MiniLLM: sequence-level reverse KL by policy gradient (Gu et al., ICLR 2024).
 
-Every step the student and the teacher decode responses to the batch's
-prompts together, each token drawn from the teacher-mixed policy ``α·p +
-(1 − α)·q_θ``; the student is trained on those responses with MiniLLM's
-objective: the per-token reverse KL exact over the vocabulary (single-step
-term) plus a clipped, importance-weighted policy gradient of the
-length-normalised return of rewards ``log p − log q``, plus ``lm_coef`` times
-the ``(1 − kd_ratio)·CE + kd_ratio·FKL`` loss on the dataset batch itself
-(the stand-in for the reference's pre-training corpus). One update per
-rollout. Math: docs/on_policy.md, ``kdjax.onpolicy.minillm``.
+The student and the teacher decode responses to the batch's prompts
+together, each token drawn from the teacher-mixed policy ``α·p + (1 − α)·q_θ``;
+the student is trained on those responses with MiniLLM's objective: the
+per-token reverse KL exact over the vocabulary (single-step term) plus a
+clipped, importance-weighted policy gradient of the length-normalised return
+of rewards ``log p − log q``, plus ``lm_coef`` times the ``(1 − kd_ratio)·CE
++ kd_ratio·FKL`` loss on the dataset batch itself (the stand-in for the
+reference's pre-training corpus). Math: docs/on_policy.md,
+``kdjax.onpolicy.minillm``.
 
 Reference GPT-2 settings (microsoft/LMOps ``minillm/scripts/gpt2``):
 ``minillm_alpha=0.2``, ``gamma=0.95``, ``cliprange=0.2``,
-``reward_scaling=0.5``, ``reward_clip=100``, ``lm_coef=1``, single-step term
-on, sampling at temperature 1 without top-k/top-p, 256 new tokens, kd_ratio
-0.5 on the pre-training term, lr 5e-6 constant after 100 warm-up steps,
-AdamW ``b2=0.95``, weight decay 1e-6, 5000 updates of 64 sequences.
-``:tiny``: the tiny recipe's optimizer and scale, up to 32 new tokens.
+``reward_scaling=0.5``, ``reward_clip=100``, ``lm_coef=1``, 4 updates per
+rollout (``minillm_ppo_epochs``), single-step term on, sampling at
+temperature 1 without top-k/top-p, 256 new tokens, kd_ratio 0.5 on the
+pre-training term, lr 5e-6 constant after 100 warm-up steps, AdamW
+``b2=0.95``, weight decay 1e-6, 5000 updates of 64 sequences. ``:tiny``: the
+tiny recipe's optimizer and scale, up to 32 new tokens.
 
   python -m kdjax.train --config=kdjax/configs/minillm_gpt2.py --workdir=workdirs/minillm_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
@@ -50,5 +51,6 @@ def get_config(arg=None):
       minillm_reward_clip=100.0,
       minillm_lm_coef=1.0,
       minillm_single_step=True,
+      minillm_ppo_epochs=4,
   )
   return c

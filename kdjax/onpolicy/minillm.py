@@ -50,12 +50,15 @@ reference's teacher cross-entropy ``−Σ p log q``, which is FKL plus the
 teacher's entropy, a constant) and ``loss.kd_ratio`` r (0.5), weighted by
 ``lm_coef`` λ_lm (1).
 
-**One update per rollout.** Each train step samples its own rollout and takes
-one optimizer update on it (the reference reuses a rollout for 4 PPO epochs).
-So ``log q_θ = log q_θold`` at the update, ``exp(·) = 1`` and ``ρ_t = w_t``:
-the ratio clip does nothing beyond clipping the importance weight, and the
-gradient of ``L_pg`` is ``−(1/n) Σ_t A_t w_t ∇ log q_θ(y_t)`` on unclipped
-tokens.
+**Updates per rollout** (``ppo_epochs``, the reference's 4 in
+``minillm_gpt2.py``). A rollout is sampled every ``ppo_epochs`` steps and
+trained on by that step and the next ``ppo_epochs − 1`` (the source keeps it
+in its checkpointed state; each step's own dataset batch still feeds
+``L_pt``). At a rollout's first update ``log q_θ = log q_θold``, ``exp(·) =
+1`` and ``ρ_t = w_t``: the clip then only bounds the importance weight, and
+the gradient of ``L_pg`` is ``−(1/n) Σ_t A_t w_t ∇ log q_θ(y_t)`` on the
+unclipped tokens; on the later updates the policy has moved and the clip is
+PPO's. With ``ppo_epochs = 1`` every step samples a fresh rollout.
 """
 
 from __future__ import annotations
@@ -122,6 +125,13 @@ def check(spec) -> None:
     v = getattr(spec, name)
     if not v > 0:
       raise ValueError(f"onpolicy.{name}={v} must be > 0.")
+  if not (
+      isinstance(spec.minillm_ppo_epochs, int) and spec.minillm_ppo_epochs >= 1
+  ):
+    raise ValueError(
+        f"onpolicy.minillm_ppo_epochs={spec.minillm_ppo_epochs} must be an "
+        "integer >= 1 (updates per rollout)."
+    )
   if not spec.minillm_lm_coef >= 0:
     raise ValueError(
         f"onpolicy.minillm_lm_coef={spec.minillm_lm_coef} must be >= 0 "
