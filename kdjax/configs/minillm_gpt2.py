@@ -16,8 +16,11 @@ Reference GPT-2 settings (microsoft/LMOps ``minillm/scripts/gpt2``):
 rollout (``minillm_ppo_epochs``), single-step term on, sampling at
 temperature 1 without top-k/top-p, 256 new tokens, kd_ratio 0.5 on the
 pre-training term, lr 5e-6 constant after 100 warm-up steps, AdamW
-``b2=0.95``, weight decay 1e-6, 5000 updates of 64 sequences. ``:tiny``: the
-tiny recipe's optimizer and scale, up to 32 new tokens.
+``b2=0.95``, weight decay 1e-6, 5000 updates of 64 sequences. The reference
+starts this phase from a student already fine-tuned on the data; set
+``--config.student.init`` to such a checkpoint (the default is pretrained
+GPT-2). ``:tiny``: the tiny recipe's optimizer and scale, up to 32 new
+tokens.
 
   python -m kdjax.train --config=kdjax/configs/minillm_gpt2.py --workdir=workdirs/minillm_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
