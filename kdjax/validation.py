@@ -22,6 +22,9 @@ What is checked:
   against the student's, and the teacher's vocabulary against the student's
   (the trainer feeds the student's token ids to the teacher, so they must
   share a tokenizer, ULD included);
+* the on-policy block (``config.onpolicy``, :func:`kdjax.onpolicy.source.check`:
+  the kind, the sampling settings and each kind's own fields, MiniLLM's
+  ``minillm_*`` included) and that a kind decoding with the teacher has one;
 * presence: the teacher directory, an HF student directory, a JSONL data file
   (and that it is not empty), a dataset name.
 """
@@ -116,6 +119,7 @@ def validate(
   if not training:
     _log(notes)
     return notes
+  _check_onpolicy(config)
   dropped = _check_divergence(config)
   _log(dropped)  # before a later check may refuse the config
   notes += dropped
@@ -451,6 +455,34 @@ BEST_METRICS = (
     "val_exact_match",
 )
 SAMPLED_METRICS = ("val_rougeL", "val_validity", "val_exact_match")
+
+
+# ----------------------------------------------------------------------------
+# The on-policy sequence source.
+
+
+def _check_onpolicy(config) -> None:
+  if "onpolicy" not in config:
+    return
+  from kdjax.onpolicy import source  # pylint: disable=g-import-not-at-top
+
+  spec = source.spec_from_config(config)
+  try:
+    source.check(
+        spec,
+        batch_size=_get(config, "batch_size"),
+        max_length=_get(config, "data.max_length"),
+        max_prompt_length=_get(config, "data.max_prompt_length"),
+    )
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if source.needs_the_teacher(spec) and not _get(config, "loss.kd_ratio", 0):
+    raise _fail(
+        "onpolicy.source",
+        spec.source,
+        "decodes with the teacher, which loss.kd_ratio=0 never loads",
+        "set --config.loss.kd_ratio=0.5 and teacher.path",
+    )
 
 
 # ----------------------------------------------------------------------------

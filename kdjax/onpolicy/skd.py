@@ -12,7 +12,8 @@ student sampling); ``K = 1`` puts the teacher's argmax wherever the student
 disagrees with it. ``resample="full"`` draws ``y'`` from the whole
 (temperature-scaled) teacher distribution instead of its top-K.
 
-Both models decode in one ``lax.while_loop`` with their own KV caches: per
+Both models decode in one ``lax.while_loop`` with their own KV caches
+(:func:`decode_together`, shared with MiniLLM's teacher-mixed sampler): per
 step one student and one teacher forward on the chosen token, no host
 round-trip. The proposal uses the sampler's key schedule exactly (``key, sub
 = split(key)``; ``categorical(sub, ...)``), so with ``K >= V`` the tokens are
@@ -22,6 +23,7 @@ bit-identical to :func:`kdjax.sampling.generate`'s; the teacher draw uses
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from flax import nnx
@@ -85,6 +87,34 @@ def choose(
   return token_B.astype(jnp.int32), ~accept_B
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """SKD's step rule for :func:`decode_together` (hashable: static in jit).
+
+  Records ``replaced`` (bool) per generated token.
+  """
+
+  settings: sampling.Settings
+  teacher_top_k: int
+  resample: str = "top_k"
+
+  RECORDS = {"replaced": jnp.bool_}
+
+  def __call__(self, student_BxV, teacher_BxV, key, tokens_BxS, valid_BxS, end):
+    token_B, replaced_B = choose(
+        student_BxV,
+        teacher_BxV,
+        key,
+        teacher_top_k=self.teacher_top_k,
+        settings=self.settings,
+        resample=self.resample,
+        tokens_BxS=tokens_BxS,
+        valid_BxS=valid_BxS,
+        end=end,
+    )
+    return token_B, {"replaced": replaced_B}
+
+
 def generate(
     student: nnx.Module,
     teacher: nnx.Module,
@@ -110,6 +140,38 @@ def generate(
     )
   if resample not in RESAMPLE:
     raise ValueError(f"SKD resample={resample!r} must be one of {RESAMPLE}.")
+  tokens_BxN, records = decode_together(
+      student,
+      teacher,
+      prompt_ids_BxP,
+      prompt_mask_BxP,
+      key,
+      Rule(s, teacher_top_k, resample),
+  )
+  return tokens_BxN, records["replaced"]
+
+
+def decode_together(
+    student: nnx.Module,
+    teacher: nnx.Module,
+    prompt_ids_BxP: Array,
+    prompt_mask_BxP: Array,
+    key: Array,
+    rule,
+) -> tuple[Array, dict[str, Array]]:
+  """Student and teacher decode one sequence per row together.
+
+  ``rule`` (hashable, with a ``settings`` :class:`kdjax.sampling.Settings`
+  and a ``RECORDS`` dict of name -> dtype) maps both models' next-token
+  logits, the step's key and the tokens so far to ``(token_B, records)``;
+  each record ``[B]`` is kept per generated token. Per step: ``key, sub =
+  split(key)`` (the sampler's schedule), one rule call, one student and one
+  teacher forward on the chosen token through their own KV caches.
+
+  Returns ``(tokens_BxN, records)``: after a row's ``eos_id`` the tokens are
+  ``pad_id`` and the records zero (False).
+  """
+  s = rule.settings
   if s.temperature <= 0:
     raise ValueError(
         f"temperature={s.temperature} must be > 0; use "
@@ -117,7 +179,7 @@ def generate(
     )
   s_def, s_state = nnx.split(student)
   t_def, t_state = nnx.split(teacher)
-  return _generate(
+  return _decode_together(
       s_def,
       t_def,
       s_state,
@@ -125,27 +187,17 @@ def generate(
       jnp.asarray(prompt_ids_BxP, jnp.int32),
       jnp.asarray(prompt_mask_BxP, bool),
       key,
-      s,
-      teacher_top_k,
-      resample,
+      rule,
   )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9))
-def _generate(
-    s_def,
-    t_def,
-    s_state,
-    t_state,
-    prompt_BxP,
-    mask_BxP,
-    key,
-    s: sampling.Settings,
-    teacher_top_k: int,
-    resample: str,
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _decode_together(
+    s_def, t_def, s_state, t_state, prompt_BxP, mask_BxP, key, rule
 ):
   student = nnx.merge(s_def, s_state)
   teacher = nnx.merge(t_def, t_state)
+  s = rule.settings
   B, P = prompt_BxP.shape
   N = s.max_new_tokens
   S = P + N
@@ -158,30 +210,23 @@ def _generate(
   )
   tokens_BxS = jnp.full((B, S), s.pad_id, jnp.int32).at[:, :P].set(prompt_BxP)
   valid_BxS = jnp.zeros((B, S), bool).at[:, :P].set(mask_BxP)
-  replaced_BxN = jnp.zeros((B, N), bool)
+  records = {k: jnp.zeros((B, N), dt) for k, dt in rule.RECORDS.items()}
 
   def cond(carry):
     i, done_B = carry[0], carry[5]
     return (i < N) & ~jnp.all(done_B)
 
   def body(carry):
-    i, tokens_BxS, valid_BxS, replaced_BxN, logits, done_B, caches, key = carry
+    i, tokens_BxS, valid_BxS, records, logits, done_B, caches, key = carry
     key, sub = jax.random.split(key)
-    next_B, replaced_B = choose(
-        logits[0],
-        logits[1],
-        sub,
-        teacher_top_k=teacher_top_k,
-        settings=s,
-        resample=resample,
-        tokens_BxS=tokens_BxS,
-        valid_BxS=valid_BxS,
-        end=P + i,
-    )
+    next_B, step = rule(logits[0], logits[1], sub, tokens_BxS, valid_BxS, P + i)
     next_B = jnp.where(done_B, s.pad_id, next_B).astype(jnp.int32)
     tokens_BxS = tokens_BxS.at[:, P + i].set(next_B)
     valid_BxS = valid_BxS.at[:, P + i].set(~done_B)
-    replaced_BxN = replaced_BxN.at[:, i].set(replaced_B & ~done_B)
+    records = {
+        k: r.at[:, i].set(jnp.where(done_B, 0, step[k]).astype(r.dtype))
+        for k, r in records.items()
+    }
     if s.eos_id is not None:
       done_B = done_B | (next_B == s.eos_id)
     s_next, s_cache = student.decode(next_B[:, None], caches[0])
@@ -190,7 +235,7 @@ def _generate(
         i + 1,
         tokens_BxS,
         valid_BxS,
-        replaced_BxN,
+        records,
         (s_next[:, 0], t_next[:, 0]),
         done_B,
         (s_cache, t_cache),
@@ -201,11 +246,11 @@ def _generate(
       jnp.array(0, jnp.int32),
       tokens_BxS,
       valid_BxS,
-      replaced_BxN,
+      records,
       (s_logits[:, -1], t_logits[:, -1]),
       jnp.zeros((B,), bool),
       (s_cache, t_cache),
       key,
   )
-  _, tokens_BxS, _, replaced_BxN, *_ = jax.lax.while_loop(cond, body, carry)
-  return tokens_BxS[:, P:], replaced_BxN
+  _, tokens_BxS, _, records, *_ = jax.lax.while_loop(cond, body, carry)
+  return tokens_BxS[:, P:], records

@@ -13,7 +13,11 @@ per-step metrics. Its kinds (docs/on_policy.md):
 * ``distillm``: DistiLLM's adaptive schedule with a replay buffer
   (:mod:`kdjax.onpolicy.distillm`);
 * ``skd``: with probability ``lmbda`` the responses come from speculative KD
-  decoding (:mod:`kdjax.onpolicy.skd`).
+  decoding (:mod:`kdjax.onpolicy.skd`);
+* ``minillm``: responses from the teacher-mixed policy with their rollout
+  log-probs (fresh every ``minillm_ppo_epochs`` steps, reused in between),
+  and the step's dataset batch under ``lm_*`` keys, for MiniLLM's
+  policy-gradient objective (:mod:`kdjax.onpolicy.minillm`).
 
 Randomness: the step's key is ``fold_in(key, step)``, split into the choice,
 generation and replay keys, so the batch of step ``s`` depends only on the
@@ -36,10 +40,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import sampling, sharding
-from kdjax.onpolicy import batches, distillm, skd
+from kdjax.onpolicy import batches, distillm, minillm, skd
 
 Array = jax.Array
-KINDS = ("dataset", "gkd", "distillm", "skd")
+KINDS = ("dataset", "gkd", "distillm", "skd", "minillm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,15 @@ class OnPolicySpec:
   # skd
   skd_top_k: int = 25
   skd_resample: str = "top_k"
+  # minillm (kdjax.onpolicy.minillm.Config; the reference's GPT-2 values)
+  minillm_alpha: float = 0.2
+  minillm_gamma: float = 0.95
+  minillm_cliprange: float = 0.2
+  minillm_reward_scaling: float = 0.5
+  minillm_reward_clip: float = 100.0
+  minillm_lm_coef: float = 1.0
+  minillm_single_step: bool = True
+  minillm_ppo_epochs: int = 1
 
 
 DEFAULTS = dataclasses.asdict(OnPolicySpec())
@@ -136,6 +149,15 @@ def check(
           f"onpolicy.skd_resample={cfg.skd_resample!r} must be "
           f"one of {skd.RESAMPLE}."
       )
+  if cfg.source == "minillm":
+    minillm.check(cfg)
+
+
+def needs_the_teacher(cfg: OnPolicySpec) -> bool:
+  """Whether the source decodes with the teacher (SKD, MiniLLM, seq_kd)."""
+  return cfg.source in ("skd", "minillm") or (
+      cfg.source == "gkd" and cfg.seq_kd
+  )
 
 
 def new_tokens(cfg, max_length: int, max_prompt_length: int) -> int:
@@ -165,12 +187,15 @@ class State(NamedTuple):
     threshold: DistiLLM's ``tau`` (float32 scalar; 0 for other kinds).
     prev_loss: the validation loss ``tau`` was last raised at (float32).
     buffer: DistiLLM's replay buffer (None for other kinds).
+    rollout: MiniLLM's current rollout, the rows and their ``rollout_*``
+      log-probs, reused for ``minillm_ppo_epochs`` updates (None otherwise).
   """
 
   key: Array
   threshold: Array
   prev_loss: Array
   buffer: distillm.Buffer | None
+  rollout: dict[str, Array] | None = None
 
 
 def step_keys(key_data: Array, step: Array) -> tuple[Array, ...]:
@@ -220,6 +245,9 @@ class Source:
   loss_eps: float = 0.1
   skd_top_k: int = 25
   skd_resample: str = "top_k"
+  minillm_alpha: float = 0.2
+  minillm_ppo_epochs: int = 1
+  batch_size: int = 0
 
   @classmethod
   def from_spec(
@@ -241,7 +269,7 @@ class Source:
         max_length=max_length,
         max_prompt_length=max_prompt_length,
     )
-    needs_teacher = cfg.source == "skd" or (cfg.source == "gkd" and cfg.seq_kd)
+    needs_teacher = needs_the_teacher(cfg)
     if needs_teacher and teacher_graphdef is None:
       raise ValueError(
           f"onpolicy.source={cfg.source!r} needs the teacher; set "
@@ -268,6 +296,9 @@ class Source:
         loss_eps=float(cfg.loss_eps),
         skd_top_k=int(cfg.skd_top_k),
         skd_resample=cfg.skd_resample,
+        minillm_alpha=float(cfg.minillm_alpha),
+        minillm_ppo_epochs=int(cfg.minillm_ppo_epochs),
+        batch_size=int(batch_size),
     )
 
   @classmethod
@@ -306,11 +337,18 @@ class Source:
         if self.kind == "distillm"
         else None
     )
+    rollout = None
+    if self.kind == "minillm" and self.minillm_ppo_epochs > 1:
+      shape = (self.batch_size, self.max_length)
+      rollout = {k: jnp.zeros(shape, dt) for k, dt in batches.DTYPES.items()}
+      for name in minillm.RECORDS:
+        rollout[f"rollout_{name}"] = jnp.zeros(shape, jnp.float32)
     return State(
         key,
         jnp.asarray(threshold, jnp.float32),
         jnp.asarray(initial_val_loss, jnp.float32),
         buffer,
+        rollout,
     )
 
   # --------------------------------------------------------------------------
@@ -397,6 +435,10 @@ class Source:
       return self._distillm(
           params, rest, batch, state, step, u, k_gen, k_replay, info
       )
+    if self.kind == "minillm":
+      return self._minillm_step(
+          params, rest, teacher_state, batch, state, step, k_gen, info
+      )
     by = "skd" if self.kind == "skd" else "student"
     base = batch
     if self.seq_kd:
@@ -435,6 +477,58 @@ class Source:
           None,
       )
     return out, state, jax.tree.map(lambda x: x.astype(jnp.float32), stats)
+
+  def _minillm_step(
+      self, params, rest, teacher_state, batch, state, step, key, info
+  ):
+    """A fresh rollout every ``minillm_ppo_epochs`` steps, else the last one.
+
+    Either way the dataset batch of this step rides along under ``lm_*``.
+    """
+    fresh = lambda _: self._minillm(params, rest, teacher_state, batch, key)
+    if self.minillm_ppo_epochs <= 1:
+      rollout, stats = fresh(None)
+    else:
+      reuse = lambda _: (
+          state.rollout,
+          dict(info, onpolicy=info["onpolicy"] + 1),
+      )
+      rollout, stats = jax.lax.cond(
+          step % self.minillm_ppo_epochs == 0, fresh, reuse, None
+      )
+      state = state._replace(rollout=rollout)
+    out = dict(rollout)
+    out.update({minillm.LM_PREFIX + k: v for k, v in batch.items()})
+    return out, state, dict(info, **stats)
+
+  def _minillm(self, params, rest, teacher_state, batch, key):
+    """Teacher-mixed rows and their rollout log-probs (``rollout_*``)."""
+    prompt_BxP, mask_BxP = batches.prompts_from_batch(
+        batch, self.prompt_length, self.eos_id
+    )
+    tokens_BxN, records = minillm.generate(
+        self._student(params, rest),
+        self._teacher(teacher_state),
+        prompt_BxP,
+        mask_BxP,
+        key,
+        alpha=self.minillm_alpha,
+        **self.settings._asdict(),
+    )
+    rows = self._rows(prompt_BxP, mask_BxP, tokens_BxN)
+    out = self._as_batch(rows, batch)
+    L = self.max_length
+    for name in minillm.RECORDS:
+      values = minillm.align(records[name], rows.prompt_len_B, rows.length_B, L)
+      out[f"rollout_{name}"] = sharding.constrain(values, ("batch", None))
+    one = jnp.ones((), jnp.float32)
+    gen_B = rows.length_B - rows.prompt_len_B
+    return out, dict(
+        onpolicy=one,
+        generated=one,
+        gen_len=jnp.mean(gen_B, dtype=jnp.float32),
+        skd_replaced=jnp.zeros((), jnp.float32),
+    )
 
   def _distillm(
       self, params, rest, batch, state, step, u, k_gen, k_replay, info

@@ -22,6 +22,7 @@ from kdjax import spec as spec_lib
 from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
+from kdjax.onpolicy import minillm
 from kdjax.onpolicy import source as onpolicy_source
 from kdjax.training import optimizer
 from kdjax.training.errors import TrainingError
@@ -241,7 +242,20 @@ def build(
       init_taid(s.loss),
   )
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
-  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum, num_steps)
+  minillm_cfg = (
+      minillm.Config.from_spec(s.onpolicy)
+      if s.onpolicy.source == "minillm"
+      else None
+  )
+  step = Step(
+      s.loss,
+      graphdef,
+      teacher_graphdef,
+      tx,
+      s.grad_accum,
+      num_steps,
+      minillm=minillm_cfg,
+  )
   source = None
   if s.onpolicy.source != "dataset":
     source = onpolicy_source.Source.from_spec(

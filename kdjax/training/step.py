@@ -24,6 +24,7 @@ import optax
 
 from kdjax import objective, sharding
 from kdjax import taid as taid_lib
+from kdjax.onpolicy import minillm as minillm_lib
 
 # The arrays of a batch the step reads.
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "positions")
@@ -101,6 +102,9 @@ class Step:
     tx: the optimizer.
     grad_accum: micro-batches per step.
     num_steps: the run's length (TAID's schedule ramps over it).
+    minillm: MiniLLM's constants when the sequence source is ``minillm``:
+      the step then trains on :func:`kdjax.onpolicy.minillm.minillm_loss`
+      (rollout rows plus the dataset batch under ``lm_*`` keys), else None.
   """
 
   loss_cfg: Mapping[str, Any]
@@ -109,6 +113,7 @@ class Step:
   tx: optax.GradientTransformation
   grad_accum: int
   num_steps: int = 0
+  minillm: minillm_lib.Config | None = None
 
   def _student(self, params: nnx.State, rest: nnx.State) -> nnx.Module:
     return nnx.merge(self.graphdef, params, rest)
@@ -127,6 +132,8 @@ class Step:
     divided by the whole batch's token counts (the KD term's: those
     ``loss.select`` keeps) and the gradients simply add up.
     """
+    if self.minillm is not None:
+      return self._minillm_grads(state, batch, teacher_state)
     teacher = self._teacher(teacher_state)
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     kd_tokens = jnp.maximum(
@@ -139,6 +146,15 @@ class Step:
       )
       return objective.micro_loss(self.loss_cfg, s, total_tokens, kd_tokens), s
 
+    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 4)
+    grads, totals, rest = self._accumulate(state, batch, loss_fn, none)
+    _, m = objective.combine(self.loss_cfg, totals)
+    m["grad_norm"] = optax.tree.norm(grads)
+    return grads, m, rest
+
+  def _accumulate(self, state: TrainState, batch: Batch, loss_fn, zero_aux):
+    """Gradients of ``loss_fn(student, micro) -> (loss, aux)`` summed over
+    the micro-batches, with the summed ``aux`` and the new RNG state."""
     # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
     # advances the student's RNG counters, which a module merged inside
     # jax.grad may not do (TraceContextError on any dropout > 0).
@@ -155,14 +171,59 @@ class Step:
       return (grads, params, rest, jax.tree.map(jnp.add, totals, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 4)
     (grads, _, rest, totals), _ = jax.lax.scan(
         accumulate,
-        (zeros, state.params, state.rest, none),
+        (zeros, state.params, state.rest, zero_aux),
         _microbatches(batch, self.grad_accum),
     )
-    _, m = objective.combine(self.loss_cfg, totals)
-    m["grad_norm"] = optax.tree.norm(grads)
+    return grads, totals, rest
+
+  def _minillm_grads(self, state, batch, teacher_state):
+    """MiniLLM: the rollout rows' policy-gradient loss plus the dataset's.
+
+    Advantages are whitened over the whole batch before it is split into
+    micro-batches, and every share is divided by the whole batch's counts,
+    so the micro-batch gradients add up to the batch's.
+    """
+    cfg = self.minillm
+    teacher = self._teacher(teacher_state)
+    lm = minillm_lib.lm_batch(batch)
+    lm_tokens = jnp.maximum(jnp.sum(lm["loss_mask"]), 1.0)
+    lm_kd_tokens = jnp.maximum(
+        objective.kd_tokens(self.loss_cfg, lm["loss_mask"]), 1.0
+    )
+    tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    rollout = minillm_lib.rollout_from_batch(batch)
+    batch = dict(
+        batch,
+        advantage=minillm_lib.advantages(rollout, batch["loss_mask"], cfg),
+    )
+
+    def loss_fn(student, micro):
+      pt = objective.sums(
+          self.loss_cfg, student, teacher, minillm_lib.lm_batch(micro)
+      )
+      pt_loss = objective.micro_loss(self.loss_cfg, pt, lm_tokens, lm_kd_tokens)
+      inputs = (micro["input_ids"], micro["positions"], micro["attention_mask"])
+      loss, m = minillm_lib.minillm_loss(
+          student(*inputs),
+          jax.lax.stop_gradient(teacher(*inputs)),
+          minillm_lib.rollout_from_batch(micro),
+          micro["loss_mask"],
+          cfg,
+          advantages_BxT=micro["advantage"],
+          pt_loss=pt_loss,
+          tokens=tokens,
+      )
+      return loss, (pt, dict(m, loss=jax.lax.stop_gradient(loss)))
+
+    zero = (
+        objective.Sums(*(jnp.zeros((), jnp.float32),) * 4),
+        dict(minillm_lib.metric_zeros(), loss=jnp.zeros((), jnp.float32)),
+    )
+    grads, (pt, m), rest = self._accumulate(state, batch, loss_fn, zero)
+    pt_loss, parts = objective.combine(self.loss_cfg, pt)
+    m = dict(parts, **m, pt_loss=pt_loss, grad_norm=optax.tree.norm(grads))
     return grads, m, rest
 
   def train(
