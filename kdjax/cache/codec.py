@@ -56,7 +56,8 @@ def _planes(x: np.ndarray) -> bytes:
 
 def _unplanes(buf: bytes, dtype: np.dtype, count: int) -> np.ndarray:
   b = np.frombuffer(buf, np.uint8, count * dtype.itemsize)
-  return np.ascontiguousarray(b.reshape(dtype.itemsize, count).T).view(dtype)
+  planes = b.reshape(dtype.itemsize, count)
+  return np.ascontiguousarray(planes.T).view(dtype).reshape(count)
 
 
 def _gaps(ids_NxK: np.ndarray) -> np.ndarray:
