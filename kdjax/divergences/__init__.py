@@ -17,11 +17,14 @@ traceable. :mod:`kdjax.divergences.fused` runs the same math from hidden
 states and LM heads without forming the logits. ``kd.reference.<name>`` holds
 the plain autodiff definitions, the oracle of the tests, not a training path.
 ULD (:func:`uld`) and SinKD (:func:`sinkhorn`) are autodiff implementations.
+``kd.sparse.<name>`` evaluates the same divergences against a cached teacher
+kept on its top-k tokens plus a tail bucket (:mod:`kdjax.divergences.sparse`),
+and RS-KD's sampled FKL.
 """
 
 from typing import Callable
 
-from kdjax.divergences import core, engine, fused, reference
+from kdjax.divergences import core, engine, fused, reference, sparse
 from kdjax.divergences.core import (
     AKL_RULES,
     akl_weights,
@@ -114,6 +117,7 @@ __all__ = [
     "rkl",
     "sinkhorn",
     "skl",
+    "sparse",
     "srkl",
     "tvd",
     "uld",

@@ -11,10 +11,17 @@ Conventions shared by all of them:
   before the softmax, never after).
 * Values are true divergences: ``fkl`` includes the teacher-entropy term that
   the MiniLLM/DistiLLM code omits; gradients equal that cross-entropy form's.
-* Vocabulary slots with logit ``-inf`` (padded or masked vocabulary; teacher
-  and student must agree on them) contribute exactly 0 to value and gradient:
+* Vocabulary slots with logit ``-inf`` in both teacher and student (padded or
+  masked vocabulary) contribute exactly 0 to value and gradient:
   log-probabilities are made finite *before* any product, and each term is
   kept only where its weight factor is positive, so no ``0 * inf`` appears.
+* A slot ``-inf`` in the teacher alone (``p = 0 < q``: a teacher truncated to
+  its top tokens) is exact too (:func:`finite_pair`): terms weighted by ``p``
+  vanish, mixtures see ``m = (1 − a) q``, and a divergence with a
+  ``q log(q/p)`` term (RKL and what contains it) is ``+inf`` for every
+  student, so its value is ``+inf`` and its gradient 0 (docs/divergences.md,
+  "Conventions"). A slot ``-inf`` in the student alone is outside the
+  contract: values there are finite-ised, not the divergence.
 * No ``T**2`` factor: scaling belongs to the trainer's config.
 * Hyper-parameters (alpha, beta, mu, weight, temperature) are Python numbers
   or jax arrays (traced under jit/vmap, so schedules work); they are constants
@@ -97,6 +104,32 @@ def _row_sum(x: Array) -> Array:
 def _finite(x: Array) -> Array:
   """First half of the double where: -inf log-probabilities become 0."""
   return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def finite_pair(log_q: Array, log_p: Array) -> tuple[Array, Array]:
+  """Student and teacher log-probabilities made safe for products.
+
+  Every slot where the student is ``-inf`` (shared with the teacher, or the
+  student's alone, outside the contract) becomes 0 in both, so a term
+  weighted by ``q`` is 0 there and nothing multiplies ``inf``. A slot
+  ``-inf`` in the teacher alone keeps ``log p = -inf``: that is the exact
+  value the formulas need (``log m = log((1 − a) q)``, ``p^α = 0``), and the
+  divergences that are ``+inf`` there test :func:`off_support` instead of
+  multiplying by it.
+  """
+  student_finite = jnp.isfinite(log_q)
+  return _finite(log_q), jnp.where(student_finite, log_p, _finite(log_p))
+
+
+def off_support(log_p: Array) -> Array:
+  """Rows ``[...]`` where the teacher is 0 at a slot where the student is not.
+
+  ``log_p`` comes from :func:`finite_pair` (``-inf`` only there). On such a
+  row ``KL(q‖p) = +inf`` for every student (a student with finite logits has
+  ``q > 0`` everywhere), so the value is ``+inf`` and, the divergence being
+  constant in the student logits, its gradient is 0.
+  """
+  return jnp.any(jnp.isneginf(log_p), axis=-1)
 
 
 def static_value(x) -> float | None:

@@ -90,23 +90,17 @@ class Ctx(NamedTuple):
   lse_t: Lse  # log-partition of t / T
   temperature: Array
   log_q: Array  # finite student log-probs (0 in -inf slots)
-  log_p: Array  # finite teacher log-probs (0 in -inf slots)
+  log_p: Array  # teacher log-probs: 0 where the student is -inf, -inf where
+  # the teacher alone is (core.finite_pair)
   q: Array  # student probabilities
   p: Array  # teacher probabilities
 
 
 def _context(s, t, lse_s: Lse, lse_t: Lse, temperature) -> Ctx:
   ls, lt = lse_s.log_prob(s, temperature), lse_t.log_prob(t, temperature)
+  log_q, log_p = core.finite_pair(ls, lt)
   return Ctx(
-      s,
-      t,
-      lse_s,
-      lse_t,
-      temperature,
-      core._finite(ls),
-      core._finite(lt),
-      jnp.exp(ls),
-      jnp.exp(lt),
+      s, t, lse_s, lse_t, temperature, log_q, log_p, jnp.exp(ls), jnp.exp(lt)
   )
 
 
@@ -141,12 +135,23 @@ def _fkl_value(c: Ctx) -> Array:
 
 
 def _rkl_value(c: Ctx) -> Array:
-  return _kl(c.q, c.log_q, c.log_p)
+  # +inf where the teacher is 0 at a slot the student covers (also where q
+  # underflows there: q > 0 in exact arithmetic).
+  return jnp.where(
+      core.off_support(c.log_p), jnp.inf, _kl(c.q, c.log_q, c.log_p)
+  )
 
 
 def _rkl_grad(c: Ctx, rkl: Array) -> Array:
-  # G = log q − log p + 1; the +1 cancels against c = RKL + 1.
-  return c.q * (c.log_q - c.log_p - rkl[..., None])
+  # G = log q − log p + 1; the +1 cancels against c = RKL + 1. 0 on rows
+  # where RKL is +inf for every student (core.off_support).
+  grad = c.q * (c.log_q - c.log_p - rkl[..., None])
+  return jnp.where(jnp.isinf(rkl)[..., None], 0.0, grad)
+
+
+def _blend(w, a: Array, b: Array) -> Array:
+  """``w·a + (1 − w)·b``; a zero weight drops its term, even an infinite one."""
+  return jnp.where(w > 0, w * a, 0.0) + jnp.where(w < 1, (1.0 - w) * b, 0.0)
 
 
 def _rkl_forward(c, _):
@@ -164,7 +169,7 @@ ZERO = Spec(
 
 def _fkl_rkl_forward(c, hp):
   w, rkl = hp["weight"], _rkl_value(c)
-  return w * _fkl_value(c) + (1.0 - w) * rkl, rkl
+  return _blend(w, _fkl_value(c), rkl), rkl
 
 
 def _fkl_rkl_grad(c, hp, rkl):
@@ -298,8 +303,19 @@ def _pow(prob: Array, log_prob: Array, a) -> Array:
 
 
 def _log_ratio(c: Ctx) -> Array:
-  """``log q − log p``; 0 in shared -inf slots (both finite-ised to 0)."""
+  """``log q − log p``; 0 in shared -inf slots (both finite-ised to 0), +inf
+  where the teacher alone is -inf (those rows are settled by
+  :func:`core.off_support`)."""
   return c.log_q - c.log_p
+
+
+def _if_supported(c: Ctx, value: Array, grad: Array | None = None):
+  """``+inf`` values and 0 gradients on rows where the teacher is 0 at a slot
+  the student covers: the α = 0 limits contain ``q^β log(q/p)``."""
+  off = core.off_support(c.log_p)
+  if grad is None:
+    return jnp.where(off, jnp.inf, value)
+  return jnp.where(off[..., None], 0.0, grad)
 
 
 def _ab_gap(c, hp):
@@ -347,18 +363,21 @@ def _ab_alpha0_forward(c, hp):
   b = hp["beta"]
   q_b, r = _pow(c.q, c.log_q, b), _log_ratio(c)
   value = _sum(q_b * r / b - (q_b - _pow(c.p, c.log_p, b)) / b**2)
-  return value, _sum(q_b * r)
+  return _if_supported(c, value), _sum(q_b * r)
 
 
 def _ab_alpha0_grad(c, hp, const):
-  return _pow(c.q, c.log_q, hp["beta"]) * _log_ratio(c) - c.q * const[..., None]
+  grad = _pow(c.q, c.log_q, hp["beta"]) * _log_ratio(c) - c.q * const[..., None]
+  return _if_supported(c, None, grad)
 
 
 def _ab_beta0_forward(c, hp):
   # β → 0: Σ [p^α log(p/q) / α − (p^α − q^α) / α²];  q G = −(p^α − q^α) / α.
   a = hp["alpha"]
   p_a, q_a = _pow(c.p, c.log_p, a), _pow(c.q, c.log_q, a)
-  value = _sum(-p_a * _log_ratio(c) / a - (p_a - q_a) / a**2)
+  # p^α log(p/q) → 0 as p → 0 (α > 0); p_a = 0 where log(p/q) may be -inf.
+  p_log = jnp.where(p_a > 0, p_a * _log_ratio(c), 0.0)
+  value = _sum(-p_log / a - (p_a - q_a) / a**2)
   return value, _sum(p_a - q_a)
 
 
@@ -371,11 +390,11 @@ def _ab_beta0_grad(c, hp, const):
 def _ab_zero_forward(c, _):
   # α = β = 0: ½ Σ (log q − log p)²;  q G = log(q/p).
   r = _log_ratio(c)
-  return 0.5 * _sum(r * r), _sum(r)
+  return _if_supported(c, 0.5 * _sum(r * r)), _sum(r)
 
 
 def _ab_zero_grad(c, _, const):
-  return _log_ratio(c) - c.q * const[..., None]
+  return _if_supported(c, None, _log_ratio(c) - c.q * const[..., None])
 
 
 ABKD = Spec(_ab_forward, _ab_grad)
@@ -451,7 +470,7 @@ def _akl(rule: str) -> Spec:
         w_head.reshape(-1), resolved.reshape(-1), rows, hp["mu"], rule, budget
     ).reshape(w_head.shape)
     w_head = jax.lax.stop_gradient(w_head)
-    return w_head * fkl + (1.0 - w_head) * rkl, (w_head, rkl)
+    return _blend(w_head, fkl, rkl), (w_head, rkl)
 
   def grad(c, _, const):
     w_head, rkl = const

@@ -28,7 +28,8 @@ class _Dists(NamedTuple):
   """Both distributions of a position, prepared once and shared by every term."""
 
   log_q: Array  # student log-probs, finite everywhere (masked slots hold 0)
-  log_p: Array  # teacher log-probs, finite everywhere, constant
+  log_p: Array  # teacher log-probs, constant; -inf only where the student is
+  # finite (core.finite_pair)
   q: Array  # student probabilities (exactly 0 in masked slots)
   p: Array  # teacher probabilities, constant
 
@@ -45,9 +46,17 @@ def _dists(
     )
   log_q = core.log_probs(student_logits, _static("temperature", temperature))
   log_p = core.log_probs(jax.lax.stop_gradient(teacher_logits), temperature)
-  return _Dists(
-      core._finite(log_q), core._finite(log_p), jnp.exp(log_q), jnp.exp(log_p)
-  )
+  safe_q, safe_p = core.finite_pair(log_q, log_p)
+  return _Dists(safe_q, safe_p, jnp.exp(log_q), jnp.exp(log_p))
+
+
+def _where_supported(d: _Dists, value: Array) -> Array:
+  """``+inf`` on rows where the teacher is 0 at a slot the student covers.
+
+  ``value`` must be finite there (computed with finite-ised ``log p``): the
+  outer ``where`` then passes a zero gradient, not ``0 · inf``.
+  """
+  return jnp.where(core.off_support(d.log_p), jnp.inf, value)
 
 
 def _static(name: str, value) -> float:
@@ -85,7 +94,12 @@ def _fkl(d: _Dists) -> Array:
 
 
 def _rkl(d: _Dists) -> Array:
-  return _kl(d.q, d.log_q, d.log_p)
+  return _where_supported(d, _kl(d.q, d.log_q, core._finite(d.log_p)))
+
+
+def _blend(w: float, a: Array, b: Array) -> Array:
+  """``w·a + (1 − w)·b``; a zero weight drops its term, even an infinite one."""
+  return jnp.where(w > 0, w * a, 0.0) + jnp.where(w < 1, (1.0 - w) * b, 0.0)
 
 
 def fkl(
@@ -113,7 +127,7 @@ def fkl_rkl(
   "FKL+RKL")."""
   weight = _unit("weight", weight)
   d = _dists(student_logits, teacher_logits, temperature)
-  return weight * _fkl(d) + (1.0 - weight) * _rkl(d)
+  return _blend(weight, _fkl(d), _rkl(d))
 
 
 def skl(
@@ -141,6 +155,8 @@ def srkl(
   reverse KL")."""
   alpha = _unit("alpha", alpha)
   d = _dists(student_logits, teacher_logits, temperature)
+  if alpha == 0.0:
+    return _rkl(d)
   return _kl(d.q, d.log_q, _log_mixture(d, 1.0 - alpha))
 
 
@@ -187,7 +203,7 @@ def akl(
   w_head, w_tail = core.akl_weights(
       d.p, d.q, mu=_static("mu", mu), rule=rule, order=teacher_logits
   )
-  return w_head * _fkl(d) + w_tail * _rkl(d)
+  return _blend(w_head, _fkl(d), _rkl(d))
 
 
 def abkd(
@@ -205,14 +221,18 @@ def abkd(
   both = (d.p > 0) & (d.q > 0)
   pow_p = lambda a: jnp.where(d.p > 0, jnp.exp(a * d.log_p), 0.0)
   pow_q = lambda a: jnp.where(d.q > 0, jnp.exp(a * d.log_q), 0.0)
-  log_ratio = d.log_q - d.log_p  # 0 in shared -inf slots
+  # 0 in shared -inf slots; finite where the teacher alone is -inf (those
+  # terms vanish by their p^α factor, or the row is +inf at α = 0).
+  log_ratio = d.log_q - core._finite(d.log_p)
   if alpha == 0.0 and beta == 0.0:
     terms = 0.5 * jnp.where(both, log_ratio, 0.0) ** 2
-  elif alpha == 0.0:
+    return _where_supported(d, jnp.sum(terms, axis=-1))
+  if alpha == 0.0:
     terms = (
         pow_q(beta) * log_ratio / beta - (pow_q(beta) - pow_p(beta)) / beta**2
     )
-  elif beta == 0.0:
+    return _where_supported(d, jnp.sum(terms, axis=-1))
+  if beta == 0.0:
     terms = (
         -pow_p(alpha) * log_ratio / alpha
         - (pow_p(alpha) - pow_q(alpha)) / alpha**2
