@@ -119,10 +119,10 @@ def validate(
         f"{steps}: the learning rate stays below optim.lr."
     )
   _check_names(config)
-  _check_teacher_source(config)
   if not training:
     _log(notes)
     return notes
+  _check_teacher_source(config)
   dropped = _check_divergence(config)
   _log(dropped)  # before a later check may refuse the config
   notes += dropped
@@ -474,6 +474,13 @@ def from_cache(config) -> bool:
   )
 
 
+def sparse_names() -> tuple[str, ...]:
+  """The divergences ``kd.sparse.divergence`` evaluates on a top-k teacher."""
+  from kdjax.divergences import engine  # pylint: disable=g-import-not-at-top
+
+  return tuple(engine.HYPER_PARAMETERS)
+
+
 def _check_teacher_source(config) -> None:
   from kdjax.cache import codec  # pylint: disable=g-import-not-at-top
 
@@ -523,6 +530,11 @@ def _check_teacher_source(config) -> None:
       (
           c.loss.name == "taid",
           "loss.name='taid' interpolates the teacher's full logits",
+      ),
+      (
+          c.loss.name != "taid" and c.loss.name not in sparse_names(),
+          f"loss.name={c.loss.name!r} needs the teacher's full logits (a "
+          f"sparse teacher supports {', '.join(sparse_names())})",
       ),
       (
           c.loss.impl == "fused",

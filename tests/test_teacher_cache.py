@@ -243,6 +243,7 @@ def test_cache_config_checks():
       ("loss.impl", "fused", "loss.impl='fused'"),
       ("teacher.cache.encoding", "sampled", "no estimator"),
       ("eval.best_metric", "val_kd", "val_kd"),
+      ("loss.name", "sinkhorn", "needs the teacher's full logits"),
   ):
     bad = _cached(c, "/tmp/somewhere")
     if key == "teacher.cache.encoding":
