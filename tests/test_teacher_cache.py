@@ -170,6 +170,34 @@ def test_records_align_with_the_examples_and_hold_the_teachers_top_k(
   assert meta["record_bytes_per_token"] == pytest.approx(records / tokens)
 
 
+def test_a_sampled_cache_holds_draws_from_the_teacher(root, tmp_path):
+  draws = 12
+  c = _config(
+      root,
+      **{"data.train_limit": 8, "teacher.cache.encoding": "sampled"},
+  )
+  out = str(tmp_path / "sampled")
+  meta = build.build(c, out, examples_per_shard=4, progress=False)
+  assert meta["identity"]["num_samples"] == draws
+  examples, eos_id = _examples(c)
+  cache = store.Cache(out)
+  for i in (0, 7):
+    e = examples[i]
+    _, (ids, weights, lp) = cache.record(i)
+    row = pipeline.train_row(e, max_length=c.data.max_length, eos_id=eos_id)
+    full = _teacher_log_probs(c, {k: v[None] for k, v in row.items()})[0]
+    want = full[e.prompt_len - 1 : len(e.ids) - 1]
+    used = weights > 0
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(np.rint(weights * draws) / draws, weights)
+    for t in range(len(ids)):  # distinct ids, sorted, at the teacher's values
+      u = ids[t][used[t]]
+      assert (np.diff(u) > 0).all()
+      np.testing.assert_allclose(
+          lp[t][used[t]], want[t, u], rtol=2**-10, atol=1e-5
+      )
+
+
 # ----------------------------------------------------------------------------
 # Stale caches.
 
