@@ -26,34 +26,37 @@ from ml_collections import config_flags
 from kdjax import cli
 from kdjax.cache import build
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Experiment config file, e.g. kdjax/configs/fkl_gpt2.py:tiny.",
-    lock_config=True,
-)
-_OUT = flags.DEFINE_string("out", None, "Cache directory (resumed if partial).")
-_PER_SHARD = flags.DEFINE_integer(
-    "examples_per_shard",
-    build.EXAMPLES_PER_SHARD,
-    "Examples per array_record shard (the unit a resume skips).",
-)
-flags.mark_flags_as_required(["config", "out"])
+
+def _define_flags() -> None:
+  """Defined only when run as a script: importing this module defines none."""
+  config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "Experiment config file, e.g. kdjax/configs/fkl_gpt2.py:tiny.",
+      lock_config=True,
+  )
+  flags.DEFINE_string("out", None, "Cache directory (resumed if partial).")
+  flags.DEFINE_integer(
+      "examples_per_shard",
+      build.EXAMPLES_PER_SHARD,
+      "Examples per array_record shard (the unit a resume skips).",
+  )
+  flags.mark_flags_as_required(["config", "out"])
 
 
 def main(argv: list[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     raise cli.UsageError(
         f"unexpected arguments {argv[1:]}; overrides are --config.key=value."
     )
-  meta = build.build(
-      _CONFIG.value, _OUT.value, examples_per_shard=_PER_SHARD.value
-  )
+  meta = build.build(f.config, f.out, examples_per_shard=f.examples_per_shard)
   print(
-      f"teacher cache {_OUT.value}: {meta['num_examples']} examples, "
+      f"teacher cache {f.out}: {meta['num_examples']} examples, "
       f"{meta['tokens']} tokens, {meta['bytes_per_token']:.1f} bytes/token"
   )
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)
