@@ -1,4 +1,4 @@
-r"""Caches the teacher once: ``python -m kdjax.cache_teacher --config=kdjax/configs/X.py[:arg] --out=DIR``.
+r"""Caches the teacher once: ``python -m kdjax.cache_teacher --config=C --out=DIR``.
 
 For example::
 

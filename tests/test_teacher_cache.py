@@ -394,9 +394,10 @@ def test_validation_reports_the_students_ce_as_its_loss(cached_run):
 
 
 def _cli_args(root, out):
+  teacher = tiny_run.make_teacher(os.path.join(root, "teacher"))
   return [
       "--config=kdjax/configs/fkl_gpt2.py:tiny,steps=2",
-      f"--config.teacher.path={tiny_run.make_teacher(os.path.join(root, 'teacher'))}",
+      f"--config.teacher.path={teacher}",
       f"--config.data.data_dir={os.path.join(root, 'data')}",
       "--config.data.train_limit=64",
       "--config.batch_size=8",

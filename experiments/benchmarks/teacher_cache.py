@@ -90,7 +90,8 @@ def _sample(rng, lp_NxV: np.ndarray, draws: int):
 
 def _write(records, count: int = 1024) -> int:
   """Bytes of one shard of ``count`` records (``records`` repeated)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python import array_record_module
 
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, store.shard_name(0, 1))
@@ -145,9 +146,10 @@ def _step_rows(mesh) -> list[dict]:
   """Live teacher vs a top-64 cache on the tiny pair (V = 50257)."""
   (tp, to), (sp, so) = train_step_bench.PAIRS["tiny"]
   vocab, batch_size, seq, k = 50257, 8, 128, 64
-  teacher = train_step_bench._model(tp, to, vocab, 1, jnp.float32)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  teacher = train_step_bench._model(tp, to, vocab, 1, jnp.float32)
   teacher.eval()
-  student = train_step_bench._model(sp, so, vocab, 0, jnp.float32)  # pylint: disable=protected-access
+  student = train_step_bench._model(sp, so, vocab, 0, jnp.float32)
   loss_cfg = dict(
       name="fkl",
       kd_ratio=0.5,
@@ -170,7 +172,7 @@ def _step_rows(mesh) -> list[dict]:
   )
   tx = trainer.make_optimizer(optim, 1000)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
-  host = train_step_bench._batch(batch_size, seq, vocab)  # pylint: disable=protected-access
+  host = train_step_bench._batch(batch_size, seq, vocab)
   logits = teacher(
       jnp.asarray(host["input_ids"]),
       jnp.asarray(host["positions"]),
@@ -190,7 +192,8 @@ def _step_rows(mesh) -> list[dict]:
       teacher_ids=np.stack([d[0] for d in decoded]),
       teacher_log_probs=np.stack([d[1] for d in decoded]),
   )
-  repeats = train_step_bench._REPEATS.value  # pylint: disable=protected-access
+  repeats = train_step_bench._REPEATS.value
+  # pylint: enable=protected-access
   rows = []
   for source, t_graph, t_state, b in (
       ("live", nnx.graphdef(teacher), nnx.state(teacher), host),

@@ -1,4 +1,4 @@
-"""The teacher cache: sparse teacher distributions written once, read by training.
+"""The teacher cache: sparse teacher distributions, written once, read in training.
 
 * :mod:`kdjax.cache.codec`: the byte layout of one example's tokens (numpy);
 * :mod:`kdjax.cache.store`: the cache directory (metadata, array_record
