@@ -141,6 +141,8 @@ def skl(
   reverse KL")."""
   alpha = _unit("alpha", alpha)
   d = _dists(student_logits, teacher_logits, temperature)
+  if alpha == 1.0:  # KL(p‖p); the mixture would be log(0) where p = 0 < q
+    return jnp.zeros(d.p.shape[:-1])
   return _kl(d.p, d.log_p, _log_mixture(d, alpha))
 
 

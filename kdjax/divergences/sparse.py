@@ -119,7 +119,9 @@ def sample(
   The proposal is the teacher itself, so a token drawn ``c`` times gets the
   weight ``c / S`` (duplicates share one slot, sorted by id; the remaining
   slots are padding: weight 0, id 0, log-prob 0). Another proposal ``r``
-  would need the importance weights ``c·p/r`` normalised; not provided.
+  (a tempered teacher ``r ∝ p^τ``, say) would need the importance weights
+  ``c·p/r``, normalised per row, which makes the estimate only consistent,
+  not unbiased; not provided.
   """
   logits = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   if not isinstance(num_samples, int) or num_samples < 1:
