@@ -14,7 +14,8 @@ The identity (dotted config keys; a key listed here covers its sub-keys):
 * ``data``: ``name``, ``tokenizer``, ``template``, ``max_length``,
   ``max_prompt_length``, ``prompt_policy``, ``train_split``, ``train_limit``,
   ``seqkd_teacher``;
-* ``teacher``: ``path``, ``dtype``;
+* ``teacher``: ``path``, ``dtype``, ``source`` (``"live"`` in a workdir
+  started before the key existed);
 * ``student``: ``init``, ``dtype``, ``model_overrides``;
 * ``loss`` (every field: divergence, hyper-parameters, ratio, implementation);
 * ``optim`` (every field: learning rate, schedule shape, AdamW constants).
@@ -25,7 +26,9 @@ everything derived from it (``eval.every_steps`` of the tiny configs),
 ``eval.*``, ``ckpt.*``, ``log_every``, ``mesh.*``, ``grad_accum`` (same
 gradient, split differently), ``student.remat`` (same math, other memory),
 ``export_hf``, ``force_new_run``, and where inputs live (``data.data_dir``,
-``data.manual_dir``, ``data.val_split``, ``teacher.hub_id``). A key this
+``data.manual_dir``, ``data.val_split``, ``teacher.hub_id``,
+``teacher.cache_dir``, ``teacher.cache``: the cache directory's own
+metadata is checked against the config at every start). A key this
 module does not know (added by a newer config) is part of the identity when it
 sits under ``loss`` or ``optim`` and free otherwise.
 """
@@ -48,12 +51,17 @@ IDENTITY = (
     "data.seqkd_teacher",
     "teacher.path",
     "teacher.dtype",
+    "teacher.source",
     "student.init",
     "student.dtype",
     "student.model_overrides",
     "loss",
     "optim",
 )
+
+
+# Values of identity keys added after runs were started without them.
+_ADDED = {"teacher.source": "live"}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -74,7 +82,7 @@ def is_identity(key: str) -> bool:
 
 def changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """Identity keys whose values differ between two resolved configs."""
-  a, b = flatten(old), flatten(new)
+  a, b = {**_ADDED, **flatten(old)}, {**_ADDED, **flatten(new)}
   return sorted(
       k for k in a.keys() | b.keys() if is_identity(k) and a.get(k) != b.get(k)
   )

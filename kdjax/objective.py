@@ -24,6 +24,13 @@ Three ways to get the KD term, chosen by ``loss.impl``:
 ``loss.temperature`` (default 1) divides both models' logits in the KD term;
 CE always uses the raw logits.
 
+A batch that carries a cached sparse teacher (``teacher_ids`` and
+``teacher_log_probs``, plus ``teacher_weights`` for sampled tokens:
+:mod:`kdjax.cache`) takes the KD term from
+:func:`kdjax.divergences.sparse.divergence` on the student's logits instead;
+the cache already holds ``softmax(t / T)``, so the temperature divides the
+student's logits only.
+
 Two options change what the KD term sees: ``loss.select`` distils only each
 sequence's highest-student-entropy positions (:func:`kd_mask`), and
 ``loss.name="taid"`` distils toward TAID's interpolated target
@@ -274,6 +281,31 @@ def _local_sums(loss_cfg, use_kd, s, t, labels, mask) -> Sums:
   return Sums(ce, kd_sum, jnp.sum(mask), jnp.sum(keep))
 
 
+def sparse_teacher(batch: Mapping[str, Array]):
+  """The cached teacher of ``batch`` (``TopK`` / ``Sampled``), or None."""
+  if "teacher_ids" not in batch:
+    return None
+  if "teacher_weights" in batch:
+    return kd.sparse.Sampled(
+        batch["teacher_ids"],
+        batch["teacher_weights"],
+        batch["teacher_log_probs"],
+    )
+  return kd.sparse.TopK(batch["teacher_ids"], batch["teacher_log_probs"])
+
+
+def _local_sums_sparse(loss_cfg, s, labels, mask, *teacher) -> Sums:
+  """This device's sums with the KD term on a cached sparse teacher."""
+  ce = jnp.sum(_token_ce(s, labels) * mask)
+  t = (kd.sparse.TopK if len(teacher) == 2 else kd.sparse.Sampled)(*teacher)
+  keep = kd_mask(loss_cfg, s, mask)
+  per_token = kd.sparse.divergence(
+      divergence_of(loss_cfg["name"]), s, t, **_kd_hp(loss_cfg)
+  )
+  kd_sum = jnp.sum(jnp.where(keep > 0, per_token, 0.0))
+  return Sums(ce, kd_sum, jnp.sum(mask), jnp.sum(keep))
+
+
 def _local_sums_fused(loss_cfg, use_kd, x_s, w_s, x_t, w_t, labels, mask):
   """This device's sums from hidden states ``[B, T, D]`` and heads ``[V, D]``."""
   mask_N, labels_N = mask.reshape(-1), labels.reshape(-1)
@@ -326,14 +358,22 @@ def sums(
 ) -> Sums:
   """CE and KD masked token sums of ``student`` (and ``teacher``) on ``batch``.
 
-  ``teacher`` may be None when ``kd_ratio`` is 0. The teacher's outputs are
-  under ``stop_gradient``; the student's keep their gradient. ``taid_t`` is
+  ``teacher`` may be None when ``kd_ratio`` is 0 or when ``batch`` carries
+  a cached sparse teacher (:func:`sparse_teacher`), which then takes its
+  place. The teacher's outputs are under ``stop_gradient``; the student's
+  keep their gradient. ``taid_t`` is
   TAID's interpolation time (a traced scalar: a schedule never recompiles;
   default ``loss.taid.t_start``), used when ``loss.name`` is ``"taid"``.
   """
   use_kd = teacher is not None and loss_cfg["kd_ratio"] > 0
   inputs = (batch["input_ids"], batch["positions"], batch["attention_mask"])
   labels, mask = batch["labels"], batch["loss_mask"].astype(jnp.float32)
+  cached = sparse_teacher(batch)
+  if cached is not None and loss_cfg["kd_ratio"] > 0:
+    s = student(*inputs)
+    fields = jax.tree.map(jax.lax.stop_gradient, tuple(cached))
+    local = functools.partial(_local_sums_sparse, loss_cfg)
+    return _psum(local, 3 + len(fields))(s, labels, mask, *fields)
   if loss_cfg["impl"] == "fused":
     x_s, w_s = student.hidden_states(*inputs), student.head_weight()
     x_t = w_t = None

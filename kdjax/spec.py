@@ -85,11 +85,23 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
-  """The frozen teacher: a HF directory, the hub id it came from, its dtype."""
+  """The frozen teacher: a HF directory, the hub id it came from, its dtype.
+
+  ``source`` is ``"live"`` (run it each step) or ``"cache"`` (read its sparse
+  distributions from ``cache_dir``; ``cache`` holds ``encoding``, ``k`` and
+  ``num_samples``: docs/cached_teacher.md).
+  """
 
   path: str
   hub_id: str
   dtype: str
+  source: str = "live"
+  cache_dir: str = ""
+  cache: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def cached(self) -> bool:
+    return self.source == "cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +237,17 @@ def data_from_config(data: ml_collections.ConfigDict) -> DataSpec:
   )
 
 
+def _teacher_from_config(t: ml_collections.ConfigDict) -> TeacherSpec:
+  return TeacherSpec(
+      path=t.path,
+      hub_id=t.hub_id,
+      dtype=t.dtype,
+      source=t.get("source", "live"),
+      cache_dir=_path(t.get("cache_dir", "")),
+      cache=t.cache.to_dict() if "cache" in t else {},
+  )
+
+
 def from_config(config: ml_collections.ConfigDict) -> TrainSpec:
   """Resolves a training config (``kdjax/configs/*.py:get_config``)."""
   c = config
@@ -250,7 +273,7 @@ def from_config(config: ml_collections.ConfigDict) -> TrainSpec:
       export_hf=c.export_hf,
       force_new_run=c.force_new_run,
       data=data_from_config(c.data),
-      teacher=_fields(TeacherSpec, c.teacher),
+      teacher=_teacher_from_config(c.teacher),
       student=student,
       loss=c.loss.to_dict(),
       optim=_fields(OptimSpec, c.optim),

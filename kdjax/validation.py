@@ -26,7 +26,13 @@ What is checked:
   the kind, the sampling settings and each kind's own fields, MiniLLM's
   ``minillm_*`` included) and that a kind decoding with the teacher has one;
 * presence: the teacher directory, an HF student directory, a JSONL data file
-  (and that it is not empty), a dataset name.
+  (and that it is not empty), a dataset name;
+* the teacher source (``teacher.source``): a cached teacher's encoding and
+  size, what it cannot be combined with (on-policy batches, SeqKD, TAID,
+  ``loss.impl="fused"``, ``val_kd``), and that ``teacher.cache_dir`` holds a
+  complete cache built from this config (:func:`kdjax.cache.store.check_config`:
+  data settings, tokenizer, teacher, temperature, encoding); a cached teacher
+  is never loaded, so its directory need not exist.
 """
 
 from __future__ import annotations
@@ -120,6 +126,7 @@ def validate(
     _log(notes)
     return notes
   _check_onpolicy(config)
+  _check_teacher_source(config)
   dropped = _check_divergence(config)
   _log(dropped)  # before a later check may refuse the config
   notes += dropped
@@ -486,6 +493,123 @@ def _check_onpolicy(config) -> None:
 
 
 # ----------------------------------------------------------------------------
+# The teacher source.
+
+SOURCES = ("live", "cache")
+
+
+def from_cache(config) -> bool:
+  """Whether the KD term reads a teacher cache (the teacher is never loaded)."""
+  return (
+      _get(config, "teacher.source", "live") == "cache"
+      and _get(config, "loss.kd_ratio", 0) > 0
+  )
+
+
+def sparse_names() -> tuple[str, ...]:
+  """The divergences ``kd.sparse.divergence`` evaluates on a top-k teacher."""
+  from kdjax.divergences import engine  # pylint: disable=g-import-not-at-top
+
+  return tuple(engine.HYPER_PARAMETERS)
+
+
+def _check_teacher_source(config) -> None:
+  from kdjax.cache import codec  # pylint: disable=g-import-not-at-top
+
+  if _get(config, "teacher.source") is None:
+    return
+  _one_of("teacher.source", config.teacher.source, SOURCES)
+  _one_of(
+      "teacher.cache.encoding", config.teacher.cache.encoding, codec.ENCODINGS
+  )
+  k, draws = config.teacher.cache.k, config.teacher.cache.num_samples
+  if not (_is_int(k) and k >= 1):
+    raise _fail(
+        "teacher.cache.k",
+        k,
+        "must be an integer >= 1",
+        "pass --config.teacher.cache.k=64",
+    )
+  if not (_is_int(draws) and 1 <= draws <= codec.MAX_SAMPLES):
+    raise _fail(
+        "teacher.cache.num_samples",
+        draws,
+        f"must be an integer in [1, {codec.MAX_SAMPLES}]",
+        "pass --config.teacher.cache.num_samples=12",
+    )
+  if not from_cache(config):
+    return
+  c = config
+  if not c.teacher.cache_dir:
+    raise _fail(
+        "teacher.cache_dir",
+        c.teacher.cache_dir,
+        "is empty but teacher.source='cache' reads the teacher from it",
+        "pass --config.teacher.cache_dir=DIR (built by python -m "
+        "kdjax.cache_teacher --out=DIR)",
+    )
+  refusals = (
+      (
+          _get(c, "onpolicy.source", "dataset") != "dataset",
+          f"onpolicy.source={_get(c, 'onpolicy.source')!r} generates batches "
+          "during training, which need the live teacher",
+      ),
+      (
+          bool(_get(c, "data.seqkd_teacher", "")),
+          "data.seqkd_teacher trains on responses generated in the workdir, "
+          "which a cache built from the dataset does not cover",
+      ),
+      (
+          c.loss.name == "taid",
+          "loss.name='taid' interpolates the teacher's full logits",
+      ),
+      (
+          c.loss.name != "taid" and c.loss.name not in sparse_names(),
+          f"loss.name={c.loss.name!r} needs the teacher's full logits (a "
+          f"sparse teacher supports {', '.join(sparse_names())})",
+      ),
+      (
+          c.loss.impl == "fused",
+          "loss.impl='fused' works from the teacher's hidden states",
+      ),
+      (
+          c.teacher.cache.encoding == "sampled" and c.loss.name != "fkl",
+          f"loss.name={c.loss.name!r} has no estimator on sampled tokens "
+          "(the sampled encoding supports fkl, the RS-KD estimator)",
+      ),
+      (
+          _get(c, "eval.best_metric") == "val_kd",
+          "eval.best_metric='val_kd' needs the teacher on the validation "
+          "split, which the cache does not hold",
+      ),
+  )
+  for refused, why in refusals:
+    if refused:
+      raise ConfigError(
+          f"teacher.source='cache' cannot run here: {why}; use "
+          "--config.teacher.source=live."
+      )
+
+
+def _check_cache_dir(config, student: ModelShape | None) -> None:
+  from kdjax.cache import store  # pylint: disable=g-import-not-at-top
+
+  try:
+    meta = store.check_config(config)
+  except store.CacheError as e:
+    if store.read_metadata(config.teacher.cache_dir) is None:
+      raise MissingInputError(str(e)) from None
+    raise ConfigError(str(e)) from None
+  vocab = meta["identity"]["vocab_size"]
+  if student is not None and vocab != student.vocab_size:
+    raise ConfigError(
+        f"teacher cache {config.teacher.cache_dir} has a vocabulary of {vocab} "
+        f"but {student.where} has {student.vocab_size}; distil between models "
+        "that share a tokenizer."
+    )
+
+
+# ----------------------------------------------------------------------------
 # The divergence and its hyper-parameters.
 
 
@@ -742,6 +866,9 @@ def _check_models(config) -> None:
           f"student.model_overrides.vocab_size={vocab} (presets only)",
       )
   if config.loss.kd_ratio == 0 or "teacher" not in config:
+    return
+  if from_cache(config):
+    _check_cache_dir(config, student)
     return
   teacher = _shape_from_hf(
       teacher_config(config), f"the teacher ({config.teacher.path})"

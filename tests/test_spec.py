@@ -36,9 +36,7 @@ def test_every_config_resolves_to_its_own_values(name, arg):
       (s.mesh, c.mesh),
       (s.teacher, c.teacher),
   ):
-    assert dataclasses.asdict(part) == {
-        k: node[k] for k in dataclasses.asdict(part)
-    }
+    assert dataclasses.asdict(part) == node.to_dict()
   d = c.data
   assert s.data.data_dir == os.path.expanduser(d.data_dir)
   assert s.data.manual_dir == (os.path.expanduser(d.manual_dir) or None)

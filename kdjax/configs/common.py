@@ -94,7 +94,17 @@ def _paper() -> ml_collections.ConfigDict:
       train_limit=0,
       seqkd_teacher="",
   )
-  c.teacher = dict(path=PAPER_TEACHER, hub_id="gpt2-xl", dtype="bfloat16")
+  # source: "live" runs the teacher each step; "cache" reads its sparse
+  # distributions from cache_dir (built by `python -m kdjax.cache_teacher`:
+  # docs/cached_teacher.md), at temperature loss.temperature.
+  c.teacher = dict(
+      path=PAPER_TEACHER,
+      hub_id="gpt2-xl",
+      dtype="bfloat16",
+      source="live",
+      cache_dir="",
+      cache=dict(encoding="topk", k=64, num_samples=12),
+  )
   # student.init: a HF dir / hub id to fine-tune, or "preset:<name>" for a
   # randomly initialised kdjax.models preset (model_overrides apply to both).
   c.student = dict(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from absl import logging
 import grain
@@ -39,6 +39,11 @@ from kdjax.data import template
 
 PromptPolicy = Literal["drop", "truncate"]
 _POLICIES = ("drop", "truncate")
+# Binds the kept examples to a function giving example i's extra row fields
+# (a teacher cache: kdjax.cache.store.Cache.bind).
+RowFields = Callable[
+    [Sequence["Tokenized"], int], Callable[[int], Mapping[str, np.ndarray]]
+]
 
 
 # ----------------------------------------------------------------------------
@@ -259,6 +264,7 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     template_style: str = "minillm",
+    row_fields: RowFields | None = None,
 ) -> TrainData:
   """Shuffled, repeated, sharded training batches.
 
@@ -268,6 +274,9 @@ def train_batches(
   each epoch is dropped, so no batch straddles two epochs. ``batch_size`` is
   global; process ``p`` of ``P`` gets rows ``p*b:(p+1)*b`` (``b = batch_size /
   P``) of every global batch, so all processes run the same number of steps.
+  ``row_fields(examples, max_length)`` (a teacher cache) returns a function
+  of an example's index whose fields are added to its row; the shuffle picks
+  indices, so the fields follow their example through epochs and resumes.
   """
   process_index, process_count = _process(process_index, process_count)
   if batch_size % process_count:
@@ -300,24 +309,34 @@ def train_batches(
     )
   local = batch_size // process_count
   per_epoch = steps_per_epoch * batch_size
-  # Per-epoch permutations: shuffle-then-repeat reshuffles each epoch.
+  extra = None if row_fields is None else row_fields(examples, max_length)
+  # Per-epoch permutations of the example indices: shuffle-then-repeat
+  # reshuffles each epoch.
   shuffled = (
-      grain.MapDataset.source(examples).shuffle(seed=seed).repeat(num_epochs)
+      grain.MapDataset.range(len(examples))
+      .shuffle(seed=seed)
+      .repeat(num_epochs)
   )
   num_steps = None if num_epochs is None else num_epochs * steps_per_epoch
   num_rows = (
       sys.maxsize // batch_size if num_steps is None else num_steps
   ) * local
 
-  def pick(i: int) -> Tokenized:
+  def pick(i: int) -> int:
     step, k = divmod(i, local)
     epoch, j = divmod(step * batch_size + process_index * local + k, per_epoch)
-    return shuffled[epoch * len(examples) + j]
+    return int(shuffled[epoch * len(examples) + j])
+
+  def row(index: int) -> dict[str, np.ndarray]:
+    out = train_row(examples[index], max_length=max_length, eos_id=eos_id)
+    if extra is not None:
+      out.update(extra(index))
+    return out
 
   dataset = (
       grain.MapDataset.range(num_rows)
       .map(pick)
-      .map(lambda e: train_row(e, max_length=max_length, eos_id=eos_id))
+      .map(row)
       .batch(local, drop_remainder=True, batch_fn=_stack)
   )
   logging.info(

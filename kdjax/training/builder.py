@@ -2,6 +2,9 @@
 
 :func:`build` checks what can be checked in seconds first (the loss, the
 teacher's presence, the batch split) and only then reads data and weights.
+With ``teacher.source="cache"`` the teacher is never loaded: the training
+rows carry its cached sparse distributions (:mod:`kdjax.cache`), after the
+cache is checked against the config and the tokenised examples.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tokenizers
 
 from kdjax import models, objective, sharding
 from kdjax import spec as spec_lib
+from kdjax.cache import store as cache_store
 from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
@@ -166,7 +170,7 @@ def _seqkd_train_source(
 def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   """What can be refused before any download or compilation."""
   objective.check(s.loss)
-  if s.loss["kd_ratio"] > 0:
+  if s.loss["kd_ratio"] > 0 and not s.teacher.cached:
     teacher_path(s.teacher)
   onpolicy_source.check(
       s.onpolicy,
@@ -185,7 +189,8 @@ def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
 def _models(
     s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh
 ) -> tuple[nnx.Module, nnx.Module | None]:
-  teacher = load_teacher(s.teacher, mesh) if s.loss["kd_ratio"] > 0 else None
+  live = s.loss["kd_ratio"] > 0 and not s.teacher.cached
+  teacher = load_teacher(s.teacher, mesh) if live else None
   student = make_student(s.student, mesh)
   if teacher is not None and _vocab(teacher) != _vocab(student):
     # ULD included: the step feeds the student's token ids to the teacher.
@@ -195,6 +200,15 @@ def _models(
         "distil between models that share a tokenizer."
     )
   return student, teacher
+
+
+def _cache(s: spec_lib.TrainSpec) -> cache_store.Cache | None:
+  """The checked teacher cache of a run that reads one, else None."""
+  if not (s.teacher.cached and s.loss["kd_ratio"] > 0):
+    return None
+  return cache_store.Cache(
+      s.teacher.cache_dir, cache_store.check_config(s.identity)
+  )
 
 
 def build(
@@ -215,6 +229,7 @@ def build(
       else spec_lib.from_config(config)
   )
   _check(s, mesh)
+  cache = _cache(s)
   tok, eos_id = tokenizer_lib.load(s.data.tokenizer)
   train_src = (
       _seqkd_train_source(s, workdir, tok, eos_id, mesh)
@@ -227,11 +242,18 @@ def build(
       batch_size=s.batch_size,
       seed=s.seed,
       num_epochs=None if s.num_steps else s.num_epochs,
+      row_fields=None if cache is None else cache.bind,
       **s.data.row_settings(eos_id),
   )
   val_src = inputs.source(s.data, s.data.val_split)
   num_steps = s.num_steps or train.num_steps
   student, teacher = _models(s, mesh)
+  if cache is not None and cache.vocab_size != _vocab(student):
+    raise ValueError(
+        f"teacher cache {s.teacher.cache_dir} has a vocabulary of "
+        f"{cache.vocab_size} but the student has {_vocab(student)}; distil "
+        "between models that share a tokenizer."
+    )
   tx = optimizer.make_optimizer(s.optim, num_steps)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
   state = TrainState(

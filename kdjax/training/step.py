@@ -1,7 +1,8 @@
 """The train state and the jitted train / eval steps.
 
 One ``jax.jit`` step per optimizer update: the teacher (frozen, its own dtype)
-and the student run on the same batch, :mod:`kdjax.objective` turns their
+and the student run on the same batch (or the batch carries the teacher's
+cached sparse distributions and only the student runs), :mod:`kdjax.objective` turns their
 outputs into global masked token sums, the gradient of
 ``(1 - kd_ratio)·CE_sum / tokens + kd_ratio·KD_sum / kd_tokens`` (``kd_tokens``
 = ``tokens`` unless ``loss.select`` keeps fewer) is accumulated over
@@ -26,8 +27,18 @@ from kdjax import objective, sharding
 from kdjax import taid as taid_lib
 from kdjax.onpolicy import minillm as minillm_lib
 
-# The arrays of a batch the step reads.
-BATCH_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "positions")
+# The arrays of a batch the step reads (the teacher_* fields: a cached sparse
+# teacher, kdjax.cache).
+BATCH_KEYS = (
+    "input_ids",
+    "labels",
+    "loss_mask",
+    "attention_mask",
+    "positions",
+    "teacher_ids",
+    "teacher_log_probs",
+    "teacher_weights",
+)
 Batch = dict[str, jax.Array]
 
 

@@ -1,9 +1,12 @@
 """Periodic validation: the objective on the validation split, + sampled scores.
 
 The loss is the same global token mean as training's (dropout off), over the
-first ``eval.val_batches`` batches (all when <= 0). With ``eval.num_examples``
-> 0, the student also answers that many validation prompts under the
-evaluation protocol and is scored (ROUGE-L, exact match, validity).
+first ``eval.val_batches`` batches (all when <= 0). A run that reads a teacher
+cache has no teacher on the validation split (the cache covers the training
+split only): its ``val_loss`` is the student's CE, and no ``val_kd`` is logged.
+With ``eval.num_examples`` > 0, the student also answers that many validation
+prompts under the evaluation protocol and is scored (ROUGE-L, exact match,
+validity).
 """
 
 from __future__ import annotations
@@ -50,8 +53,11 @@ def validate(
         state, step_lib.put_batch(batches[i], run.mesh), teacher_state
     )
     totals = jax.tree.map(lambda a, b: a + float(b), totals, sums)
-  _, m = objective.combine(s.loss, objective.Sums(*map(jnp.asarray, totals)))
-  out = {f"val_{k}": float(v) for k, v in m.items() if k != "tokens"}
+  cached = s.teacher.cached and s.loss["kd_ratio"] > 0
+  loss_cfg = dict(s.loss, kd_ratio=0.0) if cached else s.loss
+  _, m = objective.combine(loss_cfg, objective.Sums(*map(jnp.asarray, totals)))
+  drop = ("tokens", "kd") if cached else ("tokens",)
+  out = {f"val_{k}": float(v) for k, v in m.items() if k not in drop}
   if s.eval.num_examples > 0:
     out.update(sampled_scores(run, state))
   return out
