@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?= -n auto
+PYTEST_ARGS ?= -n auto --dist loadfile
 LINT_PATHS := kdjax tests experiments
 SPHINX_ARGS ?= -W --keep-going -q
 

@@ -1,10 +1,10 @@
 """Preemption: SIGKILL the training CLI at random moments, restart, compare.
 
-A run killed ``KDJAX_KILLS`` times (default 5; ``KDJAX_KILLS=10 pytest
+A run killed ``KDJAX_KILLS`` times (default 3; ``KDJAX_KILLS=10 pytest
 tests/test_resume_kill.py`` for the long version) and restarted with the same
 command each time must end with the same student, bit for bit, as a run that
 was never interrupted, and with one ``metrics.jsonl`` row per step; so must an
-on-policy DistiLLM run (three kills) that generates every step and replays
+on-policy DistiLLM run (two kills) that generates every step and replays
 from a full buffer, whose kills land mid-generation too. Kills land
 at seeded random moments of three kinds: while a checkpoint is being written
 (an orbax ``*.orbax-checkpoint-tmp*`` directory exists), a random delay after a
@@ -29,7 +29,7 @@ import pytest
 from kdjax import checkpoint, metrics, sharding, trainer
 import tiny_run
 
-KILLS = int(os.environ.get("KDJAX_KILLS", "5"))
+KILLS = int(os.environ.get("KDJAX_KILLS", "3"))
 DEVICES = 2  # fake CPU devices per process: a real mesh, fast compile
 TMP = ".orbax-checkpoint-tmp"
 
@@ -39,7 +39,7 @@ CASES = {
     "akl": ("akl_gpt2", KILLS, {}),
     "distillm": (
         "distillm_gpt2",
-        3,
+        2,
         {
             "onpolicy.init_threshold": 1.0,
             "onpolicy.buffer_size": 8,
