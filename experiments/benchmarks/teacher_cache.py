@@ -37,7 +37,6 @@ from absl import app, flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from experiments.benchmarks import train_step as train_step_bench
@@ -158,19 +157,7 @@ def _step_rows(mesh) -> list[dict]:
       temperature=1.0,
       hp={},
   )
-  optim = ml_collections.ConfigDict(
-      dict(
-          lr=5e-4,
-          lr_min=1e-7,
-          warmup_steps=0,
-          weight_decay=0.01,
-          clip=1.0,
-          b1=0.9,
-          b2=0.999,
-          eps=1e-8,
-      )
-  )
-  tx = trainer.make_optimizer(optim, 1000)
+  tx = trainer.make_optimizer(train_step_bench.OPTIM, 1000)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
   host = train_step_bench._batch(batch_size, seq, vocab)
   logits = teacher(

@@ -28,10 +28,14 @@ from absl import app, flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from kdjax import models, objective, sharding, trainer
+from kdjax.configs import common
+
+# The papers' AdamW recipe (kdjax/configs/common.py), warm-up off.
+OPTIM = common.get_config().optim
+OPTIM.warmup_steps = 0
 
 # name -> (teacher preset + overrides, student preset + overrides)
 PAIRS = {
@@ -104,19 +108,7 @@ def bench(pair: str, impl: str, mesh) -> dict:
   loss_cfg = dict(
       name=_LOSS.value, kd_ratio=0.5, impl=impl, chunk_size=_CHUNK.value, hp={}
   )
-  optim = ml_collections.ConfigDict(
-      dict(
-          lr=5e-4,
-          lr_min=1e-7,
-          warmup_steps=0,
-          weight_decay=0.01,
-          clip=1.0,
-          b1=0.9,
-          b2=0.999,
-          eps=1e-8,
-      )
-  )
-  tx = trainer.make_optimizer(optim, 1000)
+  tx = trainer.make_optimizer(OPTIM, 1000)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
   state = trainer.TrainState(
       jnp.zeros((), jnp.int32), params, rest, tx.init(params)
