@@ -50,10 +50,12 @@ from kdjax.configs import common
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """A table row: its config module and whether it distils from a teacher."""
+  """A table row: its config module, whether it distils from a teacher, and
+  the teacher cache it trains from instead of the live teacher (if any)."""
 
   module: str  # kdjax/configs/<module>.py
   kd: bool = True  # False for the SFT baseline
+  cache: tuple[tuple[str, Any], ...] = ()  # teacher.cache.* settings
 
 
 # The registry: method name -> config. Add a line to add a row.
@@ -71,6 +73,13 @@ METHODS: dict[str, Method] = {
     "abkd": Method("abkd_gpt2"),
     "taid": Method("taid_gpt2"),
     "sinkhorn": Method("sinkhorn_gpt2"),
+    # FKL from a teacher cache (docs/cached_teacher.md) instead of the live
+    # teacher: its top-16 / top-64 with the tail bucket, RS-KD's 12 draws.
+    "fkl_top16": Method("fkl_gpt2", cache=(("encoding", "topk"), ("k", 16))),
+    "fkl_top64": Method("fkl_gpt2", cache=(("encoding", "topk"), ("k", 64))),
+    "fkl_sampled": Method(
+        "fkl_gpt2", cache=(("encoding", "sampled"), ("num_samples", 12))
+    ),
 }
 # The default rows, in table order (sinkhorn is autodiff-only and slow).
 TABLE = (
@@ -86,6 +95,9 @@ TABLE = (
     "akl",
     "abkd",
     "taid",
+    "fkl_top16",
+    "fkl_top64",
+    "fkl_sampled",
 )
 SEEDS = (10, 20, 30)
 SAMPLING_SEEDS = "10,20,30,40,50"
@@ -132,6 +144,11 @@ def config_for(
   module = importlib.import_module(f"kdjax.configs.{METHODS[method].module}")
   c = module.get_config("tiny" if scale == "tiny" else None)
   c.seed = seed
+  if METHODS[method].cache:
+    c.teacher.source = "cache"
+    common.override(
+        c, {f"teacher.cache.{k}": v for k, v in METHODS[method].cache}
+    )
   common.override(c, dict(item.partition("=")[::2] for item in overrides))
   return c
 
@@ -154,10 +171,34 @@ def final_export(workdir: str) -> str:
   return os.path.join(workdir, "hf")
 
 
+def cache_dir(config, root: str) -> str:
+  """Where the table keeps the teacher cache a cached-teacher run reads.
+
+  One per encoding and size, shared by the training seeds (a sampled cache
+  draws with the run's seed, so it is one per seed).
+  """
+  t = config.teacher.cache
+  name = f"{t.encoding}{t.k if t.encoding == 'topk' else t.num_samples}"
+  if t.encoding == "sampled":
+    name += f"_s{config.seed}"
+  return os.path.join(root, "caches", name)
+
+
 def train(config, workdir: str) -> str:
-  """Trains (or finishes) the run; a run with an ``hf/`` export is kept."""
-  if not _exported(workdir):
-    trainer.train_and_evaluate(config, workdir)
+  """Trains (or finishes) the run; a run with an ``hf/`` export is kept.
+
+  A run with ``teacher.source="cache"`` and no ``teacher.cache_dir`` first
+  builds (or finishes) its cache beside the runs (:func:`cache_dir`).
+  """
+  if _exported(workdir):
+    return workdir
+  if config.teacher.source == "cache" and not config.teacher.cache_dir:
+    from kdjax.cache import build  # pylint: disable=g-import-not-at-top
+
+    config = copy.deepcopy(config)
+    config.teacher.cache_dir = cache_dir(config, os.path.dirname(workdir))
+    build.build(config, config.teacher.cache_dir)
+  trainer.train_and_evaluate(config, workdir)
   return workdir
 
 

@@ -67,6 +67,21 @@ def test_every_student_trains_on_the_teachers_data_and_budget():
   assert teacher.student.model_overrides.n_embd == 96
 
 
+def test_cached_teacher_rows_read_a_cache_of_their_encoding(tmp_path):
+  top16 = run_table.config_for("fkl_top16", "tiny", 20)
+  sampled = run_table.config_for("fkl_sampled", "tiny", 20)
+  assert top16.teacher.source == sampled.teacher.source == "cache"
+  assert (top16.teacher.cache.encoding, top16.teacher.cache.k) == ("topk", 16)
+  assert sampled.teacher.cache.encoding == "sampled"
+  assert sampled.teacher.cache.num_samples == 12
+  assert top16.loss.name == sampled.loss.name == "fkl"
+  assert run_table.config_for("fkl", "tiny", 20).teacher.source == "live"
+  # Top-k caches are shared by the seeds; sampled ones draw with the seed.
+  root = str(tmp_path)
+  assert run_table.cache_dir(top16, root) == f"{root}/caches/topk16"
+  assert run_table.cache_dir(sampled, root) == f"{root}/caches/sampled12_s20"
+
+
 def test_unregistered_configs_drop_out(monkeypatch):
   monkeypatch.setitem(
       run_table.METHODS, "nothing", run_table.Method("no_such_config_gpt2")
