@@ -68,3 +68,21 @@ def test_fit_of_a_small_gpt2_step_on_eight_devices():
   want = (6 * r["param_count"] + 2 * t_count) * tokens / (data * fsdp)
   assert want * 0.9 < r["flops"] < want * 1.4
   assert "fits on: 16 GB" in fit.report("tiny", r)
+
+
+@pytest.mark.slow
+def test_fit_from_a_teacher_cache_holds_no_teacher_and_reads_its_fields():
+  c = akl_gpt2.get_config("tiny")
+  c.batch_size, c.data.max_length = 8, 64
+  c.teacher.source, c.teacher.cache.k = "cache", 16
+  mesh = sharding.make_mesh(2, 4)
+  teacher_shape = dict(vocab_size=257, **common.TINY_TEACHER_MODEL)
+  r = fit.fit(c, mesh, "tiny-gpt2", "tiny-gpt2", teacher_shape)
+  assert r["teacher"] == 0
+  # Per device: its 1 of 8 rows of ids/labels/positions/attention (int32) and
+  # the loss mask (float32), plus the top-16 ids (int32) and log-probs (f32).
+  tokens = c.batch_size * c.data.max_length // 8
+  assert r["batch"] == tokens * (5 * 4 + 2 * 16 * 4)
+  # FLOPs ~ 6 N_student x tokens: no teacher forward.
+  want = 6 * r["param_count"] * tokens
+  assert want * 0.9 < r["flops"] < want * 1.4

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from kdjax import models, sharding
 from kdjax import spec as spec_lib
 from kdjax.training import builder, optimizer
-from kdjax.training.step import BATCH_KEYS, Step, TrainState, init_taid
+from kdjax.training.step import TEXT_KEYS, Step, TrainState, init_taid
 
 P = jax.sharding.PartitionSpec
 
@@ -90,7 +90,8 @@ def abstract_run(
       schedule,
   )
   teacher_graphdef = teacher_state = None
-  if teacher_preset is not None and s.loss["kd_ratio"] > 0:
+  live = not s.teacher.cached  # a cached teacher is never loaded
+  if teacher_preset is not None and s.loss["kd_ratio"] > 0 and live:
     dtype = builder.dtype_of(s.teacher.dtype)
     teacher = nnx.eval_shape(
         lambda: models.create(
@@ -110,8 +111,31 @@ def abstract_run(
           jnp.float32 if k == "loss_mask" else jnp.int32,
           sharding=sharding.batch_sharding(mesh),
       )
-      for k in BATCH_KEYS
+      for k in TEXT_KEYS
   }
+  if s.teacher.cached and s.loss["kd_ratio"] > 0:
+    batch.update(_cache_fields(s, mesh, shape))
   step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum, num_steps)
   first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   return step, (state, batch, teacher_state, first_bad)
+
+
+def _cache_fields(
+    s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh, shape: tuple[int, int]
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """The batch fields of a cached teacher: ``[B, L, k]`` (docs/cached_teacher.md)."""
+  from kdjax.cache import store  # pylint: disable=g-import-not-at-top
+
+  settings = store.cache_settings({"cache": s.teacher.cache})
+  width = settings.get("k") or settings["num_samples"]
+  dtypes = {
+      "teacher_ids": jnp.int32,
+      "teacher_log_probs": jnp.float32,
+      "teacher_weights": jnp.float32,
+  }
+  return {
+      k: jax.ShapeDtypeStruct(
+          (*shape, width), dtypes[k], sharding=sharding.batch_sharding(mesh, 3)
+      )
+      for k in store.FIELDS[settings["encoding"]]
+  }

@@ -27,18 +27,11 @@ from kdjax import objective, sharding
 from kdjax import taid as taid_lib
 from kdjax.onpolicy import minillm as minillm_lib
 
-# The arrays of a batch the step reads (the teacher_* fields: a cached sparse
-# teacher, kdjax.cache).
-BATCH_KEYS = (
-    "input_ids",
-    "labels",
-    "loss_mask",
-    "attention_mask",
-    "positions",
-    "teacher_ids",
-    "teacher_log_probs",
-    "teacher_weights",
-)
+# The arrays of a batch the step reads: the text, and a cached sparse
+# teacher's fields when the run reads one (kdjax.cache).
+TEXT_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "positions")
+CACHE_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_weights")
+BATCH_KEYS = TEXT_KEYS + CACHE_KEYS
 Batch = dict[str, jax.Array]
 
 
