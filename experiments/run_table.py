@@ -73,6 +73,11 @@ METHODS: dict[str, Method] = {
     "abkd": Method("abkd_gpt2"),
     "taid": Method("taid_gpt2"),
     "sinkhorn": Method("sinkhorn_gpt2"),
+    # On-policy sequence sources (docs/on_policy.md).
+    "gkd": Method("gkd_gpt2"),
+    "distillm": Method("distillm_gpt2"),
+    "skd": Method("skd_gpt2"),
+    "minillm": Method("minillm_gpt2"),
     # FKL from a teacher cache (docs/cached_teacher.md) instead of the live
     # teacher: its top-16 / top-64 with the tail bucket, RS-KD's 12 draws.
     "fkl_top16": Method("fkl_gpt2", cache=(("encoding", "topk"), ("k", 16))),
@@ -95,6 +100,10 @@ TABLE = (
     "akl",
     "abkd",
     "taid",
+    "gkd",
+    "distillm",
+    "skd",
+    "minillm",
     "fkl_top16",
     "fkl_top64",
     "fkl_sampled",
