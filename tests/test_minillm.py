@@ -11,7 +11,6 @@ import pytest
 from kdjax import (
     checkpoint,
     metrics,
-    models,
     sampling,
     sharding,
     trainer,
@@ -21,28 +20,10 @@ from kdjax import divergences as kd
 from kdjax.configs import minillm_gpt2
 from kdjax.data import pipeline
 from kdjax.onpolicy import batches, minillm, source
+import reference_np
 import tiny_run
 
 V, EOS, TAU = 40, 3, 1.3
-
-
-def _log_softmax(x):
-  x = np.asarray(x, np.float64)
-  x = x - x.max(-1, keepdims=True)
-  return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def _pair():
-  kw = dict(vocab_size=V, n_head=2)
-  student = models.create(
-      "tiny-gpt2", n_embd=16, n_layer=1, rngs=nnx.Rngs(0), **kw
-  )
-  teacher = models.create(
-      "tiny-gpt2", n_embd=32, n_layer=2, rngs=nnx.Rngs(1), **kw
-  )
-  student.eval()
-  teacher.eval()
-  return student, teacher
 
 
 PROMPTS = [[5, 9, 11, 20], [7], [30, 31, 8], [12, 13]]
@@ -67,7 +48,7 @@ SETTINGS = dict(
 
 @pytest.mark.parametrize("alpha,who", [(0.0, "student"), (1.0, "teacher")])
 def test_mixed_sampler_at_the_ends_is_that_models_sampler(alpha, who):
-  student, teacher = _pair()
+  student, teacher = tiny_run.decode_pair(V)
   ids, mask = _prompts()
   key = jax.random.key(7)
   got, _ = minillm.generate(
@@ -96,13 +77,13 @@ def _full_forward_log_probs(model, tokens_BxN):
   for r, (seq, p) in enumerate(zip(seqs, starts)):
     pad = width - len(seq)
     for i in range(tokens_BxN.shape[1]):
-      lp = _log_softmax(logits[r, pad + p - 1 + i] / TAU)
+      lp = reference_np.log_softmax(logits[r, pad + p - 1 + i] / TAU)
       out[r, i] = lp[seq[p + i]]
   return out
 
 
 def test_recorded_log_probs_equal_numpy_at_the_chosen_tokens():
-  student, teacher = _pair()
+  student, teacher = tiny_run.decode_pair(V)
   ids, mask = _prompts()
   alpha = 0.3
   tokens, rec = minillm.generate(
@@ -136,7 +117,9 @@ def test_one_step_token_frequencies_match_the_mixture():
   )
   tokens = np.asarray(draw(jax.random.split(jax.random.key(1), n_keys)))
   freq = np.bincount(tokens, minlength=v) / n_keys
-  q, p = np.exp(_log_softmax(s_logits[0])), np.exp(_log_softmax(t_logits[0]))
+  q, p = np.exp(reference_np.log_softmax(s_logits[0])), np.exp(
+      reference_np.log_softmax(t_logits[0])
+  )
   mix = alpha * p + (1 - alpha) * q
   bound = 5 * np.sqrt(mix * (1 - mix) / n_keys) + 1e-4
   assert (np.abs(freq - mix) < bound).all(), (freq, mix)
@@ -165,7 +148,9 @@ def _reference_loss(s, t, labels, old, tlogp, mix, mask, cfg, pt):
   s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
   m = np.asarray(mask, np.float64)
   B, T = m.shape
-  lq, lp = _log_softmax(s / cfg.temperature), _log_softmax(t / cfg.temperature)
+  lq, lp = reference_np.log_softmax(
+      s / cfg.temperature
+  ), reference_np.log_softmax(t / cfg.temperature)
   logp = np.take_along_axis(lq, labels[..., None], -1)[..., 0]
   r = np.clip(
       (tlogp - old) / cfg.reward_scaling, -cfg.reward_clip, cfg.reward_clip
@@ -201,12 +186,12 @@ def _random_case(seed, B=3, T=7, v=9):
   mask = np.zeros((B, T))
   for b, (lo, hi) in enumerate([(1, 6), (0, 7), (3, 5)][:B]):
     mask[b, lo:hi] = 1
-  lq = _log_softmax(s / TAU)
+  lq = reference_np.log_softmax(s / TAU)
   at = np.take_along_axis(lq, labels[..., None], -1)[..., 0]
   old = at + rng.randn(B, T) * 0.3  # the policy moved since the rollout
-  tlogp = np.take_along_axis(_log_softmax(t / TAU), labels[..., None], -1)[
-      ..., 0
-  ]
+  tlogp = np.take_along_axis(
+      reference_np.log_softmax(t / TAU), labels[..., None], -1
+  )[..., 0]
   tlogp = tlogp + rng.randn(B, T) * 2  # some rewards reach the clip
   mix = np.log(0.2 * np.exp(tlogp) + 0.8 * np.exp(old)) + rng.randn(B, T) * 0.3
   return s, t, labels, old * mask, tlogp * mask, mix * mask, mask
@@ -243,9 +228,9 @@ def test_loss_and_gradient_equal_the_numpy_reference(seed, single_step):
   np.testing.assert_allclose(float(m["minillm_reg"]), want_reg, rtol=1e-5)
   ratio = np.exp(old - mix) * np.exp(
       (
-          np.take_along_axis(_log_softmax(s / TAU), labels[..., None], -1)[
-              ..., 0
-          ]
+          np.take_along_axis(
+              reference_np.log_softmax(s / TAU), labels[..., None], -1
+          )[..., 0]
           - old
       )
       * mask
@@ -286,7 +271,7 @@ def test_single_step_term_is_kd_rkl_per_token():
   )
   want = (per_token * mask).sum() / mask.sum()
   np.testing.assert_allclose(float(m["minillm_reg"]), want, rtol=1e-6)
-  lq, lp = _log_softmax(s / TAU), _log_softmax(t / TAU)
+  lq, lp = reference_np.log_softmax(s / TAU), reference_np.log_softmax(t / TAU)
   rkl = (np.exp(lq) * (lq - lp)).sum(-1)
   np.testing.assert_allclose(per_token, rkl, rtol=1e-5, atol=1e-6)
 
@@ -363,7 +348,7 @@ def _source(student, teacher, ppo_epochs=1):
 
 
 def test_source_rows_carry_the_rollout_and_the_dataset_batch():
-  student, teacher = _pair()
+  student, teacher = tiny_run.decode_pair(V)
   batch = _dataset_batch([21, 22])
   settings = SOURCE_SETTINGS
   _, params, rest = nnx.split(student, nnx.Param, ...)
@@ -397,7 +382,7 @@ def test_source_rows_carry_the_rollout_and_the_dataset_batch():
 
 
 def test_a_rollout_serves_ppo_epochs_steps_each_with_its_dataset_batch():
-  student, teacher = _pair()
+  student, teacher = tiny_run.decode_pair(V)
   _, params, rest = nnx.split(student, nnx.Param, ...)
   src = _source(student, teacher, ppo_epochs=2)
   state = src.init(seed=4)

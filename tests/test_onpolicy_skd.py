@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import models, sampling
+from kdjax import sampling
 from kdjax.data import pipeline
 from kdjax.onpolicy import batches, skd, source
+import tiny_run
 
 V, EOS, TAU = 40, 3, 1.3
 
@@ -75,19 +76,6 @@ def test_ties_with_the_kth_teacher_logit_are_accepted():
   assert bool(skd.in_top_k(t, jnp.asarray([4]), 5))
 
 
-def _pair():
-  kw = dict(vocab_size=V, n_head=2)
-  student = models.create(
-      "tiny-gpt2", n_embd=16, n_layer=1, rngs=nnx.Rngs(0), **kw
-  )
-  teacher = models.create(
-      "tiny-gpt2", n_embd=32, n_layer=2, rngs=nnx.Rngs(1), **kw
-  )
-  student.eval()
-  teacher.eval()
-  return student, teacher
-
-
 def _prompts():
   prompts = [[5, 9, 11, 20], [7], [30, 31, 8], [12, 13]]
   left = pipeline.left_pad(prompts, length=5, eos_id=EOS)
@@ -128,7 +116,7 @@ def _reference_generate(student, teacher, prompts, key, n, k, tau):
 
 @pytest.mark.parametrize("k", [1, 4, V])
 def test_decode_loop_equals_full_forward_reference(k):
-  student, teacher = _pair()
+  student, teacher = tiny_run.decode_pair(V)
   prompts, ids, mask = _prompts()
   key = jax.random.key(10 + k)
   kw = dict(
@@ -152,7 +140,7 @@ def test_decode_loop_equals_full_forward_reference(k):
 
 
 def test_bad_settings_fail_with_one_sentence():
-  student, teacher = _pair()
+  student, teacher = tiny_run.decode_pair(V)
   _, ids, mask = _prompts()
   with pytest.raises(ValueError, match="teacher_top_k=0 must be >= 1"):
     skd.generate(
@@ -171,7 +159,7 @@ def test_bad_settings_fail_with_one_sentence():
 
 
 def test_skd_source_trains_on_the_skd_samples():
-  student, teacher = _pair()
+  student, teacher = tiny_run.decode_pair(V)
   prompts = [[5, 9, 11, 20], [7], [30, 31, 8], [12, 13]]
   rows = [
       pipeline.train_row(

@@ -55,3 +55,17 @@ def config(
   c.export_hf = False
   common.override(c, overrides)
   return c
+
+
+def decode_pair(vocab_size: int) -> tuple[nnx.Module, nnx.Module]:
+  """A one-layer student and a two-layer teacher for decode-loop tests (eval mode)."""
+  kw = dict(vocab_size=vocab_size, n_head=2)
+  student = models.create(
+      "tiny-gpt2", n_embd=16, n_layer=1, rngs=nnx.Rngs(0), **kw
+  )
+  teacher = models.create(
+      "tiny-gpt2", n_embd=32, n_layer=2, rngs=nnx.Rngs(1), **kw
+  )
+  student.eval()
+  teacher.eval()
+  return student, teacher
