@@ -24,7 +24,8 @@ What is checked:
   share a tokenizer, ULD included);
 * the on-policy block (``config.onpolicy``, :func:`kdjax.onpolicy.source.check`:
   the kind, the sampling settings and each kind's own fields, MiniLLM's
-  ``minillm_*`` included) and that a kind decoding with the teacher has one;
+  ``minillm_*`` included), that a kind decoding with the teacher has one,
+  and that MiniLLM's dataset term is not TAID's;
 * presence: the teacher directory, an HF student directory, a JSONL data file
   (and that it is not empty), a dataset name;
 * the teacher source (``teacher.source``): a cached teacher's encoding and
@@ -489,6 +490,17 @@ def _check_onpolicy(config) -> None:
         spec.source,
         "decodes with the teacher, which loss.kd_ratio=0 never loads",
         "set --config.loss.kd_ratio=0.5 and teacher.path",
+    )
+  if spec.source == "minillm" and _get(config, "loss.name") == "taid":
+    # MiniLLM's dataset term is a plain loss.name term of the step's dataset
+    # batch; TAID's moving target belongs to a run whose KD term it is.
+    raise _fail(
+        "loss.name",
+        "taid",
+        "cannot drive MiniLLM's dataset term (onpolicy.source='minillm' "
+        "trains on its own policy-gradient objective)",
+        "use --config.loss.name=fkl, or onpolicy.source='gkd' for an "
+        "on-policy TAID run",
     )
 
 

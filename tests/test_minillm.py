@@ -447,6 +447,7 @@ def test_config_and_its_checks():
       ("onpolicy.top_k", 50, "use top_k=0 and top_p=1.0"),
       ("onpolicy.minillm_ppo_epochs", 0, "minillm_ppo_epochs=0 must be an"),
       ("loss.kd_ratio", 0.0, "decodes with the teacher"),
+      ("loss.name", "taid", "cannot drive MiniLLM's dataset term"),
   ]
   for key, value, msg in cases:
     c = minillm_gpt2.get_config("tiny")

@@ -69,6 +69,77 @@ def test_choose_equals_numpy_reference(k, resample):
     )
 
 
+def _reference_filter(logits, tau, top_k, top_p):
+  """Temperature, then top-k, then HF nucleus filtering, in float64."""
+  x = np.asarray(logits, np.float64) / tau
+  if 0 < top_k < x.shape[-1]:
+    kth = np.sort(x, axis=-1)[:, ::-1][:, top_k - 1 : top_k]
+    x = np.where(x < kth, -np.inf, x)
+  order = np.argsort(x, axis=-1)
+  srt = np.take_along_axis(x, order, axis=-1)
+  p = np.exp(srt - srt.max(-1, keepdims=True))
+  cum = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
+  drop_sorted = cum <= 1.0 - top_p
+  drop_sorted[:, -1] = False
+  drop = np.zeros_like(drop_sorted)
+  np.put_along_axis(drop, order, drop_sorted, axis=-1)
+  return np.where(drop, -np.inf, x)
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_choose_with_top_k_and_top_p_sampling_equals_numpy(k):
+  # The sampling filters shape both the proposal and the teacher's draw;
+  # membership in the teacher's top-K is judged on its raw logits.
+  rng = np.random.RandomState(20 + k)
+  s = rng.randn(64, V).astype(np.float32) * 2
+  t = rng.randn(64, V).astype(np.float32) * 2
+  key = jax.random.key(k)
+  settings = sampling.Settings(
+      greedy=False, temperature=TAU, top_k=12, top_p=0.8
+  )
+  got, replaced = jax.jit(
+      lambda a, b, key: skd.choose(
+          a, b, key, teacher_top_k=k, settings=settings
+      )
+  )(s, t, key)
+  g_s, g_t = _gumbels(key, s.shape)
+  proposal = np.argmax(_reference_filter(s, TAU, 12, 0.8) + g_s, axis=-1)
+  kth = np.sort(t, axis=-1)[:, ::-1][:, k - 1]
+  accept = t[np.arange(64), proposal] >= kth
+  t_filtered = _reference_filter(t, TAU, 12, 0.8)
+  t_filtered = np.where(t >= kth[:, None], t_filtered, -np.inf)
+  replacement = np.argmax(t_filtered + g_t, axis=-1)
+  np.testing.assert_array_equal(np.asarray(replaced), ~accept)
+  np.testing.assert_array_equal(
+      np.asarray(got), np.where(accept, proposal, replacement)
+  )
+  assert 0 < (~accept).sum() < 64
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_choose_keeps_the_students_argmax_inside_the_teachers_top_k(k):
+  rng = np.random.RandomState(k)
+  s = rng.randn(64, V).astype(np.float32)
+  t = rng.randn(64, V).astype(np.float32)
+  settings = sampling.Settings(greedy=True)
+  got, replaced = skd.choose(
+      jnp.asarray(s),
+      jnp.asarray(t),
+      jax.random.key(0),
+      teacher_top_k=k,
+      settings=settings,
+  )
+  proposal = np.argmax(s, -1)
+  kth = np.sort(t, axis=-1)[:, ::-1][:, k - 1]
+  accept = t[np.arange(64), proposal] >= kth
+  np.testing.assert_array_equal(np.asarray(replaced), ~accept)
+  # A rejected proposal becomes the teacher's argmax (inside its top-K).
+  np.testing.assert_array_equal(
+      np.asarray(got), np.where(accept, proposal, np.argmax(t, -1))
+  )
+  assert 0 < (~accept).sum() < 64
+
+
 def test_ties_with_the_kth_teacher_logit_are_accepted():
   t = jnp.asarray([[0.0, 2.0, 1.0, 1.0, -1.0]])
   assert bool(skd.in_top_k(t, jnp.asarray([3]), 2))  # tied for 2nd
