@@ -222,8 +222,11 @@ def test_claims_verdicts():
       "rkl": {10: _result(23.0, examples=ex(23.0), curve=curve(0.0))},
       "akl": {10: _result(24.0, examples=ex(24.0))},
   }
+  # A row the paper does not have is in the table, not in claim 1.
+  results["gkd"] = {10: _result(15.0, examples=ex(15.0))}
   one, two, three = run_table.claims(results, DATA, num_samples=2000)
-  assert one.reproduced and "3 of 3 KD students above" in one.evidence
+  assert one.reproduced and "3 of the paper's 3 KD students" in one.evidence
+  assert "gkd" not in one.evidence
   assert two.reproduced and "AKL ≥ FKL in 1 of 1 seeds" in two.evidence
   assert three.reproduced
   assert "+0.200 at step 50, +0.020 at step 300" in three.evidence
