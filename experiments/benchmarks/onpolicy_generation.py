@@ -14,6 +14,8 @@ each compiled once and then run ``--repeats`` times (median wall time):
 * ``gkd``: the GKD source with ``lmbda=1`` (prompts out of the batch, the
   same sampler, rows back in the batch layout);
 * ``skd``: the SKD source (student and teacher decoding together);
+* ``minillm``: the MiniLLM source (the teacher-mixed sampler, both models
+  decoding together, with the per-token log-probs it records);
 * ``step``: one trainer step (teacher forward, student forward/backward,
   AdamW) on the generated batch, for the generation share of a step.
 
@@ -150,6 +152,7 @@ def main(_):
   )
   out["gkd_s"] = _median_s(make("gkd"), _REPEATS.value)
   out["skd_s"] = _median_s(make("skd"), _REPEATS.value)
+  out["minillm_s"] = _median_s(make("minillm"), _REPEATS.value)
   try:
     from kdjax import trainer  # pylint: disable=g-import-not-at-top
 
@@ -177,13 +180,14 @@ def main(_):
   except (ImportError, AttributeError) as e:
     print(f"no train step timed ({e})")
   tokens = B * N
-  for k in ("sampler", "sampler_jit", "gkd", "skd"):
+  for k in ("sampler", "sampler_jit", "gkd", "skd", "minillm"):
     out[f"{k}_tokens_per_s"] = tokens / out[f"{k}_s"]
-  out["gkd_over_sampler_jit"] = out["gkd_s"] / out["sampler_jit_s"]
-  out["skd_over_sampler_jit"] = out["skd_s"] / out["sampler_jit_s"]
-  if "step_s" in out:
-    out["gkd_generation_share"] = out["gkd_s"] / (out["gkd_s"] + out["step_s"])
-    out["skd_generation_share"] = out["skd_s"] / (out["skd_s"] + out["step_s"])
+  for k in ("gkd", "skd", "minillm"):
+    out[f"{k}_over_sampler_jit"] = out[f"{k}_s"] / out["sampler_jit_s"]
+    if "step_s" in out:  # of one on-policy step: generate, then update
+      out[f"{k}_generation_share"] = out[f"{k}_s"] / (
+          out[f"{k}_s"] + out["step_s"]
+      )
   for k, v in out.items():
     print(f"{k:>24}: {v:.4g}" if isinstance(v, float) else f"{k:>24}: {v}")
   os.makedirs("experiments/benchmarks/results", exist_ok=True)
