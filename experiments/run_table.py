@@ -909,20 +909,22 @@ def main(argv):
   seconds = time.perf_counter() - t0
   fig = FIGURE if f.write else os.path.join(f.root, "tiny_table.png")
   figure(results, datasets[0], fig, teacher=teacher)
-  text = report(
+  # The figure's link is relative to the file the block lands in.
+  text_in = lambda where: report(
       results,
       datasets[0],
       teacher=teacher,
-      figure_path=os.path.relpath(fig),
+      figure_path=os.path.relpath(fig, where),
       seconds=seconds,
   )
+  text = text_in(os.curdir)
   print(text)
   if f.write:
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as out:
-      out.write(text + "\n")
+      out.write(text_in(os.path.dirname(RESULTS)) + "\n")
     for doc in ("README.md", os.path.join("docs", "benchmark.md")):
-      if replace_block(doc, text):
+      if replace_block(doc, text_in(os.path.dirname(doc) or os.curdir)):
         print(f"updated {doc}")
   runs = sum(len(r) for r in results.values())
   print(
