@@ -278,12 +278,14 @@ def val_curve(workdir: str) -> list[tuple[int, float]]:
 @dataclasses.dataclass
 class RunResult:
   """One trained student: metrics per protocol and dataset, per-example
-  ROUGE-L of the headline dataset (sampled), its validation-CE curve."""
+  ROUGE-L of the headline dataset (sampled), its validation-CE curve and
+  its training time (``summary.json``; NaN for a model trained elsewhere)."""
 
   sampled: dict[str, dict[str, Any]]
   greedy: dict[str, dict[str, Any]]
   examples: np.ndarray
   curve: list[tuple[int, float]]
+  train_seconds: float = float("nan")
 
   @property
   def val_ce(self) -> float:
@@ -313,7 +315,17 @@ def evaluate_run(
       greedy,
       example_scores(sampled_dir, first),
       val_curve(workdir or checkpoint),
+      train_seconds(workdir or checkpoint),
   )
+
+
+def train_seconds(workdir: str) -> float:
+  """The trainer's own ``seconds`` in ``<workdir>/summary.json`` (NaN if none)."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return float("nan")
+  with open(path) as f:
+    return float(json.load(f).get("seconds", float("nan")))
 
 
 ConfigFn = Callable[[str, int], Any]
@@ -703,43 +715,77 @@ def _ce_gaps(a: Mapping[int, RunResult], b: Mapping[int, RunResult]):
   return tuple((s, ca[s] - cb[s]) for s in (steps[0], steps[-1]))
 
 
+def family(method: str) -> str:
+  """``"SFT"``, ``"off-policy"``, ``"on-policy"`` or ``"cached teacher"``."""
+  m = METHODS.get(method, Method(""))
+  if not m.kd:
+    return "SFT"
+  if m.cache:
+    return "cached teacher"
+  if m.module and "onpolicy" in config_for(method, "tiny", SEEDS[0]):
+    kind = config_for(method, "tiny", SEEDS[0]).onpolicy.source
+    return "off-policy" if kind == "dataset" else "on-policy"
+  return "off-policy"
+
+
+FAMILY_STYLE = {  # colour of the bars, line style of the curves
+    "SFT": ("0.45", "-"),
+    "off-policy": ("C0", "-"),
+    "on-policy": ("C1", "--"),
+    "cached teacher": ("C2", ":"),
+}
+
+
 def figure(
     results: Mapping[str, Mapping[int, RunResult]],
     dataset: str,
     path: str,
     *,
     teacher: RunResult | None = None,
+    num_samples: int = 10_000,
 ) -> None:
-  """Sampled ROUGE-L (mean ± std over seeds) and mean validation-CE curves."""
+  """Left: Δ sampled ROUGE-L against SFT per method with its paired-bootstrap
+  95 % interval (absolute SFT and teacher scores in the title). Right: mean
+  validation-CE curves, one style per family."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, (ax_bar, ax_ce) = plt.subplots(1, 2, figsize=(11, 3.8))
-  names = list(results)
-  stats = [
-      mean_std(_metric(results[m], "sampled", dataset, METRIC)) for m in names
-  ]
-  ax_bar.bar(
-      names,
-      [s[0] for s in stats],
-      yerr=[s[1] for s in stats],
-      capsize=3,
-      color=["gray" if m == "sft" else "C0" for m in names],
+  fig, (ax_bar, ax_ce) = plt.subplots(
+      1, 2, figsize=(12, 0.28 * len(results) + 2.2)
   )
-  if teacher is not None:
-    ax_bar.axhline(
-        teacher.sampled[dataset][METRIC], ls="--", c="k", label="teacher"
+  names = [m for m in results if m != "sft"]
+  families = {m: family(m) for m in results}
+  vs = comparisons(results, "sft", num_samples=num_samples)
+  if vs:
+    y = np.arange(len(names))[::-1]
+    deltas = [vs[m].delta for m in names]
+    err = np.array(
+        [[vs[m].delta - vs[m].low, vs[m].high - vs[m].delta] for m in names]
+    ).T
+    ax_bar.barh(
+        y,
+        deltas,
+        xerr=err,
+        capsize=2,
+        color=[FAMILY_STYLE[families[m]][0] for m in names],
     )
-    ax_bar.legend()
-  if "sft" in results:
-    ax_bar.axhline(stats[names.index("sft")][0], ls=":", c="gray")
-  ax_bar.set(
-      title="test ROUGE-L, sampled (mean ± std over seeds)", ylabel="ROUGE-L"
-  )
-  ax_bar.tick_params(axis="x", rotation=45)
-  for m in names:
+    ax_bar.set_yticks(y, names)
+    ax_bar.axvline(0, c="k", lw=0.8)
+    sft = mean_std(_metric(results["sft"], "sampled", dataset, METRIC))[0]
+    title = f"Δ test ROUGE-L vs SFT ({sft:.2f})"
+    if teacher is not None:
+      title += f"; teacher {teacher.sampled[dataset][METRIC]:.2f}"
+    ax_bar.set(title=title, xlabel="sampled ROUGE-L, 95 % paired bootstrap")
+    handles = [
+        matplotlib.patches.Patch(color=FAMILY_STYLE[f][0], label=f)
+        for f in FAMILY_STYLE
+        if f != "SFT" and f in families.values()
+    ]
+    ax_bar.legend(handles=handles, fontsize=8, loc="upper left")
+  colours = plt.get_cmap("tab20")
+  for i, m in enumerate(results):
     curves = [dict(r.curve) for r in results[m].values() if r.curve]
     if not curves:
       continue
@@ -747,8 +793,9 @@ def figure(
     ax_ce.plot(
         steps,
         [np.mean([c[s] for c in curves]) for s in steps],
-        marker="o",
-        ms=3,
+        ls=FAMILY_STYLE[families[m]][1],
+        c="0.2" if m == "sft" else colours(i % 20),
+        lw=2.0 if m in ("sft", "fkl") else 1.2,
         label=m,
     )
   ax_ce.set(
@@ -799,6 +846,21 @@ def report(
   parts += [str(c) for c in claims(results, dataset, num_samples=num_samples)]
   if figure_path:
     parts += ["", f"![method table]({figure_path})"]
+  trained = [
+      r.train_seconds
+      for runs in results.values()
+      for r in runs.values()
+      if np.isfinite(r.train_seconds)
+  ]
+  if trained:
+    parts += [
+        "",
+        (
+            f"Training time summed over the {len(trained)} runs: "
+            f"{sum(trained) / 60:.1f} min (each run's `summary.json`; "
+            "scoring and teacher caches not included)."
+        ),
+    ]
   if seconds is not None:
     parts += [
         "",

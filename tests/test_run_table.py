@@ -303,7 +303,13 @@ def test_reduced_benchmark_tables_what_the_runs_wrote(reduced):
       np.testing.assert_allclose(r.sampled[DATA]["rougeL"], r.examples.mean())
       assert r.greedy[DATA]["seeds"] == [10]
       assert [s for s, _ in r.curve] == [2, 4]
+      with open(os.path.join(workdir, "summary.json")) as f:
+        assert r.train_seconds == json.load(f)["seconds"] > 0
   text = run_table.report(results, DATA, num_samples=200)
+  total = sum(
+      r.train_seconds for runs in results.values() for r in runs.values()
+  )
+  assert f"summed over the 4 runs: {total / 60:.1f} min" in text
   sft = [
       run["rougeL"]
       for run in (results["sft"][s].sampled[DATA] for s in (10, 20))
