@@ -722,10 +722,11 @@ def family(method: str) -> str:
     return "SFT"
   if m.cache:
     return "cached teacher"
-  if m.module and "onpolicy" in config_for(method, "tiny", SEEDS[0]):
-    kind = config_for(method, "tiny", SEEDS[0]).onpolicy.source
-    return "off-policy" if kind == "dataset" else "on-policy"
-  return "off-policy"
+  if method not in METHODS:
+    return "off-policy"
+  c = config_for(method, "tiny", SEEDS[0])
+  on = "onpolicy" in c and c.onpolicy.source != "dataset"
+  return "on-policy" if on else "off-policy"
 
 
 FAMILY_STYLE = {  # colour of the bars, line style of the curves
