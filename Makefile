@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n auto --dist loadfile
-LINT_PATHS := kdjax tests experiments
+LINT_PATHS := kdjax configs tests experiments
 SPHINX_ARGS ?= -W --keep-going -q
 
 .PHONY: demo showcase test pytest lint format docs install clean
@@ -13,11 +13,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Stamps re-run the install whenever the package metadata changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,torch,docs,dev]'
 	touch $@ $(VENV)/.installed
 

@@ -4,12 +4,12 @@ r"""``make demo``: distillation end to end on the embedded benchmark, on a CPU.
     python -m experiments.demo --retrain-teacher  # + the teacher (~10 min more)
 
 Stage 1 loads the tiny teacher shipped in ``experiments/assets/tiny_teacher``
-(``kdjax/configs/sft_gpt2.py:tiny_teacher``: 516k parameters, 1,500 steps of
+(``configs/sft_gpt2.py:tiny_teacher``: 516k parameters, 1,500 steps of
 32 on the 24,000 ``synthetic_instruct`` training examples); with
 ``--retrain-teacher`` it trains it again in ``<root>/teacher`` and replaces the
 shipped files with the new ones. Stage 2 trains the 5.6x smaller student
 (92k parameters) on the same 24,000 examples and budget four ways -- SFT,
-FKL, RKL and AKL (``kdjax/configs/<method>_gpt2.py:tiny``, 300 steps of 16).
+FKL, RKL and AKL (``configs/<method>_gpt2.py:tiny``, 300 steps of 16).
 Stage 3 scores the teacher and the students on the 500 test examples with the
 papers' protocol (sampled at temperature 1, seeds 10-50; greedy validity
 beside it), prints the table (± over the sampling seeds) and the three claims
@@ -32,8 +32,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from experiments import run_table
-from kdjax import metrics, trainer
-from kdjax.configs import common, sft_gpt2
+from kdjax import metrics, training
+from kdjax.config import files as config_files
+from kdjax.config import recipe
+
+sft_gpt2 = config_files.experiment("sft_gpt2")
 
 STUDENTS = ("sft", "fkl", "rkl", "akl")
 SEED = 10
@@ -47,11 +50,11 @@ TEACHER_FILES = {
 }
 TEACHER_COMMAND = (
     "python -m kdjax.train "
-    "--config=kdjax/configs/sft_gpt2.py:tiny_teacher "
+    "--config=configs/sft_gpt2.py:tiny_teacher "
     "--workdir=workdirs/tiny/teacher"
 )
 
-_ROOT = flags.DEFINE_string("root", common.TINY_ROOT, "Where the runs live.")
+_ROOT = flags.DEFINE_string("root", recipe.TINY_ROOT, "Where the runs live.")
 _LIMIT = flags.DEFINE_integer(
     "limit", 0, "Test examples scored per model " "(0: all 500)."
 )
@@ -59,16 +62,16 @@ _RETRAIN = flags.DEFINE_bool(
     "retrain-teacher",
     False,
     "Train the teacher again and replace the "
-    f"shipped one in {common.TINY_TEACHER} (its training command: "
+    f"shipped one in {recipe.TINY_TEACHER} (its training command: "
     f"{TEACHER_COMMAND}).",
 )
 
 
-def retrain_teacher(root: str, asset_dir: str = common.TINY_TEACHER) -> str:
+def retrain_teacher(root: str, asset_dir: str = recipe.TINY_TEACHER) -> str:
   """Trains ``sft_gpt2.py:tiny_teacher`` in ``<root>/teacher`` and copies its
   final export, config and metrics into ``asset_dir``."""
   workdir = os.path.join(root, "teacher")
-  trainer.train_and_evaluate(sft_gpt2.get_config("tiny_teacher"), workdir)
+  training.train_and_evaluate(sft_gpt2.get_config("tiny_teacher"), workdir)
   os.makedirs(asset_dir, exist_ok=True)
   for name, source in TEACHER_FILES.items():
     shutil.copyfile(
@@ -123,7 +126,7 @@ def teacher_stage(root: str, retrain: bool) -> str:
   if retrain:
     print("stage 1: training the tiny teacher")
     return retrain_teacher(root)
-  path = common.TINY_TEACHER
+  path = recipe.TINY_TEACHER
   if not os.path.exists(os.path.join(path, "model.safetensors")):
     raise FileNotFoundError(
         f"the shipped teacher {path}/model.safetensors is missing; run from "

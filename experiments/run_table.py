@@ -6,7 +6,7 @@ r"""The method table: every method x training seed, scored by the papers' protoc
     python -m experiments.run_table --scale=paper --root=workdirs/paper \
         --override=teacher.path=workdirs/gpt2_xl_sft/hf
 
-Each (method, seed) trains ``kdjax/configs/<method>_gpt2.py`` in
+Each (method, seed) trains ``configs/<method>_gpt2.py`` in
 ``<root>/<method>_s<seed>``. A run whose ``hf/`` export exists is not trained
 again and a finished evaluation is read back from disk, so an interrupted
 table resumes where it stopped. Every student is scored twice on the test
@@ -33,8 +33,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import copy
 import dataclasses
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -44,8 +42,9 @@ from typing import Any
 from absl import app, flags
 import numpy as np
 
-from kdjax import evaluate, metrics, trainer
-from kdjax.configs import common
+from kdjax import evaluate, metrics, training
+from kdjax.config import files as config_files
+from kdjax.config import recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +52,7 @@ class Method:
   """A table row: its config module, whether it distils from a teacher, and
   the teacher cache it trains from instead of the live teacher (if any)."""
 
-  module: str  # kdjax/configs/<module>.py
+  module: str  # configs/<module>.py
   kd: bool = True  # False for the SFT baseline
   cache: tuple[tuple[str, Any], ...] = ()  # teacher.cache.* settings
 
@@ -137,28 +136,27 @@ def available(methods: Sequence[str]) -> list[str]:
   return [
       m
       for m in methods
-      if importlib.util.find_spec(f"kdjax.configs.{METHODS[m].module}")
-      is not None
+      if config_files.find(METHODS[m].module) is not None
   ]
 
 
 def config_for(
     method: str, scale: str, seed: int, overrides: Sequence[str] = ()
 ):
-  """``kdjax/configs/<method>_gpt2.py`` at ``scale`` with the seed and overrides."""
+  """``configs/<method>_gpt2.py`` at ``scale`` with the seed and overrides."""
   if method not in METHODS:
     raise ValueError(
         f"method {method!r} is unknown; use some of " f"{', '.join(METHODS)}."
     )
-  module = importlib.import_module(f"kdjax.configs.{METHODS[method].module}")
+  module = config_files.experiment(METHODS[method].module)
   c = module.get_config("tiny" if scale == "tiny" else None)
   c.seed = seed
   if METHODS[method].cache:
     c.teacher.source = "cache"
-    common.override(
+    recipe.override(
         c, {f"teacher.cache.{k}": v for k, v in METHODS[method].cache}
     )
-  common.override(c, dict(item.partition("=")[::2] for item in overrides))
+  recipe.override(c, dict(item.partition("=")[::2] for item in overrides))
   return c
 
 
@@ -207,7 +205,7 @@ def train(config, workdir: str) -> str:
     config = copy.deepcopy(config)
     config.teacher.cache_dir = cache_dir(config, os.path.dirname(workdir))
     build.build(config, config.teacher.cache_dir)
-  trainer.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -221,7 +219,7 @@ def protocol_config(config, kind: str):
   if kind not in ("sampled", "greedy"):
     raise ValueError(f"protocol {kind!r} is unknown; use sampled or greedy.")
   c = copy.deepcopy(config)
-  common.override(
+  recipe.override(
       c,
       {
           "eval.greedy": kind == "greedy",
@@ -907,7 +905,7 @@ def _define_flags():
   flags.DEFINE_string("seeds", ",".join(map(str, SEEDS)), "Training seeds.")
   flags.DEFINE_string(
       "root",
-      common.TINY_ROOT,
+      recipe.TINY_ROOT,
       "Run directories (the tiny " "default shares make demo's runs).",
   )
   flags.DEFINE_integer(
@@ -965,7 +963,7 @@ def main(argv):
   teacher_config = config_for("sft", "tiny", seeds[0])
   teacher = evaluate_run(
       teacher_config,
-      common.TINY_TEACHER,
+      recipe.TINY_TEACHER,
       outdir=os.path.join(f.root, "teacher_eval"),
       limit=f.limit or None,
   )

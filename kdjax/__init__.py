@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "checkpoint",
+    "config",
     "data",
     "divergences",
     "evaluate",
@@ -19,8 +20,6 @@ _SUBMODULES = (
     "objective",
     "sampling",
     "sharding",
-    "spec",
-    "trainer",
     "training",
 )
 

@@ -2,9 +2,9 @@ r"""Caches the teacher once: ``python -m kdjax.cache_teacher --config=C --out=DI
 
 For example::
 
-    python -m kdjax.cache_teacher --config=kdjax/configs/fkl_gpt2.py:tiny \
+    python -m kdjax.cache_teacher --config=configs/fkl_gpt2.py:tiny \
         --out=workdirs/tiny/fkl_cache
-    python -m kdjax.train --config=kdjax/configs/fkl_gpt2.py:tiny \
+    python -m kdjax.train --config=configs/fkl_gpt2.py:tiny \
         --workdir=/tmp/fkl --config.teacher.source=cache \
         --config.teacher.cache_dir=workdirs/tiny/fkl_cache
 
@@ -32,7 +32,7 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file(
       "config",
       None,
-      "Experiment config file, e.g. kdjax/configs/fkl_gpt2.py:tiny.",
+      "Experiment config file, e.g. configs/fkl_gpt2.py:tiny.",
       lock_config=True,
   )
   flags.DEFINE_string("out", None, "Cache directory (resumed if partial).")

@@ -5,8 +5,7 @@ r"""The one error path of kdjax's command-line tools.
 * a user error is a single ``error: ...`` line on stderr, no traceback:
   exit 2 for usage errors (an unknown or misspelt ``--config.`` override,
   with config_dict's "did you mean"; a value that does not parse; a config
-  file that does not exist, naming ``kdjax/configs/`` when the file moved
-  there; a :class:`kdjax.validation.ConfigError`), exit 1 for runtime ones
+  file that does not exist, listing what ``configs/`` holds; a :class:`kdjax.config.checks.ConfigError`), exit 1 for runtime ones
   (missing files, permissions, a full disk, a run that stopped for a reason
   the user must act on);
 * a genuine bug (an exception raised outside kdjax's own checks) keeps its
@@ -14,7 +13,7 @@ r"""The one error path of kdjax's command-line tools.
 * Ctrl-C prints what is kept and the command that resumes (exit 130).
 
 What counts as a user error: an exception carrying ``exit_code``
-(:class:`kdjax.validation.ConfigError`, the trainer's errors), any
+(:class:`kdjax.config.checks.ConfigError`, the trainer's errors), any
 ``OSError`` (it names the path), and a ``ValueError``/``RuntimeError``/
 ``LookupError`` raised by kdjax code itself (the innermost frame is in the
 ``kdjax`` package), whose messages name the value and the fix.
@@ -31,6 +30,8 @@ import traceback
 from typing import Any, Callable, NoReturn
 
 from absl import app, flags, logging
+
+from kdjax.config import files as config_files
 
 USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -95,28 +96,11 @@ def _config_values(argv: list[str]) -> list[str]:
 
 
 def check_config_file(value: str) -> None:
-  """One sentence when ``--config=FILE[:arg]`` names no file."""
-  path, colon, arg = value.partition(":")
-  if os.path.isfile(path):
-    return
-  suffix = f"{colon}{arg}"
-  moved = os.path.join("kdjax", path)
-  packaged = os.path.join(_PACKAGE_DIR, "configs", os.path.basename(path))
-  if os.path.isfile(moved):
-    fix = f"the configs moved into the package: use --config={moved}{suffix}"
-  elif os.path.isfile(packaged):
-    fix = f"use --config={packaged}{suffix}"
-  else:
-    names = sorted(
-        n
-        for n in os.listdir(os.path.join(_PACKAGE_DIR, "configs"))
-        if n.endswith(".py") and n not in ("__init__.py", "common.py")
-    )
-    fix = (
-        "pass an experiment config such as kdjax/configs/akl_gpt2.py:tiny "
-        f"(there: {', '.join(names)})"
-    )
-  raise UsageError(f"config file {path} does not exist; {fix}.")
+  """One sentence, listing ``configs/``, when ``--config=FILE[:arg]`` names
+  no file."""
+  path = value.partition(":")[0]
+  if not os.path.isfile(path):
+    raise UsageError(config_files.missing_file_message(path))
 
 
 def _override_for(key: str, argv: list[str]) -> str | None:
@@ -143,11 +127,11 @@ def unknown_override(e: Exception, argv: list[str]) -> str:
     better = f"{parent}.{hint.group(1)}" if parent else hint.group(1)
     return f"{msg}; did you mean --config.{better}?"
   if parent == "loss.hp":
-    from kdjax import validation  # pylint: disable=g-import-not-at-top
+    from kdjax.config import checks  # pylint: disable=g-import-not-at-top
 
-    owners = validation.takers(key)
+    owners = checks.takers(key)
     if owners:
-      config = os.path.join("kdjax", "configs", f"{owners[0]}_gpt2.py")
+      config = f"{config_files.CONFIGS_DIR}/{owners[0]}_gpt2.py"
       return (
           f"{msg} (loss.hp holds the hyper-parameters of the config's own "
           f"divergence); {key!r} belongs to {', '.join(owners)}: start "

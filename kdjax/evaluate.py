@@ -2,7 +2,7 @@ r"""Evaluates a checkpoint: ``python -m kdjax.evaluate --config=FILE --checkpoin
 
 A HF model directory or a training workdir (its ``best_hf/``, else ``hf/``)::
 
-  python -m kdjax.evaluate --config=kdjax/configs/akl_gpt2.py --checkpoint=WORKDIR \
+  python -m kdjax.evaluate --config=configs/akl_gpt2.py --checkpoint=WORKDIR \
       [--datasets=dolly,sinst] [--seeds=10,20] [--limit=N] [--outdir=DIR] \
       [--manual_dir=DIR]
 
@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from kdjax import cli
+from kdjax.config.spec import protocol_from_config
 
 # The library's names, kept importable as ``kdjax.evaluate.<name>``.
 from kdjax.evaluation import (
@@ -44,7 +45,6 @@ from kdjax.evaluation import (
     score,
     write,
 )
-from kdjax.spec import protocol_from_config
 
 __all__ = [
     "DATASETS",
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     )
   if f.config is None:
     raise cli.UsageError(
-        "--config is required, e.g. " "--config=kdjax/configs/akl_gpt2.py."
+        "--config is required, e.g. " "--config=configs/akl_gpt2.py."
     )
   run(
       f.config,

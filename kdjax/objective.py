@@ -101,7 +101,7 @@ def check(loss_cfg: Mapping[str, Any]) -> None:
     if "taid" not in loss_cfg:
       raise ValueError(
           "loss.name='taid' needs the loss.taid schedule; start "
-          "from kdjax/configs/taid_gpt2.py."
+          "from configs/taid_gpt2.py."
       )
     taid.check(loss_cfg["taid"])
     if impl == "fused":

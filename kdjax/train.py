@@ -1,14 +1,14 @@
-r"""Trains a student: ``python -m kdjax.train --config=kdjax/configs/X.py[:arg] --workdir=DIR``.
+r"""Trains a student: ``python -m kdjax.train --config=configs/X.py[:arg] --workdir=DIR``.
 
 For example::
 
-    python -m kdjax.train --config=kdjax/configs/akl_gpt2.py:tiny --workdir=/tmp/akl
-    python -m kdjax.train --config=kdjax/configs/akl_gpt2.py --workdir=gs://b/akl \
+    python -m kdjax.train --config=configs/akl_gpt2.py:tiny --workdir=/tmp/akl
+    python -m kdjax.train --config=configs/akl_gpt2.py --workdir=gs://b/akl \
         --config.teacher.path=/ckpt/gpt2_xl_sft --config.mesh.fsdp=4
 
 Re-running the same command in the same workdir resumes from its latest
 checkpoint; so does extending it (``:tiny,steps=60`` on a finished 30-step
-run: see :mod:`kdjax.identity` for what may change). ``--config.key=value``
+run: see :mod:`kdjax.config.identity` for what may change). ``--config.key=value``
 overrides any config field. Every user error is one ``error: ...`` line
 (:mod:`kdjax.cli`): exit 2 for a wrong command line or config value, 1 for a
 missing file or a run that stopped, 130 for Ctrl-C (the message names the
@@ -26,7 +26,7 @@ from kdjax import cli, training
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
-    "Experiment config file, e.g. kdjax/configs/akl_gpt2.py:tiny.",
+    "Experiment config file, e.g. configs/akl_gpt2.py:tiny.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(

@@ -4,7 +4,7 @@
 
 with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
 set, as a launcher would. Trains ``tiny_run.config("akl_gpt2", ROOT)`` through
-``trainer.train_and_evaluate`` (which initialises ``jax.distributed``) and
+``training.train_and_evaluate`` (which initialises ``jax.distributed``) and
 writes ``OUT/<process id>.npz``: the host-local ``input_ids`` this process fed
 each step, and the files under WORKDIR that this process opened for writing.
 """
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=g-import-not-at-top
 
-from kdjax import trainer  # pylint: disable=g-import-not-at-top
+from kdjax import training  # pylint: disable=g-import-not-at-top
 from kdjax.training import step as train_step  # pylint: disable=g-import-not-at-top
 import tiny_run  # pylint: disable=g-import-not-at-top
 
@@ -58,7 +58,7 @@ def main(root: str, workdir: str, steps: int, out: str) -> None:
 
   builtins.open = recording_open
 
-  trainer.train_and_evaluate(config(root, steps), workdir)
+  training.train_and_evaluate(config(root, steps), workdir)
   builtins.open = real_open
   os.makedirs(out, exist_ok=True)
   np.savez(

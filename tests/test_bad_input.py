@@ -1,6 +1,6 @@
 """Bad input to a training run: one sentence naming the problem, nothing trained.
 
-Each case runs ``trainer.train_and_evaluate`` on a tiny config and checks the
+Each case runs ``training.train_and_evaluate`` on a tiny config and checks the
 message names the offending file / value and its fix, and that the workdir
 holds no config, checkpoint, metrics or export afterwards.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from kdjax import trainer
+from kdjax import training
 import tiny_run
 
 
@@ -23,7 +23,7 @@ def root(tmp_path_factory):
 
 def _refused(config, workdir: str, error=ValueError) -> str:
   with pytest.raises(error) as e:
-    trainer.train_and_evaluate(config, workdir)
+    training.train_and_evaluate(config, workdir)
   # Not even config.json: the corrected command must start, not be refused as
   # a different run in the same workdir.
   for name in ("config.json", "ckpt", "best", "metrics.jsonl", "hf", "best_hf"):

@@ -137,24 +137,18 @@ def test_unknown_hyper_parameter_points_at_the_config_that_has_it():
       AttributeError("'beta'"), ["x", "--config.loss.hp.beta=0.1"]
   )
   assert "'beta' belongs to jsd" in msg
-  assert "--config=kdjax/configs/jsd_gpt2.py" in msg
+  assert "--config=configs/jsd_gpt2.py" in msg
 
 
-def test_config_file_moved_into_the_package(tmp_path, monkeypatch):
+def test_a_missing_config_file_lists_the_configs_folder(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
-  with pytest.raises(
-      cli.UsageError,
-      match=(
-          r"config file configs/akl_gpt2.py does not exist; the configs moved into "
-          r"the package: use --config=kdjax/configs/akl_gpt2.py:tiny\."
-      ),
-  ):
-    cli.check_config_file("configs/akl_gpt2.py:tiny")
-  monkeypatch.chdir(tmp_path)  # elsewhere: the installed package's file
-  with pytest.raises(
-      cli.UsageError,
-      match=os.path.join(ROOT, "kdjax", "configs", "akl_gpt2.py"),
-  ):
+  with pytest.raises(cli.UsageError) as e:
+    cli.check_config_file("configs/akl_gtp2.py:tiny")
+  msg = str(e.value)
+  assert msg.startswith("config file configs/akl_gtp2.py does not exist;")
+  assert "akl_gpt2.py, akl_llama.py" in msg and "\n" not in msg
+  monkeypatch.chdir(tmp_path)  # not a clone: say where to run from
+  with pytest.raises(cli.UsageError, match="there is no configs/ folder in"):
     cli.check_config_file("configs/akl_gpt2.py")
 
 
@@ -174,10 +168,10 @@ def test_bugs_keep_their_traceback_user_errors_do_not():
   assert cli.classify(raise_from(outside, ValueError("x"))) is None
   assert cli.classify(raise_from(outside, TypeError("x"))) is None
   assert cli.classify(raise_from(outside, PermissionError(13, "no"))) == 1
-  from kdjax import validation
+  from kdjax.config import checks
 
-  assert cli.classify(validation.ConfigError("x")) == 2
-  assert cli.classify(validation.MissingInputError("x")) == 1
+  assert cli.classify(checks.ConfigError("x")) == 2
+  assert cli.classify(checks.MissingInputError("x")) == 1
 
 
 def test_prepare_data_dir_under_a_file(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from test_cli import ROOT, assert_one_error, listing, run_cli
 import tiny_run
 
-TINY = "kdjax/configs/akl_gpt2.py:tiny,steps=10"
+TINY = "configs/akl_gpt2.py:tiny,steps=10"
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def _hf_config_dir(path, **cfg):
         ),
         (
             ("--config.loss.hp.beta=0.1",),
-            ("'beta' belongs to jsd", "kdjax/configs/jsd_gpt2.py"),
+            ("'beta' belongs to jsd", "configs/jsd_gpt2.py"),
         ),
         (
             ("--config.optim.lr=abc",),
@@ -103,7 +103,7 @@ def test_sinkhorn_temperature_zero(root, tmp_path):
       root,
       tmp_path,
       "--config.loss.temperature=0",
-      config="kdjax/configs/sinkhorn_gpt2.py:tiny,steps=10",
+      config="configs/sinkhorn_gpt2.py:tiny,steps=10",
   )
   assert rc == 2, err
   assert_one_error(err, "loss.temperature=0.0 must be > 0")
@@ -115,12 +115,12 @@ def test_config_file_that_moved(root, tmp_path):
   assert_one_error(
       err,
       "config file configs/akl_gpt2.py does not exist",
-      "--config=kdjax/configs/akl_gpt2.py:tiny",
+      "--config=configs/akl_gpt2.py:tiny",
   )
 
 
 def test_config_arg_typo(root, tmp_path):
-  rc, _, err = _train(root, tmp_path, config="kdjax/configs/akl_gpt2.py:tiy")
+  rc, _, err = _train(root, tmp_path, config="configs/akl_gpt2.py:tiy")
   assert rc == 2, err
   assert_one_error(err, "config arg 'tiy' is unknown", "tiny")
 
@@ -132,7 +132,7 @@ def test_switching_divergence_drops_its_hyper_parameter(root, tmp_path):
       root,
       tmp_path,
       "--config.loss.name=fkl",
-      config="kdjax/configs/akl_gpt2.py",
+      config="configs/akl_gpt2.py",
   )
   assert rc == 1, err
   assert "loss.hp.mu=0.5 dropped: fkl takes no 'mu'" in err
@@ -214,7 +214,7 @@ def test_evaluate_offline_fails_in_seconds(root, tmp_path):
   t0 = time.perf_counter()
   rc, _, err = run_cli(
       "kdjax.evaluate",
-      "--config=kdjax/configs/akl_gpt2.py",
+      "--config=configs/akl_gpt2.py",
       f"--checkpoint={model_dir}",
       "--limit=2",
       cwd=ROOT,
@@ -229,7 +229,7 @@ def test_evaluate_offline_fails_in_seconds(root, tmp_path):
 def test_evaluate_missing_checkpoint(tmp_path):
   rc, _, err = run_cli(
       "kdjax.evaluate",
-      "--config=kdjax/configs/akl_gpt2.py:tiny",
+      "--config=configs/akl_gpt2.py:tiny",
       f"--checkpoint={tmp_path}/nothing",
       cwd=ROOT,
   )
@@ -251,7 +251,7 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(
       sys.executable,
       "-m",
       "kdjax.train",
-      "--config=kdjax/configs/sft_gpt2.py:tiny,steps=500",
+      "--config=configs/sft_gpt2.py:tiny,steps=500",
       f"--workdir={workdir}",
       f"--config.data.data_dir={root / 'data'}",
       "--config.ckpt.every_steps=1000",  # only the stop saves
@@ -288,8 +288,7 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(
       "is kept",
       f"{workdir}/ckpt",
       "resume",
-      "python -m kdjax.train --config=kdjax/configs/"
-      "sft_gpt2.py:tiny,steps=500",
+      "python -m kdjax.train --config=configs/" "sft_gpt2.py:tiny,steps=500",
   )
   # The first Ctrl-C finishes the step in progress and saves it.
   assert "stopping after this step" in err

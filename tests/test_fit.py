@@ -6,7 +6,11 @@ import pytest
 
 from experiments.benchmarks import fit
 from kdjax import models, sharding
-from kdjax.configs import akl_gpt2, akl_llama, common
+from kdjax.config import files as config_files
+from kdjax.config import recipe
+
+akl_gpt2 = config_files.experiment("akl_gpt2")
+akl_llama = config_files.experiment("akl_llama")
 
 
 def _gpt2_count(V, P, L, d) -> int:
@@ -39,7 +43,7 @@ def test_fit_of_a_small_gpt2_step_on_eight_devices():
   c.student.model_overrides.resid_pdrop = 0.1
   data, fsdp = 2, 4
   mesh = sharding.make_mesh(data, fsdp)
-  teacher_shape = dict(vocab_size=257, **common.TINY_TEACHER_MODEL)
+  teacher_shape = dict(vocab_size=257, **recipe.TINY_TEACHER_MODEL)
   r = fit.fit(c, mesh, "tiny-gpt2", "tiny-gpt2", teacher_shape)
 
   s = c.student.model_overrides
@@ -76,7 +80,7 @@ def test_fit_from_a_teacher_cache_holds_no_teacher_and_reads_its_fields():
   c.batch_size, c.data.max_length = 8, 64
   c.teacher.source, c.teacher.cache.k = "cache", 16
   mesh = sharding.make_mesh(2, 4)
-  teacher_shape = dict(vocab_size=257, **common.TINY_TEACHER_MODEL)
+  teacher_shape = dict(vocab_size=257, **recipe.TINY_TEACHER_MODEL)
   r = fit.fit(c, mesh, "tiny-gpt2", "tiny-gpt2", teacher_shape)
   assert r["teacher"] == 0
   # Per device: its 1 of 8 rows of ids/labels/positions/attention (int32) and

@@ -2,15 +2,17 @@
 
 import json
 
-from kdjax import identity
-from kdjax.configs import akl_gpt2
+from kdjax.config import files as config_files
+from kdjax.config import identity
+
+akl_gpt2 = config_files.experiment("akl_gpt2")
 
 
 def _resolved(arg, **overrides):
   c = akl_gpt2.get_config(arg)
-  from kdjax.configs import common
+  from kdjax.config import recipe
 
-  common.override(c, overrides)
+  recipe.override(c, overrides)
   return json.loads(c.to_json_best_effort())
 
 

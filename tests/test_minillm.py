@@ -17,11 +17,13 @@ from kdjax import (
     validation,
 )
 from kdjax import divergences as kd
-from kdjax.configs import minillm_gpt2
+from kdjax.config import files as config_files
 from kdjax.data import pipeline
 from kdjax.onpolicy import batches, minillm, source
 import reference_np
 import tiny_run
+
+minillm_gpt2 = config_files.experiment("minillm_gpt2")
 
 V, EOS, TAU = 40, 3, 1.3
 

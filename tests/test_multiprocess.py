@@ -1,7 +1,7 @@
 """Two processes x two CPU devices train like one process with four devices.
 
 Launches ``tests/mp_worker.py`` twice with ``JAX_COORDINATOR_ADDRESS`` /
-``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (``trainer.maybe_initialize_distributed``
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (``training.maybe_initialize_distributed``
 reads them; CPU collectives across processes go through gloo, jax's default) on
 a ``fsdp=4`` mesh, so every parameter is split over both processes: the
 checkpoint, the metrics and the Hugging Face export all cross process
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from kdjax import checkpoint, metrics, sharding, trainer
+from kdjax import checkpoint, metrics, sharding, training
 from kdjax.training import step as train_step
 import mp_worker
 import tiny_run
@@ -83,7 +83,7 @@ def _final_params(c, workdir: str) -> dict:
   devices = jax.devices()[:4]
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
-    run = trainer.build(c, workdir, mesh)
+    run = training.build(c, workdir, mesh)
     manager = ocp.CheckpointManager(os.path.join(workdir, "ckpt"))
     assert manager.latest_step() == STEPS
     state = manager.restore(
@@ -114,7 +114,7 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
       lambda b, m: (fed.append(np.asarray(b["input_ids"])), put(b, m))[1],
   )
   single = os.path.join(root, "single")
-  trainer.train_and_evaluate(c, single, devices=jax.devices()[:4])
+  training.train_and_evaluate(c, single, devices=jax.devices()[:4])
   monkeypatch.undo()
 
   multi, out = os.path.join(root, "multi"), os.path.join(root, "out")

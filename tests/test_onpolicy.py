@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kdjax import models, sampling, sharding
+from kdjax.config import files as config_files
 from kdjax.data import pipeline
 from kdjax.onpolicy import batches, distillm, source
 
@@ -351,7 +352,7 @@ def test_distillm_source_generates_fills_then_replays():
     [("gkd_gpt2", "gkd"), ("distillm_gpt2", "distillm"), ("skd_gpt2", "skd")],
 )
 def test_configs_build_their_source(name, kind):
-  module = __import__(f"kdjax.configs.{name}", fromlist=["get_config"])
+  module = config_files.experiment(name)
   model = _student()
   graphdef = nnx.split(model, nnx.Param, ...)[0]
   for arg, n_new in ((None, 256), ("tiny", 32)):
@@ -375,7 +376,9 @@ def test_configs_build_their_source(name, kind):
 
 
 def test_bad_onpolicy_settings_fail_with_one_sentence():
-  from kdjax.configs import gkd_gpt2, skd_gpt2
+
+  gkd_gpt2 = config_files.experiment("gkd_gpt2")
+  skd_gpt2 = config_files.experiment("skd_gpt2")
 
   model = _student()
   graphdef = nnx.split(model, nnx.Param, ...)[0]
@@ -444,7 +447,9 @@ def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
 
 
 def test_configs_without_the_block_are_off_policy():
-  from kdjax.configs import akl_gpt2, gkd_gpt2
+
+  akl_gpt2 = config_files.experiment("akl_gpt2")
+  gkd_gpt2 = config_files.experiment("gkd_gpt2")
 
   assert source.spec_from_config(akl_gpt2.get_config("tiny")) == (
       source.OnPolicySpec()

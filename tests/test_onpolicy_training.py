@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, metrics, sharding, trainer
+from kdjax import checkpoint, metrics, sharding, training
 import tiny_run
 
 
@@ -17,7 +17,7 @@ def _final_params(c, workdir):
   """The last checkpoint's student params (train state paired with the source's)."""
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
   with jax.set_mesh(mesh):
-    run = trainer.build(c, str(workdir), mesh)
+    run = training.build(c, str(workdir), mesh)
     target = run.state
     if run.source is not None:
       target = (run.state, run.source.init(0))
@@ -35,8 +35,8 @@ def _final_params(c, workdir):
 def test_gkd_with_lmbda_zero_is_the_off_policy_run_bit_for_bit(root, tmp_path):
   off = tiny_run.config("jsd_gpt2", root, steps=3)
   gkd = tiny_run.config("gkd_gpt2", root, steps=3, **{"onpolicy.lmbda": 0.0})
-  trainer.train_and_evaluate(off, str(tmp_path / "off"))
-  trainer.train_and_evaluate(gkd, str(tmp_path / "gkd"))
+  training.train_and_evaluate(off, str(tmp_path / "off"))
+  training.train_and_evaluate(gkd, str(tmp_path / "gkd"))
   a, b = metrics.read(str(tmp_path / "off")), metrics.read(
       str(tmp_path / "gkd")
   )
@@ -64,9 +64,9 @@ def test_gkd_with_lmbda_zero_is_the_off_policy_run_bit_for_bit(root, tmp_path):
 def test_on_policy_run_resumes_bit_identically(root, tmp_path, name, overrides):
   c = tiny_run.config(name, root, steps=6, **overrides)
   c.onpolicy.max_new_tokens = 8
-  trainer.train_and_evaluate(c, str(tmp_path / "straight"))
-  trainer.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=3)
-  trainer.train_and_evaluate(c, str(tmp_path / "resumed"))
+  training.train_and_evaluate(c, str(tmp_path / "straight"))
+  training.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=3)
+  training.train_and_evaluate(c, str(tmp_path / "resumed"))
   a = metrics.read(str(tmp_path / "straight"))
   b = metrics.read(str(tmp_path / "resumed"))
   assert [r["step"] for r in b] == list(range(1, 7))

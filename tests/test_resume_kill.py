@@ -26,7 +26,8 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, metrics, sharding, trainer
+from kdjax import checkpoint, metrics, sharding, training
+from kdjax.config import files as config_files
 import tiny_run
 
 KILLS = int(os.environ.get("KDJAX_KILLS", "3"))
@@ -76,13 +77,12 @@ def _overrides(root: str, case: str) -> dict:
 
 
 def _config(root: str, case: str):
-  import importlib
 
-  from kdjax.configs import common
+  from kdjax.config import recipe
 
-  module = importlib.import_module(f"kdjax.configs.{CASES[case][0]}")
+  module = config_files.experiment(CASES[case][0])
   c = module.get_config(f"tiny,steps={_steps(case)}")
-  common.override(c, _overrides(root, case))
+  recipe.override(c, _overrides(root, case))
   return c
 
 
@@ -91,7 +91,7 @@ def _command(root: str, workdir: str, case: str) -> list[str]:
       sys.executable,
       "-m",
       "kdjax.train",
-      f"--config=kdjax/configs/{CASES[case][0]}.py:tiny,steps={_steps(case)}",
+      f"--config=configs/{CASES[case][0]}.py:tiny,steps={_steps(case)}",
       f"--workdir={workdir}",
   ] + [f"--config.{k}={v}" for k, v in _overrides(root, case).items()]
 
@@ -162,7 +162,7 @@ def _params(c, workdir: str, steps: int) -> dict:
   devices = jax.devices()[:DEVICES]
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
-    run = trainer.build(c, workdir, mesh)
+    run = training.build(c, workdir, mesh)
     target = run.state
     if run.source is not None:
       target = (run.state, run.source.init(0))

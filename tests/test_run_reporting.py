@@ -15,12 +15,14 @@ import pytest
 
 from fake_gcs import fake_gcs_fixture  # noqa: F401 (the fake_gcs fixture)
 from kdjax import identity, models, training
-from kdjax import spec as spec_lib
-from kdjax.configs import akl_gpt2
+from kdjax.config import files as config_files
+from kdjax.config import spec as spec_lib
 from kdjax.evaluation import files
 from kdjax.training import builder
 from kdjax.training import workdir as workdir_lib
 import tiny_run
+
+akl_gpt2 = config_files.experiment("akl_gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +31,10 @@ def root(tmp_path_factory):
 
 
 def _identity(arg, **overrides):
-  from kdjax.configs import common
+  from kdjax.config import recipe
 
   c = akl_gpt2.get_config(arg)
-  common.override(c, overrides)
+  recipe.override(c, overrides)
   return json.loads(c.to_json_best_effort())
 
 

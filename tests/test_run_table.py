@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from experiments import demo, run_table
-from kdjax.configs import common
+from kdjax.config import files as config_files
+from kdjax.config import recipe
 import tiny_run
 
 RunResult = run_table.RunResult
@@ -52,9 +53,7 @@ def test_config_for_applies_seed_scale_and_typed_overrides():
 
 
 def test_every_student_trains_on_the_teachers_data_and_budget():
-  teacher = __import__("kdjax.configs.sft_gpt2", fromlist=["x"]).get_config(
-      "tiny_teacher"
-  )
+  teacher = config_files.experiment("sft_gpt2").get_config("tiny_teacher")
   students = [
       run_table.config_for(m, "tiny", 10)
       for m in run_table.available(run_table.TABLE)
@@ -360,7 +359,7 @@ def test_figures(reduced, tmp_path):
 
 
 def test_shipped_teacher_is_small_and_documented():
-  path = common.TINY_TEACHER
+  path = recipe.TINY_TEACHER
   size = os.path.getsize(os.path.join(path, "model.safetensors"))
   assert size < 10_000_000
   for name in demo.TEACHER_FILES:
@@ -368,4 +367,4 @@ def test_shipped_teacher_is_small_and_documented():
   with open(os.path.join(path, "train_config.json")) as f:
     config = json.load(f)
   assert config["data"]["train_limit"] == 0
-  assert config["num_steps"] == common.TINY_TEACHER_STEPS
+  assert config["num_steps"] == recipe.TINY_TEACHER_STEPS

@@ -305,7 +305,7 @@ def test_selection_in_a_run_accumulates_exactly_and_logs_the_fraction(
 
   from flax import nnx
 
-  from kdjax import sharding, trainer
+  from kdjax import sharding, training
   import tiny_run
 
   root = str(tmp_path_factory.mktemp("select"))
@@ -319,10 +319,10 @@ def test_selection_in_a_run_accumulates_exactly_and_logs_the_fraction(
     )
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices)
     with jax.set_mesh(mesh):
-      run = trainer.build(c, os.path.join(root, "w"), mesh)
+      run = training.build(c, os.path.join(root, "w"), mesh)
       batch = run.train_data.dataset[0]
       g, m, _ = jax.jit(run.step.grads)(
-          run.state, trainer.put_batch(batch, mesh), nnx.state(run.teacher)
+          run.state, training.put_batch(batch, mesh), nnx.state(run.teacher)
       )
     return jax.tree.leaves(g), {k: float(v) for k, v in m.items()}, batch
 

@@ -9,20 +9,23 @@ import sys
 
 import pytest
 
-from kdjax import spec
-from kdjax.configs import common, seqkd_gpt2, sft_gpt2
+from kdjax.config import files as config_files
+from kdjax.config import recipe, spec
 from kdjax.data import tokenizer
+
+seqkd_gpt2 = config_files.experiment("seqkd_gpt2")
+sft_gpt2 = config_files.experiment("sft_gpt2")
 
 CONFIGS = sorted(
     os.path.basename(p)[:-3]
-    for p in glob.glob("kdjax/configs/*.py")
-    if not p.endswith(("common.py", "__init__.py"))
+    for p in glob.glob("configs/*.py")
+    if not p.endswith(("recipe.py", "__init__.py"))
 )
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module(name):
-  return __import__(f"kdjax.configs.{name}", fromlist=["get_config"])
+  return config_files.experiment(name)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -87,15 +90,15 @@ def test_bad_seeds_name_the_field():
 
 
 def test_config_args_are_parsed_not_sniffed():
-  assert common.parse_scale("tiny,steps=30").to_dict() == dict(
+  assert recipe.parse_scale("tiny,steps=30").to_dict() == dict(
       tiny=True, steps=30
   )
   teacher = sft_gpt2.get_config("tiny_teacher")
-  assert teacher.num_steps == common.TINY_TEACHER_STEPS == 1500
+  assert teacher.num_steps == recipe.TINY_TEACHER_STEPS == 1500
   assert sft_gpt2.get_config("tiny_teacher,steps=30").num_steps == 30
   assert sft_gpt2.get_config("tiny").num_steps == 300
-  assert seqkd_gpt2.get_config("tiny").data.seqkd_teacher == common.TINY_TEACHER
-  assert seqkd_gpt2.get_config().data.seqkd_teacher == common.PAPER_TEACHER
+  assert seqkd_gpt2.get_config("tiny").data.seqkd_teacher == recipe.TINY_TEACHER
+  assert seqkd_gpt2.get_config().data.seqkd_teacher == recipe.PAPER_TEACHER
   # A word that merely contains "tiny" is a typo, not the tiny scale.
   for module in (seqkd_gpt2, _module("akl_llama")):
     with pytest.raises(ValueError, match="config arg 'tinyy' is unknown"):

@@ -227,7 +227,7 @@ def test_bad_taid_config_fails_with_the_fix():
 
 
 def test_training_moves_t_by_the_rule_and_resumes_exactly(tmp_path_factory):
-  from kdjax import metrics, trainer
+  from kdjax import metrics, training
   import tiny_run
 
   root = str(tmp_path_factory.mktemp("taid"))
@@ -241,7 +241,7 @@ def test_training_moves_t_by_the_rule_and_resumes_exactly(tmp_path_factory):
   )
   cfg = c.loss.taid.to_dict()
   workdir = str(tmp_path_factory.mktemp("straight"))
-  trainer.train_and_evaluate(c, workdir)
+  training.train_and_evaluate(c, workdir)
   straight = metrics.read(workdir)
   assert [r["step"] for r in straight] == list(range(1, steps + 1))
   r = ReferenceSchedule(**cfg)
@@ -253,8 +253,8 @@ def test_training_moves_t_by_the_rule_and_resumes_exactly(tmp_path_factory):
   assert above_ramp >= 2 and straight[-1]["taid_t"] > straight[0]["taid_t"]
   # Stopped after 3 steps and resumed: the same t, losses and parameters.
   resumed = str(tmp_path_factory.mktemp("resumed"))
-  trainer.train_and_evaluate(c, resumed, stop_at=3)
-  trainer.train_and_evaluate(c, resumed)
+  training.train_and_evaluate(c, resumed, stop_at=3)
+  training.train_and_evaluate(c, resumed)
   rows = metrics.read(resumed)
   for a, b in zip(straight, rows, strict=True):
     assert a["taid_t"] == b["taid_t"] and a["loss"] == b["loss"], a["step"]

@@ -18,9 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import models, objective, sharding, trainer, validation
-from kdjax import spec as spec_lib
+from kdjax import models, objective, sharding, training
 from kdjax.cache import build, codec, store
+from kdjax.config import checks
+from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline
 from kdjax.data import tokenizer as tokenizer_lib
 from test_cli import ROOT, assert_one_error, listing, run_cli
@@ -216,8 +217,8 @@ def test_a_stale_cache_is_refused_before_anything_is_written(
 ):
   c = _cached(_config(root, **override), built[0])
   workdir = tmp_path / "w"
-  with pytest.raises(validation.ConfigError) as e:
-    trainer.train_and_evaluate(c, str(workdir))
+  with pytest.raises(checks.ConfigError) as e:
+    training.train_and_evaluate(c, str(workdir))
   msg = str(e.value)
   assert "does not match the config" in msg and "\n" not in msg
   assert "python -m kdjax.cache_teacher" in msg and built[0] in msg
@@ -241,16 +242,16 @@ def test_changed_examples_are_refused_by_their_fingerprint(root, built):
 def test_another_or_changed_teacher_is_refused(root, built, tmp_path):
   teacher = tiny_run.make_teacher(str(tmp_path / "teacher"))
   c = _cached(_config(root, **{"teacher.path": teacher}), built[0])
-  with pytest.raises(validation.ConfigError, match="teacher.path="):
-    validation.validate(c)  # same files, another path
+  with pytest.raises(checks.ConfigError, match="teacher.path="):
+    checks.validate(c)  # same files, another path
   c = _config(root, **{"teacher.path": teacher, "data.train_limit": 8})
   out = str(tmp_path / "cache")
   build.build(c, out, progress=False)
-  validation.validate(_cached(c, out))
+  checks.validate(_cached(c, out))
   with open(os.path.join(teacher, "config.json"), "a") as f:
     f.write("\n")  # the same path now holds another teacher
-  with pytest.raises(validation.ConfigError, match="teacher's files changed"):
-    validation.validate(_cached(c, out))
+  with pytest.raises(checks.ConfigError, match="teacher's files changed"):
+    checks.validate(_cached(c, out))
 
 
 def test_cache_config_checks():
@@ -262,11 +263,11 @@ def test_cache_config_checks():
   ):
     bad = c.copy_and_resolve_references()
     tiny_run.common.override(bad, {key: value})
-    with pytest.raises(validation.ConfigError, match=words):
-      validation.validate(bad)
+    with pytest.raises(checks.ConfigError, match=words):
+      checks.validate(bad)
   bad = _cached(c, "")
-  with pytest.raises(validation.ConfigError, match="teacher.cache_dir=''"):
-    validation.validate(bad)
+  with pytest.raises(checks.ConfigError, match="teacher.cache_dir=''"):
+    checks.validate(bad)
   for key, value, words in (
       ("loss.impl", "fused", "loss.impl='fused'"),
       ("teacher.cache.encoding", "sampled", "no estimator"),
@@ -277,8 +278,8 @@ def test_cache_config_checks():
     if key == "teacher.cache.encoding":
       bad.loss.name = "rkl"
     tiny_run.common.override(bad, {key: value})
-    with pytest.raises(validation.ConfigError, match=words):
-      validation.validate(bad)
+    with pytest.raises(checks.ConfigError, match=words):
+      checks.validate(bad)
 
 
 # ----------------------------------------------------------------------------
@@ -330,7 +331,7 @@ def test_kd_from_the_cache_equals_the_live_teacher_truncated(cached_run):
   ).sum()
   with jax.set_mesh(mesh):
     sums = jax.jit(lambda b: objective.sums(c.loss, student, None, b))(
-        trainer.put_batch(batch, mesh)
+        training.put_batch(batch, mesh)
     )
   assert float(sums.kd) == pytest.approx(want, rel=2e-5)
   assert float(sums.tokens) == mask.sum() == float(sums.kd_tokens)
@@ -339,14 +340,14 @@ def test_kd_from_the_cache_equals_the_live_teacher_truncated(cached_run):
 def _built(config, root, devices=None):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
-    run = trainer.build(config, os.path.join(root, "w"), mesh)
+    run = training.build(config, os.path.join(root, "w"), mesh)
   return run, mesh
 
 
 def _grads(run, mesh):
   with jax.set_mesh(mesh):
     g, m, _ = jax.jit(run.step.grads)(
-        run.state, trainer.put_batch(run.train_data.dataset[0], mesh), None
+        run.state, training.put_batch(run.train_data.dataset[0], mesh), None
     )
   return jax.tree.leaves(g), {k: float(v) for k, v in m.items()}
 
@@ -370,9 +371,9 @@ def test_resume_from_the_cache_continues_exactly(root, built, tmp_path):
   from kdjax import metrics
 
   c = _cached(_config(root), built[0])
-  straight = trainer.train_and_evaluate(c, str(tmp_path / "a"))
-  trainer.train_and_evaluate(c, str(tmp_path / "b"), stop_at=2)
-  resumed = trainer.train_and_evaluate(c, str(tmp_path / "b"))
+  straight = training.train_and_evaluate(c, str(tmp_path / "a"))
+  training.train_and_evaluate(c, str(tmp_path / "b"), stop_at=2)
+  resumed = training.train_and_evaluate(c, str(tmp_path / "b"))
   a, b = metrics.read(str(tmp_path / "a")), metrics.read(str(tmp_path / "b"))
   assert [r["step"] for r in b] == [1, 2, 3, 4]
   for x, y in zip(a, b):
@@ -396,7 +397,7 @@ def test_validation_reports_the_students_ce_as_its_loss(cached_run):
 def _cli_args(root, out):
   teacher = tiny_run.make_teacher(os.path.join(root, "teacher"))
   return [
-      "--config=kdjax/configs/fkl_gpt2.py:tiny,steps=2",
+      "--config=configs/fkl_gpt2.py:tiny,steps=2",
       f"--config.teacher.path={teacher}",
       f"--config.data.data_dir={os.path.join(root, 'data')}",
       "--config.data.train_limit=64",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import models, sharding, trainer
+from kdjax import models, sharding, training
 import tiny_run
 
 torch = pytest.importorskip("torch")
@@ -65,7 +65,7 @@ def test_fkl_steps_equal_pytorch(tmp_path):
   )
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
-    run = trainer.build(c, str(tmp_path / "w"), mesh)
+    run = training.build(c, str(tmp_path / "w"), mesh)
     start = str(tmp_path / "start")
     models.save_hf(
         nnx.merge(run.step.graphdef, run.state.params, run.state.rest), start
@@ -78,7 +78,7 @@ def test_fkl_steps_equal_pytorch(tmp_path):
     norms = []
     for b in data:
       state, m, bad = step(
-          state, trainer.put_batch(b, mesh), teacher_state, bad
+          state, training.put_batch(b, mesh), teacher_state, bad
       )
       norms.append(float(m["grad_norm"]))
     end = str(tmp_path / "end")

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import metrics, models, objective, sharding, trainer
+from kdjax import metrics, models, objective, sharding, training
+from kdjax.config import files as config_files
 import tiny_run
 
 CONFIGS = sorted(
     os.path.basename(p)[:-3]
-    for p in glob.glob("kdjax/configs/*.py")
+    for p in glob.glob("configs/*.py")
     if not p.endswith(("common.py", "__init__.py"))
 )
 
@@ -36,7 +37,7 @@ def _params(state) -> dict:
 def _built(config, root, devices=None):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
-    run = trainer.build(config, os.path.join(root, "w"), mesh)
+    run = training.build(config, os.path.join(root, "w"), mesh)
   return run, mesh
 
 
@@ -45,7 +46,7 @@ def _grads(run, mesh):
   with jax.set_mesh(mesh):
     teacher = None if run.teacher is None else nnx.state(run.teacher)
     g, m, _ = jax.jit(run.step.grads)(
-        run.state, trainer.put_batch(run.train_data.dataset[0], mesh), teacher
+        run.state, training.put_batch(run.train_data.dataset[0], mesh), teacher
     )
   flat = {
       "/".join(map(str, k)): np.asarray(v)
@@ -74,7 +75,7 @@ def _steps(run, mesh, n, batch=None):
     teacher = None if run.teacher is None else nnx.state(run.teacher)
     bad = jnp.asarray(-1)
     for _ in range(n):
-      b = trainer.put_batch(batch if batch is not None else next(it), mesh)
+      b = training.put_batch(batch if batch is not None else next(it), mesh)
       state, m, bad = f(state, b, teacher, bad)
       out.append({k: float(v) for k, v in m.items()})
   return state, out
@@ -109,11 +110,8 @@ def test_every_paper_config_is_present():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_defaults_and_docstring_command(name):
-  module = __import__(f"kdjax.configs.{name}", fromlist=["get_config"])
-  assert (
-      f"python -m kdjax.train --config=kdjax/configs/{name}.py"
-      in module.__doc__
-  )
+  module = config_files.experiment(name)
+  assert f"python -m kdjax.train --config=configs/{name}.py" in module.__doc__
   paper, tiny = module.get_config(), module.get_config("tiny")
   assert paper.data.name == "dolly" and tiny.data.name == "synthetic_instruct"
   assert tiny.data.tokenizer == "byte"
@@ -133,7 +131,8 @@ def test_config_defaults_and_docstring_command(name):
 
 
 def test_unknown_config_arg_and_override_fail_clearly():
-  from kdjax.configs import akl_gpt2
+
+  akl_gpt2 = config_files.experiment("akl_gpt2")
 
   with pytest.raises(ValueError, match="config arg 'tiyn' is unknown"):
     akl_gpt2.get_config("tiyn")
@@ -146,7 +145,7 @@ def test_unknown_config_arg_and_override_fail_clearly():
           sys.executable,
           "-m",
           "kdjax.train",
-          "--config=kdjax/configs/akl_gpt2.py:tiny",
+          "--config=configs/akl_gpt2.py:tiny",
           "--workdir=/tmp/never_written",
           "--config.optim.lrr=1",
       ],
@@ -159,14 +158,15 @@ def test_unknown_config_arg_and_override_fail_clearly():
 
 
 def test_paper_default_without_teacher_fails_fast_naming_the_fix(tmp_path):
-  from kdjax.configs import akl_gpt2
+
+  akl_gpt2 = config_files.experiment("akl_gpt2")
 
   c = akl_gpt2.get_config()
   c.teacher.path = str(tmp_path / "missing")
-  from kdjax import validation
+  from kdjax.config import checks
 
-  with pytest.raises(validation.MissingInputError) as e:
-    trainer.train_and_evaluate(c, str(tmp_path / "w"))
+  with pytest.raises(checks.MissingInputError) as e:
+    training.train_and_evaluate(c, str(tmp_path / "w"))
   msg = str(e.value)
   assert "`hf download gpt2-xl" in msg and "--config.teacher.path" in msg
   assert "\n" not in msg
@@ -181,7 +181,7 @@ def test_paper_default_without_teacher_fails_fast_naming_the_fix(tmp_path):
 def test_every_tiny_config_trains(name, root, tmp_path):
   c = tiny_run.config(name, root, steps=3)
   c.export_hf = True
-  last = trainer.train_and_evaluate(c, str(tmp_path))
+  last = training.train_and_evaluate(c, str(tmp_path))
   rows = metrics.read(str(tmp_path))
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert all(np.isfinite(r["loss"]) for r in rows)
@@ -291,7 +291,7 @@ def test_objective_matches_a_numpy_reference(root):
         np.float64,
     )
     got = objective.sums(
-        c.loss, student, teacher, trainer.put_batch(batch, mesh)
+        c.loss, student, teacher, training.put_batch(batch, mesh)
     )
   mask = batch["loss_mask"].astype(np.float64)
   log_q = (
@@ -312,16 +312,17 @@ def test_objective_matches_a_numpy_reference(root):
 
 
 def test_schedule_and_weight_decay_mask():
-  from kdjax.configs import akl_gpt2
+
+  akl_gpt2 = config_files.experiment("akl_gpt2")
 
   c = akl_gpt2.get_config()
-  sched = trainer.make_schedule(c.optim, 1000)
+  sched = training.make_schedule(c.optim, 1000)
   assert float(sched(0)) == pytest.approx(5e-4)
   assert float(sched(1000)) == pytest.approx(1e-7, rel=1e-3)
   assert float(sched(500)) == pytest.approx((5e-4 + 1e-7) / 2, rel=1e-3)
   # No decay on 1-D params: with zero gradients only matrices shrink.
   params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
-  tx = trainer.make_optimizer(c.optim, 1000)
+  tx = training.make_optimizer(c.optim, 1000)
   upd, _ = tx.update(
       jax.tree.map(jnp.zeros_like, params), tx.init(params), params
   )
@@ -335,11 +336,11 @@ def test_schedule_and_weight_decay_mask():
 
 def test_resume_continues_exactly(root, tmp_path):
   c = tiny_run.config("akl_gpt2", root, steps=6)
-  trainer.train_and_evaluate(c, str(tmp_path / "straight"))
-  trainer.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=3)
+  training.train_and_evaluate(c, str(tmp_path / "straight"))
+  training.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=3)
   rows = metrics.read(str(tmp_path / "resumed"))
   assert [r["step"] for r in rows] == [1, 2, 3]
-  trainer.train_and_evaluate(c, str(tmp_path / "resumed"))
+  training.train_and_evaluate(c, str(tmp_path / "resumed"))
   a = metrics.read(str(tmp_path / "straight"))
   b = metrics.read(str(tmp_path / "resumed"))
   assert [r["step"] for r in b] == list(range(1, 7))
@@ -368,13 +369,15 @@ def _restored(c, workdir):
 
 def test_changed_config_in_same_workdir_is_refused(root, tmp_path):
   c = tiny_run.config("fkl_gpt2", root, steps=1)
-  trainer.train_and_evaluate(c, str(tmp_path))
+  training.train_and_evaluate(c, str(tmp_path))
   c2 = tiny_run.config("rkl_gpt2", root, steps=1)
-  with pytest.raises(trainer.TrainingError, match=r"loss\.name.*force_new_run"):
-    trainer.train_and_evaluate(c2, str(tmp_path))
+  with pytest.raises(
+      training.TrainingError, match=r"loss\.name.*force_new_run"
+  ):
+    training.train_and_evaluate(c2, str(tmp_path))
   assert json.load(open(tmp_path / "config.json"))["loss"]["name"] == "fkl"
   c2.force_new_run = True
-  trainer.train_and_evaluate(c2, str(tmp_path))
+  training.train_and_evaluate(c2, str(tmp_path))
   assert json.load(open(tmp_path / "config.json"))["loss"]["name"] == "rkl"
   assert [r["step"] for r in metrics.read(str(tmp_path))] == [1]
 
@@ -393,8 +396,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
           "ckpt.every_steps": 1,
       },
   )
-  with pytest.raises(trainer.TrainingError) as e:
-    trainer.train_and_evaluate(c, str(tmp_path))
+  with pytest.raises(training.TrainingError) as e:
+    training.train_and_evaluate(c, str(tmp_path))
   msg = str(e.value)
   step = int(re.search(r"non-finite at step (\d+)", msg).group(1))
   assert 1 < step <= 6 and "last good checkpoint" in msg
@@ -429,7 +432,7 @@ def test_seqkd_trains_on_the_teachers_responses(root, tmp_path):
       },
   )
   assert c.loss.kd_ratio == 0 and c.data.seqkd_teacher
-  trainer.train_and_evaluate(c, str(tmp_path))
+  training.train_and_evaluate(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "seqkd" / "train.jsonl")]
   assert len(rows) == 16
   # Responses are the teacher's greedy continuations, not the references.
@@ -483,10 +486,10 @@ def test_disk_full_during_a_save_stops_clearly_and_keeps_the_last_checkpoint(
     return real(self, step, *a, **k)
 
   monkeypatch.setattr(checkpoint.Checkpoints, "save", full_at_step_4)
-  with pytest.raises(trainer.TrainingError) as e:
-    trainer.train_and_evaluate(c, str(tmp_path))
+  with pytest.raises(training.TrainingError) as e:
+    training.train_and_evaluate(c, str(tmp_path))
   assert "step-4 checkpoint failed (No space left on device)" in str(e.value)
   assert "last good checkpoint (step 2)" in str(e.value)
   monkeypatch.setattr(checkpoint.Checkpoints, "save", real)
-  trainer.train_and_evaluate(c, str(tmp_path))  # space freed: it resumes
+  training.train_and_evaluate(c, str(tmp_path))  # space freed: it resumes
   assert [r["step"] for r in metrics.read(str(tmp_path))] == list(range(1, 7))

@@ -8,14 +8,14 @@ mechanics, not what the teacher knows.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 from flax import nnx
 import ml_collections
 
 from kdjax import models
-from kdjax.configs import common
+from kdjax.config import files as config_files
+from kdjax.config import recipe
 
 TEACHER = dict(n_embd=32, n_layer=1, n_head=2)
 STUDENT = dict(n_embd=16, n_layer=1, n_head=2)
@@ -34,11 +34,11 @@ def make_teacher(directory: str) -> str:
 def config(
     name: str, root: str, *, steps: int = 4, **overrides
 ) -> ml_collections.ConfigDict:
-  """``kdjax/configs/<name>.py:tiny`` shrunk for tests, data and teacher under ``root``.
+  """``configs/<name>.py:tiny`` shrunk for tests, data and teacher under ``root``.
 
   ``overrides`` are dotted keys: ``config("akl_gpt2", tmp, **{"loss.impl": "fused"})``.
   """
-  module = importlib.import_module(f"kdjax.configs.{name}")
+  module = config_files.experiment(name)
   c = module.get_config(f"tiny,steps={steps}")
   c.data.data_dir = os.path.join(root, "data")
   c.data.train_limit = 64
@@ -53,7 +53,7 @@ def config(
   c.ckpt.every_steps = 2
   c.eval.update(every_steps=0, num_examples=0, val_batches=1, batch_size=8)
   c.export_hf = False
-  common.override(c, overrides)
+  recipe.override(c, overrides)
   return c
 
 

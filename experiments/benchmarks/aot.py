@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import models, sharding
-from kdjax import spec as spec_lib
+from kdjax.config import spec as spec_lib
 from kdjax.training import builder, optimizer
 from kdjax.training.step import TEXT_KEYS, Step, TrainState, init_taid
 
@@ -58,7 +58,7 @@ def abstract_run(
   batch is ``config.batch_size`` x ``config.data.max_length``.
   ``teacher_overrides`` replace teacher config fields (the student's come
   from ``config``). ``config`` is an experiment ConfigDict or its
-  :class:`~kdjax.spec.TrainSpec`. Call under ``jax.set_mesh(mesh)``.
+  :class:`~kdjax.config.spec.TrainSpec`. Call under ``jax.set_mesh(mesh)``.
   """
   s = (
       config

@@ -1,8 +1,8 @@
 r"""Does a run fit? Per-device memory and FLOPs of the train step, compiled ahead of time.
 
-    python -m experiments.benchmarks.fit --config=kdjax/configs/akl_gpt2.py
-    python -m experiments.benchmarks.fit --config=kdjax/configs/akl_llama.py --devices=8
-    python -m experiments.benchmarks.fit --config=kdjax/configs/akl_gpt2.py --fsdp=8 \
+    python -m experiments.benchmarks.fit --config=configs/akl_gpt2.py
+    python -m experiments.benchmarks.fit --config=configs/akl_llama.py --devices=8
+    python -m experiments.benchmarks.fit --config=configs/akl_gpt2.py --fsdp=8 \
         --config.student.remat=full
 
 The step of :mod:`kdjax.training` (teacher forward, student forward + backward,
@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    "kdjax/configs/akl_gpt2.py",
+    "configs/akl_gpt2.py",
     "Experiment config file[:arg].",
     lock_config=True,
 )

@@ -154,18 +154,18 @@ def main(_):
   out["skd_s"] = _median_s(make("skd"), _REPEATS.value)
   out["minillm_s"] = _median_s(make("minillm"), _REPEATS.value)
   try:
-    from kdjax import trainer  # pylint: disable=g-import-not-at-top
+    from kdjax import training  # pylint: disable=g-import-not-at-top
 
     student.train()
     graphdef_t, params_t, rest_t = nnx.split(student, nnx.Param, ...)
-    step = trainer.Step(
+    step = training.Step(
         dict(name="fkl", kd_ratio=0.5, impl="auto", chunk_size=256, hp={}),
         graphdef_t,
         nnx.graphdef(teacher),
         optax.adamw(1e-4),
         1,
     )
-    state = trainer.TrainState(
+    state = training.TrainState(
         jnp.zeros((), jnp.int32),
         params_t,
         rest_t,

@@ -41,7 +41,7 @@ import numpy as np
 
 from experiments.benchmarks import train_step as train_step_bench
 from kdjax import divergences as kd
-from kdjax import sharding, trainer
+from kdjax import sharding, training
 from kdjax.cache import codec, store
 
 _TOKENS = flags.DEFINE_integer("tokens", 256, "Response tokens per example.")
@@ -157,7 +157,7 @@ def _step_rows(mesh) -> list[dict]:
       temperature=1.0,
       hp={},
   )
-  tx = trainer.make_optimizer(train_step_bench.OPTIM, 1000)
+  tx = training.make_optimizer(train_step_bench.OPTIM, 1000)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
   host = train_step_bench._batch(batch_size, seq, vocab)
   logits = teacher(
@@ -186,11 +186,11 @@ def _step_rows(mesh) -> list[dict]:
       ("live", nnx.graphdef(teacher), nnx.state(teacher), host),
       ("cache top-64", None, None, cached),
   ):
-    state = trainer.TrainState(
+    state = training.TrainState(
         jnp.zeros((), jnp.int32), params, rest, tx.init(params)
     )
-    step = trainer.Step(loss_cfg, graphdef, t_graph, tx, 1)
-    batch = trainer.put_batch(b, mesh)
+    step = training.Step(loss_cfg, graphdef, t_graph, tx, 1)
+    batch = training.put_batch(b, mesh)
     bad = jnp.asarray(-1)
     fn = jax.jit(step.train)
     compiled = fn.lower(state, batch, t_state, bad).compile()

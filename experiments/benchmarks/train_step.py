@@ -6,7 +6,7 @@ r"""One full KD train step, timed for every ``loss.impl``.
 For each teacher/student pair (random weights from the ``kdjax.models`` presets,
 GPT-2's 50257-word vocabulary unless the pair says otherwise) and each
 implementation of the KD loss it builds the trainer's real step
-(:class:`kdjax.trainer.Step`: teacher forward, student forward/backward,
+(:class:`kdjax.training.Step`: teacher forward, student forward/backward,
 ``0.5 CE + 0.5 KD``, clipped AdamW), compiles it once, then reports the median
 wall time of ``--repeats`` steps, tokens/s and the step's XLA temporary bytes
 (``memory_analysis()``). Results go to stdout and
@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import models, objective, sharding, trainer
-from kdjax.configs import common
+from kdjax import models, objective, sharding, training
+from kdjax.config import recipe
 
-# The papers' AdamW recipe (kdjax/configs/common.py), warm-up off.
-OPTIM = common.get_config().optim
+# The papers' AdamW recipe (kdjax/config/recipe.py), warm-up off.
+OPTIM = recipe.get_config().optim
 OPTIM.warmup_steps = 0
 
 # name -> (teacher preset + overrides, student preset + overrides)
@@ -108,13 +108,13 @@ def bench(pair: str, impl: str, mesh) -> dict:
   loss_cfg = dict(
       name=_LOSS.value, kd_ratio=0.5, impl=impl, chunk_size=_CHUNK.value, hp={}
   )
-  tx = trainer.make_optimizer(OPTIM, 1000)
+  tx = training.make_optimizer(OPTIM, 1000)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
-  state = trainer.TrainState(
+  state = training.TrainState(
       jnp.zeros((), jnp.int32), params, rest, tx.init(params)
   )
-  step = trainer.Step(loss_cfg, graphdef, nnx.graphdef(teacher), tx, 1)
-  batch = trainer.put_batch(_batch(_BATCH.value, _SEQ.value, vocab), mesh)
+  step = training.Step(loss_cfg, graphdef, nnx.graphdef(teacher), tx, 1)
+  batch = training.put_batch(_batch(_BATCH.value, _SEQ.value, vocab), mesh)
   t_state = nnx.state(teacher)
   bad = jnp.asarray(-1)
   fn = jax.jit(step.train)

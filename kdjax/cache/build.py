@@ -31,9 +31,9 @@ import numpy as np
 import tqdm
 
 from kdjax import sharding
-from kdjax import spec as spec_lib
-from kdjax import validation as config_validation
 from kdjax.cache import codec, store
+from kdjax.config import checks as config_checks
+from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.divergences import sparse
@@ -45,15 +45,15 @@ EXAMPLES_PER_SHARD = 1024
 
 def _refuse_unbuildable(config: ml_collections.ConfigDict) -> None:
   if config.data.seqkd_teacher:
-    raise config_validation.ConfigError(
+    raise config_checks.ConfigError(
         "data.seqkd_teacher is set: a SeqKD run trains on responses generated "
         "in its workdir, which a teacher cache cannot follow; cache a config "
         "that trains on the dataset's references."
     )
   if config.loss.kd_ratio == 0:
-    raise config_validation.ConfigError(
+    raise config_checks.ConfigError(
         "loss.kd_ratio=0 trains without a teacher; there is nothing to cache "
-        "(use a KD config such as kdjax/configs/fkl_gpt2.py)."
+        "(use a KD config such as configs/fkl_gpt2.py)."
     )
 
 
@@ -168,16 +168,16 @@ def build(
   """
   _refuse_unbuildable(config)
   c = live_config(config)
-  config_validation.validate(c)
+  config_checks.validate(c)
   if examples_per_shard < 1:
-    raise config_validation.ConfigError(
+    raise config_checks.ConfigError(
         f"--examples_per_shard={examples_per_shard} must be >= 1."
     )
-  vocab = int(config_validation.teacher_config(c)["vocab_size"])
+  vocab = int(config_checks.teacher_config(c)["vocab_size"])
   width = store.cache_settings(c.teacher)
   width = width.get("k") or width["num_samples"]
   if width > vocab:
-    raise config_validation.ConfigError(
+    raise config_checks.ConfigError(
         f"teacher.cache.k={width} exceeds the teacher's vocabulary of {vocab}; "
         f"pass --config.teacher.cache.k={min(64, vocab)}."
     )

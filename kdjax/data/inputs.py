@@ -1,4 +1,4 @@
-"""A run's examples from its :class:`~kdjax.spec.DataSpec`.
+"""A run's examples from its :class:`~kdjax.config.spec.DataSpec`.
 
 ``data.name`` is a registered dataset (``dolly``, ``synthetic_instruct``,
 ``instruct_jsonl/<name>``) or the path of one ``.jsonl`` file, which
@@ -14,7 +14,7 @@ from kdjax import fs
 from kdjax.data import sources
 
 if TYPE_CHECKING:
-  from kdjax.spec import DataSpec
+  from kdjax.config.spec import DataSpec
 
 
 def source(data: DataSpec, split: str) -> Any:

@@ -12,7 +12,7 @@ module             concern
 ``suite``          :func:`run`: a checkpoint on a suite (the CLI's work)
 =================  =======================================================
 
-A config becomes a :class:`Protocol` in :func:`kdjax.spec.protocol_from_config`.
+A config becomes a :class:`Protocol` in :func:`kdjax.config.spec.protocol_from_config`.
 
 The protocol (docs/evaluation.md): prompts templated, cut to their first 256
 tokens, left-padded with EOS; up to 256 new tokens sampled with temperature 1,

@@ -2,7 +2,7 @@
 
 Defaults: prompts cut to their first 256 tokens, up to 256 new tokens sampled
 at temperature 1 with top-k and top-p off, ``no_repeat_ngram_size=6``, five
-seeds 10..50 (docs/evaluation.md). :func:`kdjax.spec.protocol_from_config`
+seeds 10..50 (docs/evaluation.md). :func:`kdjax.config.spec.protocol_from_config`
 reads one from a config.
 """
 

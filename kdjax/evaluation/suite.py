@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import fs, models, sharding
-from kdjax import spec as spec_lib
-from kdjax import validation as config_validation
+from kdjax.config import checks as config_checks
+from kdjax.config import spec as spec_lib
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import datasets as datasets_lib
 from kdjax.evaluation import files, harness
@@ -32,7 +32,7 @@ def run(
   the files of :mod:`kdjax.evaluation.files`, prints the markdown table and
   returns ``{dataset: metrics}``.
   """
-  config_validation.validate(config, training=False)
+  config_checks.validate(config, training=False)
   suite = spec_lib.suite_from_config(config)
   hf_dir, default_outdir = files.resolve_checkpoint(checkpoint)
   outdir = fs.local(outdir or default_outdir)

@@ -15,8 +15,9 @@ module            concern
 
 ```python
 from kdjax import training
-from kdjax.configs import akl_gpt2
-summary = training.train_and_evaluate(akl_gpt2.get_config("tiny"), "/tmp/akl")
+from kdjax.config import files
+config = files.load("configs/akl_gpt2.py:tiny")
+summary = training.train_and_evaluate(config, "/tmp/akl")
 ```
 """
 

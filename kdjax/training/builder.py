@@ -21,8 +21,8 @@ import numpy as np
 import tokenizers
 
 from kdjax import models, objective, sharding
-from kdjax import spec as spec_lib
 from kdjax.cache import store as cache_store
+from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
@@ -77,13 +77,13 @@ def teacher_path(teacher: spec_lib.TeacherSpec) -> str:
     fix = (
         f"download or fine-tune it (base model: `"
         f"{models.download_hint(teacher.hub_id)}`, then SFT it with "
-        "kdjax/configs/sft_gpt2.py:teacher) and pass "
+        "configs/sft_gpt2.py:teacher) and pass "
         "--config.teacher.path=DIR"
     )
   else:
     fix = (
         "train it first: python -m kdjax.train "
-        "--config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir="
+        "--config=configs/sft_gpt2.py:tiny_teacher --workdir="
         f"{os.path.dirname(teacher.path.rstrip('/'))}"
     )
   raise TrainingError(f"teacher checkpoint {teacher.path} not found; {fix}.")

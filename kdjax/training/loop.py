@@ -7,7 +7,7 @@ thereafter, the on-policy sequence source's state included:
 non-finite loss or gradient, and the final and best students exported as
 Hugging Face checkpoints (``workdir/hf``, ``workdir/best_hf``).
 
-The whole config is checked first (:func:`kdjax.validation.validate`), before
+The whole config is checked first (:func:`kdjax.config.checks.validate`), before
 the workdir is touched or anything compiles. Stdout gets one line per
 validation and a summary at the end (best step and metric, final metrics,
 where the exports are; also ``workdir/summary.json``). The first Ctrl-C stops
@@ -33,8 +33,8 @@ import tqdm
 
 from kdjax import checkpoint, fs, models, sharding
 from kdjax import metrics as metrics_lib
-from kdjax import spec as spec_lib
-from kdjax import validation as config_validation
+from kdjax.config import checks as config_checks
+from kdjax.config import spec as spec_lib
 from kdjax.onpolicy import runner as runner_lib
 from kdjax.training import builder, validation
 from kdjax.training import step as step_lib
@@ -55,17 +55,17 @@ def train_and_evaluate(
   """Trains (or resumes) the run ``config`` in ``workdir``; returns its last metrics.
 
   Args:
-    config: an experiment config (``kdjax/configs/*.py:get_config(arg)``).
+    config: an experiment config (``configs/*.py:get_config(arg)``).
     workdir: run directory; a checkpoint there is resumed.
     stop_at: stop after this step with a checkpoint, as a preemption would;
       calling again continues the same run (notebooks training in pieces).
     devices: devices for the mesh (default: all).
 
   Raises:
-    kdjax.validation.ConfigError: the config cannot run (nothing written).
+    kdjax.config.checks.ConfigError: the config cannot run (nothing written).
     TrainingError: the run stopped for a reason the user must act on.
   """
-  config_validation.validate(config)
+  config_checks.validate(config)
   spec = spec_lib.from_config(config)
   maybe_initialize_distributed()
   workdir = fs.local(workdir)

@@ -15,7 +15,7 @@ import jax
 import optax
 
 if TYPE_CHECKING:
-  from kdjax.spec import OptimSpec
+  from kdjax.config.spec import OptimSpec
 
 P = jax.sharding.PartitionSpec
 

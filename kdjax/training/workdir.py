@@ -1,6 +1,6 @@
 """A workdir's identity: the config it was started with, in ``config.json``.
 
-A restart whose resume identity (:mod:`kdjax.identity`: what defines the run,
+A restart whose resume identity (:mod:`kdjax.config.identity`: what defines the run,
 not its length, cadence or layout) is unchanged resumes; ``:tiny,steps=60`` on
 a finished 30-step run extends it. A different identity would silently mix two
 experiments, so it is refused unless ``force_new_run`` is set, which deletes
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import jax
 
 from kdjax import fs
-from kdjax import identity as identity_lib
+from kdjax.config import identity as identity_lib
 from kdjax.training.errors import TrainingError
 
 # What a run writes into its workdir (deleted by force_new_run).
@@ -33,7 +33,7 @@ RUN_OUTPUTS = (
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-  """Identity keys whose values differ (:func:`kdjax.identity.changed`)."""
+  """Identity keys whose values differ (:func:`kdjax.config.identity.changed`)."""
   return identity_lib.changed(old, new)
 
 

@@ -1,22 +1,22 @@
-r"""TVD: total variation distance (DistiLLM's TVD baseline).
+r"""SRKL: skew reverse KL, KL(q || a q + (1-a) p) (DistiLLM).
 
 Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
 "The paper recipe"):
 
-  python -m kdjax.train --config=kdjax/configs/tvd_gpt2.py --workdir=workdirs/tvd_gpt2 \
+  python -m kdjax.train --config=configs/srkl_gpt2.py --workdir=workdirs/srkl_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
 
-  python -m kdjax.train --config=kdjax/configs/tvd_gpt2.py:tiny --workdir=workdirs/tiny/tvd
+  python -m kdjax.train --config=configs/srkl_gpt2.py:tiny --workdir=workdirs/tiny/srkl
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from kdjax.configs import common
+from kdjax.config import recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return common.get_config("tvd", arg)
+  return recipe.get_config("srkl", arg, alpha=0.1)

@@ -1,22 +1,22 @@
-r"""FKL: forward KL(p||q) (Hinton et al.; the MiniLLM KD baseline).
+r"""JSD: generalized JSD with beta 0.5 (GKD).
 
 Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
 "The paper recipe"):
 
-  python -m kdjax.train --config=kdjax/configs/fkl_gpt2.py --workdir=workdirs/fkl_gpt2 \
+  python -m kdjax.train --config=configs/jsd_gpt2.py --workdir=workdirs/jsd_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
 
-  python -m kdjax.train --config=kdjax/configs/fkl_gpt2.py:tiny --workdir=workdirs/tiny/fkl
+  python -m kdjax.train --config=configs/jsd_gpt2.py:tiny --workdir=workdirs/tiny/jsd
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from kdjax.configs import common
+from kdjax.config import recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return common.get_config("fkl", arg)
+  return recipe.get_config("jsd", arg, beta=0.5)

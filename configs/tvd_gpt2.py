@@ -1,22 +1,22 @@
-r"""SRKL: skew reverse KL, KL(q || a q + (1-a) p) (DistiLLM).
+r"""TVD: total variation distance (DistiLLM's TVD baseline).
 
 Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
 "The paper recipe"):
 
-  python -m kdjax.train --config=kdjax/configs/srkl_gpt2.py --workdir=workdirs/srkl_gpt2 \
+  python -m kdjax.train --config=configs/tvd_gpt2.py --workdir=workdirs/tvd_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
 
-  python -m kdjax.train --config=kdjax/configs/srkl_gpt2.py:tiny --workdir=workdirs/tiny/srkl
+  python -m kdjax.train --config=configs/tvd_gpt2.py:tiny --workdir=workdirs/tiny/tvd
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from kdjax.configs import common
+from kdjax.config import recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return common.get_config("srkl", arg, alpha=0.1)
+  return recipe.get_config("tvd", arg)

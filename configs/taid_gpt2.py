@@ -10,22 +10,22 @@ KD alone, ``--config.loss.kd_ratio=1``.
 
 Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly:
 
-  python -m kdjax.train --config=kdjax/configs/taid_gpt2.py --workdir=workdirs/taid_gpt2 \
+  python -m kdjax.train --config=configs/taid_gpt2.py --workdir=workdirs/taid_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
 
-  python -m kdjax.train --config=kdjax/configs/taid_gpt2.py:tiny --workdir=workdirs/tiny/taid
+  python -m kdjax.train --config=configs/taid_gpt2.py:tiny --workdir=workdirs/tiny/taid
 
 The linear ramp alone (no adaptive step): ``--config.loss.taid.adaptive=False``.
 """
 
 from kdjax import taid
-from kdjax.configs import common
+from kdjax.config import recipe
 
 
 def get_config(arg=None):
-  c = common.get_config("taid", arg)
+  c = recipe.get_config("taid", arg)
   with c.unlocked():
     c.loss.taid = dict(taid.DEFAULTS)
   return c

@@ -28,7 +28,7 @@ TINY_ROOT = "workdirs/tiny"
 TINY_TEACHER = "experiments/assets/tiny_teacher"
 TINY_DATA_DIR = f"{TINY_ROOT}/data"
 
-# Paper-size teacher: an SFT'd GPT-2 XL. Produce it with kdjax/configs/sft_gpt2.py:teacher
+# Paper-size teacher: an SFT'd GPT-2 XL. Produce it with configs/sft_gpt2.py:teacher
 # or point teacher.path at any GPT-2-vocabulary HF directory.
 PAPER_TEACHER = "workdirs/gpt2_xl_sft/hf"
 

@@ -1,22 +1,22 @@
-r"""JSD: generalized JSD with beta 0.5 (GKD).
+r"""FKL+RKL: FKL + RKL summed with equal weights (the seed paper's ablation).
 
 Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
 "The paper recipe"):
 
-  python -m kdjax.train --config=kdjax/configs/jsd_gpt2.py --workdir=workdirs/jsd_gpt2 \
+  python -m kdjax.train --config=configs/fkl_rkl_gpt2.py --workdir=workdirs/fkl_rkl_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
 
-  python -m kdjax.train --config=kdjax/configs/jsd_gpt2.py:tiny --workdir=workdirs/tiny/jsd
+  python -m kdjax.train --config=configs/fkl_rkl_gpt2.py:tiny --workdir=workdirs/tiny/fkl_rkl
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from kdjax.configs import common
+from kdjax.config import recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return common.get_config("jsd", arg, beta=0.5)
+  return recipe.get_config("fkl_rkl", arg, weight=0.5)

@@ -14,18 +14,18 @@ Defaults: ``skd_top_k=25``, ``lmbda=1.0``, ``temperature=1.0``,
 max_prompt_length); kd_ratio 0.5 as every kdjax KD recipe. ``:tiny``: up to
 32 new tokens.
 
-  python -m kdjax.train --config=kdjax/configs/skd_gpt2.py --workdir=workdirs/skd_gpt2 \
+  python -m kdjax.train --config=configs/skd_gpt2.py --workdir=workdirs/skd_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
-  python -m kdjax.train --config=kdjax/configs/skd_gpt2.py:tiny --workdir=workdirs/tiny/skd
+  python -m kdjax.train --config=configs/skd_gpt2.py:tiny --workdir=workdirs/tiny/skd
 """
 
-from kdjax.configs import common
+from kdjax.config import recipe
 from kdjax.onpolicy import source
 
 
 def get_config(arg=None):
-  c = common.get_config("fkl", arg)
-  tiny = "tiny" in (arg or "")
+  c = recipe.get_config("fkl", arg)
+  tiny = recipe.parse_scale(arg).tiny
   source.add_config(
       c,
       source="skd",

@@ -1,6 +1,6 @@
 """An experiment config resolved once into typed, frozen parts.
 
-The ``ml_collections.ConfigDict`` of ``kdjax/configs/*.py`` is read here and
+The ``ml_collections.ConfigDict`` of ``configs/*.py`` is read here and
 nowhere else: :func:`from_config` turns it into a :class:`TrainSpec` whose
 parts go each to the one module that needs it (:class:`DataSpec` to the data
 pipeline, :class:`TeacherSpec` / :class:`StudentSpec` to model building,
@@ -10,9 +10,8 @@ pipeline, :class:`TeacherSpec` / :class:`StudentSpec` to model building,
 command line reads the smaller :class:`SuiteSpec` (:func:`suite_from_config`).
 
 ```python
-from kdjax import spec
-from kdjax.configs import akl_gpt2
-s = spec.from_config(akl_gpt2.get_config("tiny"))
+from kdjax.config import files, spec
+s = spec.from_config(files.load("configs/akl_gpt2.py:tiny"))
 s.data.max_length, s.optim.lr, s.loss["name"], s.eval.protocol.seeds
 ```
 """
@@ -249,7 +248,7 @@ def _teacher_from_config(t: ml_collections.ConfigDict) -> TeacherSpec:
 
 
 def from_config(config: ml_collections.ConfigDict) -> TrainSpec:
-  """Resolves a training config (``kdjax/configs/*.py:get_config``)."""
+  """Resolves a training config (``configs/*.py:get_config``)."""
   c = config
   student = StudentSpec(
       init=c.student.init,

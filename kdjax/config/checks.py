@@ -108,7 +108,7 @@ def validate(
   logged), so the resolved config records what actually runs.
 
   Args:
-    config: an experiment config (``kdjax/configs/*.py:get_config(arg)``).
+    config: an experiment config (``configs/*.py:get_config(arg)``).
     training: False for ``kdjax.evaluate``, which scores a given checkpoint:
       only the numbers and names are checked, not the teacher, the student's
       initialisation or the training data.
@@ -835,13 +835,13 @@ def teacher_config(config) -> dict:
     fix = (
         f"download or fine-tune it (base model: `"
         f"{models.download_hint(hub_id)}`, then SFT it with "
-        "kdjax/configs/sft_gpt2.py:teacher) and pass "
+        "configs/sft_gpt2.py:teacher) and pass "
         "--config.teacher.path=DIR"
     )
   else:
     fix = (
         "train it first: python -m kdjax.train "
-        "--config=kdjax/configs/sft_gpt2.py:tiny_teacher --workdir="
+        "--config=configs/sft_gpt2.py:tiny_teacher --workdir="
         f"{os.path.dirname(path.rstrip('/'))}"
     )
   raise MissingInputError(f"teacher checkpoint {path} not found; {fix}.")

@@ -22,18 +22,18 @@ starts this phase from a student already fine-tuned on the data; set
 GPT-2). ``:tiny``: the tiny recipe's optimizer and scale, up to 32 new
 tokens.
 
-  python -m kdjax.train --config=kdjax/configs/minillm_gpt2.py --workdir=workdirs/minillm_gpt2 \
+  python -m kdjax.train --config=configs/minillm_gpt2.py --workdir=workdirs/minillm_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
-  python -m kdjax.train --config=kdjax/configs/minillm_gpt2.py:tiny --workdir=workdirs/tiny/minillm
+  python -m kdjax.train --config=configs/minillm_gpt2.py:tiny --workdir=workdirs/tiny/minillm
 """
 
-from kdjax.configs import common
+from kdjax.config import recipe
 from kdjax.onpolicy import source
 
 
 def get_config(arg=None):
-  c = common.get_config("fkl", arg)
-  tiny = "tiny" in (arg or "")
+  c = recipe.get_config("fkl", arg)
+  tiny = recipe.parse_scale(arg).tiny
   if not tiny:
     c.optim.update(
         lr=5e-6, lr_min=5e-6, warmup_steps=100, b2=0.95, weight_decay=1e-6

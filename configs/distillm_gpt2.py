@@ -18,18 +18,18 @@ Defaults (DistiLLM's GPT-2 scripts): ``init_threshold=0.0``,
 epoch; kd_ratio 0.5 as every kdjax KD recipe. ``:tiny``: ``buffer_size=160``
 (ten batches), up to 32 new tokens.
 
-  python -m kdjax.train --config=kdjax/configs/distillm_gpt2.py --workdir=workdirs/distillm_gpt2 \
+  python -m kdjax.train --config=configs/distillm_gpt2.py --workdir=workdirs/distillm_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
-  python -m kdjax.train --config=kdjax/configs/distillm_gpt2.py:tiny --workdir=workdirs/tiny/distillm
+  python -m kdjax.train --config=configs/distillm_gpt2.py:tiny --workdir=workdirs/tiny/distillm
 """
 
-from kdjax.configs import common
+from kdjax.config import recipe
 from kdjax.onpolicy import source
 
 
 def get_config(arg=None):
-  c = common.get_config("skl", arg, alpha=0.1)
-  tiny = "tiny" in (arg or "")
+  c = recipe.get_config("skl", arg, alpha=0.1)
+  tiny = recipe.parse_scale(arg).tiny
   source.add_config(
       c,
       source="distillm",

@@ -1,22 +1,22 @@
-r"""FKL+RKL: FKL + RKL summed with equal weights (the seed paper's ablation).
+r"""FKL: forward KL(p||q) (Hinton et al.; the MiniLLM KD baseline).
 
 Paper setup, GPT-2 XL SFT teacher -> GPT-2 124M on Dolly (docs/training.md
 "The paper recipe"):
 
-  python -m kdjax.train --config=kdjax/configs/fkl_rkl_gpt2.py --workdir=workdirs/fkl_rkl_gpt2 \
+  python -m kdjax.train --config=configs/fkl_gpt2.py --workdir=workdirs/fkl_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see sft_gpt2.py):
 
-  python -m kdjax.train --config=kdjax/configs/fkl_rkl_gpt2.py:tiny --workdir=workdirs/tiny/fkl_rkl
+  python -m kdjax.train --config=configs/fkl_gpt2.py:tiny --workdir=workdirs/tiny/fkl
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from kdjax.configs import common
+from kdjax.config import recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return common.get_config("fkl_rkl", arg, weight=0.5)
+  return recipe.get_config("fkl", arg)

@@ -14,21 +14,21 @@ Defaults (paper setup, the GKD baseline of DistiLLM on Dolly with GPT-2):
 ``max_new_tokens=256``, kd_ratio 0.5 as every kdjax KD recipe. ``:tiny``
 samples up to 32 new tokens.
 
-  python -m kdjax.train --config=kdjax/configs/gkd_gpt2.py --workdir=workdirs/gkd_gpt2 \
+  python -m kdjax.train --config=configs/gkd_gpt2.py --workdir=workdirs/gkd_gpt2 \
       --config.teacher.path=workdirs/gpt2_xl_sft/hf
-  python -m kdjax.train --config=kdjax/configs/gkd_gpt2.py:tiny --workdir=workdirs/tiny/gkd
+  python -m kdjax.train --config=configs/gkd_gpt2.py:tiny --workdir=workdirs/tiny/gkd
 
 Fully on-policy (the GKD paper's best setting on most tasks):
 ``--config.onpolicy.lmbda=1.0``.
 """
 
-from kdjax.configs import common
+from kdjax.config import recipe
 from kdjax.onpolicy import source
 
 
 def get_config(arg=None):
-  c = common.get_config("jsd", arg, beta=0.5)
-  tiny = "tiny" in (arg or "")
+  c = recipe.get_config("jsd", arg, beta=0.5)
+  tiny = recipe.parse_scale(arg).tiny
   source.add_config(
       c,
       source="gkd",

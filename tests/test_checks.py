@@ -1,4 +1,4 @@
-"""kdjax.validation: every bad config is one sentence naming the value and fix.
+"""kdjax.config.checks: every bad config is one sentence naming the value and fix.
 
 Each case breaks one field of a tiny config and asserts the key words of the
 sentence; ``validate`` reads only config.json files, so the module runs in
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from kdjax import validation
+from kdjax.config import checks
 import tiny_run
 
 
@@ -25,9 +25,9 @@ def _config(root, name="akl_gpt2", **overrides):
   return tiny_run.config(name, root, steps=4, **overrides)
 
 
-def _refused(config, *words, error=validation.ConfigError):
+def _refused(config, *words, error=checks.ConfigError):
   with pytest.raises(error) as e:
-    validation.validate(config)
+    checks.validate(config)
   msg = str(e.value)
   assert "\n" not in msg and msg.endswith("."), msg
   for w in words:
@@ -53,7 +53,7 @@ def test_the_tiny_configs_pass(root):
       "sft_gpt2",
       "skl_gpt2",
   ):
-    assert validation.validate(_config(root, name)) == []
+    assert checks.validate(_config(root, name)) == []
 
 
 @pytest.mark.parametrize(
@@ -172,7 +172,7 @@ def test_divergence_hyper_parameters_out_of_range(root, name, hp, value, words):
 
 def test_warmup_longer_than_the_run_is_only_a_note(root):
   c = _config(root, **{"optim.warmup_steps": 4})
-  assert validation.validate(c) == [
+  assert checks.validate(c) == [
       "optim.warmup_steps=4 is not below num_steps=4: the learning rate stays "
       "below optim.lr."
   ]
@@ -194,14 +194,14 @@ def test_loss_temperature_must_be_positive(root):
 
 def test_switching_the_divergence_drops_what_it_does_not_take(root):
   c = _config(root, **{"loss.name": "fkl", "loss.impl": "reference"})
-  notes = validation.validate(c)
+  notes = checks.validate(c)
   assert notes == [
       "loss.hp.mu=0.5 dropped: fkl takes no 'mu' (its "
       "hyper-parameters: none)."
   ]
   assert dict(c.loss.hp) == {}
   c = _config(root, **{"loss.name": "jsd"})  # akl's mu is not jsd's beta
-  validation.validate(c)
+  checks.validate(c)
   assert dict(c.loss.hp) == {}
 
 
@@ -312,7 +312,7 @@ def test_missing_teacher_names_hf_download(root, tmp_path):
       "not found",
       "`hf download gpt2-xl",
       "--config.teacher.path=DIR",
-      error=validation.MissingInputError,
+      error=checks.MissingInputError,
   )
   assert "huggingface-cli" not in msg
 
@@ -324,7 +324,7 @@ def test_missing_tiny_teacher_says_how_to_train_it(root, tmp_path):
       c,
       "sft_gpt2.py:tiny_teacher",
       f"--workdir={tmp_path / 't'}",
-      error=validation.MissingInputError,
+      error=checks.MissingInputError,
   )
 
 
@@ -332,7 +332,7 @@ def test_missing_and_empty_jsonl(root, tmp_path):
   _refused(
       _config(root, **{"data.name": str(tmp_path / "no.jsonl")}),
       "no such file",
-      error=validation.MissingInputError,
+      error=checks.MissingInputError,
   )
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n \n")
@@ -345,5 +345,5 @@ def test_missing_and_empty_jsonl(root, tmp_path):
 
 def test_validate_writes_nothing(root, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  validation.validate(_config(root))
+  checks.validate(_config(root))
   assert os.listdir(tmp_path) == []
