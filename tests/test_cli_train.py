@@ -9,6 +9,7 @@ different run". Every case fails before anything compiles.
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -109,14 +110,35 @@ def test_sinkhorn_temperature_zero(root, tmp_path):
   assert_one_error(err, "loss.temperature=0.0 must be > 0")
 
 
-def test_config_file_that_moved(root, tmp_path):
-  rc, _, err = _train(root, tmp_path, config="configs/akl_gpt2.py:tiny")
+def test_a_config_that_does_not_exist_lists_configs(root, tmp_path):
+  rc, _, err = _train(root, tmp_path, config="configs/akl_gtp2.py:tiny")
   assert rc == 2, err
   assert_one_error(
       err,
-      "config file configs/akl_gpt2.py does not exist",
-      "--config=configs/akl_gpt2.py:tiny",
+      "config file configs/akl_gtp2.py does not exist",
+      "configs/ holds abkd_gpt2.py, akl_gpt2.py",
   )
+
+
+def test_the_design_card_command_trains_from_a_clone(tmp_path):
+  """``python -m kdjax.train --config=configs/akl_gpt2.py:tiny,steps=2
+  --workdir=W``, typed as is at the root of a clone (its ``configs/`` and
+  shipped tiny teacher, nothing else), trains and exports the student."""
+  clone = tmp_path / "clone"
+  shutil.copytree(os.path.join(ROOT, "configs"), clone / "configs")
+  teacher = os.path.join("experiments", "assets", "tiny_teacher")
+  shutil.copytree(os.path.join(ROOT, teacher), clone / teacher)
+  rc, out, err = run_cli(
+      "kdjax.train",
+      "--config=configs/akl_gpt2.py:tiny,steps=2",
+      "--workdir=W",
+      cwd=clone,
+  )
+  assert rc == 0, err
+  assert "done: 2 steps" in out
+  rows = [json.loads(l) for l in (clone / "W" / "metrics.jsonl").open()]
+  assert max(r["step"] for r in rows) == 2
+  assert (clone / "W" / "hf" / "model.safetensors").is_file()
 
 
 def test_config_arg_typo(root, tmp_path):
