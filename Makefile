@@ -47,7 +47,7 @@ format: $(VENV)/.installed-test
 	$(BIN)/pyink $(LINT_PATHS)
 
 # The Sphinx site in docs/_build/html; notebooks render without executing
-# (tests/test_notebooks.py executes them).
+# (tests/project/test_notebooks.py executes them).
 docs: $(VENV)/.installed-test
 	PYTHONPATH=$(CURDIR) $(BIN)/sphinx-build $(SPHINX_ARGS) -b html docs docs/_build/html
 

@@ -32,7 +32,7 @@ myst_heading_anchors = 3
 myst_dmath_double_inline = True
 
 # Notebooks render as committed (outputs cleared); CI executes them in
-# tests/test_notebooks.py, not here.
+# tests/project/test_notebooks.py, not here.
 nb_execution_mode = "off"
 
 autodoc_member_order = "bysource"

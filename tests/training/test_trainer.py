@@ -1,6 +1,5 @@
 """The trainer: configs, the sharded step, accumulation, resume, failure modes."""
 
-import glob
 import json
 import os
 import re
@@ -11,15 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from commands import ROOT
 from kdjax import metrics, models, objective, sharding, training
 from kdjax.config import files as config_files
 import tiny_run
 
-CONFIGS = sorted(
-    os.path.basename(p)[:-3]
-    for p in glob.glob("configs/*.py")
-    if not p.endswith(("common.py", "__init__.py"))
-)
+CONFIGS = [
+    n[:-3] for n in config_files.available(os.path.join(ROOT, "configs"))
+]
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import extras
 from kdjax import models, sharding, training
 import tiny_run
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = extras.require("torch")
+transformers = extras.require("transformers")
 
 STEPS = 4
 

@@ -13,10 +13,13 @@ import shutil
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+from commands import ROOT
+import extras
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+nbformat = extras.require("nbformat")
+nbclient = extras.require("nbclient")
+
+
 # notebook -> strings its quick run must print (its own checks are asserts).
 EXPECTED = {
     "divergences.ipynb": ("AKL weights: head", "long_tailed"),

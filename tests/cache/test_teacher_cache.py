@@ -18,13 +18,13 @@ import jax
 import numpy as np
 import pytest
 
+from commands import ROOT, assert_one_error, listing, run_cli
 from kdjax import models, objective, sharding, training
 from kdjax.cache import build, codec, store
 from kdjax.config import checks
 from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline
 from kdjax.data import tokenizer as tokenizer_lib
-from test_cli import ROOT, assert_one_error, listing, run_cli
 import tiny_run
 
 TEMPERATURE = 2.0

@@ -25,7 +25,7 @@ JSD/TVD upper bounds; the "sinkd" Sinkhorn solver equals SinKD's loop.
 -inf in only one of teacher and student is drawn with the others (same
 compiled programs) and checked only for what a training step needs: no NaN in
 values or gradients. -inf in the teacher alone is exact (RKL-type values +inf),
-which tests/test_sparse_divergences.py checks against float64; -inf in the
+which tests/divergences/test_sparse_divergences.py checks against float64; -inf in the
 student alone is outside the contract (its log-probability is finite-ised).
 
 Run with ``--hypothesis-show-statistics`` to see the example counts; the
@@ -163,7 +163,7 @@ BUCKETS = (
         # ABKD at its Hellinger point: at +-1e4 bf16 logits the alpha = 0
         # limit loses ~5e-5 relative, and the alpha = beta = 0 limit
         # 1/2 sum (log q - log p)^2 weights no entry by a probability, so
-        # underflowed slots have no agreed value; tests/test_divergences_engine.py
+        # underflowed slots have no agreed value; tests/divergences/test_divergences_engine.py
         # checks both limits on moderate logits.
         _hp(0.5, 0.5, 0.9, 0.9, 1.0, "akl", (0.5, 0.5)),
     ),
@@ -518,7 +518,7 @@ def test_token_divergences(example):
 def _check_one_sided(out, bucket):
   """-inf in teacher or student only: the absence of NaN, which would poison
   a training step through the optimizer state, for every implementation (the
-  teacher-only values are checked in tests/test_sparse_divergences.py; the
+  teacher-only values are checked in tests/divergences/test_sparse_divergences.py; the
   student-only ones are outside the contract)."""
   for key, result in out.items():
     for x in jax.tree.leaves(result):

@@ -1,7 +1,6 @@
 """Configs resolved into typed parts; their arg grammar; data without models."""
 
 import dataclasses
-import glob
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 
 import pytest
 
+from commands import ROOT
 from kdjax.config import files as config_files
 from kdjax.config import recipe, spec
 from kdjax.data import tokenizer
@@ -16,12 +16,9 @@ from kdjax.data import tokenizer
 seqkd_gpt2 = config_files.experiment("seqkd_gpt2")
 sft_gpt2 = config_files.experiment("sft_gpt2")
 
-CONFIGS = sorted(
-    os.path.basename(p)[:-3]
-    for p in glob.glob("configs/*.py")
-    if not p.endswith(("recipe.py", "__init__.py"))
-)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = [
+    n[:-3] for n in config_files.available(os.path.join(ROOT, "configs"))
+]
 
 
 def _module(name):

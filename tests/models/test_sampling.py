@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import extras
 import hf_tiny
 from kdjax import models, sampling
 
@@ -37,7 +38,7 @@ def test_incremental_decode_equals_full_forward(name):
 
 @pytest.fixture(scope="module")
 def gpt2_pair(tmp_path_factory):
-  pytest.importorskip("torch")
+  extras.require("torch")
   path = str(tmp_path_factory.mktemp("gpt2"))
   ref = hf_tiny.gpt2(path)
   model = models.load(path)
@@ -95,7 +96,7 @@ def test_no_repeat_ngram_matches_transformers(gpt2_pair):
 
 
 def test_banned_ngram_mask_matches_hf_processor():
-  torch = pytest.importorskip("torch")
+  torch = extras.require("torch")
   from transformers.generation.logits_process import (
       NoRepeatNGramLogitsProcessor,
   )
@@ -128,7 +129,7 @@ def test_top_k_and_top_p_on_hand_built_distribution():
 
 
 def test_top_k_top_p_match_hf_warpers_on_random_logits():
-  torch = pytest.importorskip("torch")
+  torch = extras.require("torch")
   from transformers.generation.logits_process import (
       TopKLogitsWarper,
       TopPLogitsWarper,

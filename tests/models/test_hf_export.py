@@ -10,8 +10,8 @@ import json
 from flax import nnx
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
+import extras
 from kdjax import models, sampling
 from kdjax.data import tokenizer as tokenizer_lib
 
@@ -80,8 +80,8 @@ def test_export_never_declares_an_eos_outside_the_vocabulary(tmp_path):
 
 
 def test_transformers_auto_classes_generate_what_kdjax_generates(tmp_path):
-  pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  extras.require("torch")
+  transformers = extras.require("transformers")
   tok_kd = tokenizer_lib.byte_level()
   prompt_ids = tok_kd.encode(PROMPT).ids
   eos_at = len(prompt_ids) - 1 + NORMAL_TOKENS  # hidden that predicts EOS

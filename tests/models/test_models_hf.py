@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import extras
 import hf_tiny
 from kdjax import models
 from kdjax import sharding as shd
 
-torch = pytest.importorskip("torch")
+torch = extras.require("torch")
 IDS = np.random.RandomState(0).randint(0, 100, (2, 9))
 
 

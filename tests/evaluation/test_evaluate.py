@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
+from commands import ROOT
 from kdjax import evaluate, models, sampling, sharding
 from kdjax.data import pipeline, synthetic_tasks, template
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from test_cli import ROOT, assert_one_error, listing, run_cli
+from commands import ROOT, assert_one_error, listing, run_cli
 import tiny_run
 
 TINY = "configs/akl_gpt2.py:tiny,steps=10"

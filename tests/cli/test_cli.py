@@ -8,54 +8,11 @@ start.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 
+from commands import ROOT, assert_one_error, listing, run_cli
 from kdjax import cli
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(module, *args, cwd, env=None):
-  """``python -m module args`` in ``cwd``; returns (rc, stdout, stderr)."""
-  full_env = dict(
-      os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1"
-  )
-  full_env.update(env or {})
-  full_env.pop("XLA_FLAGS", None)
-  p = subprocess.run(
-      [sys.executable, "-m", module, *args],
-      cwd=cwd,
-      env=full_env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  return p.returncode, p.stdout, p.stderr
-
-
-def assert_one_error(stderr: str, *words) -> str:
-  """Exactly one ``error:`` line, no traceback, the key words in it."""
-  errors = [l for l in stderr.splitlines() if l.startswith("error: ")]
-  assert len(errors) == 1, stderr
-  assert "Traceback" not in stderr, stderr
-  for w in words:
-    assert w in errors[0], (w, errors[0])
-  return errors[0]
-
-
-def listing(path) -> list[str]:
-  """Every path under ``path`` (empty if it does not exist)."""
-  out = []
-  for dirpath, dirnames, filenames in os.walk(path):
-    out += [
-        os.path.relpath(os.path.join(dirpath, n), path)
-        for n in dirnames + filenames
-    ]
-  return sorted(out)
-
 
 # ----------------------------------------------------------------------------
 # kdjax.data.prepare

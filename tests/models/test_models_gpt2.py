@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import extras
 import hf_tiny
 from kdjax import models
 
-torch = pytest.importorskip("torch")
+torch = extras.require("torch")
 
 
 @pytest.fixture(scope="module")

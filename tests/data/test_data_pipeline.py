@@ -1,12 +1,12 @@
 """kdjax.data.pipeline: template, tokens, response-only masks, grain batching."""
 
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from commands import ROOT
 from kdjax.data import pipeline, template
 from kdjax.data import tokenizer as byte_tok
 
@@ -360,6 +360,6 @@ def test_importing_kdjax_data_does_not_import_tensorflow():
       "assert kdjax.data.__file__.startswith(sys.argv[1]), kdjax.data.__file__; "
       "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
   )
-  root = str(pathlib.Path(__file__).resolve().parents[1])
+  root = ROOT
   # cwd = repo root puts this checkout's kdjax first on sys.path.
   subprocess.run([sys.executable, "-c", code, root], check=True, cwd=root)

@@ -1,7 +1,7 @@
 """Preemption: SIGKILL the training CLI at random moments, restart, compare.
 
 A run killed ``KDJAX_KILLS`` times (default 3; ``KDJAX_KILLS=10 pytest
-tests/test_resume_kill.py`` for the long version) and restarted with the same
+tests/training/test_resume_kill.py`` for the long version) and restarted with the same
 command each time must end with the same student, bit for bit, as a run that
 was never interrupted, and with one ``metrics.jsonl`` row per step; so must an
 on-policy DistiLLM run (two kills) that generates every step and replays

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import extras
 import hf_tiny
 from kdjax import models
 
-torch = pytest.importorskip("torch")
+torch = extras.require("torch")
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,9 @@ import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import commands
+
+ROOT = pathlib.Path(commands.ROOT)
 DOCS = ROOT / "docs"
 SUFFIXES = {
     ".py",

@@ -13,10 +13,10 @@ from kdjax import (
     metrics,
     sampling,
     sharding,
-    trainer,
-    validation,
+    training,
 )
 from kdjax import divergences as kd
+from kdjax.config import checks
 from kdjax.config import files as config_files
 from kdjax.data import pipeline
 from kdjax.onpolicy import batches, minillm, source
@@ -454,8 +454,8 @@ def test_config_and_its_checks():
   for key, value, msg in cases:
     c = minillm_gpt2.get_config("tiny")
     c.update_from_flattened_dict({key: value})
-    with pytest.raises(validation.ConfigError, match=msg) as e:
-      validation.validate(c)
+    with pytest.raises(checks.ConfigError, match=msg) as e:
+      checks.validate(c)
     assert "\n" not in str(e.value)
 
 
@@ -467,7 +467,7 @@ def root(tmp_path_factory):
 def _params(c, workdir):
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
   with jax.set_mesh(mesh):
-    run = trainer.build(c, str(workdir), mesh)
+    run = training.build(c, str(workdir), mesh)
     ck = checkpoint.Checkpoints(str(workdir), every_steps=1, max_to_keep=1)
     (state, _), _ = ck.restore(
         ck.latest_step(),
@@ -485,10 +485,10 @@ def test_tiny_run_logs_minillm_metrics_and_resumes_bit_identically(
   c = tiny_run.config("minillm_gpt2", root, steps=4)
   c.onpolicy.max_new_tokens = 8
   c.onpolicy.minillm_ppo_epochs = 2
-  trainer.train_and_evaluate(c, str(tmp_path / "straight"))
+  training.train_and_evaluate(c, str(tmp_path / "straight"))
   # Cut inside a rollout's epochs: step 4 reuses the checkpointed rollout.
-  trainer.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=3)
-  trainer.train_and_evaluate(c, str(tmp_path / "resumed"))
+  training.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=3)
+  training.train_and_evaluate(c, str(tmp_path / "resumed"))
   a = metrics.read(str(tmp_path / "straight"))
   b = metrics.read(str(tmp_path / "resumed"))
   assert [r["step"] for r in b] == [1, 2, 3, 4]

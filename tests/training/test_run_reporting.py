@@ -14,8 +14,9 @@ from flax import nnx
 import pytest
 
 from fake_gcs import fake_gcs_fixture  # noqa: F401 (the fake_gcs fixture)
-from kdjax import identity, models, training
+from kdjax import models, training
 from kdjax.config import files as config_files
+from kdjax.config import identity
 from kdjax.config import spec as spec_lib
 from kdjax.evaluation import files
 from kdjax.training import builder

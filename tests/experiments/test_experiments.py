@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from commands import ROOT
 from experiments import (
     gaussian_mixture,
     head_tail,
@@ -20,8 +21,6 @@ from experiments import (
     toy_convergence,
     tvd_outliers,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_main(module, tmp_path_factory, *extra):
