@@ -23,10 +23,7 @@ summary = training.train_and_evaluate(akl_gpt2.get_config("tiny"), "/tmp/akl")
 from kdjax.training.builder import (
     Run,
     build,
-    dtype_of,
-    load_teacher,
     make_student,
-    teacher_path,
 )
 from kdjax.training.distributed import maybe_initialize_distributed
 from kdjax.training.errors import TrainingError
@@ -41,10 +38,7 @@ from kdjax.training.step import BATCH_KEYS, Step, TrainState, put_batch
 __all__ = [
     "Run",
     "build",
-    "dtype_of",
-    "load_teacher",
     "make_student",
-    "teacher_path",
     "maybe_initialize_distributed",
     "TrainingError",
     "export",
