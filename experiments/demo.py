@@ -15,7 +15,7 @@ papers' protocol (sampled at temperature 1, seeds 10-50; greedy validity
 beside it), prints the table (± over the sampling seeds) and the three claims
 for this one training seed, and draws the training and validation curves into
 ``experiments/figures/tiny_demo.png``. ``experiments/run_table.py`` is the same
-with every method and three training seeds.
+with every method and three training seeds (:mod:`experiments.table`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from experiments import run_table
+from experiments.table import report, runs, scoring
+from experiments.table.methods import config_for
 from kdjax import metrics, training
 from kdjax.config import files as config_files
 from kdjax.config import recipe
@@ -136,23 +137,23 @@ def teacher_stage(root: str, retrain: bool) -> str:
   return path
 
 
-def curves(runs: dict, path: str, teacher_dir: str | None = None) -> None:
+def curves(
+    workdirs: dict[str, str], path: str, teacher_dir: str | None = None
+) -> None:
   """Training CE (as logged) and validation CE per run, step on x; the
   teacher's final validation CE as a dashed line."""
   fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
-  for name, workdir in runs.items():
+  for name, workdir in workdirs.items():
     rows = metrics.read(workdir)
     ax_train.plot(
         [r["step"] for r in rows], [r["ce"] for r in rows], label=name, lw=0.8
     )
-    val = [(r["step"], r["val_ce"]) for r in rows if "val_ce" in r]
+    val = scoring.val_curve(workdir)
     if val:
       ax_val.plot(*zip(*val), marker="o", label=name)
-  teacher_val = [
-      r["val_ce"] for r in metrics.read(teacher_dir or "") if "val_ce" in r
-  ]
+  teacher_val = scoring.val_curve(teacher_dir or "")
   if teacher_val:
-    ax_val.axhline(teacher_val[-1], ls="--", c="k", label="teacher")
+    ax_val.axhline(teacher_val[-1][1], ls="--", c="k", label="teacher")
   ax_train.set(
       title="training cross-entropy (response tokens)",
       xlabel="step",
@@ -175,14 +176,14 @@ def main(argv):
   root, limit = _ROOT.value, _LIMIT.value or None
   teacher_dir = teacher_stage(root, _RETRAIN.value)
   t1 = time.perf_counter()
-  config_fn = lambda m, s: run_table.config_for(m, "tiny", s)
+  config_fn = lambda m, s: config_for(m, "tiny", s)
   for method in STUDENTS:
-    workdir = os.path.join(root, run_table.run_name(method, SEED))
+    workdir = os.path.join(root, runs.run_name(method, SEED))
     print(f"stage 2: student with {method.upper()}")
-    run_table.train(config_fn(method, SEED), workdir)
+    runs.train(config_fn(method, SEED), workdir)
   t2 = time.perf_counter()
   print("stage 3: scoring on the test split (sampled x 5 seeds, greedy)")
-  results = run_table.run_all(
+  results = runs.run_all(
       STUDENTS,
       [SEED],
       root,
@@ -190,20 +191,20 @@ def main(argv):
       limit=limit,
       log=lambda _: None,
   )
-  teacher = run_table.evaluate_run(
+  teacher = scoring.evaluate_run(
       config_fn("sft", SEED),
       teacher_dir,
       outdir=os.path.join(root, "teacher_eval"),
       limit=limit,
   )
   curves(
-      {m: os.path.join(root, run_table.run_name(m, SEED)) for m in STUDENTS},
+      {m: os.path.join(root, runs.run_name(m, SEED)) for m in STUDENTS},
       FIGURE,
       teacher_dir,
   )
   t3 = time.perf_counter()
   dataset = config_fn("sft", SEED).eval.datasets.split(",")[0]
-  print(run_table.report(results, dataset, teacher=teacher, spread="sampling"))
+  print(report.report(results, dataset, teacher=teacher, spread="sampling"))
   print(f"\nfigure: {FIGURE}")
   print(
       f"time: teacher {t1 - t0:.0f} s, students {t2 - t1:.0f} s, "

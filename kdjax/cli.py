@@ -231,10 +231,9 @@ def message(e: BaseException) -> str:
 
 
 def interrupted_message(e: KeyboardInterrupt) -> str:
-  text = one_line(str(e)) if e.args else ""
-  return text or (
-      f"interrupted; re-run the same command to resume: " f"{resume_command()}"
-  )
+  """What a stop kept (a library's ``e.kept``) and the command that resumes."""
+  kept = one_line(getattr(e, "kept", None) or "interrupted")
+  return f"{kept}; re-run the same command to resume: {resume_command()}"
 
 
 def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:

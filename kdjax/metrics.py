@@ -134,9 +134,3 @@ def summary(
   for name, where in exports.items():
     lines.append(f"  {name} student (Hugging Face): {where}")
   return "\n".join(lines)
-
-
-def read_summary(workdir: fs.PathLike) -> dict | None:
-  """``workdir/summary.json`` of a finished run, or None."""
-  path = fs.path(workdir) / "summary.json"
-  return json.loads(path.read_text()) if path.exists() else None

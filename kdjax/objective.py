@@ -55,8 +55,6 @@ Array = jax.Array
 P = jax.sharding.PartitionSpec
 
 IMPLS = ("auto", "fused", "reference")
-# Former names of the implementations, with what replaced them.
-_RENAMED = {"fast": "auto", "chunked": "auto", "autodiff": "reference"}
 SELECT_BY = ("student_entropy",)
 # Objectives beyond the divergences: TAID runs FKL toward its moving target.
 _OBJECTIVES = {"taid": "fkl"}
@@ -84,12 +82,6 @@ class Sums(NamedTuple):
 def check(loss_cfg: Mapping[str, Any]) -> None:
   """Fails early, with the fix, on a loss config that cannot run."""
   name, impl = loss_cfg["name"], loss_cfg["impl"]
-  if impl in _RENAMED:
-    raise ValueError(
-        f"loss.impl={impl!r} no longer exists; use "
-        f"--config.loss.impl={_RENAMED[impl]} (the analytic, "
-        "chunked path is the default 'auto')."
-    )
   if impl not in IMPLS:
     raise ValueError(f"loss.impl={impl!r} is unknown; use one of {IMPLS}.")
   if name not in NAMES:

@@ -17,7 +17,7 @@ A dimension that a mesh axis does not divide evenly stays replicated (GPT-2's
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from flax import nnx, traverse_util
 import jax
@@ -145,6 +145,19 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding for a batch-major array: first dim over ``("data", "fsdp")``."""
   return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def put_batch(
+    batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array]:
+  """Host arrays (this process's rows) -> global arrays split over the batch
+  axes; every process passes its own rows of the same global batch."""
+  return {
+      k: jax.make_array_from_process_local_data(
+          batch_sharding(mesh, np.ndim(v)), np.asarray(v)
+      )
+      for k, v in batch.items()
+  }
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from kdjax import models, sharding
 from kdjax.config import spec as spec_lib
-from kdjax.training import builder, optimizer
+from kdjax.training import optimizer
 from kdjax.training.step import TEXT_KEYS, Step, TrainState, init_taid
 
 P = jax.sharding.PartitionSpec
@@ -68,7 +68,7 @@ def abstract_run(
   student = nnx.eval_shape(
       lambda: models.create(
           student_preset,
-          dtype=builder.dtype_of(s.student.dtype),
+          dtype=models.dtype_of(s.student.dtype),
           param_dtype=jnp.float32,
           rngs=nnx.Rngs(params=0, dropout=1),
           **s.student.model_overrides,
@@ -92,7 +92,7 @@ def abstract_run(
   teacher_graphdef = teacher_state = None
   live = not s.teacher.cached  # a cached teacher is never loaded
   if teacher_preset is not None and s.loss["kd_ratio"] > 0 and live:
-    dtype = builder.dtype_of(s.teacher.dtype)
+    dtype = models.dtype_of(s.teacher.dtype)
     teacher = nnx.eval_shape(
         lambda: models.create(
             teacher_preset,
@@ -102,7 +102,7 @@ def abstract_run(
             **(teacher_overrides or {}),
         )
     )
-    teacher.eval()  # as builder.load_teacher: frozen, dropout off
+    teacher.eval()  # as models.teacher.load: frozen, dropout off
     teacher_graphdef, teacher_state = abstract_state(teacher, mesh, ...)
   shape = (s.batch_size, s.data.max_length)
   batch = {

@@ -37,8 +37,7 @@ from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.divergences import sparse
-from kdjax.training import builder
-from kdjax.training import step as step_lib
+from kdjax.models import teacher as teacher_lib
 
 EXAMPLES_PER_SHARD = 1024
 
@@ -196,7 +195,7 @@ def build(
     return meta
   mesh = sharding.make_mesh(s.mesh.data, s.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
-    teacher = builder.load_teacher(s.teacher, mesh)
+    teacher = teacher_lib.load(s.teacher, mesh)
     graphdef, state = nnx.split(teacher)
     fn = _teacher_fn(meta["identity"], graphdef)
     n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
@@ -264,7 +263,7 @@ def _run(meta, examples, out, fn, state, mesh, batch, s, eos_id, progress):
       arrays = jax.device_get(
           fn(
               state,
-              step_lib.put_batch(host, mesh),
+              sharding.put_batch(host, mesh),
               jax.device_put(idx, sharding.batch_sharding(mesh, 1)),
           )
       )

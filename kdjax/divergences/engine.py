@@ -34,6 +34,7 @@ formula and selects per row with ``jnp.where``, so the endpoints stay exact.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -43,6 +44,7 @@ from kdjax.divergences import core
 
 Array = jax.Array
 _F32 = jnp.float32
+_POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 # CPU chunks hold about this many bytes per [chunk, V] float32 array (41
 # tokens at V = 50257, 16 at V = 128256): a chunk's passes then run in cache.
@@ -481,7 +483,8 @@ def _akl(rule: str) -> Spec:
   return Spec(forward, grad, finish)
 
 
-# name -> {hyper-parameter: default}; "rule" (AKL) is the one static option.
+# name -> {hyper-parameter: default}: float32 scalars, possibly traced. The
+# public functions take them as keyword-only parameters with these defaults.
 HYPER_PARAMETERS = {
     "fkl": {},
     "rkl": {},
@@ -494,6 +497,8 @@ HYPER_PARAMETERS = {
     "abkd": {"alpha": 0.2, "beta": 0.7},
 }
 NAMES = tuple(HYPER_PARAMETERS)
+# name -> {option: default}: settings that pick a formula, static under jit.
+STATIC_OPTIONS = {"akl": {"rule": "akl"}}
 
 
 def _branch(x) -> str:
@@ -747,238 +752,147 @@ def divergence(
 
 
 # ----------------------------------------------------------------------------
-# The public divergences.
-
-_EXECUTION = """
-  Analytic gradient, no ``[N, V]`` residuals; chunked over tokens on CPU
-  (``chunk_size=None``: automatic; 0: one piece; k: k tokens per chunk).
-  Hyper-parameters and ``temperature`` may be traced jax arrays."""
+# The public divergences: one function per name of HYPER_PARAMETERS.
 
 
-def _public(fn):
-  fn.__doc__ += _EXECUTION
+def _signature(name: str, teacher: tuple[str, str]) -> inspect.Signature:
+  """``(student_logits, <teacher>, *, <hyper-parameters>, <static options>,
+  temperature=1.0, chunk_size=None)`` with the defaults of the tables;
+  ``teacher`` is the second parameter's name and annotation."""
+  keyword = inspect.Parameter.KEYWORD_ONLY
+  hp = HYPER_PARAMETERS[name].items()
+  options = STATIC_OPTIONS.get(name, {}).items()
+  return inspect.Signature(
+      [
+          inspect.Parameter("student_logits", _POSITIONAL, annotation="Array"),
+          inspect.Parameter(teacher[0], _POSITIONAL, annotation=teacher[1]),
+          *(inspect.Parameter(k, keyword, default=v) for k, v in hp),
+          *(
+              inspect.Parameter(k, keyword, default=v, annotation="str")
+              for k, v in options
+          ),
+          inspect.Parameter("temperature", keyword, default=1.0),
+          inspect.Parameter(
+              "chunk_size", keyword, default=None, annotation="int | None"
+          ),
+      ],
+      return_annotation="Array",
+  )
+
+
+def public(
+    name: str,
+    call: Callable,
+    *,
+    teacher: tuple[str, str],
+    module: str,
+    doc: str,
+) -> Callable:
+  """The public function ``name`` of ``module``: ``call(name, student_logits,
+  teacher, **keywords)`` behind the signature the tables give it.
+
+  ``inspect.signature`` reports that signature (config validation and
+  autodoc read it) and calls bind to it, defaults included. A keyword
+  outside it is passed on, so that :func:`resolve` refuses it with the
+  hyper-parameters ``name`` does take.
+  """
+  signature = _signature(name, teacher)
+
+  def fn(*args, **kwargs):
+    known = {k: v for k, v in kwargs.items() if k in signature.parameters}
+    bound = signature.bind(*args, **known)
+    bound.apply_defaults()
+    unknown = {k: v for k, v in kwargs.items() if k not in known}
+    return call(name, *bound.args, **bound.kwargs, **unknown)
+
+  fn.__signature__ = signature
+  fn.__name__ = fn.__qualname__ = name
+  fn.__module__ = module
+  fn.__doc__ = doc
   return fn
 
 
-@_public
-def fkl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """Forward KL ``KL(p‖q) = Σ_v p_v (log p_v − log q_v)`` (Hinton KD).
+_EXECUTION = """
+Analytic gradient, no ``[N, V]`` residuals; chunked over tokens on CPU
+(``chunk_size=None``: automatic; 0: one piece; k: k tokens per chunk).
+Hyper-parameters and ``temperature`` may be traced jax arrays."""
 
-  docs/divergences.md, "Forward KL". Gradient: ``(q − p) / T``.
-  """
-  return divergence(
-      "fkl",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
+# Each divergence's math, stated once for its public function.
+_DOCS = {
+    "fkl": """Forward KL ``KL(p‖q) = Σ_v p_v (log p_v − log q_v)`` (Hinton KD).
+
+docs/divergences.md, "Forward KL". Gradient: ``(q − p) / T``.
+""",
+    "rkl": """Reverse KL ``KL(q‖p) = Σ_v q_v (log q_v − log p_v)``.
+
+docs/divergences.md, "Reverse KL". Gradient:
+``q ⊙ (log q − log p − RKL) / T``.
+""",
+    "fkl_rkl": """``weight·KL(p‖q) + (1 − weight)·KL(q‖p)``, weight in [0, 1].
+
+docs/divergences.md, "FKL+RKL"; 0.5 is the AKL paper's "FKL+RKL" baseline.
+""",
+    "skl": """Skew KL (DistiLLM) ``KL(p ‖ α·p + (1 − α)·q)``, α in [0, 1].
+
+docs/divergences.md, "Skew KL and skew reverse KL". α = 0 is FKL, α = 1
+is 0; bounded by ``−log α``.
+""",
+    "srkl": """Skew reverse KL (DistiLLM) ``KL(q ‖ (1 − α)·p + α·q)``, α in [0, 1].
+
+docs/divergences.md, "Skew KL and skew reverse KL". α = 0 is RKL, α = 1
+is 0.
+""",
+    "jsd": """Generalized JSD (GKD): with ``m = β·p + (1 − β)·q``,
+
+    GJSD_β = β·KL(p‖m) + (1 − β)·KL(q‖m),   0 ≤ GJSD_β ≤ H(β) ≤ log 2.
+
+docs/divergences.md, "Generalized JSD". ``β = 0`` is FKL and ``β = 1`` RKL,
+exactly (the interior formula vanishes there, as GKD and TRL define it).
+""",
+    "tvd": """Total variation ``½ Σ_v |p_v − q_v|`` ∈ [0, 1] (DistiLLM).
+
+docs/divergences.md, "Total variation"; the subgradient of ``|x|`` at 0 is
+0, as in torch.
+""",
+    "akl": """Adaptive KL (Wu et al. 2024): ``w_head·KL(p‖q) + w_tail·KL(q‖p)``.
+
+docs/divergences.md, "AKL". The per-position weights are those of
+:func:`kdjax.divergences.core.akl_weights` (constants), from the teacher's
+top-``AKL_TOP_K`` with an exact fallback for rows it does not settle.
+``rule`` ("akl" or "dskd") must be static.
+""",
+    "abkd": """α-β divergence (ABKD, Wang et al. ICML 2025), α, β ≥ 0:
+
+    D_AB(p‖q) = −1/(αβ) Σ_v [p^α q^β − α/(α+β)·p^(α+β) − β/(α+β)·q^(α+β)]
+
+docs/divergences.md, "Alpha-beta divergence (ABKD)". The limits have their
+own formulas: α = 0 gives ``Σ [q^β log(q/p)/β − (q^β − p^β)/β²]`` (RKL at
+β = 1), β = 0 gives ``Σ [p^α log(p/q)/α − (p^α − q^α)/α²]`` (FKL at
+α = 1), α = β = 0 gives ``½ Σ (log q − log p)²``. The paper's GPT-2 setting
+is α = 0.2, β = 0.7. Gradient: ``q G = −(p^α q^β − q^(α+β))/α``.
+""",
+}
+
+
+def _dense(name: str) -> Callable:
+  return public(
+      name,
+      divergence,
+      teacher=("teacher_logits", "Array"),
+      module=__name__,
+      doc=_DOCS[name] + _EXECUTION,
   )
 
 
-@_public
-def rkl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """Reverse KL ``KL(q‖p) = Σ_v q_v (log q_v − log p_v)``.
-
-  docs/divergences.md, "Reverse KL". Gradient:
-  ``q ⊙ (log q − log p − RKL) / T``.
-  """
-  return divergence(
-      "rkl",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
-  )
-
-
-@_public
-def fkl_rkl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    weight=0.5,
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """``weight·KL(p‖q) + (1 − weight)·KL(q‖p)``, weight in [0, 1].
-
-  docs/divergences.md, "FKL+RKL"; 0.5 is the AKL paper's "FKL+RKL" baseline.
-  """
-  return divergence(
-      "fkl_rkl",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
-      weight=weight,
-  )
-
-
-@_public
-def skl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    alpha=0.1,
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """Skew KL (DistiLLM) ``KL(p ‖ α·p + (1 − α)·q)``, α in [0, 1].
-
-  docs/divergences.md, "Skew KL and skew reverse KL". α = 0 is FKL, α = 1
-  is 0; bounded by ``−log α``.
-  """
-  return divergence(
-      "skl",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
-      alpha=alpha,
-  )
-
-
-@_public
-def srkl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    alpha=0.1,
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """Skew reverse KL (DistiLLM) ``KL(q ‖ (1 − α)·p + α·q)``, α in [0, 1].
-
-  docs/divergences.md, "Skew KL and skew reverse KL". α = 0 is RKL, α = 1
-  is 0.
-  """
-  return divergence(
-      "srkl",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
-      alpha=alpha,
-  )
-
-
-@_public
-def jsd(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    beta=0.5,
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """Generalized JSD (GKD): with ``m = β·p + (1 − β)·q``,
-
-      GJSD_β = β·KL(p‖m) + (1 − β)·KL(q‖m),   0 ≤ GJSD_β ≤ H(β) ≤ log 2.
-
-  docs/divergences.md, "Generalized JSD". ``β = 0`` is FKL and ``β = 1`` RKL,
-  exactly (the interior formula vanishes there, as GKD and TRL define it).
-  """
-  return divergence(
-      "jsd",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
-      beta=beta,
-  )
-
-
-@_public
-def tvd(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """Total variation ``½ Σ_v |p_v − q_v|`` ∈ [0, 1] (DistiLLM).
-
-  docs/divergences.md, "Total variation"; the subgradient of ``|x|`` at 0 is
-  0, as in torch.
-  """
-  return divergence(
-      "tvd",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
-  )
-
-
-@_public
-def akl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    mu=0.5,
-    rule: str = "akl",
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """Adaptive KL (Wu et al. 2024): ``w_head·KL(p‖q) + w_tail·KL(q‖p)``.
-
-  docs/divergences.md, "AKL". The per-position weights are those of
-  :func:`kdjax.divergences.core.akl_weights` (constants), from the teacher's
-  top-``AKL_TOP_K`` with an exact fallback for rows it does not settle.
-  ``rule`` ("akl" or "dskd") must be static.
-  """
-  return divergence(
-      "akl",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
-      mu=mu,
-      rule=rule,
-  )
-
-
-@_public
-def abkd(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    alpha=0.2,
-    beta=0.7,
-    temperature=1.0,
-    chunk_size: int | None = None,
-) -> Array:
-  """α-β divergence (ABKD, Wang et al. ICML 2025), α, β ≥ 0:
-
-      D_AB(p‖q) = −1/(αβ) Σ_v [p^α q^β − α/(α+β)·p^(α+β) − β/(α+β)·q^(α+β)]
-
-  docs/divergences.md, "Alpha-beta divergence (ABKD)". The limits have their
-  own formulas: α = 0 gives ``Σ [q^β log(q/p)/β − (q^β − p^β)/β²]`` (RKL at
-  β = 1), β = 0 gives ``Σ [p^α log(p/q)/α − (p^α − q^α)/α²]`` (FKL at
-  α = 1), α = β = 0 gives ``½ Σ (log q − log p)²``. The paper's GPT-2 setting
-  is α = 0.2, β = 0.7. Gradient: ``q G = −(p^α q^β − q^(α+β))/α``.
-  """
-  return divergence(
-      "abkd",
-      student_logits,
-      teacher_logits,
-      temperature=temperature,
-      chunk_size=chunk_size,
-      alpha=alpha,
-      beta=beta,
-  )
+fkl = _dense("fkl")
+rkl = _dense("rkl")
+fkl_rkl = _dense("fkl_rkl")
+skl = _dense("skl")
+srkl = _dense("srkl")
+jsd = _dense("jsd")
+tvd = _dense("tvd")
+akl = _dense("akl")
+abkd = _dense("abkd")
 
 
 def akl_unresolved_fraction(

@@ -401,24 +401,17 @@ def _named(name: str) -> Callable:
   hp_text = (
       ", ".join(f"{k}={v}" for k, v in defaults.items()) or "no hyper-parameter"
   )
-
-  def fn(student_logits, teacher, *, temperature=1.0, chunk_size=None, **hp):
-    return divergence(
-        name,
-        student_logits,
-        teacher,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        **hp,
-    )
-
   rs_kd = " A :class:`Sampled` teacher gives RS-KD." if name == "fkl" else ""
-  fn.__name__ = fn.__qualname__ = name
-  fn.__doc__ = (
-      f"``kd.{name}`` against a sparse teacher ({hp_text}); see "
-      f":func:`divergence`.{rs_kd}"
+  return engine.public(
+      name,
+      divergence,
+      teacher=("teacher", "TopK | Sampled"),
+      module=__name__,
+      doc=(
+          f"``kd.{name}`` against a sparse teacher ({hp_text}); see "
+          f":func:`divergence`.{rs_kd}"
+      ),
   )
-  return fn
 
 
 fkl = _named("fkl")

@@ -31,6 +31,12 @@ from kdjax.models.gpt2 import GPT2, GPT2Config
 from kdjax.models.layers import KVCache
 from kdjax.models.llama import Llama, LlamaConfig
 
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
 PRESETS = {
     **{k: (gpt2.GPT2Config, gpt2.GPT2, v) for k, v in gpt2.PRESETS.items()},
     **{
@@ -41,6 +47,7 @@ PRESETS = {
 __all__ = [
     "load",
     "create",
+    "dtype_of",
     "save_hf",
     "load_tokenizer",
     "PRESETS",
@@ -52,6 +59,15 @@ __all__ = [
     "download_hint",
     "hub_reachable",
 ]
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  """The jax dtype of a config's dtype string, or one sentence on the choices."""
+  if name not in _DTYPES:
+    raise ValueError(
+        f"dtype {name!r} is unknown; use one of {sorted(_DTYPES)}."
+    )
+  return _DTYPES[name]
 
 
 def preset_config(name: str, **overrides):

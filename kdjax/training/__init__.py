@@ -24,10 +24,7 @@ summary = training.train_and_evaluate(config, "/tmp/akl")
 from kdjax.training.builder import (
     Run,
     build,
-    dtype_of,
-    load_teacher,
     make_student,
-    teacher_path,
 )
 from kdjax.training.distributed import maybe_initialize_distributed
 from kdjax.training.errors import TrainingError
@@ -42,10 +39,7 @@ from kdjax.training.step import BATCH_KEYS, Step, TrainState, put_batch
 __all__ = [
     "Run",
     "build",
-    "dtype_of",
-    "load_teacher",
     "make_student",
-    "teacher_path",
     "maybe_initialize_distributed",
     "TrainingError",
     "export",

@@ -26,26 +26,11 @@ from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
+from kdjax.models import teacher as teacher_lib
 from kdjax.onpolicy import minillm
 from kdjax.onpolicy import source as onpolicy_source
 from kdjax.training import optimizer
-from kdjax.training.errors import TrainingError
 from kdjax.training.step import Step, TrainState, init_taid
-
-_DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
-
-
-def dtype_of(name: str) -> jnp.dtype:
-  """The jax dtype of a config's dtype string, or one sentence on the choices."""
-  if name not in _DTYPES:
-    raise ValueError(
-        f"dtype {name!r} is unknown; use one of {sorted(_DTYPES)}."
-    )
-  return _DTYPES[name]
 
 
 @dataclasses.dataclass
@@ -68,38 +53,6 @@ class Run:
   source: onpolicy_source.Source | None = None
 
 
-def teacher_path(teacher: spec_lib.TeacherSpec) -> str:
-  """The teacher directory, or one sentence on how to get it."""
-  path = os.path.expanduser(teacher.path)
-  if os.path.isdir(path):
-    return path
-  if teacher.hub_id:
-    fix = (
-        f"download or fine-tune it (base model: `"
-        f"{models.download_hint(teacher.hub_id)}`, then SFT it with "
-        "configs/sft_gpt2.py:teacher) and pass "
-        "--config.teacher.path=DIR"
-    )
-  else:
-    fix = (
-        "train it first: python -m kdjax.train "
-        "--config=configs/sft_gpt2.py:tiny_teacher --workdir="
-        f"{os.path.dirname(teacher.path.rstrip('/'))}"
-    )
-  raise TrainingError(f"teacher checkpoint {teacher.path} not found; {fix}.")
-
-
-def load_teacher(
-    teacher: spec_lib.TeacherSpec, mesh: jax.sharding.Mesh
-) -> nnx.Module:
-  """The frozen teacher in eval mode (dropout off), placed on ``mesh``."""
-  model = models.load(
-      teacher_path(teacher), dtype=dtype_of(teacher.dtype), mesh=mesh
-  )
-  model.eval()
-  return model
-
-
 def make_student(
     student: spec_lib.StudentSpec, mesh: jax.sharding.Mesh
 ) -> nnx.Module:
@@ -107,7 +60,7 @@ def make_student(
 
   Either way in training mode (dropout on): ``models.load`` returns eval mode.
   """
-  dtype = dtype_of(student.dtype)
+  dtype = models.dtype_of(student.dtype)
   overrides = dict(student.model_overrides)
   if student.init.startswith("preset:"):
     model = models.create(
@@ -147,7 +100,7 @@ def _seqkd_train_source(
   def respond():
     teacher = models.load(
         os.path.expanduser(s.data.seqkd_teacher),
-        dtype=dtype_of(s.teacher.dtype),
+        dtype=models.dtype_of(s.teacher.dtype),
         mesh=mesh,
     )
     protocol = s.eval.protocol._replace(
@@ -171,7 +124,7 @@ def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   """What can be refused before any download or compilation."""
   objective.check(s.loss)
   if s.loss["kd_ratio"] > 0 and not s.teacher.cached:
-    teacher_path(s.teacher)
+    teacher_lib.path(s.teacher)
   onpolicy_source.check(
       s.onpolicy,
       batch_size=s.batch_size,
@@ -190,7 +143,7 @@ def _models(
     s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh
 ) -> tuple[nnx.Module, nnx.Module | None]:
   live = s.loss["kd_ratio"] > 0 and not s.teacher.cached
-  teacher = load_teacher(s.teacher, mesh) if live else None
+  teacher = teacher_lib.load(s.teacher, mesh) if live else None
   student = make_student(s.student, mesh)
   if teacher is not None and _vocab(teacher) != _vocab(student):
     # ULD included: the step feeds the student's token ids to the teacher.

@@ -107,22 +107,22 @@ def _say(text: str) -> None:
     tqdm.tqdm.write(text, file=sys.stdout)
 
 
-def _resume_hint() -> str:
-  main = sys.modules.get("__main__")
-  if getattr(getattr(main, "__spec__", None), "name", "") == "kdjax.train":
-    from kdjax import cli  # pylint: disable=g-import-not-at-top
-
-    return f"re-run the same command to resume: {cli.resume_command()}"
-  return (
-      "call train_and_evaluate again with the same config and workdir to "
-      "resume"
-  )
-
-
 class Interrupted(TrainingError, KeyboardInterrupt):
-  """Ctrl-C during training; the message names the checkpoint that is kept."""
+  """Ctrl-C during training; the message names the checkpoint that is kept.
+
+  ``kept`` is that sentence without the way to resume, which the message
+  gives for Python callers: a command line prints its own resume command
+  after ``kept`` (:func:`kdjax.cli.interrupted_message`).
+  """
 
   exit_code = 130
+
+  def __init__(self, kept: str):
+    super().__init__(
+        f"{kept}; call train_and_evaluate again with the same config and "
+        "workdir to resume."
+    )
+    self.kept = kept
 
 
 class _StopRequested(KeyboardInterrupt):
@@ -316,9 +316,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         if kept is not None
         else "no checkpoint had been written yet"
     )
-    raise Interrupted(
-        f"interrupted at step {done}; {where}; " f"{_resume_hint()}."
-    ) from None
+    raise Interrupted(f"interrupted at step {done}; {where}") from None
   finally:
     ctrl_c.restore()
     bar.close()

@@ -69,14 +69,11 @@ def _taid_t(state: TrainState) -> jax.Array | None:
 def put_batch(
     batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
 ) -> Batch:
-  """Host batch (this process's rows) -> global arrays sharded on the batch axes."""
-  return {
-      k: jax.make_array_from_process_local_data(
-          sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v)
-      )
-      for k, v in batch.items()
-      if k in BATCH_KEYS
-  }
+  """The arrays of a host batch the step reads (:data:`BATCH_KEYS`), placed
+  on the batch axes (:func:`kdjax.sharding.put_batch`)."""
+  return sharding.put_batch(
+      {k: v for k, v in batch.items() if k in BATCH_KEYS}, mesh
+  )
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:

@@ -7,12 +7,22 @@ import os
 import numpy as np
 import pytest
 
-from experiments import demo, run_table
+from experiments import demo
+from experiments.table import (
+    claims,
+    figure,
+    methods,
+    report,
+    runs,
+    scoring,
+    stats,
+)
+from kdjax import evaluate, training
 from kdjax.config import files as config_files
 from kdjax.config import recipe
 import tiny_run
 
-RunResult = run_table.RunResult
+RunResult = scoring.RunResult
 DATA = "synthetic_instruct"
 
 
@@ -42,21 +52,21 @@ def _result(
 
 
 def test_config_for_applies_seed_scale_and_typed_overrides():
-  c = run_table.config_for(
+  c = methods.config_for(
       "akl", "tiny", 20, ["loss.hp.mu=0.7", "optim.lr=0.01", "num_steps=5"]
   )
   assert c.seed == 20 and c.data.name == "synthetic_instruct"
   assert c.loss.hp.mu == 0.7 and c.optim.lr == 0.01 and c.num_steps == 5
-  assert run_table.config_for("sft", "paper", 10).loss.kd_ratio == 0.0
+  assert methods.config_for("sft", "paper", 10).loss.kd_ratio == 0.0
   with pytest.raises(ValueError, match="method 'akll' is unknown"):
-    run_table.config_for("akll", "tiny", 10)
+    methods.config_for("akll", "tiny", 10)
 
 
 def test_every_student_trains_on_the_teachers_data_and_budget():
   teacher = config_files.experiment("sft_gpt2").get_config("tiny_teacher")
   students = [
-      run_table.config_for(m, "tiny", 10)
-      for m in run_table.available(run_table.TABLE)
+      methods.config_for(m, "tiny", 10)
+      for m in methods.available(methods.TABLE)
   ]
   assert teacher.data.train_limit == 0
   for c in students:
@@ -67,36 +77,34 @@ def test_every_student_trains_on_the_teachers_data_and_budget():
 
 
 def test_cached_teacher_rows_read_a_cache_of_their_encoding(tmp_path):
-  top16 = run_table.config_for("fkl_top16", "tiny", 20)
-  sampled = run_table.config_for("fkl_sampled", "tiny", 20)
+  top16 = methods.config_for("fkl_top16", "tiny", 20)
+  sampled = methods.config_for("fkl_sampled", "tiny", 20)
   assert top16.teacher.source == sampled.teacher.source == "cache"
   assert (top16.teacher.cache.encoding, top16.teacher.cache.k) == ("topk", 16)
   assert sampled.teacher.cache.encoding == "sampled"
   assert sampled.teacher.cache.num_samples == 12
   assert top16.loss.name == sampled.loss.name == "fkl"
-  assert run_table.config_for("fkl", "tiny", 20).teacher.source == "live"
+  assert methods.config_for("fkl", "tiny", 20).teacher.source == "live"
   # Top-k caches are shared by the seeds; sampled ones draw with the seed.
   root = str(tmp_path)
-  assert run_table.cache_dir(top16, root) == f"{root}/caches/topk16"
-  assert run_table.cache_dir(sampled, root) == f"{root}/caches/sampled12_s20"
+  assert runs.cache_dir(top16, root) == f"{root}/caches/topk16"
+  assert runs.cache_dir(sampled, root) == f"{root}/caches/sampled12_s20"
 
 
 def test_unregistered_configs_drop_out(monkeypatch):
   monkeypatch.setitem(
-      run_table.METHODS, "nothing", run_table.Method("no_such_config_gpt2")
+      methods.METHODS, "nothing", methods.Method("no_such_config_gpt2")
   )
-  assert run_table.available(["sft", "nothing", "akl"]) == ["sft", "akl"]
+  assert methods.available(["sft", "nothing", "akl"]) == ["sft", "akl"]
 
 
 def test_protocols():
-  c = run_table.config_for("fkl", "tiny", 10)
-  sampled = run_table.protocol_config(c, "sampled")
-  greedy = run_table.protocol_config(c, "greedy")
+  c = methods.config_for("fkl", "tiny", 10)
+  sampled = scoring.protocol_config(c, "sampled")
+  greedy = scoring.protocol_config(c, "greedy")
   assert (sampled.eval.greedy, sampled.eval.seeds) == (False, "10,20,30,40,50")
   assert (greedy.eval.greedy, greedy.eval.seeds) == (True, "10")
   assert c.eval.greedy  # the original is untouched
-  from kdjax import evaluate
-
   p = evaluate.protocol_from_config(sampled)
   assert (p.temperature, p.top_k, p.top_p, p.no_repeat_ngram_size) == (
       1.0,
@@ -105,7 +113,7 @@ def test_protocols():
       6,
   )
   with pytest.raises(ValueError, match="protocol 'beam'"):
-    run_table.protocol_config(c, "beam")
+    scoring.protocol_config(c, "beam")
 
 
 # ----------------------------------------------------------------------------
@@ -137,22 +145,22 @@ def _bootstrap_reference(a, b, indices):
 def test_paired_bootstrap_matches_a_loop_transcription():
   rng = np.random.default_rng(3)
   a, b = rng.uniform(0, 100, 40), rng.uniform(0, 100, 40) - 5
-  idx = run_table.resample_indices(40, 500, seed=7)
-  got = run_table.paired_bootstrap(a, b, indices_BxN=idx)
+  idx = stats.resample_indices(40, 500, seed=7)
+  got = stats.paired_bootstrap(a, b, indices_BxN=idx)
   np.testing.assert_allclose(
       [got.delta, got.low, got.high, got.p],
       _bootstrap_reference(a, b, idx),
       rtol=1e-12,
   )
   # Same seed, same draws: the default path is the explicit one.
-  assert run_table.paired_bootstrap(a, b, num_samples=500, seed=7) == got
+  assert stats.paired_bootstrap(a, b, num_samples=500, seed=7) == got
 
 
 def test_paired_bootstrap_exact_small_case():
   # d = (0, 1, 2): the 27 equally likely resamples have sums 0..6 with counts
   # 1, 3, 6, 7, 6, 3, 1. Only (0, 0, 0) has mean <= 0, so p = 2/27; it holds
   # 1/27 > 2.5 % of the mass and (2, 2, 2) too, so the interval is [0, 2].
-  got = run_table.paired_bootstrap(
+  got = stats.paired_bootstrap(
       np.array([0.0, 1.0, 2.0]), np.zeros(3), num_samples=200_000, seed=0
   )
   assert got.delta == 1.0
@@ -161,17 +169,17 @@ def test_paired_bootstrap_exact_small_case():
 
 
 def test_paired_bootstrap_constant_shift_and_bad_input():
-  got = run_table.paired_bootstrap(np.arange(5.0) + 2, np.arange(5.0))
+  got = stats.paired_bootstrap(np.arange(5.0) + 2, np.arange(5.0))
   assert (got.delta, got.low, got.high, got.p) == (2.0, 2.0, 2.0, 0.0)
   assert str(got) == "+2.00 [+2.00, +2.00]*"
-  same = run_table.paired_bootstrap(np.ones(5), np.ones(5))
+  same = stats.paired_bootstrap(np.ones(5), np.ones(5))
   assert same.p == 1.0 and not same.significant
   with pytest.raises(ValueError, match="equal-length 1-D"):
-    run_table.paired_bootstrap(np.ones(3), np.ones(4))
+    stats.paired_bootstrap(np.ones(3), np.ones(4))
 
 
 def test_mean_std_is_ddof_0():
-  assert run_table.mean_std([1, 2, 3, 4]) == (2.5, np.sqrt(1.25))
+  assert stats.mean_std([1, 2, 3, 4]) == (2.5, np.sqrt(1.25))
 
 
 # ----------------------------------------------------------------------------
@@ -189,7 +197,7 @@ def test_table_mean_std_over_training_seeds_and_deltas():
           20: _result(26.0, validity=14.0, examples=[26, 26, 26, 26]),
       },
   }
-  lines = run_table.table(results, DATA, teacher=_result(30.0)).splitlines()
+  lines = report.table(results, DATA, teacher=_result(30.0)).splitlines()
   assert lines[0].startswith("| model | seeds | ROUGE-L (sampled) |")
   assert lines[2] == (
       "| teacher | – | 30.00 ± 1.00 | 10.00 ± 0.50 | "
@@ -206,7 +214,7 @@ def test_table_mean_std_over_training_seeds_and_deltas():
       "| – |"
   )
   # One training seed (the demo): ± is the spread over the sampling seeds.
-  demo_lines = run_table.table(
+  demo_lines = report.table(
       {"sft": {10: _result(20.0, rouge_std=0.7)}}, DATA, spread="sampling"
   ).splitlines()
   assert demo_lines[2].startswith("| sft | 10 | 20.00 ± 0.70 | 10.00 ± 0.50 |")
@@ -223,41 +231,41 @@ def test_claims_verdicts():
   }
   # A row the paper does not have is in the table, not in claim 1.
   results["gkd"] = {10: _result(15.0, examples=ex(15.0))}
-  one, two, three = run_table.claims(results, DATA, num_samples=2000)
+  one, two, three = claims.claims(results, DATA, num_samples=2000)
   assert one.reproduced and "3 of the paper's 3 KD students" in one.evidence
   assert "gkd" not in one.evidence
   assert two.reproduced and "AKL ≥ FKL in 1 of 1 seeds" in two.evidence
   assert three.reproduced
   assert "+0.200 at step 50, +0.020 at step 300" in three.evidence
   results["akl"] = {10: _result(19.0, examples=ex(19.0))}
-  one, two, _ = run_table.claims(results, DATA, num_samples=2000)
+  one, two, _ = claims.claims(results, DATA, num_samples=2000)
   assert one.reproduced is False and "2 significantly" in one.evidence
   assert two.reproduced is False
   assert str(two).startswith("- **AKL ≥ FKL and AKL ≥ RKL**: not reproduced")
-  assert run_table.claims({"sft": results["sft"]}, DATA)[1].reproduced is None
+  assert claims.claims({"sft": results["sft"]}, DATA)[1].reproduced is None
 
 
 def test_replace_block(tmp_path):
   path = tmp_path / "README.md"
-  begin, end = run_table.BLOCK
+  begin, end = report.BLOCK
   path.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
-  assert run_table.replace_block(str(path), "new | table")
+  assert report.replace_block(str(path), "new | table")
   assert path.read_text() == f"intro\n{begin}\nnew | table\n{end}\noutro\n"
   (tmp_path / "plain.md").write_text("no markers")
-  assert not run_table.replace_block(str(tmp_path / "plain.md"), "x")
-  assert not run_table.replace_block(str(tmp_path / "missing.md"), "x")
+  assert not report.replace_block(str(tmp_path / "plain.md"), "x")
+  assert not report.replace_block(str(tmp_path / "missing.md"), "x")
 
 
 def test_score_reuses_a_finished_evaluation(tmp_path):
-  c = run_table.config_for("fkl", "tiny", 10)
+  c = methods.config_for("fkl", "tiny", 10)
   out = tmp_path / "eval_sampled"
   out.mkdir()
   summary = {DATA: {"rougeL": 12.5, "validity": 10.0}}
   (out / "summary.json").write_text(json.dumps(summary))
   row = {"scores": {"10": {"rougeL": 0.5}, "20": {"rougeL": 0.25}}}
   (out / f"{DATA}.jsonl").write_text(json.dumps(row) + "\n")
-  assert run_table.score(c, str(tmp_path)) == summary  # no model needed
-  np.testing.assert_allclose(run_table.example_scores(str(out), DATA), [37.5])
+  assert scoring.score(c, str(tmp_path)) == summary  # no model needed
+  np.testing.assert_allclose(scoring.example_scores(str(out), DATA), [37.5])
 
 
 # ----------------------------------------------------------------------------
@@ -268,11 +276,11 @@ def test_score_reuses_a_finished_evaluation(tmp_path):
 def reduced(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("bench"))
   mp = pytest.MonkeyPatch()
-  mp.setattr(run_table, "SAMPLING_SEEDS", "10,20")
+  mp.setattr(scoring, "SAMPLING_SEEDS", "10,20")
 
   def config_fn(method, seed):
     c = tiny_run.config(
-        run_table.METHODS[method].module,
+        methods.METHODS[method].module,
         root,
         steps=4,
         **{"export_hf": True, "eval.every_steps": 2, "eval.max_new_tokens": 6},
@@ -280,10 +288,8 @@ def reduced(tmp_path_factory):
     c.seed = seed
     return c
 
-  methods, seeds = ("sft", "fkl"), (10, 20)
-  results = run_table.run_all(
-      methods, seeds, root, config_fn=config_fn, limit=8
-  )
+  names, seeds = ("sft", "fkl"), (10, 20)
+  results = runs.run_all(names, seeds, root, config_fn=config_fn, limit=8)
   yield root, config_fn, results
   mp.undo()
 
@@ -291,10 +297,10 @@ def reduced(tmp_path_factory):
 def test_reduced_benchmark_tables_what_the_runs_wrote(reduced):
   root, _, results = reduced
   assert list(results) == ["sft", "fkl"]
-  for method, runs in results.items():
-    assert list(runs) == [10, 20]
-    for seed, r in runs.items():
-      workdir = os.path.join(root, run_table.run_name(method, seed))
+  for method, by_seed in results.items():
+    assert list(by_seed) == [10, 20]
+    for seed, r in by_seed.items():
+      workdir = os.path.join(root, runs.run_name(method, seed))
       with open(os.path.join(workdir, "eval_sampled", "summary.json")) as f:
         summary = json.load(f)[DATA]
       assert summary["seeds"] == [10, 20] and summary["num_examples"] == 8
@@ -304,9 +310,9 @@ def test_reduced_benchmark_tables_what_the_runs_wrote(reduced):
       assert [s for s, _ in r.curve] == [2, 4]
       with open(os.path.join(workdir, "summary.json")) as f:
         assert r.train_seconds == json.load(f)["seconds"] > 0
-  text = run_table.report(results, DATA, num_samples=200)
+  text = report.report(results, DATA, num_samples=200)
   total = sum(
-      r.train_seconds for runs in results.values() for r in runs.values()
+      r.train_seconds for by_seed in results.values() for r in by_seed.values()
   )
   assert f"summed over the 4 runs: {total / 60:.1f} min" in text
   sft = [
@@ -323,13 +329,13 @@ def test_reduced_benchmark_resumes_without_training(reduced, monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
 
-  monkeypatch.setattr(run_table.trainer, "train_and_evaluate", refuse)
-  monkeypatch.setattr(run_table.evaluate, "run", refuse)
-  again = run_table.run_all(
+  monkeypatch.setattr(training, "train_and_evaluate", refuse)
+  monkeypatch.setattr(evaluate, "run", refuse)
+  again = runs.run_all(
       ["sft", "fkl"], [10, 20], root, config_fn=config_fn, limit=8
   )
   # A table of what has finished: rkl never ran here, it is left out.
-  partial = run_table.run_all(
+  partial = runs.run_all(
       ["sft", "rkl"],
       [10],
       root,
@@ -348,11 +354,11 @@ def test_reduced_benchmark_resumes_without_training(reduced, monkeypatch):
 def test_figures(reduced, tmp_path):
   root, _, results = reduced
   png = tmp_path / "table.png"
-  run_table.figure(results, DATA, str(png), teacher=results["fkl"][10])
+  figure.figure(results, DATA, str(png), teacher=results["fkl"][10])
   assert png.stat().st_size > 10_000
   demo_png = tmp_path / "demo.png"
   demo.curves(
-      {m: os.path.join(root, run_table.run_name(m, 10)) for m in results},
+      {m: os.path.join(root, runs.run_name(m, 10)) for m in results},
       str(demo_png),
   )
   assert demo_png.stat().st_size > 10_000

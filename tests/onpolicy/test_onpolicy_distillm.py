@@ -6,6 +6,7 @@ import random
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from kdjax.onpolicy import batches, distillm, source
@@ -186,7 +187,6 @@ def test_sample_is_uniform_without_replacement():
 
 
 def test_source_state_with_a_full_buffer_round_trips_through_orbax(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   buffer = distillm.empty(8, 6, eos_id=0)
   for s in range(3):
     buffer = distillm.push(buffer, _rows_of_step(s + 1, 4))

@@ -6,6 +6,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from kdjax import models, sampling
@@ -86,7 +87,6 @@ def _run(runner, state, batches, start, end):
 
 
 def test_resume_from_a_checkpoint_with_a_full_buffer_is_bit_identical(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   src, params, rest, batches = _setup(capacity=8, total_steps=12)
   # tau = 1: every step trains on the student's samples or the buffer's,
   # replays more and more often as tau * (1 - step / 12) falls.
