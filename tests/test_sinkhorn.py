@@ -230,3 +230,24 @@ def test_grads_finite_under_jit(kwargs):
     grad = np.asarray(sinkhorn_grad(s, t, **kwargs))
     assert np.all(np.isfinite(grad)), seed
     assert np.abs(grad).max() > 1e-4, seed
+
+
+def test_sinkd_small_epsilon_rows_are_nonzero_and_finite():
+  s, t = _logits(0)
+  kwargs = dict(solver="sinkd", epsilon=0.01, temperature=1.0)
+  # Some rows of exp(−C/ε) lie wholly below float32's smallest normal number.
+  ps, pt = np.exp(ref.log_softmax(s, 1.0)), np.exp(ref.log_softmax(t, 1.0))
+  kernel = np.stack(
+      [np.exp(-ref.sinkd_cost(ps[b], pt[b]) / 0.01) for b in range(B)]
+  )
+  tiny = np.finfo(np.float32).tiny
+  assert np.any(np.all(kernel < tiny, axis=-1))
+  got = np.asarray(sinkhorn(s, t, **kwargs))
+  assert np.all(np.isfinite(got)) and np.all(got > 0.1)
+  np.testing.assert_allclose(
+      got, _ref_rows(s, t, epsilon=0.01, temperature=1.0), rtol=1e-4
+  )
+  grad = np.asarray(sinkhorn_grad(s, t, jnp.asarray(_MASK), **kwargs))
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(grad[~_MASK], 0.0)
+  assert np.all(np.abs(grad[_MASK]).max(-1) > 1e-3)
