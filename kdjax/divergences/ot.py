@@ -10,12 +10,12 @@ rows of a group::
 
 Three solvers, all in log space:
 
-* ``"ott"`` (default): ott-jax's log-domain Sinkhorn, run to convergence
-  (``threshold``; implicit differentiation) or for a fixed ``num_iters``
-  (unrolled differentiation).
+* ``"ott"`` (default): ott-jax's Sinkhorn, run to convergence (``threshold``;
+  implicit differentiation) or for exactly ``num_iters`` iterations (unrolled
+  differentiation, exact for the iterations run).
 * ``"debiased"``: the Sinkhorn divergence
   ``OT_ε(s, t) − ½ OT_ε(s, s) − ½ OT_ε(t, t)`` (ott-jax), ≈ 0 when the student
-  matches the teacher row for row.
+  matches the teacher row for row; converged or fixed-count like ``"ott"``.
 * ``"sinkd"``: SinKD's own ``num_iters`` (20) row-then-column normalisations of
   ``exp(−C/ε)``, unrolled, for parity with the reference. Each normalisation
   subtracts a logsumexp, which gives the reference's iterates in exact
@@ -90,9 +90,17 @@ def _solver_kwargs(num_iters: int | None, threshold: float) -> dict:
   lineax's SVD (pseudo-inverse), which has no such failure; gradients agree
   with finite differences of the converged loop to ~1e-4 relative. (ott 0.6
   raises UnboundLocalError on a custom ``ImplicitDiff.solver``, hence the
-  ``nonsym_solver`` hook of its lineax path.) A fixed
-  count switches ott's while_loop to a scan (fixed cost under jit/vmap) and
-  unrolled gradients are exact for the iterations run.
+  ``nonsym_solver`` hook of its lineax path.)
+
+  A fixed count runs exactly ``num_iters`` iterations and differentiates by
+  unrolling them, exactly for the iterations run. It keeps
+  ``min_iterations < max_iterations`` on purpose: ott 0.6 turns
+  ``min_iterations == max_iterations`` into a scan whose backward pass visits
+  the checkpoints from iteration 0 onwards instead of from the last one back,
+  which is wrong as soon as there is more than one block of
+  ``inner_iterations``. The while-loop path walks them back from the last
+  iteration. A threshold of −1 can never be met by the (non-negative) marginal
+  error, so only ``max_iterations`` ends the loop (or a non-finite error).
   """
   if num_iters is None:
     return dict(
@@ -103,7 +111,8 @@ def _solver_kwargs(num_iters: int | None, threshold: float) -> dict:
         ),
     )
   return dict(
-      min_iterations=num_iters,
+      threshold=-1.0,
+      min_iterations=0,
       max_iterations=num_iters,
       inner_iterations=math.gcd(num_iters, 10),
       implicit_diff=None,
@@ -202,9 +211,12 @@ def sinkhorn(
     group_size: rows per OT problem. Default: one group per sequence for
       ``[B, T, V]`` inputs (``T``), the whole batch for ``[N, V]`` inputs (SinKD).
     solver: ``"ott"``, ``"debiased"`` or ``"sinkd"`` (see the module docstring).
-    num_iters: fixed iteration count (jit/vmap friendly); ``None`` runs ott-jax
-      to ``threshold``. The ``"sinkd"`` solver defaults to SinKD's 20.
-    threshold: ott-jax convergence threshold on the marginal error.
+    num_iters: run exactly this many iterations and differentiate by
+      unrolling them (fixed cost under jit/vmap); ``None`` runs ott-jax to
+      ``threshold`` and differentiates implicitly. The ``"sinkd"`` solver
+      always unrolls and defaults to SinKD's 20.
+    threshold: ott-jax convergence threshold on the marginal error, used when
+      ``num_iters`` is ``None`` (at most 2000 iterations).
     scale: SinKD's λ (0.001 in its GLUE scripts); 1 here, set the weight in the
       trainer config instead.
 
