@@ -296,6 +296,32 @@ def test_fixed_count_value_and_grad_match_finite_differences(solver, eps):
   _check_value_and_grad(s, t, dict(solver=solver, num_iters=30, **eps), 30)
 
 
+_CONVERGED = {
+    # Seed, logit scale, ε and T, and the iterations "sinkd" unrolls.
+    # SinKD's setting: 300 iterations converge to float64 precision.
+    "eps0.1": (2, 1.0, _EPSILONS["eps0.1"], 300),
+    # At ε = 0.01 Sinkhorn on such rows needs far more than ott's 2000
+    # iterations; closer rows (costs within 0.27) converge in about 1000.
+    "eps0.01": (2, 0.1, _EPSILONS["eps0.01"], 1000),
+}
+
+
+@pytest.mark.parametrize("case", _CONVERGED.values(), ids=_CONVERGED.keys())
+@pytest.mark.parametrize("solver", kd.ot.SOLVERS)
+def test_converged_value_and_grad_match_finite_differences(solver, case):
+  # "sinkd" unrolls to convergence; "ott" and "debiased" stop at the threshold
+  # and differentiate implicitly.
+  seed, logit_scale, eps, sinkd_iters = case
+  s, t = _logits(seed, (1, 4, 7))
+  s, t = logit_scale * s, logit_scale * t
+  if solver == "sinkd":
+    kwargs = dict(solver=solver, num_iters=sinkd_iters, **eps)
+    _check_value_and_grad(s, t, kwargs, sinkd_iters)
+  else:
+    kwargs = dict(solver=solver, threshold=1e-6, **eps)
+    _check_value_and_grad(s, t, kwargs, None)
+
+
 def test_fixed_count_runs_exactly_num_iters():
   # Costs within 0.2 of each other converge to any threshold in a few
   # iterations; the fixed-count settings handed to ott-jax still run all 35
