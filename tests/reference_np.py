@@ -202,6 +202,14 @@ def sinkd_cost(ps, pt):
   return np.abs(ps[:, None, :] - pt[None, :, :]).sum(-1)
 
 
+def _probs(student, teacher, temperature):
+  """``softmax(student / T)``, ``softmax(teacher / T)`` row by row, float64."""
+  return (
+      np.exp(log_softmax(student, temperature)),
+      np.exp(log_softmax(teacher, temperature)),
+  )
+
+
 def sinkd_plan(cost, epsilon=0.1, num_iters=20):
   """Π = exp(−C/ε); num_iters × (rows normalised, then columns normalised)."""
   plan = np.exp(-cost / epsilon)
@@ -214,15 +222,78 @@ def sinkd_plan(cost, epsilon=0.1, num_iters=20):
 def sinkd_rows(student, teacher, temperature=2.0, epsilon=0.1, num_iters=20):
   """Per-row costs Σ_j Π_ij C_ij of one group of rows ``[g, V]`` (their sum is
   SinKD's loss with λ = 1)."""
-  ps = np.exp(log_softmax(student, temperature))
-  pt = np.exp(log_softmax(teacher, temperature))
-  cost = sinkd_cost(ps, pt)
+  cost = sinkd_cost(*_probs(student, teacher, temperature))
   return (sinkd_plan(cost, epsilon, num_iters) * cost).sum(1)
 
 
 def sinkd_loss(student, teacher, **kwargs):
   """SinKD's scalar loss ``Σ_ij Π_ij C_ij`` for one group ``[g, V]``."""
   return sinkd_rows(student, teacher, **kwargs).sum()
+
+
+def ott_scalings(cost, epsilon=0.1, num_iters=None, symmetric=False):
+  """Scalings ``u = exp(f/ε)``, ``v = exp(g/ε)`` of ott-jax's Sinkhorn loop.
+
+  Uniform marginals ``a = b = 1/g``, ``K = exp(−C/ε)``, started from
+  ``f = g = 0``. Each iteration rescales the columns, then the rows:
+  ``v = b / Kᵀu``, then ``u = a / K v``. ``symmetric``: both from the previous
+  pair, each averaged with its previous value in log space (momentum ½), the
+  update of the self-terms of a Sinkhorn divergence. ``num_iters=None`` runs
+  until both marginals of ``diag(u) K diag(v)`` are within 1e-14 of ``1/g``
+  (checked every 10 iterations; an error after 10⁵).
+  """
+  g = cost.shape[0]
+  a = np.full(g, 1.0 / g)
+  kernel = np.exp(-cost / epsilon)
+  u, v = np.ones(g), np.ones(g)
+  for i in range(1, 100_001 if num_iters is None else num_iters + 1):
+    if symmetric:
+      u, v = np.sqrt(u * a / (kernel @ v)), np.sqrt(v * a / (kernel.T @ u))
+    else:
+      v = a / (kernel.T @ u)
+      u = a / (kernel @ v)
+    if num_iters is None and i % 10 == 0:
+      plan = u[:, None] * kernel * v[None, :]
+      err = max(np.abs(plan.sum(0) - a).max(), np.abs(plan.sum(1) - a).max())
+      if err < 1e-14:
+        return u, v, kernel
+  if num_iters is None:
+    raise RuntimeError(f"Sinkhorn at epsilon={epsilon} did not converge.")
+  return u, v, kernel
+
+
+def ott_rows(student, teacher, temperature=2.0, epsilon=0.1, num_iters=None):
+  """Per-row costs ``g · Σ_j Π_ij C_ij`` of ott-jax's plan (rows of mass 1)."""
+  ps, pt = _probs(student, teacher, temperature)
+  cost = sinkd_cost(ps, pt)
+  u, v, kernel = ott_scalings(cost, epsilon, num_iters)
+  return cost.shape[0] * (u[:, None] * kernel * v[None, :] * cost).sum(1)
+
+
+def _reg_ot_cost(cost, epsilon, num_iters, symmetric):
+  """ott-jax's ``reg_ot_cost`` from the dual potentials ``f, g = ε log (u, v)``:
+  ``Σ a (f − ε log a) + Σ b (g − ε log b) + ε (1 − Σ_ij Π_ij)``."""
+  u, v, kernel = ott_scalings(cost, epsilon, num_iters, symmetric)
+  a = np.full(cost.shape[0], 1.0 / cost.shape[0])
+  plan = u[:, None] * kernel * v[None, :]
+  return epsilon * (
+      np.sum(a * (np.log(u) - np.log(a)))
+      + np.sum(a * (np.log(v) - np.log(a)))
+      + 1.0
+      - plan.sum()
+  )
+
+
+def sinkhorn_divergence(
+    student, teacher, temperature=2.0, epsilon=0.1, num_iters=None
+):
+  """``OT_ε(s, t) − ½ OT_ε(s, s) − ½ OT_ε(t, t)`` of one group ``[g, V]``."""
+  ps, pt = _probs(student, teacher, temperature)
+  return (
+      _reg_ot_cost(sinkd_cost(ps, pt), epsilon, num_iters, False)
+      - 0.5 * _reg_ot_cost(sinkd_cost(ps, ps), epsilon, num_iters, True)
+      - 0.5 * _reg_ot_cost(sinkd_cost(pt, pt), epsilon, num_iters, True)
+  )
 
 
 # ----------------------------------------------------------------------------

@@ -8,17 +8,19 @@ rows of a group::
     Π    = entropic OT plan for C at ε, unit mass per row and column
     loss = scale · Σ_ij Π_ij C_ij
 
-Three solvers:
+Three solvers, all in log space:
 
-* ``"ott"`` (default): ott-jax's log-domain Sinkhorn, run to convergence
-  (``threshold``; implicit differentiation) or for a fixed ``num_iters``
-  (unrolled differentiation).
+* ``"ott"`` (default): ott-jax's Sinkhorn, run to convergence (``threshold``;
+  implicit differentiation) or for exactly ``num_iters`` iterations (unrolled
+  differentiation, exact for the iterations run).
 * ``"debiased"``: the Sinkhorn divergence
   ``OT_ε(s, t) − ½ OT_ε(s, s) − ½ OT_ε(t, t)`` (ott-jax), ≈ 0 when the student
-  matches the teacher row for row.
-* ``"sinkd"``: SinKD's own ``num_iters`` (20) plain row-then-column
-  normalisations of ``exp(−C/ε)``, unrolled, for parity with the reference.
-  (ott-jax updates columns first, in log space, so it is not bit-compatible.)
+  matches the teacher row for row; converged or fixed-count like ``"ott"``.
+* ``"sinkd"``: SinKD's own ``num_iters`` (20) row-then-column normalisations of
+  ``exp(−C/ε)``, unrolled, for parity with the reference. Each normalisation
+  subtracts a logsumexp, which gives the reference's iterates in exact
+  arithmetic without underflowing at small ε. (ott-jax updates columns first,
+  so its iterates differ at a fixed count.)
 
 Complexity per group: ``O(g² · V)`` for the cost (computed row by row under
 ``jax.checkpoint``, so memory is ``O(g · V)``, never ``O(g² · V)``) plus
@@ -88,9 +90,17 @@ def _solver_kwargs(num_iters: int | None, threshold: float) -> dict:
   lineax's SVD (pseudo-inverse), which has no such failure; gradients agree
   with finite differences of the converged loop to ~1e-4 relative. (ott 0.6
   raises UnboundLocalError on a custom ``ImplicitDiff.solver``, hence the
-  ``nonsym_solver`` hook of its lineax path.) A fixed
-  count switches ott's while_loop to a scan (fixed cost under jit/vmap) and
-  unrolled gradients are exact for the iterations run.
+  ``nonsym_solver`` hook of its lineax path.)
+
+  A fixed count runs exactly ``num_iters`` iterations and differentiates by
+  unrolling them, exactly for the iterations run. It keeps
+  ``min_iterations < max_iterations`` on purpose: ott 0.6 turns
+  ``min_iterations == max_iterations`` into a scan whose backward pass visits
+  the checkpoints from iteration 0 onwards instead of from the last one back,
+  which is wrong as soon as there is more than one block of
+  ``inner_iterations``. The while-loop path walks them back from the last
+  iteration. A threshold of −1 can never be met by the (non-negative) marginal
+  error, so only ``max_iterations`` ends the loop (or a non-finite error).
   """
   if num_iters is None:
     return dict(
@@ -101,7 +111,8 @@ def _solver_kwargs(num_iters: int | None, threshold: float) -> dict:
         ),
     )
   return dict(
-      min_iterations=num_iters,
+      threshold=-1.0,
+      min_iterations=0,
       max_iterations=num_iters,
       inner_iterations=math.gcd(num_iters, 10),
       implicit_diff=None,
@@ -147,21 +158,32 @@ def sinkd_plan(
 ) -> Array:
   """SinKD's loop: ``Π = exp(−C/ε)``, then ``num_iters`` × (rows, columns) normalised.
 
-  Masked rows and columns are zeroed in the kernel and stay zero (0/0 → 0), so
-  the valid block equals the reference run on the compacted rows.
+  Run in log space: ``log Π = −C/ε``, and each normalisation subtracts the
+  logsumexp of its rows (then of its columns). In exact arithmetic these are
+  the reference's plain-domain iterates, but no row underflows: in float32 a
+  row of ``exp(−C/ε)`` is 0 once all its costs exceed about 87 ε (0.87 at
+  ε = 0.01; costs lie in [0, 2]), and the plain loop then divides 0 by 0.
+
+  Masked rows and columns are walled off: ``log K = −∞`` between a valid and a
+  masked row, 0 between two masked rows, so every row and column keeps a finite
+  logsumexp. The plan is returned zero outside the valid block, and its valid
+  block equals the run on the compacted rows.
   """
-  m = valid_g.astype(c_gxg.dtype)
-  plan = jnp.exp(-c_gxg / epsilon) * m[:, None] * m[None, :]
+  both = valid_g[:, None] & valid_g[None, :]
+  neither = ~valid_g[:, None] & ~valid_g[None, :]
+  log_plan = jnp.where(
+      both, -c_gxg / epsilon, jnp.where(neither, 0.0, -jnp.inf)
+  )
 
-  def normalise(x, axis):
-    s = jnp.sum(x, axis=axis, keepdims=True)
-    return x / jnp.where(s > 0, s, 1.0)
+  def step(log_plan, _):
+    log_plan = log_plan - jax.nn.logsumexp(log_plan, axis=1, keepdims=True)
+    log_plan = log_plan - jax.nn.logsumexp(log_plan, axis=0, keepdims=True)
+    return log_plan, None
 
-  def step(plan, _):
-    return normalise(normalise(plan, 1), 0), None
-
-  plan, _ = jax.lax.scan(jax.checkpoint(step), plan, None, length=num_iters)
-  return plan
+  log_plan, _ = jax.lax.scan(
+      jax.checkpoint(step), log_plan, None, length=num_iters
+  )
+  return jnp.where(both, jnp.exp(log_plan), 0.0)
 
 
 def sinkhorn(
@@ -189,9 +211,12 @@ def sinkhorn(
     group_size: rows per OT problem. Default: one group per sequence for
       ``[B, T, V]`` inputs (``T``), the whole batch for ``[N, V]`` inputs (SinKD).
     solver: ``"ott"``, ``"debiased"`` or ``"sinkd"`` (see the module docstring).
-    num_iters: fixed iteration count (jit/vmap friendly); ``None`` runs ott-jax
-      to ``threshold``. The ``"sinkd"`` solver defaults to SinKD's 20.
-    threshold: ott-jax convergence threshold on the marginal error.
+    num_iters: run exactly this many iterations and differentiate by
+      unrolling them (fixed cost under jit/vmap); ``None`` runs ott-jax to
+      ``threshold`` and differentiates implicitly. The ``"sinkd"`` solver
+      always unrolls and defaults to SinKD's 20.
+    threshold: ott-jax convergence threshold on the marginal error, used when
+      ``num_iters`` is ``None`` (at most 2000 iterations).
     scale: SinKD's λ (0.001 in its GLUE scripts); 1 here, set the weight in the
       trainer config instead.
 

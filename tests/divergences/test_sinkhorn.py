@@ -12,6 +12,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ott.geometry import geometry
+from ott.problems.linear import linear_problem
+from ott.solvers.linear import sinkhorn as ott_sinkhorn
+from ott.tools import sinkhorn_divergence
 import pytest
 
 from kdjax import divergences as kd
@@ -37,6 +41,15 @@ def _grad_fn(**kwargs):
   return jax.jit(
       jax.grad(lambda s, t, m: jnp.sum(kd.sinkhorn(s, t, m, **kwargs)))
   )
+
+
+@functools.cache
+def _value_and_grad_fn(**kwargs):
+  def total(s, t):
+    rows = kd.sinkhorn(s, t, **kwargs)
+    return jnp.sum(rows), rows
+
+  return jax.jit(jax.value_and_grad(total, has_aux=True))
 
 
 def sinkhorn(s, t, mask=None, **kwargs):
@@ -230,3 +243,136 @@ def test_grads_finite_under_jit(kwargs):
     grad = np.asarray(sinkhorn_grad(s, t, **kwargs))
     assert np.all(np.isfinite(grad)), seed
     assert np.abs(grad).max() > 1e-4, seed
+
+
+# ----------------------------------------------------------------------------
+# Values and gradients against float64 references and their finite differences.
+
+# SinKD's setting, and a small ε at T = 1 where exp(−C/ε) underflows float32.
+_EPSILONS = {
+    "eps0.1": dict(epsilon=0.1, temperature=2.0),
+    "eps0.01": dict(epsilon=0.01, temperature=1.0),
+}
+
+
+def _reference_total(s_g, t_g, solver, **kwargs):
+  """float64 sum of one group's rows (the quantity whose gradient is taken)."""
+  if solver == "sinkd":
+    return ref.sinkd_loss(s_g, t_g, **kwargs)
+  if solver == "ott":
+    return ref.ott_rows(s_g, t_g, **kwargs).sum()
+  # Every row of a group reports the group's divergence.
+  return s_g.shape[0] * ref.sinkhorn_divergence(s_g, t_g, **kwargs)
+
+
+def _check_value_and_grad(s, t, kwargs, ref_num_iters):
+  """Group totals of kd.sinkhorn(**kwargs) and their gradients against the
+  reference run for ``ref_num_iters`` and its central differences (error
+  relative to the largest entry)."""
+  (_, rows), grad = _value_and_grad_fn(**kwargs)(s, t)
+  got, grad = np.asarray(rows).sum(-1), np.asarray(grad)
+  for b in range(s.shape[0]):
+    total = functools.partial(
+        _reference_total,
+        t_g=t[b].astype(np.float64),
+        solver=kwargs["solver"],
+        num_iters=ref_num_iters,
+        epsilon=kwargs["epsilon"],
+        temperature=kwargs["temperature"],
+    )
+    x = s[b].astype(np.float64)
+    np.testing.assert_allclose(got[b], total(x), rtol=1e-4)
+    want = ref.central_grad(total, x)
+    assert np.abs(want).max() > 1e-3
+    err = np.abs(grad[b] - want).max() / np.abs(want).max()
+    assert err < 1e-4, (b, err)
+
+
+@pytest.mark.parametrize("eps", _EPSILONS.values(), ids=_EPSILONS.keys())
+@pytest.mark.parametrize("solver", kd.ot.SOLVERS)
+def test_fixed_count_value_and_grad_match_finite_differences(solver, eps):
+  # 30 iterations are three of ott's blocks of 10, and not converged.
+  s, t = _logits(2, (1, 4, 7))
+  _check_value_and_grad(s, t, dict(solver=solver, num_iters=30, **eps), 30)
+
+
+_CONVERGED = {
+    # Seed, logit scale, ε and T, and the iterations "sinkd" unrolls.
+    # SinKD's setting: 300 iterations converge to float64 precision.
+    "eps0.1": (2, 1.0, _EPSILONS["eps0.1"], 300),
+    # At ε = 0.01 Sinkhorn on such rows needs far more than ott's 2000
+    # iterations; closer rows (costs within 0.27) converge in about 1000.
+    "eps0.01": (2, 0.1, _EPSILONS["eps0.01"], 1000),
+}
+
+
+@pytest.mark.parametrize("case", _CONVERGED.values(), ids=_CONVERGED.keys())
+@pytest.mark.parametrize("solver", kd.ot.SOLVERS)
+def test_converged_value_and_grad_match_finite_differences(solver, case):
+  # "sinkd" unrolls to convergence; "ott" and "debiased" stop at the threshold
+  # and differentiate implicitly.
+  seed, logit_scale, eps, sinkd_iters = case
+  s, t = _logits(seed, (1, 4, 7))
+  s, t = logit_scale * s, logit_scale * t
+  if solver == "sinkd":
+    kwargs = dict(solver=solver, num_iters=sinkd_iters, **eps)
+    _check_value_and_grad(s, t, kwargs, sinkd_iters)
+  else:
+    kwargs = dict(solver=solver, threshold=1e-6, **eps)
+    _check_value_and_grad(s, t, kwargs, None)
+
+
+def test_fixed_count_runs_exactly_num_iters():
+  # Costs within 0.2 of each other converge to any threshold in a few
+  # iterations; the fixed-count settings handed to ott-jax still run all 35
+  # (7 blocks of 5), on the plain problem and on the Sinkhorn divergence.
+  num_iters = 35
+  rng = np.random.default_rng(0)
+  cost = jnp.asarray(rng.uniform(0.0, 0.2, (4, 4)), jnp.float32)
+  uniform = jnp.full((4,), 0.25)
+  kwargs = kd.ot._solver_kwargs(num_iters, threshold=1e-3)
+
+  @jax.jit
+  def solve(cost):
+    out = ott_sinkhorn.Sinkhorn(**kwargs)(
+        linear_problem.LinearProblem(
+            geometry.Geometry(cost_matrix=cost, epsilon=0.1), uniform, uniform
+        )
+    )
+    _, div = sinkhorn_divergence.sinkhorn_divergence(
+        geometry.Geometry,
+        cost,
+        cost + cost.T,
+        2.0 * cost.T,
+        a=uniform,
+        b=uniform,
+        epsilon=0.1,
+        solve_kwargs=kwargs,
+    )
+    return out.n_iters, out.errors, div.n_iters
+
+  n_iters, errors, div_n_iters = solve(cost)
+  assert int(n_iters) == num_iters
+  assert np.all(np.asarray(errors)[np.asarray(errors) != -1] < 1e-3)
+  assert [int(n) for n in div_n_iters] == [num_iters] * 3
+
+
+def test_sinkd_small_epsilon_rows_are_nonzero_and_finite():
+  s, t = _logits(0)
+  kwargs = dict(solver="sinkd", epsilon=0.01, temperature=1.0)
+  # Some rows of exp(−C/ε) lie wholly below float32's smallest normal number.
+  ps, pt = np.exp(ref.log_softmax(s, 1.0)), np.exp(ref.log_softmax(t, 1.0))
+  kernel = np.stack(
+      [np.exp(-ref.sinkd_cost(ps[b], pt[b]) / 0.01) for b in range(B)]
+  )
+  tiny = np.finfo(np.float32).tiny
+  assert np.any(np.all(kernel < tiny, axis=-1))
+  got = np.asarray(sinkhorn(s, t, **kwargs))
+  assert np.all(np.isfinite(got)) and np.all(got > 0.1)
+  np.testing.assert_allclose(
+      got, _ref_rows(s, t, epsilon=0.01, temperature=1.0), rtol=1e-4
+  )
+  grad = np.asarray(sinkhorn_grad(s, t, jnp.asarray(_MASK), **kwargs))
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(grad[~_MASK], 0.0)
+  assert np.all(np.abs(grad[_MASK]).max(-1) > 1e-3)
