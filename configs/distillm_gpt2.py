@@ -24,13 +24,12 @@ epoch; kd_ratio 0.5 as every kdjax KD recipe. ``:tiny``: ``buffer_size=160``
 """
 
 from kdjax.config import recipe
-from kdjax.onpolicy import source
 
 
 def get_config(arg=None):
   c = recipe.get_config("skl", arg, alpha=0.1)
   tiny = recipe.parse_scale(arg).tiny
-  source.add_config(
+  recipe.add_onpolicy(
       c,
       source="distillm",
       init_threshold=0.0,

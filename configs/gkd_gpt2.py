@@ -23,13 +23,12 @@ Fully on-policy (the GKD paper's best setting on most tasks):
 """
 
 from kdjax.config import recipe
-from kdjax.onpolicy import source
 
 
 def get_config(arg=None):
   c = recipe.get_config("jsd", arg, beta=0.5)
   tiny = recipe.parse_scale(arg).tiny
-  source.add_config(
+  recipe.add_onpolicy(
       c,
       source="gkd",
       lmbda=0.5,

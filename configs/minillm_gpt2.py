@@ -28,7 +28,6 @@ tokens.
 """
 
 from kdjax.config import recipe
-from kdjax.onpolicy import source
 
 
 def get_config(arg=None):
@@ -40,7 +39,7 @@ def get_config(arg=None):
     )
     c.batch_size = 64
     c.num_steps = 5000
-  source.add_config(
+  recipe.add_onpolicy(
       c,
       source="minillm",
       temperature=1.0,

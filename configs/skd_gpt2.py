@@ -20,13 +20,12 @@ max_prompt_length); kd_ratio 0.5 as every kdjax KD recipe. ``:tiny``: up to
 """
 
 from kdjax.config import recipe
-from kdjax.onpolicy import source
 
 
 def get_config(arg=None):
   c = recipe.get_config("fkl", arg)
   tiny = recipe.parse_scale(arg).tiny
-  source.add_config(
+  recipe.add_onpolicy(
       c,
       source="skd",
       lmbda=1.0,

@@ -6,12 +6,14 @@ the first line of a JSONL data file) and never loads weights, so a refused
 start costs well under a second and leaves the workdir exactly as it was.
 Each failure is one :class:`ConfigError` sentence naming the value and the fix.
 
-What is checked:
+Each field's own rule (type, range, choices) is declared with the field in
+:mod:`kdjax.config.spec` and applied by :func:`kdjax.config.schema.problem`.
+What is checked here is what no single field can say:
 
-* types and ranges of the numeric fields (learning rate, ratios, batch sizes,
-  steps, lengths, checkpoint and evaluation cadence);
-* names: divergence, implementation, template, prompt policy, dtypes, remat,
-  model preset;
+* batch size against gradient accumulation, ``optim.lr_min`` against
+  ``optim.lr``, ``data.max_length`` against ``data.max_prompt_length``, a
+  sampled ``eval.best_metric`` against ``eval.num_examples``, a
+  ``preset:<name>`` student against the model presets;
 * the divergence's hyper-parameters against the function's own signature
   (``inspect.signature(kdjax.divergences.get(name))``) and their ranges; a
   hyper-parameter the chosen divergence does not take is dropped with a note
@@ -22,18 +24,18 @@ What is checked:
   against the student's, and the teacher's vocabulary against the student's
   (the trainer feeds the student's token ids to the teacher, so they must
   share a tokenizer, ULD included);
-* the on-policy block (``config.onpolicy``, :func:`kdjax.onpolicy.source.check`:
-  the kind, the sampling settings and each kind's own fields, MiniLLM's
-  ``minillm_*`` included), that a kind decoding with the teacher has one,
-  and that MiniLLM's dataset term is not TAID's;
+* the on-policy block (:func:`check_onpolicy`): the generation length,
+  DistiLLM's buffer against the batch, MiniLLM's full-support sampling, that
+  a kind decoding with the teacher has one, and that MiniLLM's dataset term
+  is not TAID's;
 * presence: the teacher directory, an HF student directory, a JSONL data file
   (and that it is not empty), a dataset name;
-* the teacher source (``teacher.source``): a cached teacher's encoding and
-  size, what it cannot be combined with (on-policy batches, SeqKD, TAID,
-  ``loss.impl="fused"``, ``val_kd``), and that ``teacher.cache_dir`` holds a
-  complete cache built from this config (:func:`kdjax.cache.store.check_config`:
-  data settings, tokenizer, teacher, temperature, encoding); a cached teacher
-  is never loaded, so its directory need not exist.
+* the teacher source: what a cached teacher cannot be combined with
+  (on-policy batches, SeqKD, TAID, ``loss.impl="fused"``, ``val_kd``), and
+  that ``teacher.cache_dir`` holds a complete cache built from this config
+  (:func:`kdjax.cache.store.check_config`: data settings, tokenizer, teacher,
+  temperature, encoding); a cached teacher is never loaded, so its directory
+  need not exist.
 """
 
 from __future__ import annotations
@@ -41,26 +43,23 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 import os
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import ml_collections
 
 from kdjax import fs
+from kdjax.config import schema, spec
 
-DTYPES = ("float32", "bfloat16", "float16")
-REMATS = ("none", "full", "dots")
 DATASETS = ("dolly", "synthetic_instruct")
 JSONL_SETS = ("sinst", "vicuna", "sni", "unni", "dolly_test")
 BYTE_VOCAB = (
     257  # kdjax.data.tokenizer.VOCAB_SIZE (not imported: no tokenizers)
 )
-# Hyper-parameters in [0, 1] and those that must be > 0, by name: the same
-# name means the same thing in every divergence.
 # Hyper-parameters that are mixture weights or masses, per divergence (ABKD's
-# alpha and beta are exponents: any real numbers).
+# alpha and beta are exponents: any real numbers), and those that must be > 0
+# by name: the same name means the same thing in every divergence.
 UNIT_HPS = {
     "akl": ("mu",),
     "jsd": ("beta",),
@@ -80,6 +79,7 @@ _TENSOR_ARGS = (
     "temperature",
     "chunk_size",
 )
+SAMPLED_METRICS = ("val_rougeL", "val_validity", "val_exact_match")
 
 
 class ConfigError(ValueError):
@@ -110,10 +110,11 @@ def validate(
   Args:
     config: an experiment config (``configs/*.py:get_config(arg)``).
     training: False for ``kdjax.evaluate``, which scores a given checkpoint:
-      only the numbers and names are checked, not the teacher, the student's
-      initialisation or the training data.
+      only the fields' own rules and the cross-field numbers are checked, not
+      the teacher, the student's initialisation or the training data.
   """
   notes: list[str] = []
+  _check_fields(config)
   _check_numbers(config)
   steps = _get(config, "num_steps", 0)
   warmup = _get(config, "optim.warmup_steps", 0)
@@ -142,10 +143,6 @@ def _log(notes: list[str]) -> None:
     logging.warning("%s", note)
 
 
-# ----------------------------------------------------------------------------
-# Numbers.
-
-
 def _get(config, key: str, default: Any = None) -> Any:
   node = config
   for part in key.split("."):
@@ -157,209 +154,17 @@ def _get(config, key: str, default: Any = None) -> Any:
   return node
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
+# ----------------------------------------------------------------------------
+# Each field's own rule, then the numbers that constrain each other.
 
 
-def _is_num(v) -> bool:
-  return (
-      isinstance(v, (int, float))
-      and not isinstance(v, bool)
-      and math.isfinite(v)
-  )
-
-
-# (key, check, requirement, fix); a key absent from the config is skipped.
-_Rule = tuple[str, Callable[[Any], bool], str, str]
-_RULES: tuple[_Rule, ...] = (
-    (
-        "seed",
-        lambda v: _is_int(v) and v >= 0,
-        "must be an integer >= 0",
-        "pass --config.seed=0 or another non-negative integer",
-    ),
-    (
-        "batch_size",
-        lambda v: _is_int(v) and v > 0,
-        "must be a positive integer (sequences per step)",
-        "pass --config.batch_size=32 or another positive integer",
-    ),
-    (
-        "grad_accum",
-        lambda v: _is_int(v) and v >= 1,
-        "must be an integer >= 1",
-        "pass --config.grad_accum=1 (no accumulation)",
-    ),
-    (
-        "num_steps",
-        lambda v: _is_int(v) and v >= 0,
-        "must be an integer >= 0 (0: use num_epochs)",
-        "pass a non-negative --config.num_steps",
-    ),
-    (
-        "num_epochs",
-        lambda v: _is_int(v) and v >= 1,
-        "must be an integer >= 1",
-        "pass --config.num_epochs=1 or more",
-    ),
-    (
-        "log_every",
-        lambda v: _is_int(v) and v >= 1,
-        "must be an integer >= 1",
-        "pass --config.log_every=10 or another positive integer",
-    ),
-    (
-        "optim.lr",
-        lambda v: _is_num(v) and v > 0,
-        "must be > 0",
-        "pass a positive learning rate such as --config.optim.lr=5e-4",
-    ),
-    (
-        "optim.lr_min",
-        lambda v: _is_num(v) and v >= 0,
-        "must be >= 0",
-        "pass a non-negative --config.optim.lr_min (the cosine floor)",
-    ),
-    (
-        "optim.warmup_steps",
-        lambda v: _is_int(v) and v >= 0,
-        "must be an integer >= 0",
-        "pass --config.optim.warmup_steps=0 for none",
-    ),
-    (
-        "optim.weight_decay",
-        lambda v: _is_num(v) and v >= 0,
-        "must be >= 0",
-        "pass --config.optim.weight_decay=0.01 or 0 for none",
-    ),
-    (
-        "optim.clip",
-        lambda v: _is_num(v) and v > 0,
-        "must be > 0 (0 would zero every gradient)",
-        "pass --config.optim.clip=1.0",
-    ),
-    (
-        "optim.b1",
-        lambda v: _is_num(v) and 0 <= v < 1,
-        "must be in [0, 1)",
-        "pass --config.optim.b1=0.9",
-    ),
-    (
-        "optim.b2",
-        lambda v: _is_num(v) and 0 <= v < 1,
-        "must be in [0, 1)",
-        "pass --config.optim.b2=0.999",
-    ),
-    (
-        "optim.eps",
-        lambda v: _is_num(v) and v > 0,
-        "must be > 0",
-        "pass --config.optim.eps=1e-8",
-    ),
-    (
-        "loss.kd_ratio",
-        lambda v: _is_num(v) and 0 <= v <= 1,
-        "must be in [0, 1] (the KD share of (1 - r)·CE + r·KD)",
-        "pass --config.loss.kd_ratio=0.5, or 0 for plain SFT",
-    ),
-    (
-        "loss.temperature",
-        lambda v: _is_num(v) and v > 0,
-        "must be > 0",
-        "pass --config.loss.temperature=1.0 (no softening)",
-    ),
-    (
-        "loss.chunk_size",
-        lambda v: _is_int(v) and v > 0,
-        "must be a positive integer",
-        "pass --config.loss.chunk_size=1024",
-    ),
-    (
-        "data.max_length",
-        lambda v: _is_int(v) and v > 1,
-        "must be an integer > 1 (tokens per sequence)",
-        "pass --config.data.max_length=512",
-    ),
-    (
-        "data.max_prompt_length",
-        lambda v: _is_int(v) and v > 0,
-        "must be a positive integer",
-        "pass --config.data.max_prompt_length=256",
-    ),
-    (
-        "data.train_limit",
-        lambda v: _is_int(v) and v >= 0,
-        "must be an integer >= 0 (0: every example)",
-        "pass --config.data.train_limit=0",
-    ),
-    (
-        "mesh.data",
-        lambda v: _is_int(v) and (v == -1 or v > 0),
-        "must be -1 (every remaining device) or a positive integer",
-        "pass --config.mesh.data=-1",
-    ),
-    (
-        "mesh.fsdp",
-        lambda v: _is_int(v) and v > 0,
-        "must be a positive integer",
-        "pass --config.mesh.fsdp=1 (no FSDP)",
-    ),
-    (
-        "ckpt.every_steps",
-        lambda v: _is_int(v) and v >= 0,
-        "must be an integer >= 0 (0: only the final checkpoint)",
-        "pass --config.ckpt.every_steps=1000",
-    ),
-    (
-        "ckpt.max_to_keep",
-        lambda v: _is_int(v) and v >= 1,
-        "must be an integer >= 1",
-        "pass --config.ckpt.max_to_keep=2",
-    ),
-    (
-        "eval.every_steps",
-        lambda v: _is_int(v) and v >= -1,
-        "must be -1 (every epoch), 0 (never) or a positive integer",
-        "pass --config.eval.every_steps=-1",
-    ),
-    (
-        "eval.val_batches",
-        lambda v: _is_int(v) and v >= 0,
-        "must be an integer >= 0 (0: the whole validation split)",
-        "pass --config.eval.val_batches=0",
-    ),
-    (
-        "eval.num_examples",
-        lambda v: _is_int(v) and v >= 0,
-        "must be an integer >= 0 (0: no sampled ROUGE-L)",
-        "pass --config.eval.num_examples=0 to switch sampling off",
-    ),
-    (
-        "eval.batch_size",
-        lambda v: _is_int(v) and v > 0,
-        "must be a positive integer",
-        "pass --config.eval.batch_size=32",
-    ),
-    (
-        "eval.max_new_tokens",
-        lambda v: _is_int(v) and v > 0,
-        "must be a positive integer",
-        "pass --config.eval.max_new_tokens=256",
-    ),
-    (
-        "eval.best_after_steps",
-        lambda v: _is_int(v) and v >= -1,
-        "must be -1 (automatic) or an integer >= 0",
-        "pass --config.eval.best_after_steps=-1",
-    ),
-)
+def _check_fields(config) -> None:
+  sentence = schema.first_problem(spec.TrainSpec, config)
+  if sentence:
+    raise ConfigError(sentence)
 
 
 def _check_numbers(config) -> None:
-  for key, ok, requirement, fix in _RULES:
-    value = _get(config, key)
-    if value is not None and not ok(value):
-      raise _fail(key, value, requirement, fix)
   bs, accum = _get(config, "batch_size"), _get(config, "grad_accum", 1)
   if bs is not None and bs % accum:
     raise _fail(
@@ -386,28 +191,13 @@ def _check_numbers(config) -> None:
         f"data.max_prompt_length={prompt}",
         "make data.max_length larger than data.max_prompt_length",
     )
-  seeds = _get(config, "eval.seeds")
-  if seeds is not None:
-    try:
-      parsed = [int(s) for s in str(seeds).split(",") if s.strip()]
-    except ValueError:
-      parsed = []
-    if not parsed:
-      raise _fail(
-          "eval.seeds",
-          seeds,
-          "is not a comma-separated list of " "integers",
-          "pass --config.eval.seeds=10,20,30",
-      )
 
 
 # ----------------------------------------------------------------------------
-# Names.
+# Names that depend on other fields or on the model presets.
 
 
 def _one_of(key: str, value: Any, allowed) -> None:
-  if value is None:  # absent from this config
-    return
   if value not in allowed:
     allowed = tuple(allowed)
     raise _fail(
@@ -419,79 +209,79 @@ def _one_of(key: str, value: Any, allowed) -> None:
 
 
 def _check_names(config) -> None:
-  from kdjax import objective  # pylint: disable=g-import-not-at-top
-  from kdjax.data import template  # pylint: disable=g-import-not-at-top
-
-  _one_of("loss.name", _get(config, "loss.name"), objective.NAMES)
-  impls = getattr(objective, "IMPLS", None)
-  if impls:
-    _one_of("loss.impl", _get(config, "loss.impl"), impls)
-  _one_of("data.template", _get(config, "data.template"), template.STYLES)
-  _one_of(
-      "data.prompt_policy",
-      _get(config, "data.prompt_policy"),
-      ("drop", "truncate"),
-  )
-  _one_of("student.dtype", _get(config, "student.dtype"), DTYPES)
-  _one_of("student.remat", _get(config, "student.remat"), REMATS)
-  if _get(config, "loss.kd_ratio", 0) > 0:
-    _one_of("teacher.dtype", _get(config, "teacher.dtype"), DTYPES)
   init = _get(config, "student.init", "")
   if init.startswith("preset:"):
     from kdjax import models  # pylint: disable=g-import-not-at-top
 
     _one_of("student.init", init, [f"preset:{n}" for n in models.PRESETS])
   metric = _get(config, "eval.best_metric")
-  if metric is not None:
-    _one_of("eval.best_metric", metric, BEST_METRICS)
-    if metric in SAMPLED_METRICS and not _get(config, "eval.num_examples", 0):
-      raise _fail(
-          "eval.best_metric",
-          metric,
-          "is a sampled score but " "eval.num_examples=0 samples nothing",
-          "set eval.num_examples > 0 or use eval.best_metric=val_ce",
-      )
-
-
-# Metrics the best checkpoint may be chosen by (``val_`` + a logged name).
-BEST_METRICS = (
-    "val_ce",
-    "val_loss",
-    "val_kd",
-    "val_rougeL",
-    "val_validity",
-    "val_exact_match",
-)
-SAMPLED_METRICS = ("val_rougeL", "val_validity", "val_exact_match")
+  if metric in SAMPLED_METRICS and not _get(config, "eval.num_examples", 0):
+    raise _fail(
+        "eval.best_metric",
+        metric,
+        "is a sampled score but " "eval.num_examples=0 samples nothing",
+        "set eval.num_examples > 0 or use eval.best_metric=val_ce",
+    )
 
 
 # ----------------------------------------------------------------------------
 # The on-policy sequence source.
 
 
+def check_onpolicy(
+    o: spec.OnPolicySpec,
+    *,
+    batch_size: int,
+    max_length: int,
+    max_prompt_length: int,
+) -> None:
+  """One sentence on the first ``config.onpolicy`` setting that cannot run."""
+  sentence = schema.first_problem(
+      spec.OnPolicySpec, dataclasses.asdict(o), "onpolicy."
+  )
+  if sentence:
+    raise ConfigError(sentence)
+  if (o.max_new_tokens or max_length - max_prompt_length) < 1:
+    raise _fail(
+        "onpolicy.max_new_tokens",
+        o.max_new_tokens,
+        f"leaves no tokens to generate (data.max_length={max_length}, "
+        f"data.max_prompt_length={max_prompt_length})",
+        "pass a positive --config.onpolicy.max_new_tokens",
+    )
+  if o.source == "distillm" and o.buffer_size < batch_size:
+    raise _fail(
+        "onpolicy.buffer_size",
+        o.buffer_size,
+        f"must hold at least one batch ({batch_size} sequences)",
+        f"pass --config.onpolicy.buffer_size={batch_size} or more",
+    )
+  if o.source == "minillm" and (o.top_k != 0 or o.top_p != 1.0):
+    raise ConfigError(
+        f"onpolicy.top_k={o.top_k}, top_p={o.top_p}: MiniLLM's importance "
+        "weights need every token in both models' support; use top_k=0 and "
+        "top_p=1.0."
+    )
+
+
 def _check_onpolicy(config) -> None:
   if "onpolicy" not in config:
     return
-  from kdjax.onpolicy import source  # pylint: disable=g-import-not-at-top
-
-  spec = source.spec_from_config(config)
-  try:
-    source.check(
-        spec,
-        batch_size=_get(config, "batch_size"),
-        max_length=_get(config, "data.max_length"),
-        max_prompt_length=_get(config, "data.max_prompt_length"),
-    )
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if source.needs_the_teacher(spec) and not _get(config, "loss.kd_ratio", 0):
+  o = spec.onpolicy_from_config(config)
+  check_onpolicy(
+      o,
+      batch_size=_get(config, "batch_size"),
+      max_length=_get(config, "data.max_length"),
+      max_prompt_length=_get(config, "data.max_prompt_length"),
+  )
+  if o.needs_teacher and not _get(config, "loss.kd_ratio", 0):
     raise _fail(
         "onpolicy.source",
-        spec.source,
+        o.source,
         "decodes with the teacher, which loss.kd_ratio=0 never loads",
         "set --config.loss.kd_ratio=0.5 and teacher.path",
     )
-  if spec.source == "minillm" and _get(config, "loss.name") == "taid":
+  if o.source == "minillm" and _get(config, "loss.name") == "taid":
     # MiniLLM's dataset term is a plain loss.name term of the step's dataset
     # batch; TAID's moving target belongs to a run whose KD term it is.
     raise _fail(
@@ -506,8 +296,6 @@ def _check_onpolicy(config) -> None:
 
 # ----------------------------------------------------------------------------
 # The teacher source.
-
-SOURCES = ("live", "cache")
 
 
 def from_cache(config) -> bool:
@@ -526,29 +314,6 @@ def sparse_names() -> tuple[str, ...]:
 
 
 def _check_teacher_source(config) -> None:
-  from kdjax.cache import codec  # pylint: disable=g-import-not-at-top
-
-  if _get(config, "teacher.source") is None:
-    return
-  _one_of("teacher.source", config.teacher.source, SOURCES)
-  _one_of(
-      "teacher.cache.encoding", config.teacher.cache.encoding, codec.ENCODINGS
-  )
-  k, draws = config.teacher.cache.k, config.teacher.cache.num_samples
-  if not (_is_int(k) and k >= 1):
-    raise _fail(
-        "teacher.cache.k",
-        k,
-        "must be an integer >= 1",
-        "pass --config.teacher.cache.k=64",
-    )
-  if not (_is_int(draws) and 1 <= draws <= codec.MAX_SAMPLES):
-    raise _fail(
-        "teacher.cache.num_samples",
-        draws,
-        f"must be an integer in [1, {codec.MAX_SAMPLES}]",
-        "pass --config.teacher.cache.num_samples=12",
-    )
   if not from_cache(config):
     return
   c = config
@@ -671,14 +436,16 @@ def _check_divergence(config) -> list[str]:
 def _check_hp(name: str, key: str, value: Any, param: inspect.Parameter):
   full = f"loss.hp.{key}"
   default = param.default
-  if key in UNIT_HPS.get(name, ()) and not (_is_num(value) and 0 <= value <= 1):
+  if key in UNIT_HPS.get(name, ()) and not (
+      schema.is_number(value) and 0 <= value <= 1
+  ):
     raise _fail(
         full,
         value,
         f"is outside [0, 1] for {name}",
         f"pass a value in [0, 1], e.g. --config.{full}={default}",
     )
-  if key in POSITIVE_HPS and not (_is_num(value) and value > 0):
+  if key in POSITIVE_HPS and not (schema.is_number(value) and value > 0):
     raise _fail(
         full,
         value,
@@ -688,7 +455,7 @@ def _check_hp(name: str, key: str, value: Any, param: inspect.Parameter):
   if (
       key in POSITIVE_INT_HPS
       and value is not None
-      and not (_is_int(value) and value > 0)
+      and not (schema.is_int(value) and value > 0)
   ):
     raise _fail(
         full,
@@ -707,7 +474,7 @@ def _check_hp(name: str, key: str, value: Any, param: inspect.Parameter):
   if (
       isinstance(default, (int, float))
       and not isinstance(default, bool)
-      and not _is_num(value)
+      and not schema.is_number(value)
   ):
     raise _fail(
         full,

@@ -8,57 +8,38 @@ between restarts: a researcher extends a run (``:tiny,steps=60`` on a finished
 30-step run), evaluates more often, keeps more checkpoints or moves to another
 mesh.
 
-The identity (dotted config keys; a key listed here covers its sub-keys):
-
-* ``seed``, ``batch_size``;
-* ``data``: ``name``, ``tokenizer``, ``template``, ``max_length``,
-  ``max_prompt_length``, ``prompt_policy``, ``train_split``, ``train_limit``,
-  ``seqkd_teacher``;
-* ``teacher``: ``path``, ``dtype``, ``source`` (``"live"`` in a workdir
-  started before the key existed);
-* ``student``: ``init``, ``dtype``, ``model_overrides``;
-* ``loss`` (every field: divergence, hyper-parameters, ratio, implementation);
-* ``optim`` (every field: learning rate, schedule shape, AdamW constants).
+Which fields are identity is declared with each field in
+:mod:`kdjax.config.spec` (``identity=True``; the identity column of
+docs/config.md): the seed and the global batch; what the data is and how it
+is cut (not where it lives); the teacher's path, dtype and source (``"live"``
+in a workdir started before the key existed); the student's initialisation,
+dtype and model overrides; every field of ``loss`` (divergence,
+hyper-parameters, ratio, implementation) and of ``optim``.
 
 Not part of it (free to change on resume): the length (``num_steps``,
 ``num_epochs``: the cosine schedule is recomputed for the new length),
 everything derived from it (``eval.every_steps`` of the tiny configs),
 ``eval.*``, ``ckpt.*``, ``log_every``, ``mesh.*``, ``grad_accum`` (same
 gradient, split differently), ``student.remat`` (same math, other memory),
-``export_hf``, ``force_new_run``, and where inputs live (``data.data_dir``,
-``data.manual_dir``, ``data.val_split``, ``teacher.hub_id``,
-``teacher.cache_dir``, ``teacher.cache``: the cache directory's own
-metadata is checked against the config at every start). A key this
-module does not know (added by a newer config) is part of the identity when it
-sits under ``loss`` or ``optim`` and free otherwise.
+``export_hf``, ``force_new_run``, ``onpolicy.*``, and where inputs live
+(``data.data_dir``, ``data.manual_dir``, ``data.val_split``,
+``teacher.hub_id``, ``teacher.cache_dir``, ``teacher.cache``: the cache
+directory's own metadata is checked against the config at every start).
+
+A key the schema does not declare (added by a newer config, or a sub-key of
+a free mapping such as ``loss.hp`` or ``student.model_overrides``) takes the
+identity of its nearest declared ancestor: it is part of the identity under
+``loss``, ``optim`` and ``student.model_overrides`` and free elsewhere.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-IDENTITY = (
-    "seed",
-    "batch_size",
-    "data.name",
-    "data.tokenizer",
-    "data.template",
-    "data.max_length",
-    "data.max_prompt_length",
-    "data.prompt_policy",
-    "data.train_split",
-    "data.train_limit",
-    "data.seqkd_teacher",
-    "teacher.path",
-    "teacher.dtype",
-    "teacher.source",
-    "student.init",
-    "student.dtype",
-    "student.model_overrides",
-    "loss",
-    "optim",
-)
+from kdjax.config import spec
 
+# Every declared identity field, dotted.
+IDENTITY = tuple(k for k, f in spec.FIELDS.items() if f.identity)
 
 # Values of identity keys added after runs were started without them.
 _ADDED = {"teacher.source": "live"}
@@ -77,7 +58,12 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def is_identity(key: str) -> bool:
   """Whether the dotted ``key`` belongs to the resume identity."""
-  return any(key == k or key.startswith(k + ".") for k in IDENTITY)
+  parts = key.split(".")
+  for n in range(len(parts), 0, -1):
+    declared = spec.FIELDS.get(".".join(parts[:n]))
+    if declared is not None:
+      return declared.identity
+  return False
 
 
 def changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

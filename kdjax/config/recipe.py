@@ -1,8 +1,8 @@
 """The shared recipe: every experiment config is this plus a divergence.
 
-The default arg is the paper's setup (docs/training.md "The paper recipe"):
-teacher = GPT-2 XL
-fine-tuned on Dolly, student = pretrained GPT-2 124M, lr 5e-4, global batch 32,
+The default arg is the paper's setup (docs/training.md "The paper recipe"),
+which is the schema's defaults (:func:`kdjax.config.spec.defaults`, listed in
+docs/config.md): teacher = GPT-2 XL fine-tuned on Dolly, student = pretrained GPT-2 124M, lr 5e-4, global batch 32,
 20 epochs, cosine decay to 1e-7, AdamW with weight decay 0.01 on matrices only,
 global-norm clipping at 1.0, max length 512 / prompt 256, loss
 ``(1 - kd_ratio) * CE + kd_ratio * KD`` with kd_ratio 0.5, teacher in bf16.
@@ -10,7 +10,9 @@ global-norm clipping at 1.0, max length 512 / prompt 256, loss
 The arg ``tiny`` swaps in the embedded ``synthetic_instruct`` data, a byte-level
 tokenizer and tiny GPT-2-shaped models so a run finishes on a laptop CPU in a
 few minutes; ``tiny_teacher`` is the stage that trains that teacher. Extra
-``key=value`` items in the arg set config fields (``tiny,steps=30``).
+``key=value`` items in the arg set config fields (``tiny,steps=30``). The
+values here and in ``configs/*.py`` are only values: every field is declared
+in :mod:`kdjax.config.spec`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+
+from kdjax.config import schema, spec
 
 # Where `make demo` and the tiny configs keep their runs. The tiny teacher is
 # shipped in the repository (trained by sft_gpt2.py:tiny_teacher; retrained by
@@ -30,7 +34,7 @@ TINY_DATA_DIR = f"{TINY_ROOT}/data"
 
 # Paper-size teacher: an SFT'd GPT-2 XL. Produce it with configs/sft_gpt2.py:teacher
 # or point teacher.path at any GPT-2-vocabulary HF directory.
-PAPER_TEACHER = "workdirs/gpt2_xl_sft/hf"
+PAPER_TEACHER = spec.TeacherSpec().path
 
 # Tiny model shapes (fields of kdjax.models.GPT2Config): the teacher is ~6x the
 # student's parameter count.
@@ -75,97 +79,6 @@ def parse_scale(arg: str | None) -> ml_collections.ConfigDict:
   return parse_arg(arg, **SCALE_ARGS)
 
 
-def _paper() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 10
-  c.force_new_run = False
-
-  c.data = dict(
-      name="dolly",
-      data_dir="~/tensorflow_datasets",
-      manual_dir="",
-      train_split="train",
-      val_split="validation",
-      tokenizer="gpt2",
-      template="minillm",
-      max_length=512,
-      max_prompt_length=256,
-      prompt_policy="drop",
-      train_limit=0,
-      seqkd_teacher="",
-  )
-  # source: "live" runs the teacher each step; "cache" reads its sparse
-  # distributions from cache_dir (built by `python -m kdjax.cache_teacher`:
-  # docs/cached_teacher.md), at temperature loss.temperature.
-  c.teacher = dict(
-      path=PAPER_TEACHER,
-      hub_id="gpt2-xl",
-      dtype="bfloat16",
-      source="live",
-      cache_dir="",
-      cache=dict(encoding="topk", k=64, num_samples=12),
-  )
-  # student.init: a HF dir / hub id to fine-tune, or "preset:<name>" for a
-  # randomly initialised kdjax.models preset (model_overrides apply to both).
-  c.student = dict(
-      init="gpt2",
-      dtype="float32",
-      remat="none",
-      model_overrides=ml_collections.ConfigDict(type_safe=False),
-  )
-  # impl: "auto" (the public divergence: analytic gradients, chunked on CPU),
-  # "fused" (from hidden states and LM heads, chunk_size tokens at a time:
-  # no [B, T, V] logits held) or "reference" (autodiff oracle). temperature
-  # divides both models' logits in the KD term.
-  c.loss = dict(
-      name="akl",
-      kd_ratio=0.5,
-      impl="auto",
-      chunk_size=1024,
-      temperature=1.0,
-      hp=ml_collections.ConfigDict(type_safe=False),
-  )
-  # Entropy-based token selection: distil only each sequence's top `fraction`
-  # of positions by student entropy (1.0: every token; CE keeps them all).
-  c.loss.select = dict(fraction=1.0, by="student_entropy")
-  c.optim = dict(
-      lr=5e-4,
-      lr_min=1e-7,
-      warmup_steps=0,
-      weight_decay=0.01,
-      clip=1.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-  )
-  c.batch_size = 32  # global, in sequences
-  c.grad_accum = 1  # micro-batches per step
-  c.num_epochs = 20
-  c.num_steps = 0  # > 0 overrides num_epochs
-  c.mesh = dict(data=-1, fsdp=1)
-  c.log_every = 50
-  c.ckpt = dict(every_steps=1000, max_to_keep=2)
-  # Validation every epoch (-1) on the 1000-example validation split (loss and
-  # sampled ROUGE-L). The best student is the lowest validation CE, which a
-  # near-untrained student cannot win; eval.best_metric="val_rougeL" is the
-  # reference trainers' choice, counted only after warm-up and a quarter of
-  # the run (best_after_steps=-1; a step number sets the start explicitly).
-  c.eval = dict(
-      every_steps=-1,
-      val_batches=0,
-      num_examples=1000,
-      batch_size=32,
-      max_new_tokens=256,
-      greedy=False,
-      datasets="dolly,sinst,vicuna,sni,unni",
-      seeds="10,20,30,40,50",
-      best_metric="val_ce",
-      best_after_steps=-1,
-  )
-  c.export_hf = True
-  return c
-
-
 def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
   """Embedded data, byte tokenizer, tiny models: the laptop-CPU scale."""
   c.data.update(
@@ -207,10 +120,6 @@ def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
   )
 
 
-# Divergences with autodiff gradients only (no loss.impl=fused).
-AUTODIFF_ONLY = ("sinkhorn", "uld")
-
-
 def override(c: ml_collections.ConfigDict, items: Mapping[str, Any]) -> None:
   """Sets dotted keys, ``override(c, {"loss.impl": "fused"})``.
 
@@ -248,7 +157,7 @@ def get_config(
   config sets 2).
   """
   a = parse_scale(arg)
-  c = _paper()
+  c = spec.defaults()
   c.loss.name = loss
   c.loss.kd_ratio = kd_ratio
   c.loss.temperature = float(hp.pop("temperature", 1.0))
@@ -259,3 +168,18 @@ def get_config(
     c.teacher.update(path="", hub_id="")
   c.lock()  # a typo in a later override is an error, not a new field
   return c
+
+
+def add_onpolicy(c: ml_collections.ConfigDict, **fields: Any) -> None:
+  """Adds the ``c.onpolicy`` block: its defaults updated by ``fields``."""
+  block = schema.defaults(spec.OnPolicySpec)
+  unknown = sorted(set(fields) - set(block))
+  if unknown:
+    raise ValueError(
+        f"onpolicy fields {unknown} are unknown; valid: "
+        f"{', '.join(sorted(block))}."
+    )
+  block.update(fields)
+  with c.unlocked():
+    c.onpolicy = block
+  c.lock()  # the new block too: a typo in an override is an error

@@ -1,12 +1,15 @@
-"""An experiment config resolved once into typed, frozen parts.
+"""Every config field, declared once, and the config resolved into parts.
 
-The ``ml_collections.ConfigDict`` of ``configs/*.py`` is read here and
-nowhere else: :func:`from_config` turns it into a :class:`TrainSpec` whose
-parts go each to the one module that needs it (:class:`DataSpec` to the data
-pipeline, :class:`TeacherSpec` / :class:`StudentSpec` to model building,
-``loss`` to :mod:`kdjax.objective`, :class:`OptimSpec` to the optimizer,
-:class:`CkptSpec` to checkpointing, :class:`EvalSpec` and its
-:class:`~kdjax.evaluation.protocol.Protocol` to validation). The evaluation
+The frozen dataclasses below are the config schema (:mod:`kdjax.config.schema`
+derives the defaults, the rules, the identity and docs/config.md from them)
+and, filled from a config, its typed parts. The ``ml_collections.ConfigDict``
+of ``configs/*.py`` is read here and nowhere else: :func:`from_config` turns
+it into a :class:`TrainSpec` whose parts go each to the one module that needs
+it (:class:`DataSpec` to the data pipeline, :class:`TeacherSpec` /
+:class:`StudentSpec` to model building, ``loss`` to :mod:`kdjax.objective`,
+:class:`OptimSpec` to the optimizer, :class:`CkptSpec` to checkpointing,
+:class:`EvalSpec` and its :class:`~kdjax.evaluation.protocol.Protocol` to
+validation, :class:`OnPolicySpec` to the sequence source). The evaluation
 command line reads the smaller :class:`SuiteSpec` (:func:`suite_from_config`).
 
 ```python
@@ -14,6 +17,9 @@ from kdjax.config import files, spec
 s = spec.from_config(files.load("configs/akl_gpt2.py:tiny"))
 s.data.max_length, s.optim.lr, s.loss["name"], s.eval.protocol.seeds
 ```
+
+A new field is one :func:`~kdjax.config.schema.field` line in its group
+(CONTRIBUTING.md, "Configs").
 """
 
 from __future__ import annotations
@@ -25,23 +31,51 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from kdjax.config import schema
+from kdjax.config.schema import field, group
 from kdjax.evaluation.protocol import Protocol
-from kdjax.onpolicy import source as onpolicy_source
+
+# Choices owned by modules above the config system, which it must not import;
+# tests/test_schema.py checks that they agree.
+ONPOLICY_KINDS = ("dataset", "gkd", "distillm", "skd", "minillm")
+REPLAY_RATIOS = ("decreasing", "constant", "increasing")  # onpolicy.distillm
+SKD_RESAMPLE = ("top_k", "full")  # onpolicy.skd
+CACHE_ENCODINGS = ("topk", "sampled")  # cache.codec
+CACHE_MAX_SAMPLES = 255  # cache.codec: draw counts are uint8
+DTYPES = ("float32", "bfloat16", "float16")
+REMATS = ("none", "full", "dots")
+# Metrics the best checkpoint may be chosen by (``val_`` + a logged name).
+BEST_METRICS = (
+    "val_ce",
+    "val_loss",
+    "val_kd",
+    "val_rougeL",
+    "val_validity",
+    "val_exact_match",
+)
 
 
 def _path(p: str) -> str:
   return os.path.expanduser(p)
 
 
-def int_list(text: str, what: str) -> tuple[int, ...]:
-  """``"10,20"`` -> ``(10, 20)``, or one sentence naming the bad field."""
+def integers(text: str) -> tuple[int, ...]:
+  """``"10,20"`` -> ``(10, 20)``; at least one integer."""
   try:
-    return tuple(int(s) for s in text.split(",") if s.strip())
+    out = tuple(int(s) for s in text.split(",") if s.strip())
   except ValueError:
-    raise ValueError(
-        f"{what}={text!r} is not a comma-separated list of "
-        "integers, e.g. 10,20,30."
-    ) from None
+    out = ()
+  if not out:
+    raise ValueError("is not a comma-separated list of integers")
+  return out
+
+
+def int_list(text: str, what: str) -> tuple[int, ...]:
+  """``"10,20"`` -> ``(10, 20)``, or one sentence naming the bad ``what``."""
+  try:
+    return integers(text)
+  except ValueError as e:
+    raise ValueError(f"{what}={text!r} {e}, e.g. 10,20,30.") from None
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -49,27 +83,88 @@ def names(text: str) -> tuple[str, ...]:
   return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+# Names known only to registries above the config system, imported when a
+# value is checked (the registries import no model, training or cache code).
+def _loss_names() -> tuple[str, ...]:
+  from kdjax import objective  # pylint: disable=g-import-not-at-top
+
+  return objective.NAMES
+
+
+def _loss_impls() -> tuple[str, ...]:
+  from kdjax import objective  # pylint: disable=g-import-not-at-top
+
+  return objective.IMPLS
+
+
+def _select_by() -> tuple[str, ...]:
+  from kdjax import objective  # pylint: disable=g-import-not-at-top
+
+  return objective.SELECT_BY
+
+
+def _templates() -> tuple[str, ...]:
+  from kdjax.data import template  # pylint: disable=g-import-not-at-top
+
+  return template.STYLES
+
+
+# ----------------------------------------------------------------------------
+# The groups.
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """What to read and how to turn it into rows (``config.data``).
+  """What to read and how to turn it into rows (``config.data``)."""
 
-  ``name`` is a registered dataset or a ``.jsonl`` path; ``manual_dir`` is
-  None when unset; ``train_limit`` 0 means every example; ``seqkd_teacher``
-  "" means train on the references, else on that teacher's responses.
-  """
-
-  name: str
-  data_dir: str
-  manual_dir: str | None
-  train_split: str
-  val_split: str
-  tokenizer: str
-  template: str
-  max_length: int
-  max_prompt_length: int
-  prompt_policy: str
-  train_limit: int
-  seqkd_teacher: str
+  name: str = field(
+      "dolly",
+      "a registered dataset, instruct_jsonl/SET, or a .jsonl path",
+      identity=True,
+  )
+  data_dir: str = field(
+      "~/tensorflow_datasets", "where prepared datasets live", resolve=_path
+  )
+  manual_dir: str | None = field(
+      "",
+      "downloaded source files of a dataset ('': none)",
+      resolve=lambda p: _path(p) or None,
+  )
+  train_split: str = field("train", "split trained on", identity=True)
+  val_split: str = field("validation", "split validated on")
+  tokenizer: str = field(
+      "gpt2", "'byte', an HF directory or a hub id", identity=True
+  )
+  template: str = field(
+      "minillm", "prompt template", identity=True, choices=_templates
+  )
+  max_length: int = field(
+      512,
+      "tokens per sequence, prompt and response",
+      identity=True,
+      above=1,
+  )
+  max_prompt_length: int = field(
+      256, "prompt tokens kept", identity=True, above=0
+  )
+  prompt_policy: str = field(
+      "drop",
+      "what a longer prompt gets",
+      identity=True,
+      choices=("drop", "truncate"),
+  )
+  train_limit: int = field(
+      0,
+      "training examples used",
+      identity=True,
+      at_least=0,
+      special={0: "every example"},
+  )
+  seqkd_teacher: str = field(
+      "",
+      "SeqKD: train on this teacher's responses ('': on the references)",
+      identity=True,
+  )
 
   def row_settings(self, eos_id: int) -> dict[str, Any]:
     """Keyword arguments shared by ``pipeline.train_batches`` / ``eval_batches``."""
@@ -83,20 +178,50 @@ class DataSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """How a cached teacher is encoded (docs/cached_teacher.md)."""
+
+  encoding: str = field(
+      "topk",
+      "top-k with a tail bin, or sampled tokens (RS-KD)",
+      choices=CACHE_ENCODINGS,
+  )
+  k: int = field(64, "top-k width of the topk encoding", at_least=1)
+  num_samples: int = field(
+      12,
+      "draws per position of the sampled encoding",
+      at_least=1,
+      at_most=CACHE_MAX_SAMPLES,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherSpec:
-  """The frozen teacher: a HF directory, the hub id it came from, its dtype.
+  """The frozen teacher (``config.teacher``)."""
 
-  ``source`` is ``"live"`` (run it each step) or ``"cache"`` (read its sparse
-  distributions from ``cache_dir``; ``cache`` holds ``encoding``, ``k`` and
-  ``num_samples``: docs/cached_teacher.md).
-  """
-
-  path: str
-  hub_id: str
-  dtype: str
-  source: str = "live"
-  cache_dir: str = ""
-  cache: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  path: str = field(
+      "workdirs/gpt2_xl_sft/hf",
+      "the teacher's HF directory ('': no teacher)",
+      identity=True,
+  )
+  hub_id: str = field(
+      "gpt2-xl", "the hub id it was fine-tuned from (download hints)"
+  )
+  dtype: str = field(
+      "bfloat16", "compute and storage dtype", identity=True, choices=DTYPES
+  )
+  source: str = field(
+      "live",
+      "live: run it each step; cache: read its distributions from cache_dir",
+      identity=True,
+      choices=("live", "cache"),
+  )
+  cache_dir: str = field(
+      "",
+      "a cache built by python -m kdjax.cache_teacher",
+      resolve=_path,
+  )
+  cache: CacheSpec = group(CacheSpec, "the cached teacher's encoding")
 
   @property
   def cached(self) -> bool:
@@ -105,103 +230,283 @@ class TeacherSpec:
 
 @dataclasses.dataclass(frozen=True)
 class StudentSpec:
-  """``init``: a HF directory / hub id, or ``"preset:<name>"`` (from ``seed``).
+  """The student (``config.student``); ``seed`` is the run's.
 
-  ``model_overrides`` replace model config fields (``remat`` included).
+  ``model_overrides`` replace model config fields, ``remat`` included.
   """
 
-  init: str
-  dtype: str
-  model_overrides: Mapping[str, Any]
-  seed: int
+  init: str = field(
+      "gpt2",
+      "an HF directory or hub id to fine-tune, or preset:NAME",
+      identity=True,
+  )
+  dtype: str = field("float32", "compute dtype", identity=True, choices=DTYPES)
+  remat: str = field(
+      "none", "rematerialisation (memory for compute)", choices=REMATS
+  )
+  model_overrides: Mapping[str, Any] = field(
+      {}, "model config fields replaced (both init kinds)", identity=True
+  )
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectSpec:
+  """Entropy-based token selection (docs/divergences.md)."""
+
+  fraction: float = field(
+      1.0,
+      "share of each sequence's positions distilled (1: every token)",
+      above=0,
+      at_most=1,
+  )
+  by: str = field(
+      "student_entropy", "how positions are ranked", choices=_select_by
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """``(1 - kd_ratio)·CE + kd_ratio·KD`` (``config.loss``, a plain dict)."""
+
+  name: str = field(
+      "akl", "the divergence, or an objective (taid)", choices=_loss_names
+  )
+  kd_ratio: float = field(
+      0.5, "the KD share (0: SFT, no teacher)", at_least=0, at_most=1
+  )
+  impl: str = field(
+      "auto",
+      "auto: analytic gradients; fused: from hidden states; reference",
+      choices=_loss_impls,
+  )
+  chunk_size: int = field(1024, "tokens per chunk of the fused path", above=0)
+  temperature: float = field(
+      1.0, "divides both models' logits in the KD term", above=0
+  )
+  hp: Mapping[str, Any] = field(
+      {}, "the divergence's hyper-parameters (checked against its signature)"
+  )
+  select: SelectSpec = group(SelectSpec, "entropy-based token selection")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimSpec:
   """Clipped AdamW on a warmup + cosine schedule (``config.optim``)."""
 
-  lr: float
-  lr_min: float
-  warmup_steps: int
-  weight_decay: float
-  clip: float
-  b1: float
-  b2: float
-  eps: float
+  lr: float = field(5e-4, "peak learning rate", above=0)
+  lr_min: float = field(1e-7, "the cosine floor", at_least=0)
+  warmup_steps: int = field(0, "linear warm-up steps", at_least=0)
+  weight_decay: float = field(
+      0.01, "AdamW weight decay, matrices only", at_least=0
+  )
+  clip: float = field(1.0, "global gradient-norm clip", above=0)
+  b1: float = field(0.9, "AdamW beta1", at_least=0, below=1)
+  b2: float = field(0.999, "AdamW beta2", at_least=0, below=1)
+  eps: float = field(1e-8, "AdamW epsilon", above=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """Mesh axis sizes, ``sharding.make_mesh``'s arguments."""
+
+  data: int = field(
+      -1,
+      "data-parallel axis",
+      above=0,
+      special={-1: "every remaining device"},
+  )
+  fsdp: int = field(1, "FSDP axis (1: none)", above=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class CkptSpec:
   """Checkpoint every ``every_steps`` steps, keeping the ``max_to_keep`` latest."""
 
-  every_steps: int
-  max_to_keep: int
+  every_steps: int = field(
+      1000,
+      "checkpoint cadence",
+      at_least=0,
+      special={0: "only the final checkpoint"},
+  )
+  max_to_keep: int = field(2, "latest checkpoints kept", at_least=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
-  """Periodic validation (``config.eval``).
+  """Periodic validation (``config.eval``); ``protocol`` decodes the samples.
 
-  ``every_steps``: -1 each epoch, 0 never; ``val_batches`` <= 0: the whole
-  validation split; ``num_examples`` > 0 adds sampled scores on that many
-  examples, decoded with ``protocol``. The best checkpoint is the best
-  ``best_metric`` among validations from step ``best_after_steps`` on (-1:
-  :func:`kdjax.checkpoint.best_policy` chooses).
+  The best checkpoint is the best ``best_metric`` among validations from step
+  ``best_after_steps`` on.
   """
 
-  every_steps: int
-  val_batches: int
-  num_examples: int
-  batch_size: int
-  protocol: Protocol
-  datasets: tuple[str, ...]
-  best_metric: str = "val_ce"
-  best_after_steps: int = -1
+  every_steps: int = field(
+      -1,
+      "validation cadence in steps",
+      above=0,
+      special={-1: "every epoch", 0: "never"},
+  )
+  val_batches: int = field(
+      0,
+      "validation-loss batches",
+      at_least=0,
+      special={0: "the whole validation split"},
+  )
+  num_examples: int = field(
+      1000,
+      "prompts sampled for ROUGE-L and validity",
+      at_least=0,
+      special={0: "no sampled scores"},
+  )
+  batch_size: int = field(32, "generation batch", above=0)
+  max_new_tokens: int = field(256, "generated tokens per prompt", above=0)
+  greedy: bool = field(False, "greedy decoding instead of sampling")
+  datasets: tuple[str, ...] = field(
+      "dolly,sinst,vicuna,sni,unni",
+      "the evaluation command's datasets, comma-separated",
+      resolve=names,
+  )
+  seeds: tuple[int, ...] = field(
+      "10,20,30,40,50", "sampling seeds, comma-separated", resolve=integers
+  )
+  best_metric: str = field(
+      "val_ce",
+      "what the best checkpoint minimises or maximises",
+      choices=BEST_METRICS,
+  )
+  best_after_steps: int = field(
+      -1,
+      "first step a best checkpoint may come from",
+      at_least=0,
+      special={-1: "automatic"},
+  )
+  protocol: Protocol = Protocol()
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshSpec:
-  """Mesh axis sizes (-1: the devices left), ``sharding.make_mesh``'s arguments."""
+class OnPolicySpec:
+  """The sequence source (``config.onpolicy``; docs/on_policy.md).
 
-  data: int
-  fsdp: int
+  Every generating kind reads the sampling fields; the others belong to one
+  kind, named by their prefix or comment.
+  """
+
+  source: str = field(
+      "dataset",
+      "where each step's batch comes from",
+      choices=ONPOLICY_KINDS,
+  )
+  lmbda: float = field(
+      0.0,
+      "gkd, skd: probability of a generated batch",
+      at_least=0,
+      at_most=1,
+  )
+  seq_kd: bool = field(False, "gkd: the teacher's responses first")
+  temperature: float = field(1.0, "sampling temperature", above=0)
+  top_k: int = field(0, "sampling top-k (0: off)", at_least=0)
+  top_p: float = field(1.0, "sampling top-p (1: off)", above=0, at_most=1)
+  max_new_tokens: int = field(
+      0,
+      "generated tokens",
+      at_least=0,
+      special={0: "data.max_length - data.max_prompt_length"},
+  )
+  buffer_size: int = field(1000, "distillm: replay-buffer rows", above=0)
+  init_threshold: float = field(
+      0.0, "distillm: the schedule's starting threshold", at_least=0
+  )
+  loss_eps: float = field(
+      0.1, "distillm: validation-loss rise that counts", at_least=0
+  )
+  replay_ratio: str = field(
+      "decreasing",
+      "distillm: how the replayed share moves over the run",
+      choices=REPLAY_RATIOS,
+  )
+  skd_top_k: int = field(
+      25, "skd: the teacher's top-k that vets a token", at_least=1
+  )
+  skd_resample: str = field(
+      "top_k", "skd: what a rejected token is drawn from", choices=SKD_RESAMPLE
+  )
+  minillm_alpha: float = field(
+      0.2, "minillm: the teacher's share of the mix", at_least=0, at_most=1
+  )
+  minillm_gamma: float = field(
+      0.95, "minillm: reward discount", at_least=0, at_most=1
+  )
+  minillm_cliprange: float = field(0.2, "minillm: PPO clip range", above=0)
+  minillm_reward_scaling: float = field(0.5, "minillm: reward divisor", above=0)
+  minillm_reward_clip: float = field(100.0, "minillm: reward clip", above=0)
+  minillm_lm_coef: float = field(
+      1.0,
+      "minillm: weight of the dataset term",
+      at_least=0,
+      special={0: "no dataset term"},
+  )
+  minillm_single_step: bool = field(
+      True, "minillm: add the exact single-step term"
+  )
+  minillm_ppo_epochs: int = field(1, "minillm: updates per rollout", at_least=1)
+
+  @property
+  def needs_teacher(self) -> bool:
+    """Whether the source decodes with the teacher (SKD, MiniLLM, seq_kd)."""
+    return self.source in ("skd", "minillm") or (
+        self.source == "gkd" and self.seq_kd
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-  """One training run, resolved from its config.
+  """One training run, resolved from its config (the schema's root).
 
   ``loss`` is the plain mapping :mod:`kdjax.objective` reads
-  (``loss["name"]``, ``loss["kd_ratio"]``, ``loss["hp"]`` a dict, ...);
-  ``identity`` is the whole config as JSON, what a workdir is bound to.
-  ``num_steps`` 0 means ``num_epochs`` epochs.
+  (``loss["name"]``, ``loss["hp"]`` a dict, ...); ``identity`` is the whole
+  config as JSON, what a workdir is bound to.
   """
 
-  seed: int
-  batch_size: int
-  grad_accum: int
-  num_epochs: int
-  num_steps: int
-  log_every: int
-  export_hf: bool
-  force_new_run: bool
-  data: DataSpec
-  teacher: TeacherSpec
-  student: StudentSpec
-  loss: Mapping[str, Any]
-  optim: OptimSpec
-  ckpt: CkptSpec
-  eval: EvalSpec
-  mesh: MeshSpec
-  identity: Mapping[str, Any]
-  # The sequence source (kdjax.onpolicy); off-policy when absent.
-  onpolicy: onpolicy_source.OnPolicySpec = onpolicy_source.OnPolicySpec()
+  seed: int = field(10, "the run's seed", identity=True, at_least=0)
+  force_new_run: bool = field(
+      False, "start over in a workdir that holds another run"
+  )
+  data: DataSpec = group(DataSpec, "the dataset and its rows")
+  teacher: TeacherSpec = group(TeacherSpec, "the frozen teacher")
+  student: StudentSpec = group(StudentSpec, "the student")
+  loss: Mapping[str, Any] = group(
+      LossSpec, "the objective", identity=True, as_dict=True
+  )
+  optim: OptimSpec = group(OptimSpec, "the optimizer", identity=True)
+  batch_size: int = field(
+      32, "global batch in sequences", identity=True, above=0
+  )
+  grad_accum: int = field(1, "micro-batches per step", at_least=1)
+  num_epochs: int = field(20, "training epochs", at_least=1)
+  num_steps: int = field(
+      0, "training steps", at_least=0, special={0: "use num_epochs"}
+  )
+  mesh: MeshSpec = group(MeshSpec, "the device mesh")
+  log_every: int = field(50, "steps per logged line", at_least=1)
+  ckpt: CkptSpec = group(CkptSpec, "checkpoints")
+  eval: EvalSpec = group(EvalSpec, "validation and the evaluation command")
+  export_hf: bool = field(True, "write the student in HF format at the end")
+  onpolicy: OnPolicySpec = group(
+      OnPolicySpec, "the on-policy sequence source", optional=True
+  )
+  identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _fields(cls, node: ml_collections.ConfigDict, **extra) -> Any:
-  """``cls`` from the same-named fields of ``node`` (plus ``extra``)."""
-  names = [f.name for f in dataclasses.fields(cls) if f.name not in extra]
-  return cls(**{n: node[n] for n in names}, **extra)
+FIELDS: dict[str, schema.Field | schema.Group] = schema.table(TrainSpec)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every field's default, optional groups (``onpolicy``) left out."""
+  return schema.defaults(TrainSpec)
+
+
+# ----------------------------------------------------------------------------
+# Resolution.
 
 
 def protocol_from_config(config: ml_collections.ConfigDict) -> Protocol:
@@ -211,7 +516,7 @@ def protocol_from_config(config: ml_collections.ConfigDict) -> Protocol:
   fields = dict(
       max_new_tokens=config.eval.max_new_tokens,
       max_prompt_length=config.data.max_prompt_length,
-      seeds=int_list(config.eval.seeds, "eval.seeds"),
+      seeds=schema.build(EvalSpec, config.eval, "eval.").seeds,
   )
   if "template" in config.data:
     fields["template"] = config.data.template
@@ -228,59 +533,36 @@ def protocol_from_config(config: ml_collections.ConfigDict) -> Protocol:
 
 
 def data_from_config(data: ml_collections.ConfigDict) -> DataSpec:
-  return _fields(
-      DataSpec,
-      data,
-      data_dir=_path(data.data_dir),
-      manual_dir=_path(data.manual_dir) or None,
-  )
+  return schema.build(DataSpec, data, "data.")
 
 
-def _teacher_from_config(t: ml_collections.ConfigDict) -> TeacherSpec:
-  return TeacherSpec(
-      path=t.path,
-      hub_id=t.hub_id,
-      dtype=t.dtype,
-      source=t.get("source", "live"),
-      cache_dir=_path(t.get("cache_dir", "")),
-      cache=t.cache.to_dict() if "cache" in t else {},
-  )
+def onpolicy_from_config(config: ml_collections.ConfigDict) -> OnPolicySpec:
+  """``config.onpolicy`` resolved; configs without the block are off-policy."""
+  if "onpolicy" not in config:
+    return OnPolicySpec()
+  return schema.build(OnPolicySpec, config.onpolicy, "onpolicy.")
 
 
 def from_config(config: ml_collections.ConfigDict) -> TrainSpec:
   """Resolves a training config (``configs/*.py:get_config``)."""
   c = config
-  student = StudentSpec(
-      init=c.student.init,
-      dtype=c.student.dtype,
+  student = schema.build(
+      StudentSpec,
+      c.student,
+      "student.",
       seed=c.seed,
       model_overrides=dict(c.student.model_overrides, remat=c.student.remat),
   )
-  evaluation = _fields(
-      EvalSpec,
-      c.eval,
-      protocol=protocol_from_config(c),
-      datasets=names(c.eval.datasets),
+  evaluation = schema.build(
+      EvalSpec, c.eval, "eval.", protocol=protocol_from_config(c)
   )
-  return TrainSpec(
-      seed=c.seed,
-      batch_size=c.batch_size,
-      grad_accum=c.grad_accum,
-      num_epochs=c.num_epochs,
-      num_steps=c.num_steps,
-      log_every=c.log_every,
-      export_hf=c.export_hf,
-      force_new_run=c.force_new_run,
-      data=data_from_config(c.data),
-      teacher=_teacher_from_config(c.teacher),
+  return schema.build(
+      TrainSpec,
+      c,
       student=student,
-      loss=c.loss.to_dict(),
-      optim=_fields(OptimSpec, c.optim),
-      ckpt=_fields(CkptSpec, c.ckpt),
       eval=evaluation,
-      mesh=_fields(MeshSpec, c.mesh),
+      onpolicy=onpolicy_from_config(c),
       identity=json.loads(c.to_json_best_effort()),
-      onpolicy=onpolicy_source.spec_from_config(c),
   )
 
 

@@ -25,22 +25,51 @@ whose examples list every valid answer (``synthetic_instruct``) also get
 ``validity``: the share of responses that normalise to one of them.
 """
 
-from kdjax.evaluation.datasets import DATASETS, JSONL_SETS, load_dataset
-from kdjax.evaluation.files import markdown_table, resolve_checkpoint, write
-from kdjax.evaluation.generation import generate_responses, generate_token_ids
-from kdjax.evaluation.harness import Result, evaluate
-from kdjax.evaluation.protocol import Protocol
-from kdjax.evaluation.scoring import (
-    EOS_TEXT,
-    METRICS,
-    aggregate,
-    exact_match,
-    normalize,
-    postprocess,
-    rouge_l,
-    score,
+import importlib
+
+# Public name -> the submodule defining it. Submodules are imported on first
+# use, so reading the protocol (kdjax.config does) loads no model code.
+_WHERE = {
+    "Protocol": "protocol",
+    "EOS_TEXT": "scoring",
+    "METRICS": "scoring",
+    "aggregate": "scoring",
+    "exact_match": "scoring",
+    "normalize": "scoring",
+    "postprocess": "scoring",
+    "rouge_l": "scoring",
+    "score": "scoring",
+    "generate_responses": "generation",
+    "generate_token_ids": "generation",
+    "Result": "harness",
+    "evaluate": "harness",
+    "DATASETS": "datasets",
+    "JSONL_SETS": "datasets",
+    "load_dataset": "datasets",
+    "markdown_table": "files",
+    "resolve_checkpoint": "files",
+    "write": "files",
+    "run": "suite",
+}
+_SUBMODULES = (
+    "protocol",
+    "generation",
+    "scoring",
+    "harness",
+    "datasets",
+    "files",
+    "suite",
 )
-from kdjax.evaluation.suite import run
+
+
+def __getattr__(name):
+  if name in _WHERE:
+    module = importlib.import_module(f"kdjax.evaluation.{_WHERE[name]}")
+    return getattr(module, name)
+  if name in _SUBMODULES:
+    return importlib.import_module(f"kdjax.evaluation.{name}")
+  raise AttributeError(f"module 'kdjax.evaluation' has no attribute {name!r}")
+
 
 __all__ = [
     "Protocol",

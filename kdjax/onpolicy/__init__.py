@@ -10,20 +10,13 @@
 * :mod:`kdjax.onpolicy.minillm`: MiniLLM's teacher-mixed sampler (the same
   loop) and its policy-gradient objective.
 
-The math and the papers' settings: docs/on_policy.md.
+The math and the papers' settings: docs/on_policy.md; the ``config.onpolicy``
+fields: :class:`kdjax.config.spec.OnPolicySpec`.
 """
 
 from kdjax.onpolicy import batches, distillm, minillm, skd, source
 from kdjax.onpolicy.runner import Runner
-from kdjax.onpolicy.source import (
-    DEFAULTS,
-    KINDS,
-    OnPolicySpec,
-    Source,
-    State,
-    add_config,
-    spec_from_config,
-)
+from kdjax.onpolicy.source import KINDS, Source, State
 
 __all__ = [
     "batches",
@@ -31,12 +24,8 @@ __all__ = [
     "minillm",
     "skd",
     "source",
-    "DEFAULTS",
     "KINDS",
-    "OnPolicySpec",
     "Runner",
     "Source",
     "State",
-    "add_config",
-    "spec_from_config",
 ]

@@ -26,7 +26,8 @@ saved state and ``s``; resuming at ``s`` replays it exactly. The choice is
 always generates; ``gkd``/``skd`` with ``lmbda = 0`` return the dataset
 batch bit for bit.
 
-Configured by ``config.onpolicy`` (:class:`OnPolicySpec`, :func:`add_config`).
+Configured by ``config.onpolicy`` (:class:`kdjax.config.spec.OnPolicySpec`,
+added by :func:`kdjax.config.recipe.add_onpolicy`).
 """
 
 from __future__ import annotations
@@ -40,124 +41,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import sampling, sharding
+from kdjax.config import checks
+from kdjax.config import spec as config_spec
 from kdjax.onpolicy import batches, distillm, minillm, skd
 
 Array = jax.Array
 KINDS = ("dataset", "gkd", "distillm", "skd", "minillm")
-
-
-@dataclasses.dataclass(frozen=True)
-class OnPolicySpec:
-  """The ``config.onpolicy`` block, resolved (defaults: off-policy KD).
-
-  Every generating kind reads the sampling fields; ``max_new_tokens`` 0 means
-  ``max_length - max_prompt_length``.
-  """
-
-  source: str = "dataset"
-  lmbda: float = 0.0
-  seq_kd: bool = False
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  max_new_tokens: int = 0
-  # distillm
-  buffer_size: int = 1000
-  init_threshold: float = 0.0
-  loss_eps: float = 0.1
-  replay_ratio: str = "decreasing"
-  # skd
-  skd_top_k: int = 25
-  skd_resample: str = "top_k"
-  # minillm (kdjax.onpolicy.minillm.Config; the reference's GPT-2 values)
-  minillm_alpha: float = 0.2
-  minillm_gamma: float = 0.95
-  minillm_cliprange: float = 0.2
-  minillm_reward_scaling: float = 0.5
-  minillm_reward_clip: float = 100.0
-  minillm_lm_coef: float = 1.0
-  minillm_single_step: bool = True
-  minillm_ppo_epochs: int = 1
-
-
-DEFAULTS = dataclasses.asdict(OnPolicySpec())
-
-
-def add_config(c: ml_collections.ConfigDict, **fields) -> None:
-  """Adds the ``c.onpolicy`` block (:data:`DEFAULTS` updated by ``fields``)."""
-  unknown = sorted(set(fields) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(
-        f"onpolicy fields {unknown} are unknown; valid: "
-        f"{', '.join(sorted(DEFAULTS))}."
-    )
-  with c.unlocked():
-    c.onpolicy = ml_collections.ConfigDict({**DEFAULTS, **fields})
-  c.lock()  # the new block too: a typo in an override is an error
-
-
-def spec_from_config(config: ml_collections.ConfigDict) -> OnPolicySpec:
-  """``config.onpolicy`` resolved; configs without the block are off-policy."""
-  if "onpolicy" not in config:
-    return OnPolicySpec()
-  return OnPolicySpec(**config.onpolicy.to_dict())
-
-
-def check(
-    cfg: OnPolicySpec,
-    *,
-    batch_size: int,
-    max_length: int,
-    max_prompt_length: int,
-) -> None:
-  """One sentence on the first field of ``config.onpolicy`` that cannot run."""
-  if cfg.source not in KINDS:
-    raise ValueError(
-        f"onpolicy.source={cfg.source!r} is unknown; use one of " f"{KINDS}."
-    )
-  if not 0.0 <= cfg.lmbda <= 1.0:
-    raise ValueError(
-        f"onpolicy.lmbda={cfg.lmbda} must be in [0, 1] (the "
-        "probability of a student-generated batch)."
-    )
-  if cfg.temperature <= 0:
-    raise ValueError(f"onpolicy.temperature={cfg.temperature} must be > 0.")
-  if (
-      cfg.max_new_tokens < 0
-      or new_tokens(cfg, max_length, max_prompt_length) < 1
-  ):
-    raise ValueError(
-        f"onpolicy.max_new_tokens={cfg.max_new_tokens} must be "
-        ">= 1 (0: max_length - max_prompt_length)."
-    )
-  if cfg.source == "distillm":
-    if cfg.buffer_size < batch_size:
-      raise ValueError(
-          f"onpolicy.buffer_size={cfg.buffer_size} must hold at "
-          f"least one batch ({batch_size} sequences)."
-      )
-    if cfg.replay_ratio not in distillm.REPLAY_RATIOS:
-      raise ValueError(
-          f"onpolicy.replay_ratio={cfg.replay_ratio!r} must be "
-          f"one of {distillm.REPLAY_RATIOS}."
-      )
-  if cfg.source == "skd":
-    if cfg.skd_top_k < 1:
-      raise ValueError(f"onpolicy.skd_top_k={cfg.skd_top_k} must be >= 1.")
-    if cfg.skd_resample not in skd.RESAMPLE:
-      raise ValueError(
-          f"onpolicy.skd_resample={cfg.skd_resample!r} must be "
-          f"one of {skd.RESAMPLE}."
-      )
-  if cfg.source == "minillm":
-    minillm.check(cfg)
-
-
-def needs_the_teacher(cfg: OnPolicySpec) -> bool:
-  """Whether the source decodes with the teacher (SKD, MiniLLM, seq_kd)."""
-  return cfg.source in ("skd", "minillm") or (
-      cfg.source == "gkd" and cfg.seq_kd
-  )
 
 
 def new_tokens(cfg, max_length: int, max_prompt_length: int) -> int:
@@ -252,7 +141,7 @@ class Source:
   @classmethod
   def from_spec(
       cls,
-      cfg: OnPolicySpec,
+      cfg: config_spec.OnPolicySpec,
       *,
       batch_size: int,
       max_length: int,
@@ -263,14 +152,13 @@ class Source:
       teacher_graphdef=None,
   ) -> "Source":
     """The source of a run; fails in one sentence on settings that cannot run."""
-    check(
+    checks.check_onpolicy(
         cfg,
         batch_size=batch_size,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
     )
-    needs_teacher = needs_the_teacher(cfg)
-    if needs_teacher and teacher_graphdef is None:
+    if cfg.needs_teacher and teacher_graphdef is None:
       raise ValueError(
           f"onpolicy.source={cfg.source!r} needs the teacher; set "
           "loss.kd_ratio > 0 and teacher.path."
@@ -313,7 +201,7 @@ class Source:
   ) -> "Source":
     """:meth:`from_spec` of ``config.onpolicy`` with the config's lengths."""
     return cls.from_spec(
-        spec_from_config(config),
+        config_spec.onpolicy_from_config(config),
         batch_size=config.batch_size,
         max_length=config.data.max_length,
         max_prompt_length=config.data.max_prompt_length,

@@ -22,6 +22,7 @@ import tokenizers
 
 from kdjax import models, objective, sharding
 from kdjax.cache import store as cache_store
+from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
@@ -125,7 +126,7 @@ def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   objective.check(s.loss)
   if s.loss["kd_ratio"] > 0 and not s.teacher.cached:
     teacher_lib.path(s.teacher)
-  onpolicy_source.check(
+  config_checks.check_onpolicy(
       s.onpolicy,
       batch_size=s.batch_size,
       max_length=s.data.max_length,

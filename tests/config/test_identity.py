@@ -62,3 +62,21 @@ def test_what_defines_the_run_is_refused():
       "seed",
       "student.model_overrides.n_embd",
   ]
+
+
+def test_undeclared_keys_take_their_nearest_declared_ancestor():
+  old = _resolved("tiny")
+  new = json.loads(json.dumps(old))
+  new["loss"]["taid"] = {"t_start": 0.4}  # a key the schema does not declare
+  new["optim"]["nesterov"] = True
+  new["eval"]["temperature"] = 0.7
+  new["newer_top_level"] = 1
+  assert identity.changed(old, new) == ["loss.taid.t_start", "optim.nesterov"]
+
+
+def test_a_workdir_without_teacher_source_was_a_live_teacher():
+  old, new = _resolved("tiny"), _resolved("tiny")
+  del old["teacher"]["source"]
+  assert identity.changed(old, new) == []
+  new["teacher"]["source"] = "cache"
+  assert identity.changed(old, new) == ["teacher.source"]

@@ -18,6 +18,7 @@ from kdjax import (
 from kdjax import divergences as kd
 from kdjax.config import checks
 from kdjax.config import files as config_files
+from kdjax.config import spec as config_spec
 from kdjax.data import pipeline
 from kdjax.onpolicy import batches, minillm, source
 import reference_np
@@ -419,7 +420,7 @@ def test_a_rollout_serves_ppo_epochs_steps_each_with_its_dataset_batch():
 def test_config_and_its_checks():
   for arg, n_new in ((None, 256), ("tiny", 32)):
     c = minillm_gpt2.get_config(arg)
-    spec = source.spec_from_config(c)
+    spec = config_spec.onpolicy_from_config(c)
     assert spec.source == "minillm"
     assert (
         source.new_tokens(spec, c.data.max_length, c.data.max_prompt_length)

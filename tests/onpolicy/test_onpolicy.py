@@ -8,6 +8,8 @@ import pytest
 
 from kdjax import models, sampling, sharding
 from kdjax.config import files as config_files
+from kdjax.config import recipe
+from kdjax.config import spec as config_spec
 from kdjax.data import pipeline
 from kdjax.onpolicy import batches, distillm, source
 
@@ -406,8 +408,8 @@ def test_bad_onpolicy_settings_fail_with_one_sentence():
     source.Source.from_config(
         c, eos_id=EOS, total_steps=10, student_graphdef=graphdef
     )
-  with pytest.raises(ValueError, match="unknown"):
-    source.add_config(c, lambda_=0.5)
+  with pytest.raises(ValueError, match=r"onpolicy fields \['lambda_'\] are"):
+    recipe.add_onpolicy(c, lambda_=0.5)
 
 
 def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
@@ -451,8 +453,8 @@ def test_configs_without_the_block_are_off_policy():
   akl_gpt2 = config_files.experiment("akl_gpt2")
   gkd_gpt2 = config_files.experiment("gkd_gpt2")
 
-  assert source.spec_from_config(akl_gpt2.get_config("tiny")) == (
-      source.OnPolicySpec()
+  assert config_spec.onpolicy_from_config(akl_gpt2.get_config("tiny")) == (
+      config_spec.OnPolicySpec()
   )
-  spec = source.spec_from_config(gkd_gpt2.get_config())
+  spec = config_spec.onpolicy_from_config(gkd_gpt2.get_config())
   assert spec.source == "gkd" and spec.lmbda == 0.5

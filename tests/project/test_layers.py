@@ -51,12 +51,14 @@ LAYERS = (
     ),
 )
 
-# Upward imports of the config system's spec: it builds the evaluation
-# protocol and the on-policy block from the layers that define them, until
-# those definitions move down to it. Each entry is (importer, imported module).
+# Upward imports of the config system's spec: the evaluation protocol it
+# builds, and the choice lists of loss names, implementations, token-selection
+# rules and templates, read (inside functions) from the modules that own them.
+# Each entry is (importer, imported module).
 _PENDING = {
     ("kdjax.config.spec", "kdjax.evaluation.protocol"),
-    ("kdjax.config.spec", "kdjax.onpolicy.source"),
+    ("kdjax.config.spec", "kdjax.objective"),
+    ("kdjax.config.spec", "kdjax.data.template"),
 }
 
 
