@@ -10,65 +10,17 @@ writes ``<outdir>/<dataset>.jsonl`` (one line per example), merges the metrics
 into ``<outdir>/summary.json`` and prints which checkpoint it scores (a
 workdir's best step and metric) and a markdown table. Errors are one
 ``error: ...`` line (:mod:`kdjax.cli`). The library is
-:mod:`kdjax.evaluation`, whose public names this module re-exports::
+:mod:`kdjax.evaluation`::
 
-  from kdjax import evaluate
-  result = evaluate.evaluate(model, tokenizer, eos_id, source, seeds=(10,))
+  from kdjax import evaluation
+  result = evaluation.evaluate(model, tokenizer, eos_id, source, seeds=(10,))
 """
 
 from absl import flags
 from ml_collections import config_flags
 
 from kdjax import cli
-from kdjax.config.spec import protocol_from_config
-
-# The library's names, kept importable as ``kdjax.evaluate.<name>``.
-from kdjax.evaluation import (
-    DATASETS,
-    EOS_TEXT,
-    JSONL_SETS,
-    METRICS,
-    Protocol,
-    Result,
-    aggregate,
-    evaluate,
-    exact_match,
-    generate_responses,
-    generate_token_ids,
-    load_dataset,
-    markdown_table,
-    normalize,
-    postprocess,
-    resolve_checkpoint,
-    rouge_l,
-    run,
-    score,
-    write,
-)
-
-__all__ = [
-    "DATASETS",
-    "EOS_TEXT",
-    "JSONL_SETS",
-    "METRICS",
-    "Protocol",
-    "Result",
-    "aggregate",
-    "evaluate",
-    "exact_match",
-    "generate_responses",
-    "generate_token_ids",
-    "load_dataset",
-    "markdown_table",
-    "normalize",
-    "postprocess",
-    "protocol_from_config",
-    "resolve_checkpoint",
-    "rouge_l",
-    "run",
-    "score",
-    "write",
-]
+from kdjax.evaluation import DATASETS, run
 
 
 def _define_flags() -> None:

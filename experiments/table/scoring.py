@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kdjax import evaluate, metrics
+from kdjax import evaluation, metrics
 from kdjax.config import recipe
 
 SAMPLING_SEEDS = "10,20,30,40,50"
@@ -64,7 +64,9 @@ def score(
         for d in wanted
     ):
       return {d: done[d] for d in wanted}
-  return evaluate.run(c, checkpoint, limit=limit, outdir=outdir, progress=False)
+  return evaluation.run(
+      c, checkpoint, limit=limit, outdir=outdir, progress=False
+  )
 
 
 def example_scores(

@@ -14,7 +14,8 @@ import pytest
 from rouge_score import rouge_scorer
 
 from commands import ROOT
-from kdjax import evaluate, models, sampling, sharding
+from kdjax import evaluation, models, sampling, sharding
+from kdjax.config import spec
 from kdjax.data import pipeline, synthetic_tasks, template
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
@@ -45,22 +46,22 @@ def _rouge(prediction, references):
     ],
 )
 def test_rouge_l_equals_rouge_score_max_over_references(prediction, references):
-  got = evaluate.rouge_l(prediction, references)
+  got = evaluation.rouge_l(prediction, references)
   assert got == pytest.approx(_rouge(prediction, references), abs=1e-12)
   # The max picks the best reference, whatever its position.
-  assert evaluate.rouge_l(prediction, references[::-1]) == pytest.approx(got)
+  assert evaluation.rouge_l(prediction, references[::-1]) == pytest.approx(got)
 
 
 def test_rouge_l_hand_values_stemming_and_empty():
   # LCS 5 of 6 predicted and 5 reference tokens: F = 2PR/(P+R) = 10/11.
-  assert evaluate.rouge_l(
+  assert evaluation.rouge_l(
       "the cat sat on the mat", ["the cat on the mat"]
   ) == pytest.approx(10 / 11)
   # Stemming: runs/running -> run, cats -> cat; without it these share nothing.
-  assert evaluate.rouge_l("cats running", ["cat runs"]) == pytest.approx(1.0)
-  assert evaluate.rouge_l("", ["anything"]) == 0.0
-  assert evaluate.rouge_l("  \n", ["anything"]) == 0.0
-  assert evaluate.rouge_l("words", []) == 0.0
+  assert evaluation.rouge_l("cats running", ["cat runs"]) == pytest.approx(1.0)
+  assert evaluation.rouge_l("", ["anything"]) == 0.0
+  assert evaluation.rouge_l("  \n", ["anything"]) == 0.0
+  assert evaluation.rouge_l("words", []) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -76,18 +77,20 @@ def test_rouge_l_hand_values_stemming_and_empty():
     ],
 )
 def test_exact_match_squad_normalisation(prediction, references, want):
-  assert evaluate.exact_match(prediction, references) is want
+  assert evaluation.exact_match(prediction, references) is want
 
 
 def test_postprocess_cuts_at_eos_and_endoftext_then_strips():
   tok, eos = tokenizer_lib.load("byte")
   ids = list(b"  hello world \n") + [eos] + list(b"after eos")
-  assert evaluate.postprocess(ids, tok, eos) == "hello world"
-  assert evaluate.postprocess(np.asarray(list(b" plain ")), tok, eos) == "plain"
+  assert evaluation.postprocess(ids, tok, eos) == "hello world"
+  assert (
+      evaluation.postprocess(np.asarray(list(b" plain ")), tok, eos) == "plain"
+  )
   # The EOS text spelled out in bytes (not the special id) also ends it.
   ids = list(b"answer <|endoftext|> more")
-  assert evaluate.postprocess(ids, tok, eos) == "answer"
-  assert evaluate.postprocess([eos, 65], tok, eos) == ""
+  assert evaluation.postprocess(ids, tok, eos) == "answer"
+  assert evaluation.postprocess([eos, 65], tok, eos) == ""
 
 
 def test_reference_answers_score_100_and_validity_100():
@@ -96,12 +99,12 @@ def test_reference_answers_score_100_and_validity_100():
   rows = []
   for ex in examples:
     refs = pipeline.references_of(ex)
-    good = evaluate.score(ex["response"], refs, ex["valid_answers"])
+    good = evaluation.score(ex["response"], refs, ex["valid_answers"])
     assert good == {"rougeL": 1.0, "exact_match": 1.0, "validity": 1.0}
-    bad = evaluate.score("zzz qqq", refs, ex["valid_answers"])
+    bad = evaluation.score("zzz qqq", refs, ex["valid_answers"])
     assert bad["validity"] == 0.0 and bad["exact_match"] == 0.0
     rows.append({"task": ex["task"], "scores": {"10": good, "20": bad}})
-  metrics = evaluate.aggregate(rows, [10, 20])
+  metrics = evaluation.aggregate(rows, [10, 20])
   assert metrics["per_seed"]["10"] == {
       "rougeL": 100.0,
       "exact_match": 100.0,
@@ -125,14 +128,14 @@ def test_aggregate_means_and_std_over_seeds():
       }
       for a, b, e in [(0.5, 0.1, 1.0), (0.3, 0.3, 0.0), (0.1, 0.2, 0.0)]
   ]
-  m = evaluate.aggregate(rows, [1, 2])
+  m = evaluation.aggregate(rows, [1, 2])
   seed1, seed2 = 100 * 0.9 / 3, 100 * 0.6 / 3
   assert m["per_seed"]["1"]["rougeL"] == pytest.approx(seed1)
   assert m["rougeL"] == pytest.approx((seed1 + seed2) / 2)
   assert m["rougeL_std"] == pytest.approx(abs(seed1 - seed2) / 2)
   assert m["exact_match"] == pytest.approx(100 / 6)
   assert "validity" not in m and "per_task" not in m
-  table = evaluate.markdown_table({"toy": m})
+  table = evaluation.markdown_table({"toy": m})
   assert f"| toy | 3 | 2 | {m['rougeL']:.2f} ± {m['rougeL_std']:.2f} |" in table
   assert table.rstrip().endswith("| – |")
 
@@ -148,11 +151,11 @@ def test_write_merges_summaries_and_writes_one_line_per_example(tmp_path):
             "scores": {"1": {"rougeL": value, "exact_match": 0.0}},
         }
     ]
-    return evaluate.Result(evaluate.aggregate(rows, [1]), rows)
+    return evaluation.Result(evaluation.aggregate(rows, [1]), rows)
 
-  evaluate.write(result(0.25), str(tmp_path), "a")
-  path = evaluate.write(result(0.5), str(tmp_path), "b")
-  evaluate.write(result(0.75), str(tmp_path), "a")  # replaces a, keeps b
+  evaluation.write(result(0.25), str(tmp_path), "a")
+  path = evaluation.write(result(0.5), str(tmp_path), "b")
+  evaluation.write(result(0.75), str(tmp_path), "a")  # replaces a, keeps b
   with open(tmp_path / "summary.json") as f:
     summary = json.load(f)
   assert {k: v["rougeL"] for k, v in summary.items()} == {"a": 75.0, "b": 50.0}
@@ -160,7 +163,7 @@ def test_write_merges_summaries_and_writes_one_line_per_example(tmp_path):
     assert [json.loads(line)["scores"] for line in f] == [
         {"1": {"rougeL": 0.5, "exact_match": 0.0}}
     ]
-  assert evaluate.markdown_table(summary).count("\n") == 3
+  assert evaluation.markdown_table(summary).count("\n") == 3
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +173,7 @@ def test_write_merges_summaries_and_writes_one_line_per_example(tmp_path):
 def test_protocol_defaults_are_the_papers():
   # docs/evaluation.md "The protocol": sampling at temperature 1, no top-k/top-p, 6-gram ban,
   # 256-token prompts and responses, seeds 10..50.
-  assert evaluate.Protocol() == (
+  assert evaluation.Protocol() == (
       1.0,
       0,
       1.0,
@@ -181,7 +184,7 @@ def test_protocol_defaults_are_the_papers():
       (10, 20, 30, 40, 50),
       "minillm",
   )
-  assert evaluate.Protocol().sampling_settings(7) == dict(
+  assert evaluation.Protocol().sampling_settings(7) == dict(
       max_new_tokens=256,
       greedy=False,
       temperature=1.0,
@@ -222,13 +225,13 @@ def examples():
   return [e.as_dict() for e in synthetic_tasks.generate("test", 10)]
 
 
-SMALL = evaluate.Protocol(max_new_tokens=12)
+SMALL = evaluation.Protocol(max_new_tokens=12)
 GREEDY = SMALL._replace(greedy=True)
 
 
 def _responses(model, tok, examples, **kw):
   kw = {"protocol": SMALL, "seed": 10, "batch_size": 8, "progress": False, **kw}
-  rows = evaluate.generate_responses(model, tok[0], tok[1], examples, **kw)
+  rows = evaluation.generate_responses(model, tok[0], tok[1], examples, **kw)
   assert [r["prompt"] for r in rows] == [
       pipeline.prompt_of(e) for e in examples[: len(rows)]
   ]
@@ -272,7 +275,7 @@ def test_no_repeat_ngram_over_prompt_and_response(model, tok, examples):
   assert all(len(ids) <= GREEDY.max_prompt_length for ids in prompt_ids)
 
   def repeats(protocol):
-    out = evaluate.generate_token_ids(
+    out = evaluation.generate_token_ids(
         model, prompts, protocol=protocol, seed=0, eos_id=tok[1], progress=False
     )
     found = []
@@ -308,7 +311,7 @@ def test_dropout_is_off_and_callers_model_is_untouched(model, tok, examples):
 def test_generation_compiles_once_across_calls(model, tok, examples):
   kw = dict(protocol=SMALL, seeds=(10, 20), batch_size=8, progress=False)
   before = sampling._generate._cache_size()
-  result = evaluate.evaluate(model, tok[0], tok[1], examples, **kw)
+  result = evaluation.evaluate(model, tok[0], tok[1], examples, **kw)
   first = sampling._generate._cache_size()
   # synthetic_instruct examples carry valid_answers: validity is reported.
   assert [r["valid_answers"] for r in result.rows] == [
@@ -320,8 +323,8 @@ def test_generation_compiles_once_across_calls(model, tok, examples):
       "validity",
   }
   assert first <= before + 1
-  evaluate.evaluate(model, tok[0], tok[1], examples[:7], **kw)
-  evaluate.evaluate(model, tok[0], tok[1], examples, **kw)
+  evaluation.evaluate(model, tok[0], tok[1], examples[:7], **kw)
+  evaluation.evaluate(model, tok[0], tok[1], examples, **kw)
   assert sampling._generate._cache_size() == first
 
 
@@ -335,9 +338,9 @@ def test_bad_inputs_name_the_value(model, tok, examples):
   with pytest.raises(ValueError, match="batch_size=0"):
     _responses(model, tok, examples, batch_size=0)
   with pytest.raises(ValueError, match="unknown dataset 'dolyl'.*sinst"):
-    evaluate.load_dataset("dolyl", "/nonexistent")
+    evaluation.load_dataset("dolyl", "/nonexistent")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    evaluate.resolve_checkpoint("/nonexistent/run")
+    evaluation.resolve_checkpoint("/nonexistent/run")
   with pytest.raises(
       ValueError,
       match="batch_size=5 is not a multiple of " "the mesh's 8 batch shards",
@@ -389,7 +392,7 @@ def workdir(tmp_path_factory, flat_model):
 def test_end_to_end_files_summary_and_table(workdir, flat_model, tok, capsys):
   fixture = str(workdir / "fixture.jsonl")
   config = _config(workdir / "tfds")
-  summaries = evaluate.run(
+  summaries = evaluation.run(
       config,
       str(workdir / "run"),
       datasets=fixture,
@@ -438,10 +441,10 @@ def test_end_to_end_files_summary_and_table(workdir, flat_model, tok, capsys):
   )
   # run() split each batch of 8 over the 4x2 mesh and read the model back from
   # safetensors; the original model on one device gives the same samples.
-  protocol = evaluate.protocol_from_config(config)
+  protocol = spec.protocol_from_config(config)
   assert protocol == SMALL._replace(seeds=(10, 20, 30, 40, 50))
-  source, _ = evaluate.load_dataset(fixture, str(workdir / "tfds"))
-  single = evaluate.evaluate(
+  source, _ = evaluation.load_dataset(fixture, str(workdir / "tfds"))
+  single = evaluation.evaluate(
       flat_model,
       tok[0],
       tok[1],
@@ -496,9 +499,9 @@ def test_resolve_checkpoint_prefers_a_workdirs_exports(tmp_path):
     (tmp_path / sub).mkdir()
     (tmp_path / sub / "config.json").write_text("{}")
     (tmp_path / sub / "model.safetensors").write_bytes(b"")
-  assert evaluate.resolve_checkpoint(str(tmp_path)) == (
+  assert evaluation.resolve_checkpoint(str(tmp_path)) == (
       str(tmp_path / "best_hf"),
       str(tmp_path / "eval"),
   )
   (tmp_path / "best_hf" / "model.safetensors").unlink()
-  assert evaluate.resolve_checkpoint(str(tmp_path))[0] == str(tmp_path / "hf")
+  assert evaluation.resolve_checkpoint(str(tmp_path))[0] == str(tmp_path / "hf")

@@ -17,9 +17,9 @@ from experiments.table import (
     scoring,
     stats,
 )
-from kdjax import evaluate, training
+from kdjax import evaluation, training
 from kdjax.config import files as config_files
-from kdjax.config import recipe
+from kdjax.config import recipe, spec
 import tiny_run
 
 RunResult = scoring.RunResult
@@ -105,7 +105,7 @@ def test_protocols():
   assert (sampled.eval.greedy, sampled.eval.seeds) == (False, "10,20,30,40,50")
   assert (greedy.eval.greedy, greedy.eval.seeds) == (True, "10")
   assert c.eval.greedy  # the original is untouched
-  p = evaluate.protocol_from_config(sampled)
+  p = spec.protocol_from_config(sampled)
   assert (p.temperature, p.top_k, p.top_p, p.no_repeat_ngram_size) == (
       1.0,
       0,
@@ -330,7 +330,7 @@ def test_reduced_benchmark_resumes_without_training(reduced, monkeypatch):
     raise AssertionError("a finished run was trained again")
 
   monkeypatch.setattr(training, "train_and_evaluate", refuse)
-  monkeypatch.setattr(evaluate, "run", refuse)
+  monkeypatch.setattr(evaluation, "run", refuse)
   again = runs.run_all(
       ["sft", "fkl"], [10, 20], root, config_fn=config_fn, limit=8
   )

@@ -434,19 +434,20 @@ def test_seqkd_trains_on_the_teachers_responses(root, tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "seqkd" / "train.jsonl")]
   assert len(rows) == 16
   # Responses are the teacher's greedy continuations, not the references.
-  from kdjax import evaluate
+  from kdjax import evaluation
+  from kdjax.config import spec
   from kdjax.data import sources, tokenizer
 
   tok, eos = tokenizer.load("byte")
   src = sources.head(
       sources.load_source("synthetic_instruct", "train", c.data.data_dir), 16
   )
-  want = evaluate.generate_responses(
+  want = evaluation.generate_responses(
       models.load(c.data.seqkd_teacher),
       tok,
       eos,
       src,
-      protocol=evaluate.protocol_from_config(c)._replace(max_new_tokens=16),
+      protocol=spec.protocol_from_config(c)._replace(max_new_tokens=16),
       seed=c.seed,
       batch_size=8,
       progress=False,
