@@ -21,7 +21,7 @@ import pytest
 from commands import ROOT, assert_one_error, listing, run_cli
 from kdjax import models, objective, sharding, training
 from kdjax.cache import build, codec, store
-from kdjax.config import checks
+from kdjax.config import checks, recipe
 from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline
 from kdjax.data import tokenizer as tokenizer_lib
@@ -96,7 +96,7 @@ def _config(root, **overrides):
   c = tiny_run.config(
       "fkl_gpt2", root, steps=4, **{"loss.temperature": TEMPERATURE}
   )
-  tiny_run.common.override(c, overrides)
+  recipe.override(c, overrides)
   return c
 
 
@@ -262,7 +262,7 @@ def test_cache_config_checks():
       ("teacher.source", "disk", "teacher.source='disk'"),
   ):
     bad = c.copy_and_resolve_references()
-    tiny_run.common.override(bad, {key: value})
+    recipe.override(bad, {key: value})
     with pytest.raises(checks.ConfigError, match=words):
       checks.validate(bad)
   bad = _cached(c, "")
@@ -277,7 +277,7 @@ def test_cache_config_checks():
     bad = _cached(c, "/tmp/somewhere")
     if key == "teacher.cache.encoding":
       bad.loss.name = "rkl"
-    tiny_run.common.override(bad, {key: value})
+    recipe.override(bad, {key: value})
     with pytest.raises(checks.ConfigError, match=words):
       checks.validate(bad)
 
