@@ -72,26 +72,11 @@ def run(
   for start, init in inits.items():
     params0 = jnp.asarray(init, jnp.float32)
     for method in methods:
-      history = np.asarray(
-          toy.fit(
-              method,
-              params0,
-              teacher,
-              epochs,
-              tx,
-              model=toy.gaussian_logits,
-              grid=grid,
-          ),
-          np.float64,
-      )
-      q = toy.probs(toy.gaussian_logits(jnp.asarray(history[-1]), grid))
+      r = toy.fit_gaussian(method, params0, teacher, grid, epochs, tx)
       results[start, method] = dict(
-          mean=float(history[-1, 0]),
-          std=float(np.exp(history[-1, 1])),
-          history=history,
-          q=q,
-          fkl=float(toy.kl(results["p"], q)),
-          rkl=float(toy.kl(q, results["p"])),
+          r,
+          fkl=float(toy.kl(results["p"], r["q"])),
+          rkl=float(toy.kl(r["q"], results["p"])),
       )
   return results
 
@@ -147,30 +132,21 @@ def figure(results: dict, out_dir: str | None) -> str:
     )
     for (s, method), r in _fits(results):
       if s == start:
-        ax.plot(
-            grid,
-            r["q"] / dx,
-            color=toy.METHOD_COLORS[method],
-            label=f"{method.upper()}: N({r['mean']:.2f}, {r['std']:.2f}²)",
-        )
+        toy.plot_gaussian_fit(ax, grid, method, r)
     ax.set_title(
         f"{start} start N({INITS[start][0]:g}, {np.exp(INITS[start][1]):g}²)",
         fontsize=9,
     )
     ax.set_xlim(-9, 9)
-    ax.set_xlabel("x")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=7)
+    toy.label_density(ax)
   fig.tight_layout()
   return toy.save_figure(fig, out_dir, "gaussian_mixture")
 
 
 def main(argv=None) -> dict:
-  args = toy.parser(__doc__.splitlines()[0], EPOCHS, seeded=False).parse_args(
-      argv
+  args, epochs, grid = toy.grid_settings(
+      __doc__.splitlines()[0], EPOCHS, QUICK_EPOCHS, GRID, QUICK_GRID, argv
   )
-  epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
-  grid = QUICK_GRID if args.quick else GRID
   results = run(grid_size=grid, epochs=epochs)
   print(
       f"single Gaussian fit to a 2-Gaussian mixture: grid {grid} points on "

@@ -199,6 +199,32 @@ def fit(
   )
 
 
+def fit_gaussian(
+    loss_name: str,
+    params0: Array,
+    teacher: Array,
+    grid: Array,
+    steps: int,
+    tx: optax.GradientTransformation,
+) -> dict:
+  """A single Gaussian (:func:`gaussian_logits`) fitted on ``grid``.
+
+  Returns ``{"history" [steps + 1, 2], "mean", "std", "q"}``: the parameters
+  after every step (float64), the fitted mean and standard deviation, and the
+  fit's quadrature weights on the grid.
+  """
+  history = np.asarray(
+      fit(loss_name, params0, teacher, steps, tx, gaussian_logits, grid),
+      np.float64,
+  )
+  return dict(
+      history=history,
+      mean=float(history[-1, 0]),
+      std=float(np.exp(history[-1, 1])),
+      q=probs(gaussian_logits(jnp.asarray(history[-1]), grid)),
+  )
+
+
 # ----------------------------------------------------------------------------
 # Measures (NumPy float64: these are the reported numbers).
 
@@ -282,6 +308,22 @@ def parser(
   return ap
 
 
+def grid_settings(
+    description: str,
+    epochs: int,
+    quick_epochs: int,
+    grid: int,
+    quick_grid: int,
+    argv=None,
+) -> tuple[argparse.Namespace, int, int]:
+  """The command line of a grid experiment (:func:`parser`, no seed) and
+  its epochs and grid size: ``--epochs``, else the full or ``--quick``
+  values."""
+  args = parser(description, epochs, seeded=False).parse_args(argv)
+  epochs = args.epochs or (quick_epochs if args.quick else epochs)
+  return args, epochs, quick_grid if args.quick else grid
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   """A plain fixed-width table; floats in 4 significant digits."""
   cells = [
@@ -331,6 +373,24 @@ def plot_bars(ax, p, qs: dict, title: str) -> None:
     ax.plot(x, q, ".", ms=4, color=METHOD_COLORS.get(name), label=name.upper())
   ax.set_title(title, fontsize=9)
   ax.set_xticks([])
+
+
+def plot_gaussian_fit(ax, grid, method: str, result: dict) -> None:
+  """The density of a :func:`fit_gaussian` result on ``grid``, labelled with
+  its method and parameters."""
+  ax.plot(
+      grid,
+      result["q"] / (grid[1] - grid[0]),
+      color=METHOD_COLORS[method],
+      label=f"{method.upper()}: N({result['mean']:.2f}, {result['std']:.2f}²)",
+  )
+
+
+def label_density(ax) -> None:
+  """Axis labels and legend of a density plot over ``x``."""
+  ax.set_xlabel("x")
+  ax.set_ylabel("density")
+  ax.legend(fontsize=7)
 
 
 def plot_curves(

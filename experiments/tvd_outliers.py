@@ -73,20 +73,8 @@ def run(
       "clean": clean,
   }
   for method in methods:
-    history = np.asarray(
-        toy.fit(
-            method,
-            params0,
-            noisy,
-            epochs,
-            tx,
-            model=toy.gaussian_logits,
-            grid=grid,
-        ),
-        np.float64,
-    )
-    mean, std = float(history[-1, 0]), float(np.exp(history[-1, 1]))
-    q = toy.probs(toy.gaussian_logits(jnp.asarray(history[-1]), grid))
+    r = toy.fit_gaussian(method, params0, noisy, grid, epochs, tx)
+    mean, std, q = r["mean"], r["std"], r["q"]
     results[method] = dict(
         mean=mean,
         std=std,
@@ -137,26 +125,16 @@ def figure(results: dict, out_dir: str | None) -> str:
   ax.plot(grid, results["clean"] / dx, "k:", label="clean target N(0, 1)")
   for method in METHODS:
     if method in results:
-      r = results[method]
-      ax.plot(
-          grid,
-          r["q"] / dx,
-          color=toy.METHOD_COLORS[method],
-          label=f"{method.upper()}: N({r['mean']:.2f}, {r['std']:.2f}²)",
-      )
-  ax.set_xlabel("x")
-  ax.set_ylabel("density")
-  ax.legend(fontsize=7)
+      toy.plot_gaussian_fit(ax, grid, method, results[method])
+  toy.label_density(ax)
   fig.tight_layout()
   return toy.save_figure(fig, out_dir, "tvd_outliers")
 
 
 def main(argv=None) -> dict:
-  args = toy.parser(__doc__.splitlines()[0], EPOCHS, seeded=False).parse_args(
-      argv
+  args, epochs, grid = toy.grid_settings(
+      __doc__.splitlines()[0], EPOCHS, QUICK_EPOCHS, GRID, QUICK_GRID, argv
   )
-  epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
-  grid = QUICK_GRID if args.quick else GRID
   results = run(grid_size=grid, epochs=epochs)
   print(
       f"outlier robustness: single Gaussian fit, grid {grid} on {GRID_RANGE}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from typing import Sequence
 import urllib.parse
 
 HUB_TIMEOUT_S = 3.0
@@ -42,9 +43,40 @@ def _reachable(endpoint: str, timeout_s: float) -> bool:
     return False
 
 
-def download_hint(hub_id: str) -> str:
-  """The command that fetches ``hub_id`` on a machine with network."""
-  return (
-      f"hf download {hub_id} --include '*.json' '*.safetensors' '*.txt' "
-      "--local-dir DIR"
-  )
+# What a model snapshot needs: configs, weights, tokenizer and vocabulary files.
+MODEL_FILES = ("*.json", "*.safetensors", "*.txt")
+
+
+def download_hint(hub_id: str, files: Sequence[str] = MODEL_FILES) -> str:
+  """The command that fetches ``files`` of ``hub_id`` on a machine with
+  network."""
+  patterns = " ".join(f"'{f}'" for f in files)
+  return f"hf download {hub_id} --include {patterns} --local-dir DIR"
+
+
+def snapshot(
+    hub_id: str,
+    files: Sequence[str],
+    missing: str,
+    hint_files: Sequence[str] = MODEL_FILES,
+) -> str:
+  """The local snapshot of ``hub_id``'s ``files`` (glob patterns): from the
+  cache, or from the hub when :func:`hub_reachable`.
+
+  Otherwise one sentence, ``missing`` (what is not there), why it could not
+  be fetched and the :func:`download_hint` of ``hint_files``.
+  """
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+
+  online = hub_reachable()
+  try:
+    return huggingface_hub.snapshot_download(
+        hub_id, allow_patterns=list(files), local_files_only=not online
+    )
+  except Exception as e:  # offline, unknown repo, no credentials, ...
+    why = type(e).__name__ if online else "the hub is unreachable"
+    raise FileNotFoundError(
+        f"{missing} and could not be fetched from the Hugging Face hub "
+        f"({why}); on a machine with network run "
+        f"`{download_hint(hub_id, hint_files)}` and pass DIR."
+    ) from None

@@ -2,7 +2,8 @@
 
 ``ROOT`` is the repository root; :func:`run_cli` runs ``python -m module``
 with the test environment (CPU, offline, the shared compilation cache) and
-:func:`assert_one_error` checks the CLI's one-line error contract.
+:func:`assert_one_error` checks the CLI's one-line error contract;
+:func:`run_python` runs a snippet in a fresh interpreter.
 """
 
 import os
@@ -28,6 +29,19 @@ def run_cli(module, *args, cwd, env=None):
       timeout=300,
   )
   return p.returncode, p.stdout, p.stderr
+
+
+def run_python(code: str) -> str:
+  """``python -c code`` at the repository root, kdjax importable; its stdout
+  (a failure raises)."""
+  return subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT),
+  ).stdout
 
 
 def assert_one_error(stderr: str, *words) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 
 from flax import nnx
+import jax
 import ml_collections
+import numpy as np
 
-from kdjax import models
+from kdjax import models, sharding, training
 from kdjax.config import files as config_files
 from kdjax.config import recipe
 
@@ -21,13 +23,21 @@ TEACHER = dict(n_embd=32, n_layer=1, n_head=2)
 STUDENT = dict(n_embd=16, n_layer=1, n_head=2)
 
 
+def gpt2(seed: int = 0, vocab_size: int = 257, **overrides) -> nnx.Module:
+  """A random tiny GPT-2 of the student's size (:data:`STUDENT`), with
+  ``overrides`` on top (``**TEACHER`` for the teacher's)."""
+  return models.create(
+      "tiny-gpt2",
+      rngs=nnx.Rngs(seed),
+      vocab_size=vocab_size,
+      **{**STUDENT, **overrides},
+  )
+
+
 def make_teacher(directory: str) -> str:
   """A random tiny teacher in HF format under ``directory`` (created once)."""
   if not os.path.exists(os.path.join(directory, "config.json")):
-    teacher = models.create(
-        "tiny-gpt2", rngs=nnx.Rngs(1), vocab_size=257, **TEACHER
-    )
-    models.save_hf(teacher, directory)
+    models.save_hf(gpt2(1, **TEACHER), directory)
   return directory
 
 
@@ -69,3 +79,27 @@ def decode_pair(vocab_size: int) -> tuple[nnx.Module, nnx.Module]:
   student.eval()
   teacher.eval()
   return student, teacher
+
+
+def built(config, root: str, devices=None):
+  """``(run, mesh)``: ``training.build`` of ``config`` in ``<root>/w`` on a
+  mesh of ``devices`` (default: every device)."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+  with jax.set_mesh(mesh):
+    run = training.build(config, os.path.join(root, "w"), mesh)
+  return run, mesh
+
+
+def first_grads(run, mesh) -> tuple[dict, dict]:
+  """Gradient (flat dict of arrays by parameter path) and metrics of the
+  first batch."""
+  with jax.set_mesh(mesh):
+    teacher = None if run.teacher is None else nnx.state(run.teacher)
+    g, m, _ = jax.jit(run.step.grads)(
+        run.state, training.put_batch(run.train_data.dataset[0], mesh), teacher
+    )
+  flat = {
+      "/".join(map(str, k)): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(g)[0]
+  }
+  return flat, {k: float(v) for k, v in m.items()}

@@ -27,9 +27,7 @@ Results go to stdout and ``results/teacher_cache_<device>.json``.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import tempfile
 import time
 
@@ -39,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchmarks
 from experiments.benchmarks import train_step as train_step_bench
 from kdjax import divergences as kd
 from kdjax import sharding, training
@@ -240,23 +239,12 @@ def main(argv):
   mesh = sharding.make_mesh(devices=[device])
   with jax.set_mesh(mesh):
     steps = _step_rows(mesh)
-  out = os.path.join(
-      os.path.dirname(__file__),
-      "results",
+  out = benchmarks.write_result(
       f"teacher_cache_{device.platform}.json",
+      device,
+      bytes_per_token=sizes,
+      train_step=steps,
   )
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(
-        dict(
-            device=str(device),
-            host=platform.node(),
-            bytes_per_token=sizes,
-            train_step=steps,
-        ),
-        f,
-        indent=2,
-    )
   print(f"wrote {out}")
 
 

@@ -19,9 +19,6 @@ AKL's exact fallback (a trained teacher's top-64 mass settles most rows);
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 
 from absl import app, flags
@@ -30,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import benchmarks
 from kdjax import models, objective, sharding, training
 from kdjax.config import recipe
 
@@ -170,16 +168,11 @@ def main(argv):
       + "_"
       + getattr(device, "device_kind", "").replace(" ", "_")
   )
-  out = os.path.join(
-      os.path.dirname(__file__),
-      "results",
+  out = benchmarks.write_result(
       f"train_step_{kind}_{_LOSS.value}_{_PAIRS.value.replace(',', '+')}.json",
+      device,
+      rows=rows,
   )
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(
-        dict(device=str(device), host=platform.node(), rows=rows), f, indent=2
-    )
   print(f"wrote {out}")
 
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from kdjax.cache import codec
+from kdjax.config import identity as identity_lib
 
 METADATA = "metadata.json"
 FORMAT = 1
@@ -122,16 +123,6 @@ def identity(config, vocab_size: int | None = None) -> dict[str, Any]:
   return out
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def differences(
     built: Mapping[str, Any], wanted: Mapping[str, Any]
 ) -> list[str]:
@@ -140,10 +131,10 @@ def differences(
   A teacher directory that is absent now (training never loads it) is compared
   by path only.
   """
-  a, b = _flat(built), _flat(wanted)
+  a, b = identity_lib.flatten(built), identity_lib.flatten(wanted)
   if "teacher.config_sha256" not in b:
     a = {k: v for k, v in a.items() if not k.startswith("teacher.")}
-    a["teacher.path"] = _flat(built).get("teacher.path")
+    a["teacher.path"] = identity_lib.flatten(built).get("teacher.path")
   return sorted(k for k in b if k != "vocab_size" and a.get(k) != b[k])
 
 
@@ -216,7 +207,10 @@ def check_config(config) -> dict[str, Any]:
   changed = differences(meta["identity"], identity(config))
   if changed:
     key = changed[0]
-    old, new = _flat(meta["identity"]).get(key), _flat(identity(config))[key]
+    old, new = (
+        identity_lib.flatten(meta["identity"]).get(key),
+        identity_lib.flatten(identity(config))[key],
+    )
     what = _config_key(key)
     detail = (
         f"{what} changed"

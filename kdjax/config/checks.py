@@ -595,23 +595,11 @@ def teacher_config(config) -> dict:
         f"teacher.path={path!r} has no config.json; point it at a Hugging "
         "Face model directory (config.json + safetensors)."
     )
-  hub_id = _get(config, "teacher.hub_id", "")
-  if hub_id:
-    from kdjax import models  # pylint: disable=g-import-not-at-top
+  from kdjax.models import teacher  # pylint: disable=g-import-not-at-top
 
-    fix = (
-        f"download or fine-tune it (base model: `"
-        f"{models.download_hint(hub_id)}`, then SFT it with "
-        "configs/sft_gpt2.py:teacher) and pass "
-        "--config.teacher.path=DIR"
-    )
-  else:
-    fix = (
-        "train it first: python -m kdjax.train "
-        "--config=configs/sft_gpt2.py:tiny_teacher --workdir="
-        f"{os.path.dirname(path.rstrip('/'))}"
-    )
-  raise MissingInputError(f"teacher checkpoint {path} not found; {fix}.")
+  raise MissingInputError(
+      teacher.missing(path, _get(config, "teacher.hub_id", ""))
+  )
 
 
 def tokenizer_vocab(config) -> int | None:

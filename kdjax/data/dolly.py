@@ -71,7 +71,7 @@ def split_records(
   }
 
 
-class Dolly(tfds.core.GeneratorBasedBuilder):
+class Dolly(jsonl.Builder):
   """databricks-dolly-15k: instruction, context, response, category."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -82,23 +82,8 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
       "Online, no manual step is needed."
   )
 
-  def __init__(self, *, skip_bad: bool = False, **kwargs):
-    self._skip_bad = skip_bad
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(
-            {
-                "instruction": tfds.features.Text(),
-                "context": tfds.features.Text(),
-                "response": tfds.features.Text(),
-                "category": tfds.features.Text(),
-            }
-        ),
-        homepage="https://huggingface.co/datasets/databricks/databricks-dolly-15k",
-        metadata=tfds.core.MetadataDict(),
-    )
+  TEXT = ("instruction", "context", "response", "category")
+  HOMEPAGE = "https://huggingface.co/datasets/databricks/databricks-dolly-15k"
 
   def _split_generators(self, dl_manager):
     path = self._local_file(dl_manager)
@@ -150,7 +135,3 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
           "or leave manual_dir unset to download."
       )
     return path
-
-  def _generate_examples(self, records):
-    for i, record in enumerate(records):
-      yield i, record

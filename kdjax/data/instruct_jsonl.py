@@ -78,7 +78,7 @@ class InstructJsonlConfig(tfds.core.BuilderConfig):
   split: str = "test"
 
 
-class InstructJsonl(tfds.core.GeneratorBasedBuilder):
+class InstructJsonl(jsonl.Builder):
   """Local instruction-following JSONL with one or more references."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -92,23 +92,8 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
       f"in manual_dir for name in {NAMED_SETS}, or give a config with path=."
   )
 
-  def __init__(self, *, skip_bad: bool = False, **kwargs):
-    self._skip_bad = skip_bad
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(
-            {
-                "instruction": tfds.features.Text(),
-                "input": tfds.features.Text(),
-                "prompt": tfds.features.Text(),
-                "response": tfds.features.Text(),
-                "references": tfds.features.Sequence(tfds.features.Text()),
-            }
-        ),
-        metadata=tfds.core.MetadataDict(),
-    )
+  TEXT = ("instruction", "input", "prompt", "response")
+  TEXT_LISTS = ("references",)
 
   def _split_generators(self, dl_manager):
     path = self._find_file(dl_manager)
@@ -140,7 +125,3 @@ class InstructJsonl(tfds.core.GeneratorBasedBuilder):
         f"instruct_jsonl/{config.name}: none of {[str(p) for p in candidates]} "
         "exists; put the file there or give the config a path."
     )
-
-  def _generate_examples(self, records):
-    for i, record in enumerate(records):
-      yield i, record

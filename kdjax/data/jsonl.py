@@ -1,4 +1,5 @@
-"""Strict JSONL reading shared by the file-based builders.
+"""Strict JSONL reading shared by the file-based builders, and their base
+class (:class:`Builder`).
 
 Every malformed line is reported with file and line number. By default the
 whole file is checked and then the build fails, naming the first bad lines; with
@@ -14,6 +15,7 @@ import os
 from typing import Any, Callable
 
 from absl import logging
+import tensorflow_datasets as tfds
 
 from kdjax import fs
 
@@ -108,3 +110,36 @@ def string_list(value: Any, key: str) -> list[str]:
   ):
     raise ValueError(f"field {key!r} must be a string or a list of strings")
   return values
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """A TFDS builder of records read from a JSONL file, one example each.
+
+  Features: a text field per name in ``TEXT`` and a list of texts per name in
+  ``TEXT_LISTS``. ``skip_bad`` as in :func:`read_jsonl`; subclasses read
+  their file in ``_split_generators``.
+  """
+
+  TEXT: tuple[str, ...] = ()
+  TEXT_LISTS: tuple[str, ...] = ()
+  HOMEPAGE: str | None = None
+
+  def __init__(self, *, skip_bad: bool = False, **kwargs):
+    self._skip_bad = skip_bad
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    text = tfds.features.Text
+    features = {name: text() for name in self.TEXT}
+    features.update(
+        {name: tfds.features.Sequence(text()) for name in self.TEXT_LISTS}
+    )
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(features),
+        homepage=self.HOMEPAGE,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _generate_examples(self, records):
+    for i, record in enumerate(records):
+      yield i, record

@@ -69,26 +69,14 @@ def _local(path_or_hub_id: str) -> str:
   """
   if os.path.exists(path_or_hub_id):
     return path_or_hub_id
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-
   from kdjax import hub  # pylint: disable=g-import-not-at-top
 
-  online = hub.hub_reachable()
-  try:
-    return huggingface_hub.snapshot_download(
-        path_or_hub_id,
-        allow_patterns=_TOKENIZER_FILES,
-        local_files_only=not online,
-    )
-  except Exception as e:  # offline, unknown repo, no credentials, ...
-    why = type(e).__name__ if online else "the hub is unreachable"
-    raise FileNotFoundError(
-        f"tokenizer {path_or_hub_id!r} is not a local path and could not be "
-        f"fetched from the Hugging Face hub ({why}); on a machine with "
-        f"network run `hf download {path_or_hub_id} --include "
-        "'tokenizer.json' 'vocab.json' 'merges.txt' --local-dir DIR` and pass "
-        "DIR."
-    ) from None
+  return hub.snapshot(
+      path_or_hub_id,
+      _TOKENIZER_FILES,
+      f"tokenizer {path_or_hub_id!r} is not a local path",
+      hint_files=_TOKENIZER_FILES,
+  )
 
 
 def from_pretrained(path_or_hub_id: str) -> tokenizers.Tokenizer:

@@ -142,6 +142,17 @@ def static_value(x) -> float | None:
     return None
 
 
+def check_same_shape(student_logits: Array, teacher_logits: Array) -> None:
+  """Token-level divergences take logits of the same positions and vocabulary."""
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(
+        f"student logits {student_logits.shape} and teacher logits "
+        f"{teacher_logits.shape} differ in shape; token-level divergences need "
+        "the same positions and vocabulary (use uld for different "
+        "vocabularies)."
+    )
+
+
 def _check_temperature(temperature) -> None:
   value = static_value(temperature)
   if value is not None and not value > 0:

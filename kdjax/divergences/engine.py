@@ -738,12 +738,7 @@ def divergence(
   """Per-position divergence ``name`` of ``[..., V]`` logits, shape ``[...]``."""
   sp, params = resolve(name, temperature, hp)
   s, t = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
-  if s.shape != t.shape:
-    raise ValueError(
-        f"student logits {s.shape} and teacher logits {t.shape} differ in "
-        "shape; token-level divergences need the same positions and "
-        "vocabulary (use uld for different vocabularies)."
-    )
+  core.check_same_shape(s, t)
   lead, vocab = s.shape[:-1], s.shape[-1]
   s_NxV = s.reshape(-1, vocab)
   t_NxV = jax.lax.stop_gradient(t).reshape(-1, vocab)

@@ -37,13 +37,7 @@ class _Dists(NamedTuple):
 def _dists(
     student_logits: Array, teacher_logits: Array, temperature: float
 ) -> _Dists:
-  if student_logits.shape != teacher_logits.shape:
-    raise ValueError(
-        f"student logits {student_logits.shape} and teacher logits "
-        f"{teacher_logits.shape} differ in shape; token-level divergences need "
-        "the same positions and vocabulary (use uld for different "
-        "vocabularies)."
-    )
+  core.check_same_shape(student_logits, teacher_logits)
   log_q = core.log_probs(student_logits, _static("temperature", temperature))
   log_p = core.log_probs(jax.lax.stop_gradient(teacher_logits), temperature)
   safe_q, safe_p = core.finite_pair(log_q, log_p)

@@ -25,6 +25,7 @@ import os
 from flax import nnx
 import jax.numpy as jnp
 
+from kdjax import hub
 from kdjax.hub import download_hint, hub_reachable
 from kdjax.models import gpt2, hf, llama
 from kdjax.models.gpt2 import GPT2, GPT2Config
@@ -109,22 +110,11 @@ def _resolve(path_or_hub_id: str) -> str:
   """A local directory, or a hub id from the cache or (if reachable) the hub."""
   if os.path.isdir(path_or_hub_id):
     return path_or_hub_id
-  import huggingface_hub
-
-  online = hub_reachable()
-  try:
-    return huggingface_hub.snapshot_download(
-        path_or_hub_id,
-        local_files_only=not online,
-        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
-    )
-  except Exception as e:  # offline, unknown repo, no credentials, ...
-    why = type(e).__name__ if online else "the hub is unreachable"
-    raise FileNotFoundError(
-        f"{path_or_hub_id!r} is not a local directory and could not be fetched "
-        f"from the Hugging Face hub ({why}); on a machine with network run "
-        f"`{download_hint(path_or_hub_id)}` and pass DIR."
-    ) from None
+  return hub.snapshot(
+      path_or_hub_id,
+      ("*.json", "*.safetensors", "*.txt", "*.model"),
+      f"{path_or_hub_id!r} is not a local directory",
+  )
 
 
 def load(

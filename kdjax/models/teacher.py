@@ -23,10 +23,17 @@ def path(teacher: TeacherSpec) -> str:
   directory = os.path.expanduser(teacher.path)
   if os.path.isdir(directory):
     return directory
-  if teacher.hub_id:
+  raise FileNotFoundError(missing(teacher.path, teacher.hub_id))
+
+
+def missing(path: str, hub_id: str) -> str:
+  """The sentence for a teacher checkpoint absent at ``path``: where the
+  base model ``hub_id`` comes from and how to fine-tune it, or, without one,
+  how to train the tiny teacher there."""
+  if hub_id:
     fix = (
         f"download or fine-tune it (base model: `"
-        f"{models.download_hint(teacher.hub_id)}`, then SFT it with "
+        f"{models.download_hint(hub_id)}`, then SFT it with "
         "configs/sft_gpt2.py:teacher) and pass "
         "--config.teacher.path=DIR"
     )
@@ -34,11 +41,9 @@ def path(teacher: TeacherSpec) -> str:
     fix = (
         "train it first: python -m kdjax.train "
         "--config=configs/sft_gpt2.py:tiny_teacher --workdir="
-        f"{os.path.dirname(teacher.path.rstrip('/'))}"
+        f"{os.path.dirname(path.rstrip('/'))}"
     )
-  raise FileNotFoundError(
-      f"teacher checkpoint {teacher.path} not found; {fix}."
-  )
+  return f"teacher checkpoint {path} not found; {fix}."
 
 
 def load(teacher: TeacherSpec, mesh: jax.sharding.Mesh) -> nnx.Module:

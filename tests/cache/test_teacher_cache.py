@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from commands import ROOT, assert_one_error, listing, run_cli
-from kdjax import models, objective, sharding, training
+from kdjax import models, objective, training
 from kdjax.cache import build, codec, store
-from kdjax.config import checks
+from kdjax.config import checks, recipe
 from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline
 from kdjax.data import tokenizer as tokenizer_lib
@@ -96,7 +96,7 @@ def _config(root, **overrides):
   c = tiny_run.config(
       "fkl_gpt2", root, steps=4, **{"loss.temperature": TEMPERATURE}
   )
-  tiny_run.common.override(c, overrides)
+  recipe.override(c, overrides)
   return c
 
 
@@ -262,7 +262,7 @@ def test_cache_config_checks():
       ("teacher.source", "disk", "teacher.source='disk'"),
   ):
     bad = c.copy_and_resolve_references()
-    tiny_run.common.override(bad, {key: value})
+    recipe.override(bad, {key: value})
     with pytest.raises(checks.ConfigError, match=words):
       checks.validate(bad)
   bad = _cached(c, "")
@@ -277,7 +277,7 @@ def test_cache_config_checks():
     bad = _cached(c, "/tmp/somewhere")
     if key == "teacher.cache.encoding":
       bad.loss.name = "rkl"
-    tiny_run.common.override(bad, {key: value})
+    recipe.override(bad, {key: value})
     with pytest.raises(checks.ConfigError, match=words):
       checks.validate(bad)
 
@@ -302,7 +302,7 @@ def _reference_fkl(student_logits, ids, lp):
 def cached_run(root, built):
   """A run that reads the cache, on eight devices."""
   c = _cached(_config(root), built[0])
-  return (c, *_built(c, root))
+  return (c, *tiny_run.built(c, root))
 
 
 def test_kd_from_the_cache_equals_the_live_teacher_truncated(cached_run):
@@ -337,33 +337,20 @@ def test_kd_from_the_cache_equals_the_live_teacher_truncated(cached_run):
   assert float(sums.tokens) == mask.sum() == float(sums.kd_tokens)
 
 
-def _built(config, root, devices=None):
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-  with jax.set_mesh(mesh):
-    run = training.build(config, os.path.join(root, "w"), mesh)
-  return run, mesh
-
-
-def _grads(run, mesh):
-  with jax.set_mesh(mesh):
-    g, m, _ = jax.jit(run.step.grads)(
-        run.state, training.put_batch(run.train_data.dataset[0], mesh), None
-    )
-  return jax.tree.leaves(g), {k: float(v) for k, v in m.items()}
-
-
 @pytest.mark.slow
 def test_accumulation_and_devices_give_the_same_gradient(root, cached_run):
   c, run, mesh = cached_run
-  ga, ma = _grads(run, mesh)  # eight devices, one micro-batch
+  ga, ma = tiny_run.first_grads(run, mesh)  # eight devices, one micro-batch
   c2 = c.copy_and_resolve_references()
   c2.grad_accum = 2
-  gb, mb = _grads(*_built(c2, root, devices=jax.devices()[:4]))
+  gb, mb = tiny_run.first_grads(
+      *tiny_run.built(c2, root, devices=jax.devices()[:4])
+  )
   assert ma["kd"] > 0
   for key in ("loss", "ce", "kd", "tokens"):
     assert mb[key] == pytest.approx(ma[key], rel=1e-5), key
-  for x, y in zip(ga, gb):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  for k in ga:
+    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 @pytest.mark.slow

@@ -214,22 +214,10 @@ def test_workdir_that_cannot_be_created(root, tmp_path):
 
 
 def test_evaluate_offline_fails_in_seconds(root, tmp_path):
-  from flax import nnx
-
   from kdjax import models
 
   model_dir = tmp_path / "model"
-  models.save_hf(
-      models.create(
-          "tiny-gpt2",
-          rngs=nnx.Rngs(0),
-          vocab_size=50257,
-          n_embd=16,
-          n_layer=1,
-          n_head=2,
-      ),
-      str(model_dir),
-  )
+  models.save_hf(tiny_run.gpt2(vocab_size=50257), str(model_dir))
   before = listing(tmp_path)
   import time
 

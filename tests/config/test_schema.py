@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -174,15 +171,7 @@ def test_the_config_system_imports_nothing_above_it():
       "         'kdjax.models', 'kdjax.evaluation.harness')\n"
       "print(sorted(m for m in sys.modules if m.startswith(above)))\n"
   )
-  out = subprocess.run(
-      [sys.executable, "-c", code],
-      capture_output=True,
-      text=True,
-      check=True,
-      cwd=ROOT,
-      env=dict(os.environ, PYTHONPATH=str(ROOT)),
-  )
-  assert out.stdout.strip() == "[]"
+  assert commands.run_python(code).strip() == "[]"
 
 
 def test_the_config_reference_page_is_the_schema():

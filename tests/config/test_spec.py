@@ -3,12 +3,10 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from commands import ROOT
+from commands import ROOT, run_python
 from kdjax.config import files as config_files
 from kdjax.config import recipe, spec
 from kdjax.data import tokenizer
@@ -113,15 +111,7 @@ def test_data_modules_do_not_import_models_or_training(tmp_path):
       "print(sorted(m for m in sys.modules if m.startswith(("
       "'kdjax.models', 'kdjax.training', 'kdjax.evaluation'))))\n"
   )
-  out = subprocess.run(
-      [sys.executable, "-c", code],
-      capture_output=True,
-      text=True,
-      check=True,
-      cwd=ROOT,
-      env=dict(os.environ, PYTHONPATH=ROOT),
-  )
-  assert out.stdout.strip() == "[]"
+  assert run_python(code).strip() == "[]"
 
 
 def test_tokenizer_from_vocab_merges_matches_the_trained_bpe(tmp_path):

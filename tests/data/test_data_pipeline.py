@@ -130,23 +130,17 @@ def test_loss_mask_is_exactly_the_response_tokens(tok, length):
 def test_prompt_policy_drop_and_truncate_are_counted(tok):
   long_input = lambda i: "x" * (200 if i < 3 else 0)
   source = _source(5, input_=long_input)
-  _, dropped = pipeline.tokenize_split(
+  split = lambda policy: pipeline.tokenize_split(
       source,
       tok,
       eos_id=EOS,
       max_length=400,
       max_prompt_length=180,
-      prompt_policy="drop",
+      prompt_policy=policy,
   )
+  _, dropped = split("drop")
   assert (dropped.kept, dropped.dropped_long_prompt) == (2, 3)
-  cut, truncated = pipeline.tokenize_split(
-      source,
-      tok,
-      eos_id=EOS,
-      max_length=400,
-      max_prompt_length=180,
-      prompt_policy="truncate",
-  )
+  cut, truncated = split("truncate")
   assert (truncated.kept, truncated.truncated_prompt) == (5, 3)
   assert [e.prompt_len for e in cut[:3]] == [180] * 3
   # The response survives the prompt cut: ids end with "answer 0" + EOS.

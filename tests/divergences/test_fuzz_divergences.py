@@ -499,20 +499,14 @@ def test_token_divergences(example):
     ref_name, ref_hp = _reference_hp(name, hp)
     w_head = _f64(out["w_head"]) if name == "akl" else None
     want = _reference(ref_name, ref_hp, s64, t64, b.temperature, w_head)
-    np.testing.assert_allclose(
-        values["reference"],
-        want,
-        rtol=1e-4,
-        atol=value_atol,
-        err_msg=f"float64 {name} {hp}",
-    )
-    np.testing.assert_allclose(
-        values["whole"],
-        want,
-        rtol=1e-4,
-        atol=value_atol,
-        err_msg=f"float64 {name} {hp}",
-    )
+    for path in ("reference", "whole"):
+      np.testing.assert_allclose(
+          values[path],
+          want,
+          rtol=1e-4,
+          atol=value_atol,
+          err_msg=f"float64 {name} {hp}",
+      )
 
 
 def _check_one_sided(out, bucket):

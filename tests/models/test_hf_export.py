@@ -7,13 +7,13 @@ export declares, and its tokens equal kdjax's own greedy generation.
 
 import json
 
-from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
 import extras
 from kdjax import models, sampling
 from kdjax.data import tokenizer as tokenizer_lib
+import tiny_run
 
 PROMPT = "add 2 and 3\n"
 NORMAL_TOKENS = 4  # tokens generated before the forced EOS
@@ -22,15 +22,7 @@ NORMAL_TOKENS = 4  # tokens generated before the forced EOS
 def _byte_model(eos_at: int | None = None):
   """A random byte-vocabulary GPT-2; ``eos_at``: the position whose hidden
   state is forced to predict EOS (through a large position embedding)."""
-  model = models.create(
-      "tiny-gpt2",
-      rngs=nnx.Rngs(3),
-      vocab_size=257,
-      n_embd=32,
-      n_layer=1,
-      n_head=2,
-      n_positions=64,
-  )
+  model = tiny_run.gpt2(3, n_positions=64, **tiny_run.TEACHER)
   model.eval()
   if eos_at is not None:
     d = model.config.n_embd
@@ -64,14 +56,7 @@ def test_export_declares_the_byte_tokenizers_special_ids(tmp_path):
 def test_export_never_declares_an_eos_outside_the_vocabulary(tmp_path):
   # A random model with a made-up vocabulary and no tokenizer: GPT-2's
   # default EOS 50256 does not exist in it, so no EOS is declared.
-  model = models.create(
-      "tiny-gpt2",
-      rngs=nnx.Rngs(0),
-      vocab_size=100,
-      n_embd=16,
-      n_layer=1,
-      n_head=2,
-  )
+  model = tiny_run.gpt2(vocab_size=100)
   models.save_hf(model, str(tmp_path))
   cfg = json.loads((tmp_path / "config.json").read_text())
   gen = json.loads((tmp_path / "generation_config.json").read_text())
@@ -117,17 +102,7 @@ def test_transformers_auto_classes_generate_what_kdjax_generates(tmp_path):
 
 
 def test_load_returns_eval_mode_and_train_turns_dropout_on(tmp_path):
-  model = models.create(
-      "tiny-gpt2",
-      rngs=nnx.Rngs(0),
-      vocab_size=257,
-      n_embd=16,
-      n_layer=1,
-      n_head=2,
-      embd_pdrop=0.5,
-      attn_pdrop=0.5,
-      resid_pdrop=0.5,
-  )
+  model = tiny_run.gpt2(embd_pdrop=0.5, attn_pdrop=0.5, resid_pdrop=0.5)
   models.save_hf(model, str(tmp_path))
   loaded = models.load(str(tmp_path))
   ids = jnp.asarray(np.arange(12)[None] % 257)

@@ -57,6 +57,21 @@ def _rows(seed, b=5, t=24, v=33, scale=3.0):
   return logits.astype(np.float32), mask
 
 
+def _teacher(logits, seed):
+  """Random teacher logits of the student's shape."""
+  return (
+      np.random.default_rng(seed).normal(size=logits.shape).astype(np.float32)
+  )
+
+
+def _sums(cfg, logits, teacher, mask):
+  """``objective._local_sums`` of a batch whose labels are all 0."""
+  labels = np.zeros(mask.shape, np.int32)
+  return objective._local_sums(
+      cfg, True, *map(jnp.asarray, (logits, teacher, labels, mask))
+  )
+
+
 @pytest.mark.parametrize("fraction", [0.2, 0.5, 0.07, 0.999])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_selects_the_reference_positions(fraction, temperature):
@@ -121,9 +136,7 @@ def test_masked_positions_are_never_selected():
 
 def test_fraction_one_is_the_unselected_objective_bit_for_bit():
   logits, mask = _rows(3)
-  teacher = (
-      np.random.default_rng(4).normal(size=logits.shape).astype(np.float32)
-  )
+  teacher = _teacher(logits, 4)
   labels = (
       np.random.default_rng(5)
       .integers(0, logits.shape[-1], mask.shape)
@@ -159,19 +172,9 @@ def test_fraction_one_is_the_unselected_objective_bit_for_bit():
 
 def test_kd_value_is_the_mean_over_selected_positions():
   logits, mask = _rows(7)
-  teacher = (
-      np.random.default_rng(8).normal(size=logits.shape).astype(np.float32)
-  )
-  labels = np.zeros(mask.shape, np.int32)
+  teacher = _teacher(logits, 8)
   cfg = _cfg(0.3)
-  got = objective._local_sums(
-      cfg,
-      True,
-      jnp.asarray(logits),
-      jnp.asarray(teacher),
-      jnp.asarray(labels),
-      jnp.asarray(mask),
-  )
+  got = _sums(cfg, logits, teacher, mask)
   keep = _np_select(logits, mask, 0.3)
   want = ref.fkl(logits, teacher)[keep]
   assert float(got.kd_tokens) == keep.sum()
@@ -180,9 +183,7 @@ def test_kd_value_is_the_mean_over_selected_positions():
   assert float(m["kd"]) == pytest.approx(want.mean(), rel=1e-5)
   assert float(m["select_fraction"]) == pytest.approx(keep.sum() / mask.sum())
   # CE still covers every masked token.
-  ce = -np.take_along_axis(ref.log_softmax(logits), labels[..., None], -1)[
-      ..., 0
-  ]
+  ce = -ref.log_softmax(logits)[..., 0]  # the labels are all 0
   assert float(m["ce"]) == pytest.approx(
       (ce * mask).sum() / mask.sum(), rel=1e-5
   )
@@ -191,21 +192,11 @@ def test_kd_value_is_the_mean_over_selected_positions():
 @pytest.mark.parametrize("name", ["fkl", "akl", "jsd"])
 def test_kd_gradient_vanishes_off_the_selected_positions(name):
   logits, mask = _rows(11)
-  teacher = (
-      np.random.default_rng(12).normal(size=logits.shape).astype(np.float32)
-  )
-  labels = np.zeros(mask.shape, np.int32)
+  teacher = _teacher(logits, 12)
   cfg = _cfg(0.25, name=name)
 
   def kd_sum(s):
-    return objective._local_sums(
-        cfg,
-        True,
-        s,
-        jnp.asarray(teacher),
-        jnp.asarray(labels),
-        jnp.asarray(mask),
-    ).kd
+    return _sums(cfg, s, teacher, mask).kd
 
   g = np.asarray(jax.grad(kd_sum)(jnp.asarray(logits)))
   keep = _np_select(logits, mask, 0.25)
@@ -224,22 +215,9 @@ def test_kd_gradient_vanishes_off_the_selected_positions(name):
 
 def test_micro_loss_adds_up_to_combine():
   logits, mask = _rows(13)
-  teacher = (
-      np.random.default_rng(14).normal(size=logits.shape).astype(np.float32)
-  )
-  labels = np.zeros(mask.shape, np.int32)
+  teacher = _teacher(logits, 14)
   cfg = _cfg(0.4)
-  halves = [
-      objective._local_sums(
-          cfg,
-          True,
-          jnp.asarray(logits[i::2]),
-          jnp.asarray(teacher[i::2]),
-          jnp.asarray(labels[i::2]),
-          jnp.asarray(mask[i::2]),
-      )
-      for i in (0, 1)
-  ]
+  halves = [_sums(cfg, logits[i::2], teacher[i::2], mask[i::2]) for i in (0, 1)]
   total = jax.tree.map(jnp.add, *halves)
   tokens = jnp.sum(jnp.asarray(mask))
   kd_tokens = objective.kd_tokens(cfg, jnp.asarray(mask))
@@ -268,19 +246,9 @@ def test_bad_select_config_fails_with_the_fix():
 
 def test_sinkhorn_keeps_whole_sequences_and_sums_the_kept_rows():
   logits, mask = _rows(21, b=3, t=8, v=12)
-  teacher = (
-      np.random.default_rng(22).normal(size=logits.shape).astype(np.float32)
-  )
-  labels = np.zeros(mask.shape, np.int32)
+  teacher = _teacher(logits, 22)
   cfg = _cfg(0.5, name="sinkhorn", impl="reference")
-  got = objective._local_sums(
-      cfg,
-      True,
-      jnp.asarray(logits),
-      jnp.asarray(teacher),
-      jnp.asarray(labels),
-      jnp.asarray(mask),
-  )
+  got = _sums(cfg, logits, teacher, mask)
   per_token = kd.sinkhorn(
       jnp.asarray(logits),
       jnp.asarray(teacher),

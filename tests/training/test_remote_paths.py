@@ -3,12 +3,12 @@ go through kdjax.fs (etils.epath) into a fake in-memory ``gs://`` bucket."""
 
 import json
 
-from flax import nnx
 import numpy as np
 
 from fake_gcs import fake_gcs_fixture  # noqa: F401 (the fake_gcs fixture)
 from kdjax import checkpoint, metrics, models
 from kdjax.data import jsonl, sources
+import tiny_run
 
 RUN = "gs://bucket/run"
 
@@ -34,14 +34,7 @@ def test_checkpoint_managers_live_in_the_bucket(fake_gcs):
 
 
 def test_hf_export_writes_every_file_to_the_bucket(fake_gcs):
-  model = models.create(
-      "tiny-gpt2",
-      rngs=nnx.Rngs(0),
-      vocab_size=257,
-      n_embd=16,
-      n_layer=1,
-      n_head=2,
-  )
+  model = tiny_run.gpt2()
   models.save_hf(model, f"{RUN}/hf")
   names = sorted(
       k.rsplit("/", 1)[1] for k in fake_gcs if k.startswith(f"{RUN}/hf/")

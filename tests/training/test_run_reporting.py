@@ -68,17 +68,7 @@ def test_claim_and_release_on_a_bucket(fake_gcs):
 
 def test_student_trains_in_training_mode(tmp_path):
   hf_dir = str(tmp_path / "student")
-  models.save_hf(
-      models.create(
-          "tiny-gpt2",
-          rngs=nnx.Rngs(0),
-          vocab_size=257,
-          n_embd=16,
-          n_layer=1,
-          n_head=2,
-      ),
-      hf_dir,
-  )
+  models.save_hf(tiny_run.gpt2(), hf_dir)
   student = builder.make_student(
       spec_lib.StudentSpec(
           init=hf_dir, dtype="float32", model_overrides={}, seed=0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from commands import ROOT
-from kdjax import metrics, models, objective, sharding, training
+from kdjax import metrics, models, objective, training
 from kdjax.config import files as config_files
 import tiny_run
 
@@ -30,27 +30,6 @@ def _params(state) -> dict:
       "/".join(map(str, k)): np.asarray(v)
       for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
   }
-
-
-def _built(config, root, devices=None):
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-  with jax.set_mesh(mesh):
-    run = training.build(config, os.path.join(root, "w"), mesh)
-  return run, mesh
-
-
-def _grads(run, mesh):
-  """Gradient (flat dict of arrays) and metrics of the first batch."""
-  with jax.set_mesh(mesh):
-    teacher = None if run.teacher is None else nnx.state(run.teacher)
-    g, m, _ = jax.jit(run.step.grads)(
-        run.state, training.put_batch(run.train_data.dataset[0], mesh), teacher
-    )
-  flat = {
-      "/".join(map(str, k)): np.asarray(v)
-      for k, v in jax.tree_util.tree_flatten_with_path(g)[0]
-  }
-  return flat, {k: float(v) for k, v in m.items()}
 
 
 def _assert_same_grads(a, b, rtol):
@@ -201,7 +180,7 @@ def test_akl_loss_decreases_on_one_fixed_batch(root):
   c = tiny_run.config(
       "akl_gpt2", root, steps=30, **{"optim.warmup_steps": 0, "optim.lr": 3e-3}
   )
-  run, mesh = _built(c, root)
+  run, mesh = tiny_run.built(c, root)
   batch = run.train_data.dataset[0]
   _, m = _steps(run, mesh, 30, batch)
   losses = [x["loss"] for x in m]
@@ -218,7 +197,7 @@ def test_sft_never_loads_a_teacher(root, tmp_path, monkeypatch):
   c = tiny_run.config(
       "sft_gpt2", root, steps=2, **{"teacher.path": str(tmp_path / "nowhere")}
   )
-  run, _ = _built(c, root)
+  run, _ = tiny_run.built(c, root)
   assert run.teacher is None and run.step.teacher_graphdef is None
 
 
@@ -228,14 +207,16 @@ def test_sft_never_loads_a_teacher(root, tmp_path, monkeypatch):
 
 def test_eight_device_step_equals_one_device(root):
   c = tiny_run.config("akl_gpt2", root, **{"mesh.data": 4, "mesh.fsdp": 2})
-  run8, mesh8 = _built(c, root)
+  run8, mesh8 = tiny_run.built(c, root)
   c1 = tiny_run.config("akl_gpt2", root, **{"mesh.data": 1})
-  run1, mesh1 = _built(c1, root, devices=jax.devices()[:1])
+  run1, mesh1 = tiny_run.built(c1, root, devices=jax.devices()[:1])
   assert mesh8.devices.size == 8
   # FSDP really shards weights (and the batch is split over all 8).
   specs = {str(x.sharding.spec) for x in jax.tree.leaves(run8.state.params)}
   assert any("fsdp" in s for s in specs), specs
-  _assert_same_grads(_grads(run8, mesh8), _grads(run1, mesh1), 1e-5)
+  _assert_same_grads(
+      tiny_run.first_grads(run8, mesh8), tiny_run.first_grads(run1, mesh1), 1e-5
+  )
   # Two full steps (optimizer included) agree too, to Adam's amplification.
   (_, m8), (_, m1) = _steps(run8, mesh8, 2), _steps(run1, mesh1, 2)
   for a, b in zip(m8, m1):
@@ -244,15 +225,17 @@ def test_eight_device_step_equals_one_device(root):
 
 def test_gradient_accumulation_equals_the_big_batch(root):
   devices = jax.devices()[:2]
-  base = _built(
+  base = tiny_run.built(
       tiny_run.config("fkl_gpt2", root, **{"mesh.data": 2}), root, devices
   )
-  acc = _built(
+  acc = tiny_run.built(
       tiny_run.config("fkl_gpt2", root, **{"mesh.data": 2, "grad_accum": 4}),
       root,
       devices,
   )
-  _assert_same_grads(_grads(*base), _grads(*acc), 1e-5)
+  _assert_same_grads(
+      tiny_run.first_grads(*base), tiny_run.first_grads(*acc), 1e-5
+  )
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])
@@ -264,14 +247,18 @@ def test_loss_impls_give_the_same_step(root, impl):
       root,
       **{"mesh.data": 2, "loss.impl": impl, "loss.chunk_size": 100},
   )
-  (r0, m0), (r1, m1) = _built(ref, root, devices), _built(other, root, devices)
-  _assert_same_grads(_grads(r0, m0), _grads(r1, m1), 1e-4)
+  (r0, m0), (r1, m1) = tiny_run.built(ref, root, devices), tiny_run.built(
+      other, root, devices
+  )
+  _assert_same_grads(
+      tiny_run.first_grads(r0, m0), tiny_run.first_grads(r1, m1), 1e-4
+  )
 
 
 def test_objective_matches_a_numpy_reference(root):
   """CE and FKL sums of one batch against float64 NumPy on the same logits."""
   c = tiny_run.config("fkl_gpt2", root)
-  run, mesh = _built(c, root)
+  run, mesh = tiny_run.built(c, root)
   batch = run.train_data.dataset[0]
   with jax.set_mesh(mesh):
     student = run.student
@@ -354,7 +341,7 @@ def test_resume_continues_exactly(root, tmp_path):
 def _restored(c, workdir):
   from kdjax import checkpoint
 
-  run, mesh = _built(c, str(workdir))
+  run, mesh = tiny_run.built(c, str(workdir))
   ck = checkpoint.Checkpoints(str(workdir), every_steps=1, max_to_keep=1)
   with jax.set_mesh(mesh):
     state, record = ck.restore(
@@ -406,16 +393,14 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
 def test_vocabulary_mismatch_is_refused(root, tmp_path):
   other = str(tmp_path / "t")
   models.save_hf(
-      models.create(
-          "tiny-gpt2", rngs=nnx.Rngs(0), vocab_size=300, **tiny_run.TEACHER
-      ),
+      tiny_run.gpt2(vocab_size=300, **tiny_run.TEACHER),
       other,
   )
   c = tiny_run.config("fkl_gpt2", root, **{"teacher.path": other})
   with pytest.raises(
       ValueError, match="teacher vocabulary 300 != student " "vocabulary 257"
   ):
-    _built(c, root)
+    tiny_run.built(c, root)
 
 
 def test_seqkd_trains_on_the_teachers_responses(root, tmp_path):
