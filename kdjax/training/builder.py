@@ -28,8 +28,8 @@ from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
 from kdjax.models import teacher as teacher_lib
-from kdjax.onpolicy import minillm
-from kdjax.onpolicy import source as onpolicy_source
+from kdjax.onpolicy import strategies
+from kdjax.onpolicy import strategy as onpolicy_strategy
 from kdjax.training import optimizer
 from kdjax.training.step import Step, TrainState, init_taid
 
@@ -50,8 +50,9 @@ class Run:
   step: Step
   state: TrainState
   num_steps: int
-  # Per-step sequence source (kdjax.onpolicy); None: the dataset's batches.
-  source: onpolicy_source.Source | None = None
+  # The on-policy strategy making each step's batch (kdjax.onpolicy); None:
+  # the dataset's batches.
+  source: onpolicy_strategy.Strategy | None = None
 
 
 def make_student(
@@ -218,10 +219,15 @@ def build(
       init_taid(s.loss),
   )
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
-  minillm_cfg = (
-      minillm.Config.from_spec(s.onpolicy)
-      if s.onpolicy.source == "minillm"
-      else None
+  source = strategies.from_spec(
+      s.onpolicy,
+      batch_size=s.batch_size,
+      max_length=s.data.max_length,
+      max_prompt_length=s.data.max_prompt_length,
+      eos_id=eos_id,
+      total_steps=num_steps,
+      student_graphdef=graphdef,
+      teacher_graphdef=teacher_graphdef,
   )
   step = Step(
       s.loss,
@@ -230,20 +236,8 @@ def build(
       tx,
       s.grad_accum,
       num_steps,
-      minillm=minillm_cfg,
+      minillm=source.objective,
   )
-  source = None
-  if s.onpolicy.source != "dataset":
-    source = onpolicy_source.Source.from_spec(
-        s.onpolicy,
-        batch_size=s.batch_size,
-        max_length=s.data.max_length,
-        max_prompt_length=s.data.max_prompt_length,
-        eos_id=eos_id,
-        total_steps=num_steps,
-        student_graphdef=graphdef,
-        teacher_graphdef=teacher_graphdef,
-    )
   return Run(
       s,
       workdir,
@@ -257,5 +251,5 @@ def build(
       step,
       state,
       num_steps,
-      source,
+      source if source.generates else None,
   )
