@@ -70,13 +70,10 @@ def from_spec(
     student_graphdef,
     teacher_graphdef=None,
 ) -> strategy.Strategy:
-  """The strategy of a run; fails in one sentence on settings that cannot run."""
-  checks.check_onpolicy(
-      cfg,
-      batch_size=batch_size,
-      max_length=max_length,
-      max_prompt_length=max_prompt_length,
-  )
+  """The strategy of a run's checked ``config.onpolicy``.
+
+  Fails in one sentence when it decodes with a teacher the run does not have.
+  """
   if cfg.needs_teacher and teacher_graphdef is None:
     raise ValueError(
         f"onpolicy.source={cfg.source!r} needs the teacher; set "
@@ -118,9 +115,17 @@ def from_config(
     student_graphdef,
     teacher_graphdef=None,
 ) -> strategy.Strategy:
-  """:func:`from_spec` of ``config.onpolicy`` with the config's lengths."""
+  """:func:`from_spec` of ``config.onpolicy`` with the config's lengths, after
+  :func:`kdjax.config.checks.check_onpolicy`."""
+  cfg = config_spec.onpolicy_from_config(config)
+  checks.check_onpolicy(
+      cfg,
+      batch_size=config.batch_size,
+      max_length=config.data.max_length,
+      max_prompt_length=config.data.max_prompt_length,
+  )
   return from_spec(
-      config_spec.onpolicy_from_config(config),
+      cfg,
       batch_size=config.batch_size,
       max_length=config.data.max_length,
       max_prompt_length=config.data.max_prompt_length,

@@ -22,7 +22,6 @@ import tokenizers
 
 from kdjax import models, objective, sharding
 from kdjax.cache import store as cache_store
-from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
@@ -127,12 +126,6 @@ def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   objective.check(s.loss)
   if s.loss["kd_ratio"] > 0 and not s.teacher.cached:
     teacher_lib.path(s.teacher)
-  config_checks.check_onpolicy(
-      s.onpolicy,
-      batch_size=s.batch_size,
-      max_length=s.data.max_length,
-      max_prompt_length=s.data.max_prompt_length,
-  )
   n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
   if s.batch_size % (s.grad_accum * n_batch):
     raise ValueError(
@@ -174,7 +167,9 @@ def build(
   """Data, models, optimizer and initial state (call under ``jax.set_mesh``).
 
   Args:
-    config: an experiment config, or the spec resolved from one.
+    config: an experiment config that passed
+      :func:`kdjax.config.checks.validate` (as ``train_and_evaluate``'s
+      do), or the spec resolved from one.
     workdir: the run directory (SeqKD caches its responses there).
     mesh: the run's mesh.
   """
