@@ -40,7 +40,7 @@ import optax
 
 from kdjax import models, sampling
 from kdjax.data import pipeline
-from kdjax.onpolicy import source
+from kdjax.onpolicy import strategies
 
 PAIRS = {
     "tiny": (
@@ -109,7 +109,7 @@ def main(_):
   t_state = nnx.state(teacher)
 
   def make(kind):
-    src = source.Source(
+    src = strategies.make(
         kind=kind,
         settings=settings,
         prompt_length=P,

@@ -20,17 +20,19 @@ of ``S``, the fresh-generation threshold is ``tau_s = tau * (1 - s / S)``
 
 The replay buffer holds the last ``capacity`` generated sequences (first in,
 first out) as fixed-shape arrays (:class:`Buffer`), so orbax checkpoints it
-like any other state.
+like any other state. :class:`DistiLLM` is the strategy that runs both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kdjax.onpolicy import batches
+from kdjax.onpolicy import batches, strategy
+from kdjax.onpolicy.sampler import Sampler
 
 Array = jax.Array
 DATASET, GENERATE, REPLAY = 0, 1, 2
@@ -151,3 +153,99 @@ def sample(buffer: Buffer, key: Array, batch_size: int) -> batches.Rows:
   scores_C = jnp.where(jnp.arange(C) < buffer.count, scores_C, -1.0)
   _, slots_B = jax.lax.top_k(scores_C, batch_size)
   return jax.tree.map(lambda x: x[slots_B], buffer.rows)
+
+
+# ----------------------------------------------------------------------------
+# The strategy.
+
+
+def update_state(state: strategy.State, val_loss: float, loss_eps: float):
+  """:func:`after_validation` on a strategy state's ``threshold``/``prev_loss``.
+
+  The schedule lives in the state as float32, read and written back the same
+  way whether or not the run was resumed in between.
+  """
+  schedule = after_validation(
+      Schedule(float(state.threshold), float(state.prev_loss)),
+      val_loss,
+      loss_eps,
+  )
+  return state._replace(
+      threshold=jnp.asarray(schedule.threshold, jnp.float32),
+      prev_loss=jnp.asarray(schedule.prev_loss, jnp.float32),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistiLLM(strategy.Strategy):
+  """The adaptive schedule choosing dataset, generated or replayed batches.
+
+  Attributes:
+    sampler: the run's sampling parts.
+    total_steps: the run's length ``S``.
+    capacity: the replay buffer's rows (``onpolicy.buffer_size``).
+    replay_ratio: how ``tau_s`` moves over the run (:data:`REPLAY_RATIOS`).
+    loss_eps: the validation-loss rise that raises ``tau``.
+    init_threshold: ``tau`` before step 0 (``onpolicy.init_threshold``).
+  """
+
+  kind = "distillm"
+  sampler: Sampler
+  total_steps: int
+  capacity: int = 0
+  replay_ratio: str = "decreasing"
+  loss_eps: float = 0.1
+  init_threshold: float = 0.0
+
+  def init(self, seed, threshold=None, initial_val_loss=0.0):
+    """The state before step 0: ``tau`` = ``threshold`` (default
+    :attr:`init_threshold`), an empty buffer."""
+    if threshold is None:
+      threshold = self.init_threshold
+    state = super().init(seed, threshold, initial_val_loss)
+    s = self.sampler
+    return state._replace(buffer=empty(self.capacity, s.max_length, s.eos_id))
+
+  def before_training(self, state, val_loss):
+    """``prev`` is the validation loss before training."""
+    return state._replace(prev_loss=jnp.float32(val_loss()))
+
+  def after_validation(self, state, val_loss):
+    return update_state(state, val_loss, self.loss_eps)
+
+  def __call__(self, params, rest, teacher_state, batch, state, step):
+    batch = strategy.text(batch)
+    info = strategy.no_metrics()
+    k_choice, k_gen, _, k_replay = strategy.step_keys(state.key, step)
+    u = jax.random.uniform(k_choice)
+    buffer = state.buffer
+    tau = state.threshold
+    gen_tau = generate_threshold(
+        tau, step + 1, self.total_steps, self.replay_ratio
+    )
+    act = action(u, tau, gen_tau, buffer.count, self.capacity)
+    B = batch["input_ids"].shape[0]
+    s = self.sampler
+    one = jnp.ones((), jnp.float32)
+
+    def dataset(_):
+      return batch, buffer, info
+
+    def generate(_):
+      rows = s.sample_rows(s.student(params, rest), batch, k_gen)
+      stats = dict(
+          info,
+          onpolicy=one,
+          generated=one,
+          gen_len=jnp.mean(
+              rows.length_B - rows.prompt_len_B, dtype=jnp.float32
+          ),
+      )
+      return s.as_batch(rows, batch), push(buffer, rows), stats
+
+    def replay(_):
+      rows = sample(buffer, k_replay, B)
+      return s.as_batch(rows, batch), buffer, dict(info, onpolicy=one)
+
+    out, buffer, stats = jax.lax.switch(act, (dataset, generate, replay), None)
+    return out, state._replace(buffer=buffer), stats

@@ -52,7 +52,7 @@ teacher's entropy, a constant) and ``loss.kd_ratio`` r (0.5), weighted by
 
 **Updates per rollout** (``ppo_epochs``, the reference's 4 in
 ``minillm_gpt2.py``). A rollout is sampled every ``ppo_epochs`` steps and
-trained on by that step and the next ``ppo_epochs − 1`` (the source keeps it
+trained on by that step and the next ``ppo_epochs − 1`` (the strategy keeps it
 in its checkpointed state; each step's own dataset batch still feeds
 ``L_pt``). At a rollout's first update ``log q_θ = log q_θold``, ``exp(·) =
 1`` and ``ρ_t = w_t``: the clip then only bounds the importance weight, and
@@ -70,8 +70,9 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import divergences as kd
-from kdjax import sampling
-from kdjax.onpolicy import skd
+from kdjax import sampling, sharding
+from kdjax.onpolicy import batches, skd, strategy
+from kdjax.onpolicy.sampler import Sampler
 
 Array = jax.Array
 # The rollout's per-token log-probs, as batch keys ``rollout_<name>``.
@@ -313,3 +314,93 @@ def metric_zeros() -> dict[str, Array]:
   z = jnp.zeros((), jnp.float32)
   names = ("pg", "reg", "reward", "w", "clipped")
   return {f"minillm_{k}": z for k in names}
+
+
+# ----------------------------------------------------------------------------
+# The strategy.
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniLLM(strategy.Strategy):
+  """Teacher-mixed rollouts for :func:`minillm_loss`.
+
+  Each step's batch is a rollout, its rows with their ``rollout_*``
+  log-probs (fresh every ``minillm_ppo_epochs`` steps, reused in between),
+  plus the step's dataset batch under ``lm_*`` keys.
+
+  Attributes:
+    sampler: the run's sampling parts.
+    objective: MiniLLM's constants; ``alpha`` mixes the sampler, the train
+      step reads the rest.
+    minillm_ppo_epochs: updates per rollout.
+    batch_size: the rollout's rows (the run's ``batch_size``).
+  """
+
+  kind = "minillm"
+  sampler: Sampler
+  objective: Config = Config()
+  minillm_ppo_epochs: int = 1
+  batch_size: int = 0
+
+  def init(self, seed, threshold=0.0, initial_val_loss=0.0):
+    """The state before step 0, with a zero rollout when one is reused."""
+    state = super().init(seed, threshold, initial_val_loss)
+    if self.minillm_ppo_epochs <= 1:
+      return state
+    shape = (self.batch_size, self.sampler.max_length)
+    rollout = {k: jnp.zeros(shape, dt) for k, dt in batches.DTYPES.items()}
+    for name in RECORDS:
+      rollout[f"rollout_{name}"] = jnp.zeros(shape, jnp.float32)
+    return state._replace(rollout=rollout)
+
+  def __call__(self, params, rest, teacher_state, batch, state, step):
+    """A fresh rollout every ``minillm_ppo_epochs`` steps, else the last one.
+
+    Either way the dataset batch of this step rides along under ``lm_*``.
+    """
+    batch = strategy.text(batch)
+    info = strategy.no_metrics()
+    key = strategy.step_keys(state.key, step)[1]
+    fresh = lambda _: self.rollout(params, rest, teacher_state, batch, key)
+    if self.minillm_ppo_epochs <= 1:
+      rollout, stats = fresh(None)
+    else:
+      reuse = lambda _: (
+          state.rollout,
+          dict(info, onpolicy=info["onpolicy"] + 1),
+      )
+      rollout, stats = jax.lax.cond(
+          step % self.minillm_ppo_epochs == 0, fresh, reuse, None
+      )
+      state = state._replace(rollout=rollout)
+    out = dict(rollout)
+    out.update({LM_PREFIX + k: v for k, v in batch.items()})
+    return out, state, dict(info, **stats)
+
+  def rollout(self, params, rest, teacher_state, batch, key):
+    """Teacher-mixed rows and their rollout log-probs (``rollout_*``)."""
+    s = self.sampler
+    prompt_BxP, mask_BxP = s.prompts(batch)
+    tokens_BxN, records = generate(
+        s.student(params, rest),
+        s.teacher(teacher_state),
+        prompt_BxP,
+        mask_BxP,
+        key,
+        alpha=self.objective.alpha,
+        **s.settings._asdict(),
+    )
+    rows = s.rows(prompt_BxP, mask_BxP, tokens_BxN)
+    out = s.as_batch(rows, batch)
+    L = s.max_length
+    for name in RECORDS:
+      values = align(records[name], rows.prompt_len_B, rows.length_B, L)
+      out[f"rollout_{name}"] = sharding.constrain(values, ("batch", None))
+    one = jnp.ones((), jnp.float32)
+    gen_B = rows.length_B - rows.prompt_len_B
+    return out, dict(
+        onpolicy=one,
+        generated=one,
+        gen_len=jnp.mean(gen_B, dtype=jnp.float32),
+        skd_replaced=jnp.zeros((), jnp.float32),
+    )

@@ -19,6 +19,9 @@ round-trip. The proposal uses the sampler's key schedule exactly (``key, sub
 = split(key)``; ``categorical(sub, ...)``), so with ``K >= V`` the tokens are
 bit-identical to :func:`kdjax.sampling.generate`'s; the teacher draw uses
 ``fold_in(sub, 1)``.
+
+:class:`SKD` is GKD's mixture (:class:`kdjax.onpolicy.gkd.GKD`) with these
+decodes as its generated responses.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import sampling
+from kdjax.onpolicy import gkd
 
 Array = jax.Array
 RESAMPLE = ("top_k", "full")
@@ -254,3 +258,39 @@ def _decode_together(
   )
   _, tokens_BxS, _, records, *_ = jax.lax.while_loop(cond, body, carry)
   return tokens_BxS[:, P:], records
+
+
+# ----------------------------------------------------------------------------
+# The strategy.
+
+
+@dataclasses.dataclass(frozen=True)
+class SKD(gkd.GKD):
+  """GKD's mixture with SKD-decoded responses (:func:`generate`).
+
+  Attributes:
+    skd_top_k: the teacher's top-K that accepts a student token.
+    skd_resample: what a rejected token is drawn from (:data:`RESAMPLE`).
+  """
+
+  kind = "skd"
+  skd_top_k: int = 25
+  skd_resample: str = "top_k"
+
+  def responses(self, params, rest, teacher_state, batch, key):
+    s = self.sampler
+    rows, replaced_BxN = s.generate_rows(
+        batch,
+        lambda prompt_BxP, mask_BxP: generate(
+            s.student(params, rest),
+            s.teacher(teacher_state),
+            prompt_BxP,
+            mask_BxP,
+            key,
+            teacher_top_k=self.skd_top_k,
+            resample=self.skd_resample,
+            **s.settings._asdict(),
+        ),
+    )
+    n_tokens = jnp.maximum(jnp.sum(rows.length_B - rows.prompt_len_B), 1)
+    return rows, jnp.sum(replaced_BxN) / n_tokens

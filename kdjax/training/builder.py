@@ -22,14 +22,13 @@ import tokenizers
 
 from kdjax import models, objective, sharding
 from kdjax.cache import store as cache_store
-from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
 from kdjax.models import teacher as teacher_lib
-from kdjax.onpolicy import minillm
-from kdjax.onpolicy import source as onpolicy_source
+from kdjax.onpolicy import strategies
+from kdjax.onpolicy import strategy as onpolicy_strategy
 from kdjax.training import optimizer
 from kdjax.training.step import Step, TrainState, init_taid
 
@@ -50,8 +49,9 @@ class Run:
   step: Step
   state: TrainState
   num_steps: int
-  # Per-step sequence source (kdjax.onpolicy); None: the dataset's batches.
-  source: onpolicy_source.Source | None = None
+  # The on-policy strategy making each step's batch (kdjax.onpolicy); None:
+  # the dataset's batches.
+  source: onpolicy_strategy.Strategy | None = None
 
 
 def make_student(
@@ -126,12 +126,6 @@ def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   objective.check(s.loss)
   if s.loss["kd_ratio"] > 0 and not s.teacher.cached:
     teacher_lib.path(s.teacher)
-  config_checks.check_onpolicy(
-      s.onpolicy,
-      batch_size=s.batch_size,
-      max_length=s.data.max_length,
-      max_prompt_length=s.data.max_prompt_length,
-  )
   n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
   if s.batch_size % (s.grad_accum * n_batch):
     raise ValueError(
@@ -173,7 +167,9 @@ def build(
   """Data, models, optimizer and initial state (call under ``jax.set_mesh``).
 
   Args:
-    config: an experiment config, or the spec resolved from one.
+    config: an experiment config that passed
+      :func:`kdjax.config.checks.validate` (as ``train_and_evaluate``'s
+      do), or the spec resolved from one.
     workdir: the run directory (SeqKD caches its responses there).
     mesh: the run's mesh.
   """
@@ -218,10 +214,15 @@ def build(
       init_taid(s.loss),
   )
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
-  minillm_cfg = (
-      minillm.Config.from_spec(s.onpolicy)
-      if s.onpolicy.source == "minillm"
-      else None
+  source = strategies.from_spec(
+      s.onpolicy,
+      batch_size=s.batch_size,
+      max_length=s.data.max_length,
+      max_prompt_length=s.data.max_prompt_length,
+      eos_id=eos_id,
+      total_steps=num_steps,
+      student_graphdef=graphdef,
+      teacher_graphdef=teacher_graphdef,
   )
   step = Step(
       s.loss,
@@ -230,20 +231,8 @@ def build(
       tx,
       s.grad_accum,
       num_steps,
-      minillm=minillm_cfg,
+      minillm=source.objective,
   )
-  source = None
-  if s.onpolicy.source != "dataset":
-    source = onpolicy_source.Source.from_spec(
-        s.onpolicy,
-        batch_size=s.batch_size,
-        max_length=s.data.max_length,
-        max_prompt_length=s.data.max_prompt_length,
-        eos_id=eos_id,
-        total_steps=num_steps,
-        student_graphdef=graphdef,
-        teacher_graphdef=teacher_graphdef,
-    )
   return Run(
       s,
       workdir,
@@ -257,5 +246,5 @@ def build(
       step,
       state,
       num_steps,
-      source,
+      source if source.generates else None,
   )

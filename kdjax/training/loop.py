@@ -1,7 +1,7 @@
 """The training loop: resume, step, log, validate, checkpoint, export.
 
 Resume from the latest orbax checkpoint in ``workdir`` (same batches and RNG
-thereafter, the on-policy sequence source's state included:
+thereafter, the on-policy strategy's state included:
 :mod:`kdjax.onpolicy`), periodic validation (:mod:`kdjax.training.validation`),
 ``metrics.jsonl`` + TensorBoard + a progress bar, a stop on the first
 non-finite loss or gradient, and the final and best students exported as
@@ -179,9 +179,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   runner = None
   if run.source is not None:  # on-policy: its state is checkpointed too
     runner = runner_lib.Runner(
-        run.source,
-        run.source.init(s.seed + 2, threshold=s.onpolicy.init_threshold),
-        mesh=run.mesh,
+        run.source, run.source.init(s.seed + 2), mesh=run.mesh
     )
   start = ckpts.latest_step()
   if start is not None:
@@ -221,10 +219,12 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   every_eval = _every_eval(run)
   done = start
   end = run.num_steps if stop_at is None else min(stop_at, run.num_steps)
-  if runner is not None and runner.source.kind == "distillm" and start == 0:
-    # DistiLLM compares later validation losses with the one before training.
-    v0 = validation.validate(run, state, teacher_state, eval_fn)["val_loss"]
-    runner.state = runner.state._replace(prev_loss=jnp.float32(v0))
+  if runner is not None and start == 0:
+    runner.before_training(
+        lambda: validation.validate(run, state, teacher_state, eval_fn)[
+            "val_loss"
+        ]
+    )
   ctrl_c = _CtrlC()
   ctrl_c.install()
   try:
@@ -385,8 +385,8 @@ def _save(
 ) -> None:
   """A checkpoint, or one sentence when the disk (or bucket) refuses it.
 
-  ``state`` is the train state, paired with the sequence source's state
-  (generation key, DistiLLM's schedule and replay buffer) on on-policy runs.
+  ``state`` is the train state, paired with the on-policy strategy's state
+  (:class:`kdjax.onpolicy.strategy.State`) on on-policy runs.
 
   Orbax writes into a temporary directory and renames it on commit, so a
   failed save leaves the previous checkpoint as the latest.

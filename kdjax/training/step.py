@@ -103,7 +103,7 @@ class Step:
     tx: the optimizer.
     grad_accum: micro-batches per step.
     num_steps: the run's length (TAID's schedule ramps over it).
-    minillm: MiniLLM's constants when the sequence source is ``minillm``:
+    minillm: the on-policy strategy's ``objective``, MiniLLM's constants:
       the step then trains on :func:`kdjax.onpolicy.minillm.minillm_loss`
       (rollout rows plus the dataset batch under ``lm_*`` keys), else None.
   """

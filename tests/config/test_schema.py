@@ -152,9 +152,9 @@ def test_the_defaults_are_the_paper_setup():
 
 def test_the_choices_are_what_the_runtime_implements():
   from kdjax.cache import codec
-  from kdjax.onpolicy import distillm, skd, source
+  from kdjax.onpolicy import distillm, skd, strategies
 
-  assert spec.ONPOLICY_KINDS == source.KINDS
+  assert spec.ONPOLICY_KINDS == strategies.KINDS
   assert spec.REPLAY_RATIOS == distillm.REPLAY_RATIOS
   assert spec.SKD_RESAMPLE == skd.RESAMPLE
   assert spec.CACHE_ENCODINGS == codec.ENCODINGS

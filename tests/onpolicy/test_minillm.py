@@ -20,7 +20,7 @@ from kdjax.config import checks
 from kdjax.config import files as config_files
 from kdjax.config import spec as config_spec
 from kdjax.data import pipeline
-from kdjax.onpolicy import batches, minillm, source
+from kdjax.onpolicy import batches, minillm, sampler, strategies, strategy
 import reference_np
 import tiny_run
 
@@ -335,7 +335,7 @@ SOURCE_SETTINGS = sampling.Settings(**{**SETTINGS, "max_new_tokens": 8})
 
 
 def _source(student, teacher, ppo_epochs=1):
-  return source.Source(
+  return strategies.make(
       kind="minillm",
       settings=SOURCE_SETTINGS,
       prompt_length=5,
@@ -344,7 +344,7 @@ def _source(student, teacher, ppo_epochs=1):
       total_steps=10,
       student_graphdef=nnx.graphdef(student),
       teacher_graphdef=nnx.graphdef(teacher),
-      minillm_alpha=0.2,
+      objective=minillm.Config(alpha=0.2),
       minillm_ppo_epochs=ppo_epochs,
       batch_size=len(PROMPTS),
   )
@@ -362,7 +362,7 @@ def test_source_rows_carry_the_rollout_and_the_dataset_batch():
       params, rest, nnx.state(teacher), batch, state, step
   )
   ids, mask = _prompts()
-  key = source.step_keys(state.key, step)[1]
+  key = strategy.step_keys(state.key, step)[1]
   tokens, rec = minillm.generate(
       student, teacher, ids, mask, key, alpha=0.2, **settings._asdict()
   )
@@ -406,7 +406,7 @@ def test_a_rollout_serves_ppo_epochs_steps_each_with_its_dataset_batch():
   for k in rollout_keys:
     np.testing.assert_array_equal(outs[1][k], outs[0][k])
   assert any((outs[2][k] != outs[0][k]).any() for k in rollout_keys)
-  key = source.step_keys(state.key, jnp.asarray(2))[1]
+  key = strategy.step_keys(state.key, jnp.asarray(2))[1]
   ids, mask = _prompts()
   tokens, _ = minillm.generate(
       student, teacher, ids, mask, key, alpha=0.2, **SOURCE_SETTINGS._asdict()
@@ -423,7 +423,7 @@ def test_config_and_its_checks():
     spec = config_spec.onpolicy_from_config(c)
     assert spec.source == "minillm"
     assert (
-        source.new_tokens(spec, c.data.max_length, c.data.max_prompt_length)
+        sampler.new_tokens(spec, c.data.max_length, c.data.max_prompt_length)
         == n_new
     )
     cfg = minillm.Config.from_spec(spec)

@@ -11,7 +11,7 @@ from kdjax.config import files as config_files
 from kdjax.config import recipe
 from kdjax.config import spec as config_spec
 from kdjax.data import pipeline
-from kdjax.onpolicy import batches, distillm, source
+from kdjax.onpolicy import batches, distillm, gkd, strategies, strategy
 
 V, EOS, L, P = 40, 3, 24, 10
 
@@ -54,7 +54,7 @@ def _source(model, kind="gkd", lmbda=1.0, n_new=12, total_steps=100, **kw):
       eos_id=EOS,
       pad_id=EOS,
   )
-  return source.Source(
+  return strategies.make(
       kind=kind,
       settings=settings,
       prompt_length=P,
@@ -155,7 +155,7 @@ def test_onpolicy_batch_is_the_students_samples_and_masks_them_exactly():
   # Independently: kdjax.sampling.generate on the same prompts and key.
   prompts = [e.ids[: e.prompt_len].tolist() for e in examples]
   left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
-  key = source.step_keys(state.key, jnp.asarray(5, jnp.int32))[1]
+  key = strategy.step_keys(state.key, jnp.asarray(5, jnp.int32))[1]
   model.eval()
   tokens = np.asarray(
       sampling.generate(
@@ -163,7 +163,7 @@ def test_onpolicy_batch_is_the_students_samples_and_masks_them_exactly():
           left["input_ids"],
           left["attention_mask"] > 0,
           key,
-          **src.settings._asdict(),
+          **src.sampler.settings._asdict(),
       )
   )
   want = _reference_rows(prompts, tokens)
@@ -276,7 +276,7 @@ def test_gkd_choice_frequency_and_determinism():
   steps = jnp.arange(4000)
   for lmbda in (0.0, 0.25, 0.7, 1.0):
     use = np.asarray(
-        jax.vmap(lambda s: source.uses_generated(key, s, lmbda))(steps)
+        jax.vmap(lambda s: gkd.uses_generated(key, s, lmbda))(steps)
     )
     # Binomial(4000, lmbda): within 4 standard deviations.
     sd = np.sqrt(4000 * lmbda * (1 - lmbda))
@@ -284,9 +284,9 @@ def test_gkd_choice_frequency_and_determinism():
     if 0 < lmbda < 1:  # not a fixed pattern: runs of both lengths occur
       assert (np.diff(use.astype(int)) != 0).sum() > 100
   # The choice of a step depends only on the key and the step (exact resume).
-  a = [bool(source.uses_generated(key, jnp.asarray(s), 0.5)) for s in range(20)]
+  a = [bool(gkd.uses_generated(key, jnp.asarray(s), 0.5)) for s in range(20)]
   b = [
-      bool(source.uses_generated(key, jnp.asarray(s), 0.5))
+      bool(gkd.uses_generated(key, jnp.asarray(s), 0.5))
       for s in reversed(range(20))
   ][::-1]
   assert a == b
@@ -299,7 +299,7 @@ def test_gkd_mixture_switches_between_dataset_and_student_batches():
   state = src.init(seed=2)
   for step in range(8):
     out, _, info = _np(_call(src, model, batch, state, step))
-    chosen = bool(source.uses_generated(state.key, jnp.asarray(step), 0.5))
+    chosen = bool(gkd.uses_generated(state.key, jnp.asarray(step), 0.5))
     assert info["onpolicy"] == float(chosen)
     same = all(np.array_equal(out[k], batch[k]) for k in batch)
     assert same == (not chosen), step
@@ -317,7 +317,7 @@ def test_distillm_source_generates_fills_then_replays():
   seen = []  # label rows of every generated batch
   acts = []
   for step in range(10):
-    u = float(jax.random.uniform(source.step_keys(state.key, step)[0]))
+    u = float(jax.random.uniform(strategy.step_keys(state.key, step)[0]))
     gen_tau = 0.9 * (1 - (step + 1) / 10)
     count = int(state.buffer.count)
     want = (
@@ -360,15 +360,17 @@ def test_configs_build_their_source(name, kind):
   for arg, n_new in ((None, 256), ("tiny", 32)):
     c = module.get_config(arg)
     assert c.onpolicy.source == kind
-    src = source.Source.from_config(
+    src = strategies.from_config(
         c,
         eos_id=EOS,
         total_steps=10,
         student_graphdef=graphdef,
         teacher_graphdef=graphdef,
     )
-    assert src.kind == kind and src.settings.max_new_tokens == n_new
-    assert src.settings.eos_id == EOS and not src.settings.greedy
+    assert src.kind == kind and src.sampler.settings.max_new_tokens == n_new
+    assert (
+        src.sampler.settings.eos_id == EOS and not src.sampler.settings.greedy
+    )
     with pytest.raises(AttributeError):  # locked: a typo is not a new field
       c.onpolicy.lmbdaa = 1.0
   assert (
@@ -394,7 +396,7 @@ def test_bad_onpolicy_settings_fail_with_one_sentence():
     c = gkd_gpt2.get_config("tiny")
     with c.unlocked():
       c.update_from_flattened_dict({key: value})
-    build = lambda: source.Source.from_config(
+    build = lambda: strategies.from_config(
         c, eos_id=EOS, total_steps=10, student_graphdef=graphdef
     )
     if msg is None:  # only DistiLLM reads the buffer size
@@ -405,7 +407,7 @@ def test_bad_onpolicy_settings_fail_with_one_sentence():
     assert "\n" not in str(e.value)
   c = skd_gpt2.get_config("tiny")
   with pytest.raises(ValueError, match="needs the teacher"):
-    source.Source.from_config(
+    strategies.from_config(
         c, eos_id=EOS, total_steps=10, student_graphdef=graphdef
     )
   with pytest.raises(ValueError, match=r"onpolicy fields \['lambda_'\] are"):
@@ -430,7 +432,7 @@ def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
     out, _, info = _np(
         _call(src, student, batch, state, 4, teacher_state=nnx.state(teacher))
     )
-    keys = source.step_keys(state.key, jnp.asarray(4, jnp.int32))
+    keys = strategy.step_keys(state.key, jnp.asarray(4, jnp.int32))
     model, key = (teacher, keys[2]) if by == "teacher" else (student, keys[1])
     model.eval()
     tokens = np.asarray(
@@ -439,7 +441,7 @@ def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
             left["input_ids"],
             left["attention_mask"] > 0,
             key,
-            **src.settings._asdict(),
+            **src.sampler.settings._asdict(),
         )
     )
     want = _reference_rows(prompts, tokens)

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from kdjax.onpolicy import batches, distillm, source
+from kdjax.onpolicy import batches, distillm, strategy
 
 GEN, REPLAY, DATA = distillm.GENERATE, distillm.REPLAY, distillm.DATASET
 
@@ -190,7 +190,7 @@ def test_source_state_with_a_full_buffer_round_trips_through_orbax(tmp_path):
   buffer = distillm.empty(8, 6, eos_id=0)
   for s in range(3):
     buffer = distillm.push(buffer, _rows_of_step(s + 1, 4))
-  state = source.State(
+  state = strategy.State(
       jax.random.key_data(jax.random.key(5)),
       jnp.float32(0.3),
       jnp.float32(2.5),
@@ -206,7 +206,7 @@ def test_source_state_with_a_full_buffer_round_trips_through_orbax(tmp_path):
 
 
 def test_after_validation_on_the_source_state_is_the_schedule():
-  state = source.State(
+  state = strategy.State(
       jnp.zeros(2, jnp.uint32), jnp.float32(0.0), jnp.float32(3.0), None
   )
   for loss, want in (
@@ -216,7 +216,7 @@ def test_after_validation_on_the_source_state_is_the_schedule():
       (3.15, 0.1),
       (3.3, 0.2),
   ):
-    state = source.after_validation(state, loss, 0.1)
+    state = distillm.update_state(state, loss, 0.1)
     assert float(state.threshold) == pytest.approx(want, abs=1e-6), loss
 
 

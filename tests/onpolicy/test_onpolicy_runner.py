@@ -11,7 +11,7 @@ import pytest
 
 from kdjax import models, sampling
 from kdjax.data import pipeline
-from kdjax.onpolicy import source
+from kdjax.onpolicy import gkd, strategies
 from kdjax.onpolicy.runner import Runner
 
 V, EOS, L, P, B = 40, 3, 20, 6, 4
@@ -38,7 +38,7 @@ def _setup(kind="distillm", total_steps=40, **kw):
   settings = sampling.Settings(
       max_new_tokens=8, greedy=False, temperature=1.0, eos_id=EOS, pad_id=EOS
   )
-  src = source.Source(
+  src = strategies.make(
       kind=kind,
       settings=settings,
       prompt_length=P,
@@ -122,7 +122,7 @@ def test_log_reports_the_window_and_resets():
   _, _ = _run(runner, state, batches, 0, 10)
   got = runner.log()
   chosen = [
-      bool(source.uses_generated(runner.state.key, jnp.asarray(s), 0.5))
+      bool(gkd.uses_generated(runner.state.key, jnp.asarray(s), 0.5))
       for s in range(10)
   ]
   assert got["onpolicy_fraction"] == pytest.approx(np.mean(chosen))

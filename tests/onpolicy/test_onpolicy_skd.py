@@ -8,7 +8,7 @@ import pytest
 
 from kdjax import sampling
 from kdjax.data import pipeline
-from kdjax.onpolicy import batches, skd, source
+from kdjax.onpolicy import batches, skd, strategies, strategy
 import tiny_run
 
 V, EOS, TAU = 40, 3, 1.3
@@ -245,7 +245,7 @@ def test_skd_source_trains_on_the_skd_samples():
       max_new_tokens=8, greedy=False, temperature=TAU, eos_id=EOS, pad_id=EOS
   )
   s_def, params, rest = nnx.split(student, nnx.Param, ...)
-  src = source.Source(
+  src = strategies.make(
       kind="skd",
       settings=settings,
       prompt_length=5,
@@ -262,7 +262,7 @@ def test_skd_source_trains_on_the_skd_samples():
       params, rest, nnx.state(teacher), batch, state, jnp.asarray(3, jnp.int32)
   )
   _, ids, mask = _prompts()
-  key = source.step_keys(state.key, jnp.asarray(3, jnp.int32))[1]
+  key = strategy.step_keys(state.key, jnp.asarray(3, jnp.int32))[1]
   tokens, replaced = skd.generate(
       student, teacher, ids, mask, key, teacher_top_k=2, **settings._asdict()
   )
