@@ -8,6 +8,7 @@ presets built with ``nnx.eval_shape``, and every argument of the step is a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from flax import nnx, traverse_util
@@ -126,7 +127,9 @@ def _cache_fields(
   """The batch fields of a cached teacher: ``[B, L, k]`` (docs/cached_teacher.md)."""
   from kdjax.cache import store  # pylint: disable=g-import-not-at-top
 
-  settings = store.cache_settings({"cache": s.teacher.cache})
+  settings = store.cache_settings(
+      {"cache": dataclasses.asdict(s.teacher.cache)}
+  )
   width = settings.get("k") or settings["num_samples"]
   dtypes = {
       "teacher_ids": jnp.int32,
