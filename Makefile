@@ -6,7 +6,7 @@ PYTEST_ARGS ?= -n auto --dist loadfile
 LINT_PATHS := kdjax configs tests experiments
 SPHINX_ARGS ?= -W --keep-going -q
 
-.PHONY: demo showcase test pytest lint format docs install clean
+.PHONY: demo showcase test test-fast pytest lint format docs install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ test: lint docs pytest
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit loop: the library's unit tests (divergences, config, data, models,
+# objective, the docs and import-direction checks), no end-to-end runs.
+FAST_TESTS := tests/divergences tests/config tests/data tests/models \
+	tests/objective tests/project/test_docs.py tests/project/test_layers.py
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -n auto -m "not slow" $(FAST_TESTS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LINT_PATHS)

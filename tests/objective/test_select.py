@@ -266,6 +266,7 @@ def test_sinkhorn_keeps_whole_sequences_and_sums_the_kept_rows():
 # In the trainer.
 
 
+@pytest.mark.slow
 def test_selection_in_a_run_accumulates_exactly_and_logs_the_fraction(
     tmp_path_factory,
 ):

@@ -226,6 +226,7 @@ def test_bad_taid_config_fails_with_the_fix():
 # In the trainer: t lives in the train state, moves by the rule, resumes.
 
 
+@pytest.mark.slow
 def test_training_moves_t_by_the_rule_and_resumes_exactly(tmp_path_factory):
   from kdjax import metrics, training
   import tiny_run
