@@ -8,6 +8,7 @@ mechanics, not what the teacher knows.
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 from flax import nnx
@@ -20,6 +21,8 @@ from kdjax.config import files as config_files
 from kdjax.config import recipe
 
 TEACHER = dict(n_embd=32, n_layer=1, n_head=2)
+# Set by conftest to a directory every test process of one pytest run shares.
+SHARED_DIR: str | None = None
 STUDENT = dict(n_embd=16, n_layer=1, n_head=2)
 
 
@@ -32,6 +35,22 @@ def gpt2(seed: int = 0, vocab_size: int = 257, **overrides) -> nnx.Module:
       vocab_size=vocab_size,
       **{**STUDENT, **overrides},
   )
+
+
+def data_dir() -> str:
+  """The synthetic_instruct dataset, prepared once per pytest run.
+
+  Every xdist worker and CLI subprocess of the run reads the same copy; the
+  first caller prepares it under a file lock while the others wait.
+  """
+  from kdjax.data import sources  # pylint: disable=g-import-not-at-top
+
+  directory = os.path.join(SHARED_DIR, "data")
+  os.makedirs(SHARED_DIR, exist_ok=True)
+  with open(os.path.join(SHARED_DIR, "data.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    sources.prepare("synthetic_instruct", directory)
+  return directory
 
 
 def make_teacher(directory: str) -> str:
@@ -50,7 +69,7 @@ def config(
   """
   module = config_files.experiment(name)
   c = module.get_config(f"tiny,steps={steps}")
-  c.data.data_dir = os.path.join(root, "data")
+  c.data.data_dir = data_dir()
   c.data.train_limit = 64
   if c.teacher.path:
     c.teacher.path = make_teacher(os.path.join(root, "teacher"))

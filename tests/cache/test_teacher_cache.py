@@ -386,7 +386,7 @@ def _cli_args(root, out):
   return [
       "--config=configs/fkl_gpt2.py:tiny,steps=2",
       f"--config.teacher.path={teacher}",
-      f"--config.data.data_dir={os.path.join(root, 'data')}",
+      f"--config.data.data_dir={tiny_run.data_dir()}",
       "--config.data.train_limit=64",
       "--config.batch_size=8",
       f"--config.loss.temperature={TEMPERATURE}",

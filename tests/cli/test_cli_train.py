@@ -31,7 +31,7 @@ def _train(root, tmp_path, *overrides, config=TINY, cwd=ROOT, env=None):
   args = [
       f"--config={config}",
       f"--workdir={workdir}",
-      f"--config.data.data_dir={root / 'data'}",
+      f"--config.data.data_dir={tiny_run.data_dir()}",
       *overrides,
   ]
   if config.startswith(TINY.split(":")[0]) and ":tiny" in config:
@@ -205,7 +205,7 @@ def test_workdir_that_cannot_be_created(root, tmp_path):
       f"--config={TINY}",
       f"--workdir={tmp_path}/afile/run",
       f"--config.teacher.path={root / 'teacher'}",
-      f"--config.data.data_dir={root / 'data'}",
+      f"--config.data.data_dir={tiny_run.data_dir()}",
       cwd=ROOT,
   )
   assert rc == 1, err
@@ -263,7 +263,7 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(
       "kdjax.train",
       "--config=configs/sft_gpt2.py:tiny,steps=500",
       f"--workdir={workdir}",
-      f"--config.data.data_dir={root / 'data'}",
+      f"--config.data.data_dir={tiny_run.data_dir()}",
       "--config.ckpt.every_steps=1000",  # only the stop saves
       "--config.log_every=1",
       "--config.eval.every_steps=1",

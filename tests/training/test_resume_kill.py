@@ -57,7 +57,7 @@ def _steps(case: str) -> int:
 def _overrides(root: str, case: str) -> dict:
   """``--config.`` overrides shrinking the case's ``:tiny`` config (tiny_run's sizes)."""
   out = {
-      "data.data_dir": os.path.join(root, "data"),
+      "data.data_dir": tiny_run.data_dir(),
       "data.train_limit": 64,
       "teacher.path": tiny_run.make_teacher(os.path.join(root, "teacher")),
       "batch_size": 8,
