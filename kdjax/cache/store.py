@@ -118,6 +118,8 @@ def identity(config, vocab_size: int | None = None) -> dict[str, Any]:
   out["teacher"] = teacher_identity(config["teacher"]["path"])
   out["tokenizer"] = config["data"]["tokenizer"]
   out["data"] = {k: config["data"][k] for k in _DATA_KEYS}
+  if config["data"].get("system_prompt"):  # absent from caches without one
+    out["data"]["system_prompt"] = config["data"]["system_prompt"]
   if vocab_size is not None:
     out["vocab_size"] = int(vocab_size)
   return out

@@ -10,6 +10,9 @@ Each field's own rule (type, range, choices) is declared with the field in
 :mod:`kdjax.config.spec` and applied by :func:`kdjax.config.schema.problem`.
 What is checked here is what no single field can say:
 
+* ``data.template="chat"`` against the tokenizer: a chat template must be
+  there (a local directory's ``chat_template.jinja`` or
+  ``tokenizer_config.json``);
 * batch size against gradient accumulation, ``optim.lr_min`` against
   ``optim.lr``, ``data.max_length`` against ``data.max_prompt_length``, a
   sampled ``eval.best_metric`` against ``eval.num_examples``, a
@@ -124,6 +127,7 @@ def validate(
         f"{steps}: the learning rate stays below optim.lr."
     )
   _check_names(config)
+  _check_template(config)
   if not training:
     _log(notes)
     return notes
@@ -221,6 +225,38 @@ def _check_names(config) -> None:
         metric,
         "is a sampled score but " "eval.num_examples=0 samples nothing",
         "set eval.num_examples > 0 or use eval.best_metric=val_ce",
+    )
+
+
+def _check_template(config) -> None:
+  """``data.template='chat'`` needs a tokenizer with a chat template; a local
+  directory's is looked for (two small files), a hub id's at loading."""
+  if _get(config, "data.template") != "chat":
+    return
+  name = config.data.tokenizer
+  fix = (
+      "point data.tokenizer at an instruct model's tokenizer directory or "
+      "use data.template=minillm"
+  )
+  if name == "byte":
+    raise _fail(
+        "data.tokenizer",
+        name,
+        "has no chat template for data.template=chat",
+        fix,
+    )
+  directory = fs.local(name)
+  if not os.path.isdir(directory):
+    return
+  from kdjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+
+  if tokenizer.chat_template(directory) is None:
+    raise _fail(
+        "data.tokenizer",
+        name,
+        "has no chat template for data.template=chat (no "
+        "chat_template.jinja, no chat_template in tokenizer_config.json)",
+        fix,
     )
 
 

@@ -106,7 +106,7 @@ def _select_by() -> tuple[str, ...]:
 def _templates() -> tuple[str, ...]:
   from kdjax.data import template  # pylint: disable=g-import-not-at-top
 
-  return template.STYLES
+  return template.CHOICES
 
 
 # ----------------------------------------------------------------------------
@@ -136,7 +136,15 @@ class DataSpec:
       "gpt2", "'byte', an HF directory or a hub id", identity=True
   )
   template: str = field(
-      "minillm", "prompt template", identity=True, choices=_templates
+      "minillm",
+      "prompt template (chat: the tokenizer's chat template)",
+      identity=True,
+      choices=_templates,
+  )
+  system_prompt: str = field(
+      "",
+      "chat template: the system message ('': none)",
+      identity=True,
   )
   max_length: int = field(
       512,
@@ -174,6 +182,7 @@ class DataSpec:
         max_prompt_length=self.max_prompt_length,
         prompt_policy=self.prompt_policy,
         template_style=self.template,
+        system_prompt=self.system_prompt,
     )
 
 
@@ -511,15 +520,16 @@ def defaults() -> ml_collections.ConfigDict:
 
 def protocol_from_config(config: ml_collections.ConfigDict) -> Protocol:
   """The paper protocol with the config's lengths, seeds and (when present)
-  ``data.template`` and ``eval.greedy`` / ``temperature`` / ``top_k`` /
-  ``top_p`` / ``no_repeat_ngram_size``."""
+  ``data.template`` / ``system_prompt`` and ``eval.greedy`` /
+  ``temperature`` / ``top_k`` / ``top_p`` / ``no_repeat_ngram_size``."""
   fields = dict(
       max_new_tokens=config.eval.max_new_tokens,
       max_prompt_length=config.data.max_prompt_length,
       seeds=schema.build(EvalSpec, config.eval, "eval.").seeds,
   )
-  if "template" in config.data:
-    fields["template"] = config.data.template
+  for key in ("template", "system_prompt"):
+    if key in config.data:
+      fields[key] = config.data[key]
   for key in (
       "greedy",
       "temperature",

@@ -3,8 +3,11 @@
 Layout (docs/data.md "Tokens and batch layout"; MiniLLM ``lm_datasets.py``):
 
 * ``prompt_ids = encode(prompt)``; ``response_ids = encode(prompt +
-  response)[len(prompt_ids):] + [EOS]`` (tokenise the concatenation, then
-  slice); ``ids = prompt_ids ‖ response_ids`` truncated to ``max_length``.
+  completion)[len(prompt_ids):] + [EOS]`` (tokenise the concatenation, then
+  slice; no EOS is added when the text already ends with it); ``ids =
+  prompt_ids ‖ response_ids`` truncated to ``max_length``. The completion is
+  the response under a text template and the rest of the answered
+  conversation under the chat template (:func:`texts_of`).
 * A prompt longer than ``max_prompt_length`` is dropped (policy ``"drop"``,
   MiniLLM) or cut to its first ``max_prompt_length`` tokens (``"truncate"``,
   DistiLLM). Every drop and truncation is counted in :class:`TokenStats`.
@@ -33,9 +36,9 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 from absl import logging
 import grain
 import numpy as np
-import tokenizers
 
-from kdjax.data import template
+from kdjax.data import chat, template
+from kdjax.data.tokenizer import Tokenizer
 
 PromptPolicy = Literal["drop", "truncate"]
 _POLICIES = ("drop", "truncate")
@@ -59,20 +62,81 @@ def to_texts(values: Any) -> list[str]:
   return [to_text(v) for v in values]
 
 
-def prompt_of(example: Mapping[str, Any], style: str = "minillm") -> str:
+def instruction_of(example: Mapping[str, Any]) -> tuple[str, str]:
+  """``(instruction, input)`` of an example (Dolly calls the input
+  ``context``)."""
+  input_ = example.get("input", example.get("context", ""))
+  return to_text(example["instruction"]), to_text(input_)
+
+
+def _chat_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
+  if getattr(tokenizer, "chat_template", None) is None:
+    raise ValueError(
+        "template 'chat' renders the tokenizer's chat template and this "
+        "tokenizer has none; load an instruct model's tokenizer directory "
+        "(kdjax.data.tokenizer.from_pretrained) or use 'minillm' or "
+        "'compact'."
+    )
+  return tokenizer
+
+
+def _messages(
+    example: Mapping[str, Any], system_prompt: str
+) -> list[dict[str, str]]:
+  instruction, input_ = instruction_of(example)
+  if not instruction.strip():
+    raise ValueError(
+        "an example has no instruction, only a prompt written in the MiniLLM "
+        "template, and the chat template renders instruction and input; "
+        "give the file instruction/input fields or use template 'minillm'."
+    )
+  return chat.conversation(instruction, input_, system_prompt)
+
+
+def prompt_of(
+    example: Mapping[str, Any],
+    style: str = "minillm",
+    tokenizer: Tokenizer | None = None,
+    system_prompt: str = "",
+) -> str:
   """The templated prompt of a dataset example (any of the kdjax builders).
 
-  A non-empty ``prompt`` field (instruct_jsonl, already templated) wins;
-  otherwise the template ``style`` (:data:`template.STYLES`) is applied to
-  ``instruction`` and ``input`` (Dolly calls it ``context``).
+  ``style="chat"``: the tokenizer's chat template renders
+  ``[system?, user]`` with ``add_generation_prompt=True`` (the user turn is
+  the instruction and the input; the system turn is ``system_prompt``
+  when set). Otherwise a non-empty ``prompt`` field (instruct_jsonl, already
+  templated) wins, else the text template ``style``
+  (:data:`template.STYLES`) is applied to ``instruction`` and ``input``.
   """
+  if style == template.CHAT:
+    return _chat_tokenizer(tokenizer).apply_chat_template(
+        _messages(example, system_prompt), add_generation_prompt=True
+    )
   given = to_text(example.get("prompt", ""))
   if given:
     return given
-  input_ = example.get("input", example.get("context", ""))
-  return template.prompt(
-      to_text(example["instruction"]), to_text(input_), style
-  )
+  return template.prompt(*instruction_of(example), style)
+
+
+def texts_of(
+    example: Mapping[str, Any],
+    style: str = "minillm",
+    tokenizer: Tokenizer | None = None,
+    system_prompt: str = "",
+) -> tuple[str, str]:
+  """``(prompt, completion)``: the prompt (:func:`prompt_of`) and the text
+  after it.
+
+  Under a text template the completion is the response; under the chat
+  template it is the rest of the rendered conversation answered with the
+  response: the response, the end-of-turn token(s) and whatever the template
+  writes after them (:func:`kdjax.data.chat.split`).
+  """
+  response = to_text(example["response"])
+  if style != template.CHAT:
+    return prompt_of(example, style), response
+  apply = _chat_tokenizer(tokenizer).apply_chat_template
+  return chat.split(apply, _messages(example, system_prompt), response)
 
 
 def references_of(example: Mapping[str, Any]) -> list[str]:
@@ -111,7 +175,7 @@ class Tokenized:
   prompt_len: int
 
 
-def _encode_all(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]):
+def _encode_all(tokenizer: Tokenizer, texts: Sequence[str]):
   # encode_batch_fast skips offset tracking (2x faster); same ids.
   encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
   return [e.ids for e in encode(list(texts), add_special_tokens=False)]
@@ -140,7 +204,7 @@ def _check_lengths(max_length: int, max_prompt_length: int) -> None:
 
 def tokenize_split(
     source,
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     *,
     eos_id: int,
     max_length: int = 512,
@@ -148,6 +212,7 @@ def tokenize_split(
     prompt_policy: PromptPolicy = "drop",
     name: str = "split",
     template_style: str = "minillm",
+    system_prompt: str = "",
 ) -> tuple[list[Tokenized], TokenStats]:
   """Tokenises every example of ``source`` for teacher-forced training."""
   _check_lengths(max_length, max_prompt_length)
@@ -156,21 +221,25 @@ def tokenize_split(
         f"prompt_policy must be one of {_POLICIES}, got " f"{prompt_policy!r}."
     )
   stats = TokenStats(total=len(source))
-  prompts, responses = [], []
+  prompts, completions = [], []
   for example in _read_all(source):
-    response = to_text(example["response"])
-    if not response.strip():
+    if not to_text(example["response"]).strip():
       stats.dropped_empty_response += 1
       continue
-    prompts.append(prompt_of(example, template_style))
-    responses.append(response)
+    prompt, completion = texts_of(
+        example, template_style, tokenizer, system_prompt
+    )
+    prompts.append(prompt)
+    completions.append(completion)
   prompt_ids_all = _encode_all(tokenizer, prompts)
   full_ids_all = _encode_all(
-      tokenizer, [p + r for p, r in zip(prompts, responses)]
+      tokenizer, [p + c for p, c in zip(prompts, completions)]
   )
   out = []
   for prompt_ids, full_ids in zip(prompt_ids_all, full_ids_all):
-    response_ids = full_ids[len(prompt_ids) :] + [eos_id]
+    response_ids = full_ids[len(prompt_ids) :]
+    if response_ids[-1:] != [eos_id]:
+      response_ids.append(eos_id)
     if len(prompt_ids) > max_prompt_length:
       if prompt_policy == "drop":
         stats.dropped_long_prompt += 1
@@ -252,7 +321,7 @@ class TrainData:
 
 def train_batches(
     source,
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     *,
     eos_id: int,
     batch_size: int,
@@ -264,6 +333,7 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     template_style: str = "minillm",
+    system_prompt: str = "",
     row_fields: RowFields | None = None,
 ) -> TrainData:
   """Shuffled, repeated, sharded training batches.
@@ -293,6 +363,7 @@ def train_batches(
       prompt_policy=prompt_policy,
       name="train",
       template_style=template_style,
+      system_prompt=system_prompt,
   )
   steps_per_epoch = len(examples) // batch_size
   if steps_per_epoch == 0:
@@ -352,7 +423,7 @@ def train_batches(
 
 def eval_batches(
     source,
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     *,
     eos_id: int,
     batch_size: int,
@@ -362,6 +433,7 @@ def eval_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     template_style: str = "minillm",
+    system_prompt: str = "",
 ) -> grain.MapDataset:
   """One unshuffled pass of teacher-forced rows (validation loss).
 
@@ -379,6 +451,7 @@ def eval_batches(
       prompt_policy=prompt_policy,
       name="eval",
       template_style=template_style,
+      system_prompt=system_prompt,
   )
   if not examples:
     raise ValueError("no usable evaluation examples; check the split.")
@@ -447,7 +520,7 @@ def left_pad(
 
 def eval_prompts(
     source,
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     *,
     eos_id: int,
     batch_size: int,
@@ -455,6 +528,7 @@ def eval_prompts(
     process_index: int | None = None,
     process_count: int | None = None,
     template_style: str = "minillm",
+    system_prompt: str = "",
 ) -> EvalPrompts:
   """Prompt-only generation batches over one split (no shuffle, nothing dropped).
 
@@ -467,7 +541,7 @@ def eval_prompts(
   for ex in _read_all(source):
     examples.append(
         {
-            "prompt": prompt_of(ex, template_style),
+            "prompt": prompt_of(ex, template_style, tokenizer, system_prompt),
             "references": references_of(ex),
             "task": to_text(ex.get("task", "")),
         }

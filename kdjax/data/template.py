@@ -1,7 +1,9 @@
-"""Prompt templates: the MiniLLM / Alpaca one and a compact one.
+"""Prompt templates: the MiniLLM / Alpaca one and a compact one; ``chat``.
 
 The MiniLLM text is exact (docs/data.md "The prompt template"); the compact
-one is for the tiny byte-level models.
+one is for the tiny byte-level models. ``chat`` is the tokenizer's own chat
+template (:mod:`kdjax.data.chat`, docs/data.md "Chat templates"), rendered by
+the pipeline, which has the tokenizer.
 
 The MiniLLM preamble alone is ~150 bytes, most of a synthetic_instruct
 sequence; a byte-level tiny model would spend two thirds of its compute on it.
@@ -26,7 +28,9 @@ WITH_INPUT = (
 
 COMPACT_NO_INPUT = "{instruction}\nAnswer: "
 COMPACT_WITH_INPUT = "{instruction}\nInput: {input}\nAnswer: "
-STYLES = ("minillm", "compact")
+STYLES = ("minillm", "compact")  # text templates: :func:`prompt`
+CHAT = "chat"
+CHOICES = STYLES + (CHAT,)  # what data.template may be
 
 
 def prompt(
@@ -35,9 +39,14 @@ def prompt(
     style: str = "minillm",
 ) -> str:
   """The templated prompt; the input section appears only if input is non-empty."""
+  if style == CHAT:
+    raise ValueError(
+        "template 'chat' renders the tokenizer's chat template; build the "
+        "prompt with kdjax.data.pipeline.prompt_of and the tokenizer."
+    )
   if style not in STYLES:
     raise ValueError(
-        f"prompt template {style!r} is unknown; use one of " f"{STYLES}."
+        f"prompt template {style!r} is unknown; use one of " f"{CHOICES}."
     )
   if style == "compact":
     return (COMPACT_WITH_INPUT if input else COMPACT_NO_INPUT).format(

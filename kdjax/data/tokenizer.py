@@ -2,7 +2,10 @@
 
 ``"byte"`` is the byte-level tokenizer of the embedded tiny models; anything
 else is a Hugging Face model directory, a ``tokenizer.json`` file or a hub id
-(:func:`from_pretrained`).
+(:func:`from_pretrained`), read as an :class:`HFTokenizer`: the
+``tokenizers.Tokenizer`` with the named special tokens and the chat template
+of ``tokenizer_config.json`` / ``special_tokens_map.json`` /
+``chat_template.jinja`` (docs/data.md "Chat templates").
 
 The byte-level tokenizer:
 
@@ -16,11 +19,16 @@ lengths in bytes and tokens the same.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
+from typing import Any, Mapping, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
+
+from kdjax.data import chat
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 256
@@ -58,7 +66,88 @@ def byte_level() -> tokenizers.Tokenizer:
 
 
 # Files a hub snapshot needs for a tokenizer (no weights).
-_TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
+_TOKENIZER_FILES = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+]
+# The named special tokens transformers passes to a chat template
+# (``SPECIAL_TOKENS_ATTRIBUTES``), in the order it adds missing ones.
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HFTokenizer:
+  """A ``tokenizers.Tokenizer`` with what the files beside it declare.
+
+  ``special_tokens`` maps the names of :data:`SPECIAL_TOKEN_NAMES` that are
+  set to their text; ``chat_template`` is the Jinja source (None: none).
+  Every other attribute is the wrapped tokenizer's (``encode``, ``decode``,
+  ``token_to_id``, ``save``, ...), so an ``HFTokenizer`` goes wherever a
+  ``tokenizers.Tokenizer`` does.
+  """
+
+  tokenizer: tokenizers.Tokenizer
+  special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  chat_template: str | None = None
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("__") or name == "tokenizer":  # copy, pickle
+      raise AttributeError(name)
+    return getattr(self.tokenizer, name)
+
+  @property
+  def bos_token(self) -> str | None:
+    return self.special_tokens.get("bos_token")
+
+  @property
+  def eos_token(self) -> str | None:
+    return self.special_tokens.get("eos_token")
+
+  @property
+  def pad_token(self) -> str | None:
+    return self.special_tokens.get("pad_token")
+
+  def apply_chat_template(
+      self,
+      messages: Sequence[Mapping[str, str]],
+      *,
+      add_generation_prompt: bool = False,
+  ) -> str:
+    """The text of ``messages`` under the chat template, as transformers'
+    ``apply_chat_template(..., tokenize=False)`` renders it.
+
+    Encode it with ``add_special_tokens=False`` (the template writes every
+    special token it wants, BOS included).
+    """
+    if self.chat_template is None:
+      raise ValueError(
+          "this tokenizer has no chat template (no chat_template.jinja and "
+          "no chat_template in tokenizer_config.json); use an instruct "
+          "model's tokenizer directory or a text prompt template."
+      )
+    return chat.render(
+        self.chat_template,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        **self.special_tokens,
+    )
+
+
+# What the data pipeline and evaluation take: a bare tokenizer (the byte-level
+# one) or an HF directory's.
+Tokenizer = tokenizers.Tokenizer | HFTokenizer
 
 
 def _local(path_or_hub_id: str) -> str:
@@ -79,11 +168,88 @@ def _local(path_or_hub_id: str) -> str:
   )
 
 
-def from_pretrained(path_or_hub_id: str) -> tokenizers.Tokenizer:
-  """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` or GPT-2's
-  ``vocab.json`` + ``merges.txt`` (byte-level BPE), in a directory, as a
-  file, or from the hub."""
-  path = _local(path_or_hub_id)
+def _read_json(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _text(token: Any) -> str | None:
+  """A special token as saved: a string, an AddedToken dict or null."""
+  return token.get("content") if isinstance(token, dict) else token
+
+
+def special_tokens(directory: str) -> dict[str, str]:
+  """The named special tokens of a tokenizer directory.
+
+  ``tokenizer_config.json`` first, ``special_tokens_map.json`` for the names
+  it does not set.
+  """
+  config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+  legacy = _read_json(os.path.join(directory, "special_tokens_map.json"))
+  out = {}
+  for name in SPECIAL_TOKEN_NAMES:
+    text = _text(config.get(name)) or _text(legacy.get(name))
+    if text:
+      out[name] = text
+  return out
+
+
+def _extra_special_tokens(directory: str) -> list[str]:
+  """``extra_special_tokens`` (``additional_special_tokens`` before v5)."""
+  out = []
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    config = _read_json(os.path.join(directory, name))
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+      extra = config.get(key) or []
+      extra = extra.values() if isinstance(extra, dict) else extra
+      out += [_text(t) for t in extra]
+  return out
+
+
+def chat_template(directory: str) -> str | None:
+  """The chat template of a tokenizer directory, as transformers finds it.
+
+  ``chat_template.jinja`` wins over ``tokenizer_config.json``'s
+  ``chat_template`` (a string, or a list of named templates of which the one
+  named ``default`` is taken); None when there is none.
+  """
+  jinja = os.path.join(directory, "chat_template.jinja")
+  if os.path.exists(jinja):
+    with open(jinja, encoding="utf-8") as f:
+      return f.read()
+  template = _read_json(os.path.join(directory, "tokenizer_config.json")).get(
+      "chat_template"
+  )
+  if isinstance(template, list):
+    named = {t["name"]: t["template"] for t in template}
+    return named.get("default")
+  return template
+
+
+def _with_config(tok: tokenizers.Tokenizer, directory: str) -> HFTokenizer:
+  """``tok`` with the directory's special tokens, each a special token.
+
+  As transformers does on loading, named and extra special tokens that
+  ``tokenizer.json`` does not list as added tokens are added, so that they
+  tokenize as one special token in rendered text.
+  """
+  special = special_tokens(directory)
+  added = {t.content for t in tok.get_added_tokens_decoder().values()}
+  missing = [
+      t
+      for t in [*special.values(), *_extra_special_tokens(directory)]
+      if t not in added
+  ]
+  tok.add_special_tokens(
+      [tokenizers.AddedToken(t, special=True) for t in dict.fromkeys(missing)]
+  )
+  return HFTokenizer(tok, special, chat_template(directory))
+
+
+def _bare(path: str) -> tokenizers.Tokenizer:
+  """The ``tokenizers.Tokenizer`` of a file or directory."""
   if os.path.isfile(path):
     return tokenizers.Tokenizer.from_file(path)
   tj = os.path.join(path, "tokenizer.json")
@@ -100,22 +266,41 @@ def from_pretrained(path_or_hub_id: str) -> tokenizers.Tokenizer:
   )
 
 
-def load(spec: str) -> tuple[tokenizers.Tokenizer, int]:
+def from_pretrained(path_or_hub_id: str) -> HFTokenizer:
+  """An :class:`HFTokenizer` from ``tokenizer.json`` or GPT-2's
+  ``vocab.json`` + ``merges.txt`` (byte-level BPE), in a directory, as a
+  file, or from the hub.
+
+  A directory's ``tokenizer_config.json``, ``special_tokens_map.json`` and
+  ``chat_template.jinja`` give the special tokens and the chat template; a
+  lone file has neither.
+  """
+  path = _local(path_or_hub_id)
+  tok = _bare(path)
+  if os.path.isfile(path):
+    return HFTokenizer(tok)
+  return _with_config(tok, path)
+
+
+def load(spec: str) -> tuple[Tokenizer, int]:
   """``(tokenizer, eos_id)`` for a config's ``data.tokenizer`` string.
 
   ``"byte"`` is :func:`byte_level`; anything else is read by
-  :func:`from_pretrained`, whose EOS is ``<|endoftext|>`` (GPT-2), ``</s>``
-  (LLaMA) or ``<|end_of_text|>`` (LLaMA 3).
+  :func:`from_pretrained`, whose EOS is the first of ``<|endoftext|>``
+  (GPT-2, Qwen), ``</s>`` (LLaMA) and ``<|end_of_text|>`` (LLaMA 3) it has,
+  else the ``eos_token`` of its ``tokenizer_config.json`` (Gemma's
+  ``<eos>``).
   """
   if spec == "byte":
     return byte_level(), EOS_ID
   tok = from_pretrained(spec)
-  for eos in (EOS_TOKEN, "</s>", "<|end_of_text|>"):
-    eos_id = tok.token_to_id(eos)
+  for eos in (EOS_TOKEN, "</s>", "<|end_of_text|>", tok.eos_token):
+    eos_id = None if eos is None else tok.token_to_id(eos)
     if eos_id is not None:
       return tok, eos_id
   raise ValueError(
       f"tokenizer {spec!r} has none of the EOS tokens "
-      f"{EOS_TOKEN!r}, '</s>', '<|end_of_text|>'; use a GPT-2 or "
-      "LLaMA tokenizer."
+      f"{EOS_TOKEN!r}, '</s>', '<|end_of_text|>' and no eos_token in its "
+      "tokenizer_config.json; use a GPT-2 or LLaMA tokenizer or declare "
+      "its eos_token."
   )

@@ -1,7 +1,8 @@
 """Responses of a model to a dataset's prompts, under a :class:`Protocol`.
 
-Prompts are templated, cut to their first ``max_prompt_length`` tokens and
-left-padded with EOS; :func:`kdjax.sampling.generate` samples up to
+Prompts are templated as for training (:func:`kdjax.data.pipeline.prompt_of`,
+the chat template included), cut to their first ``max_prompt_length`` tokens
+and left-padded with EOS; :func:`kdjax.sampling.generate` samples up to
 ``max_new_tokens`` tokens per prompt, stopping at EOS, on an eval-mode
 (dropout off) view of the model.
 """
@@ -15,11 +16,11 @@ from typing import Any, Mapping, Sequence
 from flax import nnx
 import jax
 import numpy as np
-import tokenizers
 import tqdm
 
 from kdjax import sampling, sharding
 from kdjax.data import pipeline
+from kdjax.data.tokenizer import Tokenizer
 from kdjax.evaluation.protocol import Protocol
 from kdjax.evaluation.scoring import postprocess
 
@@ -63,7 +64,7 @@ def head(source: Source, limit: int | None) -> list[Mapping[str, Any]]:
 
 def prompts(
     examples: Sequence[Mapping[str, Any]],
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     eos_id: int,
     protocol: Protocol,
     batch_size: int,
@@ -81,6 +82,7 @@ def prompts(
       process_index=0,
       process_count=1,
       template_style=protocol.template,
+      system_prompt=protocol.system_prompt,
   )
 
 
@@ -155,7 +157,7 @@ def generate_token_ids(
 
 def responses(
     model: nnx.Module,
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     eos_id: int,
     prompts: pipeline.EvalPrompts,
     protocol: Protocol,
@@ -180,7 +182,7 @@ def responses(
 
 def generate_responses(
     model: nnx.Module,
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     eos_id: int,
     source: Source,
     *,
@@ -194,9 +196,13 @@ def generate_responses(
   """One response per example of ``source`` (e.g. SeqKD teacher outputs).
 
   Returns:
-    ``[{"prompt", "references", "task", "response"}]`` in source order.
+    ``[{"prompt", "references", "task", "instruction", "input",
+    "response"}]`` in source order (instruction and input as
+    :func:`kdjax.data.pipeline.instruction_of` reads them, so the prompt can
+    be rendered again).
   """
-  rows = prompts(head(source, limit), tokenizer, eos_id, protocol, batch_size)
+  examples = head(source, limit)
+  rows = prompts(examples, tokenizer, eos_id, protocol, batch_size)
   texts = responses(
       model,
       tokenizer,
@@ -208,4 +214,14 @@ def generate_responses(
       progress,
       f"seed {seed}",
   )
-  return [dict(ex, response=r) for ex, r in zip(rows.examples, texts)]
+  return [
+      dict(ex, **_instruction(src), response=r)
+      for ex, src, r in zip(rows.examples, examples, texts)
+  ]
+
+
+def _instruction(example: Mapping[str, Any]) -> dict[str, str]:
+  if "instruction" not in example:  # a given prompt only
+    return {}
+  instruction, input_ = pipeline.instruction_of(example)
+  return {"instruction": instruction, "input": input_}

@@ -15,9 +15,9 @@ from typing import Any, Mapping, Sequence
 
 from flax import nnx
 import jax
-import tokenizers
 
 from kdjax.data import pipeline
+from kdjax.data.tokenizer import Tokenizer
 from kdjax.evaluation import generation, scoring
 from kdjax.evaluation.protocol import Protocol
 
@@ -43,7 +43,7 @@ def _valid_answers(
 
 def evaluate(
     model: nnx.Module,
-    tokenizer: tokenizers.Tokenizer,
+    tokenizer: Tokenizer,
     eos_id: int,
     source: generation.Source,
     *,
@@ -60,7 +60,8 @@ def evaluate(
   Args:
     model: a kdjax causal LM; used through an eval-mode view (dropout off),
       the caller's model is left as it was.
-    tokenizer: a ``tokenizers.Tokenizer`` (``kdjax.data.tokenizer.load``).
+    tokenizer: from ``kdjax.data.tokenizer.load`` (an HF directory's carries
+      the chat template ``protocol.template='chat'`` renders).
     eos_id: its EOS id (also the left-padding id).
     source: random-access examples (``len``, ``[i]``): a TFDS data source from
       ``kdjax.data.sources.load_source`` or a list of dicts with

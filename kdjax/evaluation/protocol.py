@@ -22,7 +22,8 @@ class Protocol(NamedTuple):
   max_prompt_length: int = 256
   greedy: bool = False
   seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
-  template: str = "minillm"  # prompt template (kdjax.data.template.STYLES)
+  template: str = "minillm"  # prompt template (kdjax.data.template.CHOICES)
+  system_prompt: str = ""  # the chat template's system message ('': none)
 
   def sampling_settings(self, eos_id: int) -> dict[str, Any]:
     """Keyword arguments of :func:`kdjax.sampling.generate`."""

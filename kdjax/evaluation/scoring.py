@@ -17,7 +17,8 @@ import string
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import tokenizers
+
+from kdjax.data.tokenizer import Tokenizer
 
 EOS_TEXT = "<|endoftext|>"
 METRICS = ("rougeL", "exact_match", "validity")
@@ -85,7 +86,7 @@ def score(
 
 
 def postprocess(
-    token_ids: Iterable[int], tokenizer: tokenizers.Tokenizer, eos_id: int
+    token_ids: Iterable[int], tokenizer: Tokenizer, eos_id: int
 ) -> str:
   """Generated ids -> response text: cut at the first EOS, decode without
   special tokens, cut at ``<|endoftext|>``, strip."""

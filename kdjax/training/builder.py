@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tokenizers
 
 from kdjax import models, objective, sharding
 from kdjax.cache import store as cache_store
@@ -40,7 +39,7 @@ class Run:
   spec: spec_lib.TrainSpec
   workdir: str
   mesh: jax.sharding.Mesh
-  tokenizer: tokenizers.Tokenizer
+  tokenizer: tokenizer_lib.Tokenizer
   eos_id: int
   train_data: pipeline.TrainData
   val_source: Any
@@ -92,7 +91,7 @@ def _vocab(model: nnx.Module) -> int:
 def _seqkd_train_source(
     s: spec_lib.TrainSpec,
     workdir: str,
-    tok: tokenizers.Tokenizer,
+    tok: tokenizer_lib.Tokenizer,
     eos_id: int,
     mesh: jax.sharding.Mesh,
 ) -> Any:

@@ -303,6 +303,21 @@ def test_tokenizer_larger_than_the_students_vocabulary(root):
   )
 
 
+def test_chat_template_needs_a_tokenizer_that_has_one(root, tmp_path):
+  _refused(
+      _config(root, **{"data.template": "chat"}),
+      "data.tokenizer='byte' has no chat template for data.template=chat",
+      "instruct model's tokenizer directory",
+  )
+  (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+  c = _config(
+      root, **{"data.template": "chat", "data.tokenizer": str(tmp_path)}
+  )
+  _refused(c, "no chat_template.jinja, no chat_template in tokenizer_config")
+  (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+  assert checks.validate(c) == []
+
+
 def test_missing_teacher_names_hf_download(root, tmp_path):
   c = _config(root, **{"teacher.path": str(tmp_path / "nowhere")})
   c.teacher.hub_id = "gpt2-xl"

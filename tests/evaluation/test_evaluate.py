@@ -183,6 +183,7 @@ def test_protocol_defaults_are_the_papers():
       False,
       (10, 20, 30, 40, 50),
       "minillm",
+      "",
   )
   assert evaluation.Protocol().sampling_settings(7) == dict(
       max_new_tokens=256,
