@@ -132,5 +132,10 @@ def summary(
         f"{best['value']:.4f}"
     )
   for name, where in exports.items():
-    lines.append(f"  {name} student (Hugging Face): {where}")
+    if name.endswith("_adapter"):  # a LoRA run's adapters alone
+      lines.append(
+          f"  {name.removesuffix('_adapter')} adapters (peft): {where}"
+      )
+    else:
+      lines.append(f"  {name} student (Hugging Face): {where}")
   return "\n".join(lines)

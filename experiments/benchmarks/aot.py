@@ -3,7 +3,9 @@
 Nothing is loaded or allocated: the student and teacher are ``kdjax.models``
 presets built with ``nnx.eval_shape``, and every argument of the step is a
 ``ShapeDtypeStruct`` tree carrying the sharding that
-:func:`kdjax.training.build` gives the live arrays.
+:func:`kdjax.training.build` gives the live arrays. A LoRA student
+(``student.lora.rank > 0``) carries its adapters, and the optimizer state
+covers them alone, as in training.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import jax.numpy as jnp
 
 from kdjax import models, sharding
 from kdjax.config import spec as spec_lib
-from kdjax.training import optimizer
+from kdjax.models import lora
+from kdjax.training import builder, optimizer
 from kdjax.training.step import TEXT_KEYS, Step, TrainState, init_taid
 
 P = jax.sharding.PartitionSpec
@@ -66,18 +69,34 @@ def abstract_run(
       if isinstance(config, spec_lib.TrainSpec)
       else spec_lib.from_config(config)
   )
-  student = nnx.eval_shape(
-      lambda: models.create(
-          student_preset,
-          dtype=models.dtype_of(s.student.dtype),
-          param_dtype=jnp.float32,
-          rngs=nnx.Rngs(params=0, dropout=1),
-          **s.student.model_overrides,
+  adapters = s.student.lora
+
+  def make_student():
+    model = models.create(
+        student_preset,
+        dtype=models.dtype_of(s.student.dtype),
+        param_dtype=jnp.float32,
+        rngs=nnx.Rngs(params=0, dropout=1),
+        **s.student.model_overrides,
+    )
+    if adapters.rank:  # as builder.make_student
+      lora.apply(
+          model,
+          rank=adapters.rank,
+          alpha=adapters.alpha,
+          targets=adapters.targets,
+          dropout=adapters.dropout,
+          rngs=nnx.Rngs(params=2, dropout=3),
       )
-  )
+    return model
+
+  student = nnx.eval_shape(make_student)
   graphdef, params, rest = abstract_state(student, mesh, nnx.Param, ...)
+  trainable = builder.trainable(s.student)
   tx = optimizer.make_optimizer(s.optim, num_steps)
-  opt_state = optimizer.abstract_opt_state(tx, params, mesh)
+  opt_state = optimizer.abstract_opt_state(
+      tx, nnx.filter_state(params, trainable), mesh
+  )
   replicated = jax.sharding.NamedSharding(mesh, P())
   schedule = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -116,7 +135,15 @@ def abstract_run(
   }
   if s.teacher.cached and s.loss["kd_ratio"] > 0:
     batch.update(_cache_fields(s, mesh, shape))
-  step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum, num_steps)
+  step = Step(
+      s.loss,
+      graphdef,
+      teacher_graphdef,
+      tx,
+      s.grad_accum,
+      num_steps,
+      trainable=trainable,
+  )
   first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   return step, (state, batch, teacher_state, first_bad)
 

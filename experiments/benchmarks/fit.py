@@ -6,7 +6,8 @@ r"""Does a run fit? Per-device memory and FLOPs of the train step, compiled ahea
         --config.student.remat=full
 
 The step of :mod:`kdjax.training` (teacher forward, student forward + backward,
-AdamW) is lowered on abstract inputs only (:func:`aot.abstract_run`: no weights,
+AdamW; a LoRA student's optimizer state over its adapters only) is lowered
+on abstract inputs only (:func:`aot.abstract_run`: no weights,
 no data) over a mesh of ``--devices`` fake CPU devices and compiled; XLA's
 ``memory_analysis`` gives the per-device temporaries of the partitioned program
 and ``cost_analysis`` its FLOPs. Parameter, optimizer and teacher bytes are
@@ -133,6 +134,9 @@ def fit(
       devices=mesh.devices.size,
       mesh=dict(mesh.shape),
       param_count=sum(x.size for x in jax.tree.leaves(state.params)),
+      trained_count=sum(
+          x.size for x in jax.tree.leaves(step.trained(state.params))
+      ),
       params=shard_bytes(state.params),
       opt_state=shard_bytes(state.opt_state),
       teacher=shard_bytes(teacher_state),
@@ -157,7 +161,8 @@ def report(name: str, r: Mapping[str, Any]) -> str:
   return "\n".join(
       [
           f"{name}: {r['devices']} devices, mesh {r['mesh']}, student "
-          f"{r['param_count'] / 1e6:,.1f}M params",
+          f"{r['param_count'] / 1e6:,.1f}M params "
+          f"({r['trained_count'] / 1e6:,.2f}M trained)",
           f"  per device: params {mb(r['params'])}, optimizer {mb(r['opt_state'])}, "
           f"teacher {mb(r['teacher'])}, batch {mb(r['batch'])}",
           f"  XLA: arguments {mb(r['arguments'])}, temporaries {mb(r['temp'])}, "

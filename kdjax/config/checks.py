@@ -31,6 +31,8 @@ What is checked here is what no single field can say:
   DistiLLM's buffer against the batch, MiniLLM's full-support sampling, that
   a kind decoding with the teacher has one, and that MiniLLM's dataset term
   is not TAID's;
+* LoRA (``student.lora.rank > 0``): ``student.lora.targets`` must select
+  some linear layer of the (abstract) student;
 * presence: the teacher directory, an HF student directory, a JSONL data file
   (and that it is not empty), a dataset name;
 * the teacher source: what a cached teacher cannot be combined with
@@ -137,6 +139,7 @@ def validate(
   _log(dropped)  # before a later check may refuse the config
   notes += dropped
   _check_models(config)
+  _check_lora(config)
   _check_data(config)
   _log([n for n in notes if n not in dropped])
   return notes
@@ -685,6 +688,49 @@ def _check_models(config) -> None:
         "share a tokenizer (a teacher fine-tuned from the student's family, "
         "or a preset student with student.model_overrides.vocab_size="
         f"{teacher.vocab_size})."
+    )
+
+
+def _student_model_config(config) -> Any:
+  """The student's model config dataclass, or None before it is loaded."""
+  from kdjax import models  # pylint: disable=g-import-not-at-top
+  from kdjax.models import hf  # pylint: disable=g-import-not-at-top
+
+  init = config.student.init
+  overrides = dict(config.student.model_overrides)
+  if init.startswith("preset:"):
+    return models.preset_config(init.removeprefix("preset:"), **overrides)
+  local = fs.local(init)
+  cfg = (
+      _read_config_json(local) if fs.path(local).is_dir() else _hub_config(init)
+  )
+  return None if cfg is None else hf.config_from_hf(cfg, **overrides)
+
+
+def _check_lora(config) -> None:
+  """LoRA targets that select some of the student's linear layers (found on
+  the abstract student: nothing is allocated)."""
+  adapters = config.student.get("lora")
+  if adapters is None or not adapters.rank:
+    return
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from kdjax.models import hf, lora  # pylint: disable=g-import-not-at-top
+
+  targets = adapters.targets  # a valid pattern: the field's own rule
+  model_cfg = _student_model_config(config)
+  if model_cfg is None:
+    return
+  cls = hf.family(model_cfg)[0]
+  paths = lora.linear_paths(
+      nnx.eval_shape(lambda: cls(model_cfg, rngs=nnx.Rngs(0)))
+  )
+  if not lora.select(paths, targets):
+    raise _fail(
+        "student.lora.targets",
+        targets,
+        f"select none of the linear layers of the student ({config.student.init})",
+        f"choose among {lora.layer_names(paths)}",
     )
 
 

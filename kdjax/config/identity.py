@@ -13,7 +13,8 @@ Which fields are identity is declared with each field in
 docs/config.md): the seed and the global batch; what the data is and how it
 is cut (not where it lives); the teacher's path, dtype and source (``"live"``
 in a workdir started before the key existed); the student's initialisation,
-dtype and model overrides; every field of ``loss`` (divergence,
+dtype, model overrides and LoRA adapters (``student.lora.rank``, ``alpha``,
+``targets``, ``dropout``); every field of ``loss`` (divergence,
 hyper-parameters, ratio, implementation) and of ``optim``.
 
 Not part of it (free to change on resume): the length (``num_steps``,
@@ -21,7 +22,7 @@ Not part of it (free to change on resume): the length (``num_steps``,
 everything derived from it (``eval.every_steps`` of the tiny configs),
 ``eval.*``, ``ckpt.*``, ``log_every``, ``mesh.*``, ``grad_accum`` (same
 gradient, split differently), ``student.remat`` (same math, other memory),
-``export_hf``, ``force_new_run``, ``onpolicy.*``, and where inputs live
+``export_hf``, ``student.lora.export_adapter``, ``force_new_run``, ``onpolicy.*``, and where inputs live
 (``data.data_dir``, ``data.manual_dir``, ``data.val_split``,
 ``teacher.hub_id``, ``teacher.cache_dir``, ``teacher.cache``: the cache
 directory's own metadata is checked against the config at every start).
@@ -41,8 +42,16 @@ from kdjax.config import spec
 # Every declared identity field, dotted.
 IDENTITY = tuple(k for k, f in spec.FIELDS.items() if f.identity)
 
-# Values of identity keys added after runs were started without them.
-_ADDED = {"teacher.source": "live"}
+# Values of identity keys added after runs were started without them: what
+# those runs used.
+_ADDED = {
+    "teacher.source": "live",
+    **{
+        k: f.default
+        for k, f in spec.FIELDS.items()
+        if k.startswith("student.lora.") and f.identity
+    },
+}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import ml_collections
@@ -44,6 +45,11 @@ CACHE_ENCODINGS = ("topk", "sampled")  # cache.codec
 CACHE_MAX_SAMPLES = 255  # cache.codec: draw counts are uint8
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots")
+# LoRA's default targets: the attention and MLP projections of both families
+# (LLaMA's q/k/v/o and gate/up/down, GPT-2's c_attn, c_proj and c_fc).
+LORA_TARGETS = (
+    "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,c_attn,c_proj,c_fc"
+)
 # Metrics the best checkpoint may be chosen by (``val_`` + a logged name).
 BEST_METRICS = (
     "val_ce",
@@ -76,6 +82,22 @@ def int_list(text: str, what: str) -> tuple[int, ...]:
     return integers(text)
   except ValueError as e:
     raise ValueError(f"{what}={text!r} {e}, e.g. 10,20,30.") from None
+
+
+def lora_regex(targets: str) -> str:
+  """The regex of LoRA ``targets``, full-matched against ``/``-joined module
+  paths: module names (``"q_proj, v_proj"``, each the last part of a path,
+  as peft's ``target_modules``) or already a regex (``"h/\\d+/attn/c_attn"``).
+  """
+  if re.fullmatch(r"[\w\s,]+", targets):
+    return r"(.*/)?(" + "|".join(names(targets)) + ")"
+  try:
+    re.compile(targets)
+  except re.error as e:
+    raise ValueError(
+        f"is neither module names nor a regular expression ({e})"
+    ) from None
+  return targets
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -238,6 +260,41 @@ class TeacherSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Low-rank adapters on the student (docs/training.md, "LoRA students").
+
+  With ``rank > 0`` only the adapters train: ``h = W x + (alpha / rank) B A x``
+  on the layers ``targets`` selects, the base ``W`` frozen.
+  """
+
+  rank: int = field(
+      0, "adapter rank", identity=True, at_least=0, special={0: "off"}
+  )
+  alpha: float = field(
+      16.0,
+      "scale numerator: the update is (alpha / rank) B A",
+      identity=True,
+      above=0,
+  )
+  targets: str = field(
+      LORA_TARGETS,
+      "module names (q_proj,v_proj) or a regex on module paths",
+      identity=True,
+      resolve=lora_regex,
+  )
+  dropout: float = field(
+      0.0,
+      "dropout on the adapters' input",
+      identity=True,
+      at_least=0,
+      below=1,
+  )
+  export_adapter: bool = field(
+      True, "also export the adapters alone in peft's layout"
+  )
+
+
+@dataclasses.dataclass(frozen=True)
 class StudentSpec:
   """The student (``config.student``); ``seed`` is the run's.
 
@@ -255,6 +312,9 @@ class StudentSpec:
   )
   model_overrides: Mapping[str, Any] = field(
       {}, "model config fields replaced (both init kinds)", identity=True
+  )
+  lora: LoraSpec = group(
+      LoraSpec, "LoRA adapters (rank 0: every weight trains)"
   )
   seed: int = 0
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from kdjax import hub
 from kdjax.hub import download_hint, hub_reachable
-from kdjax.models import gpt2, hf, llama
+from kdjax.models import gpt2, hf, llama, lora
 from kdjax.models.gpt2 import GPT2, GPT2Config
 from kdjax.models.layers import KVCache
 from kdjax.models.llama import Llama, LlamaConfig
@@ -167,10 +167,12 @@ def save_hf(
   """Writes ``model`` as a HF checkpoint transformers loads and generates with.
 
   safetensors + ``config.json`` + ``generation_config.json`` + the tokenizer
-  files (see :func:`kdjax.models.hf.save`); ``directory`` may be a URI.
+  files (see :func:`kdjax.models.hf.save`); ``directory`` may be a URI. A
+  LoRA model is written merged, ``W + (alpha / r) A B``
+  (:func:`kdjax.models.lora.merged`): plain weights, no adapters.
   """
   hf.save(
-      model,
+      lora.merged(model) if lora.adapted(model) else model,
       directory,
       tokenizer=tokenizer,
       dtype=dtype,

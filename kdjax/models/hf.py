@@ -139,6 +139,12 @@ def family(config) -> tuple[Callable, list[Entry], tuple[str, ...]]:
   )
 
 
+def key_prefix(config) -> str:
+  """What the written keys (and the HF model's module names) put before the
+  key map's names: GPT-2's ``transformer.``."""
+  return "transformer." if isinstance(config, gpt2.GPT2Config) else ""
+
+
 def gpt2_entries(cfg: gpt2.GPT2Config) -> list[Entry]:
   out = [
       Entry("wte.weight", ("wte", "embedding")),
@@ -435,7 +441,7 @@ def save(
   flat = traverse_util.flatten_dict(
       nnx.to_pure_dict(nnx.state(model, nnx.Param))
   )
-  prefix = "transformer." if isinstance(config, gpt2.GPT2Config) else ""
+  prefix = key_prefix(config)
   shards, current, size = [], {}, 0
   for e in entries:
     value = np.asarray(jax.device_get(flat[e.path]))

@@ -25,6 +25,7 @@ from kdjax.config import spec as spec_lib
 from kdjax.data import inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
+from kdjax.models import lora
 from kdjax.models import teacher as teacher_lib
 from kdjax.onpolicy import strategies
 from kdjax.onpolicy import strategy as onpolicy_strategy
@@ -59,6 +60,9 @@ def make_student(
   """A preset initialised from the seed, or a HF checkpoint to fine-tune.
 
   Either way in training mode (dropout on): ``models.load`` returns eval mode.
+  With ``student.lora.rank > 0`` the adapters are added
+  (:func:`kdjax.models.lora.apply`; ``A`` from seed + 2) and placed on the
+  mesh, replicated.
   """
   dtype = models.dtype_of(student.dtype)
   overrides = dict(student.model_overrides)
@@ -80,8 +84,25 @@ def make_student(
         seed=student.seed + 1,
         **overrides,
     )
+  adapters = student.lora
+  if adapters.rank:
+    lora.apply(
+        model,
+        rank=adapters.rank,
+        alpha=adapters.alpha,
+        targets=adapters.targets,
+        dropout=adapters.dropout,
+        rngs=nnx.Rngs(params=student.seed + 2, dropout=student.seed + 3),
+    )
+    model = sharding.shard_model(model, mesh)
   model.train()
   return model
+
+
+def trainable(student: spec_lib.StudentSpec) -> Any:
+  """The params a run trains (:attr:`kdjax.training.step.Step.trainable`):
+  a LoRA student's adapters, else every ``nnx.Param``."""
+  return lora.TRAINABLE if student.lora.rank else nnx.Param
 
 
 def _vocab(model: nnx.Module) -> int:
@@ -205,13 +226,6 @@ def build(
     )
   tx = optimizer.make_optimizer(s.optim, num_steps)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
-  state = TrainState(
-      jnp.zeros((), jnp.int32),
-      params,
-      rest,
-      optimizer.init_opt_state(tx, params, mesh),
-      init_taid(s.loss),
-  )
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
   source = strategies.from_spec(
       s.onpolicy,
@@ -231,6 +245,14 @@ def build(
       s.grad_accum,
       num_steps,
       minillm=source.objective,
+      trainable=trainable(s.student),
+  )
+  state = TrainState(
+      jnp.zeros((), jnp.int32),
+      params,
+      rest,
+      optimizer.init_opt_state(tx, step.trained(params), mesh),
+      init_taid(s.loss),
   )
   return Run(
       s,

@@ -35,6 +35,7 @@ from kdjax import checkpoint, fs, models, sharding
 from kdjax import metrics as metrics_lib
 from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
+from kdjax.models import lora
 from kdjax.onpolicy import runner as runner_lib
 from kdjax.training import builder, validation
 from kdjax.training import step as step_lib
@@ -183,12 +184,14 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
     )
   start = ckpts.latest_step()
   if start is not None:
+    saved = run.step.saved(state)
     if runner is None:
-      state, _ = ckpts.restore(start, state, data_iter)
+      saved, _ = ckpts.restore(start, saved, data_iter)
     else:
-      (state, runner.state), _ = ckpts.restore(
-          start, (state, runner.state), data_iter
+      (saved, runner.state), _ = ckpts.restore(
+          start, (saved, runner.state), data_iter
       )
+    state = run.step.restored(saved, state)
     _say(f"resumed {run.workdir} from step {start}")
   start = start or 0
   # Rows past the checkpoint (or any row, if none was committed before a kill)
@@ -263,7 +266,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         last.update(val)
         if runner is not None:
           runner.after_validation(val["val_loss"])
-        _keep_if_best(ckpts, policy, done, state, val)
+        _keep_if_best(ckpts, policy, done, run.step.trained(state.params), val)
         best = ckpts.best_record()
         _say(
             metrics_lib.validation_line(
@@ -275,7 +278,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       _save(
           ckpts,
           done,
-          state if runner is None else (state, runner.state),
+          _saved(run, state, runner),
           data_iter,
           force=done == end,
       )
@@ -304,7 +307,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       _save(
           ckpts,
           done,
-          state if runner is None else (state, runner.state),
+          _saved(run, state, runner),
           data_iter,
           force=True,
       )
@@ -325,18 +328,28 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   return last
 
 
+def _saved(
+    run: builder.Run, state: TrainState, runner: runner_lib.Runner | None
+) -> Any:
+  """What a checkpoint holds: the train state without a frozen LoRA base
+  (:meth:`~kdjax.training.step.Step.saved`), with the on-policy state."""
+  saved = run.step.saved(state)
+  return saved if runner is None else (saved, runner.state)
+
+
 def _keep_if_best(
     ckpts: checkpoint.Checkpoints,
     policy: checkpoint.BestPolicy,
     step: int,
-    state: TrainState,
+    params: Any,
     val: dict[str, float],
 ) -> None:
+  """Keeps the trained ``params`` when this validation is the best."""
   score = policy.score(step, val)
   if score is not None:
     ckpts.save_best(
         step,
-        state.params,
+        params,
         score,
         {"metric": policy.metric, "value": val[policy.metric]},
     )
@@ -348,31 +361,53 @@ def export(
   """Writes the final (``hf/``) and best (``best_hf/``) students as HF checkpoints.
 
   Each holds the weights, the configs and the run's tokenizer
-  (:func:`kdjax.models.save_hf`). Process 0 writes; every process joins the
-  collectives: params sharded over devices of several processes reach the
-  host only through ``process_allgather``, and orbax restores are collective
-  too. Returns ``{"final": dir, "best": dir}`` of what was written.
+  (:func:`kdjax.models.save_hf`; a LoRA student's adapters merged into its
+  weights). A LoRA run with ``student.lora.export_adapter`` also writes the
+  adapters alone in peft's layout (``hf_adapter/``, ``best_hf_adapter/``:
+  :func:`kdjax.models.lora.save_adapter`). Process 0 writes; every process
+  joins the collectives: params sharded over devices of several processes
+  reach the host only through ``process_allgather``, and orbax restores are
+  collective too. Returns ``{"final": dir, "best": dir, ...}`` of what was
+  written.
   """
   if not run.spec.export_hf:
     return {}
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  best = ckpts.restore_best(state.params)
+  best = ckpts.restore_best(run.step.trained(state.params))
+  if best is not None:  # the frozen base of a LoRA student is the live one
+    best = nnx.merge_state(state.params, best[1])
+  adapters = run.spec.student.lora
   written = {}
   for name, key, params in (
       ("hf", "final", state.params),
-      ("best_hf", "best", None if best is None else best[1]),
+      ("best_hf", "best", best),
   ):
     if params is None:
       continue
     if jax.process_count() > 1:  # one process: save_hf fetches tensor by tensor
       params = multihost_utils.process_allgather(params, tiled=True)
     target = str(fs.path(run.workdir) / name)
+    student = nnx.merge(run.step.graphdef, params, state.rest)
     if jax.process_index() == 0:
-      student = nnx.merge(run.step.graphdef, params, state.rest)
       models.save_hf(student, target, tokenizer=run.tokenizer)
     written[key] = target
+    if adapters.rank and adapters.export_adapter:
+      if jax.process_index() == 0:
+        lora.save_adapter(
+            student,
+            target + "_adapter",
+            base_model=_base_model(run.spec.student.init),
+            dropout=adapters.dropout,
+        )
+      written[key + "_adapter"] = target + "_adapter"
   return written
+
+
+def _base_model(init: str) -> str | None:
+  """The adapters' base in their peft config: the checkpoint the student was
+  loaded from (none for a preset initialised from the seed)."""
+  return None if init.startswith("preset:") else init
 
 
 def _save(

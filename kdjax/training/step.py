@@ -40,9 +40,11 @@ class TrainState(NamedTuple):
 
   Attributes:
     step: the number of optimizer updates done (int32 scalar).
-    params: the student's ``nnx.Param`` variables (float32).
+    params: the student's ``nnx.Param`` variables (float32); a LoRA
+      student's include its frozen base (:attr:`Step.trainable`).
     rest: the student's other state: dropout RNG keys and counters.
-    opt_state: the optimizer's state, sharded like ``params``.
+    opt_state: the optimizer's state over the trained params, sharded like
+      them.
     taid: TAID's schedule (:class:`kdjax.taid.State`) in a TAID run, else
       None; kept here, and so in every checkpoint, a resumed run continues
       the same ``t``.
@@ -106,6 +108,10 @@ class Step:
     minillm: the on-policy strategy's ``objective``, MiniLLM's constants:
       the step then trains on :func:`kdjax.onpolicy.minillm.minillm_loss`
       (rollout rows plus the dataset batch under ``lm_*`` keys), else None.
+    trainable: the params the optimizer updates, an ``nnx`` filter: every
+      ``nnx.Param``, or a LoRA student's adapters
+      (:data:`kdjax.models.lora.TRAINABLE`). The others are frozen: no
+      gradient, no optimizer state, not in checkpoints (:meth:`saved`).
   """
 
   loss_cfg: Mapping[str, Any]
@@ -115,6 +121,20 @@ class Step:
   grad_accum: int
   num_steps: int = 0
   minillm: minillm_lib.Config | None = None
+  trainable: Any = nnx.Param
+
+  def trained(self, params: nnx.State) -> nnx.State:
+    """The part of ``params`` the optimizer updates."""
+    return nnx.filter_state(params, self.trainable)
+
+  def saved(self, state: TrainState) -> TrainState:
+    """What a checkpoint holds of ``state``: the frozen base of a LoRA
+    student is left out (it is rebuilt from ``student.init`` at resume)."""
+    return state._replace(params=self.trained(state.params))
+
+  def restored(self, saved: TrainState, state: TrainState) -> TrainState:
+    """``state`` (the live one) with the checkpointed parts of ``saved``."""
+    return saved._replace(params=nnx.merge_state(state.params, saved.params))
 
   def _student(self, params: nnx.State, rest: nnx.State) -> nnx.Module:
     return nnx.merge(self.graphdef, params, rest)
@@ -156,10 +176,13 @@ class Step:
   def _accumulate(self, state: TrainState, batch: Batch, loss_fn, zero_aux):
     """Gradients of ``loss_fn(student, micro) -> (loss, aux)`` summed over
     the micro-batches, with the summed ``aux`` and the new RNG state."""
-    # nnx.value_and_grad (gradient w.r.t. the nnx.Param variables): dropout
-    # advances the student's RNG counters, which a module merged inside
-    # jax.grad may not do (TraceContextError on any dropout > 0).
-    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    # nnx.value_and_grad (gradient w.r.t. the trained variables only: a
+    # frozen base gets no cotangent buffers): dropout advances the student's
+    # RNG counters, which a module merged inside jax.grad may not do
+    # (TraceContextError on any dropout > 0).
+    grad_fn = nnx.value_and_grad(
+        loss_fn, argnums=nnx.DiffState(0, self.trainable), has_aux=True
+    )
 
     def accumulate(carry, micro):
       # params ride in the carry: nnx refuses a module built from values of
@@ -171,7 +194,7 @@ class Step:
       grads = jax.tree.map(jnp.add, grads, g)
       return (grads, params, rest, jax.tree.map(jnp.add, totals, s)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, self.trained(state.params))
     (grads, _, rest, totals), _ = jax.lax.scan(
         accumulate,
         (zeros, state.params, state.rest, zero_aux),
@@ -240,8 +263,11 @@ class Step:
     finite (-1: none yet), so the host can check it only now and then.
     """
     grads, m, rest = self.grads(state, batch, teacher_state)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trained = self.trained(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, trained)
+    params = nnx.merge_state(
+        state.params, optax.apply_updates(trained, updates)
+    )
     finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
     first_bad = jnp.where((first_bad < 0) & ~finite, state.step, first_bad)
     schedule = state.taid

@@ -263,6 +263,42 @@ def test_max_length_above_an_hf_students_positions(root, tmp_path):
   assert "n_positions" not in msg  # pretrained weights fix the positions
 
 
+def test_lora_targets_must_select_a_linear_layer(root, tmp_path):
+  lora = {"student.lora.rank": 8}
+  assert checks.validate(_config(root, **lora)) == []
+  _refused(
+      _config(root, **lora, **{"student.lora.targets": "q_proj,v_proj"}),
+      "student.lora.targets='q_proj,v_proj' select none of the linear layers "
+      "of the student (preset:tiny-gpt2)",
+      "choose among c_attn,c_fc,c_proj",
+  )
+  _refused(
+      _config(root, **lora, **{"student.lora.targets": "h/(0"}),
+      "student.lora.targets='h/(0' is neither module names nor a regular "
+      "expression",
+  )
+  # An HF student is checked from its config.json (a LLaMA here).
+  student = str(tmp_path / "llama")
+  os.makedirs(student)
+  with open(os.path.join(student, "config.json"), "w") as f:
+    json.dump({"model_type": "llama", "vocab_size": 257, **_LLAMA}, f)
+  c = _config(root, **lora, **{"student.init": student})
+  c.student.model_overrides = {}
+  assert checks.validate(c) == []
+  c.student.lora.targets = r"layers/\d+/mlp/c_fc"
+  _refused(c, "choose among down_proj,gate_proj,k_proj,o_proj,q_proj,")
+
+
+_LLAMA = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=512,
+)
+
+
 def test_max_length_above_the_teachers_positions(root, tmp_path):
   teacher = _hf_dir(tmp_path / "teacher", n_positions=80)
   c = _config(root, **{"teacher.path": teacher})

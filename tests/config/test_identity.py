@@ -80,3 +80,14 @@ def test_a_workdir_without_teacher_source_was_a_live_teacher():
   assert identity.changed(old, new) == []
   new["teacher"]["source"] = "cache"
   assert identity.changed(old, new) == ["teacher.source"]
+
+
+def test_a_workdir_without_lora_trained_every_weight():
+  old, new = _resolved("tiny"), _resolved("tiny")
+  del old["student"]["lora"]
+  assert identity.changed(old, new) == []
+  lora = _resolved(
+      "tiny",
+      **{"student.lora.rank": 8, "student.lora.export_adapter": False},
+  )
+  assert identity.changed(new, lora) == ["student.lora.rank"]

@@ -90,3 +90,47 @@ def test_fit_from_a_teacher_cache_holds_no_teacher_and_reads_its_fields():
   # FLOPs ~ 6 N_student x tokens: no teacher forward.
   want = 6 * r["param_count"] * tokens
   assert want * 0.9 < r["flops"] < want * 1.4
+
+
+def _lora_config(rank: int):
+  c = akl_gpt2.get_config("tiny")
+  c.batch_size, c.data.max_length = 8, 64
+  c.student.lora.rank = rank
+  return c
+
+
+def test_a_lora_students_optimizer_state_covers_its_adapters_only():
+  from experiments.benchmarks import aot  # pylint: disable=g-import-not-at-top
+
+  c = _lora_config(4)
+  mesh = sharding.make_mesh(2, 4)
+  with jax.set_mesh(mesh):
+    step, (state, *_) = aot.abstract_run(
+        c, mesh, student_preset="tiny-gpt2", teacher_preset=None
+    )
+  s = c.student.model_overrides
+  L, d = s.n_layer, s.n_embd
+  # r (in + out) over c_attn (d, 3d), attn c_proj (d, d), c_fc (d, 4d) and
+  # mlp c_proj (4d, d), every layer: replicated, float32.
+  adapters = L * 4 * (4 * d + 2 * d + 5 * d + 5 * d)
+  assert sum(x.size for x in jax.tree.leaves(step.trained(state.params))) == (
+      adapters
+  )
+  assert fit.shard_bytes(state.params) > 4 * adapters  # the frozen base too
+  # Adam's two moments of the adapters alone (+ the int32 step counts).
+  assert 2 * 4 * adapters <= fit.shard_bytes(state.opt_state)
+  assert fit.shard_bytes(state.opt_state) <= 2 * 4 * adapters + 64
+
+
+@pytest.mark.slow
+def test_fit_of_a_lora_student_counts_its_adapters_moments():
+  c = _lora_config(4)
+  mesh = sharding.make_mesh(2, 4)
+  teacher_shape = dict(vocab_size=257, **recipe.TINY_TEACHER_MODEL)
+  r = fit.fit(c, mesh, "tiny-gpt2", "tiny-gpt2", teacher_shape)
+  assert r["trained_count"] < r["param_count"] / 10
+  assert 2 * 4 * r["trained_count"] <= r["opt_state"]
+  assert r["opt_state"] <= 2 * 4 * r["trained_count"] + 64
+  ours = r["params"] + r["opt_state"] + r["teacher"] + r["batch"]
+  assert r["arguments"] == pytest.approx(ours, rel=0.01)
+  assert "trained)" in fit.report("tiny lora", r)
