@@ -2,17 +2,27 @@
 
 Loading streams one tensor at a time (``safetensors.safe_open``) straight onto
 its target sharding, so a 1.5B/7B model never sits unsharded on one device.
-Only safetensors are read; pickled ``.bin`` checkpoints are refused. Every
-problem (unknown key, missing key, wrong shape) is collected and reported in
-one error.
+Only safetensors are read (float32, float16 or bfloat16; one file or shards
+with ``model.safetensors.index.json``); pickled ``.bin`` checkpoints are
+refused. Every problem (unknown key, missing key, wrong shape) is collected
+and reported in one error.
+
+``config.json``'s ``model_type`` picks the family: ``gpt2``, or one of the
+LLaMA-style families of :data:`kdjax.models.llama.FAMILIES` (``llama``,
+``mistral``, ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3_text``; ``gemma3``,
+the multimodal checkpoint, gives its language model). Keys a file leaves out
+take transformers' defaults (:data:`HF_DEFAULTS`); rope settings are read in
+the v5 (``rope_parameters``) and v4 (``rope_theta``, ``rope_scaling``,
+``rope_local_base_freq``) forms.
 
 Writing puts everything ``transformers`` needs next to the weights: a
-``config.json`` whose special-token ids are the tokenizer's (inside the
-vocabulary), ``generation_config.json`` (EOS stops generation, EOS pads) and
-the tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
-``special_tokens_map.json``), so ``AutoTokenizer`` + ``AutoModelForCausalLM``
-+ ``generate`` work on the directory as written. Paths go through
-:mod:`kdjax.fs`, so the directory may be remote (``gs://...``).
+``config.json`` (the family's ``model_type``, ``architectures`` and fields)
+whose special-token ids are the tokenizer's (inside the vocabulary),
+``generation_config.json`` (EOS stops generation, EOS pads) and the tokenizer
+(``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``),
+so ``AutoTokenizer`` + ``AutoModelForCausalLM`` + ``generate`` work on the
+directory as written. Paths go through :mod:`kdjax.fs`, so the directory may
+be remote (``gs://...``).
 
 Key maps (HF name -> NNX path, transpose?):
 
@@ -20,10 +30,15 @@ Key maps (HF name -> NNX path, transpose?):
   -> h/i/attn/c_attn/kernel`` (Conv1D is already ``(in, out)``: no transpose),
   causal-mask buffers ``attn.bias``/``attn.masked_bias`` dropped, ``lm_head.weight``
   accepted only when equal to ``wte.weight`` (tied).
-* LLaMA: ``model.layers.{i}.self_attn.q_proj.weight -> layers/i/self_attn/q_proj/kernel``
-  transposed (torch ``nn.Linear`` is ``(out, in)``), norms' ``weight -> scale``,
-  ``lm_head.weight -> head`` (no transpose: kept ``[V, D]``), ``rotary_emb.inv_freq``
-  buffers dropped.
+* LLaMA-style: ``model.layers.{i}.self_attn.q_proj.weight ->
+  layers/i/self_attn/q_proj/kernel`` transposed (torch ``nn.Linear`` is
+  ``(out, in)``), its ``bias -> .../bias`` as is, norms' ``weight -> scale``
+  (q/k norms ``self_attn.{q,k}_norm``, Gemma's ``pre_/post_feedforward_layernorm``
+  too), ``lm_head.weight -> head`` (no transpose: kept ``[V, D]``; when tied,
+  accepted only when equal to the embedding), ``rotary_emb.inv_freq`` buffers
+  dropped. Gemma 3 multimodal files: ``language_model.model.`` /
+  ``model.language_model.`` read as ``model.``, the vision tower and projector
+  dropped.
 """
 
 from __future__ import annotations
@@ -704,7 +719,7 @@ def save(
   ``model.safetensors.index.json``, as transformers does.
 
   Args:
-    model: a kdjax GPT-2 or LLaMA.
+    model: a kdjax GPT-2 or LLaMA-style model.
     directory: output directory (local or a URI such as ``gs://b/run/hf``).
     tokenizer: the ``tokenizers.Tokenizer`` the model was trained with; its
       EOS/BOS/pad ids go into the configs. Default: the byte-level tokenizer
@@ -729,9 +744,9 @@ def save(
         special[role] = ("", token_id)
       else:  # a random model with a made-up vocabulary: no such token
         logging.warning(
-            "%s_token_id %s lies outside the vocabulary of %d and no tokenizer "
-            "was given: the export declares no %s token (pass tokenizer= to "
-            "save_hf).",
+            "%s_token_id %s is unset or outside the vocabulary of %d and no "
+            "tokenizer was given: the export declares no %s token (pass "
+            "tokenizer= to save_hf).",
             role,
             token_id,
             _vocab_size(config),
