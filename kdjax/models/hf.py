@@ -351,18 +351,19 @@ def _decoder_to_hf(c: llama.LlamaConfig) -> dict:
   if c.model_type == "mistral":
     out["sliding_window"] = c.sliding_window
   if "layer_types" in family.options:
-    n = c.num_hidden_layers
-    types = c.layer_types or n * (
-        llama.FULL if c.sliding_window is None else llama.SLIDING,
-    )
-    out.update(layer_types=list(types), sliding_window=c.sliding_window)
-  if c.model_type in ("qwen2", "qwen3"):
-    out.update(
-        use_sliding_window=c.sliding_window is not None,
-        max_window_layers=types.index(llama.SLIDING)
-        if llama.SLIDING in types
-        else n,
-    )
+    every = llama.FULL if c.sliding_window is None else llama.SLIDING
+    types = list(c.layer_types or c.num_hidden_layers * [every])
+    out.update(layer_types=types, sliding_window=c.sliding_window)
+    if c.model_type in ("qwen2", "qwen3"):
+      # Qwen's switch, and its rule's first windowed layer (exact where the
+      # windowed layers are the last ones, as Qwen's rule makes them).
+      first = (
+          types.index(llama.SLIDING) if llama.SLIDING in types else len(types)
+      )
+      out.update(
+          use_sliding_window=c.sliding_window is not None,
+          max_window_layers=first,
+      )
   if gemma:
     # Gemma builds a sliding-window mask whatever the layer types: a
     # window no sequence reaches when every layer is global.
