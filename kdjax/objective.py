@@ -15,7 +15,8 @@ Three ways to get the KD term, chosen by ``loss.impl``:
   elsewhere);
 * ``fused``: from final hidden states and LM-head weights, never forming the
   logits (:func:`kdjax.divergences.fused.ce_kd_sums`; CE and KD share each
-  ``loss.chunk_size``-token logits chunk). It trades a few percent of speed
+  ``loss.chunk_size``-token logits chunk, soft-capped where the model caps
+  its logits). It trades a few percent of speed
   for memory: no ``[B, T, V]`` logits, their gradient or the model's
   ``[B, T, V]`` head output are kept;
 * ``reference``: the autodiff definitions ``kd.reference.<name>`` (the oracle
@@ -298,8 +299,9 @@ def _local_sums_sparse(loss_cfg, s, labels, mask, *teacher) -> Sums:
   return Sums(ce, kd_sum, jnp.sum(mask), jnp.sum(keep))
 
 
-def _local_sums_fused(loss_cfg, use_kd, x_s, w_s, x_t, w_t, labels, mask):
-  """This device's sums from hidden states ``[B, T, D]`` and heads ``[V, D]``."""
+def _local_sums_fused(loss_cfg, use_kd, maps, x_s, w_s, x_t, w_t, labels, mask):
+  """This device's sums from hidden states ``[B, T, D]`` and heads ``[V, D]``
+  (``maps``: the models' ``logits_map()``)."""
   mask_N, labels_N = mask.reshape(-1), labels.reshape(-1)
   x_t_NxD = x_t.reshape(-1, x_t.shape[-1]) if use_kd else None
   ce, kd_sum = fused.ce_kd_sums(
@@ -312,6 +314,8 @@ def _local_sums_fused(loss_cfg, use_kd, x_s, w_s, x_t, w_t, labels, mask):
       mask_N,
       kd_ratio=loss_cfg["kd_ratio"] if use_kd else 0.0,
       chunk_size=loss_cfg["chunk_size"],
+      logits_map_s=maps[0],
+      logits_map_t=maps[1],
       **_kd_hp(loss_cfg),
   )
   tokens = jnp.sum(mask_N)
@@ -368,11 +372,13 @@ def sums(
     return _psum(local, 3 + len(fields))(s, labels, mask, *fields)
   if loss_cfg["impl"] == "fused":
     x_s, w_s = student.hidden_states(*inputs), student.head_weight()
-    x_t = w_t = None
+    x_t = w_t = map_t = None
     if use_kd:
       x_t = jax.lax.stop_gradient(teacher.hidden_states(*inputs))
       w_t = jax.lax.stop_gradient(teacher.head_weight())
-    local = functools.partial(_local_sums_fused, loss_cfg, use_kd)
+      map_t = teacher.logits_map()
+    maps = (student.logits_map(), map_t)  # final-logit soft-caps
+    local = functools.partial(_local_sums_fused, loss_cfg, use_kd, maps)
     # Heads are replicated inputs (shard_map gathers FSDP shards once).
     fn = _psum(
         lambda w_s, w_t, x_s, x_t, l, m: local(x_s, w_s, x_t, w_t, l, m), 4, 2

@@ -30,18 +30,88 @@ def gpt2(path, seed=0, **kw):
   return _save(transformers.GPT2LMHeadModel(cfg), path)
 
 
-def llama(path, seed=0, **kw):
+WINDOW = 5  # sliding window of the tiny families: sequences run longer
+_GEMMA_KW = dict(
+    head_dim=16,  # explicit, not hidden_size // heads
+    query_pre_attn_scalar=12,
+    sliding_window=WINDOW,
+    initializer_range=0.2,  # logits large enough for the soft-caps to act
+    eos_token_id=None,  # Gemma's EOS 1 ranks high in these: generate on
+)
+# name -> (config class, model class, fields over LLAMA_KW): one tiny
+# transformers model per LLaMA-style family.
+DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+            ),
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(sliding_window=WINDOW),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,  # layer 0 global, layer 1 windowed
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            _GEMMA_KW, attn_logit_softcapping=1.0, final_logit_softcapping=2.0
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            _GEMMA_KW,
+            sliding_window_pattern=2,  # layer 0 windowed, layer 1 global
+            rope_local_base_freq=100.0,
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+        ),
+    ),
+}
+
+
+def decoder(name, path, seed=0, **kw):
+  """The tiny random transformers model of family ``name`` (DECODERS),
+  saved to ``path``; norms and biases randomised so their maps are tested."""
   import torch
   import transformers
 
+  cfg_cls, model_cls, extra = DECODERS[name]
   torch.manual_seed(seed)
-  cfg = transformers.LlamaConfig(**{**LLAMA_KW, **kw})
-  model = transformers.LlamaForCausalLM(cfg)
-  with torch.no_grad():  # HF inits norms to 1: randomise so the map is tested
+  cfg = getattr(transformers, cfg_cls)(**{**LLAMA_KW, **extra, **kw})
+  model = getattr(transformers, model_cls)(cfg)
+  with torch.no_grad():  # HF inits norms to 1 (Gemma: 0) and biases to 0
     for n, p in model.named_parameters():
-      if "norm" in n:
+      if "norm" in n or n.endswith(".bias"):
         p.add_(0.1 * torch.randn_like(p))
   return _save(model, path)
+
+
+def llama(path, seed=0, **kw):
+  return decoder("llama", path, seed, **kw)
 
 
 def torch_logits(model, ids, attention_mask=None, position_ids=None):

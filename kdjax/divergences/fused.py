@@ -8,6 +8,11 @@ combined logit gradient with the head at once (Liger style, gradients in the
 forward): ``∂X_s[chunk] = ∂Z · W_s`` and ``∂W_s += ∂Zᵀ · X_s``
 (docs/divergences.md, "Chunked and fused execution").
 
+A model whose logits are a map of ``X Wᵀ`` (Gemma 2's final-logit
+soft-capping ``c·tanh(z/c)``, the model's ``logits_map()``) passes that map;
+it is applied to each chunk, and the chain rule through it comes from
+``jax.vjp``.
+
 Memory: a few ``[chunk, V]`` float32 arrays plus one ``[V, H]`` float32 head
 gradient, whatever N. The gradients are exact for the trainer's objective
 ``(1 − r)·CE + r·KD`` (see :func:`ce_kd_sums`).
@@ -16,6 +21,7 @@ gradient, whatever N. The gradients are exact for the trainer's objective
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +29,7 @@ import jax.numpy as jnp
 from kdjax.divergences import engine
 
 Array = jax.Array
+LogitsMap = Callable[[Array], Array] | None
 
 
 def _check_chunk(chunk_size) -> int:
@@ -73,6 +80,8 @@ def ce_kd_sums(
     kd_ratio: float = 0.5,
     chunk_size: int = 1024,
     temperature=1.0,
+    logits_map_s: LogitsMap = None,
+    logits_map_t: LogitsMap = None,
     **hp,
 ) -> tuple[Array, Array]:
   """Masked token sums ``(Σ m·CE, Σ m·D)`` from one pass over logits chunks.
@@ -88,6 +97,8 @@ def ce_kd_sums(
     kd_ratio: ``r`` of the objective ``(1 − r)·CE + r·KD``.
     chunk_size: tokens per chunk; peak memory is a few ``[chunk, V]`` f32.
     temperature: as for the divergence (may be traced).
+    logits_map_s, logits_map_t: what turns each model's ``X Wᵀ`` into its
+      logits (``model.logits_map()``: a soft-cap), or None for the identity.
     **hp: the divergence's hyper-parameters (may be traced).
 
   Returns:
@@ -115,6 +126,7 @@ def ce_kd_sums(
       size,
       parts,
       weights,
+      (logits_map_s, logits_map_t),
       hidden_s_NxH,
       head_s_VxH,
       *consts[:3],
@@ -133,6 +145,8 @@ def fused_linear(
     *,
     chunk_size: int = 1024,
     temperature=1.0,
+    logits_map_s: LogitsMap = None,
+    logits_map_t: LogitsMap = None,
     **hp,
 ) -> Array:
   """Masked-mean divergence of ``X_s W_sᵀ`` against ``X_t W_tᵀ``, fused.
@@ -154,6 +168,8 @@ def fused_linear(
       kd_ratio=1.0,
       chunk_size=chunk_size,
       temperature=temperature,
+      logits_map_s=logits_map_s,
+      logits_map_t=logits_map_t,
       **hp,
   )
   return kd_sum / jnp.maximum(jnp.sum(mask), 1.0)
@@ -166,9 +182,11 @@ def cross_entropy(
     mask_N: Array | None = None,
     *,
     chunk_size: int = 1024,
+    logits_map: LogitsMap = None,
 ) -> Array:
   """Masked-mean next-token NLL ``−log softmax(X Wᵀ)[label]``, chunk by chunk,
-  never forming the ``[N, V]`` logits."""
+  never forming the ``[N, V]`` logits (``logits_map`` as in
+  :func:`ce_kd_sums`)."""
   mask = _check_shapes(hidden_NxH, head_VxH, None, None, mask_N)
   ce_sum, _ = ce_kd_sums(
       None,
@@ -180,6 +198,7 @@ def cross_entropy(
       mask,
       kd_ratio=0.0,
       chunk_size=chunk_size,
+      logits_map_s=logits_map,
   )
   return ce_sum / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -189,11 +208,12 @@ def _pad_rows(x: Array, rows: int) -> Array:
 
 
 def _fused_forward(
-    sp, size, parts, weights, x_s, w_s, x_t, w_t, mask, labels, params
+    sp, size, parts, weights, maps, x_s, w_s, x_t, w_t, mask, labels, params
 ):
   """Both sums and the gradient of ``weights · sums`` in one scan."""
   with_ce, with_kd = parts
   ce_weight, kd_weight = weights
+  map_s, map_t = (f or (lambda z: z) for f in maps)
   n_tokens = x_s.shape[0]
   n_chunks = -(-n_tokens // size)
   padded = n_chunks * size  # padding rows have mask 0: no value, no gradient
@@ -205,7 +225,8 @@ def _fused_forward(
     ce_total, kd_total, grad_w_VxH = carry
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size)
     x_CxH, mask_C = take(x_s_p), take(mask_p)
-    z_s_CxV = matmul_f32(x_CxH, w_s.T)
+    # Logits, and the pullback of the student's map to X_s Wᵀ.
+    z_s_CxV, pullback = jax.vjp(map_s, matmul_f32(x_CxH, w_s.T))
     grad_z_CxV = jnp.zeros_like(z_s_CxV)
     if with_ce:
       labels_C = take(labels_p)
@@ -217,12 +238,13 @@ def _fused_forward(
           jnp.exp(log_q_CxV) - one_hot
       )
     if with_kd:
-      z_t_CxV = matmul_f32(take(x_t_p), w_t.T)
+      z_t_CxV = map_t(matmul_f32(take(x_t_p), w_t.T))
       value_C, grad_kd_CxV = engine.value_and_grad(sp, z_s_CxV, z_t_CxV, params)
       kd_total = kd_total + jnp.sum(
           jnp.where(mask_C > 0, value_C * mask_C, 0.0)
       )
       grad_z_CxV = grad_z_CxV + (kd_weight * mask_C[:, None]) * grad_kd_CxV
+    (grad_z_CxV,) = pullback(grad_z_CxV)
     grad_x_CxH = matmul_f32(grad_z_CxV.astype(w_s.dtype), w_s)
     grad_w_VxH = grad_w_VxH + matmul_f32(grad_z_CxV.T.astype(x_s.dtype), x_CxH)
     return (ce_total, kd_total, grad_w_VxH), grad_x_CxH.astype(x_s.dtype)
@@ -236,15 +258,17 @@ def _fused_forward(
   return (ce, kd), (grad_x, grad_w.astype(w_s.dtype), params)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _fused(sp, size, parts, weights, x_s, w_s, x_t, w_t, mask, labels, params):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _fused(
+    sp, size, parts, weights, maps, x_s, w_s, x_t, w_t, mask, labels, params
+):
   return _fused_forward(
-      sp, size, parts, weights, x_s, w_s, x_t, w_t, mask, labels, params
+      sp, size, parts, weights, maps, x_s, w_s, x_t, w_t, mask, labels, params
   )[0]
 
 
-def _fused_bwd(sp, size, parts, weights, residuals, cotangents):
-  del sp, size, parts, weights
+def _fused_bwd(sp, size, parts, weights, maps, residuals, cotangents):
+  del sp, size, parts, weights, maps
   grad_x, grad_w, params = residuals
   scale = cotangents[0] + cotangents[1]
   return (

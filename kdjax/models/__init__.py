@@ -1,12 +1,15 @@
-"""GPT-2 and LLaMA language models in Flax NNX, with HF checkpoints in and out.
+"""GPT-2 and LLaMA-style language models (LLaMA 2/3, Mistral, Qwen2/2.5,
+Qwen3, Gemma 2, Gemma 3 text) in Flax NNX, with HF checkpoints in and out.
 
 ```python
 from kdjax import models
 model = models.load("gpt2", dtype=jnp.bfloat16)     # HF dir or hub id; eval mode
+teacher = models.load("Qwen/Qwen3-8B")              # config.json picks the family
 logits_BxTxV = model(input_ids_BxT)                  # float32 logits
 model.train()                                        # dropout on, to fine-tune
 models.save_hf(model, "out_dir", tokenizer=tok)      # weights, configs, tokenizer
 student = models.create("tiny-gpt2", vocab_size=257, rngs=nnx.Rngs(0))
+student = models.create("qwen3-0.6b", rngs=nnx.Rngs(0))  # see PRESETS
 tok = models.load_tokenizer("path/to/hf_dir")
 ```
 
@@ -125,7 +128,7 @@ def load(
     seed: int = 0,
     **overrides,
 ):
-  """Loads a HF GPT-2 or LLaMA checkpoint (safetensors only).
+  """Loads a HF checkpoint of a supported family (safetensors only).
 
   Args:
     path_or_hub_id: a directory with ``config.json`` + safetensors, or a hub id.

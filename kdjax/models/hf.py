@@ -2,17 +2,27 @@
 
 Loading streams one tensor at a time (``safetensors.safe_open``) straight onto
 its target sharding, so a 1.5B/7B model never sits unsharded on one device.
-Only safetensors are read; pickled ``.bin`` checkpoints are refused. Every
-problem (unknown key, missing key, wrong shape) is collected and reported in
-one error.
+Only safetensors are read (float32, float16 or bfloat16; one file or shards
+with ``model.safetensors.index.json``); pickled ``.bin`` checkpoints are
+refused. Every problem (unknown key, missing key, wrong shape) is collected
+and reported in one error.
+
+``config.json``'s ``model_type`` picks the family: ``gpt2``, or one of the
+LLaMA-style families of :data:`kdjax.models.llama.FAMILIES` (``llama``,
+``mistral``, ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3_text``; ``gemma3``,
+the multimodal checkpoint, gives its language model). Keys a file leaves out
+take transformers' defaults (:data:`HF_DEFAULTS`); rope settings are read in
+the v5 (``rope_parameters``) and v4 (``rope_theta``, ``rope_scaling``,
+``rope_local_base_freq``) forms.
 
 Writing puts everything ``transformers`` needs next to the weights: a
-``config.json`` whose special-token ids are the tokenizer's (inside the
-vocabulary), ``generation_config.json`` (EOS stops generation, EOS pads) and
-the tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
-``special_tokens_map.json``), so ``AutoTokenizer`` + ``AutoModelForCausalLM``
-+ ``generate`` work on the directory as written. Paths go through
-:mod:`kdjax.fs`, so the directory may be remote (``gs://...``).
+``config.json`` (the family's ``model_type``, ``architectures`` and fields)
+whose special-token ids are the tokenizer's (inside the vocabulary),
+``generation_config.json`` (EOS stops generation, EOS pads) and the tokenizer
+(``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``),
+so ``AutoTokenizer`` + ``AutoModelForCausalLM`` + ``generate`` work on the
+directory as written. Paths go through :mod:`kdjax.fs`, so the directory may
+be remote (``gs://...``).
 
 Key maps (HF name -> NNX path, transpose?):
 
@@ -20,10 +30,15 @@ Key maps (HF name -> NNX path, transpose?):
   -> h/i/attn/c_attn/kernel`` (Conv1D is already ``(in, out)``: no transpose),
   causal-mask buffers ``attn.bias``/``attn.masked_bias`` dropped, ``lm_head.weight``
   accepted only when equal to ``wte.weight`` (tied).
-* LLaMA: ``model.layers.{i}.self_attn.q_proj.weight -> layers/i/self_attn/q_proj/kernel``
-  transposed (torch ``nn.Linear`` is ``(out, in)``), norms' ``weight -> scale``,
-  ``lm_head.weight -> head`` (no transpose: kept ``[V, D]``), ``rotary_emb.inv_freq``
-  buffers dropped.
+* LLaMA-style: ``model.layers.{i}.self_attn.q_proj.weight ->
+  layers/i/self_attn/q_proj/kernel`` transposed (torch ``nn.Linear`` is
+  ``(out, in)``), its ``bias -> .../bias`` as is, norms' ``weight -> scale``
+  (q/k norms ``self_attn.{q,k}_norm``, Gemma's ``pre_/post_feedforward_layernorm``
+  too), ``lm_head.weight -> head`` (no transpose: kept ``[V, D]``; when tied,
+  accepted only when equal to the embedding), ``rotary_emb.inv_freq`` buffers
+  dropped. Gemma 3 multimodal files: ``language_model.model.`` /
+  ``model.language_model.`` read as ``model.``, the vision tower and projector
+  dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 from flax import nnx, traverse_util
@@ -58,7 +73,11 @@ class Entry:
 
 
 def config_from_hf(cfg: dict, **overrides):
-  """Builds a GPT2Config or LlamaConfig from a HF ``config.json`` dict."""
+  """Builds a GPT2Config or LlamaConfig from a HF ``config.json`` dict.
+
+  ``model_type`` picks the family; ``gemma3`` (the multimodal checkpoint)
+  gives its ``text_config``, the language model.
+  """
   kind = cfg.get("model_type")
   if kind == "gpt2":
     fields = {f.name for f in dataclasses.fields(gpt2.GPT2Config)}
@@ -70,38 +89,211 @@ def config_from_hf(cfg: dict, **overrides):
       )
     kw = {k: v for k, v in cfg.items() if k in fields and v is not None}
     return gpt2.GPT2Config(**{**kw, **overrides})
-  if kind == "llama":
-    fields = {f.name for f in dataclasses.fields(llama.LlamaConfig)}
-    kw = {k: v for k, v in cfg.items() if k in fields}
-    # transformers v5 writes rope_parameters; v4 wrote rope_theta + rope_scaling.
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    kw["rope_theta"] = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-    kind_ = rope.get("rope_type", rope.get("type", "default"))
-    kw["rope_scaling"] = (
-        None if kind_ == "default" else tuple(sorted(rope.items()))
-    )
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-      raise ValueError(
-          "LLaMA checkpoints with attention_bias/mlp_bias=True are "
-          "not supported; kdjax's LLaMA has no biases."
-      )
-    for k in ("bos_token_id", "eos_token_id"):
-      if isinstance(kw.get(k), list):
-        kw[k] = kw[k][0]
-      if kw.get(k) is None:
-        kw.pop(k, None)
-    return llama.LlamaConfig(**{**kw, **overrides})
+  if kind == "gemma3":
+    cfg, kind = dict(cfg.get("text_config") or {}), "gemma3_text"
+  if kind in llama.FAMILIES:
+    return llama.LlamaConfig(**{**_decoder_fields(kind, cfg), **overrides})
   raise ValueError(
-      f"config.json model_type={kind!r} is not supported; kdjax "
-      "loads 'gpt2' and 'llama' checkpoints."
+      f"config.json model_type={kind!r} is not supported; kdjax loads "
+      f"{['gpt2', 'gemma3', *llama.FAMILIES]} checkpoints."
   )
+
+
+# transformers' defaults (5.x config classes) of the config.json keys
+# read here, for files that leave some out (Gemma 3's nested text_config).
+_HF_LLAMA = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    attention_bias=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_HF_QWEN = dict(
+    _HF_LLAMA,
+    vocab_size=151936,
+    intermediate_size=22016,
+    max_position_embeddings=32768,
+    use_sliding_window=False,
+    sliding_window=4096,
+    max_window_layers=28,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+_HF_GEMMA2 = dict(
+    vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    hidden_activation="gelu_pytorch_tanh",
+    attention_bias=False,
+    sliding_window=4096,
+    query_pre_attn_scalar=256,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    bos_token_id=2,
+    eos_token_id=1,
+)
+HF_DEFAULTS = {
+    "llama": _HF_LLAMA,
+    "mistral": dict(
+        _HF_LLAMA,
+        intermediate_size=14336,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        sliding_window=4096,
+    ),
+    "qwen2": _HF_QWEN,
+    "qwen3": dict(_HF_QWEN, head_dim=128),
+    "gemma2": _HF_GEMMA2,
+    "gemma3_text": dict(
+        _HF_GEMMA2,
+        vocab_size=262208,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        sliding_window_pattern=6,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+    ),
+}
+
+
+def _first(token_id):
+  """The first id of a list (several EOS ids); the id itself otherwise."""
+  return token_id[0] if isinstance(token_id, list) else token_id
+
+
+def _split_rope(rope: dict) -> tuple[float, tuple | None]:
+  """``(rope_theta, scaling)`` of a HF rope dict; scaling None when default."""
+  rope = dict(rope)
+  theta = float(rope.pop("rope_theta"))
+  if "type" in rope:  # the key's older name
+    rope.setdefault("rope_type", rope.pop("type"))
+  kind = rope.get("rope_type", "default")
+  return theta, None if kind == "default" else tuple(sorted(rope.items()))
+
+
+def _rope_from_hf(kind: str, hf: dict):
+  """``(theta, scaling, local_theta)``; transformers v5 writes
+  ``rope_parameters`` (per layer type for Gemma 3), v4 wrote ``rope_theta``
+  + ``rope_scaling`` (+ Gemma 3's ``rope_local_base_freq``)."""
+  params = dict(hf.get("rope_parameters") or {})
+  if kind != "gemma3_text":
+    rope = params or dict(hf.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf["rope_theta"])
+    return (*_split_rope(rope), None)
+  if llama.FULL in params:
+    glob = dict(params[llama.FULL] or {})
+    local = dict(params.get(llama.SLIDING) or {})
+  else:
+    glob, local = dict(hf.get("rope_scaling") or {}), {}
+  glob.setdefault("rope_theta", hf["rope_theta"])
+  local.setdefault("rope_theta", hf["rope_local_base_freq"])
+  local_theta, local_scaling = _split_rope(local)
+  if local_scaling is not None:
+    raise ValueError(
+        "Gemma 3 rope scaling on the sliding layers is not supported; "
+        "kdjax scales the global layers' RoPE only."
+    )
+  return (*_split_rope(glob), local_theta)
+
+
+def _windows_from_hf(kind: str, hf: dict):
+  """``(sliding_window, layer_types)`` by transformers' rules."""
+  if kind == "llama":
+    return None, None
+  window = hf.get("sliding_window")
+  if kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+    window = None
+  if window is None or kind == "mistral":  # Mistral: every layer windowed
+    return window, None
+  n = hf["num_hidden_layers"]
+  types = hf.get("layer_types")
+  if types is None and kind in ("qwen2", "qwen3"):
+    first = hf["max_window_layers"]
+    types = [llama.SLIDING if i >= first else llama.FULL for i in range(n)]
+  elif types is None:
+    period = 2 if kind == "gemma2" else hf["sliding_window_pattern"]
+    types = llama.periodic_layer_types(n, period)
+  return window, tuple(types)
+
+
+def _decoder_fields(kind: str, hf: dict) -> dict:
+  """LlamaConfig fields of a LLaMA-style family's ``config.json``."""
+  hf = {**HF_DEFAULTS[kind], **hf}
+  family = llama.FAMILIES[kind]
+  if hf.get("mlp_bias"):
+    raise ValueError(
+        "checkpoints with mlp_bias=True are not supported; kdjax's MLP has "
+        "no biases."
+    )
+  if hf.get("use_bidirectional_attention"):
+    raise ValueError(
+        "use_bidirectional_attention=True is not supported; kdjax's "
+        "decoders are causal."
+    )
+  theta, scaling, local_theta = _rope_from_hf(kind, hf)
+  window, types = _windows_from_hf(kind, hf)
+  kw = dict(
+      model_type=kind,
+      rope_theta=theta,
+      rope_scaling=scaling,
+      num_key_value_heads=(
+          hf.get("num_key_value_heads") or hf["num_attention_heads"]
+      ),
+      head_dim=hf.get("head_dim"),
+      bos_token_id=_first(hf.get("bos_token_id")),
+      eos_token_id=_first(hf.get("eos_token_id")),
+      hidden_act=hf.get(
+          "hidden_activation" if family.unit_offset_norms else "hidden_act"
+      ),
+      sliding_window=window,
+      layer_types=types,
+  )
+  for name in (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "max_position_embeddings",
+      "rms_norm_eps",
+      "tie_word_embeddings",
+  ):
+    kw[name] = hf[name]
+  for name in (
+      "attention_bias",
+      "query_pre_attn_scalar",
+      "attn_logit_softcapping",
+      "final_logit_softcapping",
+  ):
+    if name in family.options:
+      kw[name] = hf.get(name)
+  if "rope_local_theta" in family.options:
+    kw["rope_local_theta"] = local_theta
+  return kw
 
 
 def config_to_hf(config) -> dict:
   """The ``config.json`` dict transformers needs to rebuild ``config``."""
-  skip = {"dtype", "param_dtype", "remat", "rope_scaling", "rope_theta"}
-  out = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
   if isinstance(config, gpt2.GPT2Config):
+    skip = {"dtype", "param_dtype", "remat"}
+    out = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     out.update(
         model_type="gpt2",
         architectures=["GPT2LMHeadModel"],
@@ -110,32 +302,119 @@ def config_to_hf(config) -> dict:
         tie_word_embeddings=True,
     )
   else:
-    rope = {"rope_type": "default", **dict(config.rope_scaling or ())}
-    rope["rope_theta"] = config.rope_theta
-    out.update(
-        model_type="llama",
-        architectures=["LlamaForCausalLM"],
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        head_dim=config.kv_head_dim,
-        rope_theta=config.rope_theta,
-        rope_parameters=rope,
-    )
-    if config.rope_scaling:
-      out["rope_scaling"] = rope
+    out = _decoder_to_hf(config)
   out["torch_dtype"] = "float32"
   return out
 
 
-def family(config) -> tuple[Callable, list[Entry], tuple[str, ...]]:
-  """(model class, key map, ignored-key regexes) for a config."""
+def _decoder_to_hf(c: llama.LlamaConfig) -> dict:
+  """transformers' config.json of a LLaMA-style family: its own key names,
+  every option its model reads, v5 ``rope_parameters`` and the v4 keys."""
+  family = c.family
+  gemma = family.unit_offset_norms
+  out = {
+      name: getattr(c, name)
+      for name in (
+          "vocab_size",
+          "hidden_size",
+          "intermediate_size",
+          "num_hidden_layers",
+          "num_attention_heads",
+          "num_key_value_heads",
+          "max_position_embeddings",
+          "rms_norm_eps",
+          "tie_word_embeddings",
+          "bos_token_id",
+          "eos_token_id",
+          "model_type",
+      )
+  }
+  out.update(architectures=[family.architecture], head_dim=c.kv_head_dim)
+  out["hidden_activation" if gemma else "hidden_act"] = c.activation
+  rope = {"rope_type": "default", **dict(c.rope_scaling or ())}
+  rope["rope_theta"] = c.rope_theta
+  out["rope_theta"] = c.rope_theta
+  if c.rope_scaling:
+    out["rope_scaling"] = rope
+  if c.model_type == "gemma3_text":
+    local = c.rope_local_theta or c.rope_theta
+    out["rope_local_base_freq"] = local
+    rope = {
+        llama.FULL: rope,
+        llama.SLIDING: {"rope_type": "default", "rope_theta": local},
+    }
+  out["rope_parameters"] = rope
+  if "attention_bias" in family.options:
+    out["attention_bias"] = c.attention_bias
+  if c.model_type == "llama":
+    out["mlp_bias"] = False
+  if c.model_type == "mistral":
+    out["sliding_window"] = c.sliding_window
+  if "layer_types" in family.options:
+    every = llama.FULL if c.sliding_window is None else llama.SLIDING
+    types = list(c.layer_types or c.num_hidden_layers * [every])
+    out.update(layer_types=types, sliding_window=c.sliding_window)
+    if c.model_type in ("qwen2", "qwen3"):
+      # Qwen's switch, and its rule's first windowed layer (exact where the
+      # windowed layers are the last ones, as Qwen's rule makes them).
+      first = (
+          types.index(llama.SLIDING) if llama.SLIDING in types else len(types)
+      )
+      out.update(
+          use_sliding_window=c.sliding_window is not None,
+          max_window_layers=first,
+      )
+  if gemma:
+    # Gemma builds a sliding-window mask whatever the layer types: a
+    # window no sequence reaches when every layer is global.
+    if c.sliding_window is None:
+      out["sliding_window"] = c.max_position_embeddings
+    out.update(
+        query_pre_attn_scalar=c.query_pre_attn_scalar or c.kv_head_dim,
+        attn_logit_softcapping=c.attn_logit_softcapping,
+        final_logit_softcapping=c.final_logit_softcapping,
+    )
+  return out
+
+
+class Layout(NamedTuple):
+  """How a config's model meets its HF checkpoint."""
+
+  cls: Callable  # the model class
+  entries: list  # the key map, one Entry per tensor
+  ignored: tuple  # regexes of checkpoint keys that are dropped
+  prefixes: tuple  # (old, new) key prefixes rewritten before the lookup
+  tied: Path | None  # the embedding a tied ``lm_head.weight`` must equal
+
+
+def family(config) -> Layout:
+  """The model class, key map and key rules of ``config``'s family."""
   if isinstance(config, gpt2.GPT2Config):
-    return gpt2.GPT2, gpt2_entries(config), (r"h\.\d+\.attn\.(masked_)?bias",)
-  return (
+    return Layout(
+        gpt2.GPT2,
+        gpt2_entries(config),
+        (r"h\.\d+\.attn\.(masked_)?bias",),
+        (("transformer.", ""),),
+        ("wte", "embedding"),
+    )
+  prefixes = ()
+  if config.model_type == "gemma3_text":
+    # The language model of Gemma3ForConditionalGeneration, as
+    # transformers v4 and v5 name it; the vision tower is dropped.
+    prefixes = (
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    )
+  return Layout(
       llama.Llama,
       llama_entries(config),
-      (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+      (
+          r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+          r"(model\.)?(vision_tower|multi_modal_projector)\..*",
+      ),
+      prefixes,
+      ("embed_tokens", "embedding") if config.tie_word_embeddings else None,
   )
 
 
@@ -172,16 +451,31 @@ def gpt2_entries(cfg: gpt2.GPT2Config) -> list[Entry]:
 
 
 def llama_entries(cfg: llama.LlamaConfig) -> list[Entry]:
+  family = cfg.family
   out = [
       Entry("model.embed_tokens.weight", ("embed_tokens", "embedding")),
       Entry("model.norm.weight", ("norm", "scale")),
   ]
   if not cfg.tie_word_embeddings:
     out.append(Entry("lm_head.weight", ("head",)))
+  norms = ["input_layernorm", "post_attention_layernorm"]
+  if family.sandwich_norms:
+    norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+  qkv_bias = family.qkv_bias or cfg.attention_bias
+  biased = {"q_proj": qkv_bias, "k_proj": qkv_bias, "v_proj": qkv_bias}
+  biased["o_proj"] = cfg.attention_bias
   for i in range(cfg.num_hidden_layers):
     pre = f"model.layers.{i}"
-    for ln in ("input_layernorm", "post_attention_layernorm"):
+    for ln in norms:
       out.append(Entry(f"{pre}.{ln}.weight", ("layers", i, ln, "scale")))
+    if family.qk_norm:
+      for ln in ("q_norm", "k_norm"):
+        out.append(
+            Entry(
+                f"{pre}.self_attn.{ln}.weight",
+                ("layers", i, "self_attn", ln, "scale"),
+            )
+        )
     for mod, lins in (
         ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
         ("mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -194,6 +488,10 @@ def llama_entries(cfg: llama.LlamaConfig) -> list[Entry]:
                 transpose=True,
             )
         )
+        if biased.get(lin):
+          out.append(
+              Entry(f"{pre}.{mod}.{lin}.bias", ("layers", i, mod, lin, "bias"))
+          )
   return out
 
 
@@ -228,64 +526,90 @@ def safetensors_files(directory: str) -> list[str]:
   )
 
 
-def _normalise_gpt2(key: str) -> str:
-  return key[len("transformer.") :] if key.startswith("transformer.") else key
+def _renamed(key: str, prefixes: tuple) -> str:
+  for old, new in prefixes:
+    if key.startswith(old):
+      return new + key[len(old) :]
+  return key
+
+
+def _host_device():
+  """The CPU device, where bf16 tensors are read (None: the default)."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS without the CPU backend
+    return None
+
+
+def _tensors(fname: str):
+  """``(key, read)`` for each tensor of a safetensors file; ``read()`` gives
+  the tensor as a NumPy array.
+
+  Read through safetensors' flax backend on the host CPU: NumPy has no
+  bfloat16, and jax arrays on the CPU convert to ``ml_dtypes`` NumPy arrays.
+  """
+  from safetensors import safe_open
+
+  with jax.default_device(_host_device()):
+    with safe_open(fname, framework="flax") as f:
+      for key in f.keys():
+        yield key, lambda key=key: np.asarray(f.get_tensor(key))
 
 
 def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
   """Builds the model for ``config`` with the weights in ``directory``.
 
-  Every tensor is read lazily and ``device_put`` on its own sharding (over
-  ``mesh``, or the default device). Non-parameter state (dropout RNG) is built
-  by a jitted constructor whose random parameters XLA dead-code eliminates.
+  Every tensor is read lazily (float32, float16 or bfloat16) and
+  ``device_put`` on its own sharding (over ``mesh``, or the default device),
+  cast to the parameter dtype. A tied model accepts an ``lm_head.weight``
+  equal to its embedding. Non-parameter state (dropout RNG) is built by a
+  jitted constructor whose random parameters XLA dead-code eliminates.
   """
-  from safetensors import safe_open
-
-  cls, entries, ignored = family(config)
-  abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+  layout = family(config)
+  abstract = nnx.eval_shape(lambda: layout.cls(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   shardings = shd.state_shardings(abstract, mesh, nnx.state(abstract))
   targets = traverse_util.flatten_dict(nnx.to_pure_dict(params))
-  by_key = {e.hf_key: e for e in entries}
-  is_gpt2 = isinstance(config, gpt2.GPT2Config)
+  by_key = {e.hf_key: e for e in layout.entries}
   loaded, errors, tied_head = {}, [], None
   for fname in safetensors_files(directory):
-    with safe_open(fname, framework="numpy") as f:
-      for raw in f.keys():
-        key = _normalise_gpt2(raw) if is_gpt2 else raw
-        if any(re.fullmatch(p, key) for p in ignored):
-          continue
-        if is_gpt2 and key == "lm_head.weight":
-          tied_head = f.get_tensor(raw)
-          continue
-        entry = by_key.get(key)
-        if entry is None:
-          errors.append(f"unexpected key {raw!r}")
-          continue
-        value = f.get_tensor(raw)
-        if entry.transpose:
-          value = value.T
-        want = targets[entry.path]
-        if tuple(value.shape) != tuple(want.shape):
-          errors.append(
-              f"{raw!r} has shape {tuple(value.shape)}, expected "
-              f"{tuple(want.shape)} for the config"
-          )
-          continue
-        loaded[entry.path] = jax.device_put(
-            np.asarray(value).astype(want.dtype), shardings[entry.path]
+    for raw, read in _tensors(fname):
+      key = _renamed(raw, layout.prefixes)
+      if any(re.fullmatch(p, key) for p in layout.ignored):
+        continue
+      if layout.tied is not None and key == "lm_head.weight":
+        tied_head = read()
+        continue
+      entry = by_key.get(key)
+      if entry is None:
+        errors.append(f"unexpected key {raw!r}")
+        continue
+      value = read()
+      if entry.transpose:
+        value = value.T
+      want = targets[entry.path]
+      if tuple(value.shape) != tuple(want.shape):
+        errors.append(
+            f"{raw!r} has shape {tuple(value.shape)}, expected "
+            f"{tuple(want.shape)} for the config"
         )
-  missing = [e.hf_key for e in entries if e.path not in loaded]
+        continue
+      loaded[entry.path] = jax.device_put(
+          value.astype(want.dtype), shardings[entry.path]
+      )
+  missing = [e.hf_key for e in layout.entries if e.path not in loaded]
   errors += [f"missing key {k!r}" for k in missing]
   if (
       tied_head is not None
-      and not missing
+      and layout.tied in loaded
       and not np.array_equal(
-          tied_head, np.asarray(loaded[("wte", "embedding")])
+          tied_head.astype(np.float32),
+          np.asarray(loaded[layout.tied]).astype(np.float32),
       )
   ):
     errors.append(
-        "'lm_head.weight' differs from 'wte.weight' but GPT-2's " "head is tied"
+        "'lm_head.weight' differs from the token embedding but the "
+        "config ties them (tie_word_embeddings)"
     )
   if errors:
     raise ValueError(
@@ -298,7 +622,7 @@ def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
   )
   rngs = lambda: nnx.Rngs(params=0, dropout=seed)
   rest_real = jax.jit(
-      lambda: nnx.state(cls(config, rngs=rngs()), nnx.Not(nnx.Param)),
+      lambda: nnx.state(layout.cls(config, rngs=rngs()), nnx.Not(nnx.Param)),
       out_shardings=replicated,
   )()
   return nnx.merge(graphdef, params, rest_real)
@@ -402,7 +726,7 @@ def save(
   ``model.safetensors.index.json``, as transformers does.
 
   Args:
-    model: a kdjax GPT-2 or LLaMA.
+    model: a kdjax GPT-2 or LLaMA-style model.
     directory: output directory (local or a URI such as ``gs://b/run/hf``).
     tokenizer: the ``tokenizers.Tokenizer`` the model was trained with; its
       EOS/BOS/pad ids go into the configs. Default: the byte-level tokenizer
@@ -427,9 +751,9 @@ def save(
         special[role] = ("", token_id)
       else:  # a random model with a made-up vocabulary: no such token
         logging.warning(
-            "%s_token_id %s lies outside the vocabulary of %d and no tokenizer "
-            "was given: the export declares no %s token (pass tokenizer= to "
-            "save_hf).",
+            "%s_token_id %s is unset or outside the vocabulary of %d and no "
+            "tokenizer was given: the export declares no %s token (pass "
+            "tokenizer= to save_hf).",
             role,
             token_id,
             _vocab_size(config),
@@ -437,7 +761,7 @@ def save(
         )
         special[role] = ("", None)
     special["pad"] = special["eos"]
-  _, entries, _ = family(config)
+  entries = family(config).entries
   flat = traverse_util.flatten_dict(
       nnx.to_pure_dict(nnx.state(model, nnx.Param))
   )

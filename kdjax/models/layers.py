@@ -1,7 +1,9 @@
-"""Pieces shared by the GPT-2 and LLaMA families.
+"""Pieces shared by the GPT-2 and LLaMA-style families.
 
 * :func:`attention`: softmax attention with grouped-query heads, a boolean
-  ``[B, T, S]`` mask and float32 logits/softmax whatever the compute dtype.
+  ``[B, T, S]`` mask, an optional logit soft-cap and float32 logits/softmax
+  whatever the compute dtype; :func:`sliding_window` narrows the mask to the
+  last W positions.
 * :class:`KVCache`: a preallocated per-layer key/value cache plus the mask of
   which slots hold real (non-padding) tokens.
 * :func:`context`: positions and the attention mask for one forward pass, with
@@ -11,10 +13,13 @@
   rematerialisation, written once; a family supplies ``embed``, ``blocks``,
   ``final_norm`` and ``head_weight``.
 * :func:`rope`: rotary position embedding in the HF (rotate-half) layout.
+* :class:`RMSNorm`: transformers' RMSNorm, with the ``1 + w`` scale of Gemma.
+* :func:`softcap`: ``c tanh(x / c)``, Gemma's attention and final-logit cap.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -56,6 +61,7 @@ class Context(NamedTuple):
   positions_BxT: Array
   mask_BxTxS: Array
   index: Array | None  # cache slot of the first query; None without a cache
+  q_slot_T: Array  # the key slot each query occupies
 
 
 def context(
@@ -96,8 +102,30 @@ def context(
       positions_BxT.astype(jnp.int32),
       mask_BxTxS,
       None if cache is None else index,
+      q_slot_T,
   )
   return ctx, new_valid
+
+
+def sliding_window(ctx: Context, window: int | None) -> Array:
+  """The mask of ``ctx`` restricted to the last ``window`` slots.
+
+  The query in slot ``t`` sees key slots ``t - window < s <= t`` (itself and
+  the ``window - 1`` before it), transformers' ``sliding_window`` rule; slots
+  count padding, as transformers' mask indices do. None: the mask unchanged.
+  """
+  if window is None:
+    return ctx.mask_BxTxS
+  S = ctx.mask_BxTxS.shape[-1]
+  near_TxS = jnp.arange(S)[None, :] > ctx.q_slot_T[:, None] - window
+  return ctx.mask_BxTxS & near_TxS[None]
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+  """``cap * tanh(x / cap)``: squashes ``x`` into ``(-cap, cap)``; None: ``x``."""
+  if cap is None:
+    return x
+  return cap * jnp.tanh(x / cap)
 
 
 def attention(
@@ -106,18 +134,28 @@ def attention(
     v_BxSxGxK: Array,
     mask_BxTxS: Array,
     dropout: Callable[[Array], Array] | None = None,
+    *,
+    scale: float | None = None,
+    cap: float | None = None,
 ) -> Array:
-  """``softmax(q k^T / sqrt(K) + mask) v`` with H query heads sharing G kv heads.
+  """``softmax(softcap(s q k^T, cap) + mask) v``, H query heads sharing G kv heads.
 
+  ``s = scale`` (default ``1 / sqrt(K)``); the soft-cap (Gemma 2's
+  ``attn_logit_softcapping``) acts before the mask, as in transformers.
   Logits and softmax are float32. A fully masked row (a padding query) gets a
   uniform distribution instead of NaN; its output is never used.
   """
   B, T, H, K = q_BxTxHxK.shape
   G = k_BxSxGxK.shape[2]
   q = q_BxTxHxK.reshape(B, T, G, H // G, K)
-  logits = jnp.einsum(
-      "btgrk,bsgk->bgrts", q, k_BxSxGxK, preferred_element_type=jnp.float32
-  ) / math.sqrt(K)
+  scale = 1.0 / math.sqrt(K) if scale is None else scale
+  logits = softcap(
+      jnp.einsum(
+          "btgrk,bsgk->bgrts", q, k_BxSxGxK, preferred_element_type=jnp.float32
+      )
+      * scale,
+      cap,
+  )
   logits = jnp.where(
       mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min
   )
@@ -135,8 +173,13 @@ def cached_attention(
     ctx: Context,
     kv: tuple | None,
     dropout: Callable[[Array], Array] | None = None,
+    *,
+    window: int | None = None,
+    scale: float | None = None,
+    cap: float | None = None,
 ) -> tuple[Array, tuple | None]:
-  """Writes the new keys/values into the layer's cache (if any), then attends."""
+  """Writes the new keys/values into the layer's cache (if any), then attends
+  (within the last ``window`` slots where one is given)."""
   if kv is not None:
     ck, cv = kv
     k_BxTxGxK = jax.lax.dynamic_update_slice_in_dim(
@@ -146,8 +189,14 @@ def cached_attention(
         cv, v_BxTxGxK.astype(cv.dtype), ctx.index, axis=1
     )
     kv = (k_BxTxGxK, v_BxTxGxK)
-  out = attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, ctx.mask_BxTxS, dropout)
+  mask_BxTxS = sliding_window(ctx, window)
+  out = attention(
+      q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxTxS, dropout, scale=scale, cap=cap
+  )
   return out, kv
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def rope_inv_freq(
@@ -175,8 +224,7 @@ def rope_inv_freq(
     medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
     return jnp.where(medium, smoothed, scaled)
   raise ValueError(
-      f"rope_scaling type {kind!r} is not supported; use "
-      "'default', 'linear' or 'llama3'."
+      f"rope_scaling type {kind!r} is not supported; use one of {ROPE_TYPES}."
   )
 
 
@@ -192,8 +240,41 @@ def rope(x_BxTxHxK: Array, positions_BxT: Array, inv_freq: Array) -> Array:
   )
 
 
+class RMSNorm(nnx.Module):
+  """transformers' RMSNorm over the last axis, float32 inside.
+
+  ``y = x / sqrt(mean(x^2) + eps)`` in float32, then either ``w * y`` with
+  ``y`` first cast to the compute dtype (LLaMA, Qwen, Mistral) or
+  ``(1 + w) * y`` cast afterwards (Gemma, ``unit_offset``; ``w`` starts at
+  0). The parameter is ``scale``, HF's ``weight``.
+  """
+
+  def __init__(
+      self,
+      dim: int,
+      eps: float,
+      *,
+      unit_offset: bool = False,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+  ):
+    init = jnp.zeros if unit_offset else jnp.ones
+    self.scale = nnx.Param(init((dim,), param_dtype))
+    self.eps, self.unit_offset, self.dtype = eps, unit_offset, dtype
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(
+        jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps
+    )
+    w = self.scale[...]
+    if self.unit_offset:
+      return (y * (1.0 + w.astype(jnp.float32))).astype(self.dtype)
+    return w.astype(self.dtype) * y.astype(self.dtype)
+
+
 class CausalLM(nnx.Module):
-  """The forward pass shared by both families.
+  """The forward pass shared by every family.
 
   Subclasses set ``self.config`` (with ``dtype``, ``remat``), ``self.blocks``
   (an ``nnx.List`` of blocks ``block(x, ctx, kv) -> (x, kv)``) and implement
@@ -245,15 +326,28 @@ class CausalLM(nnx.Module):
     """Final-norm hidden states ``[B, T, D]`` (the LM head's input)."""
     return self._forward(input_ids_BxT, positions, attention_mask, None)[0]
 
+  def logits_map(self) -> Callable[[Array], Array] | None:
+    """The map from ``h W^T`` to the logits, or None for the identity.
+
+    ``c tanh(z / c)`` where the config sets ``final_logit_softcapping = c``
+    (Gemma 2). Every path that makes logits from :meth:`hidden_states` and
+    :meth:`head_weight` applies it (:meth:`lm_head`, the fused loss).
+    """
+    cap = getattr(self.config, "final_logit_softcapping", None)
+    return None if cap is None else functools.partial(softcap, cap=cap)
+
   def lm_head(self, h_BxTxD: Array) -> Array:
-    """Logits ``h W^T``, float32 accumulation and output in any dtype."""
+    """Logits ``h W^T`` (then :meth:`logits_map`), float32 accumulation and
+    output in any dtype."""
     dtype = self.config.dtype
-    return jnp.einsum(
+    z = jnp.einsum(
         "...d,vd->...v",
         h_BxTxD.astype(dtype),
         self.head_weight().astype(dtype),
         preferred_element_type=jnp.float32,
     )
+    logits_map = self.logits_map()
+    return z if logits_map is None else logits_map(z)
 
   def __call__(
       self,

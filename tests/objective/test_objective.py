@@ -13,12 +13,14 @@ B, T, V, H = 2, 5, 40, 6
 
 
 class _Toy:
-  """``logits = E[ids] Wᵀ``: hidden states and a head, like the real models."""
+  """``logits = E[ids] Wᵀ``, soft-capped ``c tanh(z / c)`` when ``cap`` is
+  set: hidden states, a head and a logits map, like the real models."""
 
-  def __init__(self, seed, width):
+  def __init__(self, seed, width, cap=None):
     k1, k2 = jax.random.split(jax.random.key(seed))
     self.embed = jax.random.normal(k1, (V, width))
     self.head = 0.7 * jax.random.normal(k2, (V, width))
+    self.cap = cap
 
   def hidden_states(self, ids, positions, attention_mask):
     del positions, attention_mask
@@ -27,8 +29,14 @@ class _Toy:
   def head_weight(self):
     return self.head
 
+  def logits_map(self):
+    if self.cap is None:
+      return None
+    return lambda z: self.cap * jnp.tanh(z / self.cap)
+
   def __call__(self, *inputs):
-    return self.hidden_states(*inputs) @ self.head.T
+    z = self.hidden_states(*inputs) @ self.head.T
+    return z if self.cap is None else self.logits_map()(z)
 
 
 def _batch():
@@ -91,6 +99,28 @@ def test_fused_gradient_equals_auto():
   g_auto = jax.grad(loss)(head, "auto")
   g_fused = jax.grad(loss)(head, "fused")
   np.testing.assert_allclose(g_fused, g_auto, atol=1e-5 * np.abs(g_auto).max())
+
+
+def test_fused_path_applies_the_models_logit_caps():
+  """Soft-capped student (c = 1.5) and teacher (c = 2): the fused sums and
+  their head gradient equal the logits path's, and the caps act."""
+  teacher, batch = _Toy(2, H + 2, cap=2.0), _batch()
+  cfg = _cfg("fused", name="akl", mu=0.5)
+
+  def loss(head, impl, cap=1.5):
+    student = _Toy(1, H, cap=cap)
+    student.head = head
+    c = dict(cfg, impl=impl)
+    return objective.combine(c, objective.sums(c, student, teacher, batch))[0]
+
+  head = 3.0 * _Toy(1, H).head  # logits of ~10: well into the caps
+  for impl in ("auto", "fused"):
+    objective.check(dict(cfg, impl=impl))
+  want, g_auto = jax.value_and_grad(loss)(head, "auto")
+  got, g_fused = jax.value_and_grad(loss)(head, "fused")
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(g_fused, g_auto, atol=1e-5 * np.abs(g_auto).max())
+  assert abs(float(loss(head, "auto", cap=None)) - float(want)) > 0.1
 
 
 def test_check_names_the_fix():
