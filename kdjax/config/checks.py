@@ -721,7 +721,7 @@ def _check_lora(config) -> None:
   model_cfg = _student_model_config(config)
   if model_cfg is None:
     return
-  cls = hf.family(model_cfg)[0]
+  cls = hf.family(model_cfg).cls
   paths = lora.linear_paths(
       nnx.eval_shape(lambda: cls(model_cfg, rngs=nnx.Rngs(0)))
   )

@@ -190,7 +190,7 @@ def peft_tensors(model: nnx.Module) -> tuple[dict[str, np.ndarray], list, bool]:
   ``base_model.model.<module>.lora_A.weight`` is ``A^T [r, in]`` and
   ``lora_B.weight`` is ``B^T [out, r]`` (torch ``nn.Linear`` layout).
   """
-  _, entries, _ = hf.family(model.config)
+  entries = hf.family(model.config).entries
   prefix = hf.key_prefix(model.config)
   by_path = {e.path[:-1]: e for e in entries if e.path[-1] == "kernel"}
   tensors, modules, conv1d = {}, [], set()
