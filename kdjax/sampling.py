@@ -8,14 +8,17 @@ next-token logits go through the HF logits-processor order:
 
   no_repeat_ngram_size -> temperature -> top-k -> top-p -> argmax / sample
 
-Rows that emitted ``eos_id`` keep emitting ``pad_id``; the loop ends when every
-row is done or after ``max_new_tokens``.
+A row ends at the first token that is one of ``stop_ids`` (kept): the EOS and
+an instruct model's end-of-turn token (:func:`kdjax.data.tokenizer.stop_ids`
+gives a tokenizer's set). After it the row emits ``pad_id``; the loop ends when
+every row is done or after ``max_new_tokens``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import numbers
+from typing import Iterable, NamedTuple
 
 from flax import nnx
 import jax
@@ -26,7 +29,11 @@ NEG_INF = -jnp.inf
 
 
 class Settings(NamedTuple):
-  """Static decoding settings (hashable: one compilation per distinct value)."""
+  """Static decoding settings (hashable: one compilation per distinct value).
+
+  ``stop_ids``: the ids that end a row, a tuple (empty: rows run to
+  ``max_new_tokens``); :func:`make_settings` takes one EOS id or several.
+  """
 
   max_new_tokens: int = 32
   greedy: bool = True
@@ -34,8 +41,34 @@ class Settings(NamedTuple):
   top_k: int = 0
   top_p: float = 1.0
   no_repeat_ngram_size: int = 0
-  eos_id: int | None = None
+  stop_ids: tuple[int, ...] = ()
   pad_id: int = 0
+
+
+def stop_tuple(stop_ids: int | Iterable[int] | None) -> tuple[int, ...]:
+  """``stop_ids`` as a tuple of Python ints in their order, duplicates
+  dropped: one id (the EOS) or several; None is none."""
+  if stop_ids is None:
+    return ()
+  if isinstance(stop_ids, numbers.Integral):
+    stop_ids = (stop_ids,)
+  return tuple(dict.fromkeys(int(i) for i in stop_ids))
+
+
+def make_settings(**fields) -> Settings:
+  """:class:`Settings` from its fields; ``stop_ids`` may be one id
+  (``stop_ids=eos_id``) or any iterable of ids (:func:`stop_tuple`)."""
+  if "stop_ids" in fields:
+    fields["stop_ids"] = stop_tuple(fields["stop_ids"])
+  return Settings(**fields)
+
+
+def is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
+  """True where a token is one of ``stop_ids`` (all False when there are
+  none); ``stop_ids`` is static, so each set is its own program."""
+  if not stop_ids:
+    return jnp.zeros(jnp.shape(tokens), bool)
+  return jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32))
 
 
 def top_k_mask(logits_BxV: Array, k: int) -> Array:
@@ -125,13 +158,14 @@ def generate(
     prompt_ids_BxP: left-padded prompt token ids.
     prompt_mask_BxP: True on real prompt tokens (default: all).
     key: PRNG key for sampling (ignored when ``greedy``).
-    **settings: fields of :class:`Settings`.
+    **settings: fields of :class:`Settings` (:func:`make_settings`:
+      ``stop_ids`` one id or several).
 
   Returns:
-    ``[B, max_new_tokens]`` int32 tokens; after a row's ``eos_id`` (kept) the
-    rest is ``pad_id``.
+    ``[B, max_new_tokens]`` int32 tokens; after a row's first stop id (kept)
+    the rest is ``pad_id``.
   """
-  s = Settings(**settings)
+  s = make_settings(**settings)
   if not s.greedy and key is None:
     raise ValueError(
         "sampling (greedy=False) needs a PRNG key: pass "
@@ -183,8 +217,7 @@ def _generate(graphdef, state, prompt_BxP, mask_BxP, key, s: Settings):
     next_B = jnp.where(done_B, s.pad_id, next_B).astype(jnp.int32)
     tokens_BxS = tokens_BxS.at[:, P + i].set(next_B)
     valid_BxS = valid_BxS.at[:, P + i].set(~done_B)
-    if s.eos_id is not None:
-      done_B = done_B | (next_B == s.eos_id)
+    done_B = done_B | is_stop(next_B, s.stop_ids)
     logits_Bx1xV, cache = model.decode(next_B[:, None], cache)
     return (
         i + 1,

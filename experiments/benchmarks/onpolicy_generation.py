@@ -102,7 +102,7 @@ def main(_):
   prompts = jnp.asarray(np.stack([r["input_ids"][:P] for r in rows]))
   mask = jnp.ones((B, P), bool)
   settings = sampling.Settings(
-      max_new_tokens=N, greedy=False, temperature=1.0, eos_id=None, pad_id=eos
+      max_new_tokens=N, greedy=False, temperature=1.0, stop_ids=(), pad_id=eos
   )
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
   key = jax.random.key(0)

@@ -15,7 +15,9 @@ template sees ``messages``, ``add_generation_prompt``, ``tools`` and
 An example becomes the messages ``[system?, user, assistant]``
 (:func:`conversation`); :func:`split` cuts the answered conversation into the
 prompt, rendered with ``add_generation_prompt=True`` without the answer, and
-the rest (docs/data.md "Chat templates").
+the rest (docs/data.md "Chat templates"). :func:`after_answer` is what a
+template writes after an answer: its end-of-turn token, where generation
+stops.
 """
 
 from __future__ import annotations
@@ -193,3 +195,26 @@ def split(
         "text template ('minillm', 'compact')."
     )
   return prompt, full[len(prompt) :]
+
+
+# A placeholder answer: plain words that no template trims, splits or escapes.
+_PROBE_ANSWER = "kdjax probe answer"
+
+
+def after_answer(apply: Apply) -> str:
+  """The text the template writes after the content of an assistant turn.
+
+  The rendering of ``[user, assistant]`` after the assistant's content, e.g.
+  ``"<|im_end|>\\n"`` (ChatML, Qwen), ``"<|eot_id|>"`` (Llama 3),
+  ``"<end_of_turn>\\n"`` (Gemma); ``""`` when the template does not write the
+  content verbatim.
+  """
+  text = apply(
+      [
+          {"role": "user", "content": "Hello."},
+          {"role": "assistant", "content": _PROBE_ANSWER},
+      ],
+      add_generation_prompt=False,
+  )
+  at = text.rfind(_PROBE_ANSWER)
+  return "" if at < 0 else text[at + len(_PROBE_ANSWER) :]

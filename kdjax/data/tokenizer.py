@@ -5,7 +5,9 @@ else is a Hugging Face model directory, a ``tokenizer.json`` file or a hub id
 (:func:`from_pretrained`), read as an :class:`HFTokenizer`: the
 ``tokenizers.Tokenizer`` with the named special tokens and the chat template
 of ``tokenizer_config.json`` / ``special_tokens_map.json`` /
-``chat_template.jinja`` (docs/data.md "Chat templates").
+``chat_template.jinja`` (docs/data.md "Chat templates") and the EOS ids of
+``generation_config.json``. :func:`stop_ids` is the set of ids that end a
+generated response.
 
 The byte-level tokenizer:
 
@@ -29,6 +31,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from kdjax.data import chat
+from kdjax.data import template as template_lib
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 256
@@ -73,6 +76,7 @@ _TOKENIZER_FILES = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "generation_config.json",
 ]
 # The named special tokens transformers passes to a chat template
 # (``SPECIAL_TOKENS_ATTRIBUTES``), in the order it adds missing ones.
@@ -92,15 +96,17 @@ class HFTokenizer:
   """A ``tokenizers.Tokenizer`` with what the files beside it declare.
 
   ``special_tokens`` maps the names of :data:`SPECIAL_TOKEN_NAMES` that are
-  set to their text; ``chat_template`` is the Jinja source (None: none).
-  Every other attribute is the wrapped tokenizer's (``encode``, ``decode``,
-  ``token_to_id``, ``save``, ...), so an ``HFTokenizer`` goes wherever a
-  ``tokenizers.Tokenizer`` does.
+  set to their text; ``chat_template`` is the Jinja source (None: none);
+  ``generation_eos_ids`` the ``eos_token_id`` of a ``generation_config.json``
+  beside it (:func:`generation_eos_ids`). Every other attribute is the
+  wrapped tokenizer's (``encode``, ``decode``, ``token_to_id``, ``save``,
+  ...), so an ``HFTokenizer`` goes wherever a ``tokenizers.Tokenizer`` does.
   """
 
   tokenizer: tokenizers.Tokenizer
   special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
   chat_template: str | None = None
+  generation_eos_ids: tuple[int, ...] = ()
 
   def __getattr__(self, name: str) -> Any:
     if name.startswith("__") or name == "tokenizer":  # copy, pickle
@@ -143,6 +149,21 @@ class HFTokenizer:
         add_generation_prompt=add_generation_prompt,
         **self.special_tokens,
     )
+
+  def end_of_turn_id(self) -> int | None:
+    """The chat template's end-of-turn token: the first special token it
+    writes after an assistant turn's content
+    (:func:`kdjax.data.chat.after_answer`: Qwen's ``<|im_end|>``, Llama 3's
+    ``<|eot_id|>``, Gemma's ``<end_of_turn>``); None without a template or
+    such a token."""
+    if self.chat_template is None:
+      return None
+    tail = chat.after_answer(self.apply_chat_template)
+    special = {
+        i for i, t in self.get_added_tokens_decoder().items() if t.special
+    }
+    ids = self.encode(tail, add_special_tokens=False).ids
+    return next((i for i in ids if i in special), None)
 
 
 # What the data pipeline and evaluation take: a bare tokenizer (the byte-level
@@ -228,6 +249,23 @@ def chat_template(directory: str) -> str | None:
   return template
 
 
+def generation_eos_ids(directory: str) -> tuple[int, ...]:
+  """``eos_token_id`` of a model directory's ``generation_config.json``, one
+  id or a list (Llama 3.1 Instruct: 128001, 128008, 128009); ``()`` without
+  the file or the key."""
+  path = os.path.join(directory, "generation_config.json")
+  ids = _read_json(path).get("eos_token_id")
+  ids = [ids] if isinstance(ids, int) else ids or []
+  if not isinstance(ids, list) or not all(
+      isinstance(i, int) and not isinstance(i, bool) for i in ids
+  ):
+    raise ValueError(
+        f"{path} has eos_token_id={ids!r}; it must be a token id or a list "
+        "of token ids."
+    )
+  return tuple(ids)
+
+
 def _with_config(tok: tokenizers.Tokenizer, directory: str) -> HFTokenizer:
   """``tok`` with the directory's special tokens, each a special token.
 
@@ -245,7 +283,9 @@ def _with_config(tok: tokenizers.Tokenizer, directory: str) -> HFTokenizer:
   tok.add_special_tokens(
       [tokenizers.AddedToken(t, special=True) for t in dict.fromkeys(missing)]
   )
-  return HFTokenizer(tok, special, chat_template(directory))
+  return HFTokenizer(
+      tok, special, chat_template(directory), generation_eos_ids(directory)
+  )
 
 
 def _bare(path: str) -> tokenizers.Tokenizer:
@@ -272,8 +312,8 @@ def from_pretrained(path_or_hub_id: str) -> HFTokenizer:
   file, or from the hub.
 
   A directory's ``tokenizer_config.json``, ``special_tokens_map.json`` and
-  ``chat_template.jinja`` give the special tokens and the chat template; a
-  lone file has neither.
+  ``chat_template.jinja`` give the special tokens and the chat template, its
+  ``generation_config.json`` the generation EOS ids; a lone file has none.
   """
   path = _local(path_or_hub_id)
   tok = _bare(path)
@@ -304,3 +344,27 @@ def load(spec: str) -> tuple[Tokenizer, int]:
       "tokenizer_config.json; use a GPT-2 or LLaMA tokenizer or declare "
       "its eos_token."
   )
+
+
+def stop_ids(
+    tokenizer: Tokenizer, eos_id: int, template: str
+) -> tuple[int, ...]:
+  """The ids that end a generated response, ``eos_id`` first.
+
+  ``eos_id`` (:func:`load`'s EOS), then, for an :class:`HFTokenizer`, the id
+  of its ``eos_token`` (``tokenizer_config.json``: Qwen2.5 Instruct's
+  ``<|im_end|>``, Llama 3 Instruct's ``<|eot_id|>``), the ids of its
+  directory's ``generation_config.json`` ``eos_token_id``, and with
+  ``template="chat"`` the chat template's end-of-turn token
+  (:meth:`HFTokenizer.end_of_turn_id`). Generation (evaluation, SeqKD,
+  on-policy sampling) stops at the first of them; duplicates are dropped
+  (docs/data.md "Stop ids").
+  """
+  ids = [eos_id]
+  if isinstance(tokenizer, HFTokenizer):
+    if tokenizer.eos_token is not None:
+      ids.append(tokenizer.token_to_id(tokenizer.eos_token))
+    ids += tokenizer.generation_eos_ids
+    if template == template_lib.CHAT:
+      ids.append(tokenizer.end_of_turn_id())
+  return tuple(dict.fromkeys(int(i) for i in ids if i is not None))

@@ -16,8 +16,10 @@ A config becomes a :class:`Protocol` in :func:`kdjax.config.spec.protocol_from_c
 
 The protocol (docs/evaluation.md): prompts templated, cut to their first 256
 tokens, left-padded with EOS; up to 256 new tokens sampled with temperature 1,
-top-k and top-p off, ``no_repeat_ngram_size=6``, stopping at EOS; responses
-decoded without special tokens, cut at ``<|endoftext|>``, stripped; ROUGE-L F1
+top-k and top-p off, ``no_repeat_ngram_size=6``, stopping at the first stop
+id (EOS; an instruct tokenizer's other EOS ids and end-of-turn token:
+:func:`kdjax.data.tokenizer.stop_ids`); responses cut there, decoded without
+special tokens, cut at ``<|endoftext|>``, stripped; ROUGE-L F1
 (``rouge_score``, Porter stemmer), max over the references, mean over
 examples x 100, exact match after SQuAD normalisation next to it; one full
 evaluation per seed 10, 20, 30, 40, 50; mean and std over seeds. Datasets

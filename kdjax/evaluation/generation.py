@@ -3,8 +3,10 @@
 Prompts are templated as for training (:func:`kdjax.data.pipeline.prompt_of`,
 the chat template included), cut to their first ``max_prompt_length`` tokens
 and left-padded with EOS; :func:`kdjax.sampling.generate` samples up to
-``max_new_tokens`` tokens per prompt, stopping at EOS, on an eval-mode
-(dropout off) view of the model.
+``max_new_tokens`` tokens per prompt, stopping at the first stop id (the EOS,
+the tokenizer's ``eos_token`` and generation EOS ids, and under the chat
+template its end-of-turn token: :func:`kdjax.data.tokenizer.stop_ids`), on an
+eval-mode (dropout off) view of the model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tqdm
 
 from kdjax import sampling, sharding
 from kdjax.data import pipeline
+from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.data.tokenizer import Tokenizer
 from kdjax.evaluation.protocol import Protocol
 from kdjax.evaluation.scoring import postprocess
@@ -102,6 +105,7 @@ def generate_token_ids(
     protocol: Protocol,
     seed: int,
     eos_id: int,
+    stop_ids: Sequence[int],
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     desc: str = "generate",
@@ -114,15 +118,17 @@ def generate_token_ids(
   has the same shape, so generation compiles once per (model, protocol,
   batch size). With ``mesh``, batches are split over its batch axes (the
   batch size must be a multiple of their size) and the model should already
-  be placed on it (``sharding.shard_model``).
+  be placed on it (``sharding.shard_model``). A response ends at the first
+  of ``stop_ids`` (:func:`stop_ids`); ``eos_id`` pads.
 
   Returns:
-    one ``[max_new_tokens]`` int array per example; after EOS comes EOS.
+    one ``[max_new_tokens]`` int array per example; after the stop id comes
+    EOS.
   """
   _check_positions(model, protocol)
   if mesh is not None:
     _check_mesh_batch(prompts.dataset[0]["input_ids"].shape[0], mesh)
-  settings = protocol.sampling_settings(eos_id)
+  settings = protocol.sampling_settings(eos_id, stop_ids)
   model = _eval_view(model)
   place = (
       (lambda x: x)
@@ -155,10 +161,20 @@ def generate_token_ids(
   return out
 
 
+def stop_ids(
+    tokenizer: Tokenizer, eos_id: int, protocol: Protocol
+) -> tuple[int, ...]:
+  """The ids that end a response: :func:`kdjax.data.tokenizer.stop_ids` under
+  the protocol's template (the run's ``data.template``), the set on-policy
+  sampling uses too."""
+  return tokenizer_lib.stop_ids(tokenizer, eos_id, protocol.template)
+
+
 def responses(
     model: nnx.Module,
     tokenizer: Tokenizer,
     eos_id: int,
+    stops: Sequence[int],
     prompts: pipeline.EvalPrompts,
     protocol: Protocol,
     seed: int,
@@ -166,18 +182,20 @@ def responses(
     progress: bool,
     desc: str,
 ) -> list[str]:
-  """The response text to every prompt (:func:`generate_token_ids`, decoded)."""
+  """The response text to every prompt (:func:`generate_token_ids`, cut at
+  the first of ``stops`` and decoded)."""
   ids = generate_token_ids(
       model,
       prompts,
       protocol=protocol,
       seed=seed,
       eos_id=eos_id,
+      stop_ids=stops,
       mesh=mesh,
       progress=progress,
       desc=desc,
   )
-  return [postprocess(t, tokenizer, eos_id) for t in ids]
+  return [postprocess(t, tokenizer, stops) for t in ids]
 
 
 def generate_responses(
@@ -193,7 +211,8 @@ def generate_responses(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-  """One response per example of ``source`` (e.g. SeqKD teacher outputs).
+  """One response per example of ``source`` (e.g. SeqKD teacher outputs),
+  each ending at its first stop id (:func:`stop_ids`).
 
   Returns:
     ``[{"prompt", "references", "task", "instruction", "input",
@@ -207,6 +226,7 @@ def generate_responses(
       model,
       tokenizer,
       eos_id,
+      stop_ids(tokenizer, eos_id, protocol),
       rows,
       protocol,
       seed,

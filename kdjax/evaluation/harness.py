@@ -62,7 +62,10 @@ def evaluate(
       the caller's model is left as it was.
     tokenizer: from ``kdjax.data.tokenizer.load`` (an HF directory's carries
       the chat template ``protocol.template='chat'`` renders).
-    eos_id: its EOS id (also the left-padding id).
+    eos_id: its EOS id (also the left-padding id); responses end at the
+      first of :func:`~kdjax.evaluation.generation.stop_ids` (the EOS, the
+      tokenizer's other EOS ids and, under the chat template, its
+      end-of-turn token).
     source: random-access examples (``len``, ``[i]``): a TFDS data source from
       ``kdjax.data.sources.load_source`` or a list of dicts with
       instruction/input (or prompt) and references/valid_answers/response.
@@ -83,6 +86,7 @@ def evaluate(
   prompts = generation.prompts(
       examples, tokenizer, eos_id, protocol, batch_size
   )
+  stops = generation.stop_ids(tokenizer, eos_id, protocol)
   rows = [dict(ex, responses={}, scores={}) for ex in prompts.examples]
   if valid is not None:
     for row, answers in zip(rows, valid):
@@ -92,6 +96,7 @@ def evaluate(
         model,
         tokenizer,
         eos_id,
+        stops,
         prompts,
         protocol,
         seed,

@@ -8,7 +8,7 @@ reads one from a config.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 
 class Protocol(NamedTuple):
@@ -25,8 +25,11 @@ class Protocol(NamedTuple):
   template: str = "minillm"  # prompt template (kdjax.data.template.CHOICES)
   system_prompt: str = ""  # the chat template's system message ('': none)
 
-  def sampling_settings(self, eos_id: int) -> dict[str, Any]:
-    """Keyword arguments of :func:`kdjax.sampling.generate`."""
+  def sampling_settings(
+      self, eos_id: int, stop_ids: Sequence[int]
+  ) -> dict[str, Any]:
+    """Keyword arguments of :func:`kdjax.sampling.generate`: a response ends
+    at any of ``stop_ids``, and ``eos_id`` pads."""
     return dict(
         max_new_tokens=self.max_new_tokens,
         greedy=self.greedy,
@@ -34,6 +37,6 @@ class Protocol(NamedTuple):
         top_k=self.top_k,
         top_p=self.top_p,
         no_repeat_ngram_size=self.no_repeat_ngram_size,
-        eos_id=eos_id,
+        stop_ids=tuple(stop_ids),
         pad_id=eos_id,
     )

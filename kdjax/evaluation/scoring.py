@@ -1,7 +1,7 @@
 """Scoring responses: ROUGE-L F1, exact match, validity, and their aggregation.
 
-* responses are decoded without special tokens, cut at ``<|endoftext|>``,
-  stripped (:func:`postprocess`);
+* responses are cut at the first stop id, decoded without special tokens,
+  cut at ``<|endoftext|>``, stripped (:func:`postprocess`);
 * ROUGE-L F1 (``rouge_score``, Porter stemmer), max over the references;
   exact match after SQuAD normalisation; validity (datasets listing every
   valid answer) is exact match against those answers;
@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 import string
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -86,13 +86,14 @@ def score(
 
 
 def postprocess(
-    token_ids: Iterable[int], tokenizer: Tokenizer, eos_id: int
+    token_ids: Iterable[int], tokenizer: Tokenizer, stop_ids: Collection[int]
 ) -> str:
-  """Generated ids -> response text: cut at the first EOS, decode without
-  special tokens, cut at ``<|endoftext|>``, strip."""
+  """Generated ids -> response text: cut at the first of ``stop_ids`` (the
+  EOS, an end-of-turn token), decode without special tokens, cut at
+  ``<|endoftext|>``, strip."""
+  stops = {int(i) for i in stop_ids}
   ids = [int(t) for t in token_ids]
-  if eos_id in ids:
-    ids = ids[: ids.index(eos_id)]
+  ids = ids[: next((j for j, t in enumerate(ids) if t in stops), len(ids))]
   text = tokenizer.decode(ids, skip_special_tokens=True)
   return text.split(EOS_TEXT, 1)[0].strip()
 

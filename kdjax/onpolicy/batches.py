@@ -12,9 +12,10 @@ shape-static, so it runs on device inside the step's mesh:
   ``prompt_length``, the layout :func:`kdjax.sampling.generate` expects;
 * :func:`response_rows` turns left-padded prompts and generated tokens back
   into training rows of the same layout: ``ids = prompt ‖ y_1..y_g`` where
-  ``g`` is the position of the first EOS (kept, as the dataset's final EOS)
-  or ``max_new_tokens`` without one, truncated to ``L`` tokens; the loss
-  covers exactly the generated tokens, nothing after EOS.
+  ``g`` is the position of the first stop id (the EOS or an end-of-turn
+  token; kept, as the dataset's final EOS) or ``max_new_tokens`` without
+  one, truncated to ``L`` tokens; the loss covers exactly the generated
+  tokens, nothing after the stop.
 
 Rows travel in a compact form, :class:`Rows` (``ids``, ``p``, ``n``), which
 is also what the replay buffer stores.
@@ -22,10 +23,12 @@ is also what the replay buffer stores.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from kdjax import sampling
 
 Array = jax.Array
 # The keys and dtypes of a training batch (kdjax.data.pipeline.train_row).
@@ -79,12 +82,12 @@ def prompts_from_batch(
   return prompt_BxP.astype(jnp.int32), real_BxP
 
 
-def generated_length(tokens_BxN: Array, eos_id: int) -> Array:
-  """Tokens up to and including the first EOS (all ``N`` without one)."""
+def generated_length(tokens_BxN: Array, stop_ids: Sequence[int]) -> Array:
+  """Tokens up to and including the first stop id (all ``N`` without one)."""
   N = tokens_BxN.shape[1]
-  is_eos = tokens_BxN == eos_id
+  stop_BxN = sampling.is_stop(tokens_BxN, sampling.stop_tuple(stop_ids))
   return jnp.where(
-      jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, N
+      jnp.any(stop_BxN, axis=1), jnp.argmax(stop_BxN, axis=1) + 1, N
   ).astype(jnp.int32)
 
 
@@ -95,17 +98,18 @@ def response_rows(
     *,
     max_length: int,
     eos_id: int,
+    stop_ids: Sequence[int],
 ) -> Rows:
-  """Rows ``prompt ‖ generated`` (through the first EOS), <= max_length.
+  """Rows ``prompt ‖ generated`` (through the first stop id), <= max_length.
 
   ``prompt_BxP`` is left-padded (``prompt_mask`` True on real tokens);
-  ``tokens_BxN`` is the sampler's output (after a row's EOS comes padding,
-  ignored here).
+  ``tokens_BxN`` is the sampler's output (after a row's stop id comes
+  padding, ignored here); ``eos_id`` fills the row after its end.
   """
   B, P = prompt_BxP.shape
   L = max_length
   p_B = jnp.sum(prompt_mask_BxP, axis=1, dtype=jnp.int32)
-  g_B = generated_length(tokens_BxN, eos_id)
+  g_B = generated_length(tokens_BxN, stop_ids)
   n_B = jnp.minimum(p_B + g_B, L)
   seq_BxS = jnp.concatenate([prompt_BxP, tokens_BxN.astype(jnp.int32)], axis=1)
   t = jnp.arange(L + 1)

@@ -160,9 +160,10 @@ def generate(
   """Teacher-mixed decoding: ``(tokens_BxN, {name: [B, N] float32})``.
 
   The records are :data:`RECORDS` at each generated token (0 after a row's
-  end). ``settings`` are :class:`kdjax.sampling.Settings` fields.
+  end). ``settings`` are :class:`kdjax.sampling.Settings` fields
+  (:func:`kdjax.sampling.make_settings`).
   """
-  rule = MixRule(sampling.Settings(**settings), float(alpha))
+  rule = MixRule(sampling.make_settings(**settings), float(alpha))
   return skd.decode_together(
       student, teacher, prompt_ids_BxP, prompt_mask_BxP, key, rule
   )

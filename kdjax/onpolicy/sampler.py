@@ -12,7 +12,7 @@ and layout.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from flax import nnx
 import jax
@@ -31,16 +31,22 @@ def new_tokens(cfg, max_length: int, max_prompt_length: int) -> int:
 
 
 def settings(
-    cfg, *, eos_id: int, max_length: int, max_prompt_length: int
+    cfg,
+    *,
+    eos_id: int,
+    stop_ids: Sequence[int],
+    max_length: int,
+    max_prompt_length: int,
 ) -> sampling.Settings:
-  """Sampling settings of the generated responses (EOS ends a row)."""
-  return sampling.Settings(
+  """Sampling settings of the generated responses: any of ``stop_ids`` ends
+  a row (:func:`kdjax.data.tokenizer.stop_ids`), ``eos_id`` pads it."""
+  return sampling.make_settings(
       max_new_tokens=new_tokens(cfg, max_length, max_prompt_length),
       greedy=False,
       temperature=float(cfg.temperature),
       top_k=int(cfg.top_k),
       top_p=float(cfg.top_p),
-      eos_id=eos_id,
+      stop_ids=stop_ids,
       pad_id=eos_id,
   )
 
@@ -57,10 +63,11 @@ class Sampler:
   """A run's sampling parts (static; hashable for ``jax.jit``).
 
   Attributes:
-    settings: how responses are sampled (:func:`settings`).
+    settings: how responses are sampled (:func:`settings`); its
+      ``stop_ids`` end a response.
     prompt_length: the left-padded prompt width (``data.max_prompt_length``).
     max_length: the training rows' length (``data.max_length``).
-    eos_id: end of sequence, also the padding.
+    eos_id: the padding of prompts and rows.
     student_graphdef: the student's graph definition (params and rest split).
     teacher_graphdef: the teacher's, or None when no strategy decodes with it.
   """
@@ -85,13 +92,14 @@ class Sampler:
     return batches.prompts_from_batch(batch, self.prompt_length, self.eos_id)
 
   def rows(self, prompt_BxP, mask_BxP, tokens_BxN) -> batches.Rows:
-    """``prompt ‖ tokens`` through the first EOS, as training rows."""
+    """``prompt ‖ tokens`` through the first stop id, as training rows."""
     return batches.response_rows(
         prompt_BxP,
         mask_BxP,
         tokens_BxN,
         max_length=self.max_length,
         eos_id=self.eos_id,
+        stop_ids=self.settings.stop_ids,
     )
 
   def generate_rows(

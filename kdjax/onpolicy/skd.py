@@ -132,11 +132,11 @@ def generate(
 ) -> tuple[Array, Array]:
   """SKD decoding of ``max_new_tokens`` per row (both models in eval mode).
 
-  Returns ``(tokens_BxN, replaced_BxN)``: the tokens (after a row's ``eos_id``
-  the rest is ``pad_id``) and where the teacher replaced the student's
+  Returns ``(tokens_BxN, replaced_BxN)``: the tokens (after a row's first
+  stop id the rest is ``pad_id``) and where the teacher replaced the student's
   proposal (False after the end).
   """
-  s = sampling.Settings(**settings)
+  s = sampling.make_settings(**settings)
   if teacher_top_k < 1:
     raise ValueError(
         f"SKD teacher_top_k={teacher_top_k} must be >= 1 (the "
@@ -172,8 +172,8 @@ def decode_together(
   split(key)`` (the sampler's schedule), one rule call, one student and one
   teacher forward on the chosen token through their own KV caches.
 
-  Returns ``(tokens_BxN, records)``: after a row's ``eos_id`` the tokens are
-  ``pad_id`` and the records zero (False).
+  Returns ``(tokens_BxN, records)``: after a row's first stop id the tokens
+  are ``pad_id`` and the records zero (False).
   """
   s = rule.settings
   if s.temperature <= 0:
@@ -231,8 +231,7 @@ def _decode_together(
         k: r.at[:, i].set(jnp.where(done_B, 0, step[k]).astype(r.dtype))
         for k, r in records.items()
     }
-    if s.eos_id is not None:
-      done_B = done_B | (next_B == s.eos_id)
+    done_B = done_B | sampling.is_stop(next_B, s.stop_ids)
     s_next, s_cache = student.decode(next_B[:, None], caches[0])
     t_next, t_cache = teacher.decode(next_B[:, None], caches[1])
     return (

@@ -15,6 +15,7 @@ added by :func:`kdjax.config.recipe.add_onpolicy`; checked by
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import ml_collections
 
@@ -66,13 +67,15 @@ def from_spec(
     max_length: int,
     max_prompt_length: int,
     eos_id: int,
+    stop_ids: Sequence[int],
     total_steps: int,
     student_graphdef,
     teacher_graphdef=None,
 ) -> strategy.Strategy:
   """The strategy of a run's checked ``config.onpolicy``.
 
-  Fails in one sentence when it decodes with a teacher the run does not have.
+  ``eos_id`` pads; any of ``stop_ids`` (:func:`kdjax.data.tokenizer.stop_ids`)
+  ends a generated response. Fails in one sentence when it decodes with a teacher the run does not have.
   """
   if cfg.needs_teacher and teacher_graphdef is None:
     raise ValueError(
@@ -84,6 +87,7 @@ def from_spec(
       settings=sampler.settings(
           cfg,
           eos_id=eos_id,
+          stop_ids=stop_ids,
           max_length=max_length,
           max_prompt_length=max_prompt_length,
       ),
@@ -111,6 +115,7 @@ def from_config(
     config: ml_collections.ConfigDict,
     *,
     eos_id: int,
+    stop_ids: Sequence[int],
     total_steps: int,
     student_graphdef,
     teacher_graphdef=None,
@@ -130,6 +135,7 @@ def from_config(
       max_length=config.data.max_length,
       max_prompt_length=config.data.max_prompt_length,
       eos_id=eos_id,
+      stop_ids=stop_ids,
       total_steps=total_steps,
       student_graphdef=student_graphdef,
       teacher_graphdef=teacher_graphdef,

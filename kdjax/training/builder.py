@@ -42,6 +42,8 @@ class Run:
   mesh: jax.sharding.Mesh
   tokenizer: tokenizer_lib.Tokenizer
   eos_id: int
+  # The ids that end a generated response (evaluation, SeqKD, on-policy).
+  stop_ids: tuple[int, ...]
   train_data: pipeline.TrainData
   val_source: Any
   student: nnx.Module
@@ -201,6 +203,7 @@ def build(
   _check(s, mesh)
   cache = _cache(s)
   tok, eos_id = tokenizer_lib.load(s.data.tokenizer)
+  stop_ids = generation.stop_ids(tok, eos_id, s.eval.protocol)
   train_src = (
       _seqkd_train_source(s, workdir, tok, eos_id, mesh)
       if s.data.seqkd_teacher
@@ -233,6 +236,7 @@ def build(
       max_length=s.data.max_length,
       max_prompt_length=s.data.max_prompt_length,
       eos_id=eos_id,
+      stop_ids=stop_ids,
       total_steps=num_steps,
       student_graphdef=graphdef,
       teacher_graphdef=teacher_graphdef,
@@ -260,6 +264,7 @@ def build(
       mesh,
       tok,
       eos_id,
+      stop_ids,
       train,
       val_src,
       student,

@@ -452,3 +452,49 @@ def test_seqkd_responses_render_the_same_chat_prompt_again(tmp_path):
   for line, prompt in zip(path.read_text().splitlines(), prompts):
     record = instruct_jsonl.parse(json.loads(line))
     assert pipeline.prompt_of(record, "chat", tok) == prompt
+
+
+# The token each family's template writes after an assistant turn's content.
+END_OF_TURN = {
+    "qwen2.5": "<|im_end|>",
+    "qwen3": "<|im_end|>",
+    "llama3": "<|eot_id|>",
+    "gemma": "<end_of_turn>",
+}
+
+
+def test_the_end_of_turn_token_is_a_stop_id(family):
+  name, tok, eos_id, hf = family
+  end = hf.convert_tokens_to_ids(END_OF_TURN[name])
+  assert tok.end_of_turn_id() == end
+  stops = tokenizer_lib.stop_ids(tok, eos_id, "chat")
+  # The EOS first (it pads), then the config's eos_token and the template's
+  # end-of-turn token, each once.
+  want = [eos_id, hf.eos_token_id, end]
+  assert stops == tuple(dict.fromkeys(want))
+  # A text template has no turns: its stop ids are the EOS ids only.
+  assert tokenizer_lib.stop_ids(tok, eos_id, "minillm") == tuple(
+      dict.fromkeys([eos_id, hf.eos_token_id])
+  )
+
+
+def test_generation_config_eos_ids_are_stop_ids(tmp_path):
+  path = _save(tmp_path / "llama", "llama3")
+  gen = tmp_path / "llama" / "generation_config.json"
+  tok, eos_id = tokenizer_lib.load(path)
+  eot = tok.token_to_id("<|eot_id|>")
+  assert tok.generation_eos_ids == ()
+  for value in ([eos_id, 300, eot], 300):
+    gen.write_text(json.dumps({"bos_token_id": 0, "eos_token_id": value}))
+    tok, eos_id = tokenizer_lib.load(path)
+    # transformers reads the same ids from the file.
+    want = transformers.GenerationConfig.from_pretrained(path).eos_token_id
+    assert list(tok.generation_eos_ids) == (
+        want if isinstance(want, list) else [want]
+    )
+    assert tokenizer_lib.stop_ids(tok, eos_id, "chat") == tuple(
+        dict.fromkeys([eos_id, eot, *tok.generation_eos_ids])
+    )
+  gen.write_text(json.dumps({"eos_token_id": ["<|eot_id|>"]}))
+  with pytest.raises(ValueError, match="must be a token id or a list"):
+    tokenizer_lib.load(path)

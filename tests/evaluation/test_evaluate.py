@@ -83,14 +83,28 @@ def test_exact_match_squad_normalisation(prediction, references, want):
 def test_postprocess_cuts_at_eos_and_endoftext_then_strips():
   tok, eos = tokenizer_lib.load("byte")
   ids = list(b"  hello world \n") + [eos] + list(b"after eos")
-  assert evaluation.postprocess(ids, tok, eos) == "hello world"
+  assert evaluation.postprocess(ids, tok, (eos,)) == "hello world"
   assert (
-      evaluation.postprocess(np.asarray(list(b" plain ")), tok, eos) == "plain"
+      evaluation.postprocess(np.asarray(list(b" plain ")), tok, (eos,))
+      == "plain"
   )
   # The EOS text spelled out in bytes (not the special id) also ends it.
   ids = list(b"answer <|endoftext|> more")
-  assert evaluation.postprocess(ids, tok, eos) == "answer"
-  assert evaluation.postprocess([eos, 65], tok, eos) == ""
+  assert evaluation.postprocess(ids, tok, (eos,)) == "answer"
+  assert evaluation.postprocess([eos, 65], tok, (eos,)) == ""
+
+
+def test_postprocess_cuts_at_the_first_of_several_stop_ids():
+  tok, eos = tokenizer_lib.load("byte")
+  newline = ord("\n")  # a second stop id, as an end-of-turn token would be
+  for stops in ((eos, newline), (newline, eos)):
+    ids = list(b" first line\nsecond") + [eos] + list(b"third")
+    assert evaluation.postprocess(ids, tok, stops) == "first line"
+    ids = list(b"one") + [eos] + list(b"two\n")
+    assert evaluation.postprocess(ids, tok, stops) == "one"
+  # Without the newline among the stop ids, the text runs to the EOS.
+  ids = list(b"a\nb") + [eos] + list(b"c")
+  assert evaluation.postprocess(ids, tok, (eos,)) == "a\nb"
 
 
 def test_reference_answers_score_100_and_validity_100():
@@ -185,14 +199,14 @@ def test_protocol_defaults_are_the_papers():
       "minillm",
       "",
   )
-  assert evaluation.Protocol().sampling_settings(7) == dict(
+  assert evaluation.Protocol().sampling_settings(7, (7, 9)) == dict(
       max_new_tokens=256,
       greedy=False,
       temperature=1.0,
       top_k=0,
       top_p=1.0,
       no_repeat_ngram_size=6,
-      eos_id=7,
+      stop_ids=(7, 9),
       pad_id=7,
   )
 
@@ -277,7 +291,13 @@ def test_no_repeat_ngram_over_prompt_and_response(model, tok, examples):
 
   def repeats(protocol):
     out = evaluation.generate_token_ids(
-        model, prompts, protocol=protocol, seed=0, eos_id=tok[1], progress=False
+        model,
+        prompts,
+        protocol=protocol,
+        seed=0,
+        eos_id=tok[1],
+        stop_ids=(tok[1],),
+        progress=False,
     )
     found = []
     for ids, gen in zip(prompt_ids, out):
@@ -290,6 +310,30 @@ def test_no_repeat_ngram_over_prompt_and_response(model, tok, examples):
   # trigrams included), so the check below can fail.
   assert any(repeats(GREEDY))
   assert not any(repeats(GREEDY._replace(no_repeat_ngram_size=n)))
+
+
+def test_responses_end_at_the_tokenizers_stop_ids(model, tok, examples):
+  """A tokenizer directory's generation EOS id ends responses: greedy
+  responses are the EOS-only tokens cut at the first of both ids."""
+  byte, eos = tok
+  prompts = generation.prompts(examples, byte, eos, GREEDY, 8)
+  plain = evaluation.generate_token_ids(
+      model,
+      prompts,
+      protocol=GREEDY,
+      seed=0,
+      eos_id=eos,
+      stop_ids=(eos,),
+      progress=False,
+  )
+  # A byte the model writes in its first response, as a second EOS id.
+  other = int(plain[0][3])
+  hf = tokenizer_lib.HFTokenizer(byte, generation_eos_ids=(other,))
+  assert generation.stop_ids(hf, eos, GREEDY) == (eos, other)
+  got = _responses(model, (hf, eos), examples, protocol=GREEDY)
+  want = [evaluation.postprocess(t, byte, (eos, other)) for t in plain]
+  assert got == want
+  assert got != [evaluation.postprocess(t, byte, (eos,)) for t in plain]
 
 
 def test_dropout_is_off_and_callers_model_is_untouched(model, tok, examples):

@@ -79,7 +79,7 @@ def test_transformers_auto_classes_generate_what_kdjax_generates(tmp_path):
           jnp.asarray([prompt_ids]),
           max_new_tokens=12,
           greedy=True,
-          eos_id=tokenizer_lib.EOS_ID,
+          stop_ids=tokenizer_lib.EOS_ID,
           pad_id=tokenizer_lib.EOS_ID,
       )
   )[0]

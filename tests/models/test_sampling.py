@@ -169,10 +169,62 @@ def test_sampling_keys_top_k1_and_eos_stopping():
   # eos: the row stops after greedy's third token; the other row may go on.
   eos = int(greedy[0, 2])
   out = np.asarray(
-      sampling.generate(model, ids, max_new_tokens=8, eos_id=eos, pad_id=-1)
+      sampling.generate(model, ids, max_new_tokens=8, stop_ids=eos, pad_id=-1)
   )
   first = int(np.argmax(greedy[0] == eos))
   np.testing.assert_array_equal(out[0, : first + 1], greedy[0, : first + 1])
   assert (out[0, first + 1 :] == -1).all()
   with pytest.raises(ValueError, match="PRNG key"):
     sampling.generate(model, ids, greedy=False)
+
+
+def _cut_at_stops(tokens, stop_ids, pad_id):
+  """Each row through its first stop id, then ``pad_id``: the Python loop."""
+  out = np.full_like(tokens, pad_id)
+  for r, row in enumerate(tokens.tolist()):
+    for i, t in enumerate(row):
+      out[r, i] = t
+      if t in stop_ids:
+        break
+  return out
+
+
+def test_a_row_ends_at_the_first_of_several_stop_ids():
+  """Greedy decoding does not depend on where rows stop, so decoding with
+  stop ids is the unstopped greedy output cut by a Python loop."""
+  model = models.create("tiny-llama", vocab_size=40, rngs=nnx.Rngs(0))
+  model.eval()
+  ids = np.random.RandomState(7).randint(0, 40, (3, 3))
+  greedy = np.asarray(sampling.generate(model, ids, max_new_tokens=10))
+  # A stop id from row 0's third token and another from row 1's later
+  # tokens: each row ends at whichever comes first in it.
+  first = int(greedy[0, 2])
+  second = next(int(t) for t in greedy[1, 5:] if t not in greedy[0, :3])
+  stops = (first, second)
+  want = _cut_at_stops(greedy, stops, pad_id=-1)
+  assert (want == -1).any(axis=1).sum() >= 2  # two rows end early
+  # ... and the second id ends a row that the first alone would not.
+  assert not np.array_equal(want, _cut_at_stops(greedy, (first,), -1))
+  got = np.asarray(
+      sampling.generate(
+          model, ids, max_new_tokens=10, stop_ids=list(stops), pad_id=-1
+      )
+  )
+  np.testing.assert_array_equal(got, want)
+  # No stop id: rows run to max_new_tokens.
+  none = sampling.generate(model, ids, max_new_tokens=10, stop_ids=())
+  np.testing.assert_array_equal(none, greedy)
+
+
+def test_stop_ids_are_one_id_or_several():
+  assert sampling.stop_tuple(5) == (5,)
+  assert sampling.stop_tuple(np.int64(5)) == (5,)
+  assert sampling.stop_tuple([7, np.int32(3), 7]) == (7, 3)
+  assert sampling.stop_tuple(None) == ()
+  s = sampling.make_settings(stop_ids=[2, 9], pad_id=2)
+  assert s.stop_ids == (2, 9) and hash(s) == hash(s._replace())
+  tokens = jnp.asarray([[1, 9, 2], [4, 4, 4]])
+  np.testing.assert_array_equal(
+      sampling.is_stop(tokens, (2, 9)), [[0, 1, 1], [0, 0, 0]]
+  )
+  assert not np.asarray(sampling.is_stop(tokens, ())).any()

@@ -41,7 +41,11 @@ def _prompts():
 
 
 SETTINGS = dict(
-    max_new_tokens=10, greedy=False, temperature=TAU, eos_id=EOS, pad_id=EOS
+    max_new_tokens=10,
+    greedy=False,
+    temperature=TAU,
+    stop_ids=(EOS,),
+    pad_id=EOS,
 )
 
 
@@ -93,7 +97,7 @@ def test_recorded_log_probs_equal_numpy_at_the_chosen_tokens():
       student, teacher, ids, mask, jax.random.key(3), alpha=alpha, **SETTINGS
   )
   tokens = np.asarray(tokens)
-  g = np.asarray(batches.generated_length(jnp.asarray(tokens), EOS))
+  g = np.asarray(batches.generated_length(jnp.asarray(tokens), (EOS,)))
   live = np.arange(tokens.shape[1])[None, :] < g[:, None]
   lq = _full_forward_log_probs(student, tokens)
   lp = _full_forward_log_probs(teacher, tokens)
@@ -367,7 +371,10 @@ def test_source_rows_carry_the_rollout_and_the_dataset_batch():
       student, teacher, ids, mask, key, alpha=0.2, **settings._asdict()
   )
   want = batches.to_batch(
-      batches.response_rows(ids, mask, tokens, max_length=16, eos_id=EOS), EOS
+      batches.response_rows(
+          ids, mask, tokens, max_length=16, eos_id=EOS, stop_ids=(EOS,)
+      ),
+      EOS,
   )
   for k in want:
     np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[k]))
@@ -412,7 +419,10 @@ def test_a_rollout_serves_ppo_epochs_steps_each_with_its_dataset_batch():
       student, teacher, ids, mask, key, alpha=0.2, **SOURCE_SETTINGS._asdict()
   )
   want = batches.to_batch(
-      batches.response_rows(ids, mask, tokens, max_length=16, eos_id=EOS), EOS
+      batches.response_rows(
+          ids, mask, tokens, max_length=16, eos_id=EOS, stop_ids=(EOS,)
+      ),
+      EOS,
   )
   np.testing.assert_array_equal(outs[2]["labels"], np.asarray(want["labels"]))
 

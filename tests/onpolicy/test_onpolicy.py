@@ -51,7 +51,7 @@ def _source(model, kind="gkd", lmbda=1.0, n_new=12, total_steps=100, **kw):
       max_new_tokens=n_new,
       greedy=False,
       temperature=1.3,
-      eos_id=EOS,
+      stop_ids=(EOS,),
       pad_id=EOS,
   )
   return strategies.make(
@@ -79,12 +79,13 @@ def _np(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def _reference_rows(prompts, tokens):
-  """pipeline.train_row of ``prompt ‖ tokens through the first EOS``."""
+def _reference_rows(prompts, tokens, stop_ids=(EOS,)):
+  """pipeline.train_row of ``prompt ‖ tokens through the first stop id``."""
   rows = []
   for prompt, gen in zip(prompts, tokens):
     gen = list(gen)
-    g = gen.index(EOS) + 1 if EOS in gen else len(gen)
+    ends = [i for i, t in enumerate(gen) if t in stop_ids]
+    g = ends[0] + 1 if ends else len(gen)
     ids = (list(prompt) + gen[:g])[:L]
     rows.append(
         pipeline.train_row(
@@ -112,15 +113,20 @@ def test_prompts_from_batch_equal_left_padded_dataset_prompts():
   np.testing.assert_array_equal(np.asarray(mask), want["attention_mask"] > 0)
 
 
-def test_response_rows_equal_pipeline_train_rows():
+@pytest.mark.parametrize("stop_ids", [(EOS,), (EOS, 2)])
+def test_response_rows_equal_pipeline_train_rows(stop_ids):
   rng = np.random.RandomState(1)
   examples = _examples(rng, 32)
   prompts = [e.ids[: e.prompt_len].tolist() for e in examples]
   left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
-  # Generated tokens: some rows end in EOS early (then padding), some never.
+  # Generated tokens: some rows end in EOS early (then padding), some in the
+  # end-of-turn id 2 a few tokens before an EOS, some never.
   tokens = rng.randint(4, V, (32, 18))
   for r in range(0, 32, 2):
-    end = int(rng.randint(0, 18))
+    end = int(rng.randint(0, 15))
+    if r % 4 == 2:
+      tokens[r, end] = 2
+      end += 3
     tokens[r, end] = EOS
     tokens[r, end + 1 :] = EOS
   rows = batches.response_rows(
@@ -129,9 +135,10 @@ def test_response_rows_equal_pipeline_train_rows():
       jnp.asarray(tokens),
       max_length=L,
       eos_id=EOS,
+      stop_ids=stop_ids,
   )
   got = _np(batches.to_batch(rows, EOS))
-  want = _reference_rows(prompts, tokens)
+  want = _reference_rows(prompts, tokens, stop_ids)
   assert set(got) == set(want)
   for k in want:
     assert got[k].dtype == want[k].dtype, k
@@ -363,13 +370,15 @@ def test_configs_build_their_source(name, kind):
     src = strategies.from_config(
         c,
         eos_id=EOS,
+        stop_ids=(EOS,),
         total_steps=10,
         student_graphdef=graphdef,
         teacher_graphdef=graphdef,
     )
     assert src.kind == kind and src.sampler.settings.max_new_tokens == n_new
     assert (
-        src.sampler.settings.eos_id == EOS and not src.sampler.settings.greedy
+        src.sampler.settings.stop_ids == (EOS,)
+        and not src.sampler.settings.greedy
     )
     with pytest.raises(AttributeError):  # locked: a typo is not a new field
       c.onpolicy.lmbdaa = 1.0
@@ -397,7 +406,11 @@ def test_bad_onpolicy_settings_fail_with_one_sentence():
     with c.unlocked():
       c.update_from_flattened_dict({key: value})
     build = lambda: strategies.from_config(
-        c, eos_id=EOS, total_steps=10, student_graphdef=graphdef
+        c,
+        eos_id=EOS,
+        stop_ids=(EOS,),
+        total_steps=10,
+        student_graphdef=graphdef,
     )
     if msg is None:  # only DistiLLM reads the buffer size
       build()
@@ -408,7 +421,11 @@ def test_bad_onpolicy_settings_fail_with_one_sentence():
   c = skd_gpt2.get_config("tiny")
   with pytest.raises(ValueError, match="needs the teacher"):
     strategies.from_config(
-        c, eos_id=EOS, total_steps=10, student_graphdef=graphdef
+        c,
+        eos_id=EOS,
+        stop_ids=(EOS,),
+        total_steps=10,
+        student_graphdef=graphdef,
     )
   with pytest.raises(ValueError, match=r"onpolicy fields \['lambda_'\] are"):
     recipe.add_onpolicy(c, lambda_=0.5)

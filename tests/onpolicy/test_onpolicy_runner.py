@@ -36,7 +36,11 @@ def _setup(kind="distillm", total_steps=40, **kw):
   )
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   settings = sampling.Settings(
-      max_new_tokens=8, greedy=False, temperature=1.0, eos_id=EOS, pad_id=EOS
+      max_new_tokens=8,
+      greedy=False,
+      temperature=1.0,
+      stop_ids=(EOS,),
+      pad_id=EOS,
   )
   src = strategies.make(
       kind=kind,

@@ -191,7 +191,11 @@ def test_decode_loop_equals_full_forward_reference(k):
   prompts, ids, mask = _prompts()
   key = jax.random.key(10 + k)
   kw = dict(
-      max_new_tokens=10, greedy=False, temperature=TAU, eos_id=EOS, pad_id=EOS
+      max_new_tokens=10,
+      greedy=False,
+      temperature=TAU,
+      stop_ids=(EOS,),
+      pad_id=EOS,
   )
   got, replaced = skd.generate(
       student, teacher, ids, mask, key, teacher_top_k=k, **kw
@@ -242,7 +246,11 @@ def test_skd_source_trains_on_the_skd_samples():
   ]
   batch = {k: jnp.asarray(v) for k, v in pipeline._stack(rows).items()}
   settings = sampling.Settings(
-      max_new_tokens=8, greedy=False, temperature=TAU, eos_id=EOS, pad_id=EOS
+      max_new_tokens=8,
+      greedy=False,
+      temperature=TAU,
+      stop_ids=(EOS,),
+      pad_id=EOS,
   )
   s_def, params, rest = nnx.split(student, nnx.Param, ...)
   src = strategies.make(
@@ -267,7 +275,10 @@ def test_skd_source_trains_on_the_skd_samples():
       student, teacher, ids, mask, key, teacher_top_k=2, **settings._asdict()
   )
   want = batches.to_batch(
-      batches.response_rows(ids, mask, tokens, max_length=16, eos_id=EOS), EOS
+      batches.response_rows(
+          ids, mask, tokens, max_length=16, eos_id=EOS, stop_ids=(EOS,)
+      ),
+      EOS,
   )
   for k in want:
     np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(want[k]))
