@@ -71,11 +71,12 @@ def config(
   c = module.get_config(f"tiny,steps={steps}")
   c.data.data_dir = data_dir()
   c.data.train_limit = 64
-  if c.teacher.path:
+  if c.teacher.path and not c.teacher.path.startswith("preset:"):
     c.teacher.path = make_teacher(os.path.join(root, "teacher"))
   if c.data.seqkd_teacher:
     c.data.seqkd_teacher = make_teacher(os.path.join(root, "teacher"))
-  c.student.model_overrides.update(STUDENT)
+  if c.student.init == "preset:tiny-gpt2":  # other families: already tiny
+    c.student.model_overrides.update(STUDENT)
   c.batch_size = 8
   c.optim.warmup_steps = 1
   c.log_every = 1

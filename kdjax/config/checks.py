@@ -579,20 +579,7 @@ def student_shape(config) -> ModelShape | None:
   init = config.student.init
   overrides = dict(config.student.model_overrides)
   if init.startswith("preset:"):
-    from kdjax import models  # pylint: disable=g-import-not-at-top
-
-    name = init.removeprefix("preset:")
-    cfg_cls, _, fields = models.PRESETS[name]
-    known = {f.name for f in dataclasses.fields(cfg_cls)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-      raise _fail(
-          f"student.model_overrides.{bad[0]}",
-          overrides[bad[0]],
-          f"is not a field of {cfg_cls.__name__}",
-          f"use one of {sorted(known - {'dtype', 'param_dtype'})}",
-      )
-    cfg = dataclasses.asdict(cfg_cls(**{**fields, **overrides}))
+    cfg = _preset_fields("student.init", init, overrides)
     return _shape_from_hf(cfg, f"the student ({init})")
   local = fs.local(init)
   cfg = (
@@ -615,9 +602,34 @@ def student_shape(config) -> ModelShape | None:
   return _shape_from_hf(cfg, f"the student ({init})")
 
 
+def _preset_fields(key: str, init: str, overrides: dict) -> dict:
+  """The config fields of ``init`` (``preset:NAME``, the value of ``key``)
+  with the model overrides of ``key``'s group."""
+  from kdjax import models  # pylint: disable=g-import-not-at-top
+
+  role = key.split(".")[0]
+  name = init.removeprefix("preset:")
+  _one_of(key, init, [f"preset:{n}" for n in models.PRESETS])
+  cfg_cls, _, fields = models.PRESETS[name]
+  known = {f.name for f in dataclasses.fields(cfg_cls)}
+  bad = sorted(set(overrides) - known)
+  if bad:
+    raise _fail(
+        f"{role}.model_overrides.{bad[0]}",
+        overrides[bad[0]],
+        f"is not a field of {cfg_cls.__name__}",
+        f"use one of {sorted(known - {'dtype', 'param_dtype'})}",
+    )
+  return dataclasses.asdict(cfg_cls(**{**fields, **overrides}))
+
+
 def teacher_config(config) -> dict:
-  """The teacher's ``config.json``; one sentence on how to get a missing one."""
+  """The teacher's ``config.json`` (a preset's fields); one sentence on how
+  to get a missing one."""
   path = config.teacher.path
+  if path.startswith("preset:"):
+    overrides = dict(_get(config, "teacher.model_overrides", {}))
+    return _preset_fields("teacher.path", path, overrides)
   cfg = _read_config_json(fs.local(path)) if path else None
   if cfg is not None:
     return cfg

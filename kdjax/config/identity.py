@@ -30,7 +30,7 @@ directory's own metadata is checked against the config at every start).
 A key the schema does not declare (added by a newer config, or a sub-key of
 a free mapping such as ``loss.hp`` or ``student.model_overrides``) takes the
 identity of its nearest declared ancestor: it is part of the identity under
-``loss``, ``optim`` and ``student.model_overrides`` and free elsewhere.
+``loss``, ``optim`` and the two ``model_overrides`` and free elsewhere.
 """
 
 from __future__ import annotations

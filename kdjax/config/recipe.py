@@ -120,6 +120,55 @@ def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
   )
 
 
+# The tiny scale of a model family: a random teacher 1.5x the student's width
+# and twice its MLP, over the byte tokenizer's vocabulary (same depth, so a
+# family's layer pattern fits both).
+TINY_FAMILY_STUDENT = dict(vocab_size=257)
+TINY_FAMILY_TEACHER = dict(
+    vocab_size=257, hidden_size=96, intermediate_size=256
+)
+
+
+def tiny_family(c: ml_collections.ConfigDict, family: str) -> None:
+  """The ``tiny`` scale with ``preset:tiny-<family>`` models, both random.
+
+  The run exercises the family's code (attention variants, soft-capping,
+  sliding windows, export) end to end on a CPU; the teacher knows nothing,
+  so its numbers say nothing about distillation.
+  """
+  preset = f"preset:tiny-{family}"
+  with c.unlocked():
+    c.student.init = preset
+    c.student.model_overrides = ml_collections.ConfigDict(
+        TINY_FAMILY_STUDENT, type_safe=False
+    )
+    c.teacher.update(path=preset, hub_id="")
+    c.teacher.model_overrides = ml_collections.ConfigDict(
+        TINY_FAMILY_TEACHER, type_safe=False
+    )
+
+
+def hf_pair(
+    c: ml_collections.ConfigDict,
+    *,
+    teacher: str,
+    teacher_dir: str,
+    student: str,
+) -> None:
+  """A Hugging Face pair sharing one tokenizer, data in its chat template.
+
+  ``teacher`` is the hub id downloaded to ``teacher_dir`` (a post-trained
+  model is distilled as it is); the student starts from the hub id
+  ``student`` and its tokenizer formats the data. bf16 teacher, FSDP over 8
+  devices and a fully rematerialised student, as the LLaMA paper setup.
+  """
+  c.data.update(tokenizer=student, template="chat")
+  c.teacher.update(path=teacher_dir, hub_id=teacher)
+  c.student.update(init=student, remat="full")
+  c.num_epochs = 10
+  c.mesh.fsdp = 8
+
+
 def override(c: ml_collections.ConfigDict, items: Mapping[str, Any]) -> None:
   """Sets dotted keys, ``override(c, {"loss.impl": "fused"})``.
 

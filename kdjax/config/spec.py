@@ -232,7 +232,8 @@ class TeacherSpec:
 
   path: str = field(
       "workdirs/gpt2_xl_sft/hf",
-      "the teacher's HF directory ('': no teacher)",
+      "the teacher's HF directory ('': no teacher), or preset:NAME (random "
+      "weights: smoke runs and sizing only)",
       identity=True,
   )
   hub_id: str = field(
@@ -253,6 +254,9 @@ class TeacherSpec:
       resolve=_path,
   )
   cache: CacheSpec = group(CacheSpec, "the cached teacher's encoding")
+  model_overrides: Mapping[str, Any] = field(
+      {}, "model config fields replaced (both path kinds)", identity=True
+  )
 
   @property
   def cached(self) -> bool:

@@ -1,7 +1,10 @@
 """A run's teacher: its checkpoint found, then loaded frozen on the mesh.
 
 Training (:mod:`kdjax.training.builder`) and the teacher cache
-(:mod:`kdjax.cache.build`) run the same teacher, loaded here.
+(:mod:`kdjax.cache.build`) run the same teacher, loaded here. A
+``preset:NAME`` path builds the preset with random weights from a fixed seed:
+a teacher of the right family and shape for smoke runs and sizing, which
+knows nothing.
 """
 
 from __future__ import annotations
@@ -12,14 +15,20 @@ from typing import TYPE_CHECKING
 from flax import nnx
 import jax
 
-from kdjax import models
+from kdjax import models, sharding
+
+PRESET = "preset:"
+SEED = 1  # of a preset teacher's random weights (students start from seed 0)
 
 if TYPE_CHECKING:
   from kdjax.config.spec import TeacherSpec
 
 
 def path(teacher: TeacherSpec) -> str:
-  """The teacher directory, or one sentence on how to get it."""
+  """The teacher directory (or ``preset:NAME``), or one sentence on how to
+  get it."""
+  if teacher.path.startswith(PRESET):
+    return teacher.path
   directory = os.path.expanduser(teacher.path)
   if os.path.isdir(directory):
     return directory
@@ -48,6 +57,17 @@ def missing(path: str, hub_id: str) -> str:
 
 def load(teacher: TeacherSpec, mesh: jax.sharding.Mesh) -> nnx.Module:
   """The frozen teacher in eval mode (dropout off), placed on ``mesh``."""
-  return models.load(
-      path(teacher), dtype=models.dtype_of(teacher.dtype), mesh=mesh
+  dtype = models.dtype_of(teacher.dtype)
+  overrides = dict(teacher.model_overrides)
+  where = path(teacher)
+  if not where.startswith(PRESET):
+    return models.load(where, dtype=dtype, mesh=mesh, **overrides)
+  model = models.create(
+      where.removeprefix(PRESET),
+      dtype=dtype,
+      param_dtype=dtype,
+      rngs=nnx.Rngs(SEED),
+      **overrides,
   )
+  model.eval()
+  return sharding.shard_model(model, mesh)
