@@ -62,6 +62,13 @@ PRESET_OF = {
     "gpt2-xl": "gpt2-xl",
     "huggyllama/llama-7b": "llama-7b",
     "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": "tinyllama-1.1b",
+    "Qwen/Qwen3-0.6B": "qwen3-0.6b",
+    "Qwen/Qwen3-1.7B": "qwen3-1.7b",
+    "Qwen/Qwen3-8B": "qwen3-8b",
+    "meta-llama/Llama-3.2-1B-Instruct": "llama-3.2-1b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "google/gemma-3-1b-it": "gemma-3-1b",
+    "google/gemma-3-12b-it": "gemma-3-12b",
 }
 
 
