@@ -210,7 +210,8 @@ def main(argv: list[str]) -> None:
     teacher = _TEACHER.value
   path = config_flags.get_config_filename(flags.FLAGS["config"])
   name = f"{path} ({teacher} -> {student})"
-  print(report(name, fit(config, mesh, student, teacher)))
+  overrides = dict(config.teacher.get("model_overrides", {}))
+  print(report(name, fit(config, mesh, student, teacher, overrides)))
 
 
 if __name__ == "__main__":

@@ -592,14 +592,20 @@ def student_shape(config) -> ModelShape | None:
           "it at a Hugging Face model directory or use preset:<name>."
       )
     return None  # a hub id not cached: models.load fetches or explains
-  cfg.update(
-      {
-          k: v
-          for k, v in overrides.items()
-          if k in ("vocab_size", "n_positions", "max_position_embeddings")
-      }
+  return _shape_from_hf(
+      _with_shape_overrides(cfg, overrides), f"the student ({init})"
   )
-  return _shape_from_hf(cfg, f"the student ({init})")
+
+
+def _with_shape_overrides(cfg: dict, overrides: dict) -> dict:
+  """A ``config.json`` dict (a multimodal one's ``text_config`` lifted) with
+  the overridden vocabulary and positions."""
+  shape_keys = ("vocab_size", "n_positions", "max_position_embeddings")
+  return {
+      **cfg,
+      **cfg.get("text_config", {}),
+      **{k: v for k, v in overrides.items() if k in shape_keys},
+  }
 
 
 def _preset_fields(key: str, init: str, overrides: dict) -> dict:
@@ -627,12 +633,12 @@ def teacher_config(config) -> dict:
   """The teacher's ``config.json`` (a preset's fields); one sentence on how
   to get a missing one."""
   path = config.teacher.path
+  overrides = dict(_get(config, "teacher.model_overrides", {}))
   if path.startswith("preset:"):
-    overrides = dict(_get(config, "teacher.model_overrides", {}))
     return _preset_fields("teacher.path", path, overrides)
   cfg = _read_config_json(fs.local(path)) if path else None
   if cfg is not None:
-    return cfg
+    return _with_shape_overrides(cfg, overrides)
   if not path:
     raise _fail(
         "teacher.path",

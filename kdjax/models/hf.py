@@ -556,6 +556,28 @@ def _tensors(fname: str):
         yield key, lambda key=key: np.asarray(f.get_tensor(key))
 
 
+# The [V, D] tensors indexed by token id.
+_VOCAB_PATHS = (("wte", "embedding"), ("embed_tokens", "embedding"), ("head",))
+
+
+def _vocab_rows(entry: Entry, value: np.ndarray, shape: tuple) -> np.ndarray:
+  """The first ``shape[0]`` rows of an embedding or head that has more.
+
+  A ``vocab_size`` override below the checkpoint's keeps the tokens a
+  smaller tokenizer can emit: Gemma 3's 4B-27B checkpoints carry 64 image
+  tokens (262,208 rows) past the 262,144 text tokens of Gemma-3-1B, and a
+  softmax over the kept rows is the teacher restricted to the student's
+  vocabulary.
+  """
+  if (
+      entry.path in _VOCAB_PATHS
+      and value.shape[0] > shape[0]
+      and tuple(value.shape[1:]) == tuple(shape[1:])
+  ):
+    return value[: shape[0]]
+  return value
+
+
 def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
   """Builds the model for ``config`` with the weights in ``directory``.
 
@@ -588,6 +610,7 @@ def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
       if entry.transpose:
         value = value.T
       want = targets[entry.path]
+      value = _vocab_rows(entry, value, want.shape)
       if tuple(value.shape) != tuple(want.shape):
         errors.append(
             f"{raw!r} has shape {tuple(value.shape)}, expected "
@@ -597,6 +620,8 @@ def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
       loaded[entry.path] = jax.device_put(
           value.astype(want.dtype), shardings[entry.path]
       )
+  if tied_head is not None and layout.tied in loaded:
+    tied_head = tied_head[: loaded[layout.tied].shape[0]]
   missing = [e.hf_key for e in layout.entries if e.path not in loaded]
   errors += [f"missing key {k!r}" for k in missing]
   if (

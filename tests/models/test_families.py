@@ -104,7 +104,7 @@ def test_greedy_generation_equals_transformers(pair):
           model,
           jnp.asarray(prompt[None]),
           max_new_tokens=10,
-          eos_id=eos,
+          stop_ids=eos,
           pad_id=-1,
           no_repeat_ngram_size=1,
       )

@@ -63,6 +63,21 @@ def test_sharded_save_round_trips_exactly(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_smaller_vocab_override_keeps_the_first_rows(tmp_path, name):
+  """A teacher read with a student's smaller vocabulary (Gemma 3's image
+  tokens dropped) computes the first logit columns of the whole model."""
+  model = _tiny(name)
+  models.save_hf(model, str(tmp_path))
+  small = models.load(str(tmp_path), vocab_size=64)
+  np.testing.assert_allclose(
+      np.asarray(small(IDS % 64)),
+      np.asarray(model(IDS % 64))[..., :64],
+      rtol=1e-6,
+      atol=1e-6,
+  )
+
+
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("gpt2"))
