@@ -10,17 +10,18 @@ Hugging Face checkpoints (``workdir/hf``, ``workdir/best_hf``).
 The whole config is checked first (:func:`kdjax.config.checks.validate`), before
 the workdir is touched or anything compiles. Stdout gets one line per
 validation and a summary at the end (best step and metric, final metrics,
-where the exports are; also ``workdir/summary.json``). The first Ctrl-C stops
-at the end of the step in progress (a checkpoint being written is never cut
-short), saves that step and prints one sentence naming the checkpoint that is
-kept and how to resume; a second Ctrl-C stops at once.
+where the exports are; also ``workdir/summary.json``). Ctrl-C and ``SIGTERM``
+(a preemption notice) stop at the end of the step in progress, on every
+process at the same step (a checkpoint being written is never cut short),
+save that step and raise :class:`Interrupted` naming the checkpoint kept and
+how to resume; a second signal stops at once
+(:mod:`kdjax.training.preemption`).
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from typing import Any, Sequence
 
@@ -36,7 +37,7 @@ from kdjax import metrics as metrics_lib
 from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
 from kdjax.onpolicy import runner as runner_lib
-from kdjax.training import builder, validation
+from kdjax.training import builder, preemption, validation
 from kdjax.training import step as step_lib
 from kdjax.training import workdir as workdir_lib
 from kdjax.training.distributed import maybe_initialize_distributed
@@ -108,61 +109,25 @@ def _say(text: str) -> None:
 
 
 class Interrupted(TrainingError, KeyboardInterrupt):
-  """Ctrl-C during training; the message names the checkpoint that is kept.
+  """A stop signal during training; the message names the checkpoint kept.
 
   ``kept`` is that sentence without the way to resume, which the message
   gives for Python callers: a command line prints its own resume command
-  after ``kept`` (:func:`kdjax.cli.interrupted_message`).
+  after ``kept`` (:func:`kdjax.cli.interrupted_message`). ``exit_code`` is
+  ``128 + signal``: 130 for Ctrl-C, 143 for ``SIGTERM``.
   """
 
-  exit_code = 130
-
-  def __init__(self, kept: str):
+  def __init__(self, kept: str, signum: int = signal.SIGINT):
     super().__init__(
         f"{kept}; call train_and_evaluate again with the same config and "
         "workdir to resume."
     )
     self.kept = kept
+    self.exit_code = preemption.exit_code(signum)
 
 
 class _StopRequested(KeyboardInterrupt):
-  """The loop reached a step boundary after a first Ctrl-C."""
-
-
-class _CtrlC:
-  """Turns the first SIGINT into a request the loop honours between steps.
-
-  A KeyboardInterrupt raised at an arbitrary bytecode can land inside orbax's
-  asynchronous save and leave its threads failing at exit; a flag read between
-  steps cannot. The second Ctrl-C raises at once, for a step that hangs.
-  Signal handlers can only be installed from the main thread; elsewhere
-  (a notebook's worker thread) Ctrl-C keeps Python's default behaviour.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._installed = False
-    self._previous = None
-
-  def install(self) -> None:
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
-      self._installed = True
-
-  def _handle(self, signum, frame) -> None:
-    del signum, frame
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    if jax.process_index() == 0:
-      tqdm.tqdm.write(
-          "stopping after this step (Ctrl-C again to stop at once)",
-          file=sys.stderr,
-      )
-
-  def restore(self) -> None:
-    if self._installed:
-      signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+  """Every process reached the agreed step after a stop signal, and saved it."""
 
 
 def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
@@ -225,20 +190,23 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
             "val_loss"
         ]
     )
-  ctrl_c = _CtrlC()
-  ctrl_c.install()
+  position = start, data_iter.get_state()
+  stop = preemption.Signals(run.mesh)
+  stop.install()
   try:
     for step in range(start, end):
+      position = step, data_iter.get_state()  # where step `step` reads
       batch = step_lib.put_batch(next(data_iter), run.mesh)
       if runner is not None:
         batch = runner(state, teacher_state, batch)
       state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
       done = step + 1
       bar.update(1)
-      if ctrl_c.requested:
-        raise _StopRequested
+      # A stop is a boundary: the step is checked, logged and saved.
+      stopping = stop.poll()
       boundary = (
-          done % s.log_every == 0
+          stopping
+          or done % s.log_every == 0
           or done == end
           or (s.ckpt.every_steps and done % s.ckpt.every_steps == 0)
           or (every_eval and done % every_eval == 0)
@@ -272,13 +240,16 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         )
       writer.write(done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}")
-      _save(
-          ckpts,
-          done,
-          state if runner is None else (state, runner.state),
-          data_iter,
-          force=done == end,
-      )
+      with stop.deferred():
+        _save(
+            ckpts,
+            done,
+            state if runner is None else (state, runner.state),
+            data_iter,
+            force=done == end or stopping,
+        )
+      if stopping and done < end:
+        raise _StopRequested
     if end == run.num_steps:
       exports = export(run, state, ckpts)
       if jax.process_index() == 0:
@@ -295,18 +266,10 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         )
   except KeyboardInterrupt as e:
     bar.close()
-    if (
-        isinstance(e, _StopRequested)
-        and jax.process_count() == 1  # a save is collective; SIGINT may not be
-        and done != ckpts.latest_step()
-    ):
-      _check_finite(int(first_bad), run.workdir, ckpts)
-      _save(
-          ckpts,
-          done,
-          state if runner is None else (state, runner.state),
-          data_iter,
-          force=True,
+    stopped = done
+    if isinstance(e, preemption.Abandoned) and runner is None:
+      stopped = _save_abandoned(
+          ckpts, run, state, data_iter, position, first_bad, done
       )
     ckpts.close()  # waits for a checkpoint being written to commit
     kept = ckpts.latest_step()
@@ -316,13 +279,50 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         if kept is not None
         else "no checkpoint had been written yet"
     )
-    raise Interrupted(f"interrupted at step {done}; {where}") from None
+    # No signal here: another process received one (most likely SIGTERM).
+    raise Interrupted(
+        f"interrupted at step {stopped}; {where}",
+        stop.signum or signal.SIGTERM,
+    ) from None
   finally:
-    ctrl_c.restore()
+    stop.restore()
     bar.close()
     ckpts.close()
     writer.close()
   return last
+
+
+def _save_abandoned(
+    ckpts: checkpoint.Checkpoints,
+    run: builder.Run,
+    state: TrainState,
+    data_iter: grain.DatasetIterator,
+    position: tuple[int, Any],
+    first_bad: jax.Array,
+    done: int,
+) -> int:
+  """Saves the newest whole state after a second stop signal; its step.
+
+  The step in flight when the signal came may have consumed (donated) the
+  state: then nothing newer than the last checkpoint exists. The step number
+  is read from the state itself, which the interrupted bookkeeping may not
+  have counted yet; if the step in flight had taken its batch, the data
+  iterator goes back to ``position`` (``(step, iterator state)`` before that
+  batch). Not on several processes (a save is collective and the others
+  may not have stopped) nor on on-policy runs (the sequence source may
+  have moved on): they keep the last checkpoint.
+  """
+  leaves = jax.tree.leaves(state)
+  if jax.process_count() > 1 or any(x.is_deleted() for x in leaves):
+    return done
+  step = int(state.step)
+  if step == ckpts.latest_step():
+    return step
+  if step == position[0]:
+    data_iter.set_state(position[1])
+  _check_finite(int(first_bad), run.workdir, ckpts)
+  _save(ckpts, step, state, data_iter, force=True)
+  return step
 
 
 def _keep_if_best(

@@ -1,0 +1,194 @@
+"""Real-world faults: preemption signals, a second trainer, bad checkpoints.
+
+One CLI subprocess gets ``SIGTERM`` mid-run; the other faults are injected
+in-process (a signal sent to this process from inside the loop, a lock file
+left by a dead trainer, a checkpoint file cut short) on the tiny ``akl_gpt2``
+run of ``test_resume_kill`` (two CPU devices), whose uninterrupted run is the
+reference every resumed run must equal bit for bit.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import test_resume_kill as kill_lib
+
+from commands import ROOT, assert_one_error
+from kdjax import metrics, training
+from kdjax.config import files as config_files
+from kdjax.config import recipe
+from kdjax.training import step as step_lib
+
+STEPS = 6
+DEVICES = 2
+CONFIG = f"configs/akl_gpt2.py:tiny,steps={STEPS}"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("faults"))
+
+
+def _overrides(root: str, **extra) -> dict:
+  """test_resume_kill's tiny run; only a stop (or the end) saves."""
+  return {**kill_lib._overrides(root, "akl"), "ckpt.every_steps": 1000, **extra}
+
+
+def _config(root: str, **extra):
+  c = config_files.load(CONFIG)
+  recipe.override(c, _overrides(root, **extra))
+  return c
+
+
+def _train(c, workdir: str):
+  return training.train_and_evaluate(
+      c, workdir, devices=jax.devices()[:DEVICES]
+  )
+
+
+def _params(workdir: str) -> dict:
+  """The params of the latest checkpoint (the last step's)."""
+  return kill_lib._params(_config(os.path.dirname(workdir)), workdir, STEPS)
+
+
+def _assert_same_run(workdir: str, reference: str) -> None:
+  a, b = metrics.read(reference), metrics.read(workdir)
+  assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]
+  pa, pb = _params(reference), _params(workdir)
+  assert pa.keys() == pb.keys()
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def straight(root):
+  """The uninterrupted run (also prepares the data and the teacher)."""
+  workdir = os.path.join(root, "straight")
+  _train(_config(root), workdir)
+  return workdir
+
+
+def _signal_at(monkeypatch, call: int, *signals) -> None:
+  """Sends ``signals`` to this process when the loop takes batch ``call``."""
+  put, calls = step_lib.put_batch, []
+
+  def put_and_signal(batch, mesh):
+    calls.append(1)
+    if len(calls) == call:
+      for s in signals:
+        os.kill(os.getpid(), s)
+    return put(batch, mesh)
+
+  monkeypatch.setattr(step_lib, "put_batch", put_and_signal)
+
+
+# ----------------------------------------------------------------------------
+# Preemption.
+
+
+def test_sigterm_saves_the_step_logs_it_and_resumes_exactly(root, straight):
+  workdir = os.path.join(root, "sigterm")
+  args = [f"--config={CONFIG}", f"--workdir={workdir}"] + [
+      f"--config.{k}={v}" for k, v in _overrides(root).items()
+  ]
+  env = dict(
+      os.environ,
+      PYTHONPATH=ROOT,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
+  )
+  p = subprocess.Popen(
+      [sys.executable, "-m", "kdjax.train", *args],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  deadline = time.time() + 300
+  while p.poll() is None and len(metrics.read(workdir)) < 2:
+    assert time.time() < deadline
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=300)
+  assert p.returncode == 143, err
+  msg = assert_one_error(
+      err,
+      "interrupted at step",
+      f"{workdir}/ckpt is kept",
+      "re-run the same command to resume: python -m kdjax.train "
+      f"--config={CONFIG}",
+  )
+  stopped = int(msg.split("interrupted at step ")[1].split(";")[0])
+  kept = int(msg.split("checkpoint of step ")[1].split()[0])
+  assert kept == stopped < STEPS
+  # Only the stop saved (the cadence is 1000), and its step is logged.
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == [str(kept)]
+  assert [r["step"] for r in metrics.read(workdir)] == list(range(1, kept + 1))
+  _train(_config(root), workdir)
+  _assert_same_run(workdir, straight)
+
+
+def test_a_second_signal_saves_the_last_whole_step(root, straight, monkeypatch):
+  workdir = os.path.join(root, "twice")
+  # Both arrive while step 3 takes its batch: step 3 is abandoned and the
+  # data iterator goes back to where step 3 reads.
+  _signal_at(monkeypatch, 3, signal.SIGTERM, signal.SIGINT)
+  with pytest.raises(training.TrainingError) as e:
+    _train(_config(root), workdir)
+  assert e.value.exit_code == 143
+  assert "interrupted at step 2; the checkpoint of step 2" in str(e.value)
+  monkeypatch.undo()
+  _train(_config(root), workdir)
+  _assert_same_run(workdir, straight)
+
+
+_AGREE = """
+import os, signal, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from kdjax import sharding
+from kdjax.training import preemption
+stop = preemption.Signals(sharding.make_mesh(-1, 1))
+stop.install()
+for step in range(8):
+  if step == 2 and jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGTERM)
+  if stop.poll():
+    break
+print(step, stop.signum)
+"""
+
+
+def test_processes_agree_on_the_step_to_stop_at(tmp_path):
+  # A signal that reaches one process only stops both after the same step.
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(
+      os.environ,
+      PYTHONPATH=ROOT,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", _AGREE, f"localhost:{port}", str(i)],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
+  out = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], out
+  lines = [o.strip().splitlines()[-1] for o, _ in out]
+  assert lines == ["3 None", f"3 {int(signal.SIGTERM)}"], out
