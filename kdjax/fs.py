@@ -40,3 +40,36 @@ def write_text_atomic(p: PathLike, text: str) -> None:
   tmp = p.parent / f"{p.name}.tmp"
   tmp.write_text(text)
   tmp.replace(p)
+
+
+def create_exclusive(p: PathLike, text: str) -> bool:
+  """Creates ``p`` holding ``text`` unless it exists; whether it did.
+
+  Local paths use ``O_CREAT | O_EXCL``, atomic on local disks: of two
+  processes racing, exactly one creates the file. Remote paths use fsspec's
+  exclusive-create mode (``"xb"``), as atomic as the store's implementation
+  of it; a store without it gets a check, a write and a read-back, which a
+  simultaneous writer can still race.
+  """
+  if not is_remote(p):
+    try:
+      fd = os.open(os.fspath(path(p)), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    return True
+  import fsspec  # pylint: disable=g-import-not-at-top
+
+  store, where = fsspec.core.url_to_fs(os.fspath(p))
+  try:
+    with store.open(where, "xb") as f:
+      f.write(text.encode())
+    return True
+  except FileExistsError:
+    return False
+  except (NotImplementedError, ValueError):  # no exclusive mode
+    if path(p).exists():
+      return False
+    path(p).write_text(text)
+    return path(p).read_text() == text

@@ -38,6 +38,7 @@ from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
 from kdjax.onpolicy import runner as runner_lib
 from kdjax.training import builder, preemption, validation
+from kdjax.training import lock as lock_lib
 from kdjax.training import step as step_lib
 from kdjax.training import workdir as workdir_lib
 from kdjax.training.distributed import maybe_initialize_distributed
@@ -71,19 +72,25 @@ def train_and_evaluate(
   maybe_initialize_distributed()
   workdir = fs.local(workdir)
   created = not fs.path(workdir).exists()
-  fresh = workdir_lib.claim(
-      workdir, spec.identity, force_new_run=spec.force_new_run
-  )
+  holder = lock_lib.acquire(workdir)  # one trainer per workdir
   try:
-    mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
+    fresh = workdir_lib.claim(
+        workdir, spec.identity, force_new_run=spec.force_new_run
+    )
+    try:
+      mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
+      with jax.set_mesh(mesh):
+        run = builder.build(spec, workdir, mesh)
+    except Exception:
+      if fresh:
+        lock_lib.release(workdir, holder)
+        holder = None
+        workdir_lib.release(workdir, created=created)
+      raise
     with jax.set_mesh(mesh):
-      run = builder.build(spec, workdir, mesh)
-  except Exception:
-    if fresh:
-      workdir_lib.release(workdir, created=created)
-    raise
-  with jax.set_mesh(mesh):
-    return loop(run, stop_at)
+      return loop(run, stop_at)
+  finally:
+    lock_lib.release(workdir, holder)
 
 
 def _every_eval(run: builder.Run) -> int:

@@ -7,6 +7,7 @@ run of ``test_resume_kill`` (two CPU devices), whose uninterrupted run is the
 reference every resumed run must equal bit for bit.
 """
 
+import json
 import os
 import signal
 import socket
@@ -20,9 +21,11 @@ import pytest
 import test_resume_kill as kill_lib
 
 from commands import ROOT, assert_one_error
+from fake_gcs import fake_gcs_fixture  # noqa: F401
 from kdjax import metrics, training
 from kdjax.config import files as config_files
 from kdjax.config import recipe
+from kdjax.training import lock as lock_lib
 from kdjax.training import step as step_lib
 
 STEPS = 6
@@ -131,6 +134,7 @@ def test_sigterm_saves_the_step_logs_it_and_resumes_exactly(root, straight):
   assert kept == stopped < STEPS
   # Only the stop saved (the cadence is 1000), and its step is logged.
   assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == [str(kept)]
+  assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK))
   assert [r["step"] for r in metrics.read(workdir)] == list(range(1, kept + 1))
   _train(_config(root), workdir)
   _assert_same_run(workdir, straight)
@@ -146,8 +150,12 @@ def test_a_second_signal_saves_the_last_whole_step(root, straight, monkeypatch):
   assert e.value.exit_code == 143
   assert "interrupted at step 2; the checkpoint of step 2" in str(e.value)
   monkeypatch.undo()
+  assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK))
+  # As if a trainer had been killed here: its lock is stale, not blocking.
+  _lock(workdir, _dead_pid())
   _train(_config(root), workdir)
   _assert_same_run(workdir, straight)
+  assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK))
 
 
 _AGREE = """
@@ -192,3 +200,68 @@ def test_processes_agree_on_the_step_to_stop_at(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], out
   lines = [o.strip().splitlines()[-1] for o, _ in out]
   assert lines == ["3 None", f"3 {int(signal.SIGTERM)}"], out
+
+
+# ----------------------------------------------------------------------------
+# One trainer per workdir.
+
+
+def _lock(workdir: str, pid: int, host: str = socket.gethostname()) -> str:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, lock_lib.LOCK)
+  holder = lock_lib.Holder(pid, host, "2025-01-01T00:00:00+00:00", "x")
+  with open(path, "w") as f:
+    f.write(holder.text())
+  return path
+
+
+def _dead_pid() -> int:
+  p = subprocess.Popen(["true"])
+  p.wait()
+  return p.pid
+
+
+def test_a_second_trainer_is_refused_naming_the_holder(root, tmp_path):
+  workdir = str(tmp_path / "w")
+  other = subprocess.Popen(["sleep", "60"])  # a live trainer on this host
+  try:
+    path = _lock(workdir, other.pid)
+    before = open(path).read()
+    with pytest.raises(lock_lib.LockedError) as e:
+      _train(_config(root), workdir)
+    msg = str(e.value)
+    assert f"pid {other.pid} on host {socket.gethostname()}" in msg, msg
+    assert f"kill {other.pid}" in msg and "\n" not in msg
+    assert os.listdir(workdir) == [lock_lib.LOCK]  # nothing else written
+    assert open(path).read() == before
+  finally:
+    other.kill()
+    other.wait()
+  # A lock from another host cannot be checked: the message says how to
+  # remove it.
+  _lock(workdir, other.pid, host="elsewhere")
+  with pytest.raises(lock_lib.LockedError) as e:
+    _train(_config(root), workdir)
+  assert f"pid {other.pid} on host elsewhere" in str(e.value)
+  assert f"delete {path} and re-run the same command" in str(e.value)
+
+
+def test_a_stale_lock_is_taken_over_and_released(tmp_path, caplog):
+  workdir, dead = str(tmp_path / "w"), _dead_pid()
+  path = _lock(workdir, dead)
+  holder = lock_lib.acquire(workdir)
+  assert f"pid {dead}" in caplog.text and "no longer runs" in caplog.text
+  assert json.loads(open(path).read())["pid"] == os.getpid()
+  with pytest.raises(lock_lib.LockedError, match="in use by a trainer"):
+    lock_lib.acquire(workdir)  # held: by this very process
+  lock_lib.release(workdir, holder)
+  assert not os.path.exists(path)
+
+
+def test_the_lock_works_on_a_bucket(fake_gcs):
+  holder = lock_lib.acquire("gs://b/run")
+  assert any(k.endswith("b/run/trainer.lock") for k in fake_gcs), fake_gcs
+  with pytest.raises(lock_lib.LockedError, match=f"pid {os.getpid()}"):
+    lock_lib.acquire("gs://b/run")
+  lock_lib.release("gs://b/run", holder)
+  assert not any("trainer.lock" in k for k in fake_gcs)
