@@ -153,14 +153,15 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
     runner = runner_lib.Runner(
         run.source, run.source.init(s.seed + 2), mesh=run.mesh
     )
-  start = ckpts.latest_step()
+  target = state if runner is None else (state, runner.state)
+  start, target, notes = ckpts.restore_latest(target, data_iter)
+  if runner is None:
+    state = target
+  else:
+    state, runner.state = target
+  for note in notes:  # a corrupt step, and the step used instead
+    _say(note)
   if start is not None:
-    if runner is None:
-      state, _ = ckpts.restore(start, state, data_iter)
-    else:
-      (state, runner.state), _ = ckpts.restore(
-          start, (state, runner.state), data_iter
-      )
     _say(f"resumed {run.workdir} from step {start}")
   start = start or 0
   # Rows past the checkpoint (or any row, if none was committed before a kill)

@@ -265,3 +265,150 @@ def test_the_lock_works_on_a_bucket(fake_gcs):
     lock_lib.acquire("gs://b/run")
   lock_lib.release("gs://b/run", holder)
   assert not any("trainer.lock" in k for k in fake_gcs)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints that fall back.
+
+
+def _largest_array_file(step_dir: str) -> str:
+  files = [
+      os.path.join(d, n)
+      for d, _, names in os.walk(os.path.join(step_dir, "state"))
+      for n in names
+      if os.sep + "d" + os.sep in os.path.join(d, n) + os.sep
+  ]
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path: str, at: float = 2 / 3) -> None:
+  data = bytearray(open(path, "rb").read())
+  data[int(len(data) * at)] ^= 0x10
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+CORRUPTIONS = {
+    # A flipped byte inside an array's data restores silently as a wrong
+    # value: only the recorded checksum catches it.
+    "flipped array byte": lambda d: _flip(_largest_array_file(d)),
+    "truncated array file": lambda d: _truncate(_largest_array_file(d)),
+    "deleted array file": lambda d: os.remove(_largest_array_file(d)),
+    "truncated record": lambda d: _truncate(
+        os.path.join(d, "record", "metadata")
+    ),
+    "truncated data position": lambda d: _truncate(
+        os.path.join(d, "data", "process_0-of-1.json")
+    ),
+}
+
+
+def _truncate(path: str) -> None:
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _tiny_checkpoints(workdir: str, steps=(1, 2)):
+  import grain
+  import jax.numpy as jnp
+
+  from kdjax import checkpoint
+
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=3)
+  it = grain.MapDataset.range(10).to_iter_dataset().__iter__()
+  state = {"w": jnp.arange(2000, dtype=jnp.float32), "n": jnp.int32(0)}
+  for s in steps:
+    next(it)
+    ck.save(s, jax.tree.map(lambda x: x + s, state), it, {"step": s})
+  ck.close()
+  return state
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupt_latest_step_falls_back_to_the_previous(tmp_path, corruption):
+  import grain
+
+  from kdjax import checkpoint
+
+  workdir = str(tmp_path)
+  state = _tiny_checkpoints(workdir)
+  CORRUPTIONS[corruption](os.path.join(workdir, "ckpt", "2"))
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=3)
+  it = grain.MapDataset.range(10).to_iter_dataset().__iter__()
+  step, restored, notes = ck.restore_latest(state, it)
+  assert step == 1
+  np.testing.assert_array_equal(restored["w"], np.arange(2000) + 1)
+  assert next(it) == 1  # the data position of step 1
+  moved = os.path.join(workdir, "ckpt", "2.corrupt")
+  assert notes[0].startswith(
+      f"the step-2 checkpoint in {workdir}/ckpt cannot be restored ("
+  ), notes
+  assert notes[0].endswith(f"; moved it to {moved}")
+  assert notes[1] == "resumed from step 1, the newest good checkpoint"
+  assert os.path.isdir(moved) and ck.latest.all_steps() == [1]
+  ck.close()
+
+
+def test_no_restorable_step_moves_nothing(tmp_path):
+  import grain
+
+  from kdjax import checkpoint
+
+  workdir = str(tmp_path)
+  state = _tiny_checkpoints(workdir)
+  for s in ("1", "2"):
+    _flip(_largest_array_file(os.path.join(workdir, "ckpt", s)))
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=3)
+  it = grain.MapDataset.range(10).to_iter_dataset().__iter__()
+  with pytest.raises(checkpoint.CorruptCheckpoint, match="no checkpoint in"):
+    ck.restore_latest(state, it)
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["1", "2"]
+  ck.close()
+
+
+def test_a_failed_save_keeps_the_only_kept_step(tmp_path, monkeypatch):
+  # Orbax deletes the steps past max_to_keep only after the new step has
+  # committed (CheckpointManager._finalize): a save that fails in the
+  # background leaves the previous step, here the only one kept.
+  import errno
+
+  import grain
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh
+
+  from kdjax import checkpoint
+
+  workdir = str(tmp_path)
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=1)
+  it = grain.MapDataset.range(10).to_iter_dataset().__iter__()
+  state = {"w": jax.numpy.arange(8.0)}
+  ck.save(1, state, it, {"step": 1})
+  ck.latest.wait_until_finished()
+
+  async def disk_full(self, x, directory):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", disk_full)
+  ck.save(2, jax.tree.map(lambda x: x + 1, state), it, {"step": 2})
+  with pytest.raises(OSError, match="No space left"):
+    ck.close()
+  monkeypatch.undo()
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=1)
+  step, restored, _ = ck.restore_latest(state, it)
+  assert step == 1
+  np.testing.assert_array_equal(restored["w"], np.arange(8.0))
+  ck.close()
+
+
+def test_a_run_resumes_past_a_corrupt_checkpoint(root, straight, capsys):
+  workdir = os.path.join(root, "corrupt")
+  c = _config(root, **{"ckpt.every_steps": 2, "ckpt.max_to_keep": 3})
+  training.train_and_evaluate(
+      c, workdir, stop_at=4, devices=jax.devices()[:DEVICES]
+  )
+  _flip(_largest_array_file(os.path.join(workdir, "ckpt", "4")))
+  capsys.readouterr()
+  _train(c, workdir)
+  out = capsys.readouterr().out
+  assert f"the step-4 checkpoint in {workdir}/ckpt cannot be restored" in out
+  assert "resumed from step 2, the newest good checkpoint" in out
+  _assert_same_run(workdir, straight)
