@@ -18,7 +18,13 @@ import jax.numpy as jnp
 from kdjax import models, sharding
 from kdjax.config import spec as spec_lib
 from kdjax.training import optimizer
-from kdjax.training.step import TEXT_KEYS, Step, TrainState, init_taid
+from kdjax.training.step import (
+    TEXT_KEYS,
+    Health,
+    Step,
+    TrainState,
+    init_taid,
+)
 
 P = jax.sharding.PartitionSpec
 
@@ -55,7 +61,7 @@ def abstract_run(
   """``(step, args)`` such that ``jax.jit(step.train).lower(*args)`` is the run's step.
 
   The student and teacher are the presets standing in for ``config``'s
-  checkpoints, ``args = (state, batch, teacher_state, first_bad)`` and the
+  checkpoints, ``args = (state, batch, teacher_state, health)`` and the
   batch is ``config.batch_size`` x ``config.data.max_length``.
   ``teacher_overrides`` replace teacher config fields (the student's come
   from ``config``). ``config`` is an experiment ConfigDict or its
@@ -117,8 +123,11 @@ def abstract_run(
   if s.teacher.cached and s.loss["kd_ratio"] > 0:
     batch.update(_cache_fields(s, mesh, shape))
   step = Step(s.loss, graphdef, teacher_graphdef, tx, s.grad_accum, num_steps)
-  first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  return step, (state, batch, teacher_state, first_bad)
+  health = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      Health.init(),
+  )
+  return step, (state, batch, teacher_state, health)
 
 
 def _cache_fields(

@@ -232,6 +232,8 @@ def build(
       s.grad_accum,
       num_steps,
       minillm=source.objective,
+      on_nonfinite=s.on_nonfinite,
+      max_skips=s.max_skips,
   )
   return Run(
       s,

@@ -28,7 +28,6 @@ from typing import Any, Sequence
 from flax import nnx
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import tqdm
 
@@ -175,7 +174,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       out_shardings=(shardings, None, None),
   )
   eval_fn = jax.jit(run.step.eval)
-  first_bad = jnp.asarray(-1, jnp.int32)
+  health = step_lib.Health.init()
   schedule = make_schedule(s.optim, run.num_steps)
   policy = _policy(run)
   last: dict[str, float] = {}
@@ -207,7 +206,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       batch = step_lib.put_batch(next(data_iter), run.mesh)
       if runner is not None:
         batch = runner(state, teacher_state, batch)
-      state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
+      state, m, health = train_fn(state, batch, teacher_state, health)
       done = step + 1
       bar.update(1)
       # A stop is a boundary: the step is checked, logged and saved.
@@ -221,7 +220,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       )
       if not boundary:
         continue
-      _check_finite(int(first_bad), run.workdir, ckpts)
+      _check_finite(health, run, ckpts)
       dt = time.perf_counter() - t0
       last = {k: float(v) for k, v in m.items()}
       last.update(
@@ -277,7 +276,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
     stopped = done
     if isinstance(e, preemption.Abandoned) and runner is None:
       stopped = _save_abandoned(
-          ckpts, run, state, data_iter, position, first_bad, done
+          ckpts, run, state, data_iter, position, health, done
       )
     ckpts.close()  # waits for a checkpoint being written to commit
     kept = ckpts.latest_step()
@@ -306,7 +305,7 @@ def _save_abandoned(
     state: TrainState,
     data_iter: grain.DatasetIterator,
     position: tuple[int, Any],
-    first_bad: jax.Array,
+    health: step_lib.Health,
     done: int,
 ) -> int:
   """Saves the newest whole state after a second stop signal; its step.
@@ -328,7 +327,7 @@ def _save_abandoned(
     return step
   if step == position[0]:
     data_iter.set_state(position[1])
-  _check_finite(int(first_bad), run.workdir, ckpts)
+  _check_finite(health, run, ckpts)
   _save(ckpts, step, state, data_iter, force=True)
   return step
 
@@ -412,17 +411,28 @@ def _save(
 
 
 def _check_finite(
-    first_bad: int, workdir: str, ckpts: checkpoint.Checkpoints
+    health: step_lib.Health, run: builder.Run, ckpts: checkpoint.Checkpoints
 ) -> None:
-  if first_bad < 0:
+  """Stops the run (one sentence) if ``health`` says it must."""
+  h = jax.device_get(health)
+  if h.first_bad < 0:
     return
   good = ckpts.latest_step()
   kept = (
-      f"the last good checkpoint (step {good}) is kept in {workdir}/ckpt"
+      f"the last good checkpoint (step {good}) is kept in {run.workdir}/ckpt"
       if good is not None
       else "no checkpoint had been written yet"
   )
+  what = "loss" if h.loss_bad else "gradient norm"
+  step = int(h.first_bad) + 1
+  if run.spec.on_nonfinite == "skip":
+    raise TrainingError(
+        f"{run.spec.max_skips} updates in a row were skipped up to step "
+        f"{step}, whose {what} was not finite ({int(h.skipped)} skipped in "
+        f"all); {kept}. Lower optim.lr, check the data, or raise max_skips."
+    )
   raise TrainingError(
-      f"loss or gradient became non-finite at step {first_bad + 1}; {kept}. "
-      "Lower optim.lr, check the data, or use a float32 teacher."
+      f"the {what} became non-finite at step {step}; {kept}. Lower optim.lr, "
+      "check the data, use a float32 teacher, or pass "
+      "--config.on_nonfinite=skip to drop such updates."
   )

@@ -412,3 +412,83 @@ def test_a_run_resumes_past_a_corrupt_checkpoint(root, straight, capsys):
   assert f"the step-4 checkpoint in {workdir}/ckpt cannot be restored" in out
   assert "resumed from step 2, the newest good checkpoint" in out
   _assert_same_run(workdir, straight)
+
+
+# ----------------------------------------------------------------------------
+# Non-finite steps.
+
+
+def _poison(monkeypatch, steps) -> None:
+  """An infinite loss mask (so a NaN loss and gradient) at these 1-based steps."""
+  put, calls = step_lib.put_batch, []
+
+  def put_poisoned(batch, mesh):
+    calls.append(1)
+    if len(calls) in steps:
+      batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.inf))
+    return put(batch, mesh)
+
+  monkeypatch.setattr(step_lib, "put_batch", put_poisoned)
+
+
+def _ckpt_params(workdir: str, step: int) -> dict:
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(os.path.join(workdir, "ckpt")) as m:
+    state = m.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    ).state
+  return {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(
+          {"params": state["params"], "opt": state["opt_state"]}
+      )[0]
+  }
+
+
+def test_skip_drops_the_update_counts_it_and_stops_after_max_skips(
+    root, tmp_path, monkeypatch
+):
+  workdir = str(tmp_path / "w")
+  c = _config(
+      root,
+      **{
+          "on_nonfinite": "skip",
+          "max_skips": 3,
+          "ckpt.every_steps": 1,
+          "ckpt.max_to_keep": 10,
+      },
+  )
+  # Step 2 is skipped, 3 trains, 4 to 6 are skipped: three in a row.
+  _poison(monkeypatch, {2, 4, 5, 6})
+  with pytest.raises(training.TrainingError) as e:
+    _train(c, workdir)
+  assert str(e.value).startswith(
+      "3 updates in a row were skipped up to step 6, whose loss was not "
+      "finite (4 skipped in all); the last good checkpoint (step 5) is kept"
+  ), str(e.value)
+  rows = metrics.read(workdir)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  assert [r["skipped"] for r in rows] == [0, 1, 1, 2, 3]
+  # A skipped step leaves parameters and optimizer state as they were.
+  p = {s: _ckpt_params(workdir, s) for s in (1, 2, 3, 5)}
+  for k in p[1]:
+    np.testing.assert_array_equal(p[1][k], p[2][k], err_msg=k)
+    np.testing.assert_array_equal(p[3][k], p[5][k], err_msg=k)
+  assert any(not np.array_equal(p[2][k], p[3][k]) for k in p[2])
+
+
+def test_stop_names_the_step_and_the_metric(root, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "w")
+  c = _config(root, **{"ckpt.every_steps": 2})
+  _poison(monkeypatch, {3})
+  with pytest.raises(training.TrainingError) as e:
+    training.train_and_evaluate(
+        c, workdir, stop_at=4, devices=jax.devices()[:DEVICES]
+    )
+  assert str(e.value).startswith(
+      "the loss became non-finite at step 3; the last good checkpoint (step "
+      f"2) is kept in {workdir}/ckpt."
+  ), str(e.value)
+  assert "--config.on_nonfinite=skip" in str(e.value)
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["2"]
