@@ -41,7 +41,7 @@ import numpy as np
 
 from kdjax import fs
 from kdjax import sharding as shd
-from kdjax.models import gpt2, llama
+from kdjax.models import gpt2, llama, safetensors_check
 
 Path = tuple  # an NNX state path, e.g. ("h", 0, "attn", "c_attn", "kernel")
 
@@ -235,6 +235,7 @@ def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
   """
   from safetensors import safe_open
 
+  safetensors_check.check_directory(directory)  # one sentence if damaged
   cls, entries, ignored = family(config)
   abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)

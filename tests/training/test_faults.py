@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ import test_resume_kill as kill_lib
 
 from commands import ROOT, assert_one_error
 from fake_gcs import fake_gcs_fixture  # noqa: F401
-from kdjax import metrics, training
+from kdjax import checksums, fs, metrics, training
 from kdjax.config import files as config_files
 from kdjax.config import recipe
 from kdjax.training import lock as lock_lib
@@ -492,3 +494,177 @@ def test_stop_names_the_step_and_the_metric(root, tmp_path, monkeypatch):
   ), str(e.value)
   assert "--config.on_nonfinite=skip" in str(e.value)
   assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == ["2"]
+
+
+# ----------------------------------------------------------------------------
+# Damaged files, fuzzed: every damage kdjax can see is one sentence naming
+# the file (and the line, for JSONL).
+
+FUZZ = hypothesis.settings(
+    max_examples=20, deadline=None, derandomize=True, database=None
+)
+
+
+def _one_sentence(e: BaseException, *words: str) -> str:
+  msg = str(e)
+  assert "\n" not in msg, msg
+  for w in words:
+    assert w in msg, (w, msg)
+  return msg
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+  return tmp_path_factory.mktemp("damaged")
+
+
+def _safetensors() -> bytes:
+  from safetensors.numpy import save
+
+  return save(
+      {
+          "wte": np.arange(12, dtype=np.float32).reshape(3, 4),
+          "count": np.ones(5, np.int32),
+      },
+      {"format": "pt"},
+  )
+
+
+# A damage: ("truncate", at), ("flip", at, byte) or ("append", bytes).
+def _damages(size: int, flip_below: int | None = None):
+  flip_below = flip_below or size
+  return st.one_of(
+      st.tuples(st.just("truncate"), st.integers(0, size - 1)),
+      st.tuples(
+          st.just("flip"),
+          st.integers(0, flip_below - 1),
+          st.integers(0, 255),
+      ),
+      st.tuples(st.just("append"), st.binary(min_size=1, max_size=9)),
+  )
+
+
+def _damage(data: bytes, damage) -> bytes:
+  if damage[0] == "truncate":
+    return data[: damage[1]]
+  if damage[0] == "flip":
+    b = bytearray(data)
+    b[damage[1]] = damage[2]
+    return bytes(b)
+  return data + damage[1]
+
+
+_GOOD_ST = _safetensors()
+_HEADER_END = 8 + int.from_bytes(_GOOD_ST[:8], "little")
+
+
+@FUZZ
+@hypothesis.given(_damages(len(_GOOD_ST), flip_below=_HEADER_END))
+def test_damaged_safetensors_are_refused_in_one_sentence(scratch, damage):
+  from safetensors.numpy import load_file
+
+  from kdjax.models import safetensors_check
+
+  path = str(scratch / "model.safetensors")
+  with open(path, "wb") as f:
+    f.write(_damage(_GOOD_ST, damage))
+  try:
+    safetensors_check.check_file(path)
+  except fs.BadFileError as e:
+    _one_sentence(e, path, "is not a valid safetensors file", "re-download")
+    return
+  # What passes the check is a file the reader takes: a byte flipped inside
+  # a name or the metadata, or no change at all.
+  assert damage[0] == "flip", damage
+  load_file(path)
+
+
+_GOOD_JSONL = b"".join(
+    (
+        json.dumps({"prompt": f"add {i} and 2", "output": str(i + 2)}) + "\n"
+    ).encode()
+    for i in range(6)
+)
+
+
+@FUZZ
+@hypothesis.given(_damages(len(_GOOD_JSONL)))
+@hypothesis.example(("flip", 30, 0xFF))  # not UTF-8
+@hypothesis.example(("flip", 0, ord("[")))
+def test_damaged_jsonl_names_the_file_and_line(scratch, damage):
+  from kdjax.data import instruct_jsonl, jsonl
+
+  path = str(scratch / "train.jsonl")
+  data = _damage(_GOOD_JSONL, damage)
+  with open(path, "wb") as f:
+    f.write(data)
+  try:
+    jsonl.read_jsonl(path, instruct_jsonl.parse)
+  except jsonl.BadLinesError as e:
+    msg = _one_sentence(e, "malformed line", "Fix the file")
+    at = damage[1] if damage[0] != "append" else len(_GOOD_JSONL)
+    line = data[:at].count(b"\n") + 1
+    assert f"{path}:{line}:" in msg or f"{path}:{line + 1}:" in msg, msg
+
+
+def _tiny_cache(directory: str):
+  """A one-shard top-k cache of three examples, without a teacher."""
+  import collections
+
+  from kdjax.cache import build, codec, store
+
+  example = collections.namedtuple("Example", "prompt_len ids")
+  rng = np.random.default_rng(0)
+  examples = [example(2, rng.integers(0, 50, 6 + i)) for i in range(3)]
+  records = []
+  for e in examples:
+    n = len(e.ids) - e.prompt_len
+    ids = np.sort(rng.choice(50, (n, 4)), axis=-1)
+    lp = np.log(np.full((n, 4), 0.2, np.float32))
+    blob = codec.encode_topk(ids, lp, 50)
+    records.append(store.example_digest(e.prompt_len, e.ids) + blob)
+  os.makedirs(directory, exist_ok=True)
+  name = store.shard_name(0, 1)
+  build._write_shard(os.path.join(directory, name), records)
+  meta = {
+      "format": store.FORMAT,
+      "identity": {"encoding": "topk", "k": 4, "vocab_size": 50},
+      "num_examples": 3,
+      "examples_per_shard": 3,
+      "num_shards": 1,
+      "fingerprint": store.fingerprint(examples),
+      "complete": True,
+      "sha256": {name: checksums.file_sha256(os.path.join(directory, name))},
+  }
+  return examples, meta, os.path.join(directory, name)
+
+
+_CACHE = {}  # the intact cache, built once (kept out of hypothesis' reports)
+
+
+@FUZZ
+@hypothesis.given(data=st.data())
+def test_a_damaged_cache_shard_is_refused_in_one_sentence(scratch, data):
+  from kdjax.cache import store
+
+  directory = str(scratch / "cache")
+  if not _CACHE:
+    examples, meta, shard = _tiny_cache(directory)
+    with open(shard, "rb") as f:
+      _CACHE.update(examples=examples, meta=meta, shard=shard, good=f.read())
+  examples, meta, shard, good = (
+      _CACHE[k] for k in ("examples", "meta", "shard", "good")
+  )
+  store.Cache(directory, meta).bind(examples, 16)  # the intact shard
+  damage = data.draw(
+      _damages(len(good)).filter(lambda d: _damage(good, d) != good)
+  )
+  with open(shard, "wb") as f:
+    f.write(_damage(good, damage))
+  try:
+    with pytest.raises(store.CacheError) as e:
+      store.Cache(directory, meta).bind(examples, 16)
+    _one_sentence(e.value, shard, "checksum", "rebuild it")
+  finally:
+    with open(shard, "wb") as f:
+      f.write(good)
