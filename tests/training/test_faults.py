@@ -1,10 +1,14 @@
-"""Real-world faults: preemption signals, a second trainer, bad checkpoints.
+"""Real-world faults: preemption signals, a second trainer, damaged checkpoints,
+non-finite steps and damaged input files.
 
-One CLI subprocess gets ``SIGTERM`` mid-run; the other faults are injected
-in-process (a signal sent to this process from inside the loop, a lock file
-left by a dead trainer, a checkpoint file cut short) on the tiny ``akl_gpt2``
+One CLI subprocess gets ``SIGTERM`` mid-run and two bare processes agree on a
+stop; every other fault is injected in-process (a signal sent to this process
+from inside the loop, a lock file left by a dead trainer, a checkpoint file
+damaged on disk, a batch whose loss is not finite) on the tiny ``akl_gpt2``
 run of ``test_resume_kill`` (two CPU devices), whose uninterrupted run is the
-reference every resumed run must equal bit for bit.
+reference every resumed run must equal bit for bit. The readers of
+safetensors, JSONL and teacher-cache shards are fuzzed with hypothesis
+(derandomized, 20 damages each).
 """
 
 import json
@@ -57,16 +61,22 @@ def _train(c, workdir: str):
   )
 
 
+def _train_to(c, workdir: str, step: int):
+  return training.train_and_evaluate(
+      c, workdir, stop_at=step, devices=jax.devices()[:DEVICES]
+  )
+
+
 def _params(workdir: str) -> dict:
   """The params of the latest checkpoint (the last step's)."""
   return kill_lib._params(_config(os.path.dirname(workdir)), workdir, STEPS)
 
 
-def _assert_same_run(workdir: str, reference: str) -> None:
-  a, b = metrics.read(reference), metrics.read(workdir)
+def _assert_same_run(workdir: str, reference: tuple[str, dict]) -> None:
+  a, b = metrics.read(reference[0]), metrics.read(workdir)
   assert [r["step"] for r in b] == list(range(1, STEPS + 1))
   assert [r["loss"] for r in a] == [r["loss"] for r in b]
-  pa, pb = _params(reference), _params(workdir)
+  pa, pb = reference[1], _params(workdir)
   assert pa.keys() == pb.keys()
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
@@ -74,10 +84,11 @@ def _assert_same_run(workdir: str, reference: str) -> None:
 
 @pytest.fixture(scope="module")
 def straight(root):
-  """The uninterrupted run (also prepares the data and the teacher)."""
+  """The uninterrupted run's workdir and final params (it also prepares the
+  data and the teacher)."""
   workdir = os.path.join(root, "straight")
   _train(_config(root), workdir)
-  return workdir
+  return workdir, _params(workdir)
 
 
 def _signal_at(monkeypatch, call: int, *signals) -> None:
@@ -142,20 +153,37 @@ def test_sigterm_saves_the_step_logs_it_and_resumes_exactly(root, straight):
   _assert_same_run(workdir, straight)
 
 
-def test_a_second_signal_saves_the_last_whole_step(root, straight, monkeypatch):
-  workdir = os.path.join(root, "twice")
-  # Both arrive while step 3 takes its batch: step 3 is abandoned and the
-  # data iterator goes back to where step 3 reads.
-  _signal_at(monkeypatch, 3, signal.SIGTERM, signal.SIGINT)
+def test_a_run_survives_a_damaged_step_two_signals_and_a_stale_lock(
+    root, straight, monkeypatch, capsys
+):
+  workdir = os.path.join(root, "faults")
+  c = _config(root, **{"ckpt.every_steps": 2, "ckpt.max_to_keep": 3})
+  _train_to(c, workdir, 4)  # checkpoints 2 and 4
+  _flip(_largest_array_file(os.path.join(workdir, "ckpt", "4")))
+  # The resume finds step 4 damaged and goes on from step 2. Both signals
+  # arrive while step 4 takes its batch: step 4 is abandoned, step 3 (off
+  # the cadence) is saved and the data iterator goes back to where step 4
+  # reads.
+  _signal_at(monkeypatch, 2, signal.SIGTERM, signal.SIGINT)
+  capsys.readouterr()
   with pytest.raises(training.TrainingError) as e:
-    _train(_config(root), workdir)
+    _train(c, workdir)
+  out = capsys.readouterr().out
+  assert f"the step-4 checkpoint in {workdir}/ckpt cannot be restored (" in out
+  assert f"moved it to {workdir}/ckpt/4.corrupt" in out
+  assert "resumed from step 2, the newest good checkpoint" in out
   assert e.value.exit_code == 143
-  assert "interrupted at step 2; the checkpoint of step 2" in str(e.value)
+  assert "interrupted at step 3; the checkpoint of step 3" in str(e.value)
+  assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == [
+      "2",
+      "3",
+      "4.corrupt",
+  ]
   monkeypatch.undo()
   assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK))
   # As if a trainer had been killed here: its lock is stale, not blocking.
   _lock(workdir, _dead_pid())
-  _train(_config(root), workdir)
+  _train(c, workdir)
   _assert_same_run(workdir, straight)
   assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK))
 
@@ -164,9 +192,8 @@ _AGREE = """
 import os, signal, sys
 import jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from kdjax import sharding
 from kdjax.training import preemption
-stop = preemption.Signals(sharding.make_mesh(-1, 1))
+stop = preemption.Signals(jax.make_mesh((4,), ("data",)))
 stop.install()
 for step in range(8):
   if step == 2 and jax.process_index() == 1:
@@ -401,21 +428,6 @@ def test_a_failed_save_keeps_the_only_kept_step(tmp_path, monkeypatch):
   ck.close()
 
 
-def test_a_run_resumes_past_a_corrupt_checkpoint(root, straight, capsys):
-  workdir = os.path.join(root, "corrupt")
-  c = _config(root, **{"ckpt.every_steps": 2, "ckpt.max_to_keep": 3})
-  training.train_and_evaluate(
-      c, workdir, stop_at=4, devices=jax.devices()[:DEVICES]
-  )
-  _flip(_largest_array_file(os.path.join(workdir, "ckpt", "4")))
-  capsys.readouterr()
-  _train(c, workdir)
-  out = capsys.readouterr().out
-  assert f"the step-4 checkpoint in {workdir}/ckpt cannot be restored" in out
-  assert "resumed from step 2, the newest good checkpoint" in out
-  _assert_same_run(workdir, straight)
-
-
 # ----------------------------------------------------------------------------
 # Non-finite steps.
 
@@ -485,9 +497,7 @@ def test_stop_names_the_step_and_the_metric(root, tmp_path, monkeypatch):
   c = _config(root, **{"ckpt.every_steps": 2})
   _poison(monkeypatch, {3})
   with pytest.raises(training.TrainingError) as e:
-    training.train_and_evaluate(
-        c, workdir, stop_at=4, devices=jax.devices()[:DEVICES]
-    )
+    _train_to(c, workdir, 4)
   assert str(e.value).startswith(
       "the loss became non-finite at step 3; the last good checkpoint (step "
       f"2) is kept in {workdir}/ckpt."
