@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any, Mapping
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from kdjax import fs
+from kdjax import checksums, fs
 
 
 def abstract(tree: Any) -> Any:
@@ -76,6 +77,28 @@ def best_policy(
   if after_steps < 0:
     after_steps = max(warmup_steps, num_steps // 4) if metric in SAMPLED else 0
   return BestPolicy(metric, after_steps)
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint that cannot be restored whole (exit 1 on a command line)."""
+
+  exit_code = 1
+
+
+def _reason(e: Exception) -> str:
+  """An exception as a short single line (TensorStore errors run long)."""
+  text = re.sub(r"\s+", " ", str(e)).strip()
+  text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+  return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _agree_failed(failed: bool) -> bool:
+  """Whether any process failed (every process gets the same answer)."""
+  if jax.process_count() == 1:
+    return failed
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return bool(multihost_utils.process_allgather(int(failed)).max())
 
 
 def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
@@ -131,6 +154,7 @@ class Checkpoints:
       return False
     if step in self.latest.all_steps():
       return False
+    record = dict(record, checksums=checksums.tree(state))
     return self.latest.save(
         step,
         args=ocp.args.Composite(
@@ -142,7 +166,13 @@ class Checkpoints:
     )
 
   def restore(self, step: int, state: Any, data_iter: Any) -> tuple[Any, dict]:
-    """``(state, record)`` of ``step``; ``data_iter`` is moved in place."""
+    """``(state, record)`` of ``step``; ``data_iter`` is moved in place.
+
+    Raises:
+      CorruptCheckpoint: an array does not match the checksum recorded with
+        it (checkpoints written before checksums were recorded are not
+        checked).
+    """
     out = self.latest.restore(
         step,
         args=ocp.args.Composite(
@@ -151,7 +181,72 @@ class Checkpoints:
             record=ocp.args.JsonRestore(),
         ),
     )
+    recorded = out.record.get("checksums")
+    if recorded is not None:
+      bad = checksums.mismatches(out.state, recorded)
+      if bad:
+        raise CorruptCheckpoint(
+            f"{len(bad)} array(s) differ from their checksums, first {bad[0]}"
+        )
     return out.state, out.record
+
+  def restore_latest(
+      self, state: Any, data_iter: Any
+  ) -> tuple[int | None, Any, list[str]]:
+    """``(step, state, notes)`` of the newest step that restores whole.
+
+    A step that fails to restore or to verify while an older one restores is
+    corrupt: it is moved aside (``ckpt/<step>.corrupt``, which orbax does not
+    list) so the run saves that step again, and ``notes`` says so. ``step``
+    is None (and ``state`` the given one) when there is no checkpoint. Every
+    process agrees on each attempt's outcome, and process 0 moves the files.
+
+    Raises:
+      CorruptCheckpoint: no step restores; nothing is moved (a change of the
+        code or the state's structure fails every step alike).
+    """
+    failed: list[tuple[int, str]] = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        restored, _ = self.restore(step, state, data_iter)
+        error = None
+      except Exception as e:  # pylint: disable=broad-except
+        restored, error = None, _reason(e)
+      if _agree_failed(error is not None):
+        failed.append((step, error or "failed on another process"))
+        continue
+      notes = [
+          f"the step-{bad} checkpoint in {self.latest.directory} cannot be "
+          f"restored ({why}); moved it to {self._move_aside(bad)}"
+          for bad, why in failed
+      ]
+      if failed:
+        self.latest.reload()
+        notes.append(f"resumed from step {step}, the newest good checkpoint")
+      return step, restored, notes
+    if failed:
+      raise CorruptCheckpoint(
+          f"no checkpoint in {self.latest.directory} can be restored (step "
+          f"{failed[0][0]}: {failed[0][1]}); if the code or the config "
+          "changed, use the version that wrote them, else move that "
+          "directory aside to start over."
+      )
+    return None, state, []
+
+  def _move_aside(self, step: int) -> str:
+    """Renames ``ckpt/<step>`` to an unused ``ckpt/<step>.corrupt[-n]``."""
+    directory = self.latest.directory
+    target, n = directory / f"{step}.corrupt", 0
+    while target.exists():
+      n += 1
+      target = directory / f"{step}.corrupt-{n}"
+    if jax.process_index() == 0:
+      (directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices(f"kdjax_move_aside_{step}")
+    return str(target)
 
   def save_best(
       self,

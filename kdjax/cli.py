@@ -10,7 +10,8 @@ r"""The one error path of kdjax's command-line tools.
   the user must act on);
 * a genuine bug (an exception raised outside kdjax's own checks) keeps its
   traceback, as does every error under ``--verbosity=1``;
-* Ctrl-C prints what is kept and the command that resumes (exit 130).
+* Ctrl-C or ``SIGTERM`` prints what is kept and the command that resumes
+  (exit 130 or 143: ``128 + signal``).
 
 What counts as a user error: an exception carrying ``exit_code``
 (:class:`kdjax.config.checks.ConfigError`, the trainer's errors), any
@@ -248,7 +249,7 @@ def guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     except KeyboardInterrupt as e:
       if verbose:
         traceback.print_exc()
-      fail(interrupted_message(e), INTERRUPTED)
+      fail(interrupted_message(e), getattr(e, "exit_code", INTERRUPTED))
     except Exception as e:  # pylint: disable=broad-except
       code = classify(e)
       if code is None or verbose:

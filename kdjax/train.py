@@ -11,9 +11,10 @@ checkpoint; so does extending it (``:tiny,steps=60`` on a finished 30-step
 run: see :mod:`kdjax.config.identity` for what may change). ``--config.key=value``
 overrides any config field. Every user error is one ``error: ...`` line
 (:mod:`kdjax.cli`): exit 2 for a wrong command line or config value, 1 for a
-missing file or a run that stopped, 130 for Ctrl-C (the message names the
-checkpoint kept and the command that resumes). The library is
-:mod:`kdjax.training`.
+missing file or a run that stopped, 130 for Ctrl-C and 143 for ``SIGTERM``
+(the step in progress is saved; the message names the checkpoint kept and
+the command that resumes). One trainer at a time runs in a workdir
+(:mod:`kdjax.training.lock`). The library is :mod:`kdjax.training`.
 """
 
 from __future__ import annotations

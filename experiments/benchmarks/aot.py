@@ -21,7 +21,13 @@ from kdjax import models, sharding
 from kdjax.config import spec as spec_lib
 from kdjax.models import lora
 from kdjax.training import builder, optimizer
-from kdjax.training.step import TEXT_KEYS, Step, TrainState, init_taid
+from kdjax.training.step import (
+    TEXT_KEYS,
+    Health,
+    Step,
+    TrainState,
+    init_taid,
+)
 
 P = jax.sharding.PartitionSpec
 
@@ -58,7 +64,7 @@ def abstract_run(
   """``(step, args)`` such that ``jax.jit(step.train).lower(*args)`` is the run's step.
 
   The student and teacher are the presets standing in for ``config``'s
-  checkpoints, ``args = (state, batch, teacher_state, first_bad)`` and the
+  checkpoints, ``args = (state, batch, teacher_state, health)`` and the
   batch is ``config.batch_size`` x ``config.data.max_length``.
   ``teacher_overrides`` replace teacher config fields (the student's come
   from ``config``). ``config`` is an experiment ConfigDict or its
@@ -144,8 +150,11 @@ def abstract_run(
       num_steps,
       trainable=trainable,
   )
-  first_bad = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  return step, (state, batch, teacher_state, first_bad)
+  health = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      Health.init(),
+  )
+  return step, (state, batch, teacher_state, health)
 
 
 def _cache_fields(

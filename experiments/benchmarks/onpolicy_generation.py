@@ -41,6 +41,7 @@ import optax
 from kdjax import models, sampling
 from kdjax.data import pipeline
 from kdjax.onpolicy import strategies
+from kdjax.training.step import Health
 
 PAIRS = {
     "tiny": (
@@ -174,7 +175,7 @@ def main(_):
     train = jax.jit(step.train)
     gen_batch = make("gkd")()[0]
     out["step_s"] = _median_s(
-        lambda: train(state, gen_batch, t_state, jnp.asarray(-1))[1]["loss"],
+        lambda: train(state, gen_batch, t_state, Health.init())[1]["loss"],
         _REPEATS.value,
     )
   except (ImportError, AttributeError) as e:

@@ -190,7 +190,7 @@ def _step_rows(mesh) -> list[dict]:
     )
     step = training.Step(loss_cfg, graphdef, t_graph, tx, 1)
     batch = training.put_batch(b, mesh)
-    bad = jnp.asarray(-1)
+    bad = training.Health.init()
     fn = jax.jit(step.train)
     compiled = fn.lower(state, batch, t_state, bad).compile()
     mem = compiled.memory_analysis()

@@ -114,7 +114,7 @@ def bench(pair: str, impl: str, mesh) -> dict:
   step = training.Step(loss_cfg, graphdef, nnx.graphdef(teacher), tx, 1)
   batch = training.put_batch(_batch(_BATCH.value, _SEQ.value, vocab), mesh)
   t_state = nnx.state(teacher)
-  bad = jnp.asarray(-1)
+  bad = training.Health.init()
   fn = jax.jit(step.train)
   compiled = fn.lower(state, batch, t_state, bad).compile()
   mem = compiled.memory_analysis()

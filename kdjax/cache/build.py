@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from kdjax import sharding
+from kdjax import checksums, sharding
 from kdjax.cache import codec, store
 from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
@@ -246,6 +246,14 @@ def _run(meta, examples, out, fn, state, mesh, batch, s, eos_id, progress):
       dynamic_ncols=True,
   )
   ident, vocab = meta["identity"], meta["identity"]["vocab_size"]
+  # A build killed between a shard's commit and the metadata write: record
+  # the committed shard's checksum now.
+  for shard in sorted(set(range(n_shards)) - set(todo)):
+    name = store.shard_name(shard, n_shards)
+    if name not in meta.get("sha256", {}):
+      meta.setdefault("sha256", {})[name] = checksums.file_sha256(
+          os.path.join(out, name)
+      )
   for shard in todo:
     index = list(range(shard * per, min((shard + 1) * per, len(examples))))
     records = []
@@ -273,6 +281,12 @@ def _run(meta, examples, out, fn, state, mesh, batch, s, eos_id, progress):
         blob = _encode(ident, [a[r, pos] for a in arrays], vocab)
         records.append(store.example_digest(e.prompt_len, e.ids) + blob)
       bar.update(len(chunk))
-    path = os.path.join(out, store.shard_name(shard, n_shards))
-    _write_shard(path, records)
+    name = store.shard_name(shard, n_shards)
+    _write_shard(os.path.join(out, name), records)
+    # Recorded as each shard commits (a resumed build keeps the earlier
+    # ones); training verifies them (store.Cache.verify).
+    meta.setdefault("sha256", {})[name] = checksums.file_sha256(
+        os.path.join(out, name)
+    )
+    store.write_metadata(out, meta)
   bar.close()

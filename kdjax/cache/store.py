@@ -12,14 +12,17 @@ Record ``i`` belongs to the ``i``-th kept training example, in
 example's response positions. ``metadata.json`` holds the
 :func:`identity` (encoding, k or draws, temperature, vocabulary, teacher,
 tokenizer, data settings), the layout (examples per shard), the
-:func:`fingerprint` of all examples, and once every shard is committed
-``complete`` with the measured size.
+:func:`fingerprint` of all examples, the sha256 of each shard as it is
+committed (``sha256``), and once every shard is committed ``complete`` with
+the measured size.
 
 Training from a cache checks it twice: :func:`check_config` compares the
 identity with the config before anything is written (one sentence naming the
 first field that differs and the command that rebuilds the cache), and
-:meth:`Cache.bind` compares the fingerprint with the tokenised examples (a
-changed dataset file or tokenizer), then each record's digest as it is read.
+opening a :class:`Cache` compares each shard with its recorded sha256 (a
+damaged or changed file), :meth:`Cache.bind` the fingerprint with the
+tokenised examples (a changed dataset file or tokenizer), then each record's
+digest as it is read.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from kdjax import checksums, fs
 from kdjax.cache import codec
 from kdjax.config import identity as identity_lib
 
@@ -173,11 +177,17 @@ def rebuild_command(cache_dir: str) -> str:
 
 
 def read_metadata(directory: str) -> dict[str, Any] | None:
+  """``metadata.json`` of a cache directory, None if absent.
+
+  Raises:
+    kdjax.fs.BadFileError: it is not JSON (one sentence with the fix).
+  """
   path = os.path.join(os.path.expanduser(directory), METADATA)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return fs.read_json(
+      path, f"delete {directory} and rebuild it: {rebuild_command(directory)}"
+  )
 
 
 def write_metadata(directory: str, meta: Mapping[str, Any]) -> None:
@@ -194,8 +204,11 @@ def check_config(config) -> dict[str, Any]:
   Raises :class:`CacheError` (one sentence, with the rebuild command) if not.
   """
   cache_dir = config["teacher"]["cache_dir"]
-  meta = read_metadata(cache_dir)
   fix = f"build it: {rebuild_command(cache_dir)}"
+  fs.check_kind(
+      os.path.expanduser(cache_dir), "directory", "teacher.cache_dir", fix
+  )
+  meta = read_metadata(cache_dir)
   if meta is None:
     raise CacheError(
         f"teacher.cache_dir={cache_dir!r} holds no teacher cache ({METADATA}); "
@@ -259,6 +272,7 @@ class Cache:
     self.width = int(ident.get("k") or ident["num_samples"])
     self.vocab_size = int(ident["vocab_size"])
     n = self.meta["num_shards"]
+    self.verify()  # before array_record reads a damaged shard
     self._source = grain.sources.ArrayRecordDataSource(
         [os.path.join(self.directory, shard_name(i, n)) for i in range(n)]
     )
@@ -277,6 +291,28 @@ class Cache:
     if self.encoding == "topk":
       return digest, codec.decode_topk(blob)
     return digest, codec.decode_sampled(blob, self.width)
+
+  def verify(self) -> None:
+    """Compares each shard with the sha256 recorded when it was written.
+
+    Caches written before checksums were recorded are not checked.
+
+    Raises:
+      CacheError: a shard is missing or differs (one sentence, the fix).
+    """
+    where = self.directory
+    fix = f"delete {where} and rebuild it: {rebuild_command(where)}."
+    for name, digest in sorted(self.meta.get("sha256", {}).items()):
+      path = os.path.join(where, name)
+      try:
+        ok = checksums.file_sha256(path) == digest
+      except FileNotFoundError:
+        raise CacheError(f"teacher cache {where} lacks {name}; {fix}") from None
+      if not ok:
+        raise CacheError(
+            f"shard {path} differs from the checksum recorded when it was "
+            f"written (damaged or changed); {fix}"
+        )
 
   def bind(
       self, examples: Sequence[Any], max_length: int

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
 from typing import Any
 
@@ -553,11 +552,14 @@ def _shape_from_hf(cfg: dict, where: str) -> ModelShape:
   return ModelShape(int(cfg["vocab_size"]), int(positions or 0), where)
 
 
+_CONFIG_FIX = "re-download or re-export that model directory"
+
+
 def _read_config_json(directory: str) -> dict | None:
   path = fs.path(directory) / "config.json"
   if not path.exists():
     return None
-  return json.loads(path.read_text())
+  return fs.read_json(path, _CONFIG_FIX)
 
 
 def _hub_config(hub_id: str) -> dict | None:
@@ -569,8 +571,7 @@ def _hub_config(hub_id: str) -> dict | None:
   except Exception:  # malformed repo id, no cache: the loader will tell
     return None
   if isinstance(path, str) and os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+    return fs.read_json(path, _CONFIG_FIX)
   return None
 
 
@@ -636,6 +637,14 @@ def teacher_config(config) -> dict:
   overrides = dict(_get(config, "teacher.model_overrides", {}))
   if path.startswith("preset:"):
     return _preset_fields("teacher.path", path, overrides)
+  if path:
+    fs.check_kind(
+        fs.local(path),
+        "non-empty directory",
+        "teacher.path",
+        "point it at a Hugging Face model directory (config.json + "
+        "safetensors)",
+    )
   cfg = _read_config_json(fs.local(path)) if path else None
   if cfg is not None:
     return _with_shape_overrides(cfg, overrides)
@@ -698,6 +707,9 @@ def _check_models(config) -> None:
       teacher_config(config), f"the teacher ({config.teacher.path})"
   )
   _check_positions(teacher, length, None, config)
+  from kdjax.models import safetensors_check  # pylint: disable=g-import-not-at-top
+
+  safetensors_check.check_directory(fs.local(config.teacher.path))
   if student is not None and teacher.vocab_size != student.vocab_size:
     raise ConfigError(
         f"teacher vocabulary {teacher.vocab_size} != student vocabulary "
@@ -814,6 +826,12 @@ def _check_data(config) -> None:
 
 def _check_jsonl(name: str) -> None:
   path = fs.path(fs.local(name))
+  fs.check_kind(
+      path,
+      "file",
+      "data.name",
+      "pass the JSONL file inside it, not the directory",
+  )
   if not path.is_file():
     raise MissingInputError(
         f"data.name={name!r}: no such file; pass an existing JSONL file "

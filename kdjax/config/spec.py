@@ -561,6 +561,15 @@ class TrainSpec:
   )
   mesh: MeshSpec = group(MeshSpec, "the device mesh")
   log_every: int = field(50, "steps per logged line", at_least=1)
+  on_nonfinite: str = field(
+      "stop",
+      "a step whose loss or gradient is not finite: stop the run, or skip "
+      "its update",
+      choices=("stop", "skip"),
+  )
+  max_skips: int = field(
+      10, "consecutive skipped updates that stop a 'skip' run", at_least=1
+  )
   ckpt: CkptSpec = group(CkptSpec, "checkpoints")
   eval: EvalSpec = group(EvalSpec, "validation and the evaluation command")
   export_hf: bool = field(True, "write the student in HF format at the end")

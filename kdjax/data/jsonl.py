@@ -1,7 +1,8 @@
 """Strict JSONL reading shared by the file-based builders, and their base
 class (:class:`Builder`).
 
-Every malformed line is reported with file and line number. By default the
+Every malformed line (not UTF-8, not a JSON object, or a record the parser
+rejects) is reported with file and line number. By default the
 whole file is checked and then the build fails, naming the first bad lines; with
 ``skip_bad=True`` bad lines are skipped and counted instead. Nothing is dropped
 without a count.
@@ -53,12 +54,15 @@ def read_jsonl(
   """
   counts = Counts() if counts is None else counts
   records, problems = [], []
-  with fs.path(path).open("r", encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
+  # Bytes, decoded line by line, so text that is not UTF-8 is a bad line
+  # with its number rather than an error for the whole file.
+  with fs.path(path).open("rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      if not raw.strip():
         continue
       counts["read"] += 1
       try:
+        line = _decode(raw)
         obj = json.loads(line)
         if not isinstance(obj, dict):
           raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -86,6 +90,15 @@ def read_jsonl(
     )
   logging.info("Read %s: %s", path, dict(counts))
   return records
+
+
+def _decode(raw: bytes) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(
+        f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    ) from None
 
 
 def text_field(obj: dict[str, Any], key: str, *, required: bool = True) -> str:

@@ -56,7 +56,7 @@ import numpy as np
 
 from kdjax import fs
 from kdjax import sharding as shd
-from kdjax.models import gpt2, llama
+from kdjax.models import gpt2, llama, safetensors_check
 
 Path = tuple  # an NNX state path, e.g. ("h", 0, "attn", "c_attn", "kernel")
 
@@ -587,6 +587,7 @@ def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
   equal to its embedding. Non-parameter state (dropout RNG) is built by a
   jitted constructor whose random parameters XLA dead-code eliminates.
   """
+  safetensors_check.check_directory(directory)  # one sentence if damaged
   layout = family(config)
   abstract = nnx.eval_shape(lambda: layout.cls(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)

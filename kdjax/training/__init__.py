@@ -34,7 +34,7 @@ from kdjax.training.optimizer import (
     make_optimizer,
     make_schedule,
 )
-from kdjax.training.step import BATCH_KEYS, Step, TrainState, put_batch
+from kdjax.training.step import BATCH_KEYS, Health, Step, TrainState, put_batch
 
 __all__ = [
     "Run",
@@ -48,6 +48,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "BATCH_KEYS",
+    "Health",
     "Step",
     "TrainState",
     "put_batch",

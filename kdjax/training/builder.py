@@ -250,6 +250,8 @@ def build(
       num_steps,
       minillm=source.objective,
       trainable=trainable(s.student),
+      on_nonfinite=s.on_nonfinite,
+      max_skips=s.max_skips,
   )
   state = TrainState(
       jnp.zeros((), jnp.int32),

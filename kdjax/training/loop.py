@@ -10,24 +10,24 @@ Hugging Face checkpoints (``workdir/hf``, ``workdir/best_hf``).
 The whole config is checked first (:func:`kdjax.config.checks.validate`), before
 the workdir is touched or anything compiles. Stdout gets one line per
 validation and a summary at the end (best step and metric, final metrics,
-where the exports are; also ``workdir/summary.json``). The first Ctrl-C stops
-at the end of the step in progress (a checkpoint being written is never cut
-short), saves that step and prints one sentence naming the checkpoint that is
-kept and how to resume; a second Ctrl-C stops at once.
+where the exports are; also ``workdir/summary.json``). Ctrl-C and ``SIGTERM``
+(a preemption notice) stop at the end of the step in progress, on every
+process at the same step (a checkpoint being written is never cut short),
+save that step and raise :class:`Interrupted` naming the checkpoint kept and
+how to resume; a second signal stops at once
+(:mod:`kdjax.training.preemption`).
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from typing import Any, Sequence
 
 from flax import nnx
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import tqdm
 
@@ -37,7 +37,8 @@ from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
 from kdjax.models import lora
 from kdjax.onpolicy import runner as runner_lib
-from kdjax.training import builder, validation
+from kdjax.training import builder, preemption, validation
+from kdjax.training import lock as lock_lib
 from kdjax.training import step as step_lib
 from kdjax.training import workdir as workdir_lib
 from kdjax.training.distributed import maybe_initialize_distributed
@@ -71,19 +72,25 @@ def train_and_evaluate(
   maybe_initialize_distributed()
   workdir = fs.local(workdir)
   created = not fs.path(workdir).exists()
-  fresh = workdir_lib.claim(
-      workdir, spec.identity, force_new_run=spec.force_new_run
-  )
+  holder = lock_lib.acquire(workdir)  # one trainer per workdir
   try:
-    mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
+    fresh = workdir_lib.claim(
+        workdir, spec.identity, force_new_run=spec.force_new_run
+    )
+    try:
+      mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
+      with jax.set_mesh(mesh):
+        run = builder.build(spec, workdir, mesh)
+    except Exception:
+      if fresh:
+        lock_lib.release(workdir, holder)
+        holder = None
+        workdir_lib.release(workdir, created=created)
+      raise
     with jax.set_mesh(mesh):
-      run = builder.build(spec, workdir, mesh)
-  except Exception:
-    if fresh:
-      workdir_lib.release(workdir, created=created)
-    raise
-  with jax.set_mesh(mesh):
-    return loop(run, stop_at)
+      return loop(run, stop_at)
+  finally:
+    lock_lib.release(workdir, holder)
 
 
 def _every_eval(run: builder.Run) -> int:
@@ -109,61 +116,25 @@ def _say(text: str) -> None:
 
 
 class Interrupted(TrainingError, KeyboardInterrupt):
-  """Ctrl-C during training; the message names the checkpoint that is kept.
+  """A stop signal during training; the message names the checkpoint kept.
 
   ``kept`` is that sentence without the way to resume, which the message
   gives for Python callers: a command line prints its own resume command
-  after ``kept`` (:func:`kdjax.cli.interrupted_message`).
+  after ``kept`` (:func:`kdjax.cli.interrupted_message`). ``exit_code`` is
+  ``128 + signal``: 130 for Ctrl-C, 143 for ``SIGTERM``.
   """
 
-  exit_code = 130
-
-  def __init__(self, kept: str):
+  def __init__(self, kept: str, signum: int = signal.SIGINT):
     super().__init__(
         f"{kept}; call train_and_evaluate again with the same config and "
         "workdir to resume."
     )
     self.kept = kept
+    self.exit_code = preemption.exit_code(signum)
 
 
 class _StopRequested(KeyboardInterrupt):
-  """The loop reached a step boundary after a first Ctrl-C."""
-
-
-class _CtrlC:
-  """Turns the first SIGINT into a request the loop honours between steps.
-
-  A KeyboardInterrupt raised at an arbitrary bytecode can land inside orbax's
-  asynchronous save and leave its threads failing at exit; a flag read between
-  steps cannot. The second Ctrl-C raises at once, for a step that hangs.
-  Signal handlers can only be installed from the main thread; elsewhere
-  (a notebook's worker thread) Ctrl-C keeps Python's default behaviour.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._installed = False
-    self._previous = None
-
-  def install(self) -> None:
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
-      self._installed = True
-
-  def _handle(self, signum, frame) -> None:
-    del signum, frame
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    if jax.process_index() == 0:
-      tqdm.tqdm.write(
-          "stopping after this step (Ctrl-C again to stop at once)",
-          file=sys.stderr,
-      )
-
-  def restore(self) -> None:
-    if self._installed:
-      signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+  """Every process reached the agreed step after a stop signal, and saved it."""
 
 
 def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
@@ -182,16 +153,17 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
     runner = runner_lib.Runner(
         run.source, run.source.init(s.seed + 2), mesh=run.mesh
     )
-  start = ckpts.latest_step()
+  saved = run.step.saved(state)  # a LoRA student's checkpoint: adapters
+  target = saved if runner is None else (saved, runner.state)
+  start, target, notes = ckpts.restore_latest(target, data_iter)
+  if runner is None:
+    saved = target
+  else:
+    saved, runner.state = target
+  state = run.step.restored(saved, state)
+  for note in notes:  # a corrupt step, and the step used instead
+    _say(note)
   if start is not None:
-    saved = run.step.saved(state)
-    if runner is None:
-      saved, _ = ckpts.restore(start, saved, data_iter)
-    else:
-      (saved, runner.state), _ = ckpts.restore(
-          start, (saved, runner.state), data_iter
-      )
-    state = run.step.restored(saved, state)
     _say(f"resumed {run.workdir} from step {start}")
   start = start or 0
   # Rows past the checkpoint (or any row, if none was committed before a kill)
@@ -205,7 +177,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       out_shardings=(shardings, None, None),
   )
   eval_fn = jax.jit(run.step.eval)
-  first_bad = jnp.asarray(-1, jnp.int32)
+  health = step_lib.Health.init()
   schedule = make_schedule(s.optim, run.num_steps)
   policy = _policy(run)
   last: dict[str, float] = {}
@@ -228,27 +200,30 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
             "val_loss"
         ]
     )
-  ctrl_c = _CtrlC()
-  ctrl_c.install()
+  position = start, data_iter.get_state()
+  stop = preemption.Signals(run.mesh)
+  stop.install()
   try:
     for step in range(start, end):
+      position = step, data_iter.get_state()  # where step `step` reads
       batch = step_lib.put_batch(next(data_iter), run.mesh)
       if runner is not None:
         batch = runner(state, teacher_state, batch)
-      state, m, first_bad = train_fn(state, batch, teacher_state, first_bad)
+      state, m, health = train_fn(state, batch, teacher_state, health)
       done = step + 1
       bar.update(1)
-      if ctrl_c.requested:
-        raise _StopRequested
+      # A stop is a boundary: the step is checked, logged and saved.
+      stopping = stop.poll()
       boundary = (
-          done % s.log_every == 0
+          stopping
+          or done % s.log_every == 0
           or done == end
           or (s.ckpt.every_steps and done % s.ckpt.every_steps == 0)
           or (every_eval and done % every_eval == 0)
       )
       if not boundary:
         continue
-      _check_finite(int(first_bad), run.workdir, ckpts)
+      _check_finite(health, run, ckpts)
       dt = time.perf_counter() - t0
       last = {k: float(v) for k, v in m.items()}
       last.update(
@@ -275,13 +250,16 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         )
       writer.write(done, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}")
-      _save(
-          ckpts,
-          done,
-          _saved(run, state, runner),
-          data_iter,
-          force=done == end,
-      )
+      with stop.deferred():
+        _save(
+            ckpts,
+            done,
+            _saved(run, state, runner),
+            data_iter,
+            force=done == end or stopping,
+        )
+      if stopping and done < end:
+        raise _StopRequested
     if end == run.num_steps:
       exports = export(run, state, ckpts)
       if jax.process_index() == 0:
@@ -298,18 +276,10 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         )
   except KeyboardInterrupt as e:
     bar.close()
-    if (
-        isinstance(e, _StopRequested)
-        and jax.process_count() == 1  # a save is collective; SIGINT may not be
-        and done != ckpts.latest_step()
-    ):
-      _check_finite(int(first_bad), run.workdir, ckpts)
-      _save(
-          ckpts,
-          done,
-          _saved(run, state, runner),
-          data_iter,
-          force=True,
+    stopped = done
+    if isinstance(e, preemption.Abandoned) and runner is None:
+      stopped = _save_abandoned(
+          ckpts, run, state, data_iter, position, health, done
       )
     ckpts.close()  # waits for a checkpoint being written to commit
     kept = ckpts.latest_step()
@@ -319,9 +289,13 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         if kept is not None
         else "no checkpoint had been written yet"
     )
-    raise Interrupted(f"interrupted at step {done}; {where}") from None
+    # No signal here: another process received one (most likely SIGTERM).
+    raise Interrupted(
+        f"interrupted at step {stopped}; {where}",
+        stop.signum or signal.SIGTERM,
+    ) from None
   finally:
-    ctrl_c.restore()
+    stop.restore()
     bar.close()
     ckpts.close()
     writer.close()
@@ -335,6 +309,39 @@ def _saved(
   (:meth:`~kdjax.training.step.Step.saved`), with the on-policy state."""
   saved = run.step.saved(state)
   return saved if runner is None else (saved, runner.state)
+
+
+def _save_abandoned(
+    ckpts: checkpoint.Checkpoints,
+    run: builder.Run,
+    state: TrainState,
+    data_iter: grain.DatasetIterator,
+    position: tuple[int, Any],
+    health: step_lib.Health,
+    done: int,
+) -> int:
+  """Saves the newest whole state after a second stop signal; its step.
+
+  The step in flight when the signal came may have consumed (donated) the
+  state: then nothing newer than the last checkpoint exists. The step number
+  is read from the state itself, which the interrupted bookkeeping may not
+  have counted yet; if the step in flight had taken its batch, the data
+  iterator goes back to ``position`` (``(step, iterator state)`` before that
+  batch). Not on several processes (a save is collective and the others
+  may not have stopped) nor on on-policy runs (the sequence source may
+  have moved on): they keep the last checkpoint.
+  """
+  leaves = jax.tree.leaves(state)
+  if jax.process_count() > 1 or any(x.is_deleted() for x in leaves):
+    return done
+  step = int(state.step)
+  if step == ckpts.latest_step():
+    return step
+  if step == position[0]:
+    data_iter.set_state(position[1])
+  _check_finite(health, run, ckpts)
+  _save(ckpts, step, run.step.saved(state), data_iter, force=True)
+  return step
 
 
 def _keep_if_best(
@@ -439,17 +446,28 @@ def _save(
 
 
 def _check_finite(
-    first_bad: int, workdir: str, ckpts: checkpoint.Checkpoints
+    health: step_lib.Health, run: builder.Run, ckpts: checkpoint.Checkpoints
 ) -> None:
-  if first_bad < 0:
+  """Stops the run (one sentence) if ``health`` says it must."""
+  h = jax.device_get(health)
+  if h.first_bad < 0:
     return
   good = ckpts.latest_step()
   kept = (
-      f"the last good checkpoint (step {good}) is kept in {workdir}/ckpt"
+      f"the last good checkpoint (step {good}) is kept in {run.workdir}/ckpt"
       if good is not None
       else "no checkpoint had been written yet"
   )
+  what = "loss" if h.loss_bad else "gradient norm"
+  step = int(h.first_bad) + 1
+  if run.spec.on_nonfinite == "skip":
+    raise TrainingError(
+        f"{run.spec.max_skips} updates in a row were skipped up to step "
+        f"{step}, whose {what} was not finite ({int(h.skipped)} skipped in "
+        f"all); {kept}. Lower optim.lr, check the data, or raise max_skips."
+    )
   raise TrainingError(
-      f"loss or gradient became non-finite at step {first_bad + 1}; {kept}. "
-      "Lower optim.lr, check the data, or use a float32 teacher."
+      f"the {what} became non-finite at step {step}; {kept}. Lower optim.lr, "
+      "check the data, use a float32 teacher, or pass "
+      "--config.on_nonfinite=skip to drop such updates."
   )

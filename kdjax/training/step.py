@@ -57,6 +57,38 @@ class TrainState(NamedTuple):
   taid: taid_lib.State | None = None
 
 
+class Health(NamedTuple):
+  """What the host reads about the steps so far, only now and then.
+
+  Carried from step to step on the devices, so a run checks it at its log,
+  checkpoint and validation boundaries without a sync per step.
+
+  Attributes:
+    first_bad: the step (0-based) at which the run must stop, -1 while it
+      need not: the first non-finite step under ``on_nonfinite="stop"``,
+      the step that made ``max_skips`` skipped updates in a row under
+      ``"skip"`` (int32).
+    loss_bad: whether that step's loss (not only its gradient) was not
+      finite (bool).
+    skipped: updates skipped so far (int32; ``"skip"`` only).
+    streak: consecutive updates skipped up to the last step (int32).
+  """
+
+  first_bad: jax.Array
+  loss_bad: jax.Array
+  skipped: jax.Array
+  streak: jax.Array
+
+  @classmethod
+  def init(cls) -> Health:
+    return cls(
+        jnp.asarray(-1, jnp.int32),
+        jnp.asarray(False),
+        jnp.asarray(0, jnp.int32),
+        jnp.asarray(0, jnp.int32),
+    )
+
+
 def init_taid(loss_cfg: Mapping[str, Any]) -> taid_lib.State | None:
   """The initial :attr:`TrainState.taid` of a run with this loss config."""
   if loss_cfg["name"] != "taid" or loss_cfg["kd_ratio"] == 0:
@@ -112,6 +144,10 @@ class Step:
       ``nnx.Param``, or a LoRA student's adapters
       (:data:`kdjax.models.lora.TRAINABLE`). The others are frozen: no
       gradient, no optimizer state, not in checkpoints (:meth:`saved`).
+    on_nonfinite: ``"stop"`` (the host stops the run) or ``"skip"`` (the
+      update is dropped) for a step whose loss or gradient is not finite.
+    max_skips: under ``"skip"``, the updates skipped in a row that stop
+      the run.
   """
 
   loss_cfg: Mapping[str, Any]
@@ -122,6 +158,8 @@ class Step:
   num_steps: int = 0
   minillm: minillm_lib.Config | None = None
   trainable: Any = nnx.Param
+  on_nonfinite: str = "stop"
+  max_skips: int = 1
 
   def trained(self, params: nnx.State) -> nnx.State:
     """The part of ``params`` the optimizer updates."""
@@ -255,12 +293,15 @@ class Step:
       state: TrainState,
       batch: Batch,
       teacher_state: nnx.State | None,
-      first_bad: jax.Array,
-  ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
-    """One optimizer update; returns ``(state, metrics, first_bad)``.
+      health: Health,
+  ) -> tuple[TrainState, dict[str, jax.Array], Health]:
+    """One optimizer update; returns ``(state, metrics, health)``.
 
-    ``first_bad`` records the first step whose loss or gradient was not
-    finite (-1: none yet), so the host can check it only now and then.
+    A step whose loss or gradient is not finite is recorded in ``health``
+    for the host to stop at (:attr:`on_nonfinite` ``"stop"``), or has its
+    update dropped (``"skip"``: parameters, optimizer state and TAID's
+    schedule stay as they were; the ``skipped`` metric counts such steps)
+    until :attr:`max_skips` come in a row.
     """
     grads, m, rest = self.grads(state, batch, teacher_state)
     trained = self.trained(state.params)
@@ -268,16 +309,37 @@ class Step:
     params = nnx.merge_state(
         state.params, optax.apply_updates(trained, updates)
     )
-    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
-    first_bad = jnp.where((first_bad < 0) & ~finite, state.step, first_bad)
+    loss_ok = jnp.isfinite(m["loss"])
+    finite = loss_ok & jnp.isfinite(m["grad_norm"])
     schedule = state.taid
     if schedule is not None:  # TAID: log the t this step used, then move it
       m["taid_t"] = schedule.t
       schedule = taid_lib.update(
           schedule, m["kd"], state.step, self.num_steps, self.loss_cfg["taid"]
       )
+    streak = jnp.where(finite, 0, health.streak + 1)
+    skipped = health.skipped
+    if self.on_nonfinite == "skip":
+      keep = lambda new, old: jax.tree.map(
+          lambda a, b: jnp.where(finite, a, b), new, old
+      )
+      params = keep(params, state.params)
+      opt_state = keep(opt_state, state.opt_state)
+      schedule = keep(schedule, state.taid)
+      skipped = skipped + (~finite).astype(jnp.int32)
+      m["skipped"] = skipped.astype(jnp.float32)
+      stops = streak >= self.max_skips
+    else:
+      stops = ~finite
+    first = (health.first_bad < 0) & stops
+    health = Health(
+        jnp.where(first, state.step, health.first_bad),
+        jnp.where(first, ~loss_ok, health.loss_bad),
+        skipped,
+        streak,
+    )
     state = TrainState(state.step + 1, params, rest, opt_state, schedule)
-    return state, m, first_bad
+    return state, m, health
 
   def eval(
       self, state: TrainState, batch: Batch, teacher_state: nnx.State | None

@@ -116,3 +116,101 @@ def test_teacher_tensor_of_the_wrong_shape_is_named(root, tmp_path):
   msg = _refused(c, str(tmp_path / "w"))
   assert f"{key!r} has shape {(want[0], want[1] - 1)}" in msg
   assert f"checkpoint {teacher} does not match the GPT2Config" in msg
+
+
+def _teacher_copy(root, tmp_path) -> str:
+  good = tiny_run.make_teacher(os.path.join(root, "teacher"))
+  teacher = str(tmp_path / "teacher")
+  os.makedirs(teacher)
+  for name in ("config.json", "model.safetensors"):
+    with open(os.path.join(good, name), "rb") as src:
+      with open(os.path.join(teacher, name), "wb") as dst:
+        dst.write(src.read())
+  return teacher
+
+
+def _cut(path: str, keep: float) -> str:
+  with open(path, "r+b") as f:
+    f.truncate(int(os.path.getsize(path) * keep))
+  return path
+
+
+def _latin1_jsonl(tmp_path) -> str:
+  rows = b"".join(
+      json.dumps({"prompt": f"p{i}", "output": "o"}).encode() + b"\n"
+      for i in range(20)
+  )
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes(rows.replace(b'"p2"', b'"p\xe92"'))  # line 3
+  return str(path)
+
+
+def _bad_config_json(root, tmp):
+  t = _teacher_copy(root, tmp)
+  cfg = _cut(f"{t}/config.json", 0.5)
+  return {"teacher.path": t}, [f"{cfg} is not valid JSON (", "at line"]
+
+
+def _cut_safetensors(root, tmp):
+  t = _teacher_copy(root, tmp)
+  weights = _cut(f"{t}/model.safetensors", 0.9)
+  return {"teacher.path": t}, [
+      f"{weights} is not a valid safetensors file: truncated: the header "
+      "declares",
+      "re-download it",
+  ]
+
+
+def _teacher_is_a_file(root, tmp):
+  del root
+  (tmp / "a_file").write_text("x")
+  f = str(tmp / "a_file")
+  return {"teacher.path": f}, [f"teacher.path={f!r} is a file, not a directory"]
+
+
+def _teacher_is_empty(root, tmp):
+  del root
+  d = str(tmp / "empty")
+  os.makedirs(d)
+  return {"teacher.path": d}, [f"teacher.path={d!r} is an empty directory"]
+
+
+def _data_is_a_directory(root, tmp):
+  del root
+  d = str(tmp / "dir.jsonl")
+  os.makedirs(d)
+  return {"data.name": d}, [
+      f"data.name={d!r} is a directory, not a file",
+      "pass the JSONL file inside it",
+  ]
+
+
+def _data_not_utf8(root, tmp):
+  del root
+  p = _latin1_jsonl(tmp)
+  return {"data.name": p}, [f"{p}:3: not UTF-8 text (byte 0xe9 at column 14)"]
+
+
+# Each makes its damage and returns (overrides, words of the one sentence).
+DAMAGED = {
+    f.__name__.lstrip("_"): f
+    for f in (
+        _bad_config_json,
+        _cut_safetensors,
+        _teacher_is_a_file,
+        _teacher_is_empty,
+        _data_is_a_directory,
+        _data_not_utf8,
+    )
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED))
+def test_damaged_or_misplaced_files_are_named_before_anything_is_written(
+    root, tmp_path, damage
+):
+  overrides, words = DAMAGED[damage](root, tmp_path)
+  c = tiny_run.config("akl_gpt2", root, steps=1, **overrides)
+  msg = _refused(c, str(tmp_path / "w"))
+  for w in words:
+    assert w in msg, (w, msg)

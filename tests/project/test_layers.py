@@ -18,6 +18,7 @@ LAYERS = (
             "kdjax.divergences",
             "kdjax.sharding",
             "kdjax.checkpoint",
+            "kdjax.checksums",
             "kdjax.fs",
             "kdjax.hub",
             "kdjax.metrics",

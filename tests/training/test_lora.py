@@ -65,7 +65,7 @@ def test_only_the_adapters_train(root):
     train = jax.jit(run.step.train)
     for _ in range(3):
       batch = training.put_batch(next(it), mesh)
-      state, _, _ = train(state, batch, teacher, jnp.asarray(-1))
+      state, _, _ = train(state, batch, teacher, training.Health.init())
   after = _flat(state.params)
   assert after.keys() == before.keys()
   for k in before:

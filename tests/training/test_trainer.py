@@ -51,7 +51,7 @@ def _steps(run, mesh, n, batch=None):
     f = jax.jit(run.step.train)
     state, it = run.state, run.train_data.iterator()
     teacher = None if run.teacher is None else nnx.state(run.teacher)
-    bad = jnp.asarray(-1)
+    bad = training.Health.init()
     for _ in range(n):
       b = training.put_batch(batch if batch is not None else next(it), mesh)
       state, m, bad = f(state, b, teacher, bad)
