@@ -41,16 +41,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_dir(request, tmp_path_factory):
-  """One directory per pytest run, the same for every xdist worker."""
-  import tiny_run  # pylint: disable=g-import-not-at-top
-
+  """One directory per pytest run, the same for every xdist worker and the
+  subprocesses tests start (``$KDJAX_TEST_SHARED_DIR``)."""
   worker = getattr(request.config, "workerinput", None)
   if worker is None:
-    tiny_run.SHARED_DIR = str(tmp_path_factory.mktemp("shared"))
+    shared = tmp_path_factory.mktemp("shared")
   else:  # the workers' base directories are siblings under the run's one
     run = tmp_path_factory.getbasetemp().parent
-    tiny_run.SHARED_DIR = str(run / f"shared-{worker['testrunuid']}")
-  return tiny_run.SHARED_DIR
+    shared = run / f"shared-{worker['testrunuid']}"
+  os.environ["KDJAX_TEST_SHARED_DIR"] = str(shared)
+  return str(shared)
 
 
 # The slowest files, slowest first (cold-cache --durations on the 2-core

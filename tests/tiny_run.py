@@ -21,8 +21,9 @@ from kdjax.config import files as config_files
 from kdjax.config import recipe
 
 TEACHER = dict(n_embd=32, n_layer=1, n_head=2)
-# Set by conftest to a directory every test process of one pytest run shares.
-SHARED_DIR: str | None = None
+# A directory every test process of one pytest run shares (conftest sets it;
+# subprocesses inherit it).
+SHARED_DIR_VAR = "KDJAX_TEST_SHARED_DIR"
 STUDENT = dict(n_embd=16, n_layer=1, n_head=2)
 
 
@@ -45,9 +46,10 @@ def data_dir() -> str:
   """
   from kdjax.data import sources  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.join(SHARED_DIR, "data")
-  os.makedirs(SHARED_DIR, exist_ok=True)
-  with open(os.path.join(SHARED_DIR, "data.lock"), "w") as lock:
+  shared = os.environ[SHARED_DIR_VAR]
+  directory = os.path.join(shared, "data")
+  os.makedirs(shared, exist_ok=True)
+  with open(os.path.join(shared, "data.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     sources.prepare("synthetic_instruct", directory)
   return directory
