@@ -658,20 +658,23 @@ def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
 # Writing.
 
 # End-of-text tokens, in the order they are looked up in a tokenizer.
-EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>")
-BOS_TOKENS = ("<s>", "<|begin_of_text|>")
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>")
 
 
 def special_tokens(tokenizer, vocab_size: int) -> dict[str, tuple[str, int]]:
   """``{"eos": (token, id), "bos": ..., "pad": ...}`` of ``tokenizer``.
 
-  EOS is the first of :data:`EOS_TOKENS` the tokenizer knows; BOS is ``<s>``
-  (LLaMA) or, GPT-2's convention, the EOS; padding is the EOS (left-padded
+  EOS is the tokenizer's own ``eos_token`` (a Hugging Face tokenizer
+  directory's, :class:`kdjax.data.tokenizer.HFTokenizer`) or the first of
+  :data:`EOS_TOKENS` it knows; BOS likewise, else ``<s>`` (LLaMA) or, GPT-2's
+  convention, the EOS; padding is the EOS (left-padded
   prompts, as kdjax pads). Every id must lie inside the model's vocabulary.
   """
   found = {}
   for role, names in (("eos", EOS_TOKENS), ("bos", BOS_TOKENS)):
-    for name in names:
+    own = getattr(tokenizer, f"{role}_token", None)  # an HFTokenizer's own
+    for name in (own, *names) if own else names:
       token_id = tokenizer.token_to_id(name)
       if token_id is not None:
         found[role] = (name, token_id)
@@ -721,11 +724,15 @@ def _tokenizer_files(tokenizer, special: dict, config) -> dict[str, str]:
       clean_up_tokenization_spaces=False,
       **names,
   )
-  return {
+  files = {
       "tokenizer.json": tokenizer.to_str(),
       "tokenizer_config.json": json.dumps(tok_config, indent=2),
       "special_tokens_map.json": json.dumps(names, indent=2),
   }
+  template = getattr(tokenizer, "chat_template", None)
+  if template:  # where transformers v5 reads it
+    files["chat_template.jinja"] = template
+  return files
 
 
 def _save_tensors(tensors: dict, target, meta: dict) -> None:

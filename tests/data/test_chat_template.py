@@ -4,11 +4,13 @@ templates written like Qwen2.5's, Qwen3's, Llama 3's and Gemma's."""
 
 import json
 
+from flax import nnx
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import extras
+from kdjax import models as models_lib
 from kdjax.data import chat, instruct_jsonl, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 
@@ -498,3 +500,18 @@ def test_generation_config_eos_ids_are_stop_ids(tmp_path):
   gen.write_text(json.dumps({"eos_token_id": ["<|eot_id|>"]}))
   with pytest.raises(ValueError, match="must be a token id or a list"):
     tokenizer_lib.load(path)
+
+
+def test_an_export_carries_the_template_and_special_tokens(family, tmp_path):
+  """A student saved with an HF tokenizer renders and ends turns as it did."""
+  name, tok, _, hf = family
+  student = models_lib.create(
+      "tiny-llama", rngs=nnx.Rngs(0), vocab_size=tok.get_vocab_size()
+  )
+  models_lib.save_hf(student, str(tmp_path), tokenizer=tok)
+  back = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert back.eos_token == hf.eos_token
+  for messages in _conversations(name):
+    assert back.apply_chat_template(messages, tokenize=False) == (
+        hf.apply_chat_template(messages, tokenize=False)
+    )
