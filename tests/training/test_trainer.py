@@ -86,6 +86,8 @@ def test_every_paper_config_is_present():
       "akl_qwen3",
       "fkl_llama3",
       "gkd_gemma3",
+      "fkl_qwen25",
+      "skl_gemma2",
   }
 
 
