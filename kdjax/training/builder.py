@@ -151,6 +151,20 @@ def _seqkd_train_source(
 def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   """What can be refused before any download or compilation."""
   objective.check(s.loss)
+  if s.teacher.cross_tokenizer and s.loss["kd_ratio"] > 0:
+    supported = (
+        s.loss["name"] in objective.CROSS_TOKENIZER
+        and not s.teacher.cached
+        and s.onpolicy.source == "dataset"
+    )
+    if not supported:
+      raise ValueError(
+          f"teacher.tokenizer={s.teacher.tokenizer!r} needs a live teacher on "
+          "the dataset's batches and a cross-tokenizer loss "
+          f"({', '.join(objective.CROSS_TOKENIZER)}), not loss.name="
+          f"{s.loss['name']!r}, teacher.source={s.teacher.source!r}, "
+          f"onpolicy.source={s.onpolicy.source!r}; change them."
+      )
   if s.loss["kd_ratio"] > 0 and not s.teacher.cached:
     teacher_lib.path(s.teacher)
   n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))

@@ -223,6 +223,8 @@ class Step:
     none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 4)
     grads, totals, rest = self._accumulate(state, batch, loss_fn, none)
     _, m = objective.combine(self.loss_cfg, totals)
+    if not same_tokens:  # the response rows a cross-tokenizer teacher pairs
+      m["aligned_fraction"] = totals.kd_tokens / jnp.maximum(totals.tokens, 1)
     m["grad_norm"] = optax.tree.norm(grads)
     return grads, m, rest
 

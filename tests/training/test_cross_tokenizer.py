@@ -125,3 +125,10 @@ def test_gold_run_resumes_exactly(root, tmp_path):
   for x, y in zip(a, b):
     assert x["loss"] == y["loss"] and x["kd"] == y["kd"] > 0
     assert x["grad_norm"] == y["grad_norm"]
+    assert 0 < x["aligned_fraction"] == y["aligned_fraction"] < 1
+
+
+def test_build_refuses_a_same_vocabulary_loss(root):
+  c = tiny_run.config(NAME, root, **{"loss.name": "fkl"})
+  with pytest.raises(ValueError, match="not loss.name='fkl'"):
+    tiny_run.built(c, root)
