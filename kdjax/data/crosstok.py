@@ -94,9 +94,18 @@ class Spelling:
   def text(self, ids: Sequence[int]) -> bytes:
     return b"".join(self.pieces[i] for i in ids)
 
-  def ends(self, ids: np.ndarray) -> np.ndarray:
-    """Each token's byte end offset: the cumulative byte lengths."""
-    return np.cumsum(self.lengths_V[np.asarray(ids, np.int64)])
+  def ends(
+      self, ids: np.ndarray, zero_width: np.ndarray | None = None
+  ) -> np.ndarray:
+    """Each token's byte end offset: the cumulative byte lengths.
+
+    Tokens where ``zero_width`` is true (those a tokenizer's post-processor
+    adds, such as a BOS) spell nothing of the text.
+    """
+    lengths = self.lengths_V[np.asarray(ids, np.int64)]
+    if zero_width is not None:
+      lengths = np.where(zero_width, 0, lengths)
+    return np.cumsum(lengths)
 
 
 def matched_vocab(
@@ -124,9 +133,14 @@ def matched_vocab(
   return pairs_Mx2[:, 0], pairs_Mx2[:, 1]
 
 
-def _encode_all(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def _encode_all(tokenizer, texts: Sequence[str]):
+  """Each text's ids and which of them the post-processor added (a BOS),
+  as the tokenizer encodes by default (with its special tokens)."""
   encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-  return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+  return [
+      (np.asarray(e.ids, np.int32), np.asarray(e.special_tokens_mask, bool))
+      for e in encode(list(texts), add_special_tokens=True)
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,10 +187,11 @@ def aligned_rows(
   """The teacher fields of each example's row (batch keys of the step).
 
   The student's text is its tokens' bytes, without its final EOS; the
-  teacher tokenises it and appends its own EOS where the student had one.
-  Each side's EOS counts as one byte after the text, so the two EOS tokens
-  form a group of their own. Text that does not decode as UTF-8 (a
-  truncation inside a character) loses the broken bytes.
+  teacher tokenises it as its tokenizer does by default (a BOS its
+  post-processor adds spells no bytes) and appends its own EOS where the
+  student had one. Each side's EOS counts as one byte after the text, so the
+  two EOS tokens form a group of their own. Text that does not decode as
+  UTF-8 (a truncation inside a character) loses the broken bytes.
   """
   texts, ended = [], []
   for ids in student_ids_list:
@@ -186,25 +201,25 @@ def aligned_rows(
     texts.append(student_spelling.text(body).decode("utf-8", errors="ignore"))
   out = []
   encoded = _encode_all(teacher.tokenizer, texts)
-  for ids, text, ends_eos, t_ids in zip(
+  for ids, text, ends_eos, (t_ids, added) in zip(
       student_ids_list, texts, ended, encoded
   ):
-    t_ids = np.asarray(t_ids, np.int32)
-    if teacher.spelling.ends(t_ids)[-1:].sum() != len(text.encode()):
+    if teacher.spelling.ends(t_ids, added)[-1:].sum() != len(text.encode()):
       raise ValueError(
           "the teacher tokenizer's tokens do not spell the text they encode "
           "back; cross-tokenizer alignment needs tokenizers whose tokens "
           "concatenate to the text (byte-level BPE or the byte tokenizer)."
       )
     t_ids = np.append(t_ids, [teacher.eos_id] * ends_eos).astype(np.int32)
+    added = np.append(added, [False] * ends_eos)
     t_eos = ends_eos and len(t_ids) <= teacher.max_length
-    t_ids = t_ids[: teacher.max_length]
+    t_ids, added = t_ids[: teacher.max_length], added[: teacher.max_length]
     row = teacher_row(
         t_ids, max_length=teacher.max_length, eos_id=teacher.eos_id
     )
     row["teacher_row"], row["aligned_mask"] = alignment.paired_rows(
-        _ends(student_spelling, ids, ends_eos),
-        _ends(teacher.spelling, t_ids, t_eos),
+        _ends(student_spelling.ends(ids), ends_eos),
+        _ends(teacher.spelling.ends(t_ids, added), t_eos),
         length=max_length,
         teacher_length=teacher.max_length,
     )
@@ -212,10 +227,9 @@ def aligned_rows(
   return out
 
 
-def _ends(spelling: Spelling, ids: np.ndarray, eos_last: bool) -> np.ndarray:
-  """Byte end offsets; a final EOS (``eos_last``) ends one byte past the
-  text, whatever it spells."""
-  ends = spelling.ends(ids)
+def _ends(ends: np.ndarray, eos_last: bool) -> np.ndarray:
+  """Byte end offsets with a final EOS (``eos_last``) ending one byte past
+  the text, whatever it spells."""
   if eos_last:
     ends[-1] = (ends[-2] if len(ends) > 1 else 0) + 1
   return ends

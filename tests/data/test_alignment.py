@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from kdjax.data import alignment, crosstok
 from kdjax.data import tokenizer as tokenizer_lib
@@ -174,23 +181,32 @@ def test_matched_vocab_pairs_equal_strings_across_marker_conventions():
   assert got == {"Ġcat": 1, "at": 2}
 
 
-def test_aligned_rows_pair_eos_and_shift_to_predicting_rows():
+@pytest.mark.parametrize("bos", [False, True])
+def test_aligned_rows_pair_eos_and_shift_to_predicting_rows(bos):
   bpe, byte = small_bpe(), tokenizer_lib.byte_level()
   eos_s = bpe.token_to_id(EOS)
   text = "the cat"
   s_ids = np.asarray(bpe.encode(text).ids + [eos_s], np.int32)
   assert [bpe.id_to_token(i) for i in s_ids] == ["the", "Ġcat", EOS]
+  head = []
+  if bos:  # a teacher whose tokenizer adds a BOS, as Llama's do
+    byte.add_special_tokens(["<s>"])
+    head = [byte.token_to_id("<s>")]
+    byte.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", head[0])]
+    )
   teacher = crosstok.TeacherTokens(byte, tokenizer_lib.EOS_ID, max_length=12)
   (row,) = crosstok.aligned_rows(
       [s_ids], crosstok.Spelling.of(bpe), eos_s, teacher, max_length=6
   )
-  # Teacher tokens: t h e ␠ c a t EOS (8); inputs are the first 7.
-  want_ids = list(b"the cat") + [tokenizer_lib.EOS_ID] * 5
+  # Teacher tokens: [<s>] t h e ␠ c a t EOS; inputs are all but the last.
+  n = len(head) + 7
+  want_ids = head + list(b"the cat") + [tokenizer_lib.EOS_ID] * (12 - n)
   np.testing.assert_array_equal(row["teacher_input_ids"], want_ids)
   np.testing.assert_array_equal(
-      row["teacher_attention_mask"], [1] * 7 + [0] * 5
+      row["teacher_attention_mask"], [1] * n + [0] * (12 - n)
   )
-  # Student row 1 predicts EOS, as teacher row 6 does; "Ġcat" spans four
-  # teacher tokens and "the" is predicted by no row.
+  # Student row 1 predicts EOS, as the teacher's last input row does;
+  # "Ġcat" spans four teacher tokens and "the" is predicted by no row.
   np.testing.assert_array_equal(row["aligned_mask"], [0, 1, 0, 0, 0, 0])
-  np.testing.assert_array_equal(row["teacher_row"], [0, 6, 0, 0, 0, 0])
+  np.testing.assert_array_equal(row["teacher_row"], [0, n - 1, 0, 0, 0, 0])
