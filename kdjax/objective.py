@@ -56,6 +56,18 @@ Array = jax.Array
 P = jax.sharding.PartitionSpec
 
 IMPLS = ("auto", "fused", "reference")
+# The losses that distil from a teacher with its own tokenizer
+# (teacher.tokenizer; docs/cross_tokenizer.md): the rest compare the same
+# vocabulary entries.
+CROSS_TOKENIZER = ("uld", "gold")
+# The batch fields of such a teacher: its rows and the alignment
+# (kdjax.data.crosstok).
+TEACHER_ROW_KEYS = (
+    "teacher_input_ids",
+    "teacher_positions",
+    "teacher_attention_mask",
+)
+ALIGNMENT_KEYS = ("teacher_row", "aligned_mask")
 SELECT_BY = ("student_entropy",)
 # Objectives beyond the divergences: TAID runs FKL toward its moving target.
 _OBJECTIVES = {"taid": "fkl"}
@@ -227,6 +239,15 @@ def kd_rows(
   return order_BxT[:, :width], keep_BxK.astype(jnp.float32)
 
 
+def kd_base_mask(batch: Mapping[str, Array]) -> Array:
+  """The positions the KD term may cover: the response mask, and of a batch
+  with a cross-tokenizer teacher only the rows paired with a teacher row."""
+  mask = batch["loss_mask"]
+  if "aligned_mask" in batch:
+    mask = mask * batch["aligned_mask"]
+  return mask
+
+
 def kd_tokens(loss_cfg, mask_BxT: Array) -> Array:
   """How many positions :func:`kd_mask` keeps in ``mask_BxT`` (float32)."""
   fraction, _ = _select(loss_cfg)
@@ -299,6 +320,29 @@ def _local_sums_sparse(loss_cfg, s, labels, mask, *teacher) -> Sums:
   return Sums(ce, kd_sum, jnp.sum(mask), jnp.sum(keep))
 
 
+def _local_sums_aligned(loss_cfg, matched, s, t, labels, mask, kd_mask) -> Sums:
+  """This device's sums with a cross-tokenizer teacher: ``t`` holds the
+  teacher row paired with each student row, ``kd_mask`` the paired response
+  rows (:func:`kd_base_mask`); ``matched`` GOLD's vocabulary pairs."""
+  ce = jnp.sum(_token_ce(s, labels) * mask)
+  hp = _kd_hp(loss_cfg)
+  if loss_cfg["name"] == "gold":
+    per_token = kd.gold(s, t, *matched, **hp)
+  else:
+    per_token = kd.get(loss_cfg["name"])(s, t, **hp)
+  kd_sum = jnp.sum(jnp.where(kd_mask > 0, per_token, 0.0))
+  return Sums(ce, kd_sum, jnp.sum(mask), jnp.sum(kd_mask))
+
+
+def _aligned_teacher_logits(teacher, batch: Mapping[str, Array]) -> Array:
+  """The teacher on its own tokens, its row paired with each student row
+  gathered: ``[B, T_student, V_teacher]``, under ``stop_gradient``."""
+  t_BxKxV = teacher(*(batch[k] for k in TEACHER_ROW_KEYS))
+  index_BxT = batch["teacher_row"]
+  t_BxTxV = jnp.take_along_axis(t_BxKxV, index_BxT[..., None], axis=1)
+  return jax.lax.stop_gradient(t_BxTxV)
+
+
 def _local_sums_fused(loss_cfg, use_kd, maps, x_s, w_s, x_t, w_t, labels, mask):
   """This device's sums from hidden states ``[B, T, D]`` and heads ``[V, D]``
   (``maps``: the models' ``logits_map()``)."""
@@ -351,6 +395,7 @@ def sums(
     batch: Mapping[str, Array],
     *,
     taid_t: Array | float | None = None,
+    matched: tuple[Array, Array] | None = None,
 ) -> Sums:
   """CE and KD masked token sums of ``student`` (and ``teacher``) on ``batch``.
 
@@ -360,6 +405,12 @@ def sums(
   keep their gradient. ``taid_t`` is
   TAID's interpolation time (a traced scalar: a schedule never recompiles;
   default ``loss.taid.t_start``), used when ``loss.name`` is ``"taid"``.
+
+  A batch with a cross-tokenizer teacher (:data:`TEACHER_ROW_KEYS` and
+  :data:`ALIGNMENT_KEYS`, :mod:`kdjax.data.crosstok`) runs the teacher on
+  its own tokens and the KD term on the paired rows (:func:`kd_base_mask`);
+  ``matched`` is GOLD's pair of matched vocabulary index arrays
+  (:func:`kdjax.data.crosstok.matched_vocab`).
   """
   use_kd = teacher is not None and loss_cfg["kd_ratio"] > 0
   inputs = (batch["input_ids"], batch["positions"], batch["attention_mask"])
@@ -370,6 +421,11 @@ def sums(
     fields = jax.tree.map(jax.lax.stop_gradient, tuple(cached))
     local = functools.partial(_local_sums_sparse, loss_cfg)
     return _psum(local, 3 + len(fields))(s, labels, mask, *fields)
+  if "teacher_row" in batch and use_kd:
+    s = student(*inputs)
+    t = _aligned_teacher_logits(teacher, batch)
+    local = functools.partial(_local_sums_aligned, loss_cfg, matched)
+    return _psum(local, 5)(s, t, labels, mask, kd_base_mask(batch))
   if loss_cfg["impl"] == "fused":
     x_s, w_s = student.hidden_states(*inputs), student.head_weight()
     x_t = w_t = map_t = None
@@ -408,14 +464,23 @@ def combine(loss_cfg, totals: Sums) -> tuple[Array, dict[str, Array]]:
   return loss, out
 
 
-def micro_loss(loss_cfg, s: Sums, tokens: Array, kd_tokens: Array) -> Array:
+def micro_loss(
+    loss_cfg,
+    s: Sums,
+    tokens: Array,
+    kd_tokens: Array,
+    *,
+    same_tokens: bool = True,
+) -> Array:
   """One micro-batch's share of the objective, given the whole batch's counts.
 
   ``(1 − r)·ce / tokens + r·kd / kd_tokens``: the shares of a batch's
   micro-batches add up to :func:`combine`'s loss, so their gradients do too.
-  ``tokens`` and ``kd_tokens`` (:func:`kd_tokens`) count the whole batch.
+  ``tokens`` and ``kd_tokens`` (:func:`kd_tokens`) count the whole batch;
+  ``same_tokens=False`` when the KD term's positions are not the response
+  mask's (a cross-tokenizer teacher pairs some of them only).
   """
   r = loss_cfg["kd_ratio"]
-  if _select(loss_cfg)[0] >= 1.0:  # kd_tokens == tokens
+  if same_tokens and _select(loss_cfg)[0] >= 1.0:  # kd_tokens == tokens
     return ((1.0 - r) * s.ce + r * s.kd) / tokens
   return (1.0 - r) * s.ce / tokens + r * s.kd / kd_tokens

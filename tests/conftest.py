@@ -72,6 +72,7 @@ SLOWEST_FIRST = (
     "tests/experiments/test_run_table.py",
     "tests/training/test_multiprocess.py",
     "tests/training/test_lora.py",
+    "tests/training/test_cross_tokenizer.py",
     "tests/divergences/test_fuzz_divergences.py",
     "tests/divergences/test_sparse_divergences.py",
     "tests/objective/test_taid.py",

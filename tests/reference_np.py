@@ -164,10 +164,16 @@ def abkd(student, teacher, alpha=0.2, beta=0.7, temperature=1.0):
   return terms.sum(-1)
 
 
-def uld(student, teacher, temperature=1.0):
-  """Σ_k |q↓_k − p↓_k|, the smaller vocabulary zero-padded at the end."""
+def uld(student, teacher, temperature=1.0, teacher_temperature=None):
+  """Σ_k |q↓_k − p↓_k|, the smaller vocabulary zero-padded at the end;
+  ``p`` at ``teacher_temperature`` (default: ``temperature``)."""
+  t_temp = temperature if teacher_temperature is None else teacher_temperature
   q = np.exp(log_softmax(student, temperature))
-  p = np.exp(log_softmax(teacher, temperature))
+  p = np.exp(log_softmax(teacher, t_temp))
+  return _sorted_l1(q, p)
+
+
+def _sorted_l1(q, p):
   width = max(q.shape[-1], p.shape[-1])
 
   def sorted_padded(x):
@@ -176,6 +182,37 @@ def uld(student, teacher, temperature=1.0):
     return np.concatenate([x_desc, pad], axis=-1)
 
   return np.abs(sorted_padded(q) - sorted_padded(p)).sum(-1)
+
+
+def gold(
+    student,
+    teacher,
+    student_matched,
+    teacher_matched,
+    beta=0.5,
+    temperature=1.0,
+    teacher_temperature=None,
+):
+  """GOLD's hybrid (docs/cross_tokenizer.md "GOLD"): w·GJSD_β on the raw
+  matched sub-vectors + (1 − w)·sorted L1 on the rest, w = M / V_T."""
+  t_temp = temperature if teacher_temperature is None else teacher_temperature
+  q = np.exp(log_softmax(student, temperature))
+  p = np.exp(log_softmax(teacher, t_temp))
+  q_m, p_m = q[..., student_matched], p[..., teacher_matched]
+  if beta == 0:
+    matched = _kl(p_m, np.log(p_m), np.log(q_m))
+  elif beta == 1:
+    matched = _kl(q_m, np.log(q_m), np.log(p_m))
+  else:
+    m = beta * p_m + (1 - beta) * q_m
+    matched = beta * _kl(p_m, np.log(p_m), np.log(m)) + (1 - beta) * _kl(
+        q_m, np.log(q_m), np.log(m)
+    )
+  q_u, p_u = q.copy(), p.copy()
+  q_u[..., student_matched] = 0.0
+  p_u[..., teacher_matched] = 0.0
+  w = len(teacher_matched) / p.shape[-1]
+  return w * matched + (1 - w) * _sorted_l1(q_u, p_u)
 
 
 # name -> reference function; kwargs are passed through unchanged.

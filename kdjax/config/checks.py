@@ -26,7 +26,11 @@ What is checked here is what no single field can say:
   against the positions of student and teacher, the tokenizer's vocabulary
   against the student's, and the teacher's vocabulary against the student's
   (the trainer feeds the student's token ids to the teacher, so they must
-  share a tokenizer, ULD included);
+  share a tokenizer, unless ``teacher.tokenizer`` gives the teacher its own);
+* a teacher with its own tokenizer (``teacher.tokenizer``): a
+  cross-tokenizer loss (``uld``, ``gold``; GOLD needs one), the live
+  teacher on the dataset's batches, every token distilled, and the
+  teacher's row length against its positions;
 * the on-policy block (:func:`check_onpolicy`): the generation length,
   DistiLLM's buffer against the batch, MiniLLM's full-support sampling, that
   a kind decoding with the teacher has one, and that MiniLLM's dataset term
@@ -70,8 +74,15 @@ UNIT_HPS = {
     "skl": ("alpha",),
     "srkl": ("alpha",),
     "fkl_rkl": ("weight",),
+    "gold": ("beta",),
 }
-POSITIVE_HPS = ("temperature", "epsilon", "threshold", "scale")
+POSITIVE_HPS = (
+    "temperature",
+    "teacher_temperature",
+    "epsilon",
+    "threshold",
+    "scale",
+)
 POSITIVE_INT_HPS = ("num_iters", "group_size")
 # Not hyper-parameters: the divergence's tensors and what the objective binds.
 # The temperature is loss.temperature and the chunking is chosen by the
@@ -79,6 +90,8 @@ POSITIVE_INT_HPS = ("num_iters", "group_size")
 _TENSOR_ARGS = (
     "student_logits",
     "teacher_logits",
+    "student_matched",
+    "teacher_matched",
     "mask",
     "temperature",
     "chunk_size",
@@ -134,6 +147,7 @@ def validate(
     return notes
   _check_onpolicy(config)
   _check_teacher_source(config)
+  _check_cross_tokenizer(config)
   dropped = _check_divergence(config)
   _log(dropped)  # before a later check may refuse the config
   notes += dropped
@@ -425,6 +439,69 @@ def _check_cache_dir(config, student: ModelShape | None) -> None:
 
 
 # ----------------------------------------------------------------------------
+# A teacher with its own tokenizer.
+
+
+def cross_tokenizer_losses() -> tuple[str, ...]:
+  """The losses that distil across tokenizers (``objective.CROSS_TOKENIZER``)."""
+  from kdjax import objective  # pylint: disable=g-import-not-at-top
+
+  return objective.CROSS_TOKENIZER
+
+
+def _check_cross_tokenizer(config) -> None:
+  if _get(config, "loss.kd_ratio", 0) == 0:
+    return
+  name, own = config.loss.name, _get(config, "teacher.tokenizer", "")
+  losses = ", ".join(cross_tokenizer_losses())
+  if name == "gold" and not own:
+    raise _fail(
+        "loss.name",
+        name,
+        "pairs the vocabularies of two tokenizers but teacher.tokenizer is "
+        "empty",
+        "pass --config.teacher.tokenizer=DIR (the teacher's tokenizer) or "
+        "use a same-vocabulary loss",
+    )
+  if not own:
+    return
+  if name not in cross_tokenizer_losses():
+    raise _fail(
+        "loss.name",
+        name,
+        f"compares the same vocabulary entries of both models, but "
+        f"teacher.tokenizer={own!r} gives the teacher its own tokens",
+        f"use a cross-tokenizer loss ({losses}) or clear teacher.tokenizer",
+    )
+  refusals = (
+      (
+          _get(config, "onpolicy.source", "dataset") != "dataset",
+          f"onpolicy.source={_get(config, 'onpolicy.source')!r} generates "
+          "batches, which the cross-tokenizer path does not re-tokenise; use "
+          "--config.onpolicy.source=dataset",
+      ),
+      (
+          from_cache(config),
+          "teacher.source='cache' stores a teacher over the student's "
+          "vocabulary; use --config.teacher.source=live",
+      ),
+      (
+          config.loss.impl == "fused",
+          "loss.impl='fused' never forms the logits the alignment gathers; "
+          "use --config.loss.impl=auto",
+      ),
+      (
+          _get(config, "loss.select.fraction", 1.0) < 1.0,
+          "loss.select ranks the student's positions, of which only the "
+          "aligned ones are distilled; use --config.loss.select.fraction=1",
+      ),
+  )
+  for refused, why in refusals:
+    if refused:
+      raise ConfigError(f"teacher.tokenizer={own!r} cannot run here: {why}.")
+
+
+# ----------------------------------------------------------------------------
 # The divergence and its hyper-parameters.
 
 
@@ -668,9 +745,10 @@ def teacher_config(config) -> dict:
   )
 
 
-def tokenizer_vocab(config) -> int | None:
-  """The tokenizer's vocabulary size when it is cheap to know."""
-  spec = config.data.tokenizer
+def tokenizer_vocab(config, spec: str | None = None) -> int | None:
+  """The vocabulary size of tokenizer ``spec`` (default ``data.tokenizer``)
+  when it is cheap to know."""
+  spec = config.data.tokenizer if spec is None else spec
   if spec == "byte":
     return BYTE_VOCAB
   candidates = [fs.path(fs.local(spec)) / "tokenizer.json"]
@@ -706,18 +784,50 @@ def _check_models(config) -> None:
   teacher = _shape_from_hf(
       teacher_config(config), f"the teacher ({config.teacher.path})"
   )
-  _check_positions(teacher, length, None, config)
+  own = _get(config, "teacher.tokenizer", "")
+  if own:
+    _check_teacher_rows(config, teacher)
+  else:
+    _check_positions(teacher, length, None, config)
   from kdjax.models import safetensors_check  # pylint: disable=g-import-not-at-top
 
   safetensors_check.check_directory(fs.local(config.teacher.path))
-  if student is not None and teacher.vocab_size != student.vocab_size:
+  if (
+      not own
+      and student is not None
+      and teacher.vocab_size != student.vocab_size
+  ):
     raise ConfigError(
         f"teacher vocabulary {teacher.vocab_size} != student vocabulary "
         f"{student.vocab_size} (loss.name={config.loss.name!r}); the trainer "
         "feeds the same token ids to both, so distil between models that "
         "share a tokenizer (a teacher fine-tuned from the student's family, "
         "or a preset student with student.model_overrides.vocab_size="
-        f"{teacher.vocab_size})."
+        f"{teacher.vocab_size}), or give the teacher its own tokenizer with "
+        "--config.teacher.tokenizer=DIR and a cross-tokenizer loss "
+        f"({', '.join(cross_tokenizer_losses())})."
+    )
+
+
+def _check_teacher_rows(config, teacher: ModelShape) -> None:
+  """A teacher with its own tokenizer: its rows fit its positions and its
+  tokenizer its vocabulary."""
+  rows = _get(config, "teacher.max_length", 0) or config.data.max_length
+  if teacher.positions and rows > teacher.positions:
+    raise _fail(
+        "teacher.max_length",
+        rows,
+        f"exceeds the {teacher.positions} positions of {teacher.where}",
+        f"pass --config.teacher.max_length={teacher.positions} or less",
+    )
+  vocab = tokenizer_vocab(config, config.teacher.tokenizer)
+  if vocab is not None and vocab > teacher.vocab_size:
+    raise _fail(
+        "teacher.tokenizer",
+        config.teacher.tokenizer,
+        f"has {vocab} tokens but {teacher.where} has a vocabulary of "
+        f"{teacher.vocab_size}",
+        "pass the teacher's own tokenizer",
     )
 
 

@@ -257,10 +257,32 @@ class TeacherSpec:
   model_overrides: Mapping[str, Any] = field(
       {}, "model config fields replaced (both path kinds)", identity=True
   )
+  tokenizer: str = field(
+      "",
+      "the teacher's own tokenizer (an HF directory or 'byte') for a "
+      "cross-tokenizer loss (uld, gold); '': the student's",
+      identity=True,
+  )
+  max_length: int = field(
+      0,
+      "tokens per teacher row with its own tokenizer",
+      identity=True,
+      at_least=0,
+      special={0: "data.max_length"},
+  )
 
   @property
   def cached(self) -> bool:
     return self.source == "cache"
+
+  @property
+  def cross_tokenizer(self) -> bool:
+    """Whether the teacher reads its own tokens (``tokenizer`` is set)."""
+    return bool(self.tokenizer)
+
+  def row_length(self, data: DataSpec) -> int:
+    """Tokens per teacher row: ``max_length``, else ``data.max_length``."""
+    return self.max_length or data.max_length
 
 
 @dataclasses.dataclass(frozen=True)

@@ -434,12 +434,14 @@ def eval_batches(
     process_count: int | None = None,
     template_style: str = "minillm",
     system_prompt: str = "",
+    row_fields: RowFields | None = None,
 ) -> grain.MapDataset:
   """One unshuffled pass of teacher-forced rows (validation loss).
 
   Nothing is dropped for batching: the last batch is filled up with copies of
   its first row whose ``loss_mask`` is 0, so every batch has the same shape.
-  Process ``p`` of ``P`` takes examples ``p::P``.
+  Process ``p`` of ``P`` takes examples ``p::P``. ``row_fields`` adds fields
+  to each row as in :func:`train_batches`.
   """
   process_index, process_count = _process(process_index, process_count)
   examples, _ = tokenize_split(
@@ -455,19 +457,19 @@ def eval_batches(
   )
   if not examples:
     raise ValueError("no usable evaluation examples; check the split.")
-  mine = examples[process_index::process_count]
+  mine = list(range(process_index, len(examples), process_count))
   num_batches = _num_batches(len(examples), process_count, batch_size)
+  extra = None if row_fields is None else row_fields(examples, max_length)
+
+  def row(index: int) -> dict[str, np.ndarray]:
+    out = train_row(examples[index], max_length=max_length, eos_id=eos_id)
+    if extra is not None:
+      out.update(extra(index))
+    return out
 
   def make(b: int) -> dict[str, np.ndarray]:
-    rows = [
-        train_row(e, max_length=max_length, eos_id=eos_id)
-        for e in mine[b * batch_size : (b + 1) * batch_size]
-    ]
-    first = (
-        rows[0]
-        if rows
-        else train_row(examples[0], max_length=max_length, eos_id=eos_id)
-    )
+    rows = [row(i) for i in mine[b * batch_size : (b + 1) * batch_size]]
+    first = rows[0] if rows else row(0)
     filler = dict(first, loss_mask=np.zeros(max_length, np.float32))
     return _stack(rows + [filler] * (batch_size - len(rows)))
 

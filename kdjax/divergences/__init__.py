@@ -16,7 +16,9 @@ piece elsewhere (``chunk_size=`` overrides), hyper-parameters and temperature
 traceable. :mod:`kdjax.divergences.fused` runs the same math from hidden
 states and LM heads without forming the logits. ``kd.reference.<name>`` holds
 the plain autodiff definitions, the oracle of the tests, not a training path.
-ULD (:func:`uld`) and SinKD (:func:`sinkhorn`) are autodiff implementations.
+ULD (:func:`uld`), GOLD's hybrid (:func:`gold`, which also takes the matched
+vocabulary entries of two tokenizers) and SinKD (:func:`sinkhorn`) are
+autodiff implementations.
 ``kd.sparse.<name>`` evaluates the same divergences against a cached teacher
 kept on its top-k tokens plus a tail bucket (:mod:`kdjax.divergences.sparse`),
 and RS-KD's sampled FKL.
@@ -28,6 +30,7 @@ from kdjax.divergences import core, engine, fused, reference, sparse
 from kdjax.divergences.core import (
     AKL_RULES,
     akl_weights,
+    gold,
     log_probs,
     masked_mean,
     uld,
@@ -57,6 +60,7 @@ _REGISTRY: dict[str, Callable] = {
     "akl": akl,
     "abkd": abkd,
     "uld": uld,
+    "gold": gold,
     "sinkhorn": sinkhorn,
 }
 
@@ -77,8 +81,8 @@ def get(name: str, impl: str = "auto") -> Callable:
 
   ``impl="auto"`` (default) is the public function ``kd.<name>``;
   ``impl="reference"`` the autodiff oracle ``kd.reference.<name>`` of a
-  token-level divergence (uld and sinkhorn are their own reference, so both
-  impls return the same function for them).
+  token-level divergence (uld, gold and sinkhorn are their own reference,
+  so both impls return the same function for them).
   """
   if impl not in IMPLS:
     raise ValueError(
@@ -109,6 +113,7 @@ __all__ = [
     "fkl_rkl",
     "fused",
     "get",
+    "gold",
     "jsd",
     "log_probs",
     "masked_mean",

@@ -390,24 +390,12 @@ def _akl_fallback(
   return w_head_M
 
 
-def uld(
-    student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0
-) -> Array:
-  """Universal logit distillation (Boizard et al. 2024): ``Σ_k |q↓_k − p↓_k|``.
+def _teacher_temperature(temperature, teacher_temperature):
+  return temperature if teacher_temperature is None else teacher_temperature
 
-  ``↓`` sorts each distribution in descending order; the smaller vocabulary is
-  zero-padded to the larger, so student and teacher may use different tokenizers
-  (only the leading axes must agree). This is the Wasserstein-1 distance between
-  the sorted distributions under a 0/1 ground cost on ranks, up to a factor 2. The
-  gradient flows through the sorted student values (the permutation is constant).
-  """
-  if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-    raise ValueError(
-        f"student logits {student_logits.shape} and teacher logits "
-        f"{teacher_logits.shape} must share their leading (position) axes."
-    )
-  q = jnp.exp(log_probs(student_logits, temperature))
-  p = jnp.exp(log_probs(jax.lax.stop_gradient(teacher_logits), temperature))
+
+def _sorted_l1(q: Array, p: Array) -> Array:
+  """``Σ_k |q↓_k − p↓_k|``, the narrower vector zero-padded to the wider."""
   width = max(q.shape[-1], p.shape[-1])
   pad = lambda x: jnp.pad(
       x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])]
@@ -416,3 +404,114 @@ def uld(
   return jnp.sum(
       _abs(jnp.sort(pad(q), axis=-1) - jnp.sort(pad(p), axis=-1)), axis=-1
   )
+
+
+def _check_positions(student_logits: Array, teacher_logits: Array) -> None:
+  if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+    raise ValueError(
+        f"student logits {student_logits.shape} and teacher logits "
+        f"{teacher_logits.shape} must share their leading (position) axes."
+    )
+
+
+def uld(
+    student_logits: Array,
+    teacher_logits: Array,
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+) -> Array:
+  """Universal logit distillation (Boizard et al. 2024): ``Σ_k |q↓_k − p↓_k|``.
+
+  ``q = softmax(s / temperature)``, ``p = softmax(t / teacher_temperature)``
+  (default: the same temperature). ``↓`` sorts each distribution in
+  descending order; the smaller vocabulary is zero-padded to the larger, so
+  student and teacher may use different tokenizers (only the leading axes
+  must agree; docs/divergences.md "ULD"). This is the Wasserstein-1 distance
+  between the sorted distributions under a 0/1 ground cost on ranks, up to a
+  factor 2. The gradient flows through the sorted student values (the
+  permutation is constant).
+  """
+  _check_positions(student_logits, teacher_logits)
+  t_temp = _teacher_temperature(temperature, teacher_temperature)
+  q = jnp.exp(log_probs(student_logits, temperature))
+  p = jnp.exp(log_probs(jax.lax.stop_gradient(teacher_logits), t_temp))
+  return _sorted_l1(q, p)
+
+
+def _kl_terms(a: Array, log_a: Array, log_b: Array) -> Array:
+  """``Σ a (log a − log b)``; terms with ``a = 0`` are exactly 0."""
+  return jnp.sum(jnp.where(a > 0, a * (log_a - log_b), 0.0), axis=-1)
+
+
+def _raw_gjsd(log_q: Array, log_p: Array, beta) -> Array:
+  """GJSD_β of two (sub-)vectors given by their logs, not renormalised.
+
+  ``β = 0`` is ``Σ p log(p / q)``, ``β = 1`` is ``Σ q log(q / p)``, between
+  them ``β Σ p log(p / m) + (1 − β) Σ q log(q / m)``, ``m = β p + (1 − β) q``
+  (docs/divergences.md "Generalized JSD": the endpoints are defined, not
+  limits). ``β`` may be traced.
+  """
+  log_q, log_p = _finite(log_q), _finite(log_p)
+  q, p = jnp.exp(log_q), jnp.exp(log_p)
+  beta = jnp.asarray(beta, jnp.float32)
+  log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
+  inner = beta * _kl_terms(p, log_p, log_m) + (1.0 - beta) * _kl_terms(
+      q, log_q, log_m
+  )
+  return jnp.where(
+      beta == 0.0,
+      _kl_terms(p, log_p, log_q),
+      jnp.where(beta == 1.0, _kl_terms(q, log_q, log_p), inner),
+  )
+
+
+def gold(
+    student_logits: Array,
+    teacher_logits: Array,
+    student_matched: Array,
+    teacher_matched: Array,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+) -> Array:
+  """GOLD's hybrid (Patiño et al. 2025, TRL ``GOLDTrainer``) per position.
+
+  ``student_matched[m]`` and ``teacher_matched[m]`` (``M`` pairs, int) are
+  the vocabulary entries that spell the same string
+  (:func:`kdjax.data.crosstok.matched_vocab`). With ``q`` and ``p`` as in
+  :func:`uld`, ``q_M = q[student_matched]``, ``p_M = p[teacher_matched]``
+  and ``q_U``, ``p_U`` the distributions with the matched entries set to 0::
+
+      w = M / V_T
+      gold = w · GJSD_β(q_M, p_M) + (1 − w) · Σ_k |q_U↓_k − p_U↓_k|
+
+  where GJSD_β acts on the raw (not renormalised) sub-vectors: ``β = 0`` is
+  ``KL(p_M ‖ q_M) = Σ p_M log(p_M / q_M)``, ``β = 1`` the reverse
+  (docs/cross_tokenizer.md "GOLD"). Without matched entries it is
+  :func:`uld`. ``V_T`` is the teacher logits' width. ``beta`` and the
+  temperatures may be traced.
+  """
+  _check_positions(student_logits, teacher_logits)
+  beta = _unit("beta", beta)
+  t_temp = _teacher_temperature(temperature, teacher_temperature)
+  log_q = log_probs(student_logits, temperature)
+  log_p = log_probs(jax.lax.stop_gradient(teacher_logits), t_temp)
+  student_matched = jnp.asarray(student_matched, jnp.int32)
+  teacher_matched = jnp.asarray(teacher_matched, jnp.int32)
+  if student_matched.shape != teacher_matched.shape:
+    raise ValueError(
+        f"student_matched {student_matched.shape} and teacher_matched "
+        f"{teacher_matched.shape} must pair one teacher entry with each "
+        "student entry; pass both arrays of crosstok.matched_vocab."
+    )
+  matched = _raw_gjsd(
+      jnp.take(log_q, student_matched, axis=-1),
+      jnp.take(log_p, teacher_matched, axis=-1),
+      beta,
+  )
+  q_U = jnp.exp(log_q).at[..., student_matched].set(0.0)
+  p_U = jnp.exp(log_p).at[..., teacher_matched].set(0.0)
+  weight = student_matched.shape[0] / teacher_logits.shape[-1]
+  return weight * matched + (1.0 - weight) * _sorted_l1(q_U, p_U)

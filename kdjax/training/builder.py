@@ -4,7 +4,9 @@
 teacher's presence, the batch split) and only then reads data and weights.
 With ``teacher.source="cache"`` the teacher is never loaded: the training
 rows carry its cached sparse distributions (:mod:`kdjax.cache`), after the
-cache is checked against the config and the tokenised examples.
+cache is checked against the config and the tokenised examples. With
+``teacher.tokenizer`` set the rows also carry the teacher's own tokens and
+their alignment with the student's (:mod:`kdjax.data.crosstok`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from kdjax import models, objective, sharding
 from kdjax.cache import store as cache_store
 from kdjax.config import spec as spec_lib
-from kdjax.data import inputs, pipeline, seqkd
+from kdjax.data import crosstok, inputs, pipeline, seqkd
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.evaluation import generation
 from kdjax.models import lora
@@ -54,6 +56,9 @@ class Run:
   # The on-policy strategy making each step's batch (kdjax.onpolicy); None:
   # the dataset's batches.
   source: onpolicy_strategy.Strategy | None = None
+  # Extra fields of every row (a teacher cache's, a cross-tokenizer
+  # teacher's), as pipeline.train_batches / eval_batches take them.
+  row_fields: pipeline.RowFields | None = None
 
 
 def make_student(
@@ -146,6 +151,20 @@ def _seqkd_train_source(
 def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
   """What can be refused before any download or compilation."""
   objective.check(s.loss)
+  if s.teacher.cross_tokenizer and s.loss["kd_ratio"] > 0:
+    supported = (
+        s.loss["name"] in objective.CROSS_TOKENIZER
+        and not s.teacher.cached
+        and s.onpolicy.source == "dataset"
+    )
+    if not supported:
+      raise ValueError(
+          f"teacher.tokenizer={s.teacher.tokenizer!r} needs a live teacher on "
+          "the dataset's batches and a cross-tokenizer loss "
+          f"({', '.join(objective.CROSS_TOKENIZER)}), not loss.name="
+          f"{s.loss['name']!r}, teacher.source={s.teacher.source!r}, "
+          f"onpolicy.source={s.onpolicy.source!r}; change them."
+      )
   if s.loss["kd_ratio"] > 0 and not s.teacher.cached:
     teacher_lib.path(s.teacher)
   n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
@@ -162,14 +181,36 @@ def _models(
   live = s.loss["kd_ratio"] > 0 and not s.teacher.cached
   teacher = teacher_lib.load(s.teacher, mesh) if live else None
   student = make_student(s.student, mesh)
-  if teacher is not None and _vocab(teacher) != _vocab(student):
-    # ULD included: the step feeds the student's token ids to the teacher.
+  if (
+      teacher is not None
+      and not s.teacher.cross_tokenizer
+      and _vocab(teacher) != _vocab(student)
+  ):
     raise ValueError(
         f"teacher vocabulary {_vocab(teacher)} != student vocabulary "
         f"{_vocab(student)}; the trainer feeds the same token ids to both, so "
-        "distil between models that share a tokenizer."
+        "distil between models that share a tokenizer, or set "
+        "teacher.tokenizer for a cross-tokenizer loss "
+        f"({', '.join(objective.CROSS_TOKENIZER)})."
     )
   return student, teacher
+
+
+def _cross_tokenizer(
+    s: spec_lib.TrainSpec, tok: tokenizer_lib.Tokenizer, eos_id: int
+) -> tuple[pipeline.RowFields | None, tuple[np.ndarray, np.ndarray] | None]:
+  """A cross-tokenizer run's row fields and GOLD's matched vocabulary."""
+  if not (s.teacher.cross_tokenizer and s.loss["kd_ratio"] > 0):
+    return None, None
+  teacher_tok, teacher_eos = tokenizer_lib.load(s.teacher.tokenizer)
+  teacher = crosstok.TeacherTokens(
+      teacher_tok, teacher_eos, s.teacher.row_length(s.data)
+  )
+  fields = crosstok.row_fields(tok, eos_id, teacher)
+  matched = None
+  if s.loss["name"] == "gold":
+    matched = crosstok.matched_vocab(tok, teacher_tok)
+  return fields, matched
 
 
 def _cache(s: spec_lib.TrainSpec) -> cache_store.Cache | None:
@@ -204,6 +245,9 @@ def build(
   cache = _cache(s)
   tok, eos_id = tokenizer_lib.load(s.data.tokenizer)
   stop_ids = generation.stop_ids(tok, eos_id, s.eval.protocol)
+  row_fields, matched = _cross_tokenizer(s, tok, eos_id)
+  if cache is not None:
+    row_fields = cache.bind
   train_src = (
       _seqkd_train_source(s, workdir, tok, eos_id, mesh)
       if s.data.seqkd_teacher
@@ -215,7 +259,7 @@ def build(
       batch_size=s.batch_size,
       seed=s.seed,
       num_epochs=None if s.num_steps else s.num_epochs,
-      row_fields=None if cache is None else cache.bind,
+      row_fields=row_fields,
       **s.data.row_settings(eos_id),
   )
   val_src = inputs.source(s.data, s.data.val_split)
@@ -252,6 +296,7 @@ def build(
       trainable=trainable(s.student),
       on_nonfinite=s.on_nonfinite,
       max_skips=s.max_skips,
+      matched=matched,
   )
   state = TrainState(
       jnp.zeros((), jnp.int32),
@@ -275,4 +320,5 @@ def build(
       state,
       num_steps,
       source if source.generates else None,
+      None if cache is not None else row_fields,
   )

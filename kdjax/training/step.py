@@ -27,11 +27,13 @@ from kdjax import objective, sharding
 from kdjax import taid as taid_lib
 from kdjax.onpolicy import minillm as minillm_lib
 
-# The arrays of a batch the step reads: the text, and a cached sparse
-# teacher's fields when the run reads one (kdjax.cache).
+# The arrays of a batch the step reads: the text, a cached sparse teacher's
+# fields when the run reads one (kdjax.cache), and a cross-tokenizer
+# teacher's rows and alignment (kdjax.data.crosstok).
 TEXT_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "positions")
 CACHE_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_weights")
-BATCH_KEYS = TEXT_KEYS + CACHE_KEYS
+CROSS_TOKENIZER_KEYS = objective.TEACHER_ROW_KEYS + objective.ALIGNMENT_KEYS
+BATCH_KEYS = TEXT_KEYS + CACHE_KEYS + CROSS_TOKENIZER_KEYS
 Batch = dict[str, jax.Array]
 
 
@@ -148,6 +150,9 @@ class Step:
       update is dropped) for a step whose loss or gradient is not finite.
     max_skips: under ``"skip"``, the updates skipped in a row that stop
       the run.
+    matched: GOLD's matched vocabulary entries of a cross-tokenizer run,
+      ``(student_ids_M, teacher_ids_M)`` (:func:`kdjax.data.crosstok.
+      matched_vocab`), else None.
   """
 
   loss_cfg: Mapping[str, Any]
@@ -160,6 +165,7 @@ class Step:
   trainable: Any = nnx.Param
   on_nonfinite: str = "stop"
   max_skips: int = 1
+  matched: tuple[np.ndarray, np.ndarray] | None = None
 
   def trained(self, params: nnx.State) -> nnx.State:
     """The part of ``params`` the optimizer updates."""
@@ -196,18 +202,29 @@ class Step:
     teacher = self._teacher(teacher_state)
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     kd_tokens = jnp.maximum(
-        objective.kd_tokens(self.loss_cfg, batch["loss_mask"]), 1.0
+        objective.kd_tokens(self.loss_cfg, objective.kd_base_mask(batch)), 1.0
     )
+    same_tokens = "aligned_mask" not in batch
 
     def loss_fn(student, micro):
       s = objective.sums(
-          self.loss_cfg, student, teacher, micro, taid_t=_taid_t(state)
+          self.loss_cfg,
+          student,
+          teacher,
+          micro,
+          taid_t=_taid_t(state),
+          matched=self.matched,
       )
-      return objective.micro_loss(self.loss_cfg, s, total_tokens, kd_tokens), s
+      loss = objective.micro_loss(
+          self.loss_cfg, s, total_tokens, kd_tokens, same_tokens=same_tokens
+      )
+      return loss, s
 
     none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 4)
     grads, totals, rest = self._accumulate(state, batch, loss_fn, none)
     _, m = objective.combine(self.loss_cfg, totals)
+    if not same_tokens:  # the response rows a cross-tokenizer teacher pairs
+      m["aligned_fraction"] = totals.kd_tokens / jnp.maximum(totals.tokens, 1)
     m["grad_norm"] = optax.tree.norm(grads)
     return grads, m, rest
 
@@ -353,4 +370,5 @@ class Step:
         self._teacher(teacher_state),
         batch,
         taid_t=_taid_t(state),
+        matched=self.matched,
     )

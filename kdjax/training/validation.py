@@ -40,6 +40,7 @@ def validate(
       run.val_source,
       run.tokenizer,
       batch_size=s.eval.batch_size // jax.process_count(),
+      row_fields=run.row_fields,
       **s.data.row_settings(run.eos_id),
   )
   n = (

@@ -325,9 +325,50 @@ def test_teacher_vocabulary_mismatch_recommends_no_broken_path(
       **{"teacher.path": teacher, "loss.name": loss, "loss.impl": "reference"},
   )
   msg = _refused(
-      c, "teacher vocabulary 300 != student vocabulary 257", "share a tokenizer"
+      c,
+      "teacher vocabulary 300 != student vocabulary 257",
+      "share a tokenizer",
+      "--config.teacher.tokenizer=DIR and a cross-tokenizer loss (uld, gold)",
   )
   assert "--config.loss.name=uld" not in msg
+
+
+def test_the_cross_tokenizer_config_passes(root):
+  for loss in ("uld", "gold"):
+    c = _config(root, "uld_xtok_gpt2", **{"loss.name": loss})
+    assert checks.validate(c) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (
+            {"loss.name": "fkl"},
+            "loss.name='fkl' compares the same vocabulary entries of both "
+            "models, but teacher.tokenizer='byte' gives the teacher its own "
+            "tokens; use a cross-tokenizer loss (uld, gold)",
+        ),
+        (
+            {"teacher.max_length": 600},
+            "teacher.max_length=600 exceeds the 512 positions of the teacher",
+        ),
+        (
+            {"loss.select.fraction": 0.5},
+            "teacher.tokenizer='byte' cannot run here: loss.select",
+        ),
+        (
+            {"teacher.tokenizer": "", "loss.name": "gold"},
+            "loss.name='gold' pairs the vocabularies of two tokenizers but "
+            "teacher.tokenizer is empty",
+        ),
+        (
+            {"loss.impl": "fused"},
+            "teacher.tokenizer='byte' cannot run here: loss.impl='fused'",
+        ),
+    ],
+)
+def test_cross_tokenizer_refusals(root, overrides, words):
+  _refused(_config(root, "uld_xtok_gpt2", **overrides), words)
 
 
 def test_tokenizer_larger_than_the_students_vocabulary(root):

@@ -399,6 +399,7 @@ def test_registry():
       "akl",
       "abkd",
       "uld",
+      "gold",
       "sinkhorn",
   )
   for name in kd.names():
