@@ -109,7 +109,9 @@ def _tiny(c: ml_collections.ConfigDict, steps: int) -> None:
   c.log_every = 10
   c.ckpt.update(every_steps=100, max_to_keep=2)
   c.eval.update(
-      every_steps=max(steps // 6, 1),
+      # Six validations over the run; a run shorter than six steps
+      # validates once, at its end.
+      every_steps=steps // 6 or steps,
       val_batches=8,
       num_examples=64,
       batch_size=64,
