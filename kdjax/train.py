@@ -22,7 +22,8 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from kdjax import cli, training
+from kdjax import cli
+from kdjax.config import checks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -41,6 +42,12 @@ def main(argv: list[str]) -> None:
     raise cli.UsageError(
         f"unexpected arguments {argv[1:]}; overrides are " "--config.key=value."
     )
+  # The config's own mistakes are found before the training stack (jax, the
+  # models, the data pipeline: seconds of imports) loads, so a typo is
+  # reported at once.
+  checks.validate(_CONFIG.value)
+  from kdjax import training  # pylint: disable=g-import-not-at-top
+
   training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

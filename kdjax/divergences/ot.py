@@ -34,14 +34,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import lineax
-from ott.geometry import geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import implicit_differentiation
-from ott.solvers.linear import sinkhorn as ott_sinkhorn
-from ott.tools import sinkhorn_divergence
 
 from kdjax.divergences import core
+
+# ott and lineax are imported in the functions that use them: together they
+# add over a second to the start of every process that imports kdjax's
+# divergences, and only a Sinkhorn objective needs them.
+# pylint: disable=g-import-not-at-top
 
 Array = jax.Array
 
@@ -74,9 +73,11 @@ def _walled(c_gxg: Array, valid_g: Array) -> Array:
   return jnp.where(both, c_gxg, jnp.where(neither, 0.0, _WALL))
 
 
-def _dense_svd(**unused_tolerances) -> lineax.SVD:
+def _dense_svd(**unused_tolerances):
   # ott passes iterative-solver tolerances (rtol, atol); a dense solve has none.
   del unused_tolerances
+  import lineax
+
   return lineax.SVD()
 
 
@@ -103,6 +104,8 @@ def _solver_kwargs(num_iters: int | None, threshold: float) -> dict:
   error, so only ``max_iterations`` ends the loop (or a non-finite error).
   """
   if num_iters is None:
+    from ott.solvers.linear import implicit_differentiation
+
     return dict(
         threshold=threshold,
         max_iterations=2000,
@@ -120,6 +123,10 @@ def _solver_kwargs(num_iters: int | None, threshold: float) -> dict:
 
 
 def _ott_rows(c_gxg, valid_g, epsilon, num_iters, threshold):
+  from ott.geometry import geometry
+  from ott.problems.linear import linear_problem
+  from ott.solvers.linear import sinkhorn as ott_sinkhorn
+
   g = c_gxg.shape[0]
   geom = geometry.Geometry(cost_matrix=_walled(c_gxg, valid_g), epsilon=epsilon)
   uniform = jnp.full((g,), 1.0 / g)
@@ -133,6 +140,9 @@ def _ott_rows(c_gxg, valid_g, epsilon, num_iters, threshold):
 
 
 def _debiased_rows(ps_gxV, pt_gxV, valid_g, epsilon, num_iters, threshold):
+  from ott.geometry import geometry
+  from ott.tools import sinkhorn_divergence
+
   g = ps_gxV.shape[0]
   costs = [
       _walled(l1_cost(x, y), valid_g)
