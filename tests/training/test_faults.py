@@ -11,6 +11,7 @@ safetensors, JSONL and teacher-cache shards are fuzzed with hypothesis
 (derandomized, 20 damages each).
 """
 
+import errno
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from etils import epath
+from flax import nnx
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -70,6 +73,13 @@ def _train_to(c, workdir: str, step: int):
 def _params(workdir: str) -> dict:
   """The params of the latest checkpoint (the last step's)."""
   return kill_lib._params(_config(os.path.dirname(workdir)), workdir, STEPS)
+
+
+def _flat(tree) -> dict:
+  return {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _assert_same_run(workdir: str, reference: tuple[str, dict]) -> None:
@@ -418,14 +428,125 @@ def test_a_failed_save_keeps_the_only_kept_step(tmp_path, monkeypatch):
 
   monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", disk_full)
   ck.save(2, jax.tree.map(lambda x: x + 1, state), it, {"step": 2})
-  with pytest.raises(OSError, match="No space left"):
+  with pytest.raises(checkpoint.SaveFailed) as e:
     ck.close()
+  _one_sentence(
+      e.value,
+      f"saving the step-2 checkpoint in {workdir}/ckpt failed (No space left "
+      "on device); the last good checkpoint there (step 1) is kept",
+  )
   monkeypatch.undo()
   ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=1)
   step, restored, _ = ck.restore_latest(state, it)
   assert step == 1
   np.testing.assert_array_equal(restored["w"], np.arange(8.0))
   ck.close()
+
+
+# ----------------------------------------------------------------------------
+# A full disk.
+
+
+def _full_disk(monkeypatch, cls, name: str, prefix: str, skip: int = 0):
+  """``cls.name`` (a write taking ``(path, data)``) fails with ``ENOSPC``
+  under ``prefix`` after ``skip`` whole writes there, half of the data
+  written first, as when a disk fills mid-file. Returns the paths refused."""
+  write, passed, refused = getattr(cls, name), [], []
+
+  def full(*args):
+    at, data = os.fspath(args[-2]), args[-1]
+    if not at.startswith(prefix):
+      return write(*args)
+    if len(passed) < skip:
+      passed.append(at)
+      return write(*args)
+    write(*args[:-1], data[: len(data) // 2])
+    refused.append(at)
+    raise OSError(errno.ENOSPC, "No space left on device", at)
+
+  monkeypatch.setattr(cls, name, full)
+  return refused
+
+
+def test_a_full_disk_during_a_save_is_one_sentence_and_resumes_exactly(
+    root, straight, monkeypatch
+):
+  # Orbax writes arrays with TensorStore (C++) and its JSON files (the
+  # record, the step's metadata) and grain's data position through
+  # etils.epath: the fault enters there, under step 4's temporary directory,
+  # after TensorStore started on the arrays. It surfaces when step 6's save
+  # waits for step 4's.
+  workdir = os.path.join(root, "full_ckpt")
+  c = _config(root, **{"ckpt.every_steps": 2})
+  ckpt = os.path.join(workdir, "ckpt")
+  refused = _full_disk(
+      monkeypatch, epath.Path, "write_text", os.path.join(ckpt, "4.")
+  )
+  with pytest.raises(training.TrainingError) as e:
+    _train(c, workdir)
+  assert refused
+  _one_sentence(
+      e.value,
+      f"saving the step-4 checkpoint in {ckpt} failed (No space left on "
+      "device); the last good checkpoint there (step 2) is kept; free space "
+      "there (or lower ckpt.max_to_keep) and re-run the same command",
+  )
+  monkeypatch.undo()
+  # Step 4 never committed: what it left is not a step to a new start.
+  assert [n for n in os.listdir(ckpt) if n.isdigit()] == ["2"]
+  _train(c, workdir)  # space freed
+  _assert_same_run(workdir, straight)
+
+
+def test_a_full_disk_during_the_export_is_one_sentence_and_rerun_writes_it(
+    root, straight, monkeypatch
+):
+  from kdjax import models
+
+  workdir = os.path.join(root, "full_export")
+  hf_dir = os.path.join(workdir, "hf")
+  c = _config(root, export_hf=True)
+  # The weights and two more files are written whole, the next one half.
+  refused = _full_disk(monkeypatch, fs, "write_bytes", hf_dir, skip=3)
+  with pytest.raises(training.TrainingError) as e:
+    _train(c, workdir)
+  assert len(refused) == 1 and os.path.exists(refused[0])
+  _one_sentence(
+      e.value,
+      f"exporting the final student to {hf_dir} failed (No space left on "
+      f"device); the step-{STEPS} checkpoint in {workdir}/ckpt is kept; free "
+      "space there and re-run the same command to write the export.",
+  )
+  monkeypatch.undo()
+  # Without its config.json the directory is not taken for a model.
+  assert os.path.exists(os.path.join(hf_dir, "model.safetensors"))
+  with pytest.raises(FileNotFoundError, match=f"no config.json in {hf_dir}"):
+    models.load(hf_dir)
+  _train(c, workdir)  # space freed: the finished run only exports
+  assert [r["step"] for r in metrics.read(workdir)] == list(range(1, STEPS + 1))
+  exported = _flat(nnx.state(models.load(hf_dir), nnx.Param))
+  want = straight[1]
+  assert exported.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(exported[k], want[k], err_msg=k)
+
+
+def test_tensorstores_disk_full_is_an_enospc():
+  from kdjax import checkpoint
+
+  # TensorStore's ValueError on a full tmpfs, verbatim.
+  e = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local '
+      'file "/t/ckpt/1.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/'
+      'ocdbt.process_0/": Failed to write 500213 bytes to file 4: No space '
+      "left on device [os_error_code='28']"
+  )
+  assert checkpoint.storage_error(e).errno == errno.ENOSPC
+  assert checkpoint.storage_error(ValueError("shape mismatch")) is None
+  try:
+    raise RuntimeError("wrapped") from OSError(errno.EDQUOT, "quota")
+  except RuntimeError as wrapped:
+    assert checkpoint.storage_error(wrapped).errno == errno.EDQUOT
 
 
 # ----------------------------------------------------------------------------
