@@ -75,25 +75,41 @@ def train_and_evaluate(
   maybe_initialize_distributed()
   workdir = fs.local(workdir)
   created = not fs.path(workdir).exists()
-  holder = lock_lib.acquire(workdir)  # one trainer per workdir
-  try:
-    fresh = workdir_lib.claim(
-        workdir, spec.identity, force_new_run=spec.force_new_run
-    )
+  with preemption.during_setup():
+    holder = lock_lib.acquire(workdir)  # one trainer per workdir
+    fresh = unbound = False
     try:
-      mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
+      fresh = workdir_lib.claim(
+          workdir, spec.identity, force_new_run=spec.force_new_run
+      )
+      try:
+        mesh = sharding.make_mesh(
+            spec.mesh.data, spec.mesh.fsdp, devices=devices
+        )
+        with jax.set_mesh(mesh):
+          run = builder.build(spec, workdir, mesh)
+      except BaseException:  # a failure or a stop signal: unbind a first start
+        if fresh:
+          lock_lib.release(workdir, holder)
+          holder = None
+          workdir_lib.release(workdir, created=created)
+          unbound = True
+        raise
       with jax.set_mesh(mesh):
-        run = builder.build(spec, workdir, mesh)
-    except Exception:
-      if fresh:
+        return loop(run, stop_at)
+    except preemption.SetupInterrupted as e:
+      if fresh and not unbound:  # in the loop, before its first step
         lock_lib.release(workdir, holder)
         holder = None
         workdir_lib.release(workdir, created=created)
-      raise
-    with jax.set_mesh(mesh):
-      return loop(run, stop_at)
-  finally:
-    lock_lib.release(workdir, holder)
+      left = "holds no run" if fresh else "keeps what it held"
+      raise Interrupted(
+          f"interrupted before the first step; nothing was saved and "
+          f"{workdir} {left}",
+          e.signum,
+      ) from None
+    finally:
+      lock_lib.release(workdir, holder)
 
 
 def _every_eval(run: builder.Run) -> int:

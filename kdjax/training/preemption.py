@@ -8,7 +8,11 @@ with the command that resumes (exit code ``128 + signal``: 130 for ``SIGINT``,
 once and saves the newest whole state on a single-process run. After it, the
 signals have their default effect again, so a third one kills.
 
-A handler only sets a flag, read between steps: an exception raised at an
+Before the first step (building the models, reading the data, restoring a
+checkpoint: :func:`during_setup`) nothing is being written that a stop must
+wait for, so a signal stops at once: :class:`SetupInterrupted`.
+
+During training a handler only sets a flag, read between steps: an exception raised at an
 arbitrary bytecode could land inside orbax's asynchronous save. For the same
 reason a second signal that arrives while a checkpoint is being written
 (:meth:`Signals.deferred`) takes effect when the write returns.
@@ -45,6 +49,41 @@ def exit_code(signum: int) -> int:
 
 class Abandoned(KeyboardInterrupt):
   """A second stop signal: the loop stops without finishing the step."""
+
+
+class SetupInterrupted(KeyboardInterrupt):
+  """A stop signal before the first step; ``signum`` is the signal."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+    self.exit_code = exit_code(signum)
+    self.kept = "interrupted before the first step; nothing was saved"
+
+
+def raise_setup_interrupted(signum, frame) -> None:
+  """The handler of :func:`during_setup`: stop now."""
+  del frame
+  raise SetupInterrupted(signum)
+
+
+@contextlib.contextmanager
+def during_setup() -> Iterator[None]:
+  """A block in which ``SIGINT``/``SIGTERM`` raise :class:`SetupInterrupted`.
+
+  :class:`Signals` installed inside it take over until they restore these
+  handlers; the previous ones come back on exit. Outside the main thread
+  (where handlers cannot be installed) the signals keep their behaviour.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.signal(s, raise_setup_interrupted) for s in SIGNALS}
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 class Signals:

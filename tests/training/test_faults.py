@@ -14,6 +14,7 @@ safetensors, JSONL and teacher-cache shards are fuzzed with hypothesis
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from kdjax.config import files as config_files
 from kdjax.config import recipe
 from kdjax.training import lock as lock_lib
 from kdjax.training import step as step_lib
+import tiny_run
 
 STEPS = 6
 DEVICES = 2
@@ -198,6 +200,35 @@ def test_a_run_survives_a_damaged_step_two_signals_and_a_stale_lock(
   assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK))
 
 
+def test_a_signal_during_set_up_exits_143_and_leaves_nothing(
+    root, tmp_path, monkeypatch
+):
+  # The signal arrives while the models are built: the lock is held and the
+  # workdir's config.json written, nothing else.
+  from kdjax.training import builder
+
+  workdir = str(tmp_path / "w")
+  build = builder.build
+
+  def signalled_build(*args, **kwargs):
+    assert sorted(os.listdir(workdir)) == ["config.json", lock_lib.LOCK]
+    os.kill(os.getpid(), signal.SIGTERM)
+    return build(*args, **kwargs)  # not reached: the handler raises first
+
+  monkeypatch.setattr(builder, "build", signalled_build)
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(training.TrainingError) as e:
+    _train(_config(root), workdir)
+  assert e.value.exit_code == 143
+  _one_sentence(
+      e.value,
+      "interrupted before the first step; nothing was saved and "
+      f"{workdir} holds no run",
+  )
+  assert not os.path.exists(workdir)
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
 _AGREE = """
 import os, signal, sys
 import jax
@@ -310,10 +341,10 @@ def test_the_lock_works_on_a_bucket(fake_gcs):
 # Checkpoints that fall back.
 
 
-def _largest_array_file(step_dir: str) -> str:
+def _largest_array_file(step_dir: str, item: str = "state") -> str:
   files = [
       os.path.join(d, n)
-      for d, _, names in os.walk(os.path.join(step_dir, "state"))
+      for d, _, names in os.walk(os.path.join(step_dir, item))
       for n in names
       if os.sep + "d" + os.sep in os.path.join(d, n) + os.sep
   ]
@@ -385,6 +416,31 @@ def test_a_corrupt_latest_step_falls_back_to_the_previous(tmp_path, corruption):
   assert notes[0].endswith(f"; moved it to {moved}")
   assert notes[1] == "resumed from step 1, the newest good checkpoint"
   assert os.path.isdir(moved) and ck.latest.all_steps() == [1]
+  ck.close()
+
+
+def test_a_damaged_best_checkpoint_is_refused_in_one_sentence(tmp_path):
+  from kdjax import checkpoint
+
+  workdir = str(tmp_path)
+  params = {"w": jax.numpy.arange(2000, dtype=jax.numpy.float32)}
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=3)
+  assert ck.save_best(3, params, -1.5, {"metric": "val_ce", "value": 1.5})
+  step, restored = ck.restore_best(params)
+  assert step == 3
+  np.testing.assert_array_equal(restored["w"], np.arange(2000))
+  ck.close()
+  best = os.path.join(workdir, "best", "3")
+  _flip(_largest_array_file(best, "default"))
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=3)
+  with pytest.raises(checkpoint.CorruptCheckpoint) as e:
+    ck.restore_best(params)
+  _one_sentence(
+      e.value,
+      f"the best checkpoint (step 3) in {workdir}/best has 1 array(s) that "
+      "differ from their checksums, first ['w']",
+      f"move {workdir}/best and {workdir}/best.json aside",
+  )
   ck.close()
 
 
@@ -503,7 +559,10 @@ def test_a_full_disk_during_the_export_is_one_sentence_and_rerun_writes_it(
 ):
   from kdjax import models
 
+  # The finished uninterrupted run, now exporting (export_hf is outside the
+  # resume identity): each start below only exports.
   workdir = os.path.join(root, "full_export")
+  shutil.copytree(straight[0], workdir)
   hf_dir = os.path.join(workdir, "hf")
   c = _config(root, export_hf=True)
   # The weights and two more files are written whole, the next one half.
@@ -522,8 +581,8 @@ def test_a_full_disk_during_the_export_is_one_sentence_and_rerun_writes_it(
   assert os.path.exists(os.path.join(hf_dir, "model.safetensors"))
   with pytest.raises(FileNotFoundError, match=f"no config.json in {hf_dir}"):
     models.load(hf_dir)
-  _train(c, workdir)  # space freed: the finished run only exports
-  assert [r["step"] for r in metrics.read(workdir)] == list(range(1, STEPS + 1))
+  _train(c, workdir)  # space freed
+  assert metrics.read(workdir) == metrics.read(straight[0])
   exported = _flat(nnx.state(models.load(hf_dir), nnx.Param))
   want = straight[1]
   assert exported.keys() == want.keys()
@@ -736,6 +795,25 @@ def test_damaged_jsonl_names_the_file_and_line(scratch, damage):
     at = damage[1] if damage[0] != "append" else len(_GOOD_JSONL)
     line = data[:at].count(b"\n") + 1
     assert f"{path}:{line}:" in msg or f"{path}:{line + 1}:" in msg, msg
+
+
+def test_a_model_whose_config_is_not_json_is_refused_in_one_sentence(
+    tmp_path,
+):
+  from kdjax import models
+
+  directory = str(tmp_path / "model")
+  models.save_hf(tiny_run.gpt2(), directory)
+  path = os.path.join(directory, "config.json")
+  with open(path, "r+") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(fs.BadFileError) as e:
+    models.load(directory)
+  _one_sentence(
+      e.value,
+      f"{path} is not valid JSON (",
+      "re-download or re-export that model directory",
+  )
 
 
 def _tiny_cache(directory: str):
