@@ -12,10 +12,10 @@ Before the first step (building the models, reading the data, restoring a
 checkpoint: :func:`during_setup`) nothing is being written that a stop must
 wait for, so a signal stops at once: :class:`SetupInterrupted`.
 
-During training a handler only sets a flag, read between steps: an exception raised at an
-arbitrary bytecode could land inside orbax's asynchronous save. For the same
-reason a second signal that arrives while a checkpoint is being written
-(:meth:`Signals.deferred`) takes effect when the write returns.
+During training a handler only sets a flag, read between steps: an exception
+raised at an arbitrary bytecode could land inside orbax's asynchronous save.
+For the same reason a second signal that arrives while a checkpoint is being
+written (:meth:`Signals.deferred`) takes effect when the write returns.
 
 Every process of a multi-process run must save the same step (a save is
 collective), but a signal may reach only some of them. With several processes
@@ -61,6 +61,10 @@ class SetupInterrupted(KeyboardInterrupt):
     self.kept = "interrupted before the first step; nothing was saved"
 
 
+# The handlers :func:`during_setup` replaced, while it is active.
+_BEFORE_SETUP: dict[int, object] = {}
+
+
 def raise_setup_interrupted(signum, frame) -> None:
   """The handler of :func:`during_setup`: stop now."""
   del frame
@@ -71,19 +75,23 @@ def raise_setup_interrupted(signum, frame) -> None:
 def during_setup() -> Iterator[None]:
   """A block in which ``SIGINT``/``SIGTERM`` raise :class:`SetupInterrupted`.
 
-  :class:`Signals` installed inside it take over until they restore these
-  handlers; the previous ones come back on exit. Outside the main thread
-  (where handlers cannot be installed) the signals keep their behaviour.
+  Set-up ends when :class:`Signals` are installed inside it: when they are
+  restored, the handlers from before the block come back, so a signal after
+  the loop (or a third one) has its usual effect. They come back on exit
+  too. Outside the main thread (where handlers cannot be installed) the
+  signals keep their behaviour.
   """
   if threading.current_thread() is not threading.main_thread():
     yield
     return
   previous = {s: signal.signal(s, raise_setup_interrupted) for s in SIGNALS}
+  _BEFORE_SETUP.update(previous)
   try:
     yield
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+      _BEFORE_SETUP.pop(s, None)
 
 
 class Signals:
@@ -111,7 +119,10 @@ class Signals:
     if threading.current_thread() is not threading.main_thread():
       return
     for s in SIGNALS:
-      self._previous[s] = signal.signal(s, self._handle)
+      previous = signal.signal(s, self._handle)
+      if previous is raise_setup_interrupted:  # set-up ends here
+        previous = _BEFORE_SETUP.get(s, signal.SIG_DFL)
+      self._previous[s] = previous
 
   def restore(self) -> None:
     for s, previous in self._previous.items():

@@ -36,6 +36,7 @@ from kdjax import checksums, fs, metrics, training
 from kdjax.config import files as config_files
 from kdjax.config import recipe
 from kdjax.training import lock as lock_lib
+from kdjax.training import preemption
 from kdjax.training import step as step_lib
 import tiny_run
 
@@ -227,6 +228,13 @@ def test_a_signal_during_set_up_exits_143_and_leaves_nothing(
   )
   assert not os.path.exists(workdir)
   assert signal.getsignal(signal.SIGTERM) == before
+  # The loop's handlers end set-up: once they are restored, a signal (or a
+  # third one) has its usual effect again.
+  with preemption.during_setup():
+    stop = preemption.Signals(mesh=None, agree=False)
+    stop.install()
+    stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 _AGREE = """
