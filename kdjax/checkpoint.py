@@ -12,7 +12,15 @@ only, one step) so ``max_to_keep`` never deletes it. Which step is best is a
 :class:`BestPolicy`: one validation metric (default the validation
 cross-entropy, which a near-untrained student cannot win), counted only from a
 given step on, so a sampled score such as ROUGE-L cannot crown a model from
-the first few steps.
+the first few steps. Both record a checksum per array with each step
+(:mod:`kdjax.checksums`), compared when the step is restored.
+
+Orbax writes in the background, so storage that refuses a write (a full disk
+or bucket) shows up when the next save or :meth:`Checkpoints.close` waits for
+it: the step that failed, its directory and the step still kept there are
+named in one sentence (:class:`SaveFailed`), whether the refusal came from
+Python's file layer (``OSError``) or from TensorStore, which writes the arrays
+and reports the OS error code in a ``ValueError``.
 
 ``workdir`` may be local or a URI (``gs://bucket/run``): orbax takes it as an
 ``etils.epath`` path, never through ``os.path``.
@@ -21,10 +29,12 @@ the first few steps.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 import grain
 import jax
@@ -85,6 +95,31 @@ class CorruptCheckpoint(ValueError):
   exit_code = 1
 
 
+class SaveFailed(ValueError):
+  """A checkpoint the storage refused (exit 1 on a command line); the message
+  names the step, the directory and the step kept there."""
+
+  exit_code = 1
+
+
+def storage_error(e: BaseException) -> OSError | None:
+  """The OS error behind a failed write, or None if ``e`` is another failure.
+
+  Python's writes raise ``OSError``; TensorStore raises a ``ValueError``
+  whose text carries the code (``... No space left on device
+  [os_error_code='28']``). The exception's causes are searched too.
+  """
+  while e is not None:
+    if isinstance(e, OSError):
+      return e
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code:
+      n = int(code.group(1))
+      return OSError(n, os.strerror(n))
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def _reason(e: Exception) -> str:
   """An exception as a short single line (TensorStore errors run long)."""
   text = re.sub(r"\s+", " ", str(e)).strip()
@@ -136,6 +171,9 @@ class Checkpoints:
             multiprocessing_options=_barriers("best"),
         ),
     )
+    # The step each manager wrote last (in the background), by directory.
+    self._writing: dict[str, int] = {}
+    self._failed = False  # a refused write was reported
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -155,15 +193,73 @@ class Checkpoints:
     if step in self.latest.all_steps():
       return False
     record = dict(record, checksums=checksums.tree(state))
-    return self.latest.save(
+    return self._save(
+        self.latest,
         step,
-        args=ocp.args.Composite(
+        ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter),
             record=ocp.args.JsonSave(record),
         ),
-        force=True,
     )
+
+  def _save(self, manager, step: int, args, metrics=None) -> bool:
+    """Starts writing ``step`` once the previous write has committed.
+
+    Raises:
+      SaveFailed: the storage refused this write or the previous one.
+    """
+    self._wait(manager)
+    try:
+      saved = manager.save(step, args=args, metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._refused(manager, step, e)
+    self._writing[str(manager.directory)] = step
+    return saved
+
+  def _wait(self, manager) -> None:
+    """Waits for ``manager``'s background write to commit.
+
+    Raises:
+      SaveFailed: the storage refused it.
+    """
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._refused(manager, self._writing.get(str(manager.directory)), e)
+
+  def _refused(self, manager, step: int | None, e: Exception) -> NoReturn:
+    """Re-raises ``e``, as :class:`SaveFailed` if storage refused a write."""
+    error = storage_error(e)
+    if error is None:
+      raise e
+    self._failed = True
+    manager.reload()  # the steps that committed
+    good = manager.latest_step()
+    kept = (
+        f"the last good checkpoint there (step {good}) is kept"
+        if good is not None
+        else "no earlier checkpoint is there"
+    )
+    fix = (
+        "free space there (or lower ckpt.max_to_keep)"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "make it writable"
+    )
+    raise SaveFailed(
+        f"saving the step-{step} checkpoint in {manager.directory} failed "
+        f"({error.strerror or _reason(error)}); {kept}; {fix} and re-run the "
+        "same command to resume."
+    ) from e
+
+  def wait(self) -> None:
+    """Waits for every background write to commit.
+
+    Raises:
+      SaveFailed: the storage refused one.
+    """
+    for m in (self.latest, self.best):
+      self._wait(m)
 
   def restore(self, step: int, state: Any, data_iter: Any) -> tuple[Any, dict]:
     """``(state, record)`` of ``step``; ``data_iter`` is moved in place.
@@ -258,20 +354,25 @@ class Checkpoints:
     """Keeps ``params`` if ``score`` (higher is better) beats the best so far.
 
     ``record`` (e.g. ``{"metric": "val_ce", "value": 3.57}``) is written with
-    the step to ``best.json`` when this step becomes the best; returns whether
-    it did.
+    the step to ``best.json`` when this step becomes the best, once its
+    checkpoint has committed; returns whether it did. The arrays' checksums
+    go into the step's metrics, which orbax commits with the step.
+
+    Raises:
+      SaveFailed: the storage refused the write.
     """
     if step in self.best.all_steps():
       return False
     old = self.best_record()
-    self.best.save(
+    self._save(
+        self.best,
         step,
-        args=ocp.args.StandardSave(params),
-        metrics={"score": float(score)},
-        force=True,
+        ocp.args.StandardSave(params),
+        metrics={"score": float(score), "checksums": checksums.tree(params)},
     )
     if old is not None and old.get("score", -math.inf) >= score:
       return False
+    self._wait(self.best)  # best.json never names an uncommitted step
     if jax.process_index() == 0:
       fs.write_text_atomic(
           self._best_json,
@@ -285,19 +386,48 @@ class Checkpoints:
     """``{"step", "score", ...}`` of the best step so far, or None."""
     if not self._best_json.exists():
       return None
-    return json.loads(self._best_json.read_text())
+    return fs.read_json(
+        self._best_json, "delete it to keep the next validation's best"
+    )
 
   def restore_best(self, params: Any) -> tuple[int, Any] | None:
-    """``(step, params)`` of the best validation step, or None if none saved."""
+    """``(step, params)`` of the best validation step, or None if none saved.
+
+    Raises:
+      CorruptCheckpoint: an array differs from the checksum recorded with
+        it (best steps written before checksums were recorded are not
+        checked).
+    """
     step = self.best.best_step()
     if step is None:
       return None
-    return step, self.best.restore(
+    restored = self.best.restore(
         step, args=ocp.args.StandardRestore(abstract(params))
     )
+    recorded = (self.best.metrics(step) or {}).get("checksums")
+    bad = checksums.mismatches(restored, recorded) if recorded else []
+    if bad:
+      raise CorruptCheckpoint(
+          f"the best checkpoint (step {step}) in {self.best.directory} has "
+          f"{len(bad)} array(s) that differ from their checksums, first "
+          f"{bad[0]}; move {self.best.directory} and {self._best_json} aside "
+          "and re-run the same command to export without it."
+      )
+    return step, restored
 
   def close(self) -> None:
-    """Waits for async writes to commit, then releases the managers."""
-    for m in (self.latest, self.best):
-      m.wait_until_finished()
-      m.close()
+    """Waits for background writes to commit, then releases the managers.
+
+    Raises:
+      SaveFailed: the storage refused a write.
+    """
+    try:
+      self.wait()
+    finally:
+      for m in (self.latest, self.best):
+        try:
+          m.close()
+        except Exception as e:  # pylint: disable=broad-except
+          # Orbax's writers each re-raise a refused write: report it once.
+          if not (self._failed and storage_error(e)):
+            self._refused(m, self._writing.get(str(m.directory)), e)

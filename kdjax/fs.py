@@ -31,6 +31,22 @@ def local(p: PathLike) -> str:
   return os.fspath(path(p))
 
 
+def write_bytes(p: PathLike, data: bytes) -> None:
+  """Writes ``data`` to the file ``p``: the one write of whole files.
+
+  A full disk raises ``OSError`` (``ENOSPC``) naming ``p``, possibly after
+  part of ``data`` was written; callers that must never leave a half file
+  use :func:`write_text_atomic` or write a marker last.
+  """
+  with path(p).open("wb") as f:
+    f.write(data)
+
+
+def write_text(p: PathLike, text: str) -> None:
+  """Writes ``text`` (UTF-8) to the file ``p`` (:func:`write_bytes`)."""
+  write_bytes(p, text.encode("utf-8"))
+
+
 def write_text_atomic(p: PathLike, text: str) -> None:
   """Writes ``text`` to ``p`` through a temporary file and a rename.
 
@@ -39,7 +55,7 @@ def write_text_atomic(p: PathLike, text: str) -> None:
   """
   p = path(p)
   tmp = p.parent / f"{p.name}.tmp"
-  tmp.write_text(text)
+  write_text(tmp, text)
   tmp.replace(p)
 
 

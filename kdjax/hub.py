@@ -47,11 +47,14 @@ def _reachable(endpoint: str, timeout_s: float) -> bool:
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt")
 
 
-def download_hint(hub_id: str, files: Sequence[str] = MODEL_FILES) -> str:
-  """The command that fetches ``files`` of ``hub_id`` on a machine with
-  network."""
+def download_hint(
+    hub_id: str, files: Sequence[str] = MODEL_FILES, revision: str = ""
+) -> str:
+  """The command that fetches ``files`` of ``hub_id`` (at ``revision``, if
+  given) on a machine with network."""
   patterns = " ".join(f"'{f}'" for f in files)
-  return f"hf download {hub_id} --include {patterns} --local-dir DIR"
+  pin = f" --revision {revision}" if revision else ""
+  return f"hf download {hub_id}{pin} --include {patterns} --local-dir DIR"
 
 
 def snapshot(
@@ -59,9 +62,15 @@ def snapshot(
     files: Sequence[str],
     missing: str,
     hint_files: Sequence[str] = MODEL_FILES,
+    revision: str = "",
 ) -> str:
   """The local snapshot of ``hub_id``'s ``files`` (glob patterns): from the
   cache, or from the hub when :func:`hub_reachable`.
+
+  ``revision`` (a commit hash, tag or branch; empty: the default branch)
+  pins what is fetched: a commit hash always means the same files, so a
+  repository changed after the run was configured is not picked up. Only
+  files are fetched; no code from the repository runs.
 
   Otherwise one sentence, ``missing`` (what is not there), why it could not
   be fetched and the :func:`download_hint` of ``hint_files``.
@@ -71,12 +80,15 @@ def snapshot(
   online = hub_reachable()
   try:
     return huggingface_hub.snapshot_download(
-        hub_id, allow_patterns=list(files), local_files_only=not online
+        hub_id,
+        revision=revision or None,
+        allow_patterns=list(files),
+        local_files_only=not online,
     )
   except Exception as e:  # offline, unknown repo, no credentials, ...
     why = type(e).__name__ if online else "the hub is unreachable"
     raise FileNotFoundError(
         f"{missing} and could not be fetched from the Hugging Face hub "
         f"({why}); on a machine with network run "
-        f"`{download_hint(hub_id, hint_files)}` and pass DIR."
+        f"`{download_hint(hub_id, hint_files, revision)}` and pass DIR."
     ) from None

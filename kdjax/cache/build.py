@@ -182,7 +182,7 @@ def build(
     )
   s = spec_lib.from_config(c)
   out = os.path.expanduser(out)
-  tok, eos_id = tokenizer_lib.load(s.data.tokenizer)
+  tok, eos_id = tokenizer_lib.load(s.data.tokenizer, s.data.tokenizer_revision)
   examples, _ = pipeline.tokenize_split(
       inputs.train_source(s.data),
       tok,

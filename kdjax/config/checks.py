@@ -639,12 +639,15 @@ def _read_config_json(directory: str) -> dict | None:
   return fs.read_json(path, _CONFIG_FIX)
 
 
-def _hub_config(hub_id: str) -> dict | None:
-  """``config.json`` of a hub id from the local cache only (no network)."""
+def _hub_config(hub_id: str, revision: str = "") -> dict | None:
+  """``config.json`` of a hub id (at ``revision``) from the local cache only
+  (no network)."""
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
 
-    path = huggingface_hub.try_to_load_from_cache(hub_id, "config.json")
+    path = huggingface_hub.try_to_load_from_cache(
+        hub_id, "config.json", revision=revision or None
+    )
   except Exception:  # malformed repo id, no cache: the loader will tell
     return None
   if isinstance(path, str) and os.path.exists(path):
@@ -661,7 +664,9 @@ def student_shape(config) -> ModelShape | None:
     return _shape_from_hf(cfg, f"the student ({init})")
   local = fs.local(init)
   cfg = (
-      _read_config_json(local) if fs.path(local).is_dir() else _hub_config(init)
+      _read_config_json(local)
+      if fs.path(local).is_dir()
+      else _hub_config(init, config.student.get("revision", ""))
   )
   if cfg is None:
     if fs.path(local).is_dir():
@@ -842,7 +847,9 @@ def _student_model_config(config) -> Any:
     return models.preset_config(init.removeprefix("preset:"), **overrides)
   local = fs.local(init)
   cfg = (
-      _read_config_json(local) if fs.path(local).is_dir() else _hub_config(init)
+      _read_config_json(local)
+      if fs.path(local).is_dir()
+      else _hub_config(init, config.student.get("revision", ""))
   )
   return None if cfg is None else hf.config_from_hf(cfg, **overrides)
 

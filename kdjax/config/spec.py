@@ -157,6 +157,11 @@ class DataSpec:
   tokenizer: str = field(
       "gpt2", "'byte', an HF directory or a hub id", identity=True
   )
+  tokenizer_revision: str = field(
+      "",
+      "the tokenizer hub id's commit hash, tag or branch ('': default)",
+      identity=True,
+  )
   template: str = field(
       "minillm",
       "prompt template (chat: the tokenizer's chat template)",
@@ -330,6 +335,11 @@ class StudentSpec:
   init: str = field(
       "gpt2",
       "an HF directory or hub id to fine-tune, or preset:NAME",
+      identity=True,
+  )
+  revision: str = field(
+      "",
+      "a hub id init's commit hash, tag or branch ('': the default branch)",
       identity=True,
   )
   dtype: str = field("float32", "compute dtype", identity=True, choices=DTYPES)
@@ -684,6 +694,7 @@ class SuiteSpec:
   data_dir: str
   manual_dir: str | None
   tokenizer: str
+  tokenizer_revision: str
   batch_size: int
   dtype: str
   seed: int
@@ -698,6 +709,7 @@ def suite_from_config(config: ml_collections.ConfigDict) -> SuiteSpec:
       data_dir=_path(config.data.data_dir),
       manual_dir=_path(config.data.get("manual_dir") or "") or None,
       tokenizer=config.data.tokenizer,
+      tokenizer_revision=config.data.get("tokenizer_revision", ""),
       batch_size=config.eval.batch_size,
       dtype=config.student.dtype,
       seed=config.seed,

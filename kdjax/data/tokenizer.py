@@ -171,8 +171,9 @@ class HFTokenizer:
 Tokenizer = tokenizers.Tokenizer | HFTokenizer
 
 
-def _local(path_or_hub_id: str) -> str:
-  """A local file or directory, downloading a hub id's tokenizer files.
+def _local(path_or_hub_id: str, revision: str = "") -> str:
+  """A local file or directory, downloading a hub id's tokenizer files (at
+  ``revision``: a commit hash, tag or branch; '': the default branch).
 
   Offline (:func:`kdjax.hub.hub_reachable` is False) only the local cache is
   looked at, so the answer comes in seconds.
@@ -186,6 +187,7 @@ def _local(path_or_hub_id: str) -> str:
       _TOKENIZER_FILES,
       f"tokenizer {path_or_hub_id!r} is not a local path",
       hint_files=_TOKENIZER_FILES,
+      revision=revision,
   )
 
 
@@ -306,7 +308,7 @@ def _bare(path: str) -> tokenizers.Tokenizer:
   )
 
 
-def from_pretrained(path_or_hub_id: str) -> HFTokenizer:
+def from_pretrained(path_or_hub_id: str, revision: str = "") -> HFTokenizer:
   """An :class:`HFTokenizer` from ``tokenizer.json`` or GPT-2's
   ``vocab.json`` + ``merges.txt`` (byte-level BPE), in a directory, as a
   file, or from the hub.
@@ -315,25 +317,25 @@ def from_pretrained(path_or_hub_id: str) -> HFTokenizer:
   ``chat_template.jinja`` give the special tokens and the chat template, its
   ``generation_config.json`` the generation EOS ids; a lone file has none.
   """
-  path = _local(path_or_hub_id)
+  path = _local(path_or_hub_id, revision)
   tok = _bare(path)
   if os.path.isfile(path):
     return HFTokenizer(tok)
   return _with_config(tok, path)
 
 
-def load(spec: str) -> tuple[Tokenizer, int]:
+def load(spec: str, revision: str = "") -> tuple[Tokenizer, int]:
   """``(tokenizer, eos_id)`` for a config's ``data.tokenizer`` string.
 
   ``"byte"`` is :func:`byte_level`; anything else is read by
   :func:`from_pretrained`, whose EOS is the first of ``<|endoftext|>``
   (GPT-2, Qwen), ``</s>`` (LLaMA) and ``<|end_of_text|>`` (LLaMA 3) it has,
   else the ``eos_token`` of its ``tokenizer_config.json`` (Gemma's
-  ``<eos>``).
+  ``<eos>``). ``revision`` pins a hub id's commit, tag or branch.
   """
   if spec == "byte":
     return byte_level(), EOS_ID
-  tok = from_pretrained(spec)
+  tok = from_pretrained(spec, revision)
   for eos in (EOS_TOKEN, "</s>", "<|end_of_text|>", tok.eos_token):
     eos_id = None if eos is None else tok.token_to_id(eos)
     if eos_id is not None:

@@ -44,7 +44,7 @@ def run(
   manual_dir = manual_dir or suite.manual_dir
   # Cheapest first: the tokenizer (a hub id fails in seconds offline), then
   # every dataset, then the weights.
-  tok, eos_id = tokenizer_lib.load(suite.tokenizer)
+  tok, eos_id = tokenizer_lib.load(suite.tokenizer, suite.tokenizer_revision)
   loaded = [
       datasets_lib.load_dataset(n, suite.data_dir, manual_dir) for n in names
   ]

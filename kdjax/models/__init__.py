@@ -22,13 +22,12 @@ offline (or ``HF_HUB_OFFLINE=1``) only the local cache is used.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from flax import nnx
 import jax.numpy as jnp
 
-from kdjax import hub
+from kdjax import fs, hub
 from kdjax.hub import download_hint, hub_reachable
 from kdjax.models import gpt2, hf, llama, lora
 from kdjax.models.gpt2 import GPT2, GPT2Config
@@ -109,14 +108,16 @@ def create(
   )
 
 
-def _resolve(path_or_hub_id: str) -> str:
-  """A local directory, or a hub id from the cache or (if reachable) the hub."""
+def _resolve(path_or_hub_id: str, revision: str = "") -> str:
+  """A local directory, or a hub id (at ``revision``) from the cache or (if
+  reachable) the hub."""
   if os.path.isdir(path_or_hub_id):
     return path_or_hub_id
   return hub.snapshot(
       path_or_hub_id,
       ("*.json", "*.safetensors", "*.txt", "*.model"),
       f"{path_or_hub_id!r} is not a local directory",
+      revision=revision,
   )
 
 
@@ -126,6 +127,7 @@ def load(
     param_dtype=None,
     mesh=None,
     seed: int = 0,
+    revision: str = "",
     **overrides,
 ):
   """Loads a HF checkpoint of a supported family (safetensors only).
@@ -138,22 +140,31 @@ def load(
     mesh: a ``kdjax.sharding.make_mesh`` mesh; every tensor is placed on its
       sharding as it is read. None: the default device.
     seed: seed of the model's "dropout" RNG stream.
+    revision: a hub id's commit hash, tag or branch ('': the default branch).
     **overrides: config fields to replace (``remat="full"``, dropout rates).
 
   Returns:
     The model in eval mode (dropout off); ``model.train()`` turns dropout on.
+
+  Raises:
+    FileNotFoundError: no ``config.json`` (an export that did not finish has
+      none).
+    kdjax.fs.BadFileError: ``config.json`` is not JSON, or a safetensors file
+      is damaged.
   """
-  directory = _resolve(path_or_hub_id)
+  directory = _resolve(path_or_hub_id, revision)
   cfg_path = os.path.join(directory, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(
         f"no config.json in {directory}; point load() at a "
         "Hugging Face model directory."
     )
-  with open(cfg_path) as f:
-    cfg = hf.config_from_hf(
-        json.load(f), dtype=dtype, param_dtype=param_dtype or dtype, **overrides
-    )
+  cfg = hf.config_from_hf(
+      fs.read_json(cfg_path, "re-download or re-export that model directory"),
+      dtype=dtype,
+      param_dtype=param_dtype or dtype,
+      **overrides,
+  )
   model = hf.load_params(directory, cfg, mesh, seed)
   model.eval()
   return model

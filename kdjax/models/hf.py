@@ -736,12 +736,11 @@ def _tokenizer_files(tokenizer, special: dict, config) -> dict[str, str]:
 
 
 def _save_tensors(tensors: dict, target, meta: dict) -> None:
-  from safetensors.numpy import save, save_file
+  from safetensors.numpy import save
 
-  if fs.is_remote(target):
-    target.write_bytes(save(tensors, meta))
-  else:
-    save_file(tensors, os.fspath(target), meta)
+  # Through kdjax.fs: a full disk is an OSError naming the file (safetensors'
+  # own save_file reports it as a SafetensorError).
+  fs.write_bytes(target, save(tensors, meta))
 
 
 def save(
@@ -815,6 +814,10 @@ def save(
   shards.append(current)
   out = fs.path(directory)
   out.mkdir(parents=True, exist_ok=True)
+  # config.json marks a whole export: removed first and written last, so a
+  # directory left by an interrupted write (or by an older export being
+  # replaced) is not loaded as a model.
+  (out / "config.json").unlink(missing_ok=True)
   meta = {"format": "pt"}
   if len(shards) == 1:
     _save_tensors(shards[0], out / "model.safetensors", meta)
@@ -825,11 +828,12 @@ def save(
       _save_tensors(shard, out / name, meta)
       weight_map.update({k: name for k in shard})
       total += sum(v.nbytes for v in shard.values())
-    (out / "model.safetensors.index.json").write_text(
+    fs.write_text(
+        out / "model.safetensors.index.json",
         json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map},
             indent=2,
-        )
+        ),
     )
   ids = {
       f"{role}_token_id": token_id for role, (_, token_id) in special.items()
@@ -840,11 +844,9 @@ def save(
   )
   if dtype is not None:
     hf_cfg["torch_dtype"] = np.dtype(dtype).name
-  files = {
-      "config.json": json.dumps(hf_cfg, indent=2),
-      "generation_config.json": json.dumps(ids, indent=2),
-  }
+  files = {"generation_config.json": json.dumps(ids, indent=2)}
   if tokenizer is not None:
     files.update(_tokenizer_files(tokenizer, special, config))
   for name, text in files.items():
-    (out / name).write_text(text)
+    fs.write_text(out / name, text)
+  fs.write_text_atomic(out / "config.json", json.dumps(hf_cfg, indent=2))

@@ -237,7 +237,13 @@ def save_adapter(
   }
   out = fs.path(directory)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "adapter_model.safetensors").write_bytes(
-      safetensors.numpy.save(tensors, {"format": "pt"})
+  # peft recognises the directory by its config: written last, so an
+  # interrupted export is not taken for a whole one.
+  (out / "adapter_config.json").unlink(missing_ok=True)
+  fs.write_bytes(
+      out / "adapter_model.safetensors",
+      safetensors.numpy.save(tensors, {"format": "pt"}),
   )
-  (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+  fs.write_text_atomic(
+      out / "adapter_config.json", json.dumps(config, indent=2)
+  )

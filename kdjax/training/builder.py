@@ -89,6 +89,7 @@ def make_student(
         param_dtype=jnp.float32,
         mesh=mesh,
         seed=student.seed + 1,
+        revision=student.revision,
         **overrides,
     )
   adapters = student.lora
@@ -243,7 +244,7 @@ def build(
   )
   _check(s, mesh)
   cache = _cache(s)
-  tok, eos_id = tokenizer_lib.load(s.data.tokenizer)
+  tok, eos_id = tokenizer_lib.load(s.data.tokenizer, s.data.tokenizer_revision)
   stop_ids = generation.stop_ids(tok, eos_id, s.eval.protocol)
   row_fields, matched = _cross_tokenizer(s, tok, eos_id)
   if cache is not None:

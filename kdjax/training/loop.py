@@ -20,11 +20,14 @@ how to resume; a second signal stops at once
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+from absl import logging
 from flax import nnx
 import grain
 import jax
@@ -72,25 +75,41 @@ def train_and_evaluate(
   maybe_initialize_distributed()
   workdir = fs.local(workdir)
   created = not fs.path(workdir).exists()
-  holder = lock_lib.acquire(workdir)  # one trainer per workdir
-  try:
-    fresh = workdir_lib.claim(
-        workdir, spec.identity, force_new_run=spec.force_new_run
-    )
+  with preemption.during_setup():
+    holder = lock_lib.acquire(workdir)  # one trainer per workdir
+    fresh = unbound = False
     try:
-      mesh = sharding.make_mesh(spec.mesh.data, spec.mesh.fsdp, devices=devices)
+      fresh = workdir_lib.claim(
+          workdir, spec.identity, force_new_run=spec.force_new_run
+      )
+      try:
+        mesh = sharding.make_mesh(
+            spec.mesh.data, spec.mesh.fsdp, devices=devices
+        )
+        with jax.set_mesh(mesh):
+          run = builder.build(spec, workdir, mesh)
+      except BaseException:  # a failure or a stop signal: unbind a first start
+        if fresh:
+          lock_lib.release(workdir, holder)
+          holder = None
+          workdir_lib.release(workdir, created=created)
+          unbound = True
+        raise
       with jax.set_mesh(mesh):
-        run = builder.build(spec, workdir, mesh)
-    except Exception:
-      if fresh:
+        return loop(run, stop_at)
+    except preemption.SetupInterrupted as e:
+      if fresh and not unbound:  # in the loop, before its first step
         lock_lib.release(workdir, holder)
         holder = None
         workdir_lib.release(workdir, created=created)
-      raise
-    with jax.set_mesh(mesh):
-      return loop(run, stop_at)
-  finally:
-    lock_lib.release(workdir, holder)
+      left = "holds no run" if fresh else "keeps what it held"
+      raise Interrupted(
+          f"interrupted before the first step; nothing was saved and "
+          f"{workdir} {left}",
+          e.signum,
+      ) from None
+    finally:
+      lock_lib.release(workdir, holder)
 
 
 def _every_eval(run: builder.Run) -> int:
@@ -260,6 +279,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
         )
       if stopping and done < end:
         raise _StopRequested
+    ckpts.wait()  # the last step is committed before anything else is written
     if end == run.num_steps:
       exports = export(run, state, ckpts)
       if jax.process_index() == 0:
@@ -274,6 +294,8 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
                 exports=exports,
             )
         )
+  except checkpoint.SaveFailed as e:
+    raise TrainingError(str(e)) from e
   except KeyboardInterrupt as e:
     bar.close()
     stopped = done
@@ -297,9 +319,28 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
   finally:
     stop.restore()
     bar.close()
-    ckpts.close()
-    writer.close()
+    _close_all(ckpts.close, writer.close, failing=sys.exc_info()[1] is not None)
   return last
+
+
+def _close_all(*closers, failing: bool) -> None:
+  """Calls every closer, then raises the first failure.
+
+  While the run is already failing, a closer's failure is logged instead:
+  a full disk that stopped a save fails the TensorBoard flush too, and the
+  sentence naming the checkpoint kept must stay the error.
+  """
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if failing:
+        logging.warning("%s also failed: %s", close.__qualname__, e)
+      elif first is None:
+        first = e
+  if first is not None:
+    raise first
 
 
 def _saved(
@@ -396,19 +437,46 @@ def export(
       params = multihost_utils.process_allgather(params, tiled=True)
     target = str(fs.path(run.workdir) / name)
     student = nnx.merge(run.step.graphdef, params, state.rest)
-    if jax.process_index() == 0:
-      models.save_hf(student, target, tokenizer=run.tokenizer)
-    written[key] = target
-    if adapters.rank and adapters.export_adapter:
+    with _export_errors(key, target, ckpts):
       if jax.process_index() == 0:
-        lora.save_adapter(
-            student,
-            target + "_adapter",
-            base_model=_base_model(run.spec.student.init),
-            dropout=adapters.dropout,
-        )
-      written[key + "_adapter"] = target + "_adapter"
+        models.save_hf(student, target, tokenizer=run.tokenizer)
+      written[key] = target
+      if adapters.rank and adapters.export_adapter:
+        if jax.process_index() == 0:
+          lora.save_adapter(
+              student,
+              target + "_adapter",
+              base_model=_base_model(run.spec.student.init),
+              dropout=adapters.dropout,
+          )
+        written[key + "_adapter"] = target + "_adapter"
   return written
+
+
+@contextlib.contextmanager
+def _export_errors(
+    key: str, target: str, ckpts: checkpoint.Checkpoints
+) -> Iterator[None]:
+  """One sentence when the storage refuses an export.
+
+  The export is unfinished without its ``config.json``, which
+  :func:`kdjax.models.save_hf` writes last; the checkpoint it came from is
+  kept, so re-running the same command writes it again.
+  """
+  try:
+    yield
+  except OSError as e:
+    fix = (
+        "free space there"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "make it writable"
+    )
+    raise TrainingError(
+        f"exporting the {key} student to {target} failed "
+        f"({e.strerror or e}); the step-{ckpts.latest_step()} checkpoint in "
+        f"{ckpts.latest.directory} is kept; {fix} and re-run the same "
+        "command to write the export."
+    ) from e
 
 
 def _base_model(init: str) -> str | None:
@@ -425,24 +493,15 @@ def _save(
     *,
     force: bool,
 ) -> None:
-  """A checkpoint, or one sentence when the disk (or bucket) refuses it.
+  """A checkpoint of ``step`` (at the cadence, or when ``force``).
 
   ``state`` is the train state, paired with the on-policy strategy's state
-  (:class:`kdjax.onpolicy.strategy.State`) on on-policy runs.
-
-  Orbax writes into a temporary directory and renames it on commit, so a
-  failed save leaves the previous checkpoint as the latest.
+  (:class:`kdjax.onpolicy.strategy.State`) on on-policy runs. Orbax writes
+  into a temporary directory and renames it on commit, so a failed save
+  (:class:`kdjax.checkpoint.SaveFailed`) leaves the previous checkpoint as
+  the latest.
   """
-  try:
-    ckpts.save(step, state, data_iter, {"step": step}, force=force)
-  except OSError as e:
-    good = ckpts.latest_step()
-    raise TrainingError(
-        f"saving the step-{step} checkpoint failed ({e.strerror or e}); the "
-        f"last good checkpoint (step {good}) is kept. Free space in the "
-        "workdir (or lower ckpt.max_to_keep) and re-run the same command to "
-        "resume."
-    ) from e
+  ckpts.save(step, state, data_iter, {"step": step}, force=force)
 
 
 def _check_finite(

@@ -8,10 +8,14 @@ with the command that resumes (exit code ``128 + signal``: 130 for ``SIGINT``,
 once and saves the newest whole state on a single-process run. After it, the
 signals have their default effect again, so a third one kills.
 
-A handler only sets a flag, read between steps: an exception raised at an
-arbitrary bytecode could land inside orbax's asynchronous save. For the same
-reason a second signal that arrives while a checkpoint is being written
-(:meth:`Signals.deferred`) takes effect when the write returns.
+Before the first step (building the models, reading the data, restoring a
+checkpoint: :func:`during_setup`) nothing is being written that a stop must
+wait for, so a signal stops at once: :class:`SetupInterrupted`.
+
+During training a handler only sets a flag, read between steps: an exception
+raised at an arbitrary bytecode could land inside orbax's asynchronous save.
+For the same reason a second signal that arrives while a checkpoint is being
+written (:meth:`Signals.deferred`) takes effect when the write returns.
 
 Every process of a multi-process run must save the same step (a save is
 collective), but a signal may reach only some of them. With several processes
@@ -47,6 +51,49 @@ class Abandoned(KeyboardInterrupt):
   """A second stop signal: the loop stops without finishing the step."""
 
 
+class SetupInterrupted(KeyboardInterrupt):
+  """A stop signal before the first step; ``signum`` is the signal."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+    self.exit_code = exit_code(signum)
+    self.kept = "interrupted before the first step; nothing was saved"
+
+
+# The handlers :func:`during_setup` replaced, while it is active.
+_BEFORE_SETUP: dict[int, object] = {}
+
+
+def raise_setup_interrupted(signum, frame) -> None:
+  """The handler of :func:`during_setup`: stop now."""
+  del frame
+  raise SetupInterrupted(signum)
+
+
+@contextlib.contextmanager
+def during_setup() -> Iterator[None]:
+  """A block in which ``SIGINT``/``SIGTERM`` raise :class:`SetupInterrupted`.
+
+  Set-up ends when :class:`Signals` are installed inside it: when they are
+  restored, the handlers from before the block come back, so a signal after
+  the loop (or a third one) has its usual effect. They come back on exit
+  too. Outside the main thread (where handlers cannot be installed) the
+  signals keep their behaviour.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.signal(s, raise_setup_interrupted) for s in SIGNALS}
+  _BEFORE_SETUP.update(previous)
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+      _BEFORE_SETUP.pop(s, None)
+
+
 class Signals:
   """Turns ``SIGINT``/``SIGTERM`` into a stop request the loop honours.
 
@@ -72,7 +119,10 @@ class Signals:
     if threading.current_thread() is not threading.main_thread():
       return
     for s in SIGNALS:
-      self._previous[s] = signal.signal(s, self._handle)
+      previous = signal.signal(s, self._handle)
+      if previous is raise_setup_interrupted:  # set-up ends here
+        previous = _BEFORE_SETUP.get(s, signal.SIG_DFL)
+      self._previous[s] = previous
 
   def restore(self) -> None:
     for s, previous in self._previous.items():

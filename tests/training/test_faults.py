@@ -11,14 +11,18 @@ safetensors, JSONL and teacher-cache shards are fuzzed with hypothesis
 (derandomized, 20 damages each).
 """
 
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+from etils import epath
+from flax import nnx
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -32,7 +36,9 @@ from kdjax import checksums, fs, metrics, training
 from kdjax.config import files as config_files
 from kdjax.config import recipe
 from kdjax.training import lock as lock_lib
+from kdjax.training import preemption
 from kdjax.training import step as step_lib
+import tiny_run
 
 STEPS = 6
 DEVICES = 2
@@ -70,6 +76,13 @@ def _train_to(c, workdir: str, step: int):
 def _params(workdir: str) -> dict:
   """The params of the latest checkpoint (the last step's)."""
   return kill_lib._params(_config(os.path.dirname(workdir)), workdir, STEPS)
+
+
+def _flat(tree) -> dict:
+  return {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _assert_same_run(workdir: str, reference: tuple[str, dict]) -> None:
@@ -188,6 +201,42 @@ def test_a_run_survives_a_damaged_step_two_signals_and_a_stale_lock(
   assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK))
 
 
+def test_a_signal_during_set_up_exits_143_and_leaves_nothing(
+    root, tmp_path, monkeypatch
+):
+  # The signal arrives while the models are built: the lock is held and the
+  # workdir's config.json written, nothing else.
+  from kdjax.training import builder
+
+  workdir = str(tmp_path / "w")
+  build = builder.build
+
+  def signalled_build(*args, **kwargs):
+    assert sorted(os.listdir(workdir)) == ["config.json", lock_lib.LOCK]
+    os.kill(os.getpid(), signal.SIGTERM)
+    return build(*args, **kwargs)  # not reached: the handler raises first
+
+  monkeypatch.setattr(builder, "build", signalled_build)
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(training.TrainingError) as e:
+    _train(_config(root), workdir)
+  assert e.value.exit_code == 143
+  _one_sentence(
+      e.value,
+      "interrupted before the first step; nothing was saved and "
+      f"{workdir} holds no run",
+  )
+  assert not os.path.exists(workdir)
+  assert signal.getsignal(signal.SIGTERM) == before
+  # The loop's handlers end set-up: once they are restored, a signal (or a
+  # third one) has its usual effect again.
+  with preemption.during_setup():
+    stop = preemption.Signals(mesh=None, agree=False)
+    stop.install()
+    stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 _AGREE = """
 import os, signal, sys
 import jax
@@ -300,10 +349,10 @@ def test_the_lock_works_on_a_bucket(fake_gcs):
 # Checkpoints that fall back.
 
 
-def _largest_array_file(step_dir: str) -> str:
+def _largest_array_file(step_dir: str, item: str = "state") -> str:
   files = [
       os.path.join(d, n)
-      for d, _, names in os.walk(os.path.join(step_dir, "state"))
+      for d, _, names in os.walk(os.path.join(step_dir, item))
       for n in names
       if os.sep + "d" + os.sep in os.path.join(d, n) + os.sep
   ]
@@ -378,6 +427,31 @@ def test_a_corrupt_latest_step_falls_back_to_the_previous(tmp_path, corruption):
   ck.close()
 
 
+def test_a_damaged_best_checkpoint_is_refused_in_one_sentence(tmp_path):
+  from kdjax import checkpoint
+
+  workdir = str(tmp_path)
+  params = {"w": jax.numpy.arange(2000, dtype=jax.numpy.float32)}
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=3)
+  assert ck.save_best(3, params, -1.5, {"metric": "val_ce", "value": 1.5})
+  step, restored = ck.restore_best(params)
+  assert step == 3
+  np.testing.assert_array_equal(restored["w"], np.arange(2000))
+  ck.close()
+  best = os.path.join(workdir, "best", "3")
+  _flip(_largest_array_file(best, "default"))
+  ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=3)
+  with pytest.raises(checkpoint.CorruptCheckpoint) as e:
+    ck.restore_best(params)
+  _one_sentence(
+      e.value,
+      f"the best checkpoint (step 3) in {workdir}/best has 1 array(s) that "
+      "differ from their checksums, first ['w']",
+      f"move {workdir}/best and {workdir}/best.json aside",
+  )
+  ck.close()
+
+
 def test_no_restorable_step_moves_nothing(tmp_path):
   import grain
 
@@ -418,14 +492,128 @@ def test_a_failed_save_keeps_the_only_kept_step(tmp_path, monkeypatch):
 
   monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", disk_full)
   ck.save(2, jax.tree.map(lambda x: x + 1, state), it, {"step": 2})
-  with pytest.raises(OSError, match="No space left"):
+  with pytest.raises(checkpoint.SaveFailed) as e:
     ck.close()
+  _one_sentence(
+      e.value,
+      f"saving the step-2 checkpoint in {workdir}/ckpt failed (No space left "
+      "on device); the last good checkpoint there (step 1) is kept",
+  )
   monkeypatch.undo()
   ck = checkpoint.Checkpoints(workdir, every_steps=1, max_to_keep=1)
   step, restored, _ = ck.restore_latest(state, it)
   assert step == 1
   np.testing.assert_array_equal(restored["w"], np.arange(8.0))
   ck.close()
+
+
+# ----------------------------------------------------------------------------
+# A full disk.
+
+
+def _full_disk(monkeypatch, cls, name: str, prefix: str, skip: int = 0):
+  """``cls.name`` (a write taking ``(path, data)``) fails with ``ENOSPC``
+  under ``prefix`` after ``skip`` whole writes there, half of the data
+  written first, as when a disk fills mid-file. Returns the paths refused."""
+  write, passed, refused = getattr(cls, name), [], []
+
+  def full(*args):
+    at, data = os.fspath(args[-2]), args[-1]
+    if not at.startswith(prefix):
+      return write(*args)
+    if len(passed) < skip:
+      passed.append(at)
+      return write(*args)
+    write(*args[:-1], data[: len(data) // 2])
+    refused.append(at)
+    raise OSError(errno.ENOSPC, "No space left on device", at)
+
+  monkeypatch.setattr(cls, name, full)
+  return refused
+
+
+def test_a_full_disk_during_a_save_is_one_sentence_and_resumes_exactly(
+    root, straight, monkeypatch
+):
+  # Orbax writes arrays with TensorStore (C++) and its JSON files (the
+  # record, the step's metadata) and grain's data position through
+  # etils.epath: the fault enters there, under step 4's temporary directory,
+  # after TensorStore started on the arrays. It surfaces when step 6's save
+  # waits for step 4's.
+  workdir = os.path.join(root, "full_ckpt")
+  c = _config(root, **{"ckpt.every_steps": 2})
+  ckpt = os.path.join(workdir, "ckpt")
+  refused = _full_disk(
+      monkeypatch, epath.Path, "write_text", os.path.join(ckpt, "4.")
+  )
+  with pytest.raises(training.TrainingError) as e:
+    _train(c, workdir)
+  assert refused
+  _one_sentence(
+      e.value,
+      f"saving the step-4 checkpoint in {ckpt} failed (No space left on "
+      "device); the last good checkpoint there (step 2) is kept; free space "
+      "there (or lower ckpt.max_to_keep) and re-run the same command",
+  )
+  monkeypatch.undo()
+  # Step 4 never committed: what it left is not a step to a new start.
+  assert [n for n in os.listdir(ckpt) if n.isdigit()] == ["2"]
+  _train(c, workdir)  # space freed
+  _assert_same_run(workdir, straight)
+
+
+def test_a_full_disk_during_the_export_is_one_sentence_and_rerun_writes_it(
+    root, straight, monkeypatch
+):
+  from kdjax import models
+
+  # The finished uninterrupted run, now exporting (export_hf is outside the
+  # resume identity): each start below only exports.
+  workdir = os.path.join(root, "full_export")
+  shutil.copytree(straight[0], workdir)
+  hf_dir = os.path.join(workdir, "hf")
+  c = _config(root, export_hf=True)
+  # The weights and two more files are written whole, the next one half.
+  refused = _full_disk(monkeypatch, fs, "write_bytes", hf_dir, skip=3)
+  with pytest.raises(training.TrainingError) as e:
+    _train(c, workdir)
+  assert len(refused) == 1 and os.path.exists(refused[0])
+  _one_sentence(
+      e.value,
+      f"exporting the final student to {hf_dir} failed (No space left on "
+      f"device); the step-{STEPS} checkpoint in {workdir}/ckpt is kept; free "
+      "space there and re-run the same command to write the export.",
+  )
+  monkeypatch.undo()
+  # Without its config.json the directory is not taken for a model.
+  assert os.path.exists(os.path.join(hf_dir, "model.safetensors"))
+  with pytest.raises(FileNotFoundError, match=f"no config.json in {hf_dir}"):
+    models.load(hf_dir)
+  _train(c, workdir)  # space freed
+  assert metrics.read(workdir) == metrics.read(straight[0])
+  exported = _flat(nnx.state(models.load(hf_dir), nnx.Param))
+  want = straight[1]
+  assert exported.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(exported[k], want[k], err_msg=k)
+
+
+def test_tensorstores_disk_full_is_an_enospc():
+  from kdjax import checkpoint
+
+  # TensorStore's ValueError on a full tmpfs, verbatim.
+  e = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local '
+      'file "/t/ckpt/1.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/'
+      'ocdbt.process_0/": Failed to write 500213 bytes to file 4: No space '
+      "left on device [os_error_code='28']"
+  )
+  assert checkpoint.storage_error(e).errno == errno.ENOSPC
+  assert checkpoint.storage_error(ValueError("shape mismatch")) is None
+  try:
+    raise RuntimeError("wrapped") from OSError(errno.EDQUOT, "quota")
+  except RuntimeError as wrapped:
+    assert checkpoint.storage_error(wrapped).errno == errno.EDQUOT
 
 
 # ----------------------------------------------------------------------------
@@ -615,6 +803,25 @@ def test_damaged_jsonl_names_the_file_and_line(scratch, damage):
     at = damage[1] if damage[0] != "append" else len(_GOOD_JSONL)
     line = data[:at].count(b"\n") + 1
     assert f"{path}:{line}:" in msg or f"{path}:{line + 1}:" in msg, msg
+
+
+def test_a_model_whose_config_is_not_json_is_refused_in_one_sentence(
+    tmp_path,
+):
+  from kdjax import models
+
+  directory = str(tmp_path / "model")
+  models.save_hf(tiny_run.gpt2(), directory)
+  path = os.path.join(directory, "config.json")
+  with open(path, "r+") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(fs.BadFileError) as e:
+    models.load(directory)
+  _one_sentence(
+      e.value,
+      f"{path} is not valid JSON (",
+      "re-download or re-export that model directory",
+  )
 
 
 def _tiny_cache(directory: str):

@@ -474,28 +474,3 @@ def test_metrics_survive_a_line_cut_short_by_a_kill(tmp_path):
   assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] == "nan"
   metrics.Writer(str(tmp_path)).truncate(after_step=1)
   assert [r["step"] for r in metrics.read(str(tmp_path))] == [1]
-
-
-def test_disk_full_during_a_save_stops_clearly_and_keeps_the_last_checkpoint(
-    root, tmp_path, monkeypatch
-):
-  import errno
-
-  from kdjax import checkpoint
-
-  c = tiny_run.config("fkl_gpt2", root, steps=6)  # checkpoints every 2 steps
-  real = checkpoint.Checkpoints.save
-
-  def full_at_step_4(self, step, *a, **k):
-    if step == 4:
-      raise OSError(errno.ENOSPC, "No space left on device")
-    return real(self, step, *a, **k)
-
-  monkeypatch.setattr(checkpoint.Checkpoints, "save", full_at_step_4)
-  with pytest.raises(training.TrainingError) as e:
-    training.train_and_evaluate(c, str(tmp_path))
-  assert "step-4 checkpoint failed (No space left on device)" in str(e.value)
-  assert "last good checkpoint (step 2)" in str(e.value)
-  monkeypatch.setattr(checkpoint.Checkpoints, "save", real)
-  training.train_and_evaluate(c, str(tmp_path))  # space freed: it resumes
-  assert [r["step"] for r in metrics.read(str(tmp_path))] == list(range(1, 7))
