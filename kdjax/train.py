@@ -23,7 +23,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from kdjax import cli
-from kdjax.config import checks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -42,11 +41,14 @@ def main(argv: list[str]) -> None:
     raise cli.UsageError(
         f"unexpected arguments {argv[1:]}; overrides are " "--config.key=value."
     )
-  # The config's own mistakes are found before the training stack (jax, the
-  # models, the data pipeline: seconds of imports) loads, so a typo is
-  # reported at once.
+  # Imported here, not at the top: a command-line mistake is reported before
+  # jax loads, and the config's own mistakes before the training stack (the
+  # models, the data pipeline: seconds of imports) does.
+  # pylint: disable=g-import-not-at-top
+  from kdjax.config import checks
+
   checks.validate(_CONFIG.value)
-  from kdjax import training  # pylint: disable=g-import-not-at-top
+  from kdjax import training
 
   training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
