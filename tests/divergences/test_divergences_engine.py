@@ -605,7 +605,9 @@ def test_fused_linear_matches_reference(name, hp):
         name, x, w, x_t, w_t, mask, chunk_size=8, **hp
     )
 
-  ref_value, (ref_gx, ref_gw) = jax.value_and_grad(reference, (0, 1))(x_s, w_s)
+  ref_value, (ref_gx, ref_gw) = jax.jit(jax.value_and_grad(reference, (0, 1)))(
+      x_s, w_s
+  )
   value, (gx, gw) = jax.jit(jax.value_and_grad(fused_loss, (0, 1)))(x_s, w_s)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(gx, ref_gx, atol=1e-5 * np.abs(ref_gx).max())
@@ -647,9 +649,9 @@ def test_fused_ce_and_kd_share_the_logits_chunk():
     )
     return (1 - r) * ce_sum + r * kd_sum, (ce_sum, kd_sum)
 
-  (_, want), want_g = jax.value_and_grad(reference, (0, 1), has_aux=True)(
-      x_s, w_s
-  )
+  (_, want), want_g = jax.jit(
+      jax.value_and_grad(reference, (0, 1), has_aux=True)
+  )(x_s, w_s)
   (_, got), got_g = jax.jit(
       jax.value_and_grad(fused_loss, (0, 1), has_aux=True)
   )(x_s, w_s)
@@ -689,7 +691,7 @@ def test_fused_applies_each_models_logits_map():
     )
     return 0.5 * sums[0] + 0.5 * sums[1]
 
-  want, want_g = jax.value_and_grad(reference, (0, 1))(x_s, w_s)
+  want, want_g = jax.jit(jax.value_and_grad(reference, (0, 1)))(x_s, w_s)
   got, got_g = jax.jit(jax.value_and_grad(fused_loss, (0, 1)))(x_s, w_s)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(got_g, want_g):
