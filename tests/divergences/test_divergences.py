@@ -335,21 +335,21 @@ def test_akl_weights_zero_over_zero():
 def test_akl_weights_match_reference_on_random_rows():
   s, t = logits(16, (64, 13), scale=1.0)
   p, q = np.exp(ref.log_softmax(t)), np.exp(ref.log_softmax(s))
-  for rule in kd.AKL_RULES:
-    for mu in (0.3, 0.5, 0.8):
-      got = kd.akl_weights(
-          jnp.asarray(p, jnp.float32),
-          jnp.asarray(q, jnp.float32),
-          mu=mu,
-          rule=rule,
-      )[0]
-      np.testing.assert_allclose(
-          got,
-          ref.akl_weights(p, q, mu, rule)[0],
-          rtol=1e-5,
-          atol=1e-6,
-          err_msg=f"{rule} mu={mu}",
-      )
+  settings = [(rule, mu) for rule in kd.AKL_RULES for mu in (0.3, 0.5, 0.8)]
+  # Every setting in one program: one compile instead of op-by-op dispatch.
+  heads = jax.jit(
+      lambda p, q: [
+          kd.akl_weights(p, q, mu=mu, rule=rule)[0] for rule, mu in settings
+      ]
+  )(jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32))
+  for (rule, mu), got in zip(settings, heads):
+    np.testing.assert_allclose(
+        got,
+        ref.akl_weights(p, q, mu, rule)[0],
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg=f"{rule} mu={mu}",
+    )
 
 
 def test_temperature_divides_logits():
@@ -461,9 +461,9 @@ def _inf_slots_case():
 
 def test_inf_slots_equal_the_sliced_vocabulary():
   s, t, masked, keep = _inf_slots_case()
-  vals, grads = all_values(s, t), all_grads(s, t)
-  vals_sliced = all_values(s[:, keep], t[:, keep])
-  grads_sliced = all_grads(s[:, keep], t[:, keep])
+  # The sliced [3, 9] float32 program is test_extreme_logits_...'s.
+  vals, grads, _ = _values_grads_weights(s, t)
+  vals_sliced, grads_sliced, _ = _values_grads_weights(s[:, keep], t[:, keep])
   for case_id, name, kwargs in CASES:
     np.testing.assert_allclose(
         vals[case_id],
@@ -494,14 +494,17 @@ _V = 9
 
 
 @jax.jit
-def _akl_weights_f32(s, t):
+def _values_grads_weights(s, t):
+  """``all_values``, ``all_grads`` (T = 1) and the weights of every AKL case,
+  in one program (one compile per shape and dtype)."""
   p = jax.nn.softmax(t.astype(jnp.float32))
   q = jax.nn.softmax(s.astype(jnp.float32))
-  return {
+  weights = {
       cid: kd.akl_weights(p, q, order=t, **kw)
       for cid, name, kw in CASES
       if name == "akl"
   }
+  return all_values(s, t), all_grads(s, t), weights
 
 
 @st.composite
@@ -567,8 +570,7 @@ def test_extreme_logits_and_inf_slots_are_finite(case):
   s, t, inf = case
   s64 = np.asarray(s.astype(jnp.float32), np.float64)
   t64 = np.asarray(t.astype(jnp.float32), np.float64)
-  vals, grads = all_values(s, t), all_grads(s, t)
-  weights = _akl_weights_f32(s, t)
+  vals, grads, weights = _values_grads_weights(s, t)
   for case_id, name, kwargs in CASES:
     grad = np.asarray(grads[case_id].astype(jnp.float32))
     assert np.all(np.isfinite(vals[case_id])), case_id

@@ -4,6 +4,7 @@ sizes, traced hyper-parameters, ABKD's limits, the AKL weights, memory and the
 fused LM-head path."""
 
 import ast
+import functools
 import importlib.util
 import inspect
 import json
@@ -53,35 +54,54 @@ def _logits(kind: str):
 
 
 def _value_and_grad(per_token, s, t, weight_N):
+  """Per-row values and the gradient of their ``weight_N``-weighted sum."""
+
   def loss(x):
     per_row = per_token(x, t)
     return jnp.sum(per_row * weight_N), per_row
 
-  (_, per_row), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(s)
-  return np.asarray(per_row, np.float64), np.asarray(grad, np.float64)
+  (_, per_row), grad = jax.value_and_grad(loss, has_aux=True)(s)
+  return per_row, grad
 
 
-@pytest.mark.parametrize("name,hp", CASES, ids=IDS)
-@pytest.mark.parametrize("kind", ["random", "extreme", "neginf", "bf16"])
-def test_every_path_matches_the_reference(name, hp, kind):
-  """Automatic, one-piece and chunked (with a remainder) execution."""
+def _path_sizes(kind: str) -> tuple:
+  """chunk_size of every path: automatic, one piece, chunked (remainder)."""
+  if kind in ("extreme", "bf16"):
+    return (None, 0)  # the same per-block functions; keeps the suite short
+  return (None, 0, 3)
+
+
+@functools.cache
+def _every_path_outputs(kind: str) -> dict:
+  """``{"case/path": (per_row, grad)}`` of every case and path (the autodiff
+  reference is path "reference"), float64, from one compiled program per
+  ``kind``."""
   s, t = _logits(kind)
   weight_N = jax.random.uniform(jax.random.key(3), (N,))  # any cotangent
   temperature = 2.0 if kind == "random" else 1.0
-  reference = lambda x, y: kd.get(name, "reference")(
-      x, y, temperature=temperature, **hp
-  )
-  paths = {
-      size: (
-          lambda x, y, size=size: kd.get(name)(
-              x, y, temperature=temperature, chunk_size=size, **hp
-          )
-      )
-      for size in (None, 0, 3)
-  }
-  if kind in ("extreme", "bf16"):
-    del paths[3]  # the same per-block functions; keeps the suite short
-  ref_value, ref_grad = _value_and_grad(reference, s, t, weight_N)
+
+  @jax.jit
+  def run(s, t, weight_N):
+    out = {}
+    for i, (name, hp) in enumerate(CASES):
+      fns = {"reference": kd.get(name, "reference")}
+      for size in _path_sizes(kind):
+        fns[str(size)] = functools.partial(kd.get(name), chunk_size=size)
+      for path, fn in fns.items():
+        per_token = functools.partial(fn, temperature=temperature, **hp)
+        out[f"{i}/{path}"] = _value_and_grad(per_token, s, t, weight_N)
+    return out
+
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), run(s, t, weight_N))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=IDS)
+@pytest.mark.parametrize("kind", ["random", "extreme", "neginf", "bf16"])
+def test_every_path_matches_the_reference(case, kind):
+  """Automatic, one-piece and chunked (with a remainder) execution."""
+  name = CASES[case][0]
+  out = _every_path_outputs(kind)
+  ref_value, ref_grad = out[f"{case}/reference"]
   scale = max(np.max(np.abs(ref_grad)), 1e-3)  # some extreme rows have 0 grad
   if kind == "extreme":
     # Log-ratios of size ~1e4 are resolved to 1e4·eps32 ≈ 1e-3 in float32; the
@@ -92,8 +112,8 @@ def test_every_path_matches_the_reference(name, hp, kind):
   else:
     grad_atol = 1e-5 * scale
   value_atol = 1e-5 if kind != "extreme" or name != "abkd" else 1e-2
-  for size, fn in paths.items():
-    value, grad = _value_and_grad(fn, s, t, weight_N)
+  for size in _path_sizes(kind):
+    value, grad = out[f"{case}/{size}"]
     msg = f"chunk_size={size}"
     np.testing.assert_allclose(
         value, ref_value, rtol=1e-5, atol=value_atol, err_msg=msg
@@ -243,6 +263,24 @@ PRECISION = [
 _GRAD_BOUND = {"jsd": 2e-5, "abkd": 1e-5, "tvd": 5e-6}
 
 
+@jax.jit
+def _precision_run(s, t):
+  """``{"name/size": (per_row, value, grad)}``: the forward alone and the
+  value and gradient of the row-weighted sum, every PRECISION case and chunk
+  size in one program (one compile per vocabulary size)."""
+  out = {}
+  for name, hp in PRECISION:
+    for size in (None, 3):
+      fn = lambda x, y, name=name, hp=hp, size=size: kd.get(name)(
+          x, y, chunk_size=size, **hp
+      )
+      value, grad = jax.value_and_grad(
+          lambda x, y, fn=fn: jnp.sum(fn(x, y) * jnp.arange(1.0, 5.0))
+      )(s, t)
+      out[f"{name}/{size}"] = (fn(s, t), value, grad)
+  return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("vocab", [50257, 128256])
 @pytest.mark.parametrize("kind", ["peaked", "flat"])
@@ -252,19 +290,14 @@ def test_precision_at_llm_vocabularies(vocab, kind):
   remainder row and in one piece."""
   s, t = _llm_logits(kind, 4, vocab)
   s64, t64 = s.astype(np.float64), t.astype(np.float64)
+  out = jax.device_get(_precision_run(s, t))
   for name, hp in PRECISION:
     want = ref.DIVERGENCES[name](s64, t64, **hp)
     want_grad = _grad64(name, s64, t64, **hp)
     for size in (None, 3):
-      fn = lambda x, y, size=size: kd.get(name)(x, y, chunk_size=size, **hp)
-      value, grad = jax.jit(
-          jax.value_and_grad(
-              lambda x, y: jnp.sum(fn(x, y) * jnp.arange(1.0, 5.0))
-          )
-      )(s, t)
-      per_row = np.asarray(jax.jit(fn)(s, t), np.float64)
+      per_row, _, grad = out[f"{name}/{size}"]
       np.testing.assert_allclose(
-          per_row,
+          np.asarray(per_row, np.float64),
           want,
           rtol=1e-6,
           atol=1e-9,
@@ -308,23 +341,35 @@ def test_traced_hyper_parameters_match_float64(name, grid):
     fn = lambda x: kd.get(name)(x, t, temperature=temperature, **hp)
     return fn(s), jax.grad(lambda x: jnp.sum(fn(x) * jnp.arange(1.0, N + 1)))(s)
 
+  hps = [{k: float(grid[k][i]) for k in keys} for i in range(len(columns[0]))]
+
+  @jax.jit
+  def static_run(s, t):
+    """Per value, static: the public divergence and the reference's
+    gradient (one program for every value)."""
+    reference = lambda x, hp: jnp.sum(
+        kd.get(name, "reference")(x, t, temperature=1.5, **hp)
+        * jnp.arange(1.0, N + 1)
+    )
+    return [
+        (
+            kd.get(name)(s, t, temperature=1.5, **hp),
+            jax.grad(functools.partial(reference, hp=hp))(s),
+        )
+        for hp in hps
+    ]
+
   vmapped = jax.jit(jax.vmap(run, in_axes=(None,) + (0,) * len(keys)))
   values_v, grads_v = vmapped(jnp.float32(1.5), *columns)
-  for i in range(len(columns[0])):
-    hp = {k: float(grid[k][i]) for k in keys}
+  statics = static_run(s, t)
+  for i, hp in enumerate(hps):
     value, grad = run(jnp.float32(1.5), *(c[i] for c in columns))
     want = ref.DIVERGENCES[name](s64, t64, temperature=1.5, **hp)
     np.testing.assert_allclose(
         value, want, rtol=2e-5, atol=1e-6, err_msg=str(hp)
     )
     np.testing.assert_allclose(values_v[i], value, rtol=1e-6, atol=1e-7)
-    static = kd.get(name)(s, t, temperature=1.5, **hp)
-    want_grad = jax.grad(
-        lambda x: jnp.sum(
-            kd.get(name, "reference")(x, t, temperature=1.5, **hp)
-            * jnp.arange(1.0, N + 1)
-        )
-    )(s)
+    static, want_grad = statics[i]
     scale = max(float(np.max(np.abs(want_grad))), 1e-6)
     np.testing.assert_allclose(
         grad, want_grad, atol=1e-5 * scale, err_msg=str(hp)
@@ -572,7 +617,9 @@ def test_fused_linear_matches_reference(name, hp):
         name, x, w, x_t, w_t, mask, chunk_size=8, **hp
     )
 
-  ref_value, (ref_gx, ref_gw) = jax.value_and_grad(reference, (0, 1))(x_s, w_s)
+  ref_value, (ref_gx, ref_gw) = jax.jit(jax.value_and_grad(reference, (0, 1)))(
+      x_s, w_s
+  )
   value, (gx, gw) = jax.jit(jax.value_and_grad(fused_loss, (0, 1)))(x_s, w_s)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(gx, ref_gx, atol=1e-5 * np.abs(ref_gx).max())
@@ -614,9 +661,9 @@ def test_fused_ce_and_kd_share_the_logits_chunk():
     )
     return (1 - r) * ce_sum + r * kd_sum, (ce_sum, kd_sum)
 
-  (_, want), want_g = jax.value_and_grad(reference, (0, 1), has_aux=True)(
-      x_s, w_s
-  )
+  (_, want), want_g = jax.jit(
+      jax.value_and_grad(reference, (0, 1), has_aux=True)
+  )(x_s, w_s)
   (_, got), got_g = jax.jit(
       jax.value_and_grad(fused_loss, (0, 1), has_aux=True)
   )(x_s, w_s)
@@ -656,7 +703,7 @@ def test_fused_applies_each_models_logits_map():
     )
     return 0.5 * sums[0] + 0.5 * sums[1]
 
-  want, want_g = jax.value_and_grad(reference, (0, 1))(x_s, w_s)
+  want, want_g = jax.jit(jax.value_and_grad(reference, (0, 1)))(x_s, w_s)
   got, got_g = jax.jit(jax.value_and_grad(fused_loss, (0, 1)))(x_s, w_s)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(got_g, want_g):
