@@ -42,6 +42,13 @@ def pair(request, tmp_path_factory):
   return request.param, path, ref, models.load(path)
 
 
+@nnx.jit
+def _forward(model, ids, mask):
+  """The model's logits, jitted: one compiled program per family's graph,
+  shared by the module's tests (the same shapes), not op by op."""
+  return model(ids, attention_mask=mask)
+
+
 def _batch(seed=0):
   """Left-padded ids, mask and positions: rows of 12 and 9 tokens."""
   return hf_tiny.left_padded(np.random.RandomState(seed), 100, [12, 9], WIDTH)
@@ -50,7 +57,7 @@ def _batch(seed=0):
 def test_full_forward_matches_transformers(pair):
   _, _, ref, model = pair
   ids, mask, pos = _batch()
-  got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  got = np.asarray(_forward(model, ids, mask))
   want = hf_tiny.torch_logits(ref, ids, mask, pos)
   np.testing.assert_allclose(got[mask], want[mask], atol=ATOL, rtol=0)
 
@@ -86,7 +93,7 @@ def test_export_reloads_in_transformers_with_same_logits(pair, tmp_path):
   assert type(back).__name__ == family.architecture
   back.eval()
   ids, mask, pos = _batch(2)
-  got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  got = np.asarray(_forward(model, ids, mask))
   want = hf_tiny.torch_logits(back, ids, mask, pos)
   np.testing.assert_allclose(got[mask], want[mask], atol=ATOL, rtol=0)
   # And kdjax reads its own export back to the same config.
@@ -146,7 +153,7 @@ def test_sharded_bfloat16_checkpoint_loads_exactly(pair, tmp_path):
         value.T if e.transpose else value, want_params[e.hf_key], e.hf_key
     )
   ids, mask, pos = _batch(4)
-  got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  got = np.asarray(_forward(model, ids, mask))
   want = hf_tiny.torch_logits(rounded, ids, mask, pos)
   np.testing.assert_allclose(got[mask], want[mask], atol=ATOL, rtol=0)
 
@@ -177,7 +184,7 @@ def test_gemma2_parity_needs_both_softcaps(tmp_path):
   want = hf_tiny.torch_logits(ref, ids, mask, pos)[mask]
   for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
     model = models.load(str(tmp_path), **{cap: None})
-    got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    got = np.asarray(_forward(model, ids, mask))
     assert np.abs(got[mask] - want).max() > 0.05, cap
 
 
@@ -244,7 +251,7 @@ def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path):
   model = models.load(str(tmp_path))
   assert model.config.model_type == "gemma3_text"
   ids, mask, pos = _batch()
-  got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  got = np.asarray(_forward(model, ids, mask))
   want = hf_tiny.torch_logits(ref, ids, mask, pos)
   np.testing.assert_allclose(got[mask], want[mask], atol=ATOL, rtol=0)
 

@@ -19,7 +19,11 @@ def test_incremental_decode_equals_full_forward(name):
   cont = np.random.RandomState(1).randint(0, 50, (2, 5))
   full_ids = jnp.asarray(np.concatenate([ids, cont], 1))
   full_mask = jnp.asarray(np.concatenate([mask, np.ones_like(cont, bool)], 1))
-  want = np.asarray(model(full_ids, attention_mask=full_mask))
+  want = np.asarray(
+      nnx.jit(lambda m, x, mask: m(x, attention_mask=mask))(
+          model, full_ids, full_mask
+      )
+  )
   decode = nnx.jit(
       lambda m, x, c, mask=None: m.decode(x, c, attention_mask=mask)
   )

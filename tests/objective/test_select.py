@@ -1,6 +1,7 @@
 """Entropy-based token selection (objective.kd_mask) against a NumPy reference."""
 
 import fractions
+import functools
 import math
 
 import jax
@@ -65,10 +66,11 @@ def _teacher(logits, seed):
 
 
 def _sums(cfg, logits, teacher, mask):
-  """``objective._local_sums`` of a batch whose labels are all 0."""
+  """``objective._local_sums`` of a batch whose labels are all 0, jitted:
+  one compiled program instead of each op compiled on its own."""
   labels = np.zeros(mask.shape, np.int32)
-  return objective._local_sums(
-      cfg, True, *map(jnp.asarray, (logits, teacher, labels, mask))
+  return jax.jit(lambda *a: objective._local_sums(cfg, True, *a))(
+      *map(jnp.asarray, (logits, teacher, labels, mask))
   )
 
 
@@ -198,13 +200,16 @@ def test_kd_gradient_vanishes_off_the_selected_positions(name):
   def kd_sum(s):
     return _sums(cfg, s, teacher, mask).kd
 
-  g = np.asarray(jax.grad(kd_sum)(jnp.asarray(logits)))
+  g = np.asarray(jax.jit(jax.grad(kd_sum))(jnp.asarray(logits)))
   keep = _np_select(logits, mask, 0.25)
   assert np.all(g[~keep] == 0.0)
   # On the kept positions: the divergence's own per-token gradient.
-  per = jax.grad(
-      lambda s: jnp.sum(
-          kd.get(name)(s, jnp.asarray(teacher)) * jnp.asarray(keep, jnp.float32)
+  per = jax.jit(
+      jax.grad(
+          lambda s: jnp.sum(
+              kd.get(name)(s, jnp.asarray(teacher))
+              * jnp.asarray(keep, jnp.float32)
+          )
       )
   )(jnp.asarray(logits))
   np.testing.assert_allclose(
@@ -249,11 +254,13 @@ def test_sinkhorn_keeps_whole_sequences_and_sums_the_kept_rows():
   teacher = _teacher(logits, 22)
   cfg = _cfg(0.5, name="sinkhorn", impl="reference")
   got = _sums(cfg, logits, teacher, mask)
-  per_token = kd.sinkhorn(
-      jnp.asarray(logits),
-      jnp.asarray(teacher),
-      jnp.asarray(mask),
-      temperature=1.0,  # the objective passes loss.temperature (default 1)
+  per_token = jax.jit(
+      functools.partial(
+          kd.sinkhorn,
+          temperature=1.0,  # the objective passes loss.temperature (default 1)
+      )
+  )(
+      jnp.asarray(logits), jnp.asarray(teacher), jnp.asarray(mask)
   )  # transport over the whole mask
   keep = _np_select(logits, mask, 0.5)
   assert float(got.kd) == pytest.approx(

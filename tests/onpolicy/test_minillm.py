@@ -1,6 +1,7 @@
 """MiniLLM: the teacher-mixed sampler and the loss vs float64 NumPy."""
 
 import dataclasses
+import functools
 
 from flax import nnx
 import jax
@@ -66,6 +67,10 @@ def test_mixed_sampler_at_the_ends_is_that_models_sampler(alpha, who):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+# A jitted forward: one compiled program per model instead of op by op.
+_forward = nnx.jit(lambda m, ids, mask: m(ids, attention_mask=mask))
+
+
 def _full_forward_log_probs(model, tokens_BxN):
   """log softmax(z / TAU) of each generated token, one uncached forward."""
   seqs, starts = [], []
@@ -75,9 +80,10 @@ def _full_forward_log_probs(model, tokens_BxN):
   width = len(seqs[0]) + 5
   left = pipeline.left_pad(seqs, length=width, eos_id=EOS)
   logits = np.asarray(
-      model(
+      _forward(
+          model,
           jnp.asarray(left["input_ids"]),
-          attention_mask=jnp.asarray(left["attention_mask"]),
+          jnp.asarray(left["attention_mask"]),
       )
   )
   out = np.zeros(tokens_BxN.shape)
@@ -219,6 +225,17 @@ def _jax_loss(s, t, labels, old, tlogp, mix, mask, cfg, pt):
   )
 
 
+@functools.cache
+def _jitted_loss(cfg):
+  """``((loss, metrics), d loss / d student logits)`` of :func:`_jax_loss`,
+  one compiled program per config, shared by the tests and seeds."""
+  return jax.jit(
+      jax.value_and_grad(
+          lambda *args: _jax_loss(*args[:-1], cfg, args[-1]), has_aux=True
+      )
+  )
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("single_step", [True, False])
 def test_loss_and_gradient_equal_the_numpy_reference(seed, single_step):
@@ -227,7 +244,7 @@ def test_loss_and_gradient_equal_the_numpy_reference(seed, single_step):
   s, t, labels, old, tlogp, mix, mask = case
   pt = 0.37
   want, want_pg, want_reg = _reference_loss(*case, cfg, pt)
-  got, m = _jax_loss(*case, cfg, pt)
+  (got, m), grad = _jitted_loss(cfg)(*case, pt)
   np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
       float(m["minillm_pg"]), want_pg, rtol=1e-5, atol=1e-6
@@ -248,12 +265,7 @@ def test_loss_and_gradient_equal_the_numpy_reference(seed, single_step):
       float(m["minillm_clipped"]), clipped.sum() / mask.sum(), rtol=1e-6
   )
   # d loss / d student logits: jax.grad vs central differences in float64.
-  grad = np.asarray(
-      jax.grad(lambda x: _jax_loss(x, *case[1:], cfg, pt)[0])(
-          jnp.asarray(s, jnp.float32)
-      ),
-      np.float64,
-  )
+  grad = np.asarray(grad, np.float64)
   fd = np.zeros_like(s)
   eps = 1e-6
   for idx in np.ndindex(s.shape):
@@ -267,8 +279,9 @@ def test_loss_and_gradient_equal_the_numpy_reference(seed, single_step):
 
 
 def test_single_step_term_is_kd_rkl_per_token():
-  s, t, labels, old, tlogp, mix, mask = _random_case(5)
-  _, m = _jax_loss(s, t, labels, old, tlogp, mix, mask, CFG, 0.0)
+  case = _random_case(5)
+  s, t, labels, old, tlogp, mix, mask = case
+  (_, m), _ = _jitted_loss(CFG)(*case, 0.0)
   per_token = np.asarray(
       kd.rkl(
           jnp.asarray(s, jnp.float32),
@@ -294,17 +307,19 @@ def test_normalised_returns_by_hand():
 def test_micro_batch_shares_add_up_to_the_batch_loss():
   case = _random_case(4)
   s, t, labels, old, tlogp, mix, mask = case
-  whole, _ = _jax_loss(*case, CFG, 0.0)
+  (whole, _), _ = _jitted_loss(CFG)(*case, 0.0)
   rollout = minillm.Rollout(
       jnp.asarray(labels),
       *(jnp.asarray(x, jnp.float32) for x in (old, tlogp, mix)),
   )
-  adv = minillm.advantages(rollout, jnp.asarray(mask), CFG)
+  adv = jax.jit(minillm.advantages, static_argnums=2)(
+      rollout, jnp.asarray(mask), CFG
+  )
   n = jnp.asarray(mask.sum(), jnp.float32)
   total = 0.0
   for rows in ([0], [1, 2]):
     part = jax.tree.map(lambda x: x[np.asarray(rows)], rollout)
-    loss, _ = minillm.minillm_loss(
+    loss, _ = jax.jit(minillm.minillm_loss, static_argnums=4)(
         jnp.asarray(s[rows], jnp.float32),
         jnp.asarray(t[rows], jnp.float32),
         part,

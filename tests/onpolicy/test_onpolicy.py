@@ -1,4 +1,11 @@
-"""On-policy sequence sources: layouts, the student's samples, GKD's choice."""
+"""On-policy sequence sources: layouts, the student's samples, GKD's choice.
+
+Sources are frozen dataclasses: :func:`_jitted` compiles each distinct one
+once, so a test's later steps (and other tests with an equal source) reuse
+its program instead of tracing ``jax.jit(src.__call__)`` again.
+"""
+
+import functools
 
 from flax import nnx
 import jax
@@ -67,10 +74,15 @@ def _source(model, kind="gkd", lmbda=1.0, n_new=12, total_steps=100, **kw):
   )
 
 
+@functools.cache
+def _jitted(src):
+  return jax.jit(src.__call__)
+
+
 def _call(src, model, batch, state, step, teacher_state=None):
   _, params, rest = nnx.split(model, nnx.Param, ...)
   jb = {k: jnp.asarray(v) for k, v in batch.items()}
-  return jax.jit(src.__call__)(
+  return _jitted(src)(
       params, rest, teacher_state, jb, state, jnp.asarray(step, jnp.int32)
   )
 
@@ -318,7 +330,7 @@ def test_distillm_source_generates_fills_then_replays():
   batch = _dataset_batch(examples)
   src = _source(model, kind="distillm", capacity=8, total_steps=10)
   state = src.init(seed=3, threshold=0.9)
-  call = jax.jit(src.__call__)
+  call = _jitted(src)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   jb = {k: jnp.asarray(v) for k, v in batch.items()}
   seen = []  # label rows of every generated batch
