@@ -425,6 +425,7 @@ def test_cli_caches_then_trains_from_the_cache(root, cli_cache, tmp_path):
       f"--workdir={workdir}",
       "--config.teacher.source=cache",
       f"--config.teacher.cache_dir={cli_cache}",
+      "--config.log_every=1",
       cwd=ROOT,
   )
   assert rc == 0, err
