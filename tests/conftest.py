@@ -2,6 +2,11 @@
 
 Eight fake CPU devices let sharding tests build real meshes; the flag must be
 set before jax initialises its backend, hence here, before any test imports jax.
+Only tests marked ``multi_device`` build their default meshes over all eight;
+every other ``sharding.make_mesh()`` without ``devices=`` takes the first
+device alone, since a program partitioned eight ways on two cores compiles and
+runs about a third slower and tests nothing more there. Explicit ``devices=``
+are honoured everywhere; the CLI subprocesses see one device.
 
 Every test process (the xdist workers and the CLI subprocesses, which inherit
 the environment) shares one persistent compilation cache, so a program that a
@@ -77,6 +82,37 @@ SLOWEST_FIRST = (
     "tests/divergences/test_sparse_divergences.py",
     "tests/objective/test_taid.py",
 )
+
+
+# Whether the running test is marked ``multi_device``.
+_ALL_DEVICES = [False]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _default_mesh_one_device():
+  """``sharding.make_mesh()`` without ``devices=`` takes one device, or all
+  eight in a test marked ``multi_device`` (module fixtures: one)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from kdjax import sharding  # pylint: disable=g-import-not-at-top
+
+  real = sharding.make_mesh
+
+  def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
+    if devices is None and not _ALL_DEVICES[0]:
+      devices = jax.devices()[:1]
+    return real(data, fsdp, tensor, devices=devices)
+
+  sharding.make_mesh = make_mesh
+  yield
+  sharding.make_mesh = real
+
+
+@pytest.fixture(autouse=True)
+def _all_devices_if_marked(request):
+  _ALL_DEVICES[0] = request.node.get_closest_marker("multi_device") is not None
+  yield
+  _ALL_DEVICES[0] = False
 
 
 def pytest_collection_modifyitems(items):

@@ -105,7 +105,7 @@ def decode_pair(vocab_size: int) -> tuple[nnx.Module, nnx.Module]:
 
 def built(config, root: str, devices=None):
   """``(run, mesh)``: ``training.build`` of ``config`` in ``<root>/w`` on a
-  mesh of ``devices`` (default: every device)."""
+  mesh of ``devices`` (default: the default mesh, see conftest)."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   with jax.set_mesh(mesh):
     run = training.build(config, os.path.join(root, "w"), mesh)

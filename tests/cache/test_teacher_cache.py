@@ -300,7 +300,7 @@ def _reference_fkl(student_logits, ids, lp):
 
 @pytest.fixture(scope="module")
 def cached_run(root, built):
-  """A run that reads the cache, on eight devices."""
+  """A run that reads the cache, on the default mesh (one device)."""
   c = _cached(_config(root), built[0])
   return (c, *tiny_run.built(c, root))
 
@@ -340,7 +340,7 @@ def test_kd_from_the_cache_equals_the_live_teacher_truncated(cached_run):
 @pytest.mark.slow
 def test_accumulation_and_devices_give_the_same_gradient(root, cached_run):
   c, run, mesh = cached_run
-  ga, ma = tiny_run.first_grads(run, mesh)  # eight devices, one micro-batch
+  ga, ma = tiny_run.first_grads(run, mesh)  # one device, one micro-batch
   c2 = c.copy_and_resolve_references()
   c2.grad_accum = 2
   gb, mb = tiny_run.first_grads(

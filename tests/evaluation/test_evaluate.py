@@ -373,6 +373,7 @@ def test_generation_compiles_once_across_calls(model, tok, examples):
   assert sampling._generate._cache_size() == first
 
 
+@pytest.mark.multi_device
 def test_bad_inputs_name_the_value(model, tok, examples):
   with pytest.raises(ValueError, match="n_positions=512"):
     _responses(
@@ -434,6 +435,7 @@ def workdir(tmp_path_factory, flat_model):
   return root
 
 
+@pytest.mark.multi_device
 def test_end_to_end_files_summary_and_table(workdir, flat_model, tok, capsys):
   fixture = str(workdir / "fixture.jsonl")
   config = _config(workdir / "tfds")

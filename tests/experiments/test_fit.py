@@ -34,6 +34,7 @@ def test_paper_configs_map_to_presets_of_the_published_sizes():
     assert got == n, name
 
 
+@pytest.mark.multi_device
 @pytest.mark.slow
 def test_fit_of_a_small_gpt2_step_on_eight_devices():
   c = akl_gpt2.get_config("tiny")
@@ -74,6 +75,7 @@ def test_fit_of_a_small_gpt2_step_on_eight_devices():
   assert "fits on: 16 GB" in fit.report("tiny", r)
 
 
+@pytest.mark.multi_device
 @pytest.mark.slow
 def test_fit_from_a_teacher_cache_holds_no_teacher_and_reads_its_fields():
   c = akl_gpt2.get_config("tiny")
@@ -99,6 +101,7 @@ def _lora_config(rank: int):
   return c
 
 
+@pytest.mark.multi_device
 def test_a_lora_students_optimizer_state_covers_its_adapters_only():
   from experiments.benchmarks import aot  # pylint: disable=g-import-not-at-top
 
@@ -122,6 +125,7 @@ def test_a_lora_students_optimizer_state_covers_its_adapters_only():
   assert fit.shard_bytes(state.opt_state) <= 2 * 4 * adapters + 64
 
 
+@pytest.mark.multi_device
 @pytest.mark.slow
 def test_fit_of_a_lora_student_counts_its_adapters_moments():
   c = _lora_config(4)

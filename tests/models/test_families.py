@@ -323,6 +323,7 @@ def test_every_parameter_has_a_sharding_rule():
       ), (name, joined)
 
 
+@pytest.mark.multi_device
 def test_mesh_load_of_a_biased_model_matches_unsharded(tmp_path):
   hf_tiny.decoder("qwen2", str(tmp_path))
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)

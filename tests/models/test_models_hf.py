@@ -147,6 +147,7 @@ def test_unreachable_hub_fails_in_seconds(tmp_path, monkeypatch):
   assert time.perf_counter() - t0 < 10
 
 
+@pytest.mark.multi_device
 def test_mesh_load_matches_unsharded(tmp_path):
   hf_tiny.llama(str(tmp_path))  # 4 query heads, 2 kv heads
   mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
@@ -166,6 +167,7 @@ def test_mesh_load_matches_unsharded(tmp_path):
   )
 
 
+@pytest.mark.multi_device
 def test_make_mesh_validates_sizes():
   mesh = shd.make_mesh(fsdp=2)
   assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}

@@ -42,6 +42,7 @@ def _size(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.multi_device
 def test_only_the_adapters_train(root):
   # FSDP-sharded base (adapters replicated) and rematerialised blocks.
   c = _config(root, **{"mesh.fsdp": 2, "student.remat": "full"})

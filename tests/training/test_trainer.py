@@ -227,6 +227,7 @@ def test_sft_never_loads_a_teacher(root, tmp_path, monkeypatch):
 # The step's numerics.
 
 
+@pytest.mark.multi_device
 def test_eight_device_step_equals_one_device(root):
   c = tiny_run.config("akl_gpt2", root, **{"mesh.data": 4, "mesh.fsdp": 2})
   run8, mesh8 = tiny_run.built(c, root)
