@@ -15,7 +15,10 @@ import tiny_run
 
 def _config(root):
   return tiny_run.config(
-      "features_gpt2", root, steps=4, **{"loss.attention.weight": 0.5}
+      "features_gpt2",
+      root,
+      steps=4,
+      **{"loss.attention.weight": 0.5, "eval.every_steps": 4},
   )
 
 
@@ -49,9 +52,15 @@ def test_resume_with_projection_equals_straight_run_and_export_drops_it(
   for x, y in zip(a, b):
     for k in ("loss", "feature", "attention", "grad_norm"):
       assert x[k] == y[k], (x["step"], k)
-  # The loss is the weighted sum of the logged terms.
+  # Validation reports both terms, in its loss too.
+  val = a[-1]
+  assert val["val_feature"] > 0 and val["val_attention"] > 0
   w = c.loss.features.weight, c.loss.attention.weight
   r = c.loss.kd_ratio
+  want = (1 - r) * val["val_ce"] + r * val["val_kd"]
+  want += w[0] * val["val_feature"] + w[1] * val["val_attention"]
+  assert val["val_loss"] == pytest.approx(want, rel=1e-5)
+  # The loss is the weighted sum of the logged terms.
   want = (1 - r) * a[-1]["ce"] + r * a[-1]["kd"]
   want += w[0] * a[-1]["feature"] + w[1] * a[-1]["attention"]
   assert a[-1]["loss"] == pytest.approx(want, rel=1e-5)
