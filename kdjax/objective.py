@@ -32,6 +32,9 @@ A batch that carries a cached sparse teacher (``teacher_ids`` and
 the cache already holds ``softmax(t / T)``, so the temperature divides the
 student's logits only.
 
+``loss.features`` and ``loss.attention`` add hidden-state and attention
+transfer terms from the same forward passes (:mod:`kdjax.transfer`).
+
 Two options change what the KD term sees: ``loss.select`` distils only each
 sequence's highest-student-entropy positions (:func:`kd_mask`), and
 ``loss.name="taid"`` distils toward TAID's interpolated target
@@ -49,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import divergences as kd
-from kdjax import sharding, taid
+from kdjax import sharding, taid, transfer
 from kdjax.divergences import fused
 
 Array = jax.Array
@@ -83,13 +86,23 @@ class Sums(NamedTuple):
   """Masked token sums of one (micro-)batch, already summed over devices.
 
   ``kd`` sums over the ``kd_tokens`` positions the KD term covers: all
-  ``tokens`` unless ``loss.select`` keeps a fraction of them.
+  ``tokens`` unless ``loss.select`` keeps a fraction of them. ``feature``
+  and ``attention`` (:mod:`kdjax.transfer`) sum over ``tokens``, None when
+  the term is off.
   """
 
   ce: Array
   kd: Array
   tokens: Array
   kd_tokens: Array
+  feature: Array | None = None
+  attention: Array | None = None
+
+
+def zero_sums(loss_cfg, zero: Any = 0.0) -> Sums:
+  """:class:`Sums` of ``zero``, with the fields of the active transfer terms."""
+  extra = {t: zero for t in transfer.active(loss_cfg)}
+  return Sums(zero, zero, zero, zero, **extra)
 
 
 def check(loss_cfg: Mapping[str, Any]) -> None:
@@ -102,6 +115,17 @@ def check(loss_cfg: Mapping[str, Any]) -> None:
         f"loss.name={name!r} is unknown; use one of " f"{', '.join(NAMES)}."
     )
   _check_select(loss_cfg)
+  if impl == "fused" and transfer.active(loss_cfg):
+    raise ValueError(
+        "loss.features / loss.attention read the models' intermediates, "
+        "which the fused path does not combine with its chunked head; use "
+        "--config.loss.impl=auto."
+    )
+  if transfer.active(loss_cfg) and loss_cfg["kd_ratio"] == 0:
+    raise ValueError(
+        "loss.features / loss.attention compare the student with the "
+        "teacher, which loss.kd_ratio=0 never loads; set loss.kd_ratio > 0."
+    )
   if name == "taid":
     if "taid" not in loss_cfg:
       raise ValueError(
@@ -396,6 +420,7 @@ def sums(
     *,
     taid_t: Array | float | None = None,
     matched: tuple[Array, Array] | None = None,
+    projection: dict[str, Array] | None = None,
 ) -> Sums:
   """CE and KD masked token sums of ``student`` (and ``teacher``) on ``batch``.
 
@@ -411,6 +436,10 @@ def sums(
   its own tokens and the KD term on the paired rows (:func:`kd_base_mask`);
   ``matched`` is GOLD's pair of matched vocabulary index arrays
   (:func:`kdjax.data.crosstok.matched_vocab`).
+
+  With ``loss.features`` / ``loss.attention`` on, the same forward passes
+  also return the layers those terms read (:mod:`kdjax.transfer`), and
+  ``projection`` holds the feature projections.
   """
   use_kd = teacher is not None and loss_cfg["kd_ratio"] > 0
   inputs = (batch["input_ids"], batch["positions"], batch["attention_mask"])
@@ -440,8 +469,17 @@ def sums(
         lambda w_s, w_t, x_s, x_t, l, m: local(x_s, w_s, x_t, w_t, l, m), 4, 2
     )
     return fn(w_s, w_t, x_s, x_t, labels, mask)
+  if use_kd and transfer.active(loss_cfg):
+    return _sums_with_transfer(
+        loss_cfg, student, teacher, batch, taid_t, projection
+    )
   s = student(*inputs)
   t = jax.lax.stop_gradient(teacher(*inputs)) if use_kd else None
+  return _logit_sums(loss_cfg, use_kd, s, t, labels, mask, taid_t)
+
+
+def _logit_sums(loss_cfg, use_kd, s, t, labels, mask, taid_t) -> Sums:
+  """CE and KD sums from both models' logits (TAID's target made here)."""
   if use_kd and loss_cfg["name"] == "taid":
     if taid_t is None:
       taid_t = taid.init(loss_cfg["taid"]).t
@@ -451,14 +489,48 @@ def sums(
   return _psum(local, 4)(s, t, labels, mask)
 
 
-def combine(loss_cfg, totals: Sums) -> tuple[Array, dict[str, Array]]:
-  """The scalar objective from global sums, plus its parts for logging."""
+def _sums_with_transfer(loss_cfg, student, teacher, batch, taid_t, projection):
+  """:func:`sums` plus the feature and attention terms, one forward each."""
+  inputs = (batch["input_ids"], batch["positions"], batch["attention_mask"])
+  labels, mask = batch["labels"], batch["loss_mask"].astype(jnp.float32)
+  plan = transfer.plan(loss_cfg, student, teacher)
+  h_s, inter_s = student.intermediates(*inputs, taps=plan.student_taps)
+  h_t, inter_t = teacher.intermediates(*inputs, taps=plan.teacher_taps)
+  t = jax.lax.stop_gradient(teacher.lm_head(h_t))
+  inter_t = jax.lax.stop_gradient(inter_t)
+  out = _logit_sums(
+      loss_cfg, True, student.lm_head(h_s), t, labels, mask, taid_t
+  )
+  local = functools.partial(transfer.local_sums, loss_cfg, plan)
+  extra = _psum(local, 4, 1)(
+      projection, inter_s, inter_t, batch["attention_mask"], mask
+  )
+  return out._replace(**extra)
+
+
+def _transfer_weights(loss_cfg, weights):
+  """The transfer terms' weights: ``weights`` (traced) or the config's."""
+  return transfer.weights(loss_cfg) if weights is None else weights
+
+
+def combine(
+    loss_cfg, totals: Sums, weights: Mapping[str, Array] | None = None
+) -> tuple[Array, dict[str, Array]]:
+  """The scalar objective from global sums, plus its parts for logging.
+
+  ``weights``: the transfer terms' (:func:`kdjax.transfer.weights`, traced
+  in the step); None reads them from ``loss_cfg``.
+  """
   n = jnp.maximum(totals.tokens, 1.0)
   ce = totals.ce / n
   kd_value = totals.kd / jnp.maximum(totals.kd_tokens, 1.0)
   r = loss_cfg["kd_ratio"]
   loss = (1.0 - r) * ce + r * kd_value if r > 0 else ce
   out = {"loss": loss, "ce": ce, "kd": kd_value, "tokens": totals.tokens}
+  for term, w in (_transfer_weights(loss_cfg, weights) or {}).items():
+    out[term] = getattr(totals, term) / n
+    loss = loss + w * out[term]
+  out["loss"] = loss
   if _select(loss_cfg)[0] < 1.0:
     out["select_fraction"] = totals.kd_tokens / n
   return loss, out
@@ -471,6 +543,7 @@ def micro_loss(
     kd_tokens: Array,
     *,
     same_tokens: bool = True,
+    weights: Mapping[str, Array] | None = None,
 ) -> Array:
   """One micro-batch's share of the objective, given the whole batch's counts.
 
@@ -478,9 +551,14 @@ def micro_loss(
   micro-batches add up to :func:`combine`'s loss, so their gradients do too.
   ``tokens`` and ``kd_tokens`` (:func:`kd_tokens`) count the whole batch;
   ``same_tokens=False`` when the KD term's positions are not the response
-  mask's (a cross-tokenizer teacher pairs some of them only).
+  mask's (a cross-tokenizer teacher pairs some of them only). The transfer
+  terms add ``w · sum / tokens`` each (``weights`` as in :func:`combine`).
   """
   r = loss_cfg["kd_ratio"]
   if same_tokens and _select(loss_cfg)[0] >= 1.0:  # kd_tokens == tokens
-    return ((1.0 - r) * s.ce + r * s.kd) / tokens
-  return (1.0 - r) * s.ce / tokens + r * s.kd / kd_tokens
+    loss = ((1.0 - r) * s.ce + r * s.kd) / tokens
+  else:
+    loss = (1.0 - r) * s.ce / tokens + r * s.kd / kd_tokens
+  for term, w in (_transfer_weights(loss_cfg, weights) or {}).items():
+    loss = loss + w * getattr(s, term) / tokens
+  return loss

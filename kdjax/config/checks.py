@@ -35,6 +35,10 @@ What is checked here is what no single field can say:
   DistiLLM's buffer against the batch, MiniLLM's full-support sampling, that
   a kind decoding with the teacher has one, and that MiniLLM's dataset term
   is not TAID's;
+* the feature and attention terms (``loss.features``, ``loss.attention``
+  with a weight > 0): a live teacher with the student's tokenizer, the
+  dataset's batches, ``loss.impl`` other than ``fused`` and
+  ``loss.kd_ratio > 0`` (the teacher is loaded for the KD term);
 * LoRA (``student.lora.rank > 0``): ``student.lora.targets`` must select
   some linear layer of the (abstract) student;
 * presence: the teacher directory, an HF student directory, a JSONL data file
@@ -146,6 +150,7 @@ def validate(
     _log(notes)
     return notes
   _check_onpolicy(config)
+  _check_transfer(config)
   _check_teacher_source(config)
   _check_cross_tokenizer(config)
   dropped = _check_divergence(config)
@@ -348,6 +353,48 @@ def _check_onpolicy(config) -> None:
 
 # ----------------------------------------------------------------------------
 # The teacher source.
+
+
+def _check_transfer(config) -> None:
+  """What the feature and attention terms cannot be combined with."""
+  on = [
+      f"loss.{g}.weight"
+      for g in ("features", "attention")
+      if _get(config, f"loss.{g}.weight", 0.0) > 0
+  ]
+  if not on:
+    return
+  refusals = (
+      (
+          _get(config, "teacher.source", "live") == "cache",
+          "teacher.source='cache' holds the teacher's output distributions, "
+          "not its hidden states or attention; use --config.teacher.source="
+          "live",
+      ),
+      (
+          bool(_get(config, "teacher.tokenizer", "")),
+          "a teacher with its own tokenizer has no position-by-position "
+          "counterpart of the student's layers; unset teacher.tokenizer",
+      ),
+      (
+          _get(config, "onpolicy.source", "dataset") != "dataset",
+          f"onpolicy.source={_get(config, 'onpolicy.source')!r} is not wired "
+          "to these terms; use --config.onpolicy.source=dataset",
+      ),
+      (
+          _get(config, "loss.impl", "auto") == "fused",
+          "loss.impl='fused' does not return the layers these terms read; "
+          "use --config.loss.impl=auto",
+      ),
+      (
+          _get(config, "loss.kd_ratio", 0) == 0,
+          "loss.kd_ratio=0 never loads the teacher these terms compare with; "
+          "set --config.loss.kd_ratio above 0",
+      ),
+  )
+  for refused, why in refusals:
+    if refused:
+      raise ConfigError(f"{' and '.join(on)} > 0 cannot run here: {why}.")
 
 
 def from_cache(config) -> bool:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from kdjax.config import spec
+from kdjax.config import schema, spec
 
 # Every declared identity field, dotted.
 IDENTITY = tuple(k for k, f in spec.FIELDS.items() if f.identity)
@@ -52,6 +52,12 @@ _ADDED = {
         k: f.default
         for k, f in spec.FIELDS.items()
         if k.startswith("student.lora.") and f.identity
+    },
+    **{
+        k: f.default
+        for k, f in spec.FIELDS.items()
+        if k.startswith(("loss.features.", "loss.attention."))
+        and not isinstance(f, schema.Group)
     },
 }
 

@@ -44,6 +44,9 @@ SKD_RESAMPLE = ("top_k", "full")  # onpolicy.skd
 CACHE_ENCODINGS = ("topk", "sampled")  # cache.codec
 CACHE_MAX_SAMPLES = 255  # cache.codec: draw counts are uint8
 DTYPES = ("float32", "bfloat16", "float16")
+FEATURE_KINDS = ("mse", "cosine")  # kdjax.transfer
+ATTENTION_KINDS = ("minilm", "minilmv2")  # kdjax.transfer
+LAYER_MAPS = ("uniform", "last", "pairs")  # divergences.features
 REMATS = ("none", "full", "dots")
 # LoRA's default targets: the attention and MLP projections of both families
 # (LLaMA's q/k/v/o and gate/up/down, GPT-2's c_attn, c_proj and c_fc).
@@ -98,6 +101,19 @@ def lora_regex(targets: str) -> str:
         f"is neither module names nor a regular expression ({e})"
     ) from None
   return targets
+
+
+def layer_pairs(text: str) -> tuple[tuple[int, int], ...]:
+  """``"1:2, 2:4"`` -> ``((1, 2), (2, 4))``; ``""`` -> ``()``."""
+  out = []
+  for item in names(text):
+    s, sep, t = item.partition(":")
+    if not sep or not (s.strip().isdigit() and t.strip().isdigit()):
+      raise ValueError(
+          "is not a list of student:teacher layer pairs such as 1:2,2:4"
+      )
+    out.append((int(s), int(t)))
+  return tuple(out)
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -371,8 +387,57 @@ class SelectSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """Hidden-state transfer through a learned projection (docs/beyond_logits.md)."""
+
+  weight: float = field(0.0, "weight of the feature term (0: off)", at_least=0)
+  kind: str = field(
+      "mse",
+      "per-position distance of projected student and teacher states",
+      choices=FEATURE_KINDS,
+  )
+  layer_map: str = field(
+      "uniform", "which student layer learns which", choices=LAYER_MAPS
+  )
+  last_k: int = field(1, "layers paired by layer_map=last", at_least=1)
+  pairs: str = field(
+      "",
+      "student:teacher layers of layer_map=pairs (0: embeddings), e.g. 1:2,2:4",
+      resolve=layer_pairs,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """Attention transfer, MiniLM or MiniLMv2 (docs/beyond_logits.md)."""
+
+  weight: float = field(
+      0.0, "weight of the attention term (0: off)", at_least=0
+  )
+  kind: str = field(
+      "minilmv2",
+      "minilm: attention maps and value relations (equal head counts); "
+      "minilmv2: q-q, k-k, v-v relations",
+      choices=ATTENTION_KINDS,
+  )
+  relation_heads: int = field(
+      8, "minilmv2: relation heads (divides both models' widths)", at_least=1
+  )
+  layer_map: str = field(
+      "last", "which student block learns which", choices=LAYER_MAPS
+  )
+  last_k: int = field(1, "blocks paired by layer_map=last", at_least=1)
+  pairs: str = field(
+      "",
+      "student:teacher blocks of layer_map=pairs, e.g. 2:4",
+      resolve=layer_pairs,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
 class LossSpec:
-  """``(1 - kd_ratio)·CE + kd_ratio·KD`` (``config.loss``, a plain dict)."""
+  """``(1 - kd_ratio)·CE + kd_ratio·KD`` plus the weighted feature and
+  attention terms (``config.loss``, a plain dict)."""
 
   name: str = field(
       "akl", "the divergence, or an objective (taid)", choices=_loss_names
@@ -393,6 +458,12 @@ class LossSpec:
       {}, "the divergence's hyper-parameters (checked against its signature)"
   )
   select: SelectSpec = group(SelectSpec, "entropy-based token selection")
+  features: FeatureSpec = group(
+      FeatureSpec, "hidden-state transfer (weight 0: off)"
+  )
+  attention: AttentionSpec = group(
+      AttentionSpec, "attention transfer (weight 0: off)"
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,12 +58,14 @@ class Attention(nnx.Module):
     self.attn_dropout = nnx.Dropout(cfg.attn_pdrop, rngs=rngs)
     self.resid_dropout = nnx.Dropout(cfg.resid_pdrop, rngs=rngs)
 
-  def __call__(self, x_BxTxD, ctx: layers.Context, kv):
+  def __call__(self, x_BxTxD, ctx: layers.Context, kv, *, qkv=False):
+    """``(out, kv)``, plus this layer's ``(q, k, v)`` heads when ``qkv``."""
     B, T, D = x_BxTxD.shape
-    qkv = self.c_attn(x_BxTxD).reshape(B, T, 3, self.n_head, D // self.n_head)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    heads = self.c_attn(x_BxTxD).reshape(B, T, 3, self.n_head, D // self.n_head)
+    q, k, v = heads[:, :, 0], heads[:, :, 1], heads[:, :, 2]
     out, kv = layers.cached_attention(q, k, v, ctx, kv, self.attn_dropout)
-    return self.resid_dropout(self.c_proj(out.reshape(B, T, D))), kv
+    out = self.resid_dropout(self.c_proj(out.reshape(B, T, D)))
+    return (out, kv, (q, k, v)) if qkv else (out, kv)
 
 
 class MLP(nnx.Module):
@@ -96,10 +98,11 @@ class Block(nnx.Module):
     self.ln_2 = nnx.LayerNorm(cfg.n_embd, **kw)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, ctx, kv):
-    a, kv = self.attn(self.ln_1(x), ctx, kv)
+  def __call__(self, x, ctx, kv, *, qkv=False):
+    """``(x, kv)``, plus the attention's ``(q, k, v)`` when ``qkv``."""
+    a, kv, *taps = self.attn(self.ln_1(x), ctx, kv, qkv=qkv)
     x = x + a
-    return x + self.mlp(self.ln_2(x)), kv
+    return (x + self.mlp(self.ln_2(x)), kv, *taps)
 
 
 class GPT2(layers.CausalLM):

@@ -11,7 +11,9 @@
   left-padded prompt sees the same positions as the unpadded one.
 * :class:`CausalLM`: the forward pass, LM head, cached decoding and
   rematerialisation, written once; a family supplies ``embed``, ``blocks``,
-  ``final_norm`` and ``head_weight``.
+  ``final_norm`` and ``head_weight``. :meth:`CausalLM.intermediates`
+  returns chosen layers' hidden states and attention q, k, v (:class:`Taps`)
+  from the same forward pass.
 * :func:`rope`: rotary position embedding in the HF (rotate-half) layout.
 * :class:`RMSNorm`: transformers' RMSNorm, with the ``1 + w`` scale of Gemma.
 * :func:`softcap`: ``c tanh(x / c)``, Gemma's attention and final-logit cap.
@@ -273,18 +275,66 @@ class RMSNorm(nnx.Module):
     return w.astype(self.dtype) * y.astype(self.dtype)
 
 
+class Taps(NamedTuple):
+  """Which intermediates :meth:`CausalLM.intermediates` returns.
+
+  Layers count as transformers' ``hidden_states`` do: 0 is the embedding
+  output, ``l`` (1..L) the residual stream after block ``l`` (before the
+  final norm).
+
+  Attributes:
+    hidden: the layers whose hidden states ``[B, T, D]`` are returned.
+    qkv: the blocks (1..L) whose attention inputs are returned: ``q [B, T,
+      H, K]``, ``k`` and ``v [B, T, G, K]`` (G key/value heads), as the
+      block's attention uses them (after q/k norms and RoPE).
+  """
+
+  hidden: tuple[int, ...] = ()
+  qkv: tuple[int, ...] = ()
+
+
+class Intermediates(NamedTuple):
+  """What :class:`Taps` asked for: ``hidden[l]`` and ``qkv[l] = (q, k, v)``."""
+
+  hidden: dict[int, Array]
+  qkv: dict[int, tuple[Array, Array, Array]]
+
+
 class CausalLM(nnx.Module):
   """The forward pass shared by every family.
 
   Subclasses set ``self.config`` (with ``dtype``, ``remat``), ``self.blocks``
-  (an ``nnx.List`` of blocks ``block(x, ctx, kv) -> (x, kv)``) and implement
-  ``embed(ids, positions)``, ``final_norm(x)``, ``head_weight()`` and
-  ``kv_shape()`` (``(G, K)``).
+  (an ``nnx.List`` of blocks ``block(x, ctx, kv, qkv=False) -> (x, kv)``,
+  ``(x, kv, (q, k, v))`` when ``qkv``) and implement ``embed(ids,
+  positions)``, ``final_norm(x)``, ``head_weight()`` and ``kv_shape()``
+  (``(G, K)``).
   """
 
   LOGICAL_AXES: tuple = ()
 
-  def _forward(self, input_ids_BxT, positions_BxT, attention_mask_BxT, cache):
+  def _block(self, block, x, ctx, qkv: bool):
+    """One block without a cache (rematerialised under ``config.remat``):
+    ``(x, (q, k, v))`` when ``qkv``, else ``(x, None)``."""
+    policy = self.config.remat
+    if policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"remat={policy!r} is not one of " f"{sorted(REMAT_POLICIES)}."
+      )
+    run = lambda b, x, c: (lambda out: (out[0], out[2] if qkv else None))(
+        b(x, c, None, qkv=qkv)
+    )
+    if policy == "none":
+      return run(block, x, ctx)
+    return nnx.remat(run, policy=REMAT_POLICIES[policy])(block, x, ctx)
+
+  def _forward(
+      self,
+      input_ids_BxT,
+      positions_BxT,
+      attention_mask_BxT,
+      cache,
+      taps: Taps = Taps(),
+  ):
     ctx, new_valid = context(
         attention_mask_BxT, positions_BxT, cache, input_ids_BxT.shape
     )
@@ -292,28 +342,25 @@ class CausalLM(nnx.Module):
     x = sharding.constrain(
         self.embed(input_ids_BxT, ctx.positions_BxT), residual
     )
-    policy = self.config.remat
-    if policy not in REMAT_POLICIES:
-      raise ValueError(
-          f"remat={policy!r} is not one of " f"{sorted(REMAT_POLICIES)}."
-      )
     new_k, new_v = [], []
-    for i, block in enumerate(self.blocks):
+    out = Intermediates({}, {})
+    if 0 in taps.hidden:
+      out.hidden[0] = x
+    for i, block in enumerate(self.blocks, start=1):
       if cache is None:
-        if policy == "none":
-          x, _ = block(x, ctx, None)
-        else:
-          x = nnx.remat(
-              lambda b, x, c: b(x, c, None)[0], policy=REMAT_POLICIES[policy]
-          )(block, x, ctx)
+        x, qkv = self._block(block, x, ctx, i in taps.qkv)
+        if qkv is not None:
+          out.qkv[i] = qkv
       else:
-        x, (k, v) = block(x, ctx, (cache.k[i], cache.v[i]))
+        x, (k, v) = block(x, ctx, (cache.k[i - 1], cache.v[i - 1]))
         new_k.append(k)
         new_v.append(v)
       x = sharding.constrain(x, residual)
+      if i in taps.hidden:
+        out.hidden[i] = x
     h = self.final_norm(x)
     if cache is None:
-      return h, None
+      return h, (out if taps != Taps() else None)
     T = input_ids_BxT.shape[1]
     return h, KVCache(tuple(new_k), tuple(new_v), new_valid, cache.index + T)
 
@@ -325,6 +372,34 @@ class CausalLM(nnx.Module):
   ) -> Array:
     """Final-norm hidden states ``[B, T, D]`` (the LM head's input)."""
     return self._forward(input_ids_BxT, positions, attention_mask, None)[0]
+
+  def intermediates(
+      self,
+      input_ids_BxT: Array,
+      positions: Array | None = None,
+      attention_mask: Array | None = None,
+      *,
+      taps: Taps,
+  ) -> tuple[Array, Intermediates]:
+    """Final-norm hidden states ``[B, T, D]`` and the ``taps``, one forward.
+
+    The pass is :meth:`hidden_states`'s; the tapped values are ones it
+    computes anyway, so with ``Taps()`` the program is the same. What a tap
+    costs is keeping its values alive until the loss that reads them: per
+    hidden layer ``B·T·D`` values of the compute dtype, per ``qkv`` block
+    ``B·T·(H + 2G)·K`` (under a gradient they are residuals of the
+    backward pass already, unless ``remat`` recomputes them).
+    """
+    if any(not 0 <= l <= len(self.blocks) for l in taps.hidden) or any(
+        not 1 <= l <= len(self.blocks) for l in taps.qkv
+    ):
+      raise ValueError(
+          f"taps {taps} name layers outside this model's "
+          f"{len(self.blocks)} blocks; hidden layers are 0..L and qkv "
+          "blocks 1..L."
+      )
+    h, out = self._forward(input_ids_BxT, positions, attention_mask, None, taps)
+    return h, out if out is not None else Intermediates({}, {})
 
   def logits_map(self) -> Callable[[Array], Array] | None:
     """The map from ``h W^T`` to the logits, or None for the identity.

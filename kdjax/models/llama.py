@@ -457,7 +457,9 @@ class Attention(nnx.Module):
       h = norm(h)
     return layers.rope(h, ctx.positions_BxT, inv_freq)
 
-  def __call__(self, x_BxTxD, ctx: layers.Context, kv):
+  def __call__(self, x_BxTxD, ctx: layers.Context, kv, *, qkv=False):
+    """``(out, kv)``, plus this layer's ``(q, k, v)`` heads when ``qkv``
+    (q and k after their norms and RoPE)."""
     B, T, _ = x_BxTxD.shape
     H, G, K = self.shape
     K_, theta, scaling = self.rope  # a constant XLA folds
@@ -469,7 +471,8 @@ class Attention(nnx.Module):
     out, kv = layers.cached_attention(
         q, k, v, ctx, kv, window=self.window, scale=self.scale, cap=self.cap
     )
-    return self.o_proj(out.reshape(B, T, H * K)), kv
+    out = self.o_proj(out.reshape(B, T, H * K))
+    return (out, kv, (q, k, v)) if qkv else (out, kv)
 
 
 class MLP(nnx.Module):
@@ -501,14 +504,15 @@ class Block(nnx.Module):
       self.post_feedforward_layernorm = _rms_norm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, ctx, kv):
-    a, kv = self.self_attn(self.input_layernorm(x), ctx, kv)
+  def __call__(self, x, ctx, kv, *, qkv=False):
+    """``(x, kv)``, plus the attention's ``(q, k, v)`` when ``qkv``."""
+    a, kv, *taps = self.self_attn(self.input_layernorm(x), ctx, kv, qkv=qkv)
     if not self.sandwich:
       x = x + a
-      return x + self.mlp(self.post_attention_layernorm(x)), kv
+      return (x + self.mlp(self.post_attention_layernorm(x)), kv, *taps)
     x = x + self.post_attention_layernorm(a)
     m = self.mlp(self.pre_feedforward_layernorm(x))
-    return x + self.post_feedforward_layernorm(m), kv
+    return (x + self.post_feedforward_layernorm(m), kv, *taps)
 
 
 class Llama(layers.CausalLM):

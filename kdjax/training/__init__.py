@@ -34,7 +34,14 @@ from kdjax.training.optimizer import (
     make_optimizer,
     make_schedule,
 )
-from kdjax.training.step import BATCH_KEYS, Health, Step, TrainState, put_batch
+from kdjax.training.step import (
+    BATCH_KEYS,
+    Health,
+    Step,
+    TrainState,
+    TransferState,
+    put_batch,
+)
 
 __all__ = [
     "Run",
@@ -51,5 +58,6 @@ __all__ = [
     "Health",
     "Step",
     "TrainState",
+    "TransferState",
     "put_batch",
 ]

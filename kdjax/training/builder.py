@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdjax import models, objective, sharding
+from kdjax import models, objective, sharding, transfer
 from kdjax.cache import store as cache_store
 from kdjax.config import spec as spec_lib
 from kdjax.data import crosstok, inputs, pipeline, seqkd
@@ -32,7 +32,7 @@ from kdjax.models import teacher as teacher_lib
 from kdjax.onpolicy import strategies
 from kdjax.onpolicy import strategy as onpolicy_strategy
 from kdjax.training import optimizer
-from kdjax.training.step import Step, TrainState, init_taid
+from kdjax.training.step import Step, TrainState, TransferState, init_taid
 
 
 @dataclasses.dataclass
@@ -223,6 +223,22 @@ def _cache(s: spec_lib.TrainSpec) -> cache_store.Cache | None:
   )
 
 
+def _projection(
+    s: spec_lib.TrainSpec, student, teacher, mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array] | None:
+  """The feature term's projections (seed + 4), replicated; None without
+  it. Checks the transfer terms' layer maps and head counts against the
+  two models first."""
+  if teacher is None or not transfer.active(s.loss):
+    return None
+  plan = transfer.plan(s.loss, student, teacher)
+  projection = transfer.init_projection(
+      s.loss, plan, student, teacher, jax.random.key(s.student.seed + 4)
+  )
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(projection, replicated)
+
+
 def build(
     config: ml_collections.ConfigDict | spec_lib.TrainSpec,
     workdir: str,
@@ -272,6 +288,7 @@ def build(
         f"{cache.vocab_size} but the student has {_vocab(student)}; distil "
         "between models that share a tokenizer."
     )
+  projection = _projection(s, student, teacher, mesh)
   tx = optimizer.make_optimizer(s.optim, num_steps)
   graphdef, params, rest = nnx.split(student, nnx.Param, ...)
   teacher_graphdef = None if teacher is None else nnx.graphdef(teacher)
@@ -299,12 +316,13 @@ def build(
       max_skips=s.max_skips,
       matched=matched,
   )
-  state = TrainState(
-      jnp.zeros((), jnp.int32),
-      params,
-      rest,
-      optimizer.init_opt_state(tx, step.trained(params), mesh),
-      init_taid(s.loss),
+  fields = (jnp.zeros((), jnp.int32), params, rest, None, init_taid(s.loss))
+  if projection is None:
+    state = TrainState(*fields)
+  else:
+    state = TransferState(*fields, projection)
+  state = state._replace(
+      opt_state=optimizer.init_opt_state(tx, step.optimized(state), mesh)
   )
   return Run(
       s,

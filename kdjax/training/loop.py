@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import tqdm
 
-from kdjax import checkpoint, fs, models, sharding
+from kdjax import checkpoint, fs, models, sharding, transfer
 from kdjax import metrics as metrics_lib
 from kdjax.config import checks as config_checks
 from kdjax.config import spec as spec_lib
@@ -196,6 +196,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       out_shardings=(shardings, None, None),
   )
   eval_fn = jax.jit(run.step.eval)
+  weights = transfer.weights(s.loss)  # traced: a new value, same program
   health = step_lib.Health.init()
   schedule = make_schedule(s.optim, run.num_steps)
   policy = _policy(run)
@@ -228,7 +229,7 @@ def loop(run: builder.Run, stop_at: int | None = None) -> dict[str, float]:
       batch = step_lib.put_batch(next(data_iter), run.mesh)
       if runner is not None:
         batch = runner(state, teacher_state, batch)
-      state, m, health = train_fn(state, batch, teacher_state, health)
+      state, m, health = train_fn(state, batch, teacher_state, health, weights)
       done = step + 1
       bar.update(1)
       # A stop is a boundary: the step is checked, logged and saved.

@@ -7,7 +7,9 @@ outputs into global masked token sums, the gradient of
 ``(1 - kd_ratio)·CE_sum / tokens + kd_ratio·KD_sum / kd_tokens`` (``kd_tokens``
 = ``tokens`` unless ``loss.select`` keeps fewer) is accumulated over
 ``grad_accum`` micro-batches, and the optimizer applies it. A TAID run also
-carries its schedule in the state and moves ``t`` after each step. The state is
+carries its schedule in the state and moves ``t`` after each step; a run with
+a feature term carries its projections (:mod:`kdjax.transfer`), trained by
+the same optimizer. The state is
 donated; its shardings never change (FSDP shards params and optimizer state
 alike; the batch is split over ``data``/``fsdp``).
 """
@@ -50,6 +52,8 @@ class TrainState(NamedTuple):
     taid: TAID's schedule (:class:`kdjax.taid.State`) in a TAID run, else
       None; kept here, and so in every checkpoint, a resumed run continues
       the same ``t``.
+
+  A run with a feature term holds a :class:`TransferState` instead.
   """
 
   step: jax.Array
@@ -57,6 +61,32 @@ class TrainState(NamedTuple):
   rest: nnx.State
   opt_state: optax.OptState
   taid: taid_lib.State | None = None
+
+
+class TransferState(NamedTuple):
+  """:class:`TrainState` plus the feature term's projections.
+
+  A separate type, so the state (and the checkpoints) of every other run
+  keep :class:`TrainState`'s tree.
+
+  Attributes:
+    projection: the projections student width -> teacher width, by layer
+      pair (:func:`kdjax.transfer.init_projection`): trained with the params
+      (``opt_state`` covers ``(params, projection)``), checkpointed, never
+      part of the exported student.
+  """
+
+  step: jax.Array
+  params: nnx.State
+  rest: nnx.State
+  opt_state: optax.OptState
+  taid: taid_lib.State | None
+  projection: dict[str, jax.Array]
+
+
+def projection_of(state: TrainState | TransferState) -> dict | None:
+  """The feature projections of ``state`` (None in a :class:`TrainState`)."""
+  return getattr(state, "projection", None)
 
 
 class Health(NamedTuple):
@@ -188,14 +218,28 @@ class Step:
       return None
     return nnx.merge(self.teacher_graphdef, teacher_state)
 
+  def optimized(self, state: TrainState) -> Any:
+    """What the optimizer updates: the trained params, paired with the
+    feature projections when the run has them."""
+    trained = self.trained(state.params)
+    projection = projection_of(state)
+    return trained if projection is None else (trained, projection)
+
   def grads(
-      self, state: TrainState, batch: Batch, teacher_state: nnx.State | None
-  ) -> tuple[nnx.State, dict[str, jax.Array], nnx.State]:
+      self,
+      state: TrainState,
+      batch: Batch,
+      teacher_state: nnx.State | None,
+      weights: Mapping[str, jax.Array] | None = None,
+  ) -> tuple[Any, dict[str, jax.Array], nnx.State]:
     """Gradient of the objective on ``batch``, its metrics and the new RNG state.
 
     The objective is the global token mean, so each micro-batch's sums are
     divided by the whole batch's token counts (the KD term's: those
-    ``loss.select`` keeps) and the gradients simply add up.
+    ``loss.select`` keeps) and the gradients simply add up. The gradient
+    has the structure of :meth:`optimized`. ``weights``: the transfer
+    terms' weights as arrays (:func:`kdjax.transfer.weights`), so a new
+    value reuses the compiled step; None: the config's, as constants.
     """
     if self.minillm is not None:
       return self._minillm_grads(state, batch, teacher_state)
@@ -206,7 +250,7 @@ class Step:
     )
     same_tokens = "aligned_mask" not in batch
 
-    def loss_fn(student, micro):
+    def loss_fn(student, micro, projection=None):
       s = objective.sums(
           self.loss_cfg,
           student,
@@ -214,29 +258,41 @@ class Step:
           micro,
           taid_t=_taid_t(state),
           matched=self.matched,
+          projection=projection,
       )
       loss = objective.micro_loss(
-          self.loss_cfg, s, total_tokens, kd_tokens, same_tokens=same_tokens
+          self.loss_cfg,
+          s,
+          total_tokens,
+          kd_tokens,
+          same_tokens=same_tokens,
+          weights=weights,
       )
       return loss, s
 
-    none = objective.Sums(*(jnp.zeros((), jnp.float32),) * 4)
+    none = objective.zero_sums(self.loss_cfg, jnp.zeros((), jnp.float32))
     grads, totals, rest = self._accumulate(state, batch, loss_fn, none)
-    _, m = objective.combine(self.loss_cfg, totals)
+    _, m = objective.combine(self.loss_cfg, totals, weights)
     if not same_tokens:  # the response rows a cross-tokenizer teacher pairs
       m["aligned_fraction"] = totals.kd_tokens / jnp.maximum(totals.tokens, 1)
     m["grad_norm"] = optax.tree.norm(grads)
     return grads, m, rest
 
   def _accumulate(self, state: TrainState, batch: Batch, loss_fn, zero_aux):
-    """Gradients of ``loss_fn(student, micro) -> (loss, aux)`` summed over
-    the micro-batches, with the summed ``aux`` and the new RNG state."""
+    """Gradients of ``loss_fn(student, micro[, projection]) -> (loss,
+    aux)`` summed over the micro-batches (with respect to :meth:`optimized`),
+    with the summed ``aux`` and the new RNG state."""
     # nnx.value_and_grad (gradient w.r.t. the trained variables only: a
     # frozen base gets no cotangent buffers): dropout advances the student's
     # RNG counters, which a module merged inside jax.grad may not do
     # (TraceContextError on any dropout > 0).
+    student_arg = nnx.DiffState(0, self.trainable)
+    projection = projection_of(state)
+    projected = projection is not None
     grad_fn = nnx.value_and_grad(
-        loss_fn, argnums=nnx.DiffState(0, self.trainable), has_aux=True
+        loss_fn,
+        argnums=(student_arg, 2) if projected else student_arg,
+        has_aux=True,
     )
 
     def accumulate(carry, micro):
@@ -244,12 +300,13 @@ class Step:
       # an outer trace (the jit's) inside the scan body.
       grads, params, rest, totals = carry
       student = self._student(params, rest)
-      (_, s), g = grad_fn(student, micro)
+      extra = (projection,) if projected else ()
+      (_, s), g = grad_fn(student, micro, *extra)
       rest = nnx.state(student, nnx.Not(nnx.Param))
       grads = jax.tree.map(jnp.add, grads, g)
       return (grads, params, rest, jax.tree.map(jnp.add, totals, s)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, self.trained(state.params))
+    zeros = jax.tree.map(jnp.zeros_like, self.optimized(state))
     (grads, _, rest, totals), _ = jax.lax.scan(
         accumulate,
         (zeros, state.params, state.rest, zero_aux),
@@ -311,6 +368,7 @@ class Step:
       batch: Batch,
       teacher_state: nnx.State | None,
       health: Health,
+      weights: Mapping[str, jax.Array] | None = None,
   ) -> tuple[TrainState, dict[str, jax.Array], Health]:
     """One optimizer update; returns ``(state, metrics, health)``.
 
@@ -318,14 +376,17 @@ class Step:
     for the host to stop at (:attr:`on_nonfinite` ``"stop"``), or has its
     update dropped (``"skip"``: parameters, optimizer state and TAID's
     schedule stay as they were; the ``skipped`` metric counts such steps)
-    until :attr:`max_skips` come in a row.
+    until :attr:`max_skips` come in a row. ``weights``: as in
+    :meth:`grads`.
     """
-    grads, m, rest = self.grads(state, batch, teacher_state)
-    trained = self.trained(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, trained)
-    params = nnx.merge_state(
-        state.params, optax.apply_updates(trained, updates)
-    )
+    grads, m, rest = self.grads(state, batch, teacher_state, weights)
+    optimized = self.optimized(state)
+    updates, opt_state = self.tx.update(grads, state.opt_state, optimized)
+    new = optax.apply_updates(optimized, updates)
+    projection = projection_of(state)
+    if projection is not None:
+      new, projection = new
+    params = nnx.merge_state(state.params, new)
     loss_ok = jnp.isfinite(m["loss"])
     finite = loss_ok & jnp.isfinite(m["grad_norm"])
     schedule = state.taid
@@ -341,6 +402,7 @@ class Step:
           lambda a, b: jnp.where(finite, a, b), new, old
       )
       params = keep(params, state.params)
+      projection = keep(projection, projection_of(state))
       opt_state = keep(opt_state, state.opt_state)
       schedule = keep(schedule, state.taid)
       skipped = skipped + (~finite).astype(jnp.int32)
@@ -355,7 +417,12 @@ class Step:
         skipped,
         streak,
     )
-    state = TrainState(state.step + 1, params, rest, opt_state, schedule)
+    updated = dict(opt_state=opt_state, taid=schedule)
+    if projection is not None:
+      updated["projection"] = projection
+    state = state._replace(
+        step=state.step + 1, params=params, rest=rest, **updated
+    )
     return state, m, health
 
   def eval(
@@ -371,4 +438,5 @@ class Step:
         batch,
         taid_t=_taid_t(state),
         matched=self.matched,
+        projection=projection_of(state),
     )

@@ -48,7 +48,7 @@ def validate(
       if s.eval.val_batches <= 0
       else min(s.eval.val_batches, len(batches))
   )
-  totals = objective.Sums(0.0, 0.0, 0.0, 0.0)
+  totals = objective.zero_sums(s.loss)
   for i in range(n):
     sums = eval_fn(
         state, step_lib.put_batch(batches[i], run.mesh), teacher_state
@@ -56,7 +56,7 @@ def validate(
     totals = jax.tree.map(lambda a, b: a + float(b), totals, sums)
   cached = s.teacher.cached and s.loss["kd_ratio"] > 0
   loss_cfg = dict(s.loss, kd_ratio=0.0) if cached else s.loss
-  _, m = objective.combine(loss_cfg, objective.Sums(*map(jnp.asarray, totals)))
+  _, m = objective.combine(loss_cfg, jax.tree.map(jnp.asarray, totals))
   drop = ("tokens", "kd") if cached else ("tokens",)
   out = {f"val_{k}": float(v) for k, v in m.items() if k not in drop}
   if s.eval.num_examples > 0:

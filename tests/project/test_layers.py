@@ -30,6 +30,7 @@ LAYERS = (
         "losses, sources, cache, evaluation",
         (
             "kdjax.objective",
+            "kdjax.transfer",
             "kdjax.taid",
             "kdjax.onpolicy",
             "kdjax.cache",

@@ -89,6 +89,8 @@ def test_every_paper_config_is_present():
       "fkl_qwen25",
       "skl_gemma2",
       "uld_xtok_gpt2",
+      "features_gpt2",
+      "attention_gpt2",
   }
 
 
@@ -173,6 +175,10 @@ def test_every_tiny_config_trains(name, root, tmp_path):
   assert all(np.isfinite(r["loss"]) for r in rows)
   r = c.loss.kd_ratio
   want = (1 - r) * last["ce"] + r * last["kd"]
+  for term, group in (("feature", "features"), ("attention", "attention")):
+    w = c.loss[group].weight
+    assert (term in last) == (w > 0)
+    want += w * last.get(term, 0.0)
   if name == "minillm_gpt2":  # the CE/KD mix is its pre-training term
     assert last["pt_loss"] == pytest.approx(want, rel=1e-5)
     want += last["minillm_pg"] + last["minillm_reg"]

@@ -1,0 +1,106 @@
+"""Feature and attention transfer in the trainer: the projection is trained,
+checkpointed and restored on resume, and left out of the export."""
+
+import os
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from kdjax import checkpoint, metrics, models, training
+import tiny_run
+
+
+def _config(root):
+  return tiny_run.config(
+      "features_gpt2",
+      root,
+      steps=4,
+      **{"loss.attention.weight": 0.5, "eval.every_steps": 4},
+  )
+
+
+def _projections(c, *workdirs):
+  """The initial projections, then each workdir's latest checkpointed ones."""
+  run, mesh = tiny_run.built(c, str(workdirs[0]))
+  out = [run.state.projection]
+  for w in workdirs:
+    ck = checkpoint.Checkpoints(str(w), every_steps=1, max_to_keep=1)
+    with jax.set_mesh(mesh):
+      state, _ = ck.restore(
+          ck.latest_step(), run.state, run.train_data.iterator()
+      )
+    ck.close()
+    out.append(jax.device_get(state.projection))
+  return out
+
+
+def test_resume_with_projection_equals_straight_run_and_export_drops_it(
+    tmp_path,
+):
+  c = _config(str(tmp_path))
+  exported = c.copy_and_resolve_references()
+  exported.export_hf = True
+  training.train_and_evaluate(exported, str(tmp_path / "straight"))
+  training.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=2)
+  training.train_and_evaluate(c, str(tmp_path / "resumed"))
+  a = metrics.read(str(tmp_path / "straight"))
+  b = metrics.read(str(tmp_path / "resumed"))
+  assert [r["step"] for r in b] == [1, 2, 3, 4]
+  for x, y in zip(a, b):
+    for k in ("loss", "feature", "attention", "grad_norm"):
+      assert x[k] == y[k], (x["step"], k)
+  # Validation reports both terms, in its loss too.
+  val = a[-1]
+  assert val["val_feature"] > 0 and val["val_attention"] > 0
+  w = c.loss.features.weight, c.loss.attention.weight
+  r = c.loss.kd_ratio
+  want = (1 - r) * val["val_ce"] + r * val["val_kd"]
+  want += w[0] * val["val_feature"] + w[1] * val["val_attention"]
+  assert val["val_loss"] == pytest.approx(want, rel=1e-5)
+  # The loss is the weighted sum of the logged terms.
+  want = (1 - r) * a[-1]["ce"] + r * a[-1]["kd"]
+  want += w[0] * a[-1]["feature"] + w[1] * a[-1]["attention"]
+  assert a[-1]["loss"] == pytest.approx(want, rel=1e-5)
+  # Checkpointed and trained: both runs end on the same projections, which
+  # moved from their initial values.
+  initial, straight, resumed = _projections(
+      c, tmp_path / "straight", tmp_path / "resumed"
+  )
+  assert sorted(straight) == ["1_1"]  # one block each
+  for k, p in straight.items():
+    np.testing.assert_array_equal(p, resumed[k], err_msg=k)
+    assert p.shape == (16, 32)
+    assert not np.allclose(p, initial[k])
+  # The export holds the student's weights alone.
+  exported = safetensors.numpy.load_file(
+      os.path.join(tmp_path / "straight" / "hf", "model.safetensors")
+  )
+  plain = tmp_path / "plain"
+  models.save_hf(tiny_run.gpt2(0, 257), str(plain))
+  assert set(exported) == set(
+      safetensors.numpy.load_file(str(plain / "model.safetensors"))
+  )
+  assert models.load(str(tmp_path / "straight" / "hf")).head_weight().shape == (
+      257,
+      16,
+  )
+
+
+def test_weights_are_traced_in_the_step(tmp_path):
+  """A new weight value reuses the compiled train step."""
+  run, mesh = tiny_run.built(_config(str(tmp_path)), str(tmp_path))
+  with jax.set_mesh(mesh):
+    f = jax.jit(run.step.train)
+    batch = training.put_batch(run.train_data.dataset[0], mesh)
+    teacher = nnx.state(run.teacher)
+    losses = []
+    for w in (1.0, 3.0):
+      weights = {"feature": np.float32(w), "attention": np.float32(0.5)}
+      _, m, _ = f(run.state, batch, teacher, training.Health.init(), weights)
+      losses.append(m)
+  assert f._cache_size() == 1  # pylint: disable=protected-access
+  rise = float(losses[1]["loss"] - losses[0]["loss"])
+  assert rise == pytest.approx(2.0 * float(losses[0]["feature"]), rel=1e-5)
