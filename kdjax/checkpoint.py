@@ -29,7 +29,6 @@ and reports the OS error code in a ``ValueError``.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import os
@@ -241,11 +240,7 @@ class Checkpoints:
         if good is not None
         else "no earlier checkpoint is there"
     )
-    fix = (
-        "free space there (or lower ckpt.max_to_keep)"
-        if error.errno in (errno.ENOSPC, errno.EDQUOT)
-        else "make it writable"
-    )
+    fix = fs.refused_fix(error, "free space there (or lower ckpt.max_to_keep)")
     raise SaveFailed(
         f"saving the step-{step} checkpoint in {manager.directory} failed "
         f"({error.strerror or _reason(error)}); {kept}; {fix} and re-run the "

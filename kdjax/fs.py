@@ -8,6 +8,7 @@ stays remote: ``gs://bucket/run`` is never turned into a local folder
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -29,6 +30,14 @@ def is_remote(p: PathLike) -> bool:
 def local(p: PathLike) -> str:
   """The local path string of ``p`` (``~`` expanded); URIs are kept as is."""
   return os.fspath(path(p))
+
+
+def refused_fix(error: OSError, full: str = "free space there") -> str:
+  """What to do about a write the storage refused: ``full`` when it is out
+  of space or quota, else "make it writable"."""
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return full
+  return "make it writable"
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:

@@ -21,7 +21,6 @@ how to resume; a second signal stops at once
 from __future__ import annotations
 
 import contextlib
-import errno
 import signal
 import sys
 import time
@@ -467,11 +466,7 @@ def _export_errors(
   try:
     yield
   except OSError as e:
-    fix = (
-        "free space there"
-        if e.errno in (errno.ENOSPC, errno.EDQUOT)
-        else "make it writable"
-    )
+    fix = fs.refused_fix(e)
     raise TrainingError(
         f"exporting the {key} student to {target} failed "
         f"({e.strerror or e}); the step-{ckpts.latest_step()} checkpoint in "
