@@ -36,12 +36,21 @@ RUNS = {
     "taid": ("taid_gpt2", {}),
     "select": ("akl_gpt2", {"loss.select.fraction": 0.5}),
     "uld_xtok": ("uld_xtok_gpt2", {}),
+    "features": ("features_gpt2", {}),
+    "attention": ("attention_gpt2", {}),
     "gkd": ("gkd_gpt2", {}),
     "distillm": ("distillm_gpt2", {}),
     "skd": ("skd_gpt2", {}),
     "minillm": ("minillm_gpt2", {}),
+    # Eight devices: FSDP-sharded params, the batch over data x fsdp.
+    "akl_fused_fsdp": (
+        "akl_gpt2",
+        {"loss.impl": "fused", "mesh.data": 2, "mesh.fsdp": 4},
+    ),
 }
+SHARDED = {"akl_fused_fsdp": 8}
 OFF_POLICY = ("fkl", "fkl_fused", "akl", "akl_fused", "taid", "select")
+TRANSFER = ("features", "attention")  # hidden-state / attention terms
 ON_POLICY = ("gkd", "distillm", "skd", "minillm")
 
 
@@ -85,7 +94,8 @@ class Runs:
     if name not in self._built:
       config, overrides = RUNS[name]
       c = tiny_run.config(config, self.root, **overrides)
-      run, mesh = tiny_run.built(c, self.root)
+      n = SHARDED.get(name)
+      run, mesh = tiny_run.built(c, self.root, n and jax.devices()[:n])
       teacher = None if run.teacher is None else nnx.state(run.teacher)
       batch = step_lib.put_batch(run.train_data.dataset[0], mesh)
       self._built[name] = run, mesh, abstract((run.state, batch, teacher))
@@ -99,16 +109,34 @@ def runs(tmp_path_factory):
 
 def _train(run, mesh, state, batch, teacher):
   """The train step as the loop calls it."""
-  health = abstract(step_lib.Health.init())
+  health = jax.eval_shape(step_lib.Health.init)
   weights = transfer.weights(run.spec.loss)
   with jax.set_mesh(mesh):
     return lowered(run.step.train, state, batch, teacher, health, weights)
 
 
-@pytest.mark.parametrize("name", OFF_POLICY + ("uld_xtok",))
+@pytest.mark.parametrize("name", OFF_POLICY + ("uld_xtok",) + TRANSFER)
 def test_the_train_step_lowers(runs, name):
   run, mesh, (state, batch, teacher) = runs(name)
   _train(run, mesh, state, batch, teacher)
+
+
+@pytest.mark.multi_device
+def test_the_sharded_train_and_eval_steps_lower(runs):
+  """On eight devices: the exported programs are partitioned over them."""
+  run, mesh, (state, batch, teacher) = runs("akl_fused_fsdp")
+  train = _train(run, mesh, state, batch, teacher)
+  with jax.set_mesh(mesh):
+    evaluated = lowered(run.step.eval, state, batch, teacher)
+  params = [x.sharding.spec for x in jax.tree.leaves(state.params)]
+  assert any(spec != jax.P() for spec in params)  # FSDP shards them
+  for exported in (train, evaluated):
+    assert exported.nr_devices == 8
+    (got_state, got_batch, *_), _ = jax.tree.unflatten(
+        exported.in_tree, exported.in_shardings_jax(mesh)
+    )
+    assert [x.spec for x in jax.tree.leaves(got_state.params)] == params
+    assert got_batch["input_ids"].spec == batch["input_ids"].sharding.spec
 
 
 @pytest.mark.parametrize(
@@ -132,7 +160,9 @@ def test_the_train_step_on_a_cached_teacher_lowers(runs, name, encoding):
     )
   step = dataclasses.replace(run.step, teacher_graphdef=None)
   with jax.set_mesh(mesh):
-    lowered(step.train, state, cached, None, abstract(step_lib.Health.init()))
+    lowered(
+        step.train, state, cached, None, jax.eval_shape(step_lib.Health.init)
+    )
 
 
 @pytest.mark.parametrize("name", ON_POLICY)
@@ -196,4 +226,4 @@ def test_a_program_with_a_host_callback_does_not_lower(runs):
     return run.step.train(state, dict(batch, loss_mask=mask), teacher, health)
 
   with jax.set_mesh(mesh), pytest.raises(NotImplementedError, match="callback"):
-    lowered(train, state, batch, teacher, abstract(step_lib.Health.init()))
+    lowered(train, state, batch, teacher, jax.eval_shape(step_lib.Health.init))
