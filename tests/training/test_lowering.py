@@ -3,9 +3,10 @@
 ``jax.export`` traces each program once and lowers it for both platforms
 (``platforms=("tpu", "cuda")``): a primitive without a lowering there, a
 CPU-only custom call or a host callback fails here, before any accelerator
-sees the program. The programs are the ones the training loop jits: the
-train step of each training mode, the on-policy strategies' batch makers
-(their decoding loops), the eval step and :func:`kdjax.sampling.generate`.
+sees the program. The programs are the ones a run jits: the train step of
+each training mode, the on-policy strategies' batch makers (their decoding
+loops), the eval step, :func:`kdjax.sampling.generate`, the optimizer's
+init, the checkpoint checksums and the teacher cache's forward pass.
 Their inputs are ``ShapeDtypeStruct`` trees with the live arrays' shardings:
 nothing is compiled or run.
 """
@@ -18,7 +19,8 @@ from jax import export
 import jax.numpy as jnp
 import pytest
 
-from kdjax import sampling, transfer
+from kdjax import checksums, sampling, sharding, transfer
+from kdjax.cache import build as cache_build
 from kdjax.cache import store
 from kdjax.training import step as step_lib
 import tiny_run
@@ -211,6 +213,35 @@ def test_the_sampler_lowers(runs, settings):
 
   with jax.set_mesh(mesh):
     lowered(generate, state.params, state.rest, prompt, mask, key)
+
+
+@pytest.mark.parametrize(
+    "identity",
+    [dict(encoding="topk", k=4), dict(encoding="sampled", num_samples=4)],
+    ids=["topk", "sampled"],
+)
+def test_the_teacher_cache_forward_lowers(runs, identity):
+  """``python -m kdjax.cache_teacher``'s program: the teacher's sparse
+  distributions of a batch."""
+  run, mesh, (_, batch, teacher) = runs("akl")
+  forward = cache_build._teacher_fn(
+      dict(identity, temperature=1.0, seed=0), nnx.graphdef(run.teacher)
+  )
+  index = jax.ShapeDtypeStruct(
+      batch["input_ids"].shape[:1],
+      jnp.int32,
+      sharding=sharding.batch_sharding(mesh, 1),
+  )
+  with jax.set_mesh(mesh):
+    lowered(forward, teacher, batch, index)
+
+
+def test_the_optimizer_init_and_checkpoint_hashes_lower(runs):
+  """The state's set-up and the checksums every checkpoint records."""
+  run, mesh, (state, _, _) = runs("akl")
+  with jax.set_mesh(mesh):
+    lowered(run.step.tx.init, run.step.trained(state.params))
+    lowered(checksums._hashes, jax.tree.leaves(state))
 
 
 def test_a_program_with_a_host_callback_does_not_lower(runs):
