@@ -12,6 +12,7 @@ nothing is compiled or run.
 """
 
 import dataclasses
+import re
 
 from flax import nnx
 import jax
@@ -66,13 +67,14 @@ def abstract(tree):
   )
 
 
-def lowered(fn, *args) -> export.Exported:
-  """``jax.jit(fn)`` exported for :data:`PLATFORMS` on ``args``.
+def lowered(fn, *args, **jit_kwargs) -> export.Exported:
+  """``jax.jit(fn, **jit_kwargs)`` exported for :data:`PLATFORMS` on ``args``.
 
   Checks that the program is lowered for both platforms, calls no CPU-only
   target, and has the outputs ``fn`` traces to.
   """
-  exported = export.export(jax.jit(fn), platforms=PLATFORMS)(*args)
+  jitted = jax.jit(fn, **jit_kwargs)
+  exported = export.export(jitted, platforms=PLATFORMS)(*args)
   assert exported.platforms == PLATFORMS
   text = exported.mlir_module()
   assert exported.mlir_module_serialized and "func.func public @main" in text
@@ -110,11 +112,35 @@ def runs(tmp_path_factory):
 
 
 def _train(run, mesh, state, batch, teacher):
-  """The train step as the loop calls it."""
+  """The train step as the loop jits it: the state and health donated, the
+  new state on the old one's shardings; every state buffer is reused."""
   health = jax.eval_shape(step_lib.Health.init)
   weights = transfer.weights(run.spec.loss)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  args = (state, batch, teacher, health, weights)
   with jax.set_mesh(mesh):
-    return lowered(run.step.train, state, batch, teacher, health, weights)
+    exported = lowered(
+        run.step.train,
+        *args,
+        donate_argnums=(0, 3),
+        out_shardings=(shardings, None, None),
+    )
+  assert set(range(len(jax.tree.leaves(state)))) <= donated(exported)
+  return exported
+
+
+def donated(exported: export.Exported) -> set[int]:
+  """Positions, among the flattened arguments, of those whose buffers the
+  program's outputs reuse (``tf.aliasing_output``)."""
+  main = next(
+      line
+      for line in exported.mlir_module().splitlines()
+      if "func.func public @main" in line
+  )
+  args = re.findall(r"%arg\d+: [^%]*", main)
+  # Leading arguments the platform-dispatching module adds (the platform).
+  extra = sum("jax.global_constant" in a for a in args)
+  return {i - extra for i, a in enumerate(args) if "tf.aliasing_output" in a}
 
 
 @pytest.mark.parametrize("name", OFF_POLICY + ("uld_xtok",) + TRANSFER)
@@ -175,7 +201,7 @@ def test_the_strategy_and_its_train_step_lower(runs, name):
   source = abstract(run.source.init(0))
   args = (state.params, state.rest, teacher, batch, source, state.step)
   with jax.set_mesh(mesh):
-    lowered(run.source.__call__, *args)
+    lowered(run.source.__call__, *args, donate_argnums=(4,))
     made, _, _ = jax.eval_shape(run.source.__call__, *args)
   _train(run, mesh, state, abstract(made), teacher)
 
