@@ -36,6 +36,7 @@ RUNS = {
     "fkl": ("fkl_gpt2", {}),
     "akl": ("akl_gpt2", {}),
     "taid": ("taid_gpt2", {}),
+    "sinkhorn": ("sinkhorn_gpt2", {}),  # ott-jax's solver loop
     "uld_xtok": ("uld_xtok_gpt2", {}),
     "features": ("features_gpt2", {}),
     "attention": ("attention_gpt2", {}),
@@ -57,7 +58,15 @@ LOSS_VARIANTS = {
     "select": ("akl", {"loss.select.fraction": 0.5}),
 }
 SHARDED = {"akl_fused_fsdp": 8}
-OFF_POLICY = ("fkl", "fkl_fused", "akl", "akl_fused", "taid", "select")
+OFF_POLICY = (
+    "fkl",
+    "fkl_fused",
+    "akl",
+    "akl_fused",
+    "taid",
+    "select",
+    "sinkhorn",
+)
 TRANSFER = ("features", "attention")  # hidden-state / attention terms
 ON_POLICY = ("gkd", "distillm", "skd", "minillm")
 
