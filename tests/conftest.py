@@ -78,6 +78,7 @@ SLOWEST_FIRST = (
     "tests/training/test_multiprocess.py",
     "tests/training/test_lora.py",
     "tests/training/test_cross_tokenizer.py",
+    "tests/training/test_lowering.py",
     "tests/divergences/test_fuzz_divergences.py",
     "tests/divergences/test_sparse_divergences.py",
     "tests/objective/test_taid.py",
