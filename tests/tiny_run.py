@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kdjax import models, sharding, training
+from kdjax import metrics, models, sharding, training
 from kdjax.config import files as config_files
 from kdjax.config import recipe
 
@@ -125,3 +125,19 @@ def first_grads(run, mesh) -> tuple[dict, dict]:
       for k, v in jax.tree_util.tree_flatten_with_path(g)[0]
   }
   return flat, {k: float(v) for k, v in m.items()}
+
+
+def straight_and_resumed(
+    c, directory: str, *, stop_at: int, straight=None
+) -> tuple[list[dict], list[dict]]:
+  """The metrics rows of a run of ``c`` trained straight through (``straight``:
+  its config, default ``c``) and of one stopped after ``stop_at`` steps and
+  resumed, in ``<directory>/straight`` and ``<directory>/resumed``; the
+  resumed run logged every step once."""
+  a, b = (os.path.join(directory, d) for d in ("straight", "resumed"))
+  training.train_and_evaluate(c if straight is None else straight, a)
+  training.train_and_evaluate(c, b, stop_at=stop_at)
+  training.train_and_evaluate(c, b)
+  rows = metrics.read(b)
+  assert [r["step"] for r in rows] == list(range(1, c.num_steps + 1))
+  return metrics.read(a), rows

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from kdjax import checkpoint, metrics, models, training
+from kdjax import checkpoint, models, training
 import tiny_run
 
 
@@ -43,12 +43,9 @@ def test_resume_with_projection_equals_straight_run_and_export_drops_it(
   c = _config(str(tmp_path))
   exported = c.copy_and_resolve_references()
   exported.export_hf = True
-  training.train_and_evaluate(exported, str(tmp_path / "straight"))
-  training.train_and_evaluate(c, str(tmp_path / "resumed"), stop_at=2)
-  training.train_and_evaluate(c, str(tmp_path / "resumed"))
-  a = metrics.read(str(tmp_path / "straight"))
-  b = metrics.read(str(tmp_path / "resumed"))
-  assert [r["step"] for r in b] == [1, 2, 3, 4]
+  a, b = tiny_run.straight_and_resumed(
+      c, str(tmp_path), stop_at=2, straight=exported
+  )
   for x, y in zip(a, b):
     for k in ("loss", "feature", "attention", "grad_norm"):
       assert x[k] == y[k], (x["step"], k)
