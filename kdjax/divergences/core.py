@@ -420,8 +420,8 @@ def _akl_weights_threshold(
   in the head, tokens below it in the tail. The bracket's tokens, ordered by
   one top-k (ties: lower index first), are in the head when their ``S_k``
   (mass above the bracket plus a cumsum) is ``≤ μ`` (akl; ``S_{k−1} < μ``
-  for dskd); the first token always is under akl. A bracket of more tokens
-  is one tied key, split by index with a cumsum over the row.
+  for dskd). A bracket of more tokens is one tied key, split by index with a
+  cumsum over the row. Only rows whose top-k mass is ``≤ μ`` come here.
   """
   ordered = _ordered(key)
   crossed = (lambda m: m > mu) if rule == "akl" else (lambda m: m >= mu)
@@ -431,10 +431,10 @@ def _akl_weights_threshold(
   in_bracket = (ordered >= b.lo[..., None]) & ~above
   base = b.mass_hi[..., None]
 
-  def in_head(cum, prob, first):
-    if rule == "akl":
-      return (cum <= mu) | first
-    return cum - prob < mu
+  # Rules "akl" and "dskd" on S_k = cum. Rows reach this search only when
+  # the top-k mass is <= μ, so π_1 <= μ: the first token needs no exception.
+  def in_head(cum, prob):
+    return cum <= mu if rule == "akl" else cum - prob < mu
 
   # Signed keys for top_k; tokens outside the bracket sort last.
   signed = jax.lax.bitcast_convert_type(
@@ -444,9 +444,8 @@ def _akl_weights_threshold(
   _, idx = top_k(signed, min(_AKL_BRACKET, key.shape[-1]))
   p_k, err_k = (jnp.take_along_axis(x, idx, axis=-1) for x in (p, err))
   j = jnp.arange(idx.shape[-1])
-  first = (j == 0) & (b.count_hi[..., None] == 0)
   head_k = (j < (b.count_lo - b.count_hi)[..., None]) & in_head(
-      base + jnp.cumsum(p_k, axis=-1), p_k, first
+      base + jnp.cumsum(p_k, axis=-1), p_k
   )
   g_head = _row_sum(jnp.where(above, err, 0.0)) + jnp.sum(
       jnp.where(head_k, err_k, 0.0), axis=-1
@@ -455,8 +454,7 @@ def _akl_weights_threshold(
   def tied_head(_):
     # A bracket wider than _AKL_BRACKET is one key: split it by index.
     tied_cum = jnp.cumsum(jnp.where(in_bracket, p, 0.0), axis=-1)
-    first = jnp.arange(key.shape[-1]) == jnp.argmax(ordered, axis=-1)[..., None]
-    head = in_bracket & in_head(base + tied_cum, p, first)
+    head = in_bracket & in_head(base + tied_cum, p)
     return _row_sum(jnp.where(above | head, err, 0.0))
 
   wide = b.count_lo - b.count_hi > _AKL_BRACKET
