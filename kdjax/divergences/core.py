@@ -436,17 +436,15 @@ def _akl_weights_threshold(
   def in_head(cum, prob):
     return cum <= mu if rule == "akl" else cum - prob < mu
 
-  # Signed keys for top_k; tokens outside the bracket sort last.
-  signed = jax.lax.bitcast_convert_type(
-      ordered ^ jnp.uint32(1 << 31), jnp.int32
+  # One top-k orders the bracket (XLA:CPU's TopK is fast on float32 only).
+  # Its -inf keys (p = 0) come after mass_lo, which crosses μ: tail, so they
+  # may share the -inf of the tokens outside it.
+  key_k, idx = top_k(
+      jnp.where(in_bracket, key.astype(jnp.float32), -jnp.inf),
+      min(_AKL_BRACKET, key.shape[-1]),
   )
-  signed = jnp.where(in_bracket, signed, jnp.iinfo(jnp.int32).min)
-  _, idx = top_k(signed, min(_AKL_BRACKET, key.shape[-1]))
   p_k, err_k = (jnp.take_along_axis(x, idx, axis=-1) for x in (p, err))
-  j = jnp.arange(idx.shape[-1])
-  head_k = (j < (b.count_lo - b.count_hi)[..., None]) & in_head(
-      base + jnp.cumsum(p_k, axis=-1), p_k
-  )
+  head_k = (key_k > -jnp.inf) & in_head(base + jnp.cumsum(p_k, axis=-1), p_k)
   g_head = _row_sum(jnp.where(above, err, 0.0)) + jnp.sum(
       jnp.where(head_k, err_k, 0.0), axis=-1
   )
