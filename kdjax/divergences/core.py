@@ -180,7 +180,7 @@ AKL_RULES = ("akl", "dskd")
 # not cross mu fall back to an exact threshold search (_akl_weights_threshold).
 AKL_TOP_K = 64
 # Rows settled at a time by the exact fallback: its memory is O(rows · V)
-# and each round costs ~10 masked passes over those rows on a flat row.
+# and each round costs ~7 masked passes over those rows on a flat row.
 AKL_FALLBACK_ROWS = 32
 
 
@@ -344,28 +344,23 @@ def _unordered(ordered: Array) -> Array:
 
 
 def _probe(b: _Bracket, step, mu) -> Array:
-  """A key in ``(lo, hi]``: steps cycle through the midpoint of the ordered
-  keys (which alone isolates any key in 32 steps), the midpoint of the values
-  and the secant of the mass ``Σ_{key ≥ x} p`` through the two ends (a few
-  steps suffice on the smooth rows that reach the search)."""
+  """A key in ``(lo, hi]``. Every third step is the midpoint of the ordered
+  keys (which alone isolates any key in 32 steps); the others step either
+  side of the secant estimate of the crossing (the mass ``Σ_{key ≥ x} p``
+  linear between the ends), by the width that holds about
+  ``_AKL_BRACKET / 2`` tokens at the bracket's mean token density, so that a
+  smooth row's bracket closes around the crossing in a few passes."""
   gap = b.hi - b.lo
   bit_mid = b.lo + (gap >> 1) + (gap & 1)
   lo_x, hi_x = _unordered(b.lo), _unordered(b.hi)
   drop = b.mass_lo - b.mass_hi
-  frac = jnp.where(
-      drop > 0, (b.mass_lo - mu) / jnp.where(drop > 0, drop, 1.0), 0.5
-  )
-  x = jnp.where(
-      step % 3 == 1,
-      0.5 * lo_x + 0.5 * hi_x,
-      lo_x + (hi_x - lo_x) * jnp.clip(frac, 0.0, 1.0),
-  )
-  x = jnp.clip(
-      _ordered(jnp.where(jnp.isfinite(x), x, _unordered(bit_mid))),
-      b.lo + 1,
-      b.hi,
-  )
-  return jnp.where(step % 3 == 0, bit_mid, x)
+  frac = (b.mass_lo - mu) / jnp.where(drop > 0, drop, 1.0)
+  width = hi_x - lo_x
+  secant = lo_x + width * jnp.clip(frac, 0.0, 1.0)
+  half = 0.5 * _AKL_BRACKET * width / (b.count_lo - b.count_hi)
+  x = secant + jnp.where(step % 3 == 1, half, -half)
+  x = jnp.where(jnp.isfinite(x), _ordered(x), bit_mid)
+  return jnp.where(step % 3 == 0, bit_mid, jnp.clip(x, b.lo + 1, b.hi))
 
 
 def _threshold_bracket(ordered: Array, p: Array, mu, crossed) -> _Bracket:
@@ -415,8 +410,8 @@ def _akl_weights_threshold(
   With tokens ranked by ``key`` descending, ties by index, the crossing
   token's key is ``v = max{τ : Σ_{key ≥ τ} p > μ}`` (``≥ μ`` for dskd).
   :func:`_threshold_bracket` encloses ``v`` in a bracket ``[lo, hi]`` of at
-  most ``_AKL_BRACKET`` tokens by masked row sums (a bisection guarded secant
-  search, ~10 passes on a flat row of 50257). Tokens above the bracket are
+  most ``_AKL_BRACKET`` tokens by masked row sums (:func:`_probe`; ~7 passes
+  on a flat row of 50257). Tokens above the bracket are
   in the head, tokens below it in the tail. The bracket's tokens, ordered by
   one top-k (ties: lower index first), are in the head when their ``S_k``
   (mass above the bracket plus a cumsum) is ``≤ μ`` (akl; ``S_{k−1} < μ``
