@@ -3,6 +3,7 @@
     python -m experiments.benchmarks.divergences            # N=2048, V=50257
     python -m experiments.benchmarks.divergences --n 1024 --vocab 128256
     python -m experiments.benchmarks.divergences --quick    # tiny shapes, CI
+    python -m experiments.benchmarks.divergences --flat     # AKL's worst case
 
 For each divergence it measures the fwd+bwd wall time of ``grad(mean(D))`` of
 the default ``kd.<name>`` (and, with ``--with_reference``, the autodiff
@@ -28,7 +29,9 @@ JSON to experiments/benchmarks/results/.
 
 Inputs: float32 student logits ``2·N(0,1)``; teacher logits ``2·N(0,1)`` with
 +12 on 4 tokens per row, an LM-like peaked teacher (AKL mostly stays on its
-top-k path; the unresolved fraction is reported).
+top-k path; the unresolved fraction is reported). ``--flat`` drops the +12: a
+flat teacher (high temperature, early in training), whose every AKL row takes
+the exact threshold search.
 """
 
 from __future__ import annotations
@@ -75,11 +78,11 @@ TRANSCENDENTALS = {
 }
 
 
-def make_logits(n: int, vocab: int, seed: int = 0):
+def make_logits(n: int, vocab: int, seed: int = 0, flat: bool = False):
   k_s, k_t = jax.random.split(jax.random.key(seed))
   student = 2.0 * jax.random.normal(k_s, (n, vocab), jnp.float32)
   teacher = 2.0 * jax.random.normal(k_t, (n, vocab), jnp.float32)
-  return student, teacher.at[:, :4].add(12.0)
+  return student, teacher if flat else teacher.at[:, :4].add(12.0)
 
 
 def _interleaved(fn, floor, args, repeats: int) -> tuple[float, float]:
@@ -306,8 +309,9 @@ def run(
     divergences=tuple(DIVERGENCES),
     with_torch: bool = True,
     with_reference: bool = False,
+    flat: bool = False,
 ) -> dict:
-  student, teacher = make_logits(n, vocab)
+  student, teacher = make_logits(n, vocab, flat=flat)
   floor = jax.jit(lambda s, t: s - t).lower(student, teacher).compile()
   one_array = n * vocab * 4
   with_torch = with_torch and _torch_available()
@@ -357,6 +361,7 @@ def run(
       "n": n,
       "vocab": vocab,
       "repeats": repeats,
+      "teacher": "flat" if flat else "peaked",
       "akl_unresolved_fraction": float(kd.akl_unresolved_fraction(teacher)),
       "rows": rows,
   }
@@ -392,6 +397,11 @@ def main(argv=None) -> dict:
   )
   parser.add_argument("--no_torch", action="store_true")
   parser.add_argument(
+      "--flat",
+      action="store_true",
+      help="teacher 2·N(0,1) without the +12 peaks (AKL's exact fallback)",
+  )
+  parser.add_argument(
       "--with_reference",
       action="store_true",
       help="also time the autodiff kd.reference.<name>",
@@ -417,13 +427,16 @@ def main(argv=None) -> dict:
       tuple(args.divergences),
       with_torch=not args.no_torch,
       with_reference=args.with_reference,
+      flat=args.flat,
   )
   print(
       f"AKL rows on the exact fallback: "
       f"{result['akl_unresolved_fraction']:.3f}"
   )
   out = args.out or os.path.join(
-      RESULTS, f"divergences_{jax.default_backend()}_{args.n}x{args.vocab}.json"
+      RESULTS,
+      f"divergences_{jax.default_backend()}_{args.n}x{args.vocab}"
+      f"{'_flat' if args.flat else ''}.json",
   )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:

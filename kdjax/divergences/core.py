@@ -36,6 +36,7 @@ and ULD; the token-level divergences live in :mod:`kdjax.divergences.engine`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -179,7 +180,7 @@ AKL_RULES = ("akl", "dskd")
 # not cross mu fall back to an exact threshold search (_akl_weights_threshold).
 AKL_TOP_K = 64
 # Rows settled at a time by the exact fallback: its memory is O(rows · V)
-# and each round costs ~34 masked passes over those rows.
+# and each round costs ~7 masked passes over those rows on a flat row.
 AKL_FALLBACK_ROWS = 32
 
 
@@ -311,47 +312,151 @@ def _akl_head_weight_topk(
   return _head_weight(g_head, err_total), resolved
 
 
+# The threshold search stops narrowing a row once its bracket holds at most
+# this many tokens; one top-k then orders them.
+_AKL_BRACKET = 64
+
+
+class _Bracket(NamedTuple):
+  """Per row, in ordered keys (:func:`_ordered`): the crossing key lies in
+  ``[lo, hi]``; ``mass_lo = Σ_{key ≥ lo} p`` crosses μ and
+  ``mass_hi = Σ_{key > hi} p`` does not; ``count_*`` count those tokens."""
+
+  lo: Array
+  hi: Array
+  mass_lo: Array
+  mass_hi: Array
+  count_lo: Array
+  count_hi: Array
+
+
+def _ordered(key: Array) -> Array:
+  """float32 -> uint32 with the same order (-0.0 ties +0.0, as in a sort):
+  flip negatives entirely, set the sign bit of positives."""
+  bits = jax.lax.bitcast_convert_type(key.astype(jnp.float32) + 0.0, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _unordered(ordered: Array) -> Array:
+  """The float32 of an ordered key (inverse of :func:`_ordered`)."""
+  bits = jnp.where(ordered >> 31 == 1, ordered & ~jnp.uint32(1 << 31), ~ordered)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _probe(b: _Bracket, step, mu) -> Array:
+  """A key in ``(lo, hi]``. Every third step is the midpoint of the ordered
+  keys (which alone isolates any key in 32 steps); the others step either
+  side of the secant estimate of the crossing (the mass ``Σ_{key ≥ x} p``
+  linear between the ends), by the width that holds about
+  ``_AKL_BRACKET / 2`` tokens at the bracket's mean token density, so that a
+  smooth row's bracket closes around the crossing in a few passes."""
+  gap = b.hi - b.lo
+  bit_mid = b.lo + (gap >> 1) + (gap & 1)
+  lo_x, hi_x = _unordered(b.lo), _unordered(b.hi)
+  drop = b.mass_lo - b.mass_hi
+  frac = (b.mass_lo - mu) / jnp.where(drop > 0, drop, 1.0)
+  width = hi_x - lo_x
+  secant = lo_x + width * jnp.clip(frac, 0.0, 1.0)
+  half = 0.5 * _AKL_BRACKET * width / (b.count_lo - b.count_hi)
+  x = secant + jnp.where(step % 3 == 1, half, -half)
+  x = jnp.where(jnp.isfinite(x), _ordered(x), bit_mid)
+  return jnp.where(step % 3 == 0, bit_mid, jnp.clip(x, b.lo + 1, b.hi))
+
+
+def _threshold_bracket(ordered: Array, p: Array, mu, crossed) -> _Bracket:
+  """Narrows ``[min key, max key]`` by masked row sums until every row's
+  bracket holds at most ``_AKL_BRACKET`` tokens or a single key."""
+
+  def active(b):
+    return (b.count_lo - b.count_hi > _AKL_BRACKET) & (b.lo < b.hi)
+
+  def narrow(state):
+    step, b = state
+    mid = _probe(b, step, mu)
+    above = ordered >= mid[..., None]
+    mass = _row_sum(jnp.where(above, p, 0.0))
+    count = _row_sum(above.astype(jnp.float32))
+    ok, live = crossed(mass), active(b)
+    keep = lambda new, old: jnp.where(live, new, old)
+    return step + 1, _Bracket(
+        keep(jnp.where(ok, mid, b.lo), b.lo),
+        keep(jnp.where(ok, b.hi, mid - 1), b.hi),
+        keep(jnp.where(ok, mass, b.mass_lo), b.mass_lo),
+        keep(jnp.where(ok, b.mass_hi, mass), b.mass_hi),
+        keep(jnp.where(ok, count, b.count_lo), b.count_lo),
+        keep(jnp.where(ok, b.count_hi, count), b.count_hi),
+    )
+
+  rows = ordered.shape[:-1]
+  start = _Bracket(
+      jnp.min(ordered, axis=-1),
+      jnp.max(ordered, axis=-1),
+      jnp.ones(rows, jnp.float32),  # Σ p over the row
+      jnp.zeros(rows, jnp.float32),
+      jnp.full(rows, ordered.shape[-1], jnp.float32),
+      jnp.zeros(rows, jnp.float32),
+  )
+  _, bracket = jax.lax.while_loop(
+      lambda state: jnp.any(active(state[1])), narrow, (0, start)
+  )
+  return bracket
+
+
 def _akl_weights_threshold(
-    p: Array, q: Array, key: Array, mu: float, rule: str
+    p: Array, q: Array, key: Array, mu, rule: str
 ) -> Array:
   """Exact ``w_head`` without sorting: the head is a threshold on ``key``.
 
-  With ``order`` = ``key`` descending, ties by index, the crossing token's key
-  is ``v = max{τ : Σ_{key ≥ τ} p > μ}`` (``≥ μ`` for dskd), found by bisection
-  over the 2³² ordered float32 bit patterns (32 masked row sums). Every token
-  with ``key > v`` is in the head; a token tied at ``v`` is when its ``S_k``
-  (mass above ``v`` plus the tied mass up to it in index order, a cumsum)
-  is ``≤ μ`` (akl; ``S_{k−1} < μ`` for dskd); the first token always is
-  under akl. XLA:CPU sorts 8 rows of 50257 in ~0.1 s (~250 ns per entry);
-  this costs ~9 ms for the same rows (and less than a top-4096, 16 ms).
+  With tokens ranked by ``key`` descending, ties by index, the crossing
+  token's key is ``v = max{τ : Σ_{key ≥ τ} p > μ}`` (``≥ μ`` for dskd).
+  :func:`_threshold_bracket` encloses ``v`` in a bracket ``[lo, hi]`` of at
+  most ``_AKL_BRACKET`` tokens by masked row sums (:func:`_probe`; ~7 passes
+  on a flat row of 50257). Tokens above the bracket are
+  in the head, tokens below it in the tail. The bracket's tokens, ordered by
+  one top-k (ties: lower index first), are in the head when their ``S_k``
+  (mass above the bracket plus a cumsum) is ``≤ μ`` (akl; ``S_{k−1} < μ``
+  for dskd). A bracket of more tokens is one tied key, split by index with a
+  cumsum over the row. Only rows whose top-k mass is ``≤ μ`` come here.
   """
-  key = key.astype(jnp.float32) + 0.0  # -0.0 ties +0.0, as in a sort
-  bits = jax.lax.bitcast_convert_type(key, jnp.uint32)
-  # Monotone map float32 -> uint32: flip negatives entirely, set the sign bit
-  # of positives, so unsigned order is float order.
-  ordered = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+  ordered = _ordered(key)
   crossed = (lambda m: m > mu) if rule == "akl" else (lambda m: m >= mu)
-
-  def bisect(_, bounds):
-    lo, hi = bounds  # crossed(mass(ordered >= lo)) holds; the answer is <= hi
-    gap = hi - lo
-    mid = lo + (gap >> 1) + (gap & 1)
-    ok = crossed(_row_sum(jnp.where(ordered >= mid[..., None], p, 0.0)))
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-  lo = jnp.min(ordered, axis=-1)
-  hi = jnp.max(ordered, axis=-1)
-  v, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
-  above, tied = ordered > v[..., None], ordered == v[..., None]
-  base = _row_sum(jnp.where(above, p, 0.0))[..., None]
-  tied_cum = jnp.cumsum(jnp.where(tied, p, 0.0), axis=-1)
-  if rule == "akl":
-    first = jnp.arange(key.shape[-1]) == jnp.argmax(key, axis=-1)[..., None]
-    head = above | (tied & (base + tied_cum <= mu)) | first
-  else:
-    head = above | (tied & (base + tied_cum - p < mu))
+  b = _threshold_bracket(ordered, p, mu, crossed)
   err = _abs(p - q)
-  return _head_weight(_row_sum(jnp.where(head, err, 0.0)), _row_sum(err))
+  above = ordered > b.hi[..., None]
+  in_bracket = (ordered >= b.lo[..., None]) & ~above
+  base = b.mass_hi[..., None]
+
+  # Rules "akl" and "dskd" on S_k = cum. Rows reach this search only when
+  # the top-k mass is <= μ, so π_1 <= μ: the first token needs no exception.
+  def in_head(cum, prob):
+    return cum <= mu if rule == "akl" else cum - prob < mu
+
+  # One top-k orders the bracket (XLA:CPU's TopK is fast on float32 only).
+  # Its -inf keys (p = 0) come after mass_lo, which crosses μ: tail, so they
+  # may share the -inf of the tokens outside it.
+  key_k, idx = top_k(
+      jnp.where(in_bracket, key.astype(jnp.float32), -jnp.inf),
+      min(_AKL_BRACKET, key.shape[-1]),
+  )
+  p_k, err_k = (jnp.take_along_axis(x, idx, axis=-1) for x in (p, err))
+  head_k = (key_k > -jnp.inf) & in_head(base + jnp.cumsum(p_k, axis=-1), p_k)
+  g_head = _row_sum(jnp.where(above, err, 0.0)) + jnp.sum(
+      jnp.where(head_k, err_k, 0.0), axis=-1
+  )
+
+  def tied_head(_):
+    # A bracket wider than _AKL_BRACKET is one key: split it by index.
+    tied_cum = jnp.cumsum(jnp.where(in_bracket, p, 0.0), axis=-1)
+    head = in_bracket & in_head(base + tied_cum, p)
+    return _row_sum(jnp.where(above | head, err, 0.0))
+
+  wide = b.count_lo - b.count_hi > _AKL_BRACKET
+  g_head = jnp.where(
+      wide,
+      jax.lax.cond(jnp.any(wide), tied_head, lambda _: g_head, None),
+      g_head,
+  )
+  return _head_weight(g_head, _row_sum(err))
 
 
 def _akl_fallback(

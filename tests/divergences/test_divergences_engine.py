@@ -538,6 +538,49 @@ def test_two_level_top_k_equals_lax_top_k(vocab, fill):
   np.testing.assert_array_equal(got[1], expected[1])
 
 
+def _flat_teachers(vocab):
+  """Flat rows, with ties at the crossing token."""
+  rng = np.random.default_rng(7)
+  t = 0.1 * rng.standard_normal((6, vocab))
+  t[1] = np.round(4.0 * rng.standard_normal(vocab)) / 4.0  # tie groups
+  t[2] = 0.0  # one tied key: the bracket never holds <= 64 tokens
+  t[3, : vocab // 2] = t[3].max()  # half the row tied at the top
+  t[4, :10] = -np.inf  # masked vocabulary (student too)
+  t[5] = 1.0 + (np.arange(vocab) % 2)  # two keys of vocab/2 tokens each
+  s = 2.0 * rng.standard_normal((6, vocab))
+  s[4, :10] = -np.inf
+  return s.astype(np.float32), t.astype(np.float32)
+
+
+@pytest.mark.parametrize("rule", core.AKL_RULES)
+def test_akl_threshold_search_value_and_grad_match_float64(rule):
+  """Flat rows settled by the threshold search: value and gradient against
+  float64 NumPy, for several μ in one call (μ traced), ties included."""
+  s, t = _flat_teachers(1000)
+  mus = np.array([0.1234, 0.4567, 0.8765], np.float32)
+
+  def value_grad(mu):
+    value, vjp = jax.vjp(lambda s: kd.akl(s, t, mu=mu, rule=rule), s)
+    return value, vjp(jnp.ones_like(value))[0]
+
+  values, grads = jax.jit(jax.vmap(value_grad))(mus)
+  assert float(kd.akl_unresolved_fraction(t, mu=mus[-1], rule=rule)) == 1.0
+  s64, t64 = s.astype(np.float64), t.astype(np.float64)
+  log_q, log_p = ref.log_softmax(s64), ref.log_softmax(t64)
+  q, p = np.exp(log_q), np.exp(log_p)
+  finite = np.isfinite(log_q)
+  rkl_grad = q * np.where(finite, log_q, 0.0) - q * np.where(finite, log_p, 0.0)
+  rkl_grad -= q * rkl_grad.sum(-1, keepdims=True)
+  for mu, value, grad in zip(mus, values, grads):
+    w = ref.akl_weights(p, q, float(mu), rule)[0][:, None]
+    np.testing.assert_allclose(
+        value, ref.akl(s64, t64, float(mu), rule), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        grad, w * (q - p) + (1 - w) * rkl_grad, atol=1e-6
+    )
+
+
 def test_akl_fallback_bounded_by_budget():
   """More unresolved rows than the budget: settled budget rows at a time,
   each row exactly (float64 sort reference)."""
