@@ -387,14 +387,17 @@ def _threshold_bracket(ordered: Array, p: Array, mu, crossed) -> _Bracket:
         keep(jnp.where(ok, b.count_hi, count), b.count_hi),
     )
 
-  rows = ordered.shape[:-1]
+  lo = jnp.min(ordered, axis=-1)
+  # Filled like ``lo``, so inside a shard_map the carry varies over the same
+  # mesh axes as the loop's outputs (while_loop requires equal types).
+  zero = jnp.zeros_like(lo, jnp.float32)
   start = _Bracket(
-      jnp.min(ordered, axis=-1),
+      lo,
       jnp.max(ordered, axis=-1),
-      jnp.ones(rows, jnp.float32),  # Σ p over the row
-      jnp.zeros(rows, jnp.float32),
-      jnp.full(rows, ordered.shape[-1], jnp.float32),
-      jnp.zeros(rows, jnp.float32),
+      zero + 1.0,  # Σ p over the row
+      zero,
+      zero + ordered.shape[-1],
+      zero,
   )
   _, bracket = jax.lax.while_loop(
       lambda state: jnp.any(active(state[1])), narrow, (0, start)
