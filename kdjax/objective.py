@@ -35,6 +35,10 @@ student's logits only.
 ``loss.features`` and ``loss.attention`` add hidden-state and attention
 transfer terms from the same forward passes (:mod:`kdjax.transfer`).
 
+Several live teachers (``teacher.others``) are mixed per token into one
+teacher distribution before the KD term (:func:`teacher_logits`), so every
+divergence, ``loss.select`` and TAID see one teacher.
+
 Two options change what the KD term sees: ``loss.select`` distils only each
 sequence's highest-student-entropy positions (:func:`kd_mask`), and
 ``loss.name="taid"`` distils toward TAID's interpolated target
@@ -474,8 +478,31 @@ def sums(
         loss_cfg, student, teacher, batch, taid_t, projection
     )
   s = student(*inputs)
-  t = jax.lax.stop_gradient(teacher(*inputs)) if use_kd else None
+  t = teacher_logits(loss_cfg, teacher, batch) if use_kd else None
   return _logit_sums(loss_cfg, use_kd, s, t, labels, mask, taid_t)
+
+
+def teacher_logits(loss_cfg, teacher, batch: Mapping[str, Array]) -> Array:
+  """The teacher's logits on ``batch``, under ``stop_gradient``.
+
+  Several teachers (:class:`kdjax.models.teacher.Teachers`) run one after
+  another, each folded into their per-token mixture as soon as it has run
+  (:func:`kdjax.divergences.mixture.mix`, at the KD temperature), which is
+  returned as the logits ``T · log p_mix`` of one teacher.
+  """
+  inputs = (batch["input_ids"], batch["positions"], batch["attention_mask"])
+  members = getattr(teacher, "members", None)
+  if members is None:
+    return jax.lax.stop_gradient(teacher(*inputs))
+  mixed = kd.mixture.mix(
+      (jax.lax.stop_gradient(m(*inputs)) for m in members),
+      batch["labels"],
+      batch["loss_mask"],
+      prior=teacher.prior,
+      combine=teacher.combine,
+      temperature=_temperature(loss_cfg),
+  )
+  return mixed.logits_BxTxV
 
 
 def _logit_sums(loss_cfg, use_kd, s, t, labels, mask, taid_t) -> Sums:

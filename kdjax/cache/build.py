@@ -49,6 +49,12 @@ def _refuse_unbuildable(config: ml_collections.ConfigDict) -> None:
         "in its workdir, which a teacher cache cannot follow; cache a config "
         "that trains on the dataset's references."
     )
+  if config.teacher.get("others"):
+    raise config_checks.ConfigError(
+        f"teacher.others={config.teacher.others!r} is set but a teacher cache "
+        "holds one teacher's distributions; cache a config with one teacher "
+        "(--config.teacher.others='')."
+    )
   if config.loss.kd_ratio == 0:
     raise config_checks.ConfigError(
         "loss.kd_ratio=0 trains without a teacher; there is nothing to cache "

@@ -35,6 +35,10 @@ What is checked here is what no single field can say:
   DistiLLM's buffer against the batch, MiniLLM's full-support sampling, that
   a kind decoding with the teacher has one, and that MiniLLM's dataset term
   is not TAID's;
+* several teachers (``teacher.others``): one prior weight per teacher,
+  each teacher present with the first one's vocabulary and enough positions,
+  and not combined with a teacher cache, a teacher tokenizer, on-policy
+  batches, ``loss.impl="fused"`` or the feature and attention terms;
 * the feature and attention terms (``loss.features``, ``loss.attention``
   with a weight > 0): a live teacher with the student's tokenizer, the
   dataset's batches, ``loss.impl`` other than ``fused`` and
@@ -151,6 +155,7 @@ def validate(
     return notes
   _check_onpolicy(config)
   _check_transfer(config)
+  _check_teachers(config)
   _check_teacher_source(config)
   _check_cross_tokenizer(config)
   dropped = _check_divergence(config)
@@ -395,6 +400,57 @@ def _check_transfer(config) -> None:
   for refused, why in refusals:
     if refused:
       raise ConfigError(f"{' and '.join(on)} > 0 cannot run here: {why}.")
+
+
+def _check_teachers(config) -> None:
+  """Several live teachers: one prior weight each, and what their mixture
+  cannot be combined with."""
+  others = spec.names(_get(config, "teacher.others", ""))
+  weights = spec.names(_get(config, "teacher.weights", ""))
+  if weights and len(weights) != 1 + len(others):
+    raise _fail(
+        "teacher.weights",
+        config.teacher.weights,
+        f"gives {len(weights)} weights for {1 + len(others)} teachers "
+        "(teacher.path, then teacher.others)",
+        "give one weight per teacher, or '' for equal weights",
+    )
+  if not others or _get(config, "loss.kd_ratio", 0) == 0:
+    return
+  refusals = (
+      (
+          _get(config, "teacher.source", "live") == "cache",
+          "a teacher cache holds one teacher; use --config.teacher.source=live",
+      ),
+      (
+          bool(_get(config, "teacher.tokenizer", "")),
+          "every teacher must read the student's token ids; unset "
+          "teacher.tokenizer",
+      ),
+      (
+          _get(config, "onpolicy.source", "dataset") != "dataset",
+          f"onpolicy.source={_get(config, 'onpolicy.source')!r} samples from "
+          "or scores with one teacher; use --config.onpolicy.source=dataset",
+      ),
+      (
+          _get(config, "loss.impl", "auto") == "fused",
+          "loss.impl='fused' never forms the teachers' logits the mixture "
+          "needs; use --config.loss.impl=auto",
+      ),
+      (
+          any(
+              _get(config, f"loss.{g}.weight", 0.0) > 0
+              for g in ("features", "attention")
+          ),
+          "loss.features and loss.attention compare the student with one "
+          "teacher's layers; set their weights to 0",
+      ),
+  )
+  for refused, why in refusals:
+    if refused:
+      raise ConfigError(
+          f"teacher.others={config.teacher.others!r} cannot run here: {why}."
+      )
 
 
 def from_cache(config) -> bool:
@@ -844,6 +900,7 @@ def _check_models(config) -> None:
   from kdjax.models import safetensors_check  # pylint: disable=g-import-not-at-top
 
   safetensors_check.check_directory(fs.local(config.teacher.path))
+  _check_other_teachers(config, teacher, length)
   if (
       not own
       and student is not None
@@ -859,6 +916,36 @@ def _check_models(config) -> None:
         "--config.teacher.tokenizer=DIR and a cross-tokenizer loss "
         f"({', '.join(cross_tokenizer_losses())})."
     )
+
+
+def _check_other_teachers(config, first: ModelShape, length: int) -> None:
+  """``teacher.others``: each one there, its positions enough and its
+  vocabulary the first teacher's (checked against the student's)."""
+  from kdjax.models import safetensors_check  # pylint: disable=g-import-not-at-top
+
+  overrides = dict(_get(config, "teacher.model_overrides", {}))
+  for other in spec.names(_get(config, "teacher.others", "")):
+    if other.startswith("preset:"):
+      cfg = _preset_fields("teacher.others", other, overrides)
+    else:
+      cfg = _read_config_json(fs.local(other))
+      if cfg is None:
+        raise MissingInputError(
+            f"teacher.others names {other}, which holds no config.json; pass "
+            "Hugging Face model directories (config.json + safetensors) or "
+            "preset:NAME."
+        )
+      safetensors_check.check_directory(fs.local(other))
+      cfg = _with_shape_overrides(cfg, overrides)
+    shape = _shape_from_hf(cfg, f"the teacher ({other})")
+    _check_positions(shape, length, None, config)
+    if shape.vocab_size != first.vocab_size:
+      raise ConfigError(
+          f"teacher.others names {other}, with a vocabulary of "
+          f"{shape.vocab_size}, but {first.where} has {first.vocab_size}; "
+          "every teacher reads the student's token ids, so mix teachers that "
+          "share the student's tokenizer."
+      )
 
 
 def _check_teacher_rows(config, teacher: ModelShape) -> None:

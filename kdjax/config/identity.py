@@ -12,7 +12,9 @@ Which fields are identity is declared with each field in
 :mod:`kdjax.config.spec` (``identity=True``; the identity column of
 docs/config.md): the seed and the global batch; what the data is and how it
 is cut (not where it lives), the tokenizer and its hub revision; the teacher's path, dtype and source (``"live"``
-in a workdir started before the key existed); the student's initialisation and its hub revision,
+in a workdir started before the key existed), the other teachers, their
+weights and how they combine (``teacher.others``, ``teacher.weights``,
+``teacher.combine``: one teacher, ``"fixed"``, in such a workdir); the student's initialisation and its hub revision,
 dtype, model overrides and LoRA adapters (``student.lora.rank``, ``alpha``,
 ``targets``, ``dropout``); every field of ``loss`` (divergence,
 hyper-parameters, ratio, implementation) and of ``optim``.
@@ -46,6 +48,9 @@ IDENTITY = tuple(k for k, f in spec.FIELDS.items() if f.identity)
 # those runs used.
 _ADDED = {
     "teacher.source": "live",
+    "teacher.others": "",
+    "teacher.weights": "",
+    "teacher.combine": "fixed",
     "student.revision": "",
     "data.tokenizer_revision": "",
     **{

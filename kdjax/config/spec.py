@@ -103,6 +103,17 @@ def lora_regex(targets: str) -> str:
   return targets
 
 
+def positive_numbers(text: str) -> tuple[float, ...]:
+  """``"1, 0.5"`` -> ``(1.0, 0.5)``; ``""`` -> ``()``; each number > 0."""
+  try:
+    out = tuple(float(n) for n in names(text))
+  except ValueError:
+    out = (-1.0,)
+  if not all(x > 0 and x != float("inf") for x in out):
+    raise ValueError("is not a comma-separated list of positive numbers")
+  return out
+
+
 def layer_pairs(text: str) -> tuple[tuple[int, int], ...]:
   """``"1:2, 2:4"`` -> ``((1, 2), (2, 4))``; ``""`` -> ``()``."""
   out = []
@@ -139,6 +150,12 @@ def _select_by() -> tuple[str, ...]:
   from kdjax import objective  # pylint: disable=g-import-not-at-top
 
   return objective.SELECT_BY
+
+
+def _combine_rules() -> tuple[str, ...]:
+  from kdjax.divergences import mixture  # pylint: disable=g-import-not-at-top
+
+  return mixture.COMBINE
 
 
 def _templates() -> tuple[str, ...]:
@@ -291,6 +308,38 @@ class TeacherSpec:
       at_least=0,
       special={0: "data.max_length"},
   )
+  others: tuple[str, ...] = field(
+      "",
+      "more live teachers beside path, comma-separated HF directories or "
+      "preset:NAME over the student's vocabulary, mixed per token "
+      "('': path alone)",
+      identity=True,
+      resolve=names,
+  )
+  weights: tuple[float, ...] = field(
+      "",
+      "prior weight of each teacher, path first, comma-separated ('': "
+      "equal)",
+      identity=True,
+      resolve=positive_numbers,
+  )
+  combine: str = field(
+      "fixed",
+      "per-token teacher weights: fixed (the prior weights) or confidence "
+      "(prior x each teacher's probability of the label)",
+      identity=True,
+      choices=_combine_rules,
+  )
+
+  @property
+  def paths(self) -> tuple[str, ...]:
+    """Every teacher: ``path``, then ``others``."""
+    return (self.path, *self.others)
+
+  @property
+  def prior(self) -> tuple[float, ...]:
+    """The teachers' prior weights, ``weights`` or equal ones (not normalised)."""
+    return self.weights or (1.0,) * len(self.paths)
 
   @property
   def cached(self) -> bool:

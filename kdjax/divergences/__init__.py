@@ -21,12 +21,13 @@ vocabulary entries of two tokenizers) and SinKD (:func:`sinkhorn`) are
 autodiff implementations.
 ``kd.sparse.<name>`` evaluates the same divergences against a cached teacher
 kept on its top-k tokens plus a tail bucket (:mod:`kdjax.divergences.sparse`),
-and RS-KD's sampled FKL.
+and RS-KD's sampled FKL. :func:`kdjax.divergences.mixture.mix` mixes several
+teachers of one vocabulary into the one teacher every divergence takes.
 """
 
 from typing import Callable
 
-from kdjax.divergences import core, engine, fused, reference, sparse
+from kdjax.divergences import core, engine, fused, mixture, reference, sparse
 from kdjax.divergences.core import (
     AKL_RULES,
     akl_weights,
@@ -117,6 +118,7 @@ __all__ = [
     "jsd",
     "log_probs",
     "masked_mean",
+    "mixture",
     "names",
     "reference",
     "rkl",

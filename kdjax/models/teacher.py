@@ -4,13 +4,17 @@ Training (:mod:`kdjax.training.builder`) and the teacher cache
 (:mod:`kdjax.cache.build`) run the same teacher, loaded here. A
 ``preset:NAME`` path builds the preset with random weights from a fixed seed:
 a teacher of the right family and shape for smoke runs and sizing, which
-knows nothing.
+knows nothing. With ``teacher.others`` set, :func:`load` returns
+:class:`Teachers`: every teacher, each loaded like the first (same dtype and
+model overrides), with the prior weights and the rule that mixes them
+(:mod:`kdjax.divergences.mixture`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from flax import nnx
 import jax
@@ -24,6 +28,24 @@ if TYPE_CHECKING:
   from kdjax.config.spec import TeacherSpec
 
 
+class Teachers(nnx.Module):
+  """Several frozen teachers over one vocabulary, mixed per token.
+
+  Attributes:
+    members: the teachers, ``teacher.path`` first.
+    prior: their prior weights ``π_k`` (not normalised).
+    combine: the rule of :data:`kdjax.divergences.mixture.COMBINE` that
+      sets the per-token weights.
+  """
+
+  def __init__(
+      self, members: Sequence[nnx.Module], prior: Sequence[float], combine: str
+  ):
+    self.members = nnx.List(members)
+    self.prior = tuple(float(w) for w in prior)
+    self.combine = combine
+
+
 def path(teacher: TeacherSpec) -> str:
   """The teacher directory (or ``preset:NAME``), or one sentence on how to
   get it."""
@@ -33,6 +55,20 @@ def path(teacher: TeacherSpec) -> str:
   if os.path.isdir(directory):
     return directory
   raise FileNotFoundError(missing(teacher.path, teacher.hub_id))
+
+
+def check_paths(teacher: TeacherSpec) -> None:
+  """Every teacher's checkpoint is there, or one sentence on the first that
+  is not."""
+  path(teacher)
+  for other in teacher.others:
+    if not (
+        other.startswith(PRESET) or os.path.isdir(os.path.expanduser(other))
+    ):
+      raise FileNotFoundError(
+          f"teacher.others names {other}, which is not a directory; pass "
+          "Hugging Face model directories or preset:NAME."
+      )
 
 
 def missing(path: str, hub_id: str) -> str:
@@ -56,7 +92,18 @@ def missing(path: str, hub_id: str) -> str:
 
 
 def load(teacher: TeacherSpec, mesh: jax.sharding.Mesh) -> nnx.Module:
-  """The frozen teacher in eval mode (dropout off), placed on ``mesh``."""
+  """The frozen teacher in eval mode (dropout off), placed on ``mesh``; a
+  :class:`Teachers` of them all when ``teacher.others`` is set."""
+  if not teacher.others:
+    return _load_one(teacher, mesh)
+  members = [
+      _load_one(dataclasses.replace(teacher, path=p, others=()), mesh)
+      for p in teacher.paths
+  ]
+  return Teachers(members, teacher.prior, teacher.combine)
+
+
+def _load_one(teacher: TeacherSpec, mesh: jax.sharding.Mesh) -> nnx.Module:
   dtype = models.dtype_of(teacher.dtype)
   overrides = dict(teacher.model_overrides)
   where = path(teacher)

@@ -167,7 +167,7 @@ def _check(s: spec_lib.TrainSpec, mesh: jax.sharding.Mesh) -> None:
           f"onpolicy.source={s.onpolicy.source!r}; change them."
       )
   if s.loss["kd_ratio"] > 0 and not s.teacher.cached:
-    teacher_lib.path(s.teacher)
+    teacher_lib.check_paths(s.teacher)
   n_batch = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
   if s.batch_size % (s.grad_accum * n_batch):
     raise ValueError(
@@ -182,18 +182,18 @@ def _models(
   live = s.loss["kd_ratio"] > 0 and not s.teacher.cached
   teacher = teacher_lib.load(s.teacher, mesh) if live else None
   student = make_student(s.student, mesh)
-  if (
-      teacher is not None
-      and not s.teacher.cross_tokenizer
-      and _vocab(teacher) != _vocab(student)
-  ):
-    raise ValueError(
-        f"teacher vocabulary {_vocab(teacher)} != student vocabulary "
-        f"{_vocab(student)}; the trainer feeds the same token ids to both, so "
-        "distil between models that share a tokenizer, or set "
-        "teacher.tokenizer for a cross-tokenizer loss "
-        f"({', '.join(objective.CROSS_TOKENIZER)})."
-    )
+  if teacher is not None and not s.teacher.cross_tokenizer:
+    members = getattr(teacher, "members", [teacher])  # teacher_lib.Teachers
+    for where, member in zip(s.teacher.paths, members):
+      if _vocab(member) != _vocab(student):
+        raise ValueError(
+            f"teacher vocabulary {_vocab(member)} != student vocabulary "
+            f"{_vocab(student)} ({where}); the trainer feeds the same token "
+            "ids to the teachers and the student, so distil between models "
+            "that share a tokenizer, or set teacher.tokenizer (one teacher) "
+            "for a cross-tokenizer loss "
+            f"({', '.join(objective.CROSS_TOKENIZER)})."
+        )
   return student, teacher
 
 

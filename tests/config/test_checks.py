@@ -371,6 +371,68 @@ def test_cross_tokenizer_refusals(root, overrides, words):
   _refused(_config(root, "uld_xtok_gpt2", **overrides), words)
 
 
+def test_the_multiteacher_config_passes(root):
+  assert checks.validate(_config(root, "multiteacher_gpt2")) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (
+            {"teacher.weights": "1,2,3"},
+            "teacher.weights='1,2,3' gives 3 weights for 2 teachers "
+            "(teacher.path, then teacher.others); give one weight per teacher",
+        ),
+        (
+            {"teacher.weights": "1,-2"},
+            "teacher.weights='1,-2' is not a comma-separated list of "
+            "positive numbers",
+        ),
+        ({"teacher.combine": "vote"}, "teacher.combine='vote' is unknown"),
+        (
+            {"loss.impl": "fused"},
+            "teacher.others='preset:tiny-gpt2' cannot run here: "
+            "loss.impl='fused' never forms the teachers' logits",
+        ),
+        (
+            {"loss.features.weight": 1.0},
+            "cannot run here: loss.features and loss.attention compare the "
+            "student with one teacher's layers",
+        ),
+        (
+            {"teacher.tokenizer": "byte", "loss.name": "uld"},
+            "cannot run here: every teacher must read the student's token ids",
+        ),
+        (
+            {"teacher.source": "cache", "teacher.cache_dir": "/nowhere"},
+            "cannot run here: a teacher cache holds one teacher",
+        ),
+    ],
+)
+def test_multiteacher_refusals(root, overrides, words):
+  _refused(_config(root, "multiteacher_gpt2", **overrides), words)
+
+
+def test_multiteacher_refusals_on_policy_and_other_teachers(root, tmp_path):
+  _refused(
+      _config(root, "gkd_gpt2", **{"teacher.others": "preset:tiny-gpt2"}),
+      "teacher.others='preset:tiny-gpt2' cannot run here: "
+      "onpolicy.source='gkd' samples from or scores with one teacher",
+  )
+  wide = _hf_dir(tmp_path / "wide", vocab_size=300)
+  _refused(
+      _config(root, "fkl_gpt2", **{"teacher.others": wide}),
+      f"teacher.others names {wide}, with a vocabulary of 300, but the "
+      "teacher",
+      "has 257; every teacher reads the student's token ids",
+  )
+  _refused(
+      _config(root, "fkl_gpt2", **{"teacher.others": "/nowhere"}),
+      "teacher.others names /nowhere, which holds no config.json",
+      error=checks.MissingInputError,
+  )
+
+
 def test_tokenizer_larger_than_the_students_vocabulary(root):
   c = _config(root, **{"student.model_overrides.vocab_size": 200})
   _refused(

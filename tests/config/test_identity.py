@@ -91,3 +91,23 @@ def test_a_workdir_without_lora_trained_every_weight():
       **{"student.lora.rank": 8, "student.lora.export_adapter": False},
   )
   assert identity.changed(new, lora) == ["student.lora.rank"]
+
+
+def test_a_workdir_without_other_teachers_had_one_teacher():
+  old, new = _resolved("tiny"), _resolved("tiny")
+  for key in ("others", "weights", "combine"):
+    del old["teacher"][key]
+  assert identity.changed(old, new) == []
+  more = _resolved(
+      "tiny",
+      **{
+          "teacher.others": "preset:tiny-gpt2",
+          "teacher.weights": "2,1",
+          "teacher.combine": "confidence",
+      },
+  )
+  assert identity.changed(old, more) == [
+      "teacher.combine",
+      "teacher.others",
+      "teacher.weights",
+  ]

@@ -91,6 +91,7 @@ def test_every_paper_config_is_present():
       "uld_xtok_gpt2",
       "features_gpt2",
       "attention_gpt2",
+      "multiteacher_gpt2",
   }
 
 
