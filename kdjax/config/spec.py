@@ -114,6 +114,12 @@ def positive_numbers(text: str) -> tuple[float, ...]:
   return out
 
 
+def _positive_numbers_text(text: str) -> str:
+  """``text`` itself, once :func:`positive_numbers` reads it."""
+  positive_numbers(text)
+  return text
+
+
 def layer_pairs(text: str) -> tuple[tuple[int, int], ...]:
   """``"1:2, 2:4"`` -> ``((1, 2), (2, 4))``; ``""`` -> ``()``."""
   out = []
@@ -293,7 +299,9 @@ class TeacherSpec:
   )
   cache: CacheSpec = group(CacheSpec, "the cached teacher's encoding")
   model_overrides: Mapping[str, Any] = field(
-      {}, "model config fields replaced (both path kinds)", identity=True
+      {},
+      "model config fields replaced (both path kinds, every teacher)",
+      identity=True,
   )
   tokenizer: str = field(
       "",
@@ -308,20 +316,19 @@ class TeacherSpec:
       at_least=0,
       special={0: "data.max_length"},
   )
-  others: tuple[str, ...] = field(
+  others: str = field(
       "",
       "more live teachers beside path, comma-separated HF directories or "
       "preset:NAME over the student's vocabulary, mixed per token "
       "('': path alone)",
       identity=True,
-      resolve=names,
   )
-  weights: tuple[float, ...] = field(
+  weights: str = field(
       "",
       "prior weight of each teacher, path first, comma-separated ('': "
       "equal)",
       identity=True,
-      resolve=positive_numbers,
+      resolve=_positive_numbers_text,
   )
   combine: str = field(
       "fixed",
@@ -333,13 +340,13 @@ class TeacherSpec:
 
   @property
   def paths(self) -> tuple[str, ...]:
-    """Every teacher: ``path``, then ``others``."""
-    return (self.path, *self.others)
+    """Every teacher: ``path``, then each of ``others``."""
+    return (self.path, *names(self.others))
 
   @property
   def prior(self) -> tuple[float, ...]:
     """The teachers' prior weights, ``weights`` or equal ones (not normalised)."""
-    return self.weights or (1.0,) * len(self.paths)
+    return positive_numbers(self.weights) or (1.0,) * len(self.paths)
 
   @property
   def cached(self) -> bool:

@@ -61,7 +61,7 @@ def check_paths(teacher: TeacherSpec) -> None:
   """Every teacher's checkpoint is there, or one sentence on the first that
   is not."""
   path(teacher)
-  for other in teacher.others:
+  for other in teacher.paths[1:]:
     if not (
         other.startswith(PRESET) or os.path.isdir(os.path.expanduser(other))
     ):
@@ -94,10 +94,10 @@ def missing(path: str, hub_id: str) -> str:
 def load(teacher: TeacherSpec, mesh: jax.sharding.Mesh) -> nnx.Module:
   """The frozen teacher in eval mode (dropout off), placed on ``mesh``; a
   :class:`Teachers` of them all when ``teacher.others`` is set."""
-  if not teacher.others:
+  if len(teacher.paths) == 1:
     return _load_one(teacher, mesh)
   members = [
-      _load_one(dataclasses.replace(teacher, path=p, others=()), mesh)
+      _load_one(dataclasses.replace(teacher, path=p, others=""), mesh)
       for p in teacher.paths
   ]
   return Teachers(members, teacher.prior, teacher.combine)

@@ -9,6 +9,8 @@ import pytest
 from scipy import special
 
 from kdjax import models
+from kdjax.cache import build as cache_build
+from kdjax.config import checks
 import reference_np as ref
 import tiny_run
 
@@ -95,3 +97,15 @@ def test_logged_kd_is_fkl_to_the_hand_mixed_teachers(root):
   nll = -np.take_along_axis(log_q, batch["labels"][..., None], -1)[..., 0]
   mask = batch["loss_mask"]
   assert m["ce"] == pytest.approx(np.sum(nll * mask) / np.sum(mask), rel=2e-5)
+
+
+def test_the_teacher_cache_refuses_several_teachers(root, tmp_path):
+  c = _config(root, "preset:tiny-gpt2")
+  with pytest.raises(checks.ConfigError) as e:
+    cache_build.build(c, str(tmp_path / "cache"))
+  assert str(e.value) == (
+      "teacher.others='preset:tiny-gpt2' is set but a teacher cache holds "
+      "one teacher's distributions; cache a config with one teacher "
+      "(--config.teacher.others='')."
+  )
+  assert not os.path.exists(tmp_path / "cache")
