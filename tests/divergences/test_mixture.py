@@ -93,6 +93,10 @@ def test_mixture_and_weights_match_float64(combine):
       w[:, 1, 3:], np.tile(np.asarray(PRIOR)[:, None] / 8.0, 2), rtol=1e-6
   )
   assert np.all(np.isfinite(logits[..., np.arange(V) != 7]))
+  # logits / T are log-probabilities already.
+  np.testing.assert_allclose(
+      np.exp(logits.astype(np.float64) / TEMPERATURE).sum(-1), 1.0, rtol=1e-5
+  )
   # The divergences read softmax(logits / T): the mixture itself.
   got_p = special.softmax(logits.astype(np.float64) / TEMPERATURE, axis=-1)
   np.testing.assert_allclose(got_p, want_p, rtol=1e-5, atol=1e-7)
