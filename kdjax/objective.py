@@ -486,7 +486,7 @@ def teacher_logits(loss_cfg, teacher, batch: Mapping[str, Array]) -> Array:
   """The teacher's logits on ``batch``, under ``stop_gradient``.
 
   Several teachers (:class:`kdjax.models.teacher.Teachers`) run one after
-  another, each folded into their per-token mixture as soon as it has run
+  another, their logits folded into the per-token mixture in turn
   (:func:`kdjax.divergences.mixture.mix`, at the KD temperature), which is
   returned as the logits ``T · log p_mix`` of one teacher.
   """

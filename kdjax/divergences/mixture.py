@@ -20,9 +20,10 @@ The mixture is returned as logits for the divergences, ``T · log p_mix``:
 every divergence divides the teacher's logits by ``T`` before its softmax, and
 ``softmax(T · log p_mix / T) = p_mix``, so each one evaluates the mixture
 unchanged. ``log p_mix = logsumexp_k(log p_k + a_k) − logsumexp_k(a_k)`` is
-accumulated one teacher at a time: the teachers' logits are consumed in turn
-from an iterable, so a caller that computes them lazily never holds more than
-one teacher's ``[B, T, V]`` logits beside the running sum.
+accumulated one teacher at a time (``logaddexp``) from an iterable of the
+teachers' logits, never stacked into one ``[K, B, T, V]`` array; under
+``jit`` the compiler may still fuse the whole sum into one pass that reads
+every teacher's logits (docs/beyond_logits.md, "Several teachers").
 """
 
 from __future__ import annotations
