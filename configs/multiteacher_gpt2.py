@@ -13,7 +13,8 @@ first (``configs/sft_gpt2.py:teacher --config.student.init=gpt2-large``):
 
 Laptop-CPU scale on the embedded benchmark (needs the tiny teacher, see
 sft_gpt2.py): the shipped tiny teacher beside a random one of the same
-vocabulary, which the confidence rule learns to outweigh:
+vocabulary; on the response tokens of a first batch the confidence rule gives
+the trained teacher 0.99 of the weight on average:
 
   python -m kdjax.train --config=configs/multiteacher_gpt2.py:tiny --workdir=workdirs/tiny/multiteacher
 

@@ -108,8 +108,8 @@ def positive_numbers(text: str) -> tuple[float, ...]:
   try:
     out = tuple(float(n) for n in names(text))
   except ValueError:
-    out = (-1.0,)
-  if not all(x > 0 and x != float("inf") for x in out):
+    out = None
+  if out is None or not all(0 < x < float("inf") for x in out):
     raise ValueError("is not a comma-separated list of positive numbers")
   return out
 
