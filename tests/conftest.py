@@ -18,7 +18,9 @@ Tests compile thousands of tiny programs, and LLVM's optimisation passes are
 most of each compile while buying nothing at these sizes: the backend runs
 unoptimised (``JAX_DISABLE_MOST_OPTIMIZATIONS``), which cuts a training
 step's compile about threefold. XLA's HLO passes, which decide the arithmetic,
-still run, so results are those of an optimised build.
+still run, so results are those of an optimised build. Where jaxlib has the
+switch, XLA:CPU also emits its fused kernels the classic way, another
+threefold (:func:`commands.xla_flags`, which every test subprocess uses too).
 
 The synthetic dataset is prepared once per run in a directory every worker
 shares (:func:`tiny_run.data_dir`).
@@ -28,9 +30,11 @@ import os
 
 import pytest
 
+import commands  # sets no jax state: safe before jax initialises
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", commands.xla_flags(devices=8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "jax")

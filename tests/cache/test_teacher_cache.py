@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+import commands
 from commands import ROOT, assert_one_error, listing, run_cli
 from kdjax import models, objective, training
 from kdjax.cache import build, codec, store
@@ -465,7 +466,7 @@ runpy.run_module("kdjax.cache_teacher", run_name="__main__")
 def test_a_killed_build_resumes_to_the_same_cache(root, cli_cache, tmp_path):
   out = str(tmp_path / "cache")
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = commands.xla_flags()
   p = subprocess.Popen(
       [sys.executable, "-c", _KILLED_BUILD, *_cli_args(root, out)],
       cwd=ROOT,

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 
+import commands
 from commands import ROOT, assert_one_error, listing, run_cli
 import tiny_run
 
@@ -273,7 +274,7 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(
       "--config.batch_size=8",
   ]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = commands.xla_flags()
   p = subprocess.Popen(
       args,
       cwd=ROOT,

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import commands
 from commands import ROOT
 from experiments import (
     gaussian_mixture,
@@ -262,7 +263,7 @@ def test_scripts_run_from_the_command_line(tmp_path, as_module):
       else [os.path.join("experiments", f"{name}.py")]
   )
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = commands.xla_flags()
   proc = subprocess.run(
       [
           sys.executable,

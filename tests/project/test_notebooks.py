@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 
+import commands
 from commands import ROOT
 import extras
 
@@ -80,7 +81,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
   )
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "Agg")
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", commands.xla_flags())
   client = nbclient.NotebookClient(
       nb,
       timeout=TIMEOUT_S,

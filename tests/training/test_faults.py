@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import test_resume_kill as kill_lib
 
+import commands
 from commands import ROOT, assert_one_error
 from fake_gcs import fake_gcs_fixture  # noqa: F401
 from kdjax import checksums, fs, metrics, training
@@ -131,7 +132,7 @@ def test_sigterm_saves_the_step_logs_it_and_resumes_exactly(root, straight):
       os.environ,
       PYTHONPATH=ROOT,
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
+      XLA_FLAGS=commands.xla_flags(DEVICES),
   )
   p = subprocess.Popen(
       [sys.executable, "-m", "kdjax.train", *args],
@@ -262,7 +263,7 @@ def test_processes_agree_on_the_step_to_stop_at(tmp_path):
       os.environ,
       PYTHONPATH=ROOT,
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      XLA_FLAGS=commands.xla_flags(2),
   )
   procs = [
       subprocess.Popen(

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import commands
 from kdjax import checkpoint, metrics, sharding, training
 from kdjax.training import step as train_step
 import mp_worker
@@ -41,7 +42,7 @@ def _launch(root: str, workdir: str, out: str) -> None:
         JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
         JAX_NUM_PROCESSES="2",
         JAX_PROCESS_ID=str(i),
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=commands.xla_flags(2),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.getcwd(),
     )

@@ -1,11 +1,13 @@
 """Preemption: SIGKILL the training CLI at random moments, restart, compare.
 
-A run killed ``KDJAX_KILLS`` times (default 3; ``KDJAX_KILLS=10 pytest
-tests/training/test_resume_kill.py`` for the long version) and restarted with the same
-command each time must end with the same student, bit for bit, as a run that
-was never interrupted, and with one ``metrics.jsonl`` row per step; so must an
-on-policy DistiLLM run (two kills) that generates every step and replays
-from a full buffer, whose kills land mid-generation too. Kills land
+An on-policy DistiLLM run, which generates every step and replays from a
+full buffer, killed ``KDJAX_KILLS`` times (default 3; ``KDJAX_KILLS=10 pytest
+tests/training/test_resume_kill.py`` for the long version) and restarted with
+the same command each time must end with the same student and the same
+sequence-source state (generation key, schedule, replay buffer), bit for bit,
+as a run that was never interrupted, and with one ``metrics.jsonl`` row per
+step. Its checkpoints hold everything an off-policy run's do and more, so this
+one run covers both kinds; its kills land mid-generation too. Kills land
 at seeded random moments of three kinds: while a checkpoint is being written
 (an orbax ``*.orbax-checkpoint-tmp*`` directory exists), a random delay after a
 checkpoint commits, and a random delay after start (set-up, compilation; cut
@@ -26,6 +28,7 @@ import jax
 import numpy as np
 import pytest
 
+import commands
 from kdjax import checkpoint, metrics, sharding, training
 from kdjax.config import files as config_files
 import tiny_run
@@ -37,10 +40,9 @@ TMP = ".orbax-checkpoint-tmp"
 # (config, kills, overrides). DistiLLM with tau = 1 from the start and a
 # one-batch buffer generates, fills the buffer and replays from it.
 CASES = {
-    "akl": ("akl_gpt2", KILLS, {}),
     "distillm": (
         "distillm_gpt2",
-        2,
+        KILLS,
         {
             "onpolicy.init_threshold": 1.0,
             "onpolicy.buffer_size": 8,
@@ -99,7 +101,7 @@ def _command(root: str, workdir: str, case: str) -> list[str]:
 def _env(root: str) -> dict:
   env = dict(os.environ)
   env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
+      XLA_FLAGS=commands.xla_flags(DEVICES),
       JAX_PLATFORMS="cpu",
       PYTHONPATH=os.getcwd(),
       JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax_cache"),
