@@ -108,15 +108,25 @@ def _sums(family):
 
   @jax.jit
   def run(batches, proj):
-    return {
+    sums = {
         k: [
             objective.sums(c, student, teacher, b, projection=proj[k])
             for b in batches
         ]
         for k, c in CFGS.items()
     }
+    b = batches[0]
+    inputs = (b["input_ids"], b["positions"], b["attention_mask"])
+    hidden = (
+        student.intermediates(*inputs, taps=layers.Taps(hidden=(0, 1, 2)))[1],
+        teacher.intermediates(
+            *inputs, taps=layers.Taps(hidden=(0, 1, 2, 3, 4))
+        )[1],
+    )
+    return sums, hidden
 
-  return run((_batch(ids), _batch(other)), proj), proj, ids
+  out, hidden = run((_batch(ids), _batch(other)), proj)
+  return out, proj, hidden
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -134,13 +144,7 @@ def test_padding_slots_change_no_term(family):
 def test_feature_sum_is_the_layer_maps_mean_over_response_tokens():
   """The uniform map pairs student blocks 1, 2 with teacher blocks 2, 4;
   the explicit one the embeddings and 2 with 3."""
-  out, proj, ids = _sums("gpt2")
-  student, teacher = _models("gpt2")
-  taps = layers.Taps(hidden=(0, 1, 2, 3, 4))
-  b = _batch(ids)
-  inputs = (b["input_ids"], b["positions"], b["attention_mask"])
-  _, hs = student.intermediates(*inputs, taps=layers.Taps(hidden=(0, 1, 2)))
-  _, ht = teacher.intermediates(*inputs, taps=taps)
+  out, proj, (hs, ht) = _sums("gpt2")
   h = lambda d, l: np.asarray(d.hidden[l], np.float64)
   for k, fn, pairs in (
       ("mse", F.hidden_mse, ((1, 2), (2, 4))),

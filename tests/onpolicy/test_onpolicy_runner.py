@@ -72,6 +72,18 @@ def _setup(kind="distillm", total_steps=40, **kw):
   return src, params, rest, batches
 
 
+def _committed(tree):
+  """``tree`` committed to the device, as the trainer's step outputs are (an
+  uncommitted first call would compile the runner a second time)."""
+  return jax.device_put(tree, jax.devices()[0])
+
+
+def _state(params, rest):
+  """A step-0 train state."""
+  return _committed(FakeState(jnp.asarray(0, jnp.int32), params, rest))
+
+
+@jax.jit  # one program, not one eager op per parameter
 def _train(state):
   """A stand-in update: the parameters move every step."""
   return FakeState(
@@ -94,8 +106,8 @@ def test_resume_from_a_checkpoint_with_a_full_buffer_is_bit_identical(tmp_path):
   src, params, rest, batches = _setup(capacity=8, total_steps=12)
   # tau = 1: every step trains on the student's samples or the buffer's,
   # replays more and more often as tau * (1 - step / 12) falls.
-  start = FakeState(jnp.asarray(0, jnp.int32), params, rest)
-  uninterrupted = Runner(src, src.init(5, threshold=1.0))
+  start = _state(params, rest)
+  uninterrupted = Runner(src, _committed(src.init(5, threshold=1.0)))
   whole, _ = _run(uninterrupted, start, batches, 0, 10)
   generated = [float(i["generated"]) for i in uninterrupted._infos]
   assert 0.0 in generated[5:]  # replays after the restore point
@@ -103,7 +115,7 @@ def test_resume_from_a_checkpoint_with_a_full_buffer_is_bit_identical(tmp_path):
   assert m["onpolicy_fraction"] == 1
   assert m["gen_fraction"] == pytest.approx(np.mean(generated))
 
-  runner = Runner(src, src.init(5, threshold=1.0))
+  runner = Runner(src, _committed(src.init(5, threshold=1.0)))
   first, state = _run(runner, start, batches, 0, 5)
   assert int(runner.state.buffer.count) == 8  # full when the run is "killed"
   ckpt = ocp.StandardCheckpointer()
@@ -121,8 +133,8 @@ def test_resume_from_a_checkpoint_with_a_full_buffer_is_bit_identical(tmp_path):
 
 def test_log_reports_the_window_and_resets():
   src, params, rest, batches = _setup(kind="gkd", lmbda=0.5)
-  runner = Runner(src, src.init(1))
-  state = FakeState(jnp.asarray(0, jnp.int32), params, rest)
+  runner = Runner(src, _committed(src.init(1)))
+  state = _state(params, rest)
   _, _ = _run(runner, state, batches, 0, 10)
   got = runner.log()
   chosen = [

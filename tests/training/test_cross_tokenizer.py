@@ -8,6 +8,7 @@ run stopped and resumed against one run straight through.
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import numpy as np
 import pytest
@@ -62,28 +63,27 @@ def _log_softmax(x):
 def test_objective_matches_a_numpy_reference(built):
   c, run, mesh = built
   batch = run.train_data.dataset[0]
-  with jax.set_mesh(mesh):
-    s = np.asarray(
-        run.student(
-            batch["input_ids"], batch["positions"], batch["attention_mask"]
-        ),
-        np.float64,
-    )
-    t = np.asarray(
-        run.teacher(
-            batch["teacher_input_ids"],
-            batch["teacher_positions"],
-            batch["teacher_attention_mask"],
-        ),
-        np.float64,
+
+  # One program for both forwards and the objective (eager ops would each
+  # compile their own).
+  @nnx.jit
+  def forward(student, teacher, batch):
+    s = student(batch["input_ids"], batch["positions"], batch["attention_mask"])
+    t = teacher(
+        batch["teacher_input_ids"],
+        batch["teacher_positions"],
+        batch["teacher_attention_mask"],
     )
     got = objective.sums(
-        c.loss,
-        run.student,
-        run.teacher,
-        training.put_batch(batch, mesh),
-        matched=run.step.matched,
+        c.loss, student, teacher, batch, matched=run.step.matched
     )
+    return s, t, got
+
+  with jax.set_mesh(mesh):
+    s, t, got = forward(
+        run.student, run.teacher, training.put_batch(batch, mesh)
+    )
+  s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
   mask = batch["loss_mask"].astype(np.float64)
   kd_mask = mask * batch["aligned_mask"]
   ce = -np.take_along_axis(_log_softmax(s), batch["labels"][..., None], -1)

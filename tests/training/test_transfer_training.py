@@ -22,9 +22,16 @@ def _config(root):
   )
 
 
-def _projections(c, *workdirs):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """``(config, run, mesh)``: one build the tests share."""
+  root = str(tmp_path_factory.mktemp("transfer"))
+  c = _config(root)
+  return (c, *tiny_run.built(c, root))
+
+
+def _projections(run, mesh, *workdirs):
   """The initial projections, then each workdir's latest checkpointed ones."""
-  run, mesh = tiny_run.built(c, str(workdirs[0]))
   out = [run.state.projection]
   for w in workdirs:
     ck = checkpoint.Checkpoints(str(w), every_steps=1, max_to_keep=1)
@@ -38,9 +45,9 @@ def _projections(c, *workdirs):
 
 
 def test_resume_with_projection_equals_straight_run_and_export_drops_it(
-    tmp_path,
+    built, tmp_path
 ):
-  c = _config(str(tmp_path))
+  c, run, mesh = built
   exported = c.copy_and_resolve_references()
   exported.export_hf = True
   a, b = tiny_run.straight_and_resumed(
@@ -64,7 +71,7 @@ def test_resume_with_projection_equals_straight_run_and_export_drops_it(
   # Checkpointed and trained: both runs end on the same projections, which
   # moved from their initial values.
   initial, straight, resumed = _projections(
-      c, tmp_path / "straight", tmp_path / "resumed"
+      run, mesh, tmp_path / "straight", tmp_path / "resumed"
   )
   assert sorted(straight) == ["1_1"]  # one block each
   for k, p in straight.items():
@@ -86,9 +93,9 @@ def test_resume_with_projection_equals_straight_run_and_export_drops_it(
   )
 
 
-def test_weights_are_traced_in_the_step(tmp_path):
+def test_weights_are_traced_in_the_step(built):
   """A new weight value reuses the compiled train step."""
-  run, mesh = tiny_run.built(_config(str(tmp_path)), str(tmp_path))
+  _, run, mesh = built
   with jax.set_mesh(mesh):
     f = jax.jit(run.step.train)
     batch = training.put_batch(run.train_data.dataset[0], mesh)
