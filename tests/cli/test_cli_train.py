@@ -15,6 +15,7 @@ import pytest
 
 import commands
 from commands import ROOT, assert_one_error, listing, run_cli
+from kdjax.config import recipe
 import tiny_run
 
 TINY = "configs/akl_gpt2.py:tiny,steps=10"
@@ -108,11 +109,16 @@ def test_a_config_that_does_not_exist_lists_configs(root, tmp_path):
 def test_the_design_card_command_trains_from_a_clone(tmp_path):
   """``python -m kdjax.train --config=configs/akl_gpt2.py:tiny,steps=2
   --workdir=W``, typed as is at the root of a clone (its ``configs/`` and
-  shipped tiny teacher, nothing else), trains and exports the student."""
+  shipped tiny teacher, nothing else), trains and exports the student.
+
+  The embedded dataset is copied in where the tiny configs keep it, prepared
+  already (the test run's shared copy): preparing it is the same code every
+  other tiny run in the suite goes through."""
   clone = tmp_path / "clone"
   shutil.copytree(os.path.join(ROOT, "configs"), clone / "configs")
   teacher = os.path.join("experiments", "assets", "tiny_teacher")
   shutil.copytree(os.path.join(ROOT, teacher), clone / teacher)
+  shutil.copytree(tiny_run.data_dir(), clone / recipe.TINY_DATA_DIR)
   rc, out, err = run_cli(
       "kdjax.train",
       "--config=configs/akl_gpt2.py:tiny,steps=2",
