@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from experiments import benchmarks
 from kdjax import models, objective
 from kdjax.models import teacher as teacher_lib
 
@@ -65,16 +64,9 @@ def _case(student, teacher, batch, repeats: int) -> dict:
     sums = objective.sums(LOSS, s, t, batch)
     return sums.ce + sums.kd
 
-  args = (params, state_t, batch)
-  compiled = jax.jit(jax.grad(loss)).lower(*args).compile()
-  temp = compiled.memory_analysis().temp_size_in_bytes
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return {"time_s": statistics.median(times), "temp_bytes": temp}
+  return benchmarks.compiled_case(
+      jax.grad(loss), (params, state_t, batch), repeats
+  )
 
 
 def main() -> None:

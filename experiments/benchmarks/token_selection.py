@@ -20,28 +20,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from experiments import benchmarks
 from kdjax import divergences as kd
 from kdjax import objective
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def _case(fn, args, repeats: int) -> dict:
-  compiled = jax.jit(fn).lower(*args).compile()
-  temp = compiled.memory_analysis().temp_size_in_bytes
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return {"time_s": statistics.median(times), "temp_bytes": temp}
 
 
 def objective_grad(cfg: dict, labels, mask):
@@ -100,12 +87,12 @@ def main(argv=None) -> dict:
     )
     row = {
         "fraction": fraction,
-        "objective": _case(
+        "objective": benchmarks.compiled_case(
             objective_grad(cfg, labels, mask), (student, teacher), a.repeats
         ),
     }
     if fraction < 1.0:
-      row["masked"] = _case(
+      row["masked"] = benchmarks.compiled_case(
           masked_grad(cfg, labels, mask), (student, teacher), a.repeats
       )
     rows.append(row)
