@@ -584,14 +584,13 @@ def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
   Every tensor is read lazily (float32, float16 or bfloat16) and
   ``device_put`` on its own sharding (over ``mesh``, or the default device),
   cast to the parameter dtype. A tied model accepts an ``lm_head.weight``
-  equal to its embedding. Non-parameter state (dropout RNG) is built by a
-  jitted constructor whose random parameters XLA dead-code eliminates.
+  equal to its embedding. The model is constructed once, traced: that gives
+  the parameters' shapes and shardings, and the non-parameter state (dropout
+  RNG) as real arrays, its random parameters dead-code eliminated by XLA.
   """
   safetensors_check.check_directory(directory)  # one sentence if damaged
   layout = family(config)
-  abstract = nnx.eval_shape(lambda: layout.cls(config, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  shardings = shd.state_shardings(abstract, mesh, nnx.state(abstract))
+  graphdef, params, rest, shardings = _skeleton(layout.cls, config, mesh, seed)
   targets = traverse_util.flatten_dict(nnx.to_pure_dict(params))
   by_key = {e.hf_key: e for e in layout.entries}
   loaded, errors, tied_head = {}, [], None
@@ -643,15 +642,36 @@ def load_params(directory: str, config, mesh=None, seed: int = 0) -> nnx.Module:
         f"{type(config).__name__}: " + "; ".join(errors) + "."
     )
   nnx.replace_by_pure_dict(params, traverse_util.unflatten_dict(loaded))
+  return nnx.merge(graphdef, params, rest)
+
+
+def _skeleton(cls, config, mesh, seed: int):
+  """``(graphdef, params, rest, shardings)`` of ``cls(config)`` from one
+  traced construction: ``params`` holds ``ShapeDtypeStruct``s, ``rest`` (the
+  RNG state) real arrays, ``shardings`` every array's by path.
+
+  One trace, not an abstract one and a jitted one: building a model under a
+  trace costs time quadratic in its depth with flax 0.12 (every RNG count
+  update asks its tracer for a sharding, and jax explains at length why
+  there is none), about 5 s for GPT-2 XL.
+  """
+  found = {}
+
+  def build():
+    model = cls(config, rngs=nnx.Rngs(params=0, dropout=seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    found["graphdef"] = graphdef
+    found["params"] = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params
+    )
+    found["shardings"] = shd.state_shardings(model, mesh, nnx.state(model))
+    return rest
+
   replicated = (
       None if mesh is None else jax.sharding.NamedSharding(mesh, jax.P())
   )
-  rngs = lambda: nnx.Rngs(params=0, dropout=seed)
-  rest_real = jax.jit(
-      lambda: nnx.state(layout.cls(config, rngs=rngs()), nnx.Not(nnx.Param)),
-      out_shardings=replicated,
-  )()
-  return nnx.merge(graphdef, params, rest_real)
+  rest = jax.jit(build, out_shardings=replicated)()
+  return found["graphdef"], found["params"], rest, found["shardings"]
 
 
 # ----------------------------------------------------------------------------
