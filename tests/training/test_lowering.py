@@ -40,6 +40,7 @@ RUNS = {
     "uld_xtok": ("uld_xtok_gpt2", {}),
     "features": ("features_gpt2", {}),
     "attention": ("attention_gpt2", {}),
+    "multiteacher": ("multiteacher_gpt2", {}),  # two teachers, mixed
     "gkd": ("gkd_gpt2", {}),
     "distillm": ("distillm_gpt2", {}),
     "skd": ("skd_gpt2", {}),
@@ -168,7 +169,9 @@ def donated(exported: export.Exported) -> set[int]:
   return {i - extra for i, a in enumerate(args) if "tf.aliasing_output" in a}
 
 
-@pytest.mark.parametrize("name", OFF_POLICY + ("uld_xtok",) + TRANSFER)
+@pytest.mark.parametrize(
+    "name", OFF_POLICY + ("uld_xtok", "multiteacher") + TRANSFER
+)
 def test_the_train_step_lowers(runs, name):
   run, mesh, (state, batch, teacher) = runs(name)
   _train(run, mesh, state, batch, teacher)
