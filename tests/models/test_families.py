@@ -332,13 +332,18 @@ def test_mesh_load_of_a_biased_model_matches_unsharded(tmp_path):
   attn = sharded.layers[0].self_attn
   assert attn.q_proj.bias[...].sharding.spec == jax.P("tensor")
   assert attn.k_proj.bias[...].sharding.spec == jax.P("tensor")
-  ids = np.random.RandomState(6).randint(0, 100, (4, 9))
-  placed = jax.device_put(jnp.asarray(ids), shd.batch_sharding(mesh))
+  # The module's batch (its unsharded program is test_full_forward's), and
+  # its rows reversed: four rows over the data x fsdp = 4 shards.
+  ids, mask, _ = _batch(6)
+  want = np.asarray(_forward(plain, ids, mask))
+  ids, mask, want = (np.concatenate([x, x[::-1]]) for x in (ids, mask, want))
+  placed = [
+      jax.device_put(jnp.asarray(x), shd.batch_sharding(mesh))
+      for x in (ids, mask)
+  ]
   with jax.set_mesh(mesh):
-    got = jax.jit(lambda m, x: m(x))(sharded, placed)
-  np.testing.assert_allclose(
-      np.asarray(got), np.asarray(plain(jnp.asarray(ids))), atol=1e-5
-  )
+    got = jax.jit(lambda m, x, k: m(x, attention_mask=k))(sharded, *placed)
+  np.testing.assert_allclose(np.asarray(got)[mask], want[mask], atol=1e-5)
 
 
 # Parameter counts of the published checkpoints (the hub's model cards;
