@@ -6,6 +6,7 @@ top-k, and the (k+1)-bin forward KL of docs/divergences.md "Sparse teachers"
 """
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import commands
-from commands import ROOT, assert_one_error, listing, run_cli
+from commands import ROOT, listing, run_cli
 from kdjax import models, objective, training
 from kdjax.cache import build, codec, store
 from kdjax.config import checks, recipe
@@ -131,10 +132,24 @@ def _examples(c):
   return examples, eos_id
 
 
+# A model's logits on a batch's rows: one compiled program per model and
+# shape instead of one per operation.
+_logits = nnx.jit(
+    lambda m, rows: m(
+        rows["input_ids"], rows["positions"], rows["attention_mask"]
+    )
+)
+
+
+@functools.cache
+def _teacher(path):
+  return models.load(path)
+
+
 def _teacher_log_probs(c, rows):
   """float64 log_softmax(t / T) of the tiny teacher on ``rows``."""
-  teacher = models.load(c.teacher.path)
-  logits = teacher(rows["input_ids"], rows["positions"], rows["attention_mask"])
+  rows = {k: rows[k] for k in ("input_ids", "positions", "attention_mask")}
+  logits = _logits(_teacher(c.teacher.path), rows)
   return _log_softmax64(np.asarray(logits, np.float64) / TEMPERATURE)
 
 
@@ -323,7 +338,10 @@ def test_kd_from_the_cache_equals_the_live_teacher_truncated(cached_run):
   student = nnx.merge(run.step.graphdef, run.state.params, run.state.rest)
   student.eval()
   s_logits = np.asarray(
-      student(batch["input_ids"], batch["positions"], batch["attention_mask"])
+      _logits(
+          student,
+          {k: batch[k] for k in ("input_ids", "positions", "attention_mask")},
+      )
   )
   want = _reference_fkl(
       s_logits[mask],
@@ -432,21 +450,19 @@ def test_cli_caches_then_trains_from_the_cache(root, cli_cache, tmp_path):
   assert rc == 0, err
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2] and rows[-1]["kd"] > 0
-  # A missing cache: one sentence naming the build command, nothing written.
-  missing = tmp_path / "none"
-  rc, _, err = run_cli(
-      "kdjax.train",
-      *args,
-      f"--workdir={tmp_path / 'w2'}",
-      "--config.teacher.source=cache",
-      f"--config.teacher.cache_dir={missing}",
-      cwd=ROOT,
-  )
-  assert rc == 1
-  assert_one_error(
-      err, "holds no teacher cache", "python -m kdjax.cache_teacher"
-  )
-  assert not (tmp_path / "w2").exists(), listing(tmp_path / "w2")
+
+
+def test_a_missing_cache_is_refused_before_anything_is_written(root, tmp_path):
+  """One sentence naming the build command (the CLIs print a ConfigError as
+  their one ``error:`` line, tests/cli), and no workdir."""
+  c = _cached(_config(root), str(tmp_path / "none"))
+  workdir = tmp_path / "w"
+  with pytest.raises(checks.ConfigError) as e:
+    training.train_and_evaluate(c, str(workdir))
+  msg = str(e.value)
+  assert "holds no teacher cache" in msg and "\n" not in msg
+  assert "python -m kdjax.cache_teacher" in msg
+  assert not workdir.exists(), listing(workdir)
 
 
 _KILLED_BUILD = """

@@ -332,13 +332,18 @@ def test_mesh_load_of_a_biased_model_matches_unsharded(tmp_path):
   attn = sharded.layers[0].self_attn
   assert attn.q_proj.bias[...].sharding.spec == jax.P("tensor")
   assert attn.k_proj.bias[...].sharding.spec == jax.P("tensor")
-  ids = np.random.RandomState(6).randint(0, 100, (4, 9))
-  placed = jax.device_put(jnp.asarray(ids), shd.batch_sharding(mesh))
+  # The module's batch (its unsharded program is test_full_forward's), and
+  # its rows reversed: four rows over the data x fsdp = 4 shards.
+  ids, mask, _ = _batch(6)
+  want = np.asarray(_forward(plain, ids, mask))
+  ids, mask, want = (np.concatenate([x, x[::-1]]) for x in (ids, mask, want))
+  placed = [
+      jax.device_put(jnp.asarray(x), shd.batch_sharding(mesh))
+      for x in (ids, mask)
+  ]
   with jax.set_mesh(mesh):
-    got = jax.jit(lambda m, x: m(x))(sharded, placed)
-  np.testing.assert_allclose(
-      np.asarray(got), np.asarray(plain(jnp.asarray(ids))), atol=1e-5
-  )
+    got = jax.jit(lambda m, x, k: m(x, attention_mask=k))(sharded, *placed)
+  np.testing.assert_allclose(np.asarray(got)[mask], want[mask], atol=1e-5)
 
 
 # Parameter counts of the published checkpoints (the hub's model cards;
@@ -365,11 +370,27 @@ FAST_PRESETS = ("qwen3-0.6b", "llama-3.2-1b", "gemma-3-1b")
     ],
 )
 def test_real_presets_have_the_published_sizes(name):
-  """kdjax's count, and transformers' count of the exported config.json."""
-  model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0)))
-  ours = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  cfg = transformers.AutoConfig.for_model(**hf.config_to_hf(model.config))
-  with torch.device("meta"):
-    ref = transformers.AutoModelForCausalLM.from_config(cfg)
-  assert type(ref).__name__ == model.config.family.architecture
-  assert ours == sum(p.numel() for p in ref.parameters()) == PUBLISHED[name]
+  """kdjax's count, and transformers' count of the exported config.json.
+
+  Layers differ at most in their attention window, not in their parameters,
+  so each count is affine in the number of layers ``L``:
+  ``count(1) + (L - 1) * (count(2) - count(1))``, from one- and two-layer
+  copies of the preset (its first layers' types) instead of all its layers.
+  """
+  full = models.preset_config(name)
+  ours, theirs = [], []
+  for n in (1, 2):
+    kw = dict(num_hidden_layers=n)
+    if full.layer_types is not None:
+      kw["layer_types"] = full.layer_types[:n]
+    model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), **kw))
+    ours.append(
+        sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    )
+    cfg = transformers.AutoConfig.for_model(**hf.config_to_hf(model.config))
+    with torch.device("meta"):
+      ref = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert type(ref).__name__ == model.config.family.architecture
+    theirs.append(sum(p.numel() for p in ref.parameters()))
+  at_depth = lambda c: c[0] + (full.num_hidden_layers - 1) * (c[1] - c[0])
+  assert at_depth(ours) == at_depth(theirs) == PUBLISHED[name]

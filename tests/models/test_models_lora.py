@@ -1,10 +1,12 @@
 """kdjax.models.lora: the adapters' count and paths; the merged export is the
 adapted model to transformers, the adapter export the same model to peft."""
 
+import functools
 import json
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -21,21 +23,29 @@ def _size(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
-def _adapted(name: str, seed: int = 0):
+@functools.cache
+def _adapted(name: str):
   """A tiny preset with rank-``RANK`` adapters whose A and B are both random
   (B non-zero, so the adapters change the output), in eval mode; and the
-  same model without adapters."""
+  same model without adapters. Built once per preset; tests only read them."""
   vocab = 97
-  base = models.create(name, vocab_size=vocab, rngs=nnx.Rngs(seed))
+  base = models.create(name, vocab_size=vocab, rngs=nnx.Rngs(0))
   base.eval()
   model = lora.apply(nnx.clone(base), rank=RANK, alpha=ALPHA, rngs=nnx.Rngs(1))
-  key = jax.random.key(seed)
+  rng = np.random.RandomState(0)  # host draws: no program per adapter shape
   for _, m in lora.adapted(model):
     for v in (m.lora.lora_a, m.lora.lora_b):
-      key, sub = jax.random.split(key)
-      v[...] = 0.2 * jax.random.normal(sub, v.shape)
+      v[...] = jnp.asarray(0.2 * rng.standard_normal(v.shape), jnp.float32)
   model.eval()
   return model, base
+
+
+@functools.cache
+def _logits(name: str) -> tuple[np.ndarray, np.ndarray]:
+  """The adapted and the plain model's logits on ``IDS``, each one program."""
+  forward = nnx.jit(lambda m: m(jnp.asarray(IDS)))
+  model, base = _adapted(name)
+  return np.asarray(forward(model)), np.asarray(forward(base))
 
 
 def _closed_form_count(name: str) -> int:
@@ -101,9 +111,10 @@ def test_merged_export_is_the_adapted_model_in_transformers(name, tmp_path):
   assert not any("lora" in k for k in keys)
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
   want = hf_tiny.torch_logits(hf, IDS)
-  np.testing.assert_allclose(np.asarray(model(IDS)), want, atol=1e-5)
+  got, plain = _logits(name)
+  np.testing.assert_allclose(got, want, atol=1e-5)
   # The adapters do change the model: the merge is not a no-op.
-  assert np.abs(np.asarray(base(IDS)) - want).max() > 1e-2
+  assert np.abs(plain - want).max() > 1e-2
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -125,6 +136,6 @@ def test_adapter_export_loads_in_peft(name, tmp_path):
   )
   adapted = peft.PeftModel.from_pretrained(torch_base, tmp_path / "adapter")
   want = hf_tiny.torch_logits(adapted, IDS)
-  got = np.asarray(model(IDS))
+  got, plain = _logits(name)
   np.testing.assert_allclose(got, want, atol=1e-5)
-  assert np.abs(np.asarray(base(IDS)) - want).max() > 1e-2
+  assert np.abs(plain - want).max() > 1e-2

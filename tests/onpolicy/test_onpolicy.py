@@ -164,17 +164,28 @@ def test_response_rows_equal_pipeline_train_rows(stop_ids):
 # The student's samples.
 
 
+def _generated_steps(src, state, n):
+  """The first ``n`` steps at which GKD's mixture chooses the student."""
+  chosen = jax.vmap(lambda s: gkd.uses_generated(state.key, s, src.lmbda))(
+      jnp.arange(64)
+  )
+  return [int(s) for s in np.flatnonzero(np.asarray(chosen))[:n]]
+
+
 def test_onpolicy_batch_is_the_students_samples_and_masks_them_exactly():
   model = _student()
   examples = _examples(np.random.RandomState(2), 8)
   batch = _dataset_batch(examples)
-  src = _source(model)
+  # The mixture's source (compiled once for this test and the next): at a
+  # step where it chooses the student, its batch is the student's samples.
+  src = _source(model, lmbda=0.5)
   state = src.init(seed=7)
-  out, _, info = _np(_call(src, model, batch, state, step=5))
+  step, other = _generated_steps(src, state, 2)
+  out, _, info = _np(_call(src, model, batch, state, step=step))
   # Independently: kdjax.sampling.generate on the same prompts and key.
   prompts = [e.ids[: e.prompt_len].tolist() for e in examples]
   left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
-  key = strategy.step_keys(state.key, jnp.asarray(5, jnp.int32))[1]
+  key = strategy.step_keys(state.key, jnp.asarray(step, jnp.int32))[1]
   model.eval()
   tokens = np.asarray(
       sampling.generate(
@@ -206,7 +217,7 @@ def test_onpolicy_batch_is_the_students_samples_and_masks_them_exactly():
   assert info["onpolicy"] == 1 and info["generated"] == 1
   assert info["gen_len"] == pytest.approx(np.mean(lengths))
   # Another step, another sample.
-  again, _, _ = _np(_call(src, model, batch, state, step=6))
+  again, _, _ = _np(_call(src, model, batch, state, step=other))
   assert (again["labels"] != out["labels"]).any()
 
 
@@ -240,11 +251,14 @@ def test_eight_devices_equal_one(kind):
   outs = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = sharding.make_mesh(devices=devices)
+    # Initialised outside the mesh (the programs other tests compiled), then
+    # placed on it.
+    student, teacher = _student(3), _teacher()
     with jax.set_mesh(mesh):
-      m = sharding.shard_model(_student(3), mesh)
+      m = sharding.shard_model(student, mesh)
       teacher_state = None
       if kind in ("skd", "minillm"):
-        teacher = sharding.shard_model(_teacher(), mesh)
+        teacher = sharding.shard_model(teacher, mesh)
         teacher.eval()
         graphdef, teacher_state = nnx.split(teacher)
         kw = dict(kw, teacher_graphdef=graphdef)
@@ -292,22 +306,27 @@ def test_lmbda_zero_returns_the_dataset_batch_bit_for_bit():
 
 def test_gkd_choice_frequency_and_determinism():
   key = _source(_student()).init(seed=11).key
-  steps = jnp.arange(4000)
-  for lmbda in (0.0, 0.25, 0.7, 1.0):
-    use = np.asarray(
-        jax.vmap(lambda s: gkd.uses_generated(key, s, lmbda))(steps)
-    )
+  lmbdas = (0.0, 0.25, 0.7, 1.0)
+  # Every lmbda's 4000 choices in one program.
+  use_LxS = jax.jit(
+      jax.vmap(
+          jax.vmap(gkd.uses_generated, in_axes=(None, 0, None)),
+          in_axes=(None, None, 0),
+      )
+  )(key, jnp.arange(4000), jnp.asarray(lmbdas))
+  for lmbda, use in zip(lmbdas, np.asarray(use_LxS)):
     # Binomial(4000, lmbda): within 4 standard deviations.
     sd = np.sqrt(4000 * lmbda * (1 - lmbda))
     assert abs(use.sum() - 4000 * lmbda) <= 4 * sd + 1e-9, lmbda
     if 0 < lmbda < 1:  # not a fixed pattern: runs of both lengths occur
       assert (np.diff(use.astype(int)) != 0).sum() > 100
-  # The choice of a step depends only on the key and the step (exact resume).
-  a = [bool(gkd.uses_generated(key, jnp.asarray(s), 0.5)) for s in range(20)]
-  b = [
-      bool(gkd.uses_generated(key, jnp.asarray(s), 0.5))
-      for s in reversed(range(20))
-  ][::-1]
+  # The choice of a step depends only on the key and the step (exact resume):
+  # separate calls in either order agree.
+  choose = jax.jit(gkd.uses_generated, static_argnums=2)
+  a = [bool(choose(key, jnp.asarray(s), 0.5)) for s in range(20)]
+  b = [bool(choose(key, jnp.asarray(s), 0.5)) for s in reversed(range(20))][
+      ::-1
+  ]
   assert a == b
 
 
@@ -450,18 +469,26 @@ def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
   batch = _dataset_batch(examples)
   prompts = [e.ids[: e.prompt_len].tolist() for e in examples]
   left = pipeline.left_pad(prompts, length=P, eos_id=EOS)
-  for lmbda, by in ((0.0, "teacher"), (1.0, "student")):
-    src = _source(
-        student,
-        lmbda=lmbda,
-        seq_kd=True,
-        teacher_graphdef=nnx.graphdef(teacher),
-    )
-    state = src.init(seed=8)
+  # One mixture (one program): a step where it keeps the (teacher's) dataset
+  # side and one where it chooses the student.
+  src = _source(
+      student, lmbda=0.5, seq_kd=True, teacher_graphdef=nnx.graphdef(teacher)
+  )
+  state = src.init(seed=8)
+  chosen = [
+      bool(gkd.uses_generated(state.key, jnp.asarray(s), 0.5))
+      for s in range(16)
+  ]
+  for step, by in (
+      (chosen.index(False), "teacher"),
+      (chosen.index(True), "student"),
+  ):
     out, _, info = _np(
-        _call(src, student, batch, state, 4, teacher_state=nnx.state(teacher))
+        _call(
+            src, student, batch, state, step, teacher_state=nnx.state(teacher)
+        )
     )
-    keys = strategy.step_keys(state.key, jnp.asarray(4, jnp.int32))
+    keys = strategy.step_keys(state.key, jnp.asarray(step, jnp.int32))
     model, key = (teacher, keys[2]) if by == "teacher" else (student, keys[1])
     model.eval()
     tokens = np.asarray(
@@ -476,7 +503,7 @@ def test_seq_kd_trains_on_the_teachers_samples_unless_the_student_is_chosen():
     want = _reference_rows(prompts, tokens)
     for k in want:
       np.testing.assert_array_equal(out[k], want[k], err_msg=f"{by} {k}")
-    assert info["onpolicy"] == lmbda
+    assert info["onpolicy"] == float(by == "student")
 
 
 def test_configs_without_the_block_are_off_policy():

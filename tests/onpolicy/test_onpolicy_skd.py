@@ -122,13 +122,11 @@ def test_greedy_choose_keeps_the_students_argmax_inside_the_teachers_top_k(k):
   s = rng.randn(64, V).astype(np.float32)
   t = rng.randn(64, V).astype(np.float32)
   settings = sampling.Settings(greedy=True)
-  got, replaced = skd.choose(
-      jnp.asarray(s),
-      jnp.asarray(t),
-      jax.random.key(0),
-      teacher_top_k=k,
-      settings=settings,
-  )
+  got, replaced = jax.jit(
+      lambda a, b: skd.choose(
+          a, b, jax.random.key(0), teacher_top_k=k, settings=settings
+      )
+  )(s, t)
   proposal = np.argmax(s, -1)
   kth = np.sort(t, axis=-1)[:, ::-1][:, k - 1]
   accept = t[np.arange(64), proposal] >= kth
