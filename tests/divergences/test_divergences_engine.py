@@ -492,11 +492,15 @@ def _rows(kind, m, vocab, key):
   return jax.nn.softmax(t), jax.nn.softmax(s)
 
 
+# One compile per rule serves every kind (same shapes).
+_akl_weights = jax.jit(core.akl_weights, static_argnames="rule")
+
+
 @pytest.mark.parametrize("rule", core.AKL_RULES)
 @pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "top1"])
 def test_akl_weights_match_sorted_reference(kind, rule):
   p, q = _rows(kind, 32, 3000, key=len(kind))
-  w_head, w_tail = jax.jit(lambda p, q: core.akl_weights(p, q, rule=rule))(p, q)
+  w_head, w_tail = _akl_weights(p, q, rule=rule)
   expected = _np_akl_weights(
       np.asarray(p, np.float64), np.asarray(q, np.float64), 0.5, rule
   )
@@ -522,6 +526,9 @@ def test_akl_fallback_branches(n_flat, rule):
       np.asarray(p, np.float64), np.asarray(q, np.float64), 0.5, rule
   )
   np.testing.assert_allclose(w_head, expected, atol=2e-6)
+
+
+_top_k_64 = jax.jit(lambda x: core.top_k(x, 64))  # one compile per shape
 
 
 @pytest.mark.parametrize(
@@ -552,7 +559,7 @@ def test_two_level_top_k_equals_lax_top_k(vocab, fill):
     x[:, ::50] = 1.0
     x[:, -2:] = (1.0, 2.0)
   expected = jax.lax.top_k(x, 64)
-  got = jax.jit(lambda x: core.top_k(x, 64))(x)
+  got = _top_k_64(x)
   np.testing.assert_array_equal(got[0], expected[0])
   np.testing.assert_array_equal(got[1], expected[1])
 
