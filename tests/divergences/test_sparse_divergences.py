@@ -400,13 +400,20 @@ def test_jit_vmap_and_chunks():
   s, t = jnp.float32(s).reshape(2, 2, V), jnp.float32(t).reshape(2, 2, V)
   enc = kd.sparse.top_k(t, 8, temperature=2.0)
   fkl = lambda x, e, **kw: kd.sparse.fkl(x, e, temperature=2.0, **kw)
-  eager = jax.jit(fkl)(s, enc)
-  assert eager.shape == (2, 2)
-  np.testing.assert_allclose(jax.jit(jax.vmap(fkl))(s, enc), eager, rtol=1e-6)
-  grads = [
-      jax.jit(jax.grad(lambda x: jnp.sum(fkl(x, enc, chunk_size=c))))(s)
-      for c in (0, 3)
-  ]
+
+  @jax.jit
+  def run(s, enc):
+    """The batched call, its vmap, and the gradient in one piece and in
+    chunks of 3 (one program)."""
+    grads = [
+        jax.grad(lambda x, c=c: jnp.sum(fkl(x, enc, chunk_size=c)))(s)
+        for c in (0, 3)
+    ]
+    return fkl(s, enc), jax.vmap(fkl)(s, enc), grads
+
+  batched, vmapped, grads = run(s, enc)
+  assert batched.shape == (2, 2)
+  np.testing.assert_allclose(vmapped, batched, rtol=1e-6)
   np.testing.assert_allclose(grads[0], grads[1], atol=1e-7)
 
 
