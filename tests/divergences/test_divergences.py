@@ -195,18 +195,29 @@ def _disjoint(v=8):
   return s, t
 
 
+_BETAS = (0.1, 0.5, 0.9)
+
+
+@jax.jit
+def _jsd_and_tvd(s, t):
+  """JSD at every beta in _BETAS, and TVD (one compiled program per shape)."""
+  return [kd.jsd(s, t, beta=beta) for beta in _BETAS], kd.tvd(s, t)
+
+
 def test_jsd_and_tvd_bounds():
   s, t = logits(12, (64, 37), scale=8.0)
-  for beta in (0.1, 0.5, 0.9):
+  jsds, tvd = _jsd_and_tvd(s, t)
+  for beta, jsd in zip(_BETAS, jsds):
     h_beta = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
-    assert np.all(np.asarray(kd.jsd(s, t, beta=beta)) <= h_beta + 1e-6)
-  assert np.all(np.asarray(kd.tvd(s, t)) <= 1.0)
-  # Disjoint supports reach the bounds.
+    assert np.all(np.asarray(jsd) <= h_beta + 1e-6)
+  assert np.all(np.asarray(tvd) <= 1.0)
+  # Disjoint supports reach the bounds (beta = 0.5: log 2).
   ds, dt = _disjoint()
-  np.testing.assert_allclose(kd.jsd(ds, dt, beta=0.5), math.log(2), rtol=1e-6)
-  np.testing.assert_allclose(kd.tvd(ds, dt), 1.0, rtol=1e-6)
-  assert np.all(np.asarray(kd.jsd(ds, dt)) <= math.log(2))
-  assert np.all(np.asarray(kd.tvd(ds, dt)) <= 1.0)
+  jsds, tvd = _jsd_and_tvd(ds, dt)
+  np.testing.assert_allclose(jsds[1], math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(tvd, 1.0, rtol=1e-6)
+  assert all(np.all(np.asarray(jsd) <= math.log(2)) for jsd in jsds)
+  assert np.all(np.asarray(tvd) <= 1.0)
 
 
 def test_jsd_endpoints_are_fkl_and_rkl_exactly():
@@ -294,12 +305,18 @@ def test_akl_rules_agree_when_top1_reaches_mu():
   t[:, 5] += 20.0  # teacher top-1 mass ~1 >= mu
   p = np.exp(ref.log_softmax(t))
   assert np.all(p.max(-1) >= 0.5)
-  w_akl = kd.akl_weights(jax.nn.softmax(t), jax.nn.softmax(s), rule="akl")[0]
-  w_dskd = kd.akl_weights(jax.nn.softmax(t), jax.nn.softmax(s), rule="dskd")[0]
+
+  @jax.jit
+  def by_rule(s, t):
+    p, q = jax.nn.softmax(t), jax.nn.softmax(s)
+    return [
+        (kd.akl_weights(p, q, rule=rule)[0], kd.akl(s, t, rule=rule))
+        for rule in ("akl", "dskd")
+    ]
+
+  (w_akl, akl), (w_dskd, dskd) = by_rule(s, t)
   np.testing.assert_array_equal(w_akl, w_dskd)
-  np.testing.assert_array_equal(
-      kd.akl(s, t, rule="akl"), kd.akl(s, t, rule="dskd")
-  )
+  np.testing.assert_array_equal(akl, dskd)
 
 
 def test_akl_ties_break_lower_index_first():
@@ -547,13 +564,16 @@ def test_akl_tie_row_follows_the_exact_order():
   w64 = ref.akl_weights(p64[None], q64[None])[0][0]
   np.testing.assert_allclose(w64, 0.25, rtol=1e-6)
   want = ref.akl(s64, t64)
-  for impl, extra in (
+  paths = (
       ("reference", {}),
       ("auto", {}),
       ("auto", {"chunk_size": 1}),
       ("auto", {"chunk_size": 0}),
-  ):
-    got = kd.get("akl", impl=impl)(s, t, **extra)
+  )
+  every_path = jax.jit(
+      lambda s, t: [kd.get("akl", impl=i)(s, t, **extra) for i, extra in paths]
+  )
+  for (impl, extra), got in zip(paths, every_path(s, t)):
     np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{impl} {extra}")
 
 

@@ -64,31 +64,42 @@ def _value_and_grad(per_token, s, t, weight_N):
   return per_row, grad
 
 
-def _path_sizes(kind: str) -> tuple:
+# The float32 kinds share one program: their rows are stacked (each row's
+# divergence depends on that row alone), so one compile covers all three.
+F32_KINDS = ("random", "extreme", "neginf")
+
+
+def _program(kind: str) -> str:
+  return "f32" if kind in F32_KINDS else kind
+
+
+def _path_sizes(program: str) -> tuple:
   """chunk_size of every path: automatic, one piece, chunked (remainder)."""
-  if kind in ("extreme", "bf16"):
+  if program == "bf16":
     return (None, 0)  # the same per-block functions; keeps the suite short
-  return (None, 0, 3)
+  return (None, 0, 4)  # 3·N = 21 rows = 5·4 + 1
 
 
 @functools.cache
-def _every_path_outputs(kind: str) -> dict:
+def _every_path_outputs(program: str) -> dict:
   """``{"case/path": (per_row, grad)}`` of every case and path (the autodiff
   reference is path "reference"), float64, from one compiled program per
-  ``kind``."""
-  s, t = _logits(kind)
-  weight_N = jax.random.uniform(jax.random.key(3), (N,))  # any cotangent
-  temperature = 2.0 if kind == "random" else 1.0
+  dtype: "f32" stacks the rows of every kind in F32_KINDS (N rows each, in
+  that order), "bf16" holds the bf16 rows."""
+  kinds = F32_KINDS if program == "f32" else (program,)
+  s, t = (jnp.concatenate(x) for x in zip(*map(_logits, kinds)))
+  n = s.shape[0]
+  weight_N = jax.random.uniform(jax.random.key(3), (n,))  # any cotangent
 
   @jax.jit
   def run(s, t, weight_N):
     out = {}
     for i, (name, hp) in enumerate(CASES):
       fns = {"reference": kd.get(name, "reference")}
-      for size in _path_sizes(kind):
+      for size in _path_sizes(program):
         fns[str(size)] = functools.partial(kd.get(name), chunk_size=size)
       for path, fn in fns.items():
-        per_token = functools.partial(fn, temperature=temperature, **hp)
+        per_token = functools.partial(fn, temperature=2.0, **hp)
         out[f"{i}/{path}"] = _value_and_grad(per_token, s, t, weight_N)
     return out
 
@@ -100,7 +111,10 @@ def _every_path_outputs(kind: str) -> dict:
 def test_every_path_matches_the_reference(case, kind):
   """Automatic, one-piece and chunked (with a remainder) execution."""
   name = CASES[case][0]
-  out = _every_path_outputs(kind)
+  program = _program(kind)
+  start = F32_KINDS.index(kind) * N if program == "f32" else 0
+  rows = slice(start, start + N)
+  out = jax.tree.map(lambda x: x[rows], _every_path_outputs(program))
   ref_value, ref_grad = out[f"{case}/reference"]
   scale = max(np.max(np.abs(ref_grad)), 1e-3)  # some extreme rows have 0 grad
   if kind == "extreme":
@@ -112,7 +126,7 @@ def test_every_path_matches_the_reference(case, kind):
   else:
     grad_atol = 1e-5 * scale
   value_atol = 1e-5 if kind != "extreme" or name != "abkd" else 1e-2
-  for size in _path_sizes(kind):
+  for size in _path_sizes(program):
     value, grad = out[f"{case}/{size}"]
     msg = f"chunk_size={size}"
     np.testing.assert_allclose(
@@ -180,13 +194,18 @@ def test_every_path_calls_the_canonical_block_functions(monkeypatch):
   s, t = _logits("random")
   for size in (None, 0, 3):
     calls.update(forward=0, grad=0)
-    jax.grad(lambda x: jnp.sum(kd.jsd(x, t, chunk_size=size)))(s)
+    # Tracing alone runs every Python function of the path (no compile).
+    jax.make_jaxpr(jax.grad(lambda x: jnp.sum(kd.jsd(x, t, chunk_size=size))))(
+        s
+    )
     assert calls["forward"] >= 1 and calls["grad"] >= 1, size
   calls.update(forward=0, grad=0)
   x = jnp.ones((5, 4))
-  jax.grad(
-      lambda w: fused.fused_linear(
-          "jsd", x, w, x, jnp.ones((9, 4)), chunk_size=2
+  jax.make_jaxpr(
+      jax.grad(
+          lambda w: fused.fused_linear(
+              "jsd", x, w, x, jnp.ones((9, 4)), chunk_size=2
+          )
       )
   )(jnp.ones((9, 4)))
   assert calls["forward"] >= 1 and calls["grad"] >= 1, "fused"
@@ -473,11 +492,15 @@ def _rows(kind, m, vocab, key):
   return jax.nn.softmax(t), jax.nn.softmax(s)
 
 
+# One compile per rule serves every kind (same shapes).
+_akl_weights = jax.jit(core.akl_weights, static_argnames="rule")
+
+
 @pytest.mark.parametrize("rule", core.AKL_RULES)
 @pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "top1"])
 def test_akl_weights_match_sorted_reference(kind, rule):
   p, q = _rows(kind, 32, 3000, key=len(kind))
-  w_head, w_tail = jax.jit(lambda p, q: core.akl_weights(p, q, rule=rule))(p, q)
+  w_head, w_tail = _akl_weights(p, q, rule=rule)
   expected = _np_akl_weights(
       np.asarray(p, np.float64), np.asarray(q, np.float64), 0.5, rule
   )
@@ -503,6 +526,9 @@ def test_akl_fallback_branches(n_flat, rule):
       np.asarray(p, np.float64), np.asarray(q, np.float64), 0.5, rule
   )
   np.testing.assert_allclose(w_head, expected, atol=2e-6)
+
+
+_top_k_64 = jax.jit(lambda x: core.top_k(x, 64))  # one compile per shape
 
 
 @pytest.mark.parametrize(
@@ -533,7 +559,7 @@ def test_two_level_top_k_equals_lax_top_k(vocab, fill):
     x[:, ::50] = 1.0
     x[:, -2:] = (1.0, 2.0)
   expected = jax.lax.top_k(x, 64)
-  got = jax.jit(lambda x: core.top_k(x, 64))(x)
+  got = _top_k_64(x)
   np.testing.assert_array_equal(got[0], expected[0])
   np.testing.assert_array_equal(got[1], expected[1])
 

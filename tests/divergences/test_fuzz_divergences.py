@@ -408,7 +408,7 @@ def _check_contract(msg, case, values, mean, grad, value_atol):
   return values, grad
 
 
-@fuzz(max_examples=600)
+@fuzz(max_examples=240)
 @hypothesis.given(example=bucket_cases(inf_modes=INF_SHARED + INF_ONE_SIDED))
 def test_token_divergences(example):
   """reference, whole and chunked: contract, equality, float64 reference,
@@ -567,7 +567,7 @@ def _uld_run(s, t, mask, *, temperature: float):
   )
 
 
-@fuzz(max_examples=250)
+@fuzz(max_examples=100)
 @hypothesis.given(data=st.data())
 def test_uld(data):
   """Finite, >= 0, <= 2, equal to the float64 reference, for any -inf slots
@@ -638,7 +638,7 @@ def _fused_run(x_s, w_s, x_t, w_t, mask, *, temperature: float):
   return out
 
 
-@fuzz(max_examples=60)
+@fuzz(max_examples=30)
 @hypothesis.given(
     dtype=st.sampled_from(tuple(_FUSED_SETTINGS)),
     seed=st.integers(0, 2**32 - 1),
@@ -721,7 +721,7 @@ def _sinkhorn_run(s, t, mask):
   }
 
 
-@fuzz(max_examples=90)
+@fuzz(max_examples=45)
 @hypothesis.given(case=cases(_SINKHORN_LEAD, _SINKHORN_VOCAB, jnp.float32))
 def test_sinkhorn(case):
   """Finite values and gradients; masked rows get value 0 and no gradient;

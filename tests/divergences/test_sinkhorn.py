@@ -45,11 +45,30 @@ def _grad_fn(**kwargs):
 
 @functools.cache
 def _value_and_grad_fn(**kwargs):
-  def total(s, t):
-    rows = kd.sinkhorn(s, t, **kwargs)
+  """``(sum of rows, rows), d/ds`` with ε and T traced arguments: one compiled
+  program per solver setting serves every (ε, T)."""
+
+  def total(s, t, epsilon, temperature):
+    rows = kd.sinkhorn(s, t, epsilon=epsilon, temperature=temperature, **kwargs)
     return jnp.sum(rows), rows
 
   return jax.jit(jax.value_and_grad(total, has_aux=True))
+
+
+@functools.cache
+def _rows_and_grad_fn(**kwargs):
+  """Masked rows and the gradient of their sum, in one program."""
+
+  def total(s, t, m):
+    rows = kd.sinkhorn(s, t, m, **kwargs)
+    return jnp.sum(rows), rows
+
+  @jax.jit
+  def run(s, t, m):
+    (_, rows), grad = jax.value_and_grad(total, has_aux=True)(s, t, m)
+    return rows, grad
+
+  return run
 
 
 def sinkhorn(s, t, mask=None, **kwargs):
@@ -139,7 +158,8 @@ def test_temperature_divides_logits():
 # ----------------------------------------------------------------------------
 # Masks and groups.
 
-_MASK = np.array([[1, 0, 1, 1], [0, 1, 1, 0]], bool)
+# Three valid rows per sequence: the compacted problems share one shape.
+_MASK = np.array([[1, 0, 1, 1], [0, 1, 1, 1]], bool)
 
 
 @pytest.mark.parametrize(
@@ -153,19 +173,20 @@ _MASK = np.array([[1, 0, 1, 1], [0, 1, 1, 0]], bool)
 )
 def test_masked_rows_equal_compacted_problem(kwargs):
   s, t = _logits(5)
-  got = np.asarray(sinkhorn(s, t, jnp.asarray(_MASK), **kwargs))
+  got, grad = map(
+      np.asarray, _rows_and_grad_fn(**kwargs)(s, t, jnp.asarray(_MASK))
+  )
   np.testing.assert_array_equal(got[~_MASK], 0.0)
-  for b in range(B):
-    compact = np.asarray(sinkhorn(s[b][_MASK[b]], t[b][_MASK[b]], **kwargs))
-    np.testing.assert_allclose(got[b][_MASK[b]], compact, rtol=2e-5, atol=1e-7)
+  # The valid rows of every sequence, as [B, 3, V]: one group per sequence.
+  s_c, t_c = (x[_MASK].reshape(B, -1, V) for x in (s, t))
+  compact = np.asarray(sinkhorn(s_c, t_c, **kwargs))
+  np.testing.assert_allclose(
+      got[_MASK].reshape(B, -1), compact, rtol=2e-5, atol=1e-7
+  )
   if kwargs["solver"] == "sinkd":
-    for b in range(B):
-      np.testing.assert_allclose(
-          got[b][_MASK[b]],
-          ref.sinkd_rows(s[b][_MASK[b]], t[b][_MASK[b]]),
-          rtol=1e-5,
-      )
-  grad = np.asarray(sinkhorn_grad(s, t, jnp.asarray(_MASK), **kwargs))
+    np.testing.assert_allclose(
+        got[_MASK].reshape(B, -1), _ref_rows(s_c, t_c), rtol=1e-5
+    )
   assert np.all(np.isfinite(grad))
   np.testing.assert_array_equal(grad[~_MASK], 0.0)
   assert np.abs(grad[_MASK]).max() > 1e-3
@@ -237,10 +258,12 @@ def test_ott_converged_grad_matches_finite_differences():
     ids=["sinkd", "ott", "ott_fixed", "debiased", "debiased_fixed"],
 )
 def test_grads_finite_under_jit(kwargs):
-  # Several draws: the default convergence threshold (1e-3) included.
+  # Several draws: the default convergence threshold (1e-3) included. The
+  # fixed-count settings run test_fixed_count_...'s programs (same shapes).
   for seed in range(3):
-    s, t = _logits(10 + seed)
-    grad = np.asarray(sinkhorn_grad(s, t, **kwargs))
+    s, t = _logits(10 + seed, (1, 4, 7))
+    settings = (jnp.float32(0.1), jnp.float32(2.0))  # the defaults, traced
+    grad = np.asarray(_value_and_grad_fn(**kwargs)(s, t, *settings)[1])
     assert np.all(np.isfinite(grad)), seed
     assert np.abs(grad).max() > 1e-4, seed
 
@@ -269,7 +292,13 @@ def _check_value_and_grad(s, t, kwargs, ref_num_iters):
   """Group totals of kd.sinkhorn(**kwargs) and their gradients against the
   reference run for ``ref_num_iters`` and its central differences (error
   relative to the largest entry)."""
-  (_, rows), grad = _value_and_grad_fn(**kwargs)(s, t)
+  settings = {
+      k: v for k, v in kwargs.items() if k in ("epsilon", "temperature")
+  }
+  static = {k: v for k, v in kwargs.items() if k not in settings}
+  (_, rows), grad = _value_and_grad_fn(**static)(
+      s, t, *(jnp.float32(settings[k]) for k in ("epsilon", "temperature"))
+  )
   got, grad = np.asarray(rows).sum(-1), np.asarray(grad)
   for b in range(s.shape[0]):
     total = functools.partial(

@@ -132,19 +132,23 @@ def _dense_program():
   )
 
 
-@functools.cache
-def _reference_program(name, hp_items):
-  fn = lambda x, t: kd.get(name, "reference")(x, t, **dict(hp_items))
-  return jax.jit(
-      lambda x, t: (fn(x, t), jax.grad(lambda y: jnp.sum(fn(y, t)))(x))
-  )
+@jax.jit
+def _reference_program(s, t):
+  """``[(value, d sum(value)/ds)]`` of the autodiff reference of every entry
+  of CASES (static hyper-parameters), in one program."""
+
+  def one(name, hp):
+    fn = lambda x: kd.get(name, "reference")(x, t, **hp)
+    return fn(s), jax.grad(lambda x: jnp.sum(fn(x)))(s)
+
+  return [one(name, hp) for name, hp in CASES]
 
 
 def _run(kind, name, hp, s, teacher, temperature=1.0):
   """``(value, grad)`` of one case from a shared program, as float64."""
   s32 = jnp.asarray(s, jnp.float32)
   if kind == "reference":
-    out = _reference_program(name, tuple(hp.items()))(s32, teacher)
+    out = _reference_program(s32, teacher)[CASES.index((name, hp))]
   else:
     program = _sparse_program() if kind == "sparse" else _dense_program()
     out = program(s32, teacher, jnp.float32(temperature), _hp_args(name, hp))[
@@ -396,13 +400,20 @@ def test_jit_vmap_and_chunks():
   s, t = jnp.float32(s).reshape(2, 2, V), jnp.float32(t).reshape(2, 2, V)
   enc = kd.sparse.top_k(t, 8, temperature=2.0)
   fkl = lambda x, e, **kw: kd.sparse.fkl(x, e, temperature=2.0, **kw)
-  eager = jax.jit(fkl)(s, enc)
-  assert eager.shape == (2, 2)
-  np.testing.assert_allclose(jax.jit(jax.vmap(fkl))(s, enc), eager, rtol=1e-6)
-  grads = [
-      jax.jit(jax.grad(lambda x: jnp.sum(fkl(x, enc, chunk_size=c))))(s)
-      for c in (0, 3)
-  ]
+
+  @jax.jit
+  def run(s, enc):
+    """The batched call, its vmap, and the gradient in one piece and in
+    chunks of 3 (one program)."""
+    grads = [
+        jax.grad(lambda x, c=c: jnp.sum(fkl(x, enc, chunk_size=c)))(s)
+        for c in (0, 3)
+    ]
+    return fkl(s, enc), jax.vmap(fkl)(s, enc), grads
+
+  batched, vmapped, grads = run(s, enc)
+  assert batched.shape == (2, 2)
+  np.testing.assert_allclose(vmapped, batched, rtol=1e-6)
   np.testing.assert_allclose(grads[0], grads[1], atol=1e-7)
 
 

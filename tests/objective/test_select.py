@@ -1,7 +1,6 @@
 """Entropy-based token selection (objective.kd_mask) against a NumPy reference."""
 
 import fractions
-import functools
 import math
 
 import jax
@@ -197,21 +196,21 @@ def test_kd_gradient_vanishes_off_the_selected_positions(name):
   teacher = _teacher(logits, 12)
   cfg = _cfg(0.25, name=name)
 
-  def kd_sum(s):
-    return _sums(cfg, s, teacher, mask).kd
-
-  g = np.asarray(jax.jit(jax.grad(kd_sum))(jnp.asarray(logits)))
   keep = _np_select(logits, mask, 0.25)
+  labels = jnp.zeros(mask.shape, jnp.int32)
+  args = tuple(map(jnp.asarray, (logits, teacher, mask, keep)))
+
+  @jax.jit
+  def grads(s, t, m, keep):
+    """The selected objective's KD gradient and, for comparison, the
+    divergence's own per-token gradient on the kept positions (one program)."""
+    kd_sum = lambda x: objective._local_sums(cfg, True, x, t, labels, m).kd
+    per = lambda x: jnp.sum(kd.get(name)(x, t) * keep.astype(jnp.float32))
+    return jax.grad(kd_sum)(s), jax.grad(per)(s)
+
+  g, per = map(np.asarray, grads(*args))
   assert np.all(g[~keep] == 0.0)
   # On the kept positions: the divergence's own per-token gradient.
-  per = jax.jit(
-      jax.grad(
-          lambda s: jnp.sum(
-              kd.get(name)(s, jnp.asarray(teacher))
-              * jnp.asarray(keep, jnp.float32)
-          )
-      )
-  )(jnp.asarray(logits))
   np.testing.assert_allclose(
       g[keep], np.asarray(per)[keep], rtol=1e-6, atol=1e-7
   )
@@ -253,15 +252,16 @@ def test_sinkhorn_keeps_whole_sequences_and_sums_the_kept_rows():
   logits, mask = _rows(21, b=3, t=8, v=12)
   teacher = _teacher(logits, 22)
   cfg = _cfg(0.5, name="sinkhorn", impl="reference")
-  got = _sums(cfg, logits, teacher, mask)
-  per_token = jax.jit(
-      functools.partial(
-          kd.sinkhorn,
-          temperature=1.0,  # the objective passes loss.temperature (default 1)
-      )
-  )(
-      jnp.asarray(logits), jnp.asarray(teacher), jnp.asarray(mask)
-  )  # transport over the whole mask
+  labels = jnp.zeros(mask.shape, jnp.int32)
+
+  @jax.jit
+  def run(s, t, m):
+    # The objective passes loss.temperature (default 1); the transport is
+    # over the whole mask. One program holds both.
+    sums = objective._local_sums(cfg, True, s, t, labels, m)
+    return sums, kd.sinkhorn(s, t, m, temperature=1.0)
+
+  got, per_token = run(*map(jnp.asarray, (logits, teacher, mask)))
   keep = _np_select(logits, mask, 0.5)
   assert float(got.kd) == pytest.approx(
       float(np.asarray(per_token)[keep].sum()), rel=1e-6
