@@ -499,10 +499,13 @@ def test_token_divergences(example):
     ref_name, ref_hp = _reference_hp(name, hp)
     w_head = _f64(out["w_head"]) if name == "akl" else None
     want = _reference(ref_name, ref_hp, s64, t64, b.temperature, w_head)
-    for path in ("reference", "whole"):
+    # The reference path made w_head; where rounding may move the head
+    # (AKL rows not settled), the whole path's own head differs legitimately
+    # and its value was bounded above instead.
+    for path, rows in (("reference", Ellipsis), ("whole", exact)):
       np.testing.assert_allclose(
-          values[path],
-          want,
+          values[path][rows],
+          want[rows],
           rtol=1e-4,
           atol=value_atol,
           err_msg=f"float64 {name} {hp}",

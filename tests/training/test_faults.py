@@ -4,9 +4,9 @@ non-finite steps and damaged input files.
 One CLI subprocess gets ``SIGTERM`` mid-run and two bare processes agree on a
 stop; every other fault is injected in-process (a signal sent to this process
 from inside the loop, a lock file left by a dead trainer, a checkpoint file
-damaged on disk, a batch whose loss is not finite) on the tiny ``akl_gpt2``
-run of ``test_resume_kill`` (two CPU devices), whose uninterrupted run is the
-reference every resumed run must equal bit for bit. The readers of
+damaged on disk, a batch whose loss is not finite) on a tiny ``akl_gpt2``
+run (``test_resume_kill``'s sizes, two CPU devices), whose uninterrupted run
+is the reference every resumed run must equal bit for bit. The readers of
 safetensors, JSONL and teacher-cache shards are fuzzed with hypothesis
 (derandomized, 20 damages each).
 """
@@ -53,7 +53,7 @@ def root(tmp_path_factory):
 
 def _overrides(root: str, **extra) -> dict:
   """test_resume_kill's tiny run; only a stop (or the end) saves."""
-  return {**kill_lib._overrides(root, "akl"), "ckpt.every_steps": 1000, **extra}
+  return {**kill_lib.tiny_overrides(root), "ckpt.every_steps": 1000, **extra}
 
 
 def _config(root: str, **extra):

@@ -56,8 +56,9 @@ def _steps(case: str) -> int:
   return 4 * CASES[case][1] + 4  # enough that the run outlives every kill
 
 
-def _overrides(root: str, case: str) -> dict:
-  """``--config.`` overrides shrinking the case's ``:tiny`` config (tiny_run's sizes)."""
+def tiny_overrides(root: str) -> dict:
+  """``--config.`` overrides shrinking a ``:tiny`` config to tiny_run's sizes
+  (checkpoints every step, no evaluation, no export)."""
   out = {
       "data.data_dir": tiny_run.data_dir(),
       "data.train_limit": 64,
@@ -74,8 +75,12 @@ def _overrides(root: str, case: str) -> dict:
   out.update(
       {f"student.model_overrides.{k}": v for k, v in tiny_run.STUDENT.items()}
   )
-  out.update(CASES[case][2])
   return out
+
+
+def _overrides(root: str, case: str) -> dict:
+  """The case's overrides on top of :func:`tiny_overrides`."""
+  return {**tiny_overrides(root), **CASES[case][2]}
 
 
 def _config(root: str, case: str):
