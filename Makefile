@@ -13,12 +13,15 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Stamps re-run the install whenever the package metadata changes.
+# --no-compile: Python writes bytecode for the modules it imports when it first
+# imports them; compiling every installed file up front (torch, transformers)
+# is most of a fresh install's time.
 $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-compile -e .
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,torch,docs,dev]'
+	$(BIN)/pip install -q --no-compile -e '.[test,torch,docs,dev]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -16,6 +16,7 @@ import pytest
 import commands
 from commands import ROOT
 import extras
+import tiny_run
 
 nbformat = extras.require("nbformat")
 nbclient = extras.require("nbclient")
@@ -27,6 +28,10 @@ EXPECTED = {
     "quickstart.ipynb": ("saved student:", "model.safetensors", "ROUGE-L"),
 }
 NOTEBOOKS = sorted(EXPECTED)
+# notebook -> where its quick run keeps the embedded dataset: copied there,
+# prepared already, from the test run's shared copy (preparing it is what
+# every tiny run in the suite does).
+SEEDED_DATA = {"quickstart.ipynb": "workdirs/notebook_quick/data"}
 TIMEOUT_S = 180  # per notebook, the CI budget
 
 
@@ -71,6 +76,10 @@ def test_first_code_cell_installs_with_the_projects_versions(name):
 def test_notebook_executes(name, tmp_path, monkeypatch):
   path = tmp_path / name
   shutil.copy(os.path.join(ROOT, "notebooks", name), path)
+  if (
+      name in SEEDED_DATA
+  ):  # the run's prepared dataset, where the notebook keeps it
+    shutil.copytree(tiny_run.data_dir(), tmp_path / SEEDED_DATA[name])
   nb = nbformat.read(path, as_version=4)
   # The kernel inherits this environment: quick mode, this checkout's packages,
   # one CPU device (the 8 fake devices of conftest are not needed here).
