@@ -35,10 +35,7 @@ showcase: $(VENV)/.installed
 	$(BIN)/python experiments/divergence_showcase.py
 
 # What CI runs (.ci/run): style, the documentation (warnings are errors), tests.
-# Run side by side: the style and documentation checks take the CPU time the
-# test workers leave idle (waiting on subprocesses, the last files' tail).
-test: $(VENV)/.installed-test
-	$(MAKE) --no-print-directory --output-sync=target -j3 lint docs-check pytest
+test: lint docs-check pytest
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
